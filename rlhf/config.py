@@ -1,0 +1,209 @@
+"""One YAML file per run, one section per stage, each section mapped onto that stage's dataclass.
+
+    run:                     # RunConfig below
+      name: demo
+    sft:                     # sft.config.SFTStageConfig (a trl.SFTConfig)
+      model: smollm2-135m-instruct
+      learning_rate: 2.0e-5
+
+Every field is a YAML key and a command-line override, `--section.field value` (or `--section.field=value`).
+Values are converted to the field's type, so `--sft.learning_rate 2e-5` and YAML's `2e-5` (a string to YAML)
+both become floats. An unknown key is an error that names the close matches and lists the valid keys.
+Relative paths in a config are relative to the directory the command runs in.
+"""
+import dataclasses
+import difflib
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlhf.errors import ConfigError
+
+SECTIONS = ("run", "sft", "labels", "reward", "ppo", "dpo", "eval")
+TRACKERS = ("wandb", "trackio", "none")
+
+
+@dataclass
+class RunConfig:
+    """Settings every stage of a run shares."""
+
+    name: str = field(default="default", metadata={"help": "Run name: outputs go to <output_root>/<name>/."})
+    output_root: str = field(default="runs", metadata={"help": "Folder that holds all runs."})
+    tracking: str = field(default="wandb,trackio", metadata={
+        "help": "Comma-separated trackers: wandb (offline unless logged in), trackio (local dashboard), or none."})
+    project: str = field(default="rlhf", metadata={"help": "wandb and trackio project name."})
+    sample_every: int = field(default=0, metadata={
+        "help": "Log a table of sample prompts and responses every N steps (0: only before and after)."})
+
+    def __post_init__(self):
+        self.trackers = parse_trackers(self.tracking)
+
+
+def parse_trackers(text: str) -> list[str]:
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown or not names:
+        raise ValueError(f"tracking: unknown tracker(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(TRACKERS)}")
+    return [] if names == ["none"] else [name for name in names if name != "none"]
+
+
+def load_config(path, overrides: list[str], sections: dict[str, type]) -> dict[str, object]:
+    """Builds one dataclass instance per entry of `sections` from the YAML at `path` plus CLI overrides.
+    Sections of other stages in the file are left alone (they are checked when their stage runs)."""
+    where = str(path) if path else "command line"
+    document = read_yaml(path) if path else {}
+    for name, values in parse_overrides(overrides, sections).items():
+        document.setdefault(name, {})
+        document[name] = {**(document[name] or {}), **values}
+    return {name: build_section(where, name, cls, document.get(name) or {}) for name, cls in sections.items()}
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected sections ({', '.join(SECTIONS)}), got a {type(document).__name__}")
+    for name, values in document.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section '{name}'{suggest(name, SECTIONS)}; "
+                              f"valid sections: {', '.join(SECTIONS)}")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{path}: section '{name}' must be a mapping of keys to values")
+    return document
+
+
+def parse_overrides(tokens: list[str], sections: dict[str, type]) -> dict[str, dict]:
+    """["--sft.learning_rate", "2e-5", "--run.name=x"] -> {"sft": {"learning_rate": "2e-5"}, "run": {"name": "x"}}"""
+    values: dict[str, dict] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or "." not in token:
+            raise ConfigError(f"unexpected argument '{token}': overrides look like --section.field value")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens) or (tokens[i + 1].startswith("--") and "." in tokens[i + 1]):
+                raise ConfigError(f"--{key}: missing value")
+            value, i = tokens[i + 1], i + 1
+        section, _, name = key.partition(".")
+        if section not in sections:
+            raise ConfigError(f"--{key}: this command takes only {', '.join('--' + s + '.*' for s in sections)}")
+        values.setdefault(section, {})[name] = value
+        i += 1
+    return values
+
+
+def field_types(cls) -> dict[str, object]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable forward references in a third-party class: fall back to raw annotations
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
+
+
+def build_section(where: str, section: str, cls, values: dict):
+    types_by_name = field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_by_name:
+            raise ConfigError(f"{where}: {section}.{key}: unknown key{suggest(key, types_by_name)}; "
+                              f"valid keys for '{section}': {', '.join(sorted(types_by_name))}")
+        try:
+            kwargs[key] = coerce(value, types_by_name[key])
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{where}: {section}.{key}: {err}") from None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {section}: {err}") from None
+
+
+def suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=3)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def coerce(value, annotation):
+    """Converts a YAML or command-line value to a field's declared type; raises ValueError when it cannot."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return coerce_union(value, args)
+    if annotation is typing.Any or annotation is object:
+        return yaml.safe_load(value) if isinstance(value, str) else value
+    if annotation is bool:
+        return coerce_bool(value)
+    if annotation in (int, float):
+        return coerce_number(value, annotation)
+    if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a string, got {type(value).__name__}")
+        return value if isinstance(value, (str, enum.Enum)) else str(value)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return coerce_list(value, args)
+    if origin is dict or annotation is dict:
+        if isinstance(value, str) and value.strip().startswith("{"):
+            return json.loads(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {type(value).__name__}")
+        return value
+    return value
+
+
+def coerce_union(value, args):
+    if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    errors = []
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return coerce(value, arg)
+        except (TypeError, ValueError) as err:
+            errors.append(str(err))
+    raise ValueError("; ".join(dict.fromkeys(errors)))
+
+
+def coerce_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.lower() in ("true", "yes", "1", "on")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def coerce_number(value, kind):
+    if isinstance(value, bool):
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if kind is int:
+            if not float(number).is_integer():
+                raise ValueError
+            return int(number)
+        return float(number)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
+def coerce_list(value, args):
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list, got {type(value).__name__}")
+    return [coerce(item, args[0]) if args else item for item in value]
+
+
+def as_plain_dict(config) -> dict:
+    """A config as JSON-friendly values, for hashing and tracking."""
+    if hasattr(config, "to_dict"):
+        return json.loads(json.dumps(config.to_dict(), default=str))
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))

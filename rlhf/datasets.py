@@ -1,0 +1,215 @@
+"""Load JSONL, JSON, Parquet, CSV, a saved HF dataset folder or a hub id into canonical rows (`rlhf.schema`).
+
+A bad row stops the load with `DataError`: `file:line: field: problem`. For JSONL, JSON and CSV the number is
+the line in the file where the row starts (CSV: where it ends, for a quoted field over several lines); for
+Parquet and saved datasets, which have no lines, it is the row number counted from 1.
+"""
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+from rlhf.errors import DataError
+from rlhf.schema import ROW_KINDS, RowProblem, content_hash
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# CSV cells are text; these columns hold JSON (lists of messages) or typed values when they look like it.
+CSV_JSON_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+CSV_BOOL_COLUMNS = ("tie", "both_bad")
+CSV_NUMBER_COLUMNS = ("margin",)
+
+
+def load_rows(source, kind: str, dedupe: bool = True) -> list[dict]:
+    """Canonical rows of `kind` ("sft", "prompt" or "preference") from `source`, duplicates removed."""
+    to_canonical = ROW_KINDS[kind]
+    rows, first_line_of = [], {}
+    for line, raw in read_records(source):
+        if not isinstance(raw, dict):
+            raise DataError(source, line, "row", f"expected an object, got {type(raw).__name__}")
+        try:
+            row = to_canonical(raw)
+        except RowProblem as problem:
+            raise DataError(source, line, problem.field, problem.problem) from None
+        if row["id"] in first_line_of:
+            check_duplicate_id(source, line, row, rows, first_line_of[row["id"]])
+            continue
+        first_line_of[row["id"]] = (line, len(rows))
+        rows.append(row)
+    if not rows and not first_line_of:
+        raise DataError(source, None, "rows", "no rows (the file is empty)")
+    return deduplicate(rows) if dedupe else rows
+
+
+def check_duplicate_id(source, line, row, rows, first):
+    first_line, index = first
+    if content_key(rows[index]) != content_key(row):
+        raise DataError(source, line, "id", f"duplicate id '{row['id']}' with different content "
+                                            f"(first at {first_line})")
+
+
+def content_key(row: dict) -> str:
+    return content_hash({k: v for k, v in row.items() if k not in ("id", "category")})
+
+
+def deduplicate(rows: list[dict]) -> list[dict]:
+    """Drops rows whose content (everything but id and category) repeats an earlier row's."""
+    seen, kept = set(), []
+    for row in rows:
+        key = content_key(row)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
+def split_train_eval(rows: list[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """A split that depends only on the ids and the seed, not on row order: rows are ranked by a hash of
+    seed and id and the first `eval_fraction` of them (at least one, when the fraction is above 0) go to eval."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n_eval = 0 if eval_fraction == 0 or len(rows) < 2 else max(1, round(len(rows) * eval_fraction))
+    ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:{row['id']}".encode()).hexdigest())
+    eval_ids = {row["id"] for row in ranked[:n_eval]}
+    return [r for r in rows if r["id"] not in eval_ids], [r for r in rows if r["id"] in eval_ids]
+
+
+def read_records(source):
+    """Yields (line or row number, raw record) from any supported source."""
+    path = Path(source)
+    if path.is_dir():
+        return read_saved_dataset(path)
+    if path.suffix in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/")):
+        if not path.is_file():
+            raise DataError(source, None, "file", "not found")
+        readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+        if path.suffix not in readers:
+            raise DataError(source, None, "file", f"unsupported type '{path.suffix}' "
+                                                  f"(use {', '.join(LOCAL_SUFFIXES)} or a saved dataset folder)")
+        return readers[path.suffix](path)
+    return read_hub_dataset(str(source))
+
+
+def decode(path: Path, data: bytes, line_offset: int = 0) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = line_offset + data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(path, line, "encoding", f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column "
+                                                f"{column})") from None
+
+
+def read_jsonl(path: Path):
+    for number, raw_line in enumerate(path.read_bytes().split(b"\n"), 1):
+        text = decode(path, raw_line, number - 1)
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(path, number, "json", f"{err.msg} at column {err.colno}") from None
+
+
+def read_json(path: Path):
+    """A JSON array of objects (or an object holding one such array); a .json file of JSON lines also works."""
+    text = decode(path, path.read_bytes())
+    if not text.strip():
+        return
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":
+            yield from read_jsonl(path)
+            return
+        raise DataError(path, err.lineno, "json", f"{err.msg} at column {err.colno}") from None
+    if isinstance(document, dict):
+        lists = [value for value in document.values() if isinstance(value, list)]
+        if len(lists) != 1:
+            yield 1, document
+            return
+    elif not isinstance(document, list):
+        raise DataError(path, 1, "json", f"expected an array of objects, got {type(document).__name__}")
+    yield from array_items_with_lines(path, text)
+
+
+def array_items_with_lines(path: Path, text: str):
+    decoder, start = json.JSONDecoder(), text.index("[") + 1
+    index = start
+    while True:
+        while index < len(text) and text[index] in " \t\r\n,":
+            index += 1
+        if index >= len(text) or text[index] == "]":
+            return
+        item, end = decoder.raw_decode(text, index)
+        yield text.count("\n", 0, index) + 1, item
+        index = end
+
+
+def read_csv(path: Path):
+    text = decode(path, path.read_bytes())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for record in reader:
+        if None in record:
+            raise DataError(path, reader.line_num, "row", f"has {len(reader.fieldnames) + len(record[None])} "
+                                                          f"cells but the header has {len(reader.fieldnames)}")
+        yield reader.line_num, {key: csv_value(path, reader.line_num, key, value) for key, value in record.items()}
+
+
+def csv_value(path, line, key, value):
+    if value is None or value == "":
+        return None
+    if key in CSV_JSON_COLUMNS and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise DataError(path, line, key, f"looks like a JSON list but does not parse: {err.msg}") from None
+    if key in CSV_BOOL_COLUMNS and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    if key in CSV_NUMBER_COLUMNS:
+        try:
+            return float(value)
+        except ValueError:
+            raise DataError(path, line, key, f"expected a number, got '{value}'") from None
+    return value
+
+
+def read_parquet(path: Path):
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise DataError(path, None, "file", f"not a readable Parquet file ({err})") from None
+    yield from enumerate(table.to_pylist(), 1)
+
+
+def read_saved_dataset(path: Path):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # load_from_disk raises FileNotFoundError or ValueError for non-datasets
+        raise DataError(path, None, "folder", f"not a saved HF dataset ({err})") from None
+    yield from enumerate(train_split(loaded, path), 1)
+
+
+def read_hub_dataset(name: str):
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as err:  # network, auth and missing-dataset errors all end here
+        raise DataError(name, None, "source", "not a local file or folder, and not loadable from the hub "
+                                              f"({type(err).__name__}: {err})") from None
+    yield from enumerate(train_split(loaded, name), 1)
+
+
+def train_split(loaded, where):
+    if hasattr(loaded, "keys"):  # a DatasetDict
+        if "train" in loaded:
+            return loaded["train"]
+        if len(loaded) == 1:
+            return next(iter(loaded.values()))
+        raise DataError(where, None, "split", f"several splits ({', '.join(loaded)}) and none is 'train'")
+    return loaded

@@ -1,0 +1,27 @@
+"""Batched chat generation, shared by the stages that show or sample model answers."""
+import torch
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
+                       do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+    """Answers each conversation in `prompts` (lists of messages ending with the user). Prompts are left-padded
+    so every row's last prompt token sits at the same position and generation continues from it."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                     for p in prompts[start:start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample \
+                else {"do_sample": False}
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    **sampling)
+            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [answer.strip() for answer in answers]

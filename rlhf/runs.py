@@ -1,0 +1,162 @@
+"""Run directories: `runs/<name>/<stage>/` for each stage's outputs and `runs/<name>/manifest.json` for the record.
+
+A stage works in `runs/<name>/.<stage>.partial/` (checkpoints live there, so a killed stage can resume) and
+publishes its finished outputs by renaming a complete folder to `runs/<name>/<stage>/`: a folder under that name
+is always whole. Every JSON file here is written to a temporary file and renamed into place.
+"""
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+STAGES = ("sft", "preferences", "reward", "ppo", "dpo", "eval")
+MANIFEST = "manifest.json"
+STAGE_RECORD = "stage.json"
+
+
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive lock held on `path`.lock, across processes on this machine."""
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def hash_config(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def hash_path(path) -> str:
+    """Content hash of a file, or of a folder's files and their relative paths."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+        return f"rlhf-{version('rlhf')}"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDir:
+    def __init__(self, root, name: str):
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"run name must be a plain folder name, got '{name}'")
+        self.name = name
+        self.path = Path(root) / name
+
+    def stage_path(self, stage: str) -> Path:
+        return self.path / stage
+
+    def partial_path(self, stage: str) -> Path:
+        return self.path / f".{stage}.partial"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def read_manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"run": self.name, "created": now(), "stages": {}}
+        return json.loads(self.manifest_path.read_text())
+
+    def stage_entry(self, stage: str) -> dict | None:
+        return self.read_manifest()["stages"].get(stage)
+
+    def record(self, stage: str, **entry) -> dict:
+        """Merges `entry` into the stage's manifest entry (under a lock: stages may run side by side)."""
+        with file_lock(self.manifest_path):
+            manifest = self.read_manifest()
+            merged = {**manifest["stages"].get(stage, {}), **entry}
+            manifest["stages"][stage] = merged
+            manifest["updated"] = now()
+            atomic_write_json(self.manifest_path, manifest)
+        return merged
+
+    def publish(self, stage: str, finished: Path) -> Path:
+        """Renames the complete folder `finished` to `runs/<name>/<stage>`, replacing an older one whole."""
+        final = self.stage_path(stage)
+        self.path.mkdir(parents=True, exist_ok=True)
+        old = None
+        if final.exists():
+            old = self.path / f".{stage}.old-{int(time.time() * 1000)}"
+            os.replace(final, old)
+        os.replace(finished, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+class StageRecord:
+    """Times a stage and writes its manifest entry: `running` at start, then `done` or `failed`."""
+
+    def __init__(self, run: RunDir, stage: str, config: dict, inputs: dict):
+        self.run, self.stage = run, stage
+        self.config_hash = hash_config(config)
+        self.inputs = inputs
+        self.input_hashes = {name: hash_path(path) if Path(path).exists() else str(path)
+                             for name, path in inputs.items()}
+        self.started = time.time()
+        run.record(stage, status="running", config_hash=self.config_hash, input_hashes=self.input_hashes,
+                   inputs={k: str(v) for k, v in inputs.items()}, code_version=code_version(),
+                   started=now(), config=config)
+
+    def done(self, outputs: dict, metrics: dict, timings: dict | None = None) -> dict:
+        return self.run.record(self.stage, status="done", finished=now(), outputs={k: str(v) for k, v in outputs.items()},
+                               metrics=metrics, timings={"total_s": round(time.time() - self.started, 2),
+                                                         **(timings or {})})
+
+    def failed(self, error: BaseException) -> None:
+        self.run.record(self.stage, status="failed", finished=now(), error=f"{type(error).__name__}: {error}",
+                        timings={"total_s": round(time.time() - self.started, 2)})

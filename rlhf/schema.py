@@ -1,0 +1,209 @@
+"""Data contracts: the canonical rows every stage reads and writes, and the checks that guard them.
+
+Canonical rows are plain dicts in TRL's conversational form, so they go into a `datasets.Dataset` and a TRL
+trainer as they are:
+
+- SFT example:      {"id", "category", "messages": [{"role", "content"}, ..., assistant]}
+- prompt:           {"id", "category", "prompt": [{"role", "content"}, ..., user]}
+- preference pair:  {"id", "prompt": [...], "chosen": [assistant], "rejected": [assistant],
+                     "tie": bool, "both_bad": bool, "margin": float | None, "labeller": str | None}
+
+The functions here turn one raw row (in any of the accepted layouts) into its canonical form, or raise
+`RowProblem(field, problem)`; `rlhf.datasets` adds the file and line.
+"""
+import hashlib
+import json
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_CATEGORY = "general"
+
+# The label vocabulary, defined once: the store, the labelling UI and the export all use these.
+VOTE_CHOICES = ("a", "b", "tie", "both_bad")
+VOTE_STRENGTHS = ("slight", "clear")
+
+
+class RowProblem(Exception):
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def content_hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_messages(value, field: str = "messages", last_role: str | None = None) -> list[dict]:
+    """A non-empty conversation: an optional system turn, then user and assistant turns alternating."""
+    if not isinstance(value, list):
+        raise RowProblem(field, f"expected a list of messages, got {type_name(value)}")
+    if not value:
+        raise RowProblem(field, "is empty")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise RowProblem(where, f"expected an object with 'role' and 'content', got {type_name(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise RowProblem(f"{where}.{key}", "missing")
+            if not isinstance(message[key], str):
+                raise RowProblem(f"{where}.{key}", f"expected a string, got {type_name(message[key])}")
+        if message["role"] not in ROLES:
+            raise RowProblem(f"{where}.role", f"'{message['role']}' is not one of {', '.join(ROLES)}")
+        if not message["content"].strip():
+            raise RowProblem(f"{where}.content", "is empty")
+        messages.append({"role": message["role"], "content": message["content"]})
+    check_role_order(messages, field)
+    if last_role and messages[-1]["role"] != last_role:
+        raise RowProblem(f"{field}[{len(messages) - 1}].role",
+                         f"the last message must be from the {last_role}, got {messages[-1]['role']}")
+    return messages
+
+
+def check_role_order(messages: list[dict], field: str) -> None:
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, message in enumerate(messages[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RowProblem(f"{field}[{i}].role",
+                             f"roles out of order: expected {expected}, got {message['role']} "
+                             "(an optional system message, then user and assistant alternating)")
+
+
+def check_text(value, field: str) -> str:
+    if not isinstance(value, str):
+        raise RowProblem(field, f"expected a string, got {type_name(value)}")
+    if not value.strip():
+        raise RowProblem(field, "is empty")
+    return value
+
+
+def as_turns(value, field: str, role: str) -> list[dict]:
+    """A plain string becomes one message of `role`; a list is checked as messages (not for order)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": check_text(value, field)}]
+    if isinstance(value, list):
+        return check_messages_loosely(value, field)
+    raise RowProblem(field, f"expected a string or a list of messages, got {type_name(value)}")
+
+
+def check_messages_loosely(value: list, field: str) -> list[dict]:
+    # Completions such as [{"role": "assistant", ...}] start with the assistant, so role order is
+    # checked on the whole conversation once prompt and completion are joined.
+    if not value:
+        raise RowProblem(field, "is empty")
+    checked = []
+    for i, message in enumerate(value):
+        try:
+            checked += check_messages([message], field)
+        except RowProblem as problem:
+            raise RowProblem(problem.field.replace(f"{field}[0]", f"{field}[{i}]", 1), problem.problem) from None
+    return checked
+
+
+def row_identity(row: dict, content) -> tuple[str, str]:
+    row_id = row.get("id")
+    if row_id is None or row_id == "":
+        row_id = content_hash(content)[:12]
+    elif not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
+        raise RowProblem("id", f"expected a string or an integer, got {type_name(row_id)}")
+    category = row.get("category") or DEFAULT_CATEGORY
+    if not isinstance(category, str):
+        raise RowProblem("category", f"expected a string, got {type_name(category)}")
+    return str(row_id), category
+
+
+def sft_example(row: dict) -> dict:
+    """Accepts TRL's conversational `messages`, or `prompt` + `completion` (plain strings or messages)."""
+    if "messages" in row and row["messages"] is not None:
+        messages = check_messages(row["messages"], "messages", last_role="assistant")
+    elif "prompt" in row and "completion" in row:
+        joined = as_turns(row["prompt"], "prompt", "user") + as_turns(row["completion"], "completion", "assistant")
+        messages = check_messages(joined, "prompt+completion", last_role="assistant")
+    elif "text" in row:
+        raise RowProblem("text", "plain 'text' rows have no assistant turn to train on; "
+                                 "give 'messages' or 'prompt' and 'completion'")
+    else:
+        raise RowProblem("messages", f"missing (found columns: {', '.join(sorted(row)) or 'none'}; "
+                                     "expected 'messages' or 'prompt' and 'completion')")
+    row_id, category = row_identity(row, messages)
+    return {"id": row_id, "category": category, "messages": messages}
+
+
+def prompt_row(row: dict) -> dict:
+    """Accepts `prompt` as a string or as messages ending with the user, or `messages` ending with the user."""
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = check_messages(as_turns(row["prompt"], "prompt", "user"), "prompt", last_role="user")
+    elif "messages" in row and row["messages"] is not None:
+        prompt = check_messages(row["messages"], "messages", last_role="user")
+    else:
+        raise RowProblem("prompt", f"missing (found columns: {', '.join(sorted(row)) or 'none'})")
+    row_id, category = row_identity(row, prompt)
+    return {"id": row_id, "category": category, "prompt": prompt}
+
+
+def preference_pair(row: dict) -> dict:
+    """Accepts TRL's preference layouts: explicit prompt (standard strings or conversational) or implicit prompt
+    (`chosen` and `rejected` as whole conversations sharing their opening turns)."""
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise RowProblem(key, f"missing (found columns: {', '.join(sorted(row)) or 'none'})")
+    if row.get("prompt") is not None:
+        prompt = check_messages(as_turns(row["prompt"], "prompt", "user"), "prompt", last_role="user")
+        chosen = as_turns(row["chosen"], "chosen", "assistant")
+        rejected = as_turns(row["rejected"], "rejected", "assistant")
+    else:
+        prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+    for key, completion in (("chosen", chosen), ("rejected", rejected)):
+        check_messages(prompt + completion, f"prompt+{key}", last_role="assistant")
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "tie": optional_bool(row, "tie"), "both_bad": optional_bool(row, "both_bad"),
+            "margin": optional_number(row, "margin"), "labeller": optional_text(row, "labeller")}
+    pair["id"], _ = row_identity(row, [prompt, chosen, rejected])
+    return pair
+
+
+def split_implicit_prompt(chosen, rejected) -> tuple[list, list, list]:
+    chosen = check_messages(chosen, "chosen", last_role="assistant")
+    rejected = check_messages(rejected, "rejected", last_role="assistant")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0 or chosen[shared - 1]["role"] != "user":
+        raise RowProblem("prompt", "missing, and 'chosen' and 'rejected' do not share opening turns ending "
+                                   "with the user")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def optional_bool(row: dict, key: str) -> bool:
+    value = row.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RowProblem(key, f"expected true or false, got {type_name(value)}")
+    return value
+
+
+def optional_number(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowProblem(key, f"expected a number, got {type_name(value)}")
+    return float(value)
+
+
+def optional_text(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RowProblem(key, f"expected a string, got {type_name(value)}")
+    return value
+
+
+ROW_KINDS = {"sft": sft_example, "prompt": prompt_row, "preference": preference_pair}

@@ -1,0 +1,130 @@
+"""Experiment tracking: wandb, trackio, both, or none, behind one small `Tracker`.
+
+Naming, the same for every stage: one wandb group and one trackio group per run (the run name), one tracked run
+per stage named `<run>-<stage>` with `job_type` = stage, the whole stage config logged. Trainer metrics keep
+TRL's names under `train/` and `eval/` (as transformers' own wandb integration writes them).
+wandb runs online when logged in and offline otherwise (then `wandb sync` uploads later). On non-main ranks,
+and with `tracking: none`, every call is a no-op.
+"""
+import logging
+import netrc
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbBackend:
+    def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path):
+        import wandb
+
+        if "WANDB_MODE" not in os.environ and not wandb_logged_in():
+            os.environ["WANDB_MODE"] = "offline"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb
+        self.run = wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{stage}",
+                              config=config, dir=str(directory), reinit="finish_previous")
+        if os.environ.get("WANDB_MODE") == "offline":
+            print(f"wandb: offline (not logged in); upload later with: wandb sync {self.run.dir}/..")
+
+    def log(self, metrics: dict, step: int | None) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None) -> None:
+        self.run.log({key: self.wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def log_artifact(self, name: str, kind: str, path: Path) -> None:
+        # A reference records lineage (path and checksums) without copying model weights into wandb's folder.
+        artifact = self.wandb.Artifact(name, type=kind)
+        artifact.add_reference(Path(path).resolve().as_uri())
+        self.run.log_artifact(artifact)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class TrackioBackend:
+    def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path):
+        import trackio
+
+        self.trackio = trackio
+        self.run = trackio.init(project=project, name=f"{group}-{stage}", group=group,
+                                config={**config, "job_type": stage}, embed=False)
+
+    def log(self, metrics: dict, step: int | None) -> None:
+        self.trackio.log(metrics, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None) -> None:
+        self.trackio.log({key: self.trackio.Table(columns=columns, data=rows)}, step=step)
+
+    def log_artifact(self, name: str, kind: str, path: Path) -> None:
+        pass  # trackio keeps metrics and tables; lineage lives in the run manifest and in wandb
+
+    def finish(self) -> None:
+        self.trackio.finish()
+
+
+BACKENDS = {"wandb": WandbBackend, "trackio": TrackioBackend}
+
+
+class Tracker:
+    def __init__(self, backends: list):
+        self.backends = backends
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        for backend in self.backends:
+            backend.log(metrics, step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        for backend in self.backends:
+            backend.log_table(key, columns, rows, step)
+
+    def log_artifact(self, name: str, kind: str, path) -> None:
+        for backend in self.backends:
+            backend.log_artifact(name, kind, path)
+
+    def finish(self) -> None:
+        for backend in self.backends:
+            backend.finish()
+
+
+def start(trackers: list[str], project: str, run_name: str, stage: str, config: dict, directory: Path,
+          is_main: bool = True) -> Tracker:
+    if not is_main:
+        return Tracker([])
+    backends = [BACKENDS[name](project, run_name, stage, config, Path(directory)) for name in trackers]
+    if backends:
+        log.info("[%s] tracking with %s (group %s)", stage, ", ".join(trackers), run_name)
+    return Tracker(backends)
+
+
+def namespaced(logs: dict) -> dict:
+    """transformers' `eval_loss` -> `eval/loss`, `loss` -> `train/loss`; TRL's own metric names are kept."""
+    out = {}
+    for key, value in logs.items():
+        if not isinstance(value, (int, float)):
+            continue
+        out[f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"] = value
+    return out
+
+
+class TrackingCallback(TrainerCallback):
+    """Forwards a Trainer's logs to our Tracker, so TRL's trainers need no `report_to` of their own."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.tracker.log(namespaced(logs), step=state.global_step)

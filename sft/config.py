@@ -1,0 +1,61 @@
+"""`sft:` section of a run config: TRL's `SFTConfig` plus where the model and data come from.
+
+Every field of `trl.SFTConfig` (and so of `transformers.TrainingArguments`) is a valid key. The defaults that
+differ from TRL's are set here on purpose: precision from the hardware (TRL: bf16 always), gradient
+checkpointing only when memory needs it (TRL: always), loss on assistant tokens only, packing on.
+"""
+from dataclasses import dataclass, field
+
+import trl
+
+from rlhf import hardware
+
+
+@dataclass
+class SFTStageConfig(trl.SFTConfig):
+    model: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "Model to fine-tune: a bundled name (rlhf models list), a local folder, or a hub id."})
+    train_data: str = field(default="data/sft_demonstrations.jsonl", metadata={
+        "help": "Demonstrations: JSONL/JSON/Parquet/CSV, a saved HF dataset folder, or a hub id; rows in "
+                "'messages' form or 'prompt'/'completion'."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Share of demonstrations held out for eval loss (split by a hash of id and seed)."})
+    sample_prompts: str = field(default="data/eval_prompts.jsonl", metadata={
+        "help": "Prompts answered before and after training to show what changed ('' for none)."})
+    num_samples: int = field(default=4, metadata={"help": "How many sample prompts to answer."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length limit for sample answers."})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs and CPUs that support it natively, else fp32), fp32, bf16 or fp16. "
+                "Sets bf16/fp16 unless those are given explicitly."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue from the last checkpoint of an interrupted run of this stage."})
+
+    # TRL fields whose defaults we change.
+    assistant_only_loss: bool = field(default=True, metadata={
+        "help": "Loss on assistant tokens only (masks computed from the chat template, any template)."})
+    packing: bool = field(default=True, metadata={
+        "help": "Pack examples into rows of max_length without padding (best-fit decreasing); each example "
+                "attends only to itself."})
+    max_length: int | None = field(default=512, metadata={"help": "Longest tokenized example (or packed row)."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Recompute activations to save memory (~1/3 more compute). Unset: on only if memory needs it."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N optimizer steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint: steps, epoch or no."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept while training."})
+    eval_strategy: str = field(default="no", metadata={
+        "help": "Extra evaluations during training (eval loss is always measured before and after)."})
+    report_to: None | str | list[str] = field(default="none", metadata={
+        "help": "Leave 'none': tracking is set by run.tracking (wandb, trackio) for every stage alike."})
+
+    def __post_init__(self):
+        # Derived right after parsing, before TrainingArguments validates them.
+        self.hardware = hardware.choose(self.precision)
+        if self.bf16 is None and not self.fp16:
+            self.bf16, self.fp16 = self.hardware.bf16, self.hardware.fp16
+        self.gradient_checkpointing_auto = self.gradient_checkpointing is None and self.activation_checkpointing is None
+        if self.hardware.device == "cpu":
+            self.use_cpu = True  # transformers refuses bf16 on a CPU unless told it is one
+        if self.hardware.device != "cuda":
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on a CPU it only warns
+        super().__post_init__()

@@ -1,0 +1,220 @@
+"""`rlhf sft`: supervised fine-tuning on demonstrations with TRL's `SFTTrainer`.
+
+    rlhf sft --config configs/default.yaml [--run.name NAME] [--sft.learning_rate 2e-5 ...] [--sft.resume true]
+
+Reads demonstrations (`rlhf.datasets`), holds out an eval split, answers a few sample prompts, trains, answers
+them again, and publishes the model, tokenizer and chat template to `runs/<name>/sft/` with `samples.json` and
+`stage.json`; the run's `manifest.json` gets the stage's entry. Checkpoints live in `runs/<name>/.sft.partial/`
+until the stage finishes, so `--sft.resume true` continues a killed run from its last checkpoint.
+"""
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer
+
+from rlhf import hardware, models, tracking
+from rlhf.config import RunConfig, as_plain_dict
+from rlhf.errors import ConfigError
+from rlhf.datasets import load_rows, split_train_eval
+from rlhf.generation import generate_responses
+from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, atomic_write_json
+from sft.config import SFTStageConfig
+
+STAGE = "sft"
+log = logging.getLogger(__name__)
+
+
+def main(config: SFTStageConfig, run: RunConfig) -> dict:
+    run_dir = RunDir(run.output_root, run.name)
+    train_rows, eval_rows = split_train_eval(load_rows(config.train_data, "sft"), config.eval_fraction, config.seed)
+    prompts = load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
+    model_path = models.resolve(config.model)
+    is_main = config.process_index == 0
+    plain_config = as_plain_dict(config)
+    record = StageRecord(run_dir, STAGE, plain_config, {"model": model_path, "train_data": config.train_data}) \
+        if is_main else None
+    tracker = tracking.start(run.trackers, run.project, run.name, STAGE, plain_config, run_dir.path / "tracking",
+                             is_main)
+    try:
+        metrics = train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record)
+    except BaseException as err:
+        if record:
+            record.failed(err)
+        raise
+    finally:
+        tracker.finish()
+    return metrics
+
+
+def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record) -> dict:
+    partial = run_dir.partial_path(STAGE)
+    resume_from = get_last_checkpoint(str(partial)) if config.resume and partial.is_dir() else None
+    if config.resume and not resume_from:
+        print(f"[{STAGE}] --sft.resume: no checkpoint in {partial}; starting from the beginning")
+    if resume_from:
+        print(f"[{STAGE}] resuming from {resume_from}")
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    # 1. model, data and the hardware decisions
+    model, tokenizer = models.load_causal_lm(model_path)
+    train_data = tokenize_rows(train_rows, tokenizer, config.assistant_only_loss)
+    eval_data = tokenize_rows(eval_rows, tokenizer, config.assistant_only_loss) if eval_rows else None
+    checkpointing = choose_checkpointing(config, model)
+    hardware.log_decision(STAGE, config.hardware, checkpointing)
+    args = trainer_args(config, partial, checkpointing)
+
+    # 2. answers before training
+    sample_messages = [p["prompt"] for p in prompts]
+    before = generate_responses(model, tokenizer, sample_messages, config.sample_max_new_tokens)
+
+    # 3. train, with eval loss before and after
+    callbacks = [tracking.TrackingCallback(tracker)]
+    if run.sample_every and sample_messages:
+        callbacks.append(SampleCallback(tracker, tokenizer, sample_messages, config.sample_max_new_tokens,
+                                        run.sample_every))
+    trainer = RealTokenSFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                                  processing_class=tokenizer, callbacks=callbacks)
+    eval_loss_before = trainer.evaluate()["eval_loss"] if eval_data else None
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - started
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_data else None
+
+    # 4. answers after training
+    after = generate_responses(trainer.model, tokenizer, sample_messages, config.sample_max_new_tokens)
+    samples = [{"id": p["id"], "prompt": p["prompt"][-1]["content"], "before": b, "after": a}
+               for p, b, a in zip(prompts, before, after)]
+    tracker.log_table("samples", ["id", "prompt", "before", "after"], [list(s.values()) for s in samples],
+                      step=trainer.state.global_step)
+
+    metrics = {"train_loss": result.training_loss, "eval_loss_before": eval_loss_before, "eval_loss": eval_loss,
+               "global_step": trainer.state.global_step, "train_examples": len(train_rows),
+               "eval_examples": len(eval_rows), "real_tokens": trainer.real_tokens,
+               "resumed_from_step": checkpoint_step(resume_from),
+               "real_tokens_per_s": trainer.real_tokens / max(train_seconds, 1e-9)}
+    if config.process_index != 0:
+        return metrics
+
+    # 5. publish: a complete folder renamed into place, then the record
+    final = publish(run_dir, partial, trainer, tokenizer, samples, metrics, record, train_seconds)
+    tracker.log(tracking.namespaced({"final_" + k: v for k, v in metrics.items() if v is not None}))
+    tracker.log_artifact(f"{run.name}-sft", "model", final)
+    print_samples(samples)
+    print(f"[{STAGE}] done: {final} (train loss {metrics['train_loss']:.4f}, eval loss "
+          f"{fmt(eval_loss_before)} -> {fmt(eval_loss)}, {metrics['real_tokens_per_s']:.0f} tokens/s)")
+    return metrics
+
+
+def publish(run_dir, partial, trainer, tokenizer, samples, metrics, record, train_seconds) -> Path:
+    staged = partial / "final"
+    shutil.rmtree(staged, ignore_errors=True)
+    trainer.save_model(str(staged))
+    tokenizer.save_pretrained(str(staged))
+    atomic_write_json(staged / "samples.json", samples)
+    outputs = {"model": run_dir.stage_path(STAGE)}
+    atomic_write_json(staged / STAGE_RECORD, {"stage": STAGE, "config_hash": record.config_hash,
+                                              "input_hashes": record.input_hashes, "metrics": metrics,
+                                              "outputs": {k: str(v) for k, v in outputs.items()}})
+    final = run_dir.publish(STAGE, staged)
+    shutil.rmtree(partial, ignore_errors=True)
+    record.done(outputs, metrics, {"train_s": round(train_seconds, 2)})
+    return final
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def trainer_args(config: SFTStageConfig, output_dir, checkpointing: bool) -> SFTStageConfig:
+    # Masks are already in the data (any chat template works), so TRL must not look for generation markers.
+    return dataclasses.replace(config, output_dir=str(output_dir), assistant_only_loss=False,
+                               gradient_checkpointing=checkpointing, report_to="none")
+
+
+def choose_checkpointing(config: SFTStageConfig, model) -> bool:
+    if not config.gradient_checkpointing_auto:
+        return bool(config.gradient_checkpointing)
+    tokens = config.per_device_train_batch_size * (config.max_length or 1024)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return hardware.needs_gradient_checkpointing(model, tokens, device)
+
+
+def tokenize_rows(rows: list[dict], tokenizer, assistant_only: bool) -> datasets.Dataset:
+    encoded = [tokenize_conversation(tokenizer, row["messages"], assistant_only) for row in rows]
+    return datasets.Dataset.from_list(encoded)
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], assistant_only: bool = True) -> dict:
+    """input_ids of the chat-formatted conversation, and a mask of the tokens that carry loss.
+
+    The mask is found by rendering the conversation up to each assistant turn: the turn's text is what the
+    template adds between "history + generation prompt" and "history + this turn". That works for any template
+    whose renderings of a conversation's prefixes are prefixes of its rendering (true of common chat templates),
+    without TRL's `{% generation %}` markers. The end-of-turn token is inside the span, so the model learns to stop.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if not assistant_only:
+        return {"input_ids": encoded["input_ids"], "assistant_masks": [1] * len(encoded["input_ids"])}
+    spans = assistant_spans(tokenizer, messages, text)
+    mask = [int(any(start <= begin < end for start, end in spans)) for begin, _ in encoded["offset_mapping"]]
+    return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
+
+
+def assistant_spans(tokenizer, messages: list[dict], full_text: str) -> list[tuple[int, int]]:
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False).rstrip()
+        if not (full_text.startswith(before) and full_text.startswith(through)):
+            raise ConfigError("the chat template does not render conversation prefixes as prefixes of the whole "
+                             "conversation; set --sft.assistant_only_loss false to train on all tokens")
+        spans.append((len(before), len(through)))
+    return spans
+
+
+class RealTokenSFTTrainer(SFTTrainer):
+    """Counts the tokens it trains on. transformers' own count mistakes EOS for padding when the two share an id
+    (the bundled SmolLM2) and there is no attention mask (packed, padding-free batches)."""
+
+    real_tokens = 0
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        mask = inputs.get("attention_mask")
+        self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
+class SampleCallback(TrainerCallback):
+    """Answers the sample prompts every `every` steps and logs them as a table."""
+
+    def __init__(self, tracker, tokenizer, prompts, max_new_tokens, every):
+        self.tracker, self.tokenizer, self.prompts = tracker, tokenizer, prompts
+        self.max_new_tokens, self.every = max_new_tokens, every
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and state.global_step % self.every == 0:
+            answers = generate_responses(model, self.tokenizer, self.prompts, self.max_new_tokens)
+            rows = [[p[-1]["content"], a] for p, a in zip(self.prompts, answers)]
+            self.tracker.log_table("samples_during_training", ["prompt", "answer"], rows, step=state.global_step)
+
+
+def print_samples(samples: list[dict]) -> None:
+    for sample in samples:
+        print(f"\n### {sample['id']}: {sample['prompt']}\n--- before ---\n{sample['before']}\n"
+              f"--- after ---\n{sample['after']}")
+    print()

@@ -1,0 +1,81 @@
+import pytest
+
+from rlhf.config import RunConfig, coerce, load_config
+from rlhf.errors import ConfigError
+from sft.config import SFTStageConfig
+from tests.conftest import REPO
+
+SECTIONS = {"run": RunConfig, "sft": SFTStageConfig}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, list(overrides), SECTIONS)
+    return str(caught.value)
+
+
+def test_yaml_sections_map_onto_the_dataclasses_and_overrides_win(tmp_path):
+    path = write(tmp_path, "run:\n  name: a\nsft:\n  learning_rate: 2e-5\n  max_steps: 7\n  packing: false\n"
+                           "reward:\n  anything: 1\n")
+    config = load_config(path, ["--sft.max_steps", "9", "--run.name=b", "--sft.packing", "yes",
+                                "--sft.warmup_steps", "3"], SECTIONS)
+    sft, run = config["sft"], config["run"]
+    assert (run.name, sft.learning_rate, sft.max_steps, sft.packing, sft.warmup_steps) == ("b", 2e-5, 9, True, 3)
+    assert isinstance(sft.learning_rate, float)
+    assert run.trackers == ["wandb", "trackio"]
+
+
+def test_shipped_configs_parse():
+    for name in ("default.yaml", "tiny.yaml"):
+        config = load_config(REPO / "configs" / name, [], SECTIONS)
+        assert config["sft"].max_steps > 0
+
+
+def test_unknown_key_names_the_close_match_and_the_valid_keys(tmp_path):
+    message = error(write(tmp_path, "sft:\n  learning_rat: 1.0e-5\n"))
+    assert message.startswith(f"{tmp_path / 'c.yaml'}: sft.learning_rat: unknown key (did you mean 'learning_rate'?)")
+    assert "valid keys for 'sft': " in message and "train_data" in message and "num_train_epochs" in message
+
+
+def test_unknown_section_and_foreign_overrides_are_refused(tmp_path):
+    assert "unknown section 'sfy' (did you mean 'sft'?)" in error(write(tmp_path, "sfy:\n  a: 1\n"))
+    assert error(None, ["--ppo.kl_coef", "1"]) == "--ppo.kl_coef: this command takes only --run.*, --sft.*"
+    assert error(None, ["--sft.max_steps"]) == "--sft.max_steps: missing value"
+    assert error(None, ["stray"]).startswith("unexpected argument 'stray'")
+
+
+def test_bad_values_name_the_field(tmp_path):
+    assert error(None, ["--sft.max_steps", "many"]) == "command line: sft.max_steps: expected an integer, got 'many'"
+    assert error(None, ["--sft.packing", "maybe"]) == "command line: sft.packing: expected true or false, got 'maybe'"
+    assert "tracking: unknown tracker(s) tensorboard" in error(None, ["--run.tracking", "tensorboard"])
+    assert "not valid YAML" in error(write(tmp_path, "sft: [unclosed\n"))
+    assert error(tmp_path / "none.yaml") == f"{tmp_path / 'none.yaml'}: config file not found"
+
+
+def test_coerce_follows_the_annotation():
+    assert coerce("3", int | None) == 3 and coerce("none", int | None) is None
+    assert coerce("1e-3", float) == 0.001 and coerce(2, float) == 2.0
+    assert coerce("a,b", list[str]) == ["a", "b"] and coerce("[1, 2]", list[int]) == [1, 2]
+    assert coerce('{"k": 1}', dict | str | None) == {"k": 1}
+    with pytest.raises(ValueError):
+        coerce(1.5, int)
+
+
+def test_precision_follows_the_hardware_unless_forced(monkeypatch):
+    from rlhf import hardware
+
+    monkeypatch.setattr(hardware, "detect_device", lambda: "cpu")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
+    assert SFTStageConfig(output_dir="/tmp/x").bf16 is False  # TRL's own default would be True
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert SFTStageConfig(output_dir="/tmp/x").bf16 is True
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
+    assert SFTStageConfig(output_dir="/tmp/x", precision="bf16").bf16 is True
+    config = SFTStageConfig(output_dir="/tmp/x")
+    assert config.gradient_checkpointing_auto and not config.gradient_checkpointing

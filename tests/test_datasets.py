@@ -1,0 +1,160 @@
+import json
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from rlhf.datasets import deduplicate, load_rows, split_train_eval
+from rlhf.errors import DataError
+from tests.conftest import REPO
+
+CHAT = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def problem(path, kind="sft") -> str:
+    with pytest.raises(DataError) as caught:
+        load_rows(path, kind)
+    return str(caught.value)
+
+
+def test_seed_data_loads_with_ids_categories_and_no_overlap():
+    sft = load_rows(REPO / "data/sft_demonstrations.jsonl", "sft")
+    rl = load_rows(REPO / "data/rl_prompts.jsonl", "prompt")
+    held_out = load_rows(REPO / "data/eval_prompts.jsonl", "prompt")
+    assert len(sft) >= 200 and len(rl) >= 200 and len(held_out) >= 100
+    assert {"explain", "summarise", "list", "rewrite", "advise", "code", "arithmetic"} <= {r["category"] for r in sft}
+    texts = lambda rows: {r["prompt"][-1]["content"].strip().lower() for r in rows}
+    assert not texts(rl) & texts(held_out)
+    assert all(r["id"].startswith("eval-") for r in held_out)
+
+
+def test_jsonl_messages_and_prompt_completion_become_the_same_canonical_row(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "category": "x", "messages": CHAT},
+                                              {"id": "b", "prompt": "Hi there?", "completion": "Hello."}])
+    rows = load_rows(path, "sft")
+    assert rows[0] == {"id": "a", "category": "x", "messages": CHAT}
+    assert rows[1]["messages"] == [{"role": "user", "content": "Hi there?"},
+                                   {"role": "assistant", "content": "Hello."}]
+    assert rows[1]["category"] == "general"
+
+
+def test_json_array_reports_the_line_where_the_bad_row_starts(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"messages": %s},\n  {"messages": [\n    {"role": "user", "content": 7}]}\n]\n'
+                    % json.dumps(CHAT))
+    assert problem(path) == f"{path}:3: messages[0].content: expected a string, got int"
+
+
+def test_csv_with_json_messages_and_plain_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('id,prompt,completion\n1,"Say hi, please",Hi.\n2,"[{""role"": ""user"", ""content"": '
+                    '""Q?""}]",A.\n')
+    rows = load_rows(path, "sft")
+    assert [r["messages"][0]["content"] for r in rows] == ["Say hi, please", "Q?"]
+    path.write_text("id,prompt,completion\n1,Q?,A.\n2,Q2?,\n")
+    assert problem(path) == f"{path}:3: completion: expected a string or a list of messages, got null"
+
+
+def test_parquet_and_saved_dataset_folder(tmp_path):
+    table = datasets.Dataset.from_list([{"id": "p1", "prompt": "Q?", "chosen": "Good.", "rejected": "Bad."}])
+    table.to_parquet(tmp_path / "pairs.parquet")
+    datasets.DatasetDict({"train": table}).save_to_disk(tmp_path / "saved")
+    for source in (tmp_path / "pairs.parquet", tmp_path / "saved"):
+        [pair] = load_rows(source, "preference")
+        assert pair["chosen"] == [{"role": "assistant", "content": "Good."}]
+        assert pair["prompt"] == [{"role": "user", "content": "Q?"}]
+        assert (pair["tie"], pair["both_bad"], pair["margin"]) == (False, False, None)
+
+
+def test_parquet_wrong_type_names_the_row(tmp_path):
+    datasets.Dataset.from_list([{"prompt": "Q?", "completion": "A."}, {"prompt": "Q2?", "completion": "B."}]
+                               ).to_parquet(tmp_path / "ok.parquet")
+    datasets.Dataset.from_list([{"messages": CHAT}, {"messages": [{"role": "robot", "content": "x"}]}]
+                               ).to_parquet(tmp_path / "bad.parquet")
+    assert len(load_rows(tmp_path / "ok.parquet", "sft")) == 2
+    assert problem(tmp_path / "bad.parquet") == \
+        f"{tmp_path / 'bad.parquet'}:2: messages[0].role: 'robot' is not one of system, user, assistant"
+
+
+def test_implicit_prompt_preference_pairs_are_split_at_the_shared_turns(tmp_path):
+    chosen = CHAT[:1] + [{"role": "assistant", "content": "Hello!"}]
+    rejected = CHAT[:1] + [{"role": "assistant", "content": "Go away."}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected, "tie": False,
+                                               "margin": 2, "labeller": "ann"}])
+    [pair] = load_rows(path, "preference")
+    assert pair["prompt"] == CHAT[:1] and pair["chosen"] == chosen[1:] and pair["rejected"] == rejected[1:]
+    assert pair["margin"] == 2.0 and pair["labeller"] == "ann"
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "{path}: rows: no rows (the file is empty)"),
+    (b'{"id": "1", "messages": []}\n', "{path}:1: messages: is empty"),
+    (b'{"id": "1", "answer": "x"}\n', "{path}:1: messages: missing (found columns: answer, id; expected "
+                                      "'messages' or 'prompt' and 'completion')"),
+    (b'{"messages": "hello"}\n', "{path}:1: messages: expected a list of messages, got str"),
+    (b'{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}\n',
+     "{path}:1: messages[0].role: roles out of order: expected user, got assistant (an optional system "
+     "message, then user and assistant alternating)"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}\n',
+     "{path}:1: messages[0].role: the last message must be from the assistant, got user"),
+    (b'{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]}\n',
+     "{path}:1: messages[0].content: is empty"),
+    (b'\n{"text": "just text"}\n', "{path}:2: text: plain 'text' rows have no assistant turn to train on; "
+                                   "give 'messages' or 'prompt' and 'completion'"),
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n',
+     "{path}:2: encoding: not valid UTF-8 (byte 0xe9 at column 16)"),
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', "{path}:2: json: Expecting property name "
+                                                                 "enclosed in double quotes at column 16"),
+    (b'[1, 2]', "{path}:1: row: expected an object, got int"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, content, expected):
+    path = tmp_path / ("d.json" if content.startswith(b"[") else "d.jsonl")
+    path.write_bytes(content)
+    assert problem(path) == expected.format(path=path)
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    assert problem(tmp_path / "nope.jsonl") == f"{tmp_path / 'nope.jsonl'}: file: not found"
+    (tmp_path / "d.txt").write_text("x")
+    assert "unsupported type '.txt'" in problem(tmp_path / "d.txt")
+
+
+def test_offline_hub_id_fails_with_a_clear_error():
+    assert problem("someone/some-dataset").startswith("someone/some-dataset: source: not a local file or folder, "
+                                                      "and not loadable from the hub")
+
+
+def test_duplicates_are_removed_and_conflicting_ids_refused(tmp_path):
+    rows = [{"id": "a", "messages": CHAT}, {"id": "b", "messages": CHAT}, {"id": "a", "messages": CHAT}]
+    assert [r["id"] for r in load_rows(write_jsonl(tmp_path / "d.jsonl", rows), "sft")] == ["a"]
+    other = [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "Yes."}]
+    path = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "messages": CHAT}, {"id": "a", "messages": other}])
+    assert problem(path) == f"{path}:2: id: duplicate id 'a' with different content (first at 1)"
+    assert len(deduplicate([{"id": "x", "messages": CHAT}, {"id": "y", "messages": CHAT}])) == 1
+
+
+def test_split_is_deterministic_independent_of_order_and_disjoint():
+    rows = [{"id": f"r{i}", "messages": CHAT} for i in range(50)]
+    train, held_out = split_train_eval(rows, 0.2, seed=3)
+    train2, held_out2 = split_train_eval(list(reversed(rows)), 0.2, seed=3)
+    assert len(held_out) == 10 and len(train) == 40
+    assert {r["id"] for r in held_out} == {r["id"] for r in held_out2}
+    assert not {r["id"] for r in train} & {r["id"] for r in held_out}
+    assert {r["id"] for r in split_train_eval(rows, 0.2, seed=4)[1]} != {r["id"] for r in held_out}
+    assert split_train_eval(rows[:3], 0.01)[1] and not split_train_eval(rows, 0.0)[1]
+
+
+def test_bad_data_on_the_command_line_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user"}]}])
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", "--config", "configs/tiny.yaml",
+                             f"--run.output_root={tmp_path / 'runs'}", f"--sft.train_data={bad}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad}:2: messages[0].content: missing"
+    assert not (tmp_path / "runs").exists()

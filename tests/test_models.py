@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rlhf import models
+from rlhf.errors import ModelError
+from tests.conftest import REPO
+
+PREPARE = "import sys; from rlhf import models; print(models.prepare_bundled('tiny-llama'))"
+
+
+def test_two_processes_preparing_at_once_convert_once(tmp_path):
+    env = {"RLHF_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    paths = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert paths == {str(tmp_path / "models" / "tiny-llama")}
+    folder = tmp_path / "models" / "tiny-llama"
+    assert json.loads((folder / models.READY_MARKER).read_text())["version"] == models.BUNDLED["tiny-llama"].version
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-llama", "tiny-llama.lock"]
+    assert (folder / "model.safetensors").exists() and (folder / "chat_template.jinja").exists()
+
+
+def test_loaded_tiny_model_generates_with_its_chat_template(tiny_model_path):
+    from rlhf.generation import generate_responses
+
+    model, tokenizer = models.load_causal_lm(str(tiny_model_path))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.generation_config.pad_token_id
+    [answer] = generate_responses(model, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=5)
+    assert isinstance(answer, str)
+
+
+def test_offline_hub_id_names_the_bundled_model():
+    with pytest.raises(ModelError) as caught:
+        models.resolve("someone/some-model")
+    assert "Offline, use the bundled model" in str(caught.value) and "smollm2-135m-instruct" in str(caught.value)
+
+
+def test_local_folders_must_hold_a_model(tmp_path):
+    with pytest.raises(ModelError, match="has no config.json"):
+        models.resolve(str(tmp_path))
+    with pytest.raises(ModelError, match="not found"):
+        models.resolve(str(tmp_path / "missing"))
+    with pytest.raises(ModelError, match="unknown bundled model"):
+        models.prepare_bundled("gpt-9")
+
+
+def test_models_list_command(tiny_model_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "models", "list"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    assert "smollm2-135m-instruct" in result.stdout and "tiny-llama               prepared" in result.stdout

@@ -1,0 +1,75 @@
+import json
+import multiprocessing
+import os
+
+import pytest
+
+from rlhf.runs import RunDir, StageRecord, atomic_write_json, atomic_write_text, hash_config, hash_path
+
+
+def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_text(target, None)  # fails mid-write
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["out.json"]  # no temporary file left behind
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+
+
+def test_publish_swaps_in_a_complete_folder(tmp_path):
+    run = RunDir(tmp_path, "r")
+    for version in ("old", "new"):
+        staged = tmp_path / f"staged-{version}"
+        staged.mkdir()
+        (staged / "weights").write_text(version)
+        run.publish("sft", staged)
+    assert (run.stage_path("sft") / "weights").read_text() == "new"
+    assert sorted(p.name for p in run.path.iterdir()) == ["sft"]
+
+
+def record_many(root, stage):
+    run = RunDir(root, "r")
+    for i in range(15):
+        run.record(stage, count=i)
+
+
+def test_concurrent_stage_records_lose_nothing(tmp_path):
+    workers = [multiprocessing.Process(target=record_many, args=(tmp_path, f"s{i}")) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    stages = RunDir(tmp_path, "r").read_manifest()["stages"]
+    assert {name: entry["count"] for name, entry in stages.items()} == {f"s{i}": 14 for i in range(4)}
+
+
+def test_stage_record_lifecycle(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    run = RunDir(tmp_path, "r")
+    record = StageRecord(run, "sft", {"lr": 1}, {"train_data": data})
+    entry = run.stage_entry("sft")
+    assert entry["status"] == "running" and entry["config_hash"] == hash_config({"lr": 1})
+    assert entry["input_hashes"] == {"train_data": hash_path(data)}
+    record.done({"model": run.stage_path("sft")}, {"loss": 0.5})
+    entry = run.stage_entry("sft")
+    assert entry["status"] == "done" and entry["metrics"] == {"loss": 0.5} and entry["timings"]["total_s"] >= 0
+    assert entry["outputs"] == {"model": str(run.stage_path("sft"))} and entry["code_version"]
+    record.failed(RuntimeError("boom"))
+    assert run.stage_entry("sft")["error"] == "RuntimeError: boom"
+
+
+def test_hashes_follow_content(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_text("1")
+    first = hash_path(tmp_path / "a")
+    (tmp_path / "a" / "f").write_text("2")
+    assert hash_path(tmp_path / "a") != first
+    assert hash_config({"a": 1, "b": 2}) == hash_config({"b": 2, "a": 1})
+
+
+def test_run_names_are_plain_folder_names(tmp_path):
+    for bad in ("", "a/b", ".hidden"):
+        with pytest.raises(ValueError):
+            RunDir(tmp_path, bad)

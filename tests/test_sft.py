@@ -1,0 +1,150 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf.config import RunConfig, load_config
+from rlhf.generation import generate_responses
+from rlhf.models import load_tokenizer
+from sft.config import SFTStageConfig
+from sft.train import RealTokenSFTTrainer, main, tokenize_conversation, tokenize_rows, trainer_args
+from tests.conftest import REPO
+
+MOTTO = "Measure twice, cut once."
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another?"},
+    {"role": "assistant", "content": "Green, like grass."},
+]
+
+
+def tiny_config(tmp_path, *overrides):
+    sections = load_config(REPO / "configs/tiny.yaml", [f"--run.output_root={tmp_path / 'runs'}", *overrides],
+                           {"run": RunConfig, "sft": SFTStageConfig})
+    return sections["sft"], sections["run"]
+
+
+def masked_runs(ids, mask):
+    runs, current = [], []
+    for token, bit in zip(ids, mask):
+        if bit:
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    return runs + ([current] if current else [])
+
+
+def test_only_assistant_tokens_carry_loss(tiny_tokenizer):
+    encoded = tokenize_conversation(tiny_tokenizer, CONVERSATION)
+    decoded = [tiny_tokenizer.decode(run) for run in masked_runs(encoded["input_ids"], encoded["assistant_masks"])]
+    assert decoded == ["Blue.<|im_end|>", "Green, like grass.<|im_end|>"]
+    everything = tokenize_conversation(tiny_tokenizer, CONVERSATION, assistant_only=False)
+    assert all(everything["assistant_masks"]) and everything["input_ids"] == encoded["input_ids"]
+
+
+def test_trainer_labels_mask_everything_but_the_assistant(tmp_path, tiny_model_path, tiny_tokenizer):
+    config, _ = tiny_config(tmp_path, "--sft.packing=false")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    data = tokenize_rows([{"messages": CONVERSATION}], tiny_tokenizer, assistant_only=True)
+    trainer = RealTokenSFTTrainer(model=model, args=trainer_args(config, tmp_path / "out", False), train_dataset=data,
+                                  processing_class=tiny_tokenizer)
+    [row] = trainer.train_dataset
+    kept = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert kept == [t for t, label in zip(row["input_ids"], row["labels"]) if label == t]
+    assert tiny_tokenizer.decode(kept) == "Blue.<|im_end|>Green, like grass.<|im_end|>"
+
+
+def test_packed_batches_give_the_loss_of_the_examples_taken_one_by_one(tmp_path, tiny_model_path, tiny_tokenizer):
+    """Padding-free packing is correct only if each example in a packed row attends to itself alone."""
+    config, _ = tiny_config(tmp_path, "--sft.per_device_train_batch_size=3")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION[3:]}]
+    trainer = RealTokenSFTTrainer(model=model, args=trainer_args(config, tmp_path / "out", False),
+                                  train_dataset=tokenize_rows(rows, tiny_tokenizer, True),
+                                  processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # one packed row, no padding
+    with torch.no_grad():
+        packed_loss = trainer.compute_loss(model, dict(batch))
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+        total, count = 0.0, 0
+        for begin, end in zip(starts, starts[1:]):
+            ids, labels = batch["input_ids"][:, begin:end], batch["labels"][0, begin:end]
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum")
+            count += int((labels[1:] != -100).sum())
+    assert len(starts) == 4
+    torch.testing.assert_close(packed_loss, total / count, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # without its example boundaries, the row's last example sees the others
+        unbounded = model(input_ids=batch["input_ids"], use_cache=False).logits[0, starts[-2]:]
+        alone = model(input_ids=batch["input_ids"][:, starts[-2]:], use_cache=False).logits[0]
+    assert (unbounded - alone).abs().max() > 1e-2
+
+
+def write_motto_data(tmp_path):
+    rows = [{"id": f"m{i}", "messages": [{"role": "user", "content": f"What is motto number {i}?"},
+                                         {"role": "assistant", "content": MOTTO}]} for i in range(32)]
+    path = tmp_path / "motto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "q", "prompt": "What is motto number 99?"}) + "\n")
+    return path, prompts
+
+
+def test_sft_memorises_publishes_and_the_saved_model_answers(tmp_path):
+    data, prompts = write_motto_data(tmp_path)
+    config, run = tiny_config(tmp_path, f"--sft.train_data={data}", f"--sft.sample_prompts={prompts}",
+                              "--sft.max_steps=40", "--sft.eval_fraction=0.25", "--sft.learning_rate=1e-2",
+                              "--sft.sample_max_new_tokens=12", "--run.name=motto")
+    metrics = main(config, run)
+    assert metrics["eval_loss"] < 0.2 * metrics["eval_loss_before"]
+    assert metrics["global_step"] == 40 and metrics["real_tokens"] > 0
+
+    out = tmp_path / "runs" / "motto" / "sft"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "samples.json",
+            "stage.json"} <= set(os.listdir(out))
+    assert sorted(os.listdir(out.parent)) == ["manifest.json", "manifest.json.lock", "sft"]  # no partial left
+    [sample] = json.loads((out / "samples.json").read_text())
+    assert sample["after"] == MOTTO and sample["before"] != MOTTO
+    entry = json.loads((out.parent / "manifest.json").read_text())["stages"]["sft"]
+    assert entry["status"] == "done" and entry["outputs"]["model"] == str(out)
+    assert entry["metrics"]["eval_loss"] == metrics["eval_loss"] and set(entry["input_hashes"]) == {"model",
+                                                                                                    "train_data"}
+    assert json.loads((out / "stage.json").read_text())["config_hash"] == entry["config_hash"]
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), load_tokenizer(str(out))
+    [answer] = generate_responses(model, tokenizer, [[{"role": "user", "content": "What is motto number 7?"}]], 12)
+    assert answer == MOTTO
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    command = [sys.executable, "-m", "pipeline.cli", "sft", "--config", "configs/tiny.yaml",
+               f"--run.output_root={tmp_path / 'runs'}", "--run.name=killed", "--sft.max_steps=40",
+               "--sft.save_steps=5", "--sft.per_device_train_batch_size=2", "--sft.eval_fraction=0",
+               "--sft.num_samples=0"]
+    partial = tmp_path / "runs" / "killed" / ".sft.partial"
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (partial / "checkpoint-5" / "trainer_state.json").exists() and first.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (tmp_path / "runs" / "killed" / "sft").exists()  # nothing half-written looks finished
+    manifest = json.loads((tmp_path / "runs" / "killed" / "manifest.json").read_text())
+    assert manifest["stages"]["sft"]["status"] == "running"
+
+    resumed = subprocess.run(command + ["--sft.resume=true"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    entry = json.loads((tmp_path / "runs" / "killed" / "manifest.json").read_text())["stages"]["sft"]
+    step = entry["metrics"]["resumed_from_step"]
+    assert step >= 5 and step % 5 == 0 and entry["metrics"]["global_step"] == 40
+    assert entry["status"] == "done" and not partial.exists()
