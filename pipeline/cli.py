@@ -5,26 +5,50 @@ the sections they use. Errors in the user's input (data, config, model spec) pri
 """
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
 
 from rlhf.errors import UserError
 
-STAGE_SECTIONS = {"sft": "sft.config:SFTStageConfig"}
+# stage command -> (help, its config class, its main(config, run)); imported only when the command runs.
+STAGES = {
+    "sft": ("supervised fine-tuning (TRL SFTTrainer)", "sft.config:SFTStageConfig", "sft.train:main"),
+}
+TRL_FIELDS_NOTE = {
+    "sft": "--sft.learning_rate, --sft.num_train_epochs, --sft.max_steps, --sft.per_device_train_batch_size, "
+           "--sft.gradient_accumulation_steps, --sft.warmup_steps, --sft.lr_scheduler_type, --sft.seed",
+}
 
 
-def stage_config_class(stage: str):
-    module, name = STAGE_SECTIONS[stage].split(":")
-    return getattr(__import__(module, fromlist=[name]), name)
+def load(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def own_fields_help(cls) -> str:
-    """The fields a stage class adds or re-defaults, with their help; the rest are TRL's, documented there."""
+def fields_help(section: str, cls) -> str:
+    """The fields a class defines or re-defaults, with their help; inherited TRL fields are documented by TRL."""
     own = [f for f in dataclasses.fields(cls) if f.name in vars(cls).get("__annotations__", {})]
-    lines = [f"  --{cls.__module__.split('.')[0]}.{f.name} (default: {f.default!r})\n      {f.metadata.get('help', '')}"
-             for f in own]
-    return "\n".join(lines)
+    return "\n".join(f"  --{section}.{f.name} (default: {f.default!r})\n      {f.metadata.get('help', '')}"
+                     for f in own)
+
+
+class StageHelp(argparse.Action):
+    """`rlhf STAGE --help`: the usual help plus the stage's config fields (this imports the stage)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show this help, with every config field, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from rlhf.config import RunConfig
+
+        stage = parser.prog.split()[-1]
+        parser.print_help()
+        print(f"\nconfig fields (YAML keys under run: / {stage}:, or --section.field value):\n"
+              f"{fields_help('run', RunConfig)}\n{fields_help(stage, load(STAGES[stage][1]))}\n"
+              f"  ... and every field of the TRL config it extends, e.g. {TRL_FIELDS_NOTE[stage]}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,20 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     models_parser = commands.add_parser("models", help="list or prepare bundled models")
     models_commands = models_parser.add_subparsers(dest="models_command", required=True)
     models_commands.add_parser("list", help="bundled models and whether they are prepared")
-    prepare = models_commands.add_parser("prepare", help="convert a bundled model into a cached folder (once)")
+    prepare = models_commands.add_parser("prepare", help="build a bundled model's cached folder (once)")
     prepare.add_argument("name", help="a bundled model name (see `rlhf models list`)")
     models_parser.set_defaults(handler=run_models)
 
-    from rlhf.config import RunConfig
-    sft = commands.add_parser(
-        "sft", help="supervised fine-tuning (TRL SFTTrainer)", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides, as --section.field value (or in the YAML under the section):\n"
-               + own_fields_help(RunConfig).replace("--rlhf.", "--run.") + "\n"
-               + own_fields_help(stage_config_class("sft"))
-               + "\n  ... and every field of trl.SFTConfig / transformers.TrainingArguments, e.g. "
-                 "--sft.learning_rate, --sft.num_train_epochs, --sft.max_steps, --sft.per_device_train_batch_size")
-    sft.add_argument("--config", help="YAML run config (configs/default.yaml, configs/tiny.yaml)")
-    sft.set_defaults(handler=run_stage, stage="sft")
+    for stage, (help_text, _, _) in STAGES.items():
+        command = commands.add_parser(stage, help=help_text, add_help=False,
+                                      description=f"{help_text}. Overrides: --section.field value.")
+        command.add_argument("-h", "--help", action=StageHelp)
+        command.add_argument("--config", help="YAML run config (configs/default.yaml, configs/tiny.yaml)")
+        command.set_defaults(handler=run_stage, stage=stage)
     return parser
 
 
@@ -69,11 +89,9 @@ def run_models(args, rest) -> int:
 def run_stage(args, rest) -> int:
     from rlhf.config import RunConfig, load_config
 
-    sections = load_config(args.config, rest, {"run": RunConfig, args.stage: stage_config_class(args.stage)})
-    if args.stage == "sft":
-        from sft.train import main as sft_main
-
-        sft_main(sections["sft"], sections["run"])
+    _, config_class, stage_main = STAGES[args.stage]
+    sections = load_config(args.config, rest, {"run": RunConfig, args.stage: load(config_class)})
+    load(stage_main)(sections[args.stage], sections["run"])
     return 0
 
 

@@ -41,6 +41,8 @@ class RunConfig:
         "help": "Log a table of sample prompts and responses every N steps (0: only before and after)."})
 
     def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain folder name, got '{self.name}'")
         self.trackers = parse_trackers(self.tracking)
 
 
@@ -56,12 +58,14 @@ def parse_trackers(text: str) -> list[str]:
 def load_config(path, overrides: list[str], sections: dict[str, type]) -> dict[str, object]:
     """Builds one dataclass instance per entry of `sections` from the YAML at `path` plus CLI overrides.
     Sections of other stages in the file are left alone (they are checked when their stage runs)."""
-    where = str(path) if path else "command line"
     document = read_yaml(path) if path else {}
-    for name, values in parse_overrides(overrides, sections).items():
-        document.setdefault(name, {})
-        document[name] = {**(document[name] or {}), **values}
-    return {name: build_section(where, name, cls, document.get(name) or {}) for name, cls in sections.items()}
+    from_command_line = parse_overrides(overrides, sections)
+    built = {}
+    for name, cls in sections.items():
+        values = {**(document.get(name) or {}), **from_command_line.get(name, {})}
+        where = {key: "command line" if key in from_command_line.get(name, {}) else str(path) for key in values}
+        built[name] = build_section(where, name, cls, values)
+    return built
 
 
 def read_yaml(path) -> dict:
@@ -112,21 +116,26 @@ def field_types(cls) -> dict[str, object]:
     return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
 
 
-def build_section(where: str, section: str, cls, values: dict):
+def build_section(where: dict[str, str], section: str, cls, values: dict):
+    """`where` names, for each key, the file or "command line" it came from, for the error message."""
     types_by_name = field_types(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in types_by_name:
-            raise ConfigError(f"{where}: {section}.{key}: unknown key{suggest(key, types_by_name)}; "
+            raise ConfigError(f"{where[key]}: {section}.{key}: unknown key{suggest(key, types_by_name)}; "
                               f"valid keys for '{section}': {', '.join(sorted(types_by_name))}")
         try:
             kwargs[key] = coerce(value, types_by_name[key])
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"{where}: {section}.{key}: {err}") from None
+            raise ConfigError(f"{where[key]}: {section}.{key}: {err}") from None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {section}: {err}") from None
+        files = sorted(set(where.values()) - {"command line"})
+        overridden = "command line" in where.values()
+        source = (files[0] + (" with command-line overrides" if overridden else "")) if files else \
+            ("command line" if overridden else "defaults")
+        raise ConfigError(f"{source}: {section}: {err}") from None
 
 
 def suggest(name: str, valid) -> str:

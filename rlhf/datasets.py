@@ -20,7 +20,7 @@ CSV_BOOL_COLUMNS = ("tie", "both_bad")
 CSV_NUMBER_COLUMNS = ("margin",)
 
 
-def load_rows(source, kind: str, dedupe: bool = True) -> list[dict]:
+def load_rows(source, kind: str) -> list[dict]:
     """Canonical rows of `kind` ("sft", "prompt" or "preference") from `source`, duplicates removed."""
     to_canonical = ROW_KINDS[kind]
     rows, first_line_of = [], {}
@@ -36,9 +36,9 @@ def load_rows(source, kind: str, dedupe: bool = True) -> list[dict]:
             continue
         first_line_of[row["id"]] = (line, len(rows))
         rows.append(row)
-    if not rows and not first_line_of:
+    if not rows:
         raise DataError(source, None, "rows", "no rows (the file is empty)")
-    return deduplicate(rows) if dedupe else rows
+    return deduplicate(rows)
 
 
 def check_duplicate_id(source, line, row, rows, first):
@@ -65,10 +65,13 @@ def deduplicate(rows: list[dict]) -> list[dict]:
 
 def split_train_eval(rows: list[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """A split that depends only on the ids and the seed, not on row order: rows are ranked by a hash of
-    seed and id and the first `eval_fraction` of them (at least one, when the fraction is above 0) go to eval."""
+    seed and id and the first `eval_fraction` of them go to eval (at least one when the fraction is above 0,
+    and never all: training needs one)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    n_eval = 0 if eval_fraction == 0 or len(rows) < 2 else max(1, round(len(rows) * eval_fraction))
+    n_eval = 0
+    if eval_fraction > 0 and len(rows) >= 2:
+        n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_fraction)))
     ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:{row['id']}".encode()).hexdigest())
     eval_ids = {row["id"] for row in ranked[:n_eval]}
     return [r for r in rows if r["id"] not in eval_ids], [r for r in rows if r["id"] in eval_ids]
@@ -112,7 +115,7 @@ def read_jsonl(path: Path):
 
 
 def read_json(path: Path):
-    """A JSON array of objects (or an object holding one such array); a .json file of JSON lines also works."""
+    """A JSON array of objects, or one object (one row); a .json file of JSON lines also works."""
     text = decode(path, path.read_bytes())
     if not text.strip():
         return
@@ -124,22 +127,20 @@ def read_json(path: Path):
             return
         raise DataError(path, err.lineno, "json", f"{err.msg} at column {err.colno}") from None
     if isinstance(document, dict):
-        lists = [value for value in document.values() if isinstance(value, list)]
-        if len(lists) != 1:
-            yield 1, document
-            return
-    elif not isinstance(document, list):
-        raise DataError(path, 1, "json", f"expected an array of objects, got {type(document).__name__}")
-    yield from array_items_with_lines(path, text)
+        yield text[:len(text) - len(text.lstrip())].count("\n") + 1, document
+    elif isinstance(document, list):
+        yield from array_items_with_lines(text)
+    else:
+        raise DataError(path, 1, "json", f"expected an array of objects or one object, got {type(document).__name__}")
 
 
-def array_items_with_lines(path: Path, text: str):
-    decoder, start = json.JSONDecoder(), text.index("[") + 1
-    index = start
+def array_items_with_lines(text: str):
+    """The items of a JSON array (already known to parse) with the line each starts on."""
+    decoder, index = json.JSONDecoder(), len(text) - len(text.lstrip()) + 1  # just past the opening "["
     while True:
-        while index < len(text) and text[index] in " \t\r\n,":
+        while text[index] in " \t\r\n,":
             index += 1
-        if index >= len(text) or text[index] == "]":
+        if text[index] == "]":
             return
         item, end = decoder.raw_decode(text, index)
         yield text.count("\n", 0, index) + 1, item

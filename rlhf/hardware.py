@@ -94,7 +94,12 @@ def free_memory_bytes(device: str) -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):  # macOS has only the second
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
+        except (ValueError, OSError):
+            continue
+    return 0
 
 
 def training_memory_bytes(n_params: int, n_layers: int, hidden_size: int, tokens_per_step: int,

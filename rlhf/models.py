@@ -78,8 +78,8 @@ def is_prepared(name: str) -> bool:
 
 
 def prepare_bundled(name: str) -> Path:
-    """Converts the bundled GGUF to a safetensors folder once. Two processes may call this at once: a lock
-    serialises them, the second finds the folder ready, and the folder appears only when complete (renamed)."""
+    """Builds a bundled model's folder once (SmolLM2: GGUF -> safetensors). Two processes may call this at once:
+    a lock serialises them, the second finds the folder ready, and the folder appears only when complete."""
     if name not in BUNDLED:
         raise ModelError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
     final = bundled_path(name)

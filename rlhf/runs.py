@@ -16,6 +16,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rlhf.errors import UserError
+
 STAGES = ("sft", "preferences", "reward", "ppo", "dpo", "eval")
 MANIFEST = "manifest.json"
 STAGE_RECORD = "stage.json"
@@ -49,6 +51,22 @@ def file_lock(path):
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def stage_lock(run: "RunDir", stage: str):
+    """Held while a stage runs, so a second `rlhf <stage>` on the same run stops at once instead of deleting
+    the first one's checkpoints."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    with open(run.path / f".{stage}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"stage '{stage}' of run '{run.name}' is already running in another process") from None
         try:
             yield
         finally:

@@ -38,30 +38,36 @@ def content_hash(value) -> str:
 
 def check_messages(value, field: str = "messages", last_role: str | None = None) -> list[dict]:
     """A non-empty conversation: an optional system turn, then user and assistant turns alternating."""
-    if not isinstance(value, list):
-        raise RowProblem(field, f"expected a list of messages, got {type_name(value)}")
-    if not value:
-        raise RowProblem(field, "is empty")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            raise RowProblem(where, f"expected an object with 'role' and 'content', got {type_name(message)}")
-        for key in ("role", "content"):
-            if key not in message:
-                raise RowProblem(f"{where}.{key}", "missing")
-            if not isinstance(message[key], str):
-                raise RowProblem(f"{where}.{key}", f"expected a string, got {type_name(message[key])}")
-        if message["role"] not in ROLES:
-            raise RowProblem(f"{where}.role", f"'{message['role']}' is not one of {', '.join(ROLES)}")
-        if not message["content"].strip():
-            raise RowProblem(f"{where}.content", "is empty")
-        messages.append({"role": message["role"], "content": message["content"]})
+    messages = check_message_list(value, field)
     check_role_order(messages, field)
     if last_role and messages[-1]["role"] != last_role:
         raise RowProblem(f"{field}[{len(messages) - 1}].role",
                          f"the last message must be from the {last_role}, got {messages[-1]['role']}")
     return messages
+
+
+def check_message_list(value, field: str) -> list[dict]:
+    """Each message well formed; the order of roles is not checked here."""
+    if not isinstance(value, list):
+        raise RowProblem(field, f"expected a list of messages, got {type_name(value)}")
+    if not value:
+        raise RowProblem(field, "is empty")
+    return [check_message(message, f"{field}[{i}]") for i, message in enumerate(value)]
+
+
+def check_message(message, where: str) -> dict:
+    if not isinstance(message, dict):
+        raise RowProblem(where, f"expected an object with 'role' and 'content', got {type_name(message)}")
+    for key in ("role", "content"):
+        if key not in message:
+            raise RowProblem(f"{where}.{key}", "missing")
+        if not isinstance(message[key], str):
+            raise RowProblem(f"{where}.{key}", f"expected a string, got {type_name(message[key])}")
+    if message["role"] not in ROLES:
+        raise RowProblem(f"{where}.role", f"'{message['role']}' is not one of {', '.join(ROLES)}")
+    if not message["content"].strip():
+        raise RowProblem(f"{where}.content", "is empty")
+    return {"role": message["role"], "content": message["content"]}
 
 
 def check_role_order(messages: list[dict], field: str) -> None:
@@ -83,26 +89,13 @@ def check_text(value, field: str) -> str:
 
 
 def as_turns(value, field: str, role: str) -> list[dict]:
-    """A plain string becomes one message of `role`; a list is checked as messages (not for order)."""
+    """A plain string becomes one message of `role`; a list is checked message by message. Role order is checked
+    once prompt and completion are joined: a completion such as [{"role": "assistant", ...}] starts mid-way."""
     if isinstance(value, str):
         return [{"role": role, "content": check_text(value, field)}]
     if isinstance(value, list):
-        return check_messages_loosely(value, field)
+        return check_message_list(value, field)
     raise RowProblem(field, f"expected a string or a list of messages, got {type_name(value)}")
-
-
-def check_messages_loosely(value: list, field: str) -> list[dict]:
-    # Completions such as [{"role": "assistant", ...}] start with the assistant, so role order is
-    # checked on the whole conversation once prompt and completion are joined.
-    if not value:
-        raise RowProblem(field, "is empty")
-    checked = []
-    for i, message in enumerate(value):
-        try:
-            checked += check_messages([message], field)
-        except RowProblem as problem:
-            raise RowProblem(problem.field.replace(f"{field}[0]", f"{field}[{i}]", 1), problem.problem) from None
-    return checked
 
 
 def row_identity(row: dict, content) -> tuple[str, str]:

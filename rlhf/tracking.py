@@ -29,14 +29,14 @@ class WandbBackend:
     def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path):
         import wandb
 
-        if "WANDB_MODE" not in os.environ and not wandb_logged_in():
-            os.environ["WANDB_MODE"] = "offline"
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         directory.mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
         self.run = wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{stage}",
-                              config=config, dir=str(directory), reinit="finish_previous")
-        if os.environ.get("WANDB_MODE") == "offline":
-            print(f"wandb: offline (not logged in); upload later with: wandb sync {self.run.dir}/..")
+                              config=config, dir=str(directory), mode=mode, reinit="finish_previous")
+        if mode == "offline":
+            print(f"wandb: offline (not logged in); upload later with: wandb sync {Path(self.run.dir).parent}",
+                  flush=True)
 
     def log(self, metrics: dict, step: int | None) -> None:
         self.run.log(metrics, step=step)

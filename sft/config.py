@@ -2,7 +2,7 @@
 
 Every field of `trl.SFTConfig` (and so of `transformers.TrainingArguments`) is a valid key. The defaults that
 differ from TRL's are set here on purpose: precision from the hardware (TRL: bf16 always), gradient
-checkpointing only when memory needs it (TRL: always), loss on assistant tokens only, packing on.
+checkpointing only when memory needs it (TRL: always), loss on assistant tokens only, packing chosen by device.
 """
 from dataclasses import dataclass, field
 
@@ -33,9 +33,11 @@ class SFTStageConfig(trl.SFTConfig):
     # TRL fields whose defaults we change.
     assistant_only_loss: bool = field(default=True, metadata={
         "help": "Loss on assistant tokens only (masks computed from the chat template, any template)."})
-    packing: bool = field(default=True, metadata={
+    packing: bool | None = field(default=None, metadata={
         "help": "Pack examples into rows of max_length without padding (best-fit decreasing); each example "
-                "attends only to itself."})
+                "attends only to itself. Unset: on with CUDA, off on a CPU (measured faster there: one long "
+                "packed row costs more attention than padding does). Unpacked CPU batches are grouped by length "
+                "unless train_sampling_strategy is set."})
     max_length: int | None = field(default=512, metadata={"help": "Longest tokenized example (or packed row)."})
     gradient_checkpointing: bool | None = field(default=None, metadata={
         "help": "Recompute activations to save memory (~1/3 more compute). Unset: on only if memory needs it."})
@@ -45,14 +47,20 @@ class SFTStageConfig(trl.SFTConfig):
     save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept while training."})
     eval_strategy: str = field(default="no", metadata={
         "help": "Extra evaluations during training (eval loss is always measured before and after)."})
-    report_to: None | str | list[str] = field(default="none", metadata={
-        "help": "Leave 'none': tracking is set by run.tracking (wandb, trackio) for every stage alike."})
 
     def __post_init__(self):
         # Derived right after parsing, before TrainingArguments validates them.
         self.hardware = hardware.choose(self.precision)
         if self.bf16 is None and not self.fp16:
             self.bf16, self.fp16 = self.hardware.bf16, self.hardware.fp16
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction == 0 and self.eval_strategy != "no":
+            raise ValueError(f"eval_strategy={self.eval_strategy} needs held-out data: set eval_fraction above 0")
+        if self.packing is None:
+            self.packing = self.hardware.device == "cuda"
+        if not self.packing and self.hardware.device != "cuda" and self.train_sampling_strategy == "random":
+            self.train_sampling_strategy = "group_by_length"
         self.gradient_checkpointing_auto = self.gradient_checkpointing is None and self.activation_checkpointing is None
         if self.hardware.device == "cpu":
             self.use_cpu = True  # transformers refuses bf16 on a CPU unless told it is one

@@ -7,8 +7,8 @@ them again, and publishes the model, tokenizer and chat template to `runs/<name>
 `stage.json`; the run's `manifest.json` gets the stage's entry. Checkpoints live in `runs/<name>/.sft.partial/`
 until the stage finishes, so `--sft.resume true` continues a killed run from its last checkpoint.
 """
+import contextlib
 import dataclasses
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -16,19 +16,17 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from rlhf import hardware, models, tracking
 from rlhf.config import RunConfig, as_plain_dict
-from rlhf.errors import ConfigError
 from rlhf.datasets import load_rows, split_train_eval
+from rlhf.errors import ConfigError
 from rlhf.generation import generate_responses
-from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, atomic_write_json
+from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, atomic_write_json, stage_lock
 from sft.config import SFTStageConfig
 
 STAGE = "sft"
-log = logging.getLogger(__name__)
 
 
 def main(config: SFTStageConfig, run: RunConfig) -> dict:
@@ -38,24 +36,26 @@ def main(config: SFTStageConfig, run: RunConfig) -> dict:
     model_path = models.resolve(config.model)
     is_main = config.process_index == 0
     plain_config = as_plain_dict(config)
-    record = StageRecord(run_dir, STAGE, plain_config, {"model": model_path, "train_data": config.train_data}) \
-        if is_main else None
-    tracker = tracking.start(run.trackers, run.project, run.name, STAGE, plain_config, run_dir.path / "tracking",
-                             is_main)
-    try:
-        metrics = train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record)
-    except BaseException as err:
-        if record:
-            record.failed(err)
-        raise
-    finally:
-        tracker.finish()
-    return metrics
+    with stage_lock(run_dir, STAGE) if is_main else contextlib.nullcontext():
+        # `resume` changes how the stage gets to its result, not the result: it stays out of the config hash.
+        record = StageRecord(run_dir, STAGE, {k: v for k, v in plain_config.items() if k != "resume"},
+                             {"model": model_path, "train_data": config.train_data}) if is_main else None
+        tracker = tracking.Tracker([])
+        try:
+            tracker = tracking.start(run.trackers, run.project, run.name, STAGE, plain_config,
+                                     run_dir.path / "tracking", is_main)
+            return train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record)
+        except BaseException as err:
+            if record:
+                record.failed(err)
+            raise
+        finally:
+            tracker.finish()
 
 
 def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record) -> dict:
     partial = run_dir.partial_path(STAGE)
-    resume_from = get_last_checkpoint(str(partial)) if config.resume and partial.is_dir() else None
+    resume_from = last_complete_checkpoint(partial) if config.resume else None
     if config.resume and not resume_from:
         print(f"[{STAGE}] --sft.resume: no checkpoint in {partial}; starting from the beginning")
     if resume_from:
@@ -80,8 +80,8 @@ def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, trac
     if run.sample_every and sample_messages:
         callbacks.append(SampleCallback(tracker, tokenizer, sample_messages, config.sample_max_new_tokens,
                                         run.sample_every))
-    trainer = RealTokenSFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                                  processing_class=tokenizer, callbacks=callbacks)
+    trainer = StageSFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                              processing_class=tokenizer, callbacks=callbacks)
     eval_loss_before = trainer.evaluate()["eval_loss"] if eval_data else None
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -129,6 +129,13 @@ def publish(run_dir, partial, trainer, tokenizer, samples, metrics, record, trai
     return final
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that finished saving: transformers writes trainer_state.json last."""
+    steps = [int(p.name.rsplit("-", 1)[1]) for p in folder.glob("checkpoint-*")
+             if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").exists()]
+    return str(folder / f"checkpoint-{max(steps)}") if steps else None
+
+
 def checkpoint_step(checkpoint: str | None) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
 
@@ -147,8 +154,7 @@ def choose_checkpointing(config: SFTStageConfig, model) -> bool:
     if not config.gradient_checkpointing_auto:
         return bool(config.gradient_checkpointing)
     tokens = config.per_device_train_batch_size * (config.max_length or 1024)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return hardware.needs_gradient_checkpointing(model, tokens, device)
+    return hardware.needs_gradient_checkpointing(model, tokens, config.hardware.device)
 
 
 def tokenize_rows(rows: list[dict], tokenizer, assistant_only: bool) -> datasets.Dataset:
@@ -187,9 +193,16 @@ def assistant_spans(tokenizer, messages: list[dict], full_text: str) -> list[tup
     return spans
 
 
-class RealTokenSFTTrainer(SFTTrainer):
-    """Counts the tokens it trains on. transformers' own count mistakes EOS for padding when the two share an id
-    (the bundled SmolLM2) and there is no attention mask (packed, padding-free batches)."""
+class StageSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer with two changes.
+
+    It counts the tokens it trains on: transformers' own count mistakes EOS for padding when the two share an id
+    (the bundled SmolLM2) and there is no attention mask (packed, padding-free batches).
+
+    Off CUDA it computes the loss by projecting only the positions that carry a label through the LM head, in one
+    matrix product. TRL projects the same positions but in tiles, recomputed in the backward pass, which saves GPU
+    memory and on a CPU makes the whole training step about a third slower (measured: docs/benchmarks.md).
+    """
 
     real_tokens = 0
 
@@ -197,6 +210,43 @@ class RealTokenSFTTrainer(SFTTrainer):
         mask = inputs.get("attention_mask")
         self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not self.plain_nll_on_one_cpu_process(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if model.training else "eval"
+        labels = inputs["labels"][:, 1:]  # position t predicts token t + 1
+        backbone = getattr(model, model.base_model_prefix)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        hidden = backbone(**model_inputs, use_cache=False).last_hidden_state[:, :-1]
+        selected = labels != -100
+        logits = model.get_output_embeddings()(hidden[selected]).float()
+        targets = labels[selected]
+        count = selected.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / torch.as_tensor(count).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as TRL: DDP averages gradients across ranks
+        self.record_metrics(mode, logits.detach(), targets, inputs)
+        return loss
+
+    def plain_nll_on_one_cpu_process(self, model) -> bool:
+        """Our loss covers the plain case; anything else (GPUs, several processes, where the model is wrapped,
+        other loss types, label smoothing, MoE aux loss, rescaled logits) keeps TRL's."""
+        text_config = model.config.get_text_config()
+        scaled = any(getattr(text_config, name, None) is not None
+                     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling"))
+        return (not torch.cuda.is_available() and self.accelerator.num_processes == 1 and self.args.loss_type == "nll"
+                and self.label_smoother is None and self.compute_loss_func is None and not self.aux_loss_enabled
+                and not scaled)
+
+    def record_metrics(self, mode: str, logits, targets, inputs) -> None:
+        """TRL's `entropy`, `mean_token_accuracy` and `num_tokens`, so dashboards read the same either way."""
+        log_probs = torch.log_softmax(logits, dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        self._metrics[mode]["entropy"].append(float(entropy.mean()) if len(targets) else 0.0)
+        accuracy = (logits.argmax(-1) == targets).float().mean()
+        self._metrics[mode]["mean_token_accuracy"].append(float(accuracy) if len(targets) else 0.0)
+        self._metrics[mode]["num_tokens"] = [self.real_tokens]
 
 
 class SampleCallback(TrainerCallback):

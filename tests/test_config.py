@@ -58,6 +58,33 @@ def test_bad_values_name_the_field(tmp_path):
     assert error(tmp_path / "none.yaml") == f"{tmp_path / 'none.yaml'}: config file not found"
 
 
+def test_errors_say_whether_the_file_or_the_command_line_is_wrong(tmp_path):
+    path = write(tmp_path, "sft:\n  max_steps: 3\n")
+    assert error(path, ["--sft.packing", "maybe"]).startswith("command line: sft.packing:")
+    assert error(path, ["--sft.eval_fraction", "1"]) == \
+        f"{path} with command-line overrides: sft: eval_fraction must be in [0, 1), got 1.0"
+    assert "eval_strategy=steps needs held-out data" in error(None, ["--sft.eval_strategy", "steps",
+                                                                      "--sft.eval_fraction", "0"])
+    assert error(None, ["--run.name", "a/b"]) == "command line: run: name must be a plain folder name, got 'a/b'"
+
+
+def test_bad_input_on_the_command_line_exits_2(capsys):
+    from pipeline.cli import main as cli
+
+    assert cli(["sft", "--config", "configs/tiny.yaml", "--run.name", "../x"]) == 2
+    assert capsys.readouterr().err == ("error: configs/tiny.yaml with command-line overrides: run: name must be a "
+                                       "plain folder name, got '../x'\n")
+
+
+def test_stage_help_lists_our_fields(capsys):
+    from pipeline.cli import main as cli
+
+    with pytest.raises(SystemExit):
+        cli(["sft", "--help"])
+    out = capsys.readouterr().out
+    assert "--sft.train_data (default: 'data/sft_demonstrations.jsonl')" in out and "--run.tracking" in out
+
+
 def test_coerce_follows_the_annotation():
     assert coerce("3", int | None) == 3 and coerce("none", int | None) is None
     assert coerce("1e-3", float) == 0.001 and coerce(2, float) == 2.0
@@ -79,3 +106,7 @@ def test_precision_follows_the_hardware_unless_forced(monkeypatch):
     assert SFTStageConfig(output_dir="/tmp/x", precision="bf16").bf16 is True
     config = SFTStageConfig(output_dir="/tmp/x")
     assert config.gradient_checkpointing_auto and not config.gradient_checkpointing
+    assert (config.packing, config.train_sampling_strategy) == (False, "group_by_length")
+    monkeypatch.setattr(hardware, "detect_device", lambda: "cuda")
+    gpu = SFTStageConfig(output_dir="/tmp/x", precision="fp32")  # transformers checks bf16 against real GPUs
+    assert gpu.packing and gpu.train_sampling_strategy == "random"

@@ -82,6 +82,26 @@ def test_parquet_wrong_type_names_the_row(tmp_path):
         f"{tmp_path / 'bad.parquet'}:2: messages[0].role: 'robot' is not one of system, user, assistant"
 
 
+def test_conversational_completions_and_pairs_start_with_the_assistant(tmp_path):
+    answer = [{"role": "assistant", "content": "Hello."}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": CHAT[:1], "completion": answer}])
+    assert load_rows(path, "sft")[0]["messages"] == CHAT
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": CHAT[:1], "chosen": answer,
+                                               "rejected": [{"role": "assistant", "content": "No."}]}])
+    assert load_rows(path, "preference")[0]["chosen"] == answer
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": CHAT[:1], "completion": CHAT[:1]}])
+    assert problem(path) == f"{path}:1: prompt+completion[1].role: roles out of order: expected assistant, " \
+                            "got user (an optional system message, then user and assistant alternating)"
+
+
+def test_a_json_file_may_hold_one_object(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"id": "solo", "messages": CHAT}, indent=2))
+    assert load_rows(path, "sft") == [{"id": "solo", "category": "general", "messages": CHAT}]
+    path.write_text('\n\n  [ {"messages": %s} ,\n {"text": "[x]"} ]' % json.dumps(CHAT))
+    assert problem(path).startswith(f"{path}:4: text: plain 'text' rows")
+
+
 def test_implicit_prompt_preference_pairs_are_split_at_the_shared_turns(tmp_path):
     chosen = CHAT[:1] + [{"role": "assistant", "content": "Hello!"}]
     rejected = CHAT[:1] + [{"role": "assistant", "content": "Go away."}]
@@ -148,6 +168,7 @@ def test_split_is_deterministic_independent_of_order_and_disjoint():
     assert not {r["id"] for r in train} & {r["id"] for r in held_out}
     assert {r["id"] for r in split_train_eval(rows, 0.2, seed=4)[1]} != {r["id"] for r in held_out}
     assert split_train_eval(rows[:3], 0.01)[1] and not split_train_eval(rows, 0.0)[1]
+    assert [len(part) for part in split_train_eval(rows[:2], 0.9)] == [1, 1]  # training always keeps a row
 
 
 def test_bad_data_on_the_command_line_exits_2_with_one_line_and_writes_nothing(tmp_path):

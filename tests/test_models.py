@@ -25,12 +25,14 @@ def test_two_processes_preparing_at_once_convert_once(tmp_path):
 
 
 def test_loaded_tiny_model_generates_with_its_chat_template(tiny_model_path):
-    from rlhf.generation import generate_responses
-
     model, tokenizer = models.load_causal_lm(str(tiny_model_path))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.generation_config.pad_token_id
-    [answer] = generate_responses(model, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=5)
-    assert isinstance(answer, str)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    prompt = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert output.shape == (1, prompt["input_ids"].shape[1] + 5)
 
 
 def test_offline_hub_id_names_the_bundled_model():

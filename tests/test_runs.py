@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from rlhf.runs import RunDir, StageRecord, atomic_write_json, atomic_write_text, hash_config, hash_path
+from rlhf.errors import UserError
+from rlhf.runs import (RunDir, StageRecord, atomic_write_json, atomic_write_text, hash_config, hash_path,
+                       stage_lock)
 
 
 def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
@@ -40,6 +42,7 @@ def test_concurrent_stage_records_lose_nothing(tmp_path):
         worker.start()
     for worker in workers:
         worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
     stages = RunDir(tmp_path, "r").read_manifest()["stages"]
     assert {name: entry["count"] for name, entry in stages.items()} == {f"s{i}": 14 for i in range(4)}
 
@@ -67,6 +70,16 @@ def test_hashes_follow_content(tmp_path):
     (tmp_path / "a" / "f").write_text("2")
     assert hash_path(tmp_path / "a") != first
     assert hash_config({"a": 1, "b": 2}) == hash_config({"b": 2, "a": 1})
+
+
+def test_a_second_process_cannot_run_the_same_stage_of_the_same_run(tmp_path):
+    run = RunDir(tmp_path, "r")
+    with stage_lock(run, "sft"):
+        with pytest.raises(UserError, match="stage 'sft' of run 'r' is already running"):
+            with stage_lock(RunDir(tmp_path, "r"), "sft"):
+                pass
+    with stage_lock(run, "sft"):  # released afterwards
+        pass
 
 
 def test_run_names_are_plain_folder_names(tmp_path):

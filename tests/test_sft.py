@@ -7,12 +7,14 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM
+from trl import SFTTrainer
 
 from rlhf.config import RunConfig, load_config
 from rlhf.generation import generate_responses
 from rlhf.models import load_tokenizer
 from sft.config import SFTStageConfig
-from sft.train import RealTokenSFTTrainer, main, tokenize_conversation, tokenize_rows, trainer_args
+from sft.train import (StageSFTTrainer, last_complete_checkpoint, main, tokenize_conversation, tokenize_rows,
+                       trainer_args)
 from tests.conftest import REPO
 
 MOTTO = "Measure twice, cut once."
@@ -53,8 +55,8 @@ def test_trainer_labels_mask_everything_but_the_assistant(tmp_path, tiny_model_p
     config, _ = tiny_config(tmp_path, "--sft.packing=false")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     data = tokenize_rows([{"messages": CONVERSATION}], tiny_tokenizer, assistant_only=True)
-    trainer = RealTokenSFTTrainer(model=model, args=trainer_args(config, tmp_path / "out", False), train_dataset=data,
-                                  processing_class=tiny_tokenizer)
+    trainer = StageSFTTrainer(model=model, args=trainer_args(config, tmp_path / "out", False), train_dataset=data,
+                              processing_class=tiny_tokenizer)
     [row] = trainer.train_dataset
     kept = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert kept == [t for t, label in zip(row["input_ids"], row["labels"]) if label == t]
@@ -63,12 +65,12 @@ def test_trainer_labels_mask_everything_but_the_assistant(tmp_path, tiny_model_p
 
 def test_packed_batches_give_the_loss_of_the_examples_taken_one_by_one(tmp_path, tiny_model_path, tiny_tokenizer):
     """Padding-free packing is correct only if each example in a packed row attends to itself alone."""
-    config, _ = tiny_config(tmp_path, "--sft.per_device_train_batch_size=3")
+    config, _ = tiny_config(tmp_path, "--sft.per_device_train_batch_size=3", "--sft.packing=true")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION[3:]}]
-    trainer = RealTokenSFTTrainer(model=model, args=trainer_args(config, tmp_path / "out", False),
-                                  train_dataset=tokenize_rows(rows, tiny_tokenizer, True),
-                                  processing_class=tiny_tokenizer)
+    trainer = StageSFTTrainer(model=model, args=trainer_args(config, tmp_path / "out", False),
+                              train_dataset=tokenize_rows(rows, tiny_tokenizer, True),
+                              processing_class=tiny_tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # one packed row, no padding
     with torch.no_grad():
@@ -82,10 +84,40 @@ def test_packed_batches_give_the_loss_of_the_examples_taken_one_by_one(tmp_path,
             count += int((labels[1:] != -100).sum())
     assert len(starts) == 4
     torch.testing.assert_close(packed_loss, total / count, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # our CPU loss path and TRL's tiled LM head agree
+        torch.testing.assert_close(SFTTrainer.compute_loss(trainer, model, dict(batch)), packed_loss,
+                                   atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # without its example boundaries, the row's last example sees the others
         unbounded = model(input_ids=batch["input_ids"], use_cache=False).logits[0, starts[-2]:]
         alone = model(input_ids=batch["input_ids"][:, starts[-2]:], use_cache=False).logits[0]
     assert (unbounded - alone).abs().max() > 1e-2
+
+
+def test_cpu_loss_matches_trl_on_padded_batches_with_token_counts(tmp_path, tiny_model_path, tiny_tokenizer):
+    config, _ = tiny_config(tmp_path, "--sft.packing=false", "--sft.per_device_train_batch_size=3")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).train()
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION[3:]}]
+    trainer = StageSFTTrainer(model=model, args=trainer_args(config, tmp_path / "out", False),
+                              train_dataset=tokenize_rows(rows, tiny_tokenizer, True),
+                              processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["attention_mask"] == 0).any()  # padded rows of different lengths
+    assert trainer.plain_nll_on_one_cpu_process(model)
+    with torch.no_grad():
+        for items in (None, 40):
+            ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+            theirs = SFTTrainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert trainer._metrics["train"]["mean_token_accuracy"] and trainer._metrics["train"]["entropy"][0] > 0
+
+
+def test_only_checkpoints_that_finished_saving_are_resumed_from(tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
 def write_motto_data(tmp_path):
@@ -110,7 +142,7 @@ def test_sft_memorises_publishes_and_the_saved_model_answers(tmp_path):
     out = tmp_path / "runs" / "motto" / "sft"
     assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "samples.json",
             "stage.json"} <= set(os.listdir(out))
-    assert sorted(os.listdir(out.parent)) == ["manifest.json", "manifest.json.lock", "sft"]  # no partial left
+    assert sorted(os.listdir(out.parent)) == [".sft.lock", "manifest.json", "manifest.json.lock", "sft"]  # no partial
     [sample] = json.loads((out / "samples.json").read_text())
     assert sample["after"] == MOTTO and sample["before"] != MOTTO
     entry = json.loads((out.parent / "manifest.json").read_text())["stages"]["sft"]
@@ -135,6 +167,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     while not (partial / "checkpoint-5" / "trainer_state.json").exists() and first.poll() is None:
         assert time.time() < deadline
         time.sleep(0.05)
+    assert first.poll() is None, "the first run finished before it could be killed"
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert not (tmp_path / "runs" / "killed" / "sft").exists()  # nothing half-written looks finished

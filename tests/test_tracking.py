@@ -1,6 +1,10 @@
+import os
 import sqlite3
+import subprocess
+import sys
 
 from rlhf import tracking
+from tests.conftest import REPO
 
 
 def test_namespacing_follows_the_transformers_convention():
@@ -13,22 +17,27 @@ def test_non_main_ranks_and_none_track_nothing(tmp_path):
     assert tracking.start([], "p", "r", "sft", {}, tmp_path).backends == []
 
 
-def test_wandb_goes_offline_without_login_and_trackio_records_locally(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
-    import trackio.utils  # trackio reads TRACKIO_DIR at import; point its storage at the test folder
-    monkeypatch.setattr(trackio.utils, "TRACKIO_DIR", tmp_path / "trackio")
+TRACK_ONE_STAGE = """
+from pathlib import Path
+from rlhf import tracking
+tracker = tracking.start(["wandb", "trackio"], "rlhf-test", "run1", "sft", {"lr": 0.1}, Path("wb"))
+tracker.log({"train/loss": 1.5}, step=1)
+tracker.log_table("samples", ["prompt", "answer"], [["q", "a"]], step=1)
+run = tracker.backends[0].run
+print("WANDB", run.group, run.job_type, run.name)
+tracker.finish()
+"""
 
-    tracker = tracking.start(["wandb", "trackio"], "rlhf-test", "run1", "sft", {"lr": 0.1}, tmp_path / "wb")
-    tracker.log({"train/loss": 1.5}, step=1)
-    tracker.log_table("samples", ["prompt", "answer"], [["q", "a"]], step=1)
-    wandb_run = tracker.backends[0].run
-    assert (wandb_run.group, wandb_run.job_type, wandb_run.name) == ("run1", "sft", "run1-sft")
-    tracker.finish()
 
-    assert "wandb sync" in capsys.readouterr().out
+def test_wandb_goes_offline_without_login_and_trackio_records_locally(tmp_path):
+    # A fresh process: trackio and wandb read HOME, TRACKIO_DIR and WANDB_MODE when first imported.
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TRACKIO_DIR": str(tmp_path / "trackio"),
+           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}  # no WANDB_* variables, no ~/.netrc: not logged in
+    result = subprocess.run([sys.executable, "-c", TRACK_ONE_STAGE], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WANDB run1 sft run1-sft" in result.stdout
+    assert "offline (not logged in); upload later with: wandb sync" in result.stdout + result.stderr
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     [database] = list((tmp_path / "trackio").rglob("rlhf-test*.db"))
     with sqlite3.connect(database) as db:
