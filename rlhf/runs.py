@@ -146,6 +146,8 @@ class RunDir:
         """Renames the complete folder `finished` to `runs/<name>/<stage>`, replacing an older one whole."""
         final = self.stage_path(stage)
         self.path.mkdir(parents=True, exist_ok=True)
+        for leftover in self.path.glob(f".{stage}.old-*"):  # from a publish killed between its two renames
+            shutil.rmtree(leftover, ignore_errors=True)
         old = None
         if final.exists():
             old = self.path / f".{stage}.old-{int(time.time() * 1000)}"

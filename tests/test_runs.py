@@ -21,6 +21,7 @@ def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
 
 def test_publish_swaps_in_a_complete_folder(tmp_path):
     run = RunDir(tmp_path, "r")
+    (run.path / ".sft.old-123").mkdir(parents=True)  # left by a publish killed half-way
     for version in ("old", "new"):
         staged = tmp_path / f"staged-{version}"
         staged.mkdir()
