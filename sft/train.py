@@ -60,6 +60,7 @@ def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, trac
         print(f"[{STAGE}] --sft.resume: no checkpoint in {partial}; starting from the beginning")
     if resume_from:
         print(f"[{STAGE}] resuming from {resume_from}")
+        shutil.rmtree(partial / "final", ignore_errors=True)  # a final folder the killed run left half-written
     else:
         shutil.rmtree(partial, ignore_errors=True)
 
@@ -100,11 +101,13 @@ def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, trac
                "eval_examples": len(eval_rows), "real_tokens": trainer.real_tokens,
                "resumed_from_step": checkpoint_step(resume_from),
                "real_tokens_per_s": trainer.real_tokens / max(train_seconds, 1e-9)}
+    # 5. publish: a complete folder renamed into place, then the record. Every rank saves (sharded weights are
+    # gathered collectively); only the main one writes files and publishes.
+    staged = partial / "final"
+    trainer.save_model(str(staged))
     if config.process_index != 0:
         return metrics
-
-    # 5. publish: a complete folder renamed into place, then the record
-    final = publish(run_dir, partial, trainer, tokenizer, samples, metrics, record, train_seconds)
+    final = publish(run_dir, partial, staged, tokenizer, samples, metrics, record, train_seconds)
     tracker.log(tracking.namespaced({"final_" + k: v for k, v in metrics.items() if v is not None}))
     tracker.log_artifact(f"{run.name}-sft", "model", final)
     print_samples(samples)
@@ -113,10 +116,7 @@ def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, trac
     return metrics
 
 
-def publish(run_dir, partial, trainer, tokenizer, samples, metrics, record, train_seconds) -> Path:
-    staged = partial / "final"
-    shutil.rmtree(staged, ignore_errors=True)
-    trainer.save_model(str(staged))
+def publish(run_dir, partial, staged, tokenizer, samples, metrics, record, train_seconds) -> Path:
     tokenizer.save_pretrained(str(staged))
     atomic_write_json(staged / "samples.json", samples)
     outputs = {"model": run_dir.stage_path(STAGE)}
