@@ -63,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", help="a bundled model name (see `rlhf models list`)")
     models_parser.set_defaults(handler=run_models)
 
+    label = commands.add_parser("label", help="the label store: users (sampling, the UI and export follow)")
+    label.add_argument("--db", help="database URL (default: $RLHF_DB_URL or sqlite:///runs/labels.db)")
+    label_commands = label.add_subparsers(dest="label_command", required=True)
+    users = label_commands.add_parser("users", help="add, list or disable labellers and admins")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    add = users_commands.add_parser("add", help="add a user; the password is read from the terminal or stdin")
+    add.add_argument("name")
+    add.add_argument("--role", choices=["labeller", "admin"], default="labeller")
+    users_commands.add_parser("list", help="every user with role and state")
+    disable = users_commands.add_parser("disable", help="stop a user from logging in (their votes stay)")
+    disable.add_argument("name")
+    label.set_defaults(handler=run_label)
+
     for stage, (help_text, _, _) in STAGES.items():
         command = commands.add_parser(stage, help=help_text, add_help=False,
                                       description=f"{help_text}. Overrides: --section.field value.")
@@ -84,6 +97,36 @@ def run_models(args, rest) -> int:
         state = "prepared" if row["prepared"] else "not prepared"
         print(f"{row['name']:24} {state:13} {row['path']}\n{'':24} {row['description']}")
     return 0
+
+
+def run_label(args, rest) -> int:
+    from rlhf.store import Store
+
+    if rest:
+        raise UserError(f"unexpected arguments: {' '.join(rest)}")
+    store = Store(args.db)
+    if args.users_command == "add":
+        store.add_user(args.name, args.role, read_password())
+        print(f"added {args.role} {args.name}")
+    elif args.users_command == "disable":
+        store.disable_user(args.name)
+        print(f"disabled {args.name}")
+    else:
+        for user in store.users():
+            print(f"{user.name:24} {user.role:9} {'disabled' if user.disabled else 'active'}")
+    return 0
+
+
+def read_password() -> str:
+    """From the terminal without echo, or the first line of stdin when it is not a terminal (scripts, CI)."""
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise UserError("the passwords differ")
+        return password
+    return sys.stdin.readline().rstrip("\n")
 
 
 def run_stage(args, rest) -> int:

@@ -1,0 +1,270 @@
+"""The label store: users, prompts, responses, comparisons, assignments and votes in a real database.
+
+SQLite (WAL) by default at `runs/labels.db`; PostgreSQL by URL (`postgresql+psycopg://...`, or `RLHF_DB_URL`).
+The database itself enforces what must never break: one vote per labeller per comparison (a unique constraint),
+and the vote vocabulary of `rlhf.schema` (check constraints), so two browser tabs or a retried request cannot
+double-vote whatever the application does. The schema version is stored and checked on open.
+"""
+import hashlib
+import hmac
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text,
+                        UniqueConstraint, create_engine, event, select)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from rlhf.errors import UserError
+from rlhf.schema import VOTE_CHOICES, VOTE_STRENGTHS
+
+SCHEMA_VERSION = 1
+DEFAULT_URL = "sqlite:///runs/labels.db"
+ROLES = ("labeller", "admin")
+KINDS = ("train", "gold", "eval")
+MAX_NOTE_CHARS = 2000
+# scrypt parameters (RFC 7914): n=2**14, r=8, p=1 costs ~16 MiB and tens of milliseconds per check.
+SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
+
+
+def quoted(values) -> str:
+    return ", ".join(f"'{value}'" for value in values)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StoreError(UserError):
+    """A store that cannot be opened or a request it refuses."""
+
+
+class DuplicateVote(StoreError):
+    """The labeller has already voted on this comparison."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint(f"role IN ({quoted(ROLES)})", name="user_role"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(128), unique=True)
+    category: Mapped[str] = mapped_column(String(64))
+    messages: Mapped[list] = mapped_column(JSON)
+
+
+class Response(Base):
+    __tablename__ = "responses"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(512))
+    sampling: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Comparison(Base):
+    __tablename__ = "comparisons"
+    __table_args__ = (
+        CheckConstraint(f"kind IN ({quoted(KINDS)})", name="comparison_kind"),
+        CheckConstraint(f"expected IS NULL OR expected IN ({quoted(VOTE_CHOICES)})", name="comparison_expected"),
+        CheckConstraint("response_a_id <> response_b_id", name="comparison_two_responses"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    batch: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(8), default="train")
+    expected: Mapped[str | None] = mapped_column(String(16), nullable=True)  # the right answer, for gold items
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("comparison_id", "user_id", name="one_assignment_per_labeller"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Vote(Base):
+    __tablename__ = "votes"
+    __table_args__ = (
+        UniqueConstraint("comparison_id", "user_id", name="one_vote_per_labeller"),
+        CheckConstraint(f"choice IN ({quoted(VOTE_CHOICES)})", name="vote_choice"),
+        CheckConstraint(f"strength IN ({quoted(VOTE_STRENGTHS)})", name="vote_strength"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    choice: Mapped[str] = mapped_column(String(16))
+    strength: Mapped[str] = mapped_column(String(16), default="clear")
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    swapped: Mapped[bool] = mapped_column(Boolean, default=False)  # whether the UI showed B on the left
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT)
+    return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def password_matches(password: str, stored: str) -> bool:
+    _, n, r, p, salt, digest = stored.split("$")
+    candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+    return hmac.compare_digest(candidate.hex(), digest)
+
+
+def database_url(url: str | None = None) -> str:
+    return url or os.environ.get("RLHF_DB_URL") or DEFAULT_URL
+
+
+class Store:
+    def __init__(self, url: str | None = None):
+        self.url = database_url(url)
+        if self.url.startswith("sqlite:///"):
+            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(self.url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", sqlite_pragmas)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.check_schema()
+
+    def check_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+        with self.sessions.begin() as session:
+            version = session.get(Meta, "schema_version")
+            if version is None:
+                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif version.value != str(SCHEMA_VERSION):
+                raise StoreError(f"{self.engine.url.render_as_string(hide_password=True)}: label store schema "
+                                 f"version {version.value}, this code reads version {SCHEMA_VERSION}")
+
+    # users
+    def add_user(self, name: str, role: str, password: str) -> User:
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
+        if not name.strip() or len(password) < 8:
+            raise StoreError("a user needs a name and a password of at least 8 characters")
+        try:
+            with self.sessions.begin() as session:
+                user = User(name=name, role=role, password_hash=hash_password(password))
+                session.add(user)
+            return user
+        except IntegrityError:
+            raise StoreError(f"user '{name}' already exists") from None
+
+    def authenticate(self, name: str, password: str) -> User | None:
+        """The user, if the name and password match and the account is not disabled."""
+        with self.sessions() as session:
+            user = session.scalar(select(User).where(User.name == name))
+        if user is None or user.disabled or not password_matches(password, user.password_hash):
+            return None
+        return user
+
+    def disable_user(self, name: str) -> None:
+        with self.sessions.begin() as session:
+            user = session.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise StoreError(f"no user '{name}'")
+            user.disabled = True
+
+    def users(self) -> list[User]:
+        with self.sessions() as session:
+            return list(session.scalars(select(User).order_by(User.name)))
+
+    # items to compare
+    def add_prompt(self, external_id: str, category: str, messages: list[dict]) -> Prompt:
+        with self.sessions.begin() as session:
+            prompt = session.scalar(select(Prompt).where(Prompt.external_id == external_id))
+            if prompt is None:
+                prompt = Prompt(external_id=external_id, category=category, messages=messages)
+                session.add(prompt)
+        return prompt
+
+    def add_response(self, prompt: Prompt, text: str, model: str, sampling: dict) -> Response:
+        with self.sessions.begin() as session:
+            response = Response(prompt_id=prompt.id, text=text, model=model, sampling=sampling)
+            session.add(response)
+        return response
+
+    def add_comparison(self, a: Response, b: Response, batch: str, kind: str = "train",
+                       expected: str | None = None) -> Comparison:
+        if a.prompt_id != b.prompt_id:
+            raise StoreError("a comparison needs two responses to the same prompt")
+        if (kind == "gold") != (expected is not None):
+            raise StoreError("gold comparisons, and only they, carry the expected answer")
+        with self.sessions.begin() as session:
+            comparison = Comparison(prompt_id=a.prompt_id, response_a_id=a.id, response_b_id=b.id, batch=batch,
+                                    kind=kind, expected=expected)
+            session.add(comparison)
+        return comparison
+
+    # votes
+    def cast_vote(self, comparison_id: int, user: User, choice: str, strength: str = "clear",
+                  note: str | None = None, seconds: float | None = None, swapped: bool = False) -> Vote:
+        if choice not in VOTE_CHOICES:
+            raise StoreError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got '{choice}'")
+        if strength not in VOTE_STRENGTHS:
+            raise StoreError(f"strength must be one of {', '.join(VOTE_STRENGTHS)}, got '{strength}'")
+        if note and len(note) > MAX_NOTE_CHARS:
+            raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
+        try:
+            with self.sessions.begin() as session:
+                vote = Vote(comparison_id=comparison_id, user_id=user.id, choice=choice, strength=strength,
+                            note=note or None, seconds=seconds, swapped=swapped)
+                session.add(vote)
+            return vote
+        except IntegrityError as err:
+            if self.has_voted(comparison_id, user):
+                raise DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}") from None
+            raise StoreError(f"vote refused by the database: {err.orig}") from None
+
+    def has_voted(self, comparison_id: int, user: User) -> bool:
+        with self.sessions() as session:
+            return session.scalar(select(Vote.id).where(Vote.comparison_id == comparison_id,
+                                                        Vote.user_id == user.id)) is not None
+
+    def votes(self, comparison_id: int | None = None) -> list[Vote]:
+        with self.sessions() as session:
+            query = select(Vote).order_by(Vote.id)
+            if comparison_id is not None:
+                query = query.where(Vote.comparison_id == comparison_id)
+            return list(session.scalars(query))
+
+    def session(self) -> Session:
+        return self.sessions()
+
+
+def sqlite_pragmas(connection, _record) -> None:
+    """WAL lets labellers read while one writes; foreign keys are off in SQLite unless asked for; the busy
+    timeout makes concurrent writers wait for the lock instead of failing at once."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

@@ -1,0 +1,172 @@
+"""The label store on SQLite and on a real PostgreSQL server (started here from Debian's binaries)."""
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text, update
+from sqlalchemy.exc import IntegrityError
+
+from rlhf.store import DuplicateVote, Meta, Store, StoreError, Vote, password_matches
+
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+database_numbers = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on 127.0.0.1. In CI a missing server is a failure, not a skip."""
+    if not PG_BINS:
+        message = "PostgreSQL binaries not found under /usr/lib/postgresql (apt-get install postgresql)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    binaries = PG_BINS[-1]
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="rlhf-pg-"))
+    root.chmod(0o755)
+    if as_postgres:
+        shutil.chown(root, "postgres", "postgres")
+    port = free_port()
+    subprocess.run(as_postgres + [str(binaries / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U",
+                                  "postgres"], check=True, capture_output=True)
+    subprocess.run(as_postgres + [str(binaries / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
+                                  "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(as_postgres + [str(binaries / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'labels.db'}"
+    server = request.getfixturevalue("postgres_server")
+    name = f"labels_{next(database_numbers)}"
+    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return f"{server}/{name}"
+
+
+def comparison_in(store, kind="train", expected=None):
+    prompt = store.add_prompt(f"p{next(database_numbers)}", "explain", [{"role": "user", "content": "Why?"}])
+    a = store.add_response(prompt, "Because.", "m", {"temperature": 0.7})
+    b = store.add_response(prompt, "No idea.", "m", {"temperature": 0.7})
+    return store.add_comparison(a, b, batch="b1", kind=kind, expected=expected)
+
+
+def test_passwords_are_salted_kdf_hashes_and_disabled_users_cannot_log_in(store_url):
+    store = Store(store_url)
+    ann, bob = store.add_user("ann", "labeller", "correct horse"), store.add_user("bob", "admin", "correct horse")
+    assert ann.password_hash != bob.password_hash and ann.password_hash.startswith("scrypt$")
+    assert "correct horse" not in ann.password_hash and password_matches("correct horse", ann.password_hash)
+    assert store.authenticate("ann", "correct horse").name == "ann"
+    assert store.authenticate("ann", "wrong horse") is None and store.authenticate("nobody", "x" * 8) is None
+    store.disable_user("ann")
+    assert store.authenticate("ann", "correct horse") is None
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_user("bob", "labeller", "another password")
+    with pytest.raises(StoreError, match="role must be one of labeller, admin"):
+        store.add_user("cy", "boss", "long enough")
+
+
+def test_one_vote_per_labeller_per_comparison(store_url):
+    store = Store(store_url)
+    ann = store.add_user("ann", "labeller", "password1")
+    comparison = comparison_in(store)
+    vote = store.cast_vote(comparison.id, ann, "a", "slight", note="clearer", seconds=4.5, swapped=True)
+    assert (vote.choice, vote.strength, vote.swapped, vote.seconds) == ("a", "slight", True, 4.5)
+    with pytest.raises(DuplicateVote, match="ann has already voted on comparison"):
+        store.cast_vote(comparison.id, ann, "b")
+    assert [v.choice for v in store.votes(comparison.id)] == ["a"]
+
+
+def test_concurrent_double_votes_store_exactly_one(store_url):
+    store = Store(store_url)
+    ann = store.add_user("ann", "labeller", "password1")
+    comparison = comparison_in(store)
+    outcomes, start = [], threading.Barrier(8)
+
+    def vote():
+        start.wait()
+        try:
+            store.cast_vote(comparison.id, ann, "tie")
+            outcomes.append("stored")
+        except DuplicateVote:
+            outcomes.append("duplicate")
+
+    threads = [threading.Thread(target=vote) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["duplicate"] * 7 + ["stored"]
+    assert len(store.votes(comparison.id)) == 1
+
+
+def test_the_database_itself_refuses_votes_outside_the_vocabulary(store_url):
+    store = Store(store_url)
+    ann = store.add_user("ann", "labeller", "password1")
+    comparison = comparison_in(store)
+    with pytest.raises(StoreError, match="choice must be one of a, b, tie, both_bad"):
+        store.cast_vote(comparison.id, ann, "maybe")
+    with pytest.raises(StoreError, match="note is 2001 characters"):
+        store.cast_vote(comparison.id, ann, "a", note="x" * 2001)
+    with pytest.raises(IntegrityError):  # bypassing the API: the check constraint still holds
+        with store.session() as session, session.begin():
+            session.add(Vote(comparison_id=comparison.id, user_id=ann.id, choice="maybe", strength="clear"))
+
+
+def test_gold_items_carry_their_answer_and_pairs_share_a_prompt(store_url):
+    store = Store(store_url)
+    assert comparison_in(store, kind="gold", expected="a").expected == "a"
+    with pytest.raises(StoreError, match="gold comparisons, and only they"):
+        comparison_in(store, kind="gold")
+    first, second = comparison_in(store), comparison_in(store)
+    with pytest.raises(StoreError, match="same prompt"):
+        with store.session() as session:
+            from rlhf.store import Response
+            a, b = session.get(Response, first.response_a_id), session.get(Response, second.response_a_id)
+        store.add_comparison(a, b, batch="b1")
+
+
+def test_a_store_from_another_schema_version_is_refused(store_url):
+    store = Store(store_url)
+    with store.session() as session, session.begin():
+        session.execute(update(Meta).where(Meta.key == "schema_version").values(value="99"))
+    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 1"):
+        Store(store_url)
+
+
+def test_users_command_adds_lists_and_disables(tmp_path, monkeypatch, capsys):
+    import io
+
+    from pipeline.cli import main as cli
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\n"))
+    assert cli(["label", "--db", db, "users", "add", "ann", "--role", "admin"]) == 0
+    assert cli(["label", "--db", db, "users", "disable", "ann"]) == 0
+    assert cli(["label", "--db", db, "users", "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["ann", "admin", "disabled"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert cli(["label", "--db", db, "users", "add", "bob"]) == 2
+    assert "password of at least 8 characters" in capsys.readouterr().err
+    assert Store(db).authenticate("ann", "s3cret-passphrase") is None  # disabled
