@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", help="a bundled model name (see `rlhf models list`)")
     models_parser.set_defaults(handler=run_models)
 
-    label = commands.add_parser("label", help="the label store: users (sampling, the UI and export follow)")
+    label = commands.add_parser("label", help="the label store: users and simulated labellers (more follows)")
     label.add_argument("--db", help="database URL (default: $RLHF_DB_URL or sqlite:///runs/labels.db)")
     label_commands = label.add_subparsers(dest="label_command", required=True)
     users = label_commands.add_parser("users", help="add, list or disable labellers and admins")
@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     users_commands.add_parser("list", help="every user with role and state")
     disable = users_commands.add_parser("disable", help="stop a user from logging in (their votes stay)")
     disable.add_argument("name")
+    simulate = label_commands.add_parser("simulate", help="simulated labellers vote through the store")
+    simulate.add_argument("--judge", required=True, help="builtin:readability|length|keywords or module:function")
+    simulate.add_argument("--labellers", type=int, default=3, help="how many simulated labellers (sim/<judge>/<i>)")
+    simulate.add_argument("--batch", help="only this batch of comparisons (default: all)")
+    simulate.add_argument("--temperature", type=float, default=1.0,
+                          help="Bradley-Terry temperature in judge-score units; 0 always picks the better one")
+    simulate.add_argument("--tie-margin", type=float, default=0.0, help="score gaps below this are ties")
+    simulate.add_argument("--both-bad-floor", type=float, help="both scores below this: both_bad")
+    simulate.add_argument("--noise", type=float, default=0.0, help="chance of a uniformly random vote instead")
+    simulate.add_argument("--seed", type=int, default=0)
     label.set_defaults(handler=run_label)
 
     for stage, (help_text, _, _) in STAGES.items():
@@ -105,7 +115,13 @@ def run_label(args, rest) -> int:
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
     store = Store(args.db)
-    if args.users_command == "add":
+    if args.label_command == "simulate":
+        from preference_ui.simulate import LabellerModel, simulate
+
+        model = LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise)
+        counts = simulate(store, args.judge, args.labellers, model, args.batch, args.seed)
+        print(" ".join(f"{choice}={count}" for choice, count in counts.items()))
+    elif args.users_command == "add":
         store.add_user(args.name, args.role, read_password())
         print(f"added {args.role} {args.name}")
     elif args.users_command == "disable":

@@ -256,6 +256,24 @@ class Store:
                 query = query.where(Vote.comparison_id == comparison_id)
             return list(session.scalars(query))
 
+    def comparisons(self, batch: str | None = None) -> list[dict]:
+        """Each comparison with its prompt messages and both response texts, oldest first."""
+        with self.sessions() as session:
+            query = select(Comparison).order_by(Comparison.id)
+            if batch is not None:
+                query = query.where(Comparison.batch == batch)
+            rows = []
+            for comparison in session.scalars(query):
+                prompt = session.get(Prompt, comparison.prompt_id)
+                a, b = session.get(Response, comparison.response_a_id), session.get(Response, comparison.response_b_id)
+                rows.append({"id": comparison.id, "batch": comparison.batch, "kind": comparison.kind,
+                             "expected": comparison.expected, "prompt": prompt.messages, "a": a.text, "b": b.text})
+            return rows
+
+    def user(self, name: str) -> User | None:
+        with self.sessions() as session:
+            return session.scalar(select(User).where(User.name == name))
+
     def session(self) -> Session:
         return self.sessions()
 

@@ -1,0 +1,90 @@
+import random
+
+import pytest
+
+from preference_ui.simulate import LabellerModel, decide, keywords, length, load_judge, readability, simulate
+from rlhf.errors import UserError
+from rlhf.store import Store
+
+SIMPLE = "The cat sat. It was warm. We had tea."
+DENSE = "Notwithstanding considerable institutional heterogeneity, comprehensive administrative reorganisation " \
+        "necessitates extraordinarily meticulous deliberation."
+
+
+def test_flesch_reading_ease_by_hand():
+    # 3 words, 1 sentence, 3 syllables: 206.835 - 1.015 * 3 - 84.6 * 1
+    assert readability([""], ["The cat sat."]) == [pytest.approx(119.19)]
+    simple, dense = readability(["", ""], [SIMPLE, DENSE])
+    assert simple > 100 > 0 > dense
+
+
+def test_length_and_keyword_judges():
+    assert length(["", "", ""], ["word " * 60, "word " * 30, ""]) == [1.0, 0.5, 0.0]
+    assert keywords(["Explain how volcanoes erupt"], ["Volcanoes erupt when magma rises."]) == [1.0]
+    assert keywords(["Explain how volcanoes erupt"], ["Magma rises."]) == [0.0]
+
+
+def test_judges_load_by_name_or_import_path():
+    assert load_judge("builtin:readability") is readability
+    assert load_judge("preference_ui.simulate:length") is length
+    with pytest.raises(UserError, match="no such built-in; built-ins: readability, length, keywords"):
+        load_judge("builtin:vibes")
+    with pytest.raises(UserError, match="cannot load"):
+        load_judge("no_such_module:judge")
+
+
+def test_decide_rules():
+    rng = random.Random(0)
+    assert decide(1.0, 0.5, LabellerModel(both_bad_floor=2.0), rng)[0] == "both_bad"
+    assert decide(1.0, 0.95, LabellerModel(tie_margin=0.1), rng)[0] == "tie"
+    assert decide(1.0, 3.0, LabellerModel(temperature=0), rng) == ("b", "clear")
+    # Bradley-Terry: a score gap of one temperature wins with probability sigmoid(1) = 0.731
+    wins = sum(decide(1.0, 0.0, LabellerModel(temperature=1.0), rng)[0] == "a" for _ in range(4000))
+    assert wins / 4000 == pytest.approx(0.731, abs=0.03)
+
+
+def store_with_pairs(tmp_path, n) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    for i in range(n):
+        prompt = store.add_prompt(f"p{i}", "explain", [{"role": "user", "content": f"Question {i}?"}])
+        first, second = (SIMPLE, DENSE) if i % 2 else (DENSE, SIMPLE)
+        store.add_comparison(store.add_response(prompt, first, "m", {}), store.add_response(prompt, second, "m", {}),
+                             batch="b1")
+    return store
+
+
+def agreement(store) -> float:
+    comparisons = {c["id"]: c for c in store.comparisons("b1")}
+    better = {i: "a" if readability([""], [c["a"]])[0] > readability([""], [c["b"]])[0] else "b"
+              for i, c in comparisons.items()}
+    votes = store.votes()
+    return sum(v.choice == better[v.comparison_id] for v in votes) / len(votes)
+
+
+def test_noiseless_labellers_follow_the_judge_and_never_vote_twice(tmp_path):
+    store = store_with_pairs(tmp_path, 20)
+    counts = simulate(store, "builtin:readability", 3, LabellerModel(temperature=0), batch="b1")
+    assert counts["a"] + counts["b"] == 60 and counts["skipped"] == 0
+    assert agreement(store) == 1.0
+    assert {u.name for u in store.users()} == {"sim/readability/0", "sim/readability/1", "sim/readability/2"}
+    assert simulate(store, "builtin:readability", 3, LabellerModel(temperature=0), batch="b1")["skipped"] == 60
+    assert len(store.votes()) == 60
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.6])
+def test_agreement_falls_with_noise_as_expected(tmp_path, noise):
+    store = store_with_pairs(tmp_path, 150)
+    simulate(store, "builtin:readability", 3, LabellerModel(temperature=0, noise=noise), batch="b1", seed=1)
+    # a noisy vote is uniform over four choices, so it still agrees a quarter of the time
+    assert agreement(store) == pytest.approx(1 - noise + noise / 4, abs=0.06)
+
+
+def test_simulate_command(tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    store_with_pairs(tmp_path, 4)
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    assert cli(["label", "--db", db, "simulate", "--judge", "builtin:readability", "--labellers", "2",
+                "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.split() == ["a=4", "b=4", "tie=0", "both_bad=0", "skipped=0"]
+    assert cli(["label", "--db", db, "simulate", "--judge", "builtin:nope"]) == 2
