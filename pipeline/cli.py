@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", help="a bundled model name (see `rlhf models list`)")
     models_parser.set_defaults(handler=run_models)
 
-    label = commands.add_parser("label", help="the label store: users and simulated labellers (more follows)")
+    label = commands.add_parser("label", help="the label store: users, simulated labellers, export (more follows)")
     label.add_argument("--db", help="database URL (default: $RLHF_DB_URL or sqlite:///runs/labels.db)")
     label_commands = label.add_subparsers(dest="label_command", required=True)
     users = label_commands.add_parser("users", help="add, list or disable labellers and admins")
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--both-bad-floor", type=float, help="both scores below this: both_bad")
     simulate.add_argument("--noise", type=float, default=0.0, help="chance of a uniformly random vote instead")
     simulate.add_argument("--seed", type=int, default=0)
+    export = label_commands.add_parser("export", help="votes -> a saved HF preference dataset (TRL format)")
+    export.add_argument("--out", required=True, help="folder to write (refused if it holds a different export)")
+    export.add_argument("--batch", help="only this batch of comparisons (default: all)")
+    export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
     label.set_defaults(handler=run_label)
 
     for stage, (help_text, _, _) in STAGES.items():
@@ -121,6 +125,13 @@ def run_label(args, rest) -> int:
         model = LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise)
         counts = simulate(store, args.judge, args.labellers, model, args.batch, args.seed)
         print(" ".join(f"{choice}={count}" for choice, count in counts.items()))
+    elif args.label_command == "export":
+        from preference_ui.export import export
+
+        manifest = export(store, args.out, args.batch, args.min_votes)
+        state = "unchanged" if manifest.get("unchanged") else "written"
+        print(f"{args.out}: {manifest['rows']} pairs ({manifest['ties']} ties, {manifest['both_bad']} both bad), "
+              f"content hash {manifest['content_hash']}, {state}")
     elif args.users_command == "add":
         store.add_user(args.name, args.role, read_password())
         print(f"added {args.role} {args.name}")

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from preference_ui.export import export, majority
+from rlhf.datasets import load_rows
+from rlhf.errors import UserError
+from rlhf.store import Store
+
+
+def store_with_votes(tmp_path, votes_per_item: list[list[tuple[str, str]]]) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    users = [store.add_user(f"u{i}", "labeller", "password1") for i in range(5)]
+    for i, votes in enumerate(votes_per_item):
+        prompt = store.add_prompt(f"p{i}", "chat", [{"role": "user", "content": f"Prompt {i}?"}])
+        comparison = store.add_comparison(store.add_response(prompt, f"A{i}", "m", {}),
+                                          store.add_response(prompt, f"B{i}", "m", {}), batch="b1")
+        for user, (choice, strength) in zip(users, votes):
+            store.cast_vote(comparison.id, user, choice, strength)
+    return store
+
+
+def test_majority_with_draws():
+    from collections import Counter
+
+    assert majority(Counter(a=2, b=1)) == "a"
+    assert majority(Counter(a=1, b=1)) == "tie" and majority(Counter(a=1, both_bad=1)) == "tie"
+    assert majority(Counter(both_bad=2, tie=1)) == "both_bad"
+
+
+def test_export_aggregates_votes_into_trl_preference_rows(tmp_path):
+    store = store_with_votes(tmp_path, [
+        [("b", "clear"), ("b", "slight"), ("a", "clear")],  # b wins 2:1, margin (1 + 0.5) / 2
+        [("a", "clear"), ("b", "clear")],                   # a draw: tie
+        [("both_bad", "clear"), ("both_bad", "clear"), ("tie", "slight")],
+        [("a", "slight")],                                   # under --min-votes 2
+    ])
+    manifest = export(store, tmp_path / "out", min_votes=2)
+    assert (manifest["rows"], manifest["ties"], manifest["both_bad"]) == (3, 1, 1)
+    rows = load_rows(tmp_path / "out", "preference")  # the saved dataset passes our own validation
+    first, draw, bad = sorted(rows, key=lambda r: r["id"])
+    assert first["chosen"] == [{"role": "assistant", "content": "B0"}] and first["rejected"][0]["content"] == "A0"
+    assert first["margin"] == 0.75 and not first["tie"] and first["prompt"][0]["content"] == "Prompt 0?"
+    assert draw["tie"] and not draw["both_bad"] and bad["both_bad"]
+    raw = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert raw["content_hash"] == manifest["content_hash"]
+
+
+def test_export_is_deterministic_and_never_overwrites_a_different_one(tmp_path):
+    store = store_with_votes(tmp_path, [[("a", "clear")], [("b", "slight")]])
+    first = export(store, tmp_path / "out")
+    again = export(store, tmp_path / "out")
+    assert again["unchanged"] and again["content_hash"] == first["content_hash"]
+    store.cast_vote(store.comparisons()[0]["id"], store.user("u1"), "b", "clear")
+    with pytest.raises(UserError, match="holds a different export"):
+        export(store, tmp_path / "out")
+    assert export(store, tmp_path / "out2")["content_hash"] != first["content_hash"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+    with pytest.raises(UserError, match="nothing to export"):
+        export(store, tmp_path / "out3", min_votes=9)
+
+
+def test_export_command(tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    store_with_votes(tmp_path, [[("a", "clear"), ("a", "clear")]])
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    assert cli(["label", "--db", db, "export", "--out", str(tmp_path / "prefs"), "--min-votes", "2"]) == 0
+    assert "1 pairs (0 ties, 0 both bad)" in capsys.readouterr().out
+    assert cli(["label", "--db", db, "export", "--out", str(tmp_path / "prefs")]) == 0
+    assert capsys.readouterr().out.endswith("unchanged\n")
