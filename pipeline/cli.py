@@ -16,6 +16,7 @@ from rlhf.errors import UserError
 STAGES = {
     "sft": ("supervised fine-tuning (TRL SFTTrainer)", "sft.config:SFTStageConfig", "sft.train:main"),
 }
+LABELS_CONFIG = "preference_ui.config:LabelsConfig"
 TRL_FIELDS_NOTE = {
     "sft": "--sft.learning_rate, --sft.num_train_epochs, --sft.max_steps, --sft.per_device_train_batch_size, "
            "--sft.gradient_accumulation_steps, --sft.warmup_steps, --sft.lr_scheduler_type, --sft.seed",
@@ -44,10 +45,12 @@ class StageHelp(argparse.Action):
         from rlhf.config import RunConfig
 
         stage = parser.prog.split()[-1]
+        section, config_class = ("labels", LABELS_CONFIG) if stage == "sample" else (stage, STAGES[stage][1])
         parser.print_help()
-        print(f"\nconfig fields (YAML keys under run: / {stage}:, or --section.field value):\n"
-              f"{fields_help('run', RunConfig)}\n{fields_help(stage, load(STAGES[stage][1]))}\n"
-              f"  ... and every field of the TRL config it extends, e.g. {TRL_FIELDS_NOTE[stage]}")
+        print(f"\nconfig fields (YAML keys under run: / {section}:, or --section.field value):\n"
+              f"{fields_help('run', RunConfig)}\n{fields_help(section, load(config_class))}")
+        if stage in TRL_FIELDS_NOTE:
+            print(f"  ... and every field of the TRL config it extends, e.g. {TRL_FIELDS_NOTE[stage]}")
         parser.exit()
 
 
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     users_commands.add_parser("list", help="every user with role and state")
     disable = users_commands.add_parser("disable", help="stop a user from logging in (their votes stay)")
     disable.add_argument("name")
+    sample = label_commands.add_parser("sample", help="k responses per prompt from a model -> comparisons",
+                                       add_help=False)
+    sample.add_argument("-h", "--help", action=StageHelp)
+    sample.add_argument("--config", help="YAML run config (its labels: section)")
     simulate = label_commands.add_parser("simulate", help="simulated labellers vote through the store")
     simulate.add_argument("--judge", required=True, help="builtin:readability|length|keywords or module:function")
     simulate.add_argument("--labellers", type=int, default=3, help="how many simulated labellers (sim/<judge>/<i>)")
@@ -116,6 +123,14 @@ def run_models(args, rest) -> int:
 def run_label(args, rest) -> int:
     from rlhf.store import Store
 
+    if args.label_command == "sample":
+        from rlhf.config import RunConfig, load_config
+
+        sections = load_config(args.config, rest, {"run": RunConfig, "labels": load(LABELS_CONFIG)})
+        if args.db:
+            sections["labels"].db = args.db
+        load("preference_ui.sample:main")(sections["labels"], sections["run"])
+        return 0
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
     store = Store(args.db)

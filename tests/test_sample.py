@@ -1,0 +1,63 @@
+import json
+from itertools import combinations
+
+import pytest
+
+from preference_ui.config import LabelsConfig
+from preference_ui.sample import main
+from rlhf.config import RunConfig, load_config
+from rlhf.errors import MissingInputError, UserError
+from rlhf.store import Comparison, Response, Store
+from tests.conftest import REPO
+
+
+def config_for(tmp_path, *overrides):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "category": "chat", "prompt": f"Say something {i}."}) + "\n"
+                               for i in range(3)))
+    sections = load_config(REPO / "configs/tiny.yaml", [
+        f"--run.output_root={tmp_path / 'runs'}", f"--labels.prompts={prompts}", "--labels.max_new_tokens=6",
+        f"--labels.db=sqlite:///{tmp_path / 'labels.db'}", "--labels.batch_size=2", *overrides],
+        {"run": RunConfig, "labels": LabelsConfig})
+    return sections["labels"], sections["run"]
+
+
+def test_sampling_stores_every_pair_of_k_responses_as_comparisons(tmp_path, tiny_model_path):
+    config, run = config_for(tmp_path, f"--labels.model={tiny_model_path}", "--labels.responses_per_prompt=3")
+    summary = main(config, run)
+    assert (summary["prompts"], summary["responses"], summary["comparisons"], summary["batch"]) == (3, 9, 9, "tiny")
+    store = Store(config.db)
+    comparisons = store.comparisons("tiny")
+    assert len(comparisons) == 9 and {c["prompt"][0]["content"] for c in comparisons} == \
+        {f"Say something {i}." for i in range(3)}
+    with store.session() as session:
+        responses = session.query(Response).all()
+        pairs = {(c.response_a_id, c.response_b_id) for c in session.query(Comparison)}
+    assert len(responses) == 9 and responses[0].model == str(tiny_model_path)
+    assert responses[0].sampling == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6, "seed": 0}
+    by_prompt = {}
+    for response in responses:
+        by_prompt.setdefault(response.prompt_id, []).append(response.id)
+    expected = {frozenset(pair) for ids in by_prompt.values() for pair in combinations(ids, 2)}
+    assert {frozenset(pair) for pair in pairs} == expected
+    assert any(a > b for a, b in pairs) and any(a < b for a, b in pairs)  # a/b order is shuffled
+    with pytest.raises(UserError, match="batch 'tiny' already has comparisons"):
+        main(config, run)
+
+
+def test_sampling_without_a_model_names_the_command_that_makes_one(tmp_path):
+    config, run = config_for(tmp_path)
+    with pytest.raises(MissingInputError, match=r"run `rlhf sft --config \.\.\. --run.name tiny` first"):
+        main(config, run)
+    with pytest.raises(Exception, match="responses_per_prompt must be at least 2"):
+        config_for(tmp_path, "--labels.responses_per_prompt=1")
+
+
+def test_sample_command_help_and_errors(tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    with pytest.raises(SystemExit):
+        cli(["label", "sample", "--help"])
+    assert "--labels.responses_per_prompt (default: 2)" in capsys.readouterr().out
+    assert cli(["label", "sample", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}"]) == 2
+    assert "no SFT model at" in capsys.readouterr().err
