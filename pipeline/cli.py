@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", help="a bundled model name (see `rlhf models list`)")
     models_parser.set_defaults(handler=run_models)
 
-    label = commands.add_parser("label", help="the label store: users, simulated labellers, export (more follows)")
+    label = commands.add_parser("label", help="preference collection: sample, users, simulate, stats, export")
     label.add_argument("--db", help="database URL (default: $RLHF_DB_URL or sqlite:///runs/labels.db)")
     label_commands = label.add_subparsers(dest="label_command", required=True)
     users = label_commands.add_parser("users", help="add, list or disable labellers and admins")
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--both-bad-floor", type=float, help="both scores below this: both_bad")
     simulate.add_argument("--noise", type=float, default=0.0, help="chance of a uniformly random vote instead")
     simulate.add_argument("--seed", type=int, default=0)
+    stats = label_commands.add_parser("stats", help="progress, agreement and per-labeller throughput")
+    stats.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export = label_commands.add_parser("export", help="votes -> a saved HF preference dataset (TRL format)")
     export.add_argument("--out", required=True, help="folder to write (refused if it holds a different export)")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
@@ -140,6 +142,10 @@ def run_label(args, rest) -> int:
         model = LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise)
         counts = simulate(store, args.judge, args.labellers, model, args.batch, args.seed)
         print(" ".join(f"{choice}={count}" for choice, count in counts.items()))
+    elif args.label_command == "stats":
+        from preference_ui.stats import format_stats, stats
+
+        print(format_stats(stats(store, args.batch)))
     elif args.label_command == "export":
         from preference_ui.export import export
 

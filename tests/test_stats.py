@@ -1,0 +1,48 @@
+import pytest
+
+from preference_ui.stats import format_stats, krippendorff_alpha, pairwise_agreement, stats
+from rlhf.store import Store
+
+
+def test_krippendorff_alpha_by_hand():
+    # o_aa = 2 (unit 1), o_ab = o_ba = 1 (unit 2); n_a = 3, n_b = 1, n = 4: alpha = 1 - 3 * 2 / (2 * 3 * 1) = 0
+    assert krippendorff_alpha([["a", "a"], ["a", "b"]]) == pytest.approx(0.0)
+    assert krippendorff_alpha([["a", "a"], ["b", "b"], ["tie", "tie", "tie"]]) == pytest.approx(1.0)
+    # perfect disagreement on two units: o_ab = o_ba = 2, n_a = n_b = 2: alpha = 1 - 3 * 4 / 8 = -0.5
+    assert krippendorff_alpha([["a", "b"], ["b", "a"]]) == pytest.approx(-0.5)
+    assert krippendorff_alpha([["a", "a"], ["a", "a"]]) is None  # one value throughout: undefined
+    assert krippendorff_alpha([["a"]]) is None
+
+
+def test_pairwise_agreement():
+    assert pairwise_agreement([["a", "a", "b"]]) == pytest.approx(1 / 3)
+    assert pairwise_agreement([["a", "a"], ["b", "tie"]]) == 0.5 and pairwise_agreement([]) is None
+
+
+def test_stats_report_progress_agreement_and_gold_accuracy(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    ann, bob = store.add_user("ann", "labeller", "password1"), store.add_user("bob", "labeller", "password1")
+    prompt = store.add_prompt("p", "chat", [{"role": "user", "content": "Hi?"}])
+    responses = [store.add_response(prompt, text, "m", {}) for text in ("x", "y")]
+    train = store.add_comparison(*responses, batch="b1")
+    gold = store.add_comparison(*responses, batch="b1", kind="gold", expected="a")
+    store.add_comparison(*responses, batch="b1")  # not voted yet
+    store.cast_vote(train.id, ann, "a", seconds=4.0)
+    store.cast_vote(train.id, bob, "b", seconds=6.0)
+    store.cast_vote(gold.id, ann, "a", seconds=2.0)
+    store.cast_vote(gold.id, bob, "tie")
+    report = stats(store, "b1")
+    assert (report["comparisons"], report["voted"], report["votes"]) == (3, 2, 4)
+    assert report["pairwise_agreement"] == 0.0
+    assert report["labellers"]["ann"] == {"votes": 2, "mean_seconds": 3.0, "gold_accuracy": 1.0}
+    assert report["labellers"]["bob"] == {"votes": 2, "mean_seconds": 6.0, "gold_accuracy": 0.0}
+    assert "2/3 comparisons voted" in format_stats(report) and "gold accuracy 1.00" in format_stats(report)
+
+
+def test_stats_command(tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    assert cli(["label", "--db", f"sqlite:///{tmp_path / 'labels.db'}", "stats"]) == 0
+    assert capsys.readouterr().out.startswith("batch (all): 0/0 comparisons voted, 0 votes {}\nagreement: "
+                                              "Krippendorff's alpha n/a, pairwise n/a")
