@@ -77,10 +77,7 @@ def export(store: Store, out, batch: str | None = None, min_votes: int = 1) -> d
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        datasets.Dataset.from_list(rows).save_to_disk(str(staging / "data"))
-        for item in (staging / "data").iterdir():
-            item.rename(staging / item.name)
-        (staging / "data").rmdir()
+        datasets.Dataset.from_list(rows).save_to_disk(str(staging))
         atomic_write_json(staging / MANIFEST, manifest)
         staging.rename(out)
     finally:

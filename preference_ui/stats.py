@@ -65,8 +65,11 @@ def labeller_stats(votes: list, comparisons: dict) -> dict:
                               / len(gold)) if gold else None}
 
 
+def number(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def format_stats(report: dict) -> str:
-    number = lambda value, fmt: "n/a" if value is None else format(value, fmt)  # noqa: E731
     lines = [f"batch {report['batch']}: {report['voted']}/{report['comparisons']} comparisons voted, "
              f"{report['votes']} votes {report['choices']}",
              f"agreement: Krippendorff's alpha {number(report['krippendorff_alpha'], '.3f')}, pairwise "
