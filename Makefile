@@ -28,6 +28,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/sft_throughput.py
+	$(BIN)/python bench/label_load.py --labellers 20 --votes 50
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -45,7 +45,8 @@ class StageHelp(argparse.Action):
         from rlhf.config import RunConfig
 
         stage = parser.prog.split()[-1]
-        section, config_class = ("labels", LABELS_CONFIG) if stage == "sample" else (stage, STAGES[stage][1])
+        section, config_class = (("labels", LABELS_CONFIG) if stage in ("sample", "serve")
+                                 else (stage, STAGES[stage][1]))
         parser.print_help()
         print(f"\nconfig fields (YAML keys under run: / {section}:, or --section.field value):\n"
               f"{fields_help('run', RunConfig)}\n{fields_help(section, load(config_class))}")
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", help="a bundled model name (see `rlhf models list`)")
     models_parser.set_defaults(handler=run_models)
 
-    label = commands.add_parser("label", help="preference collection: sample, users, simulate, stats, export")
+    label = commands.add_parser("label", help="preference collection: sample, serve, users, gold, simulate, stats, "
+                                               "export")
     label.add_argument("--db", help="database URL (default: $RLHF_DB_URL or sqlite:///runs/labels.db)")
     label_commands = label.add_subparsers(dest="label_command", required=True)
     users = label_commands.add_parser("users", help="add, list or disable labellers and admins")
@@ -81,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
                                        add_help=False)
     sample.add_argument("-h", "--help", action=StageHelp)
     sample.add_argument("--config", help="YAML run config (its labels: section)")
+    serve = label_commands.add_parser("serve", help="the labelling app in the browser (Gradio)", add_help=False)
+    serve.add_argument("-h", "--help", action=StageHelp)
+    serve.add_argument("--config", help="YAML run config (its labels: section: overlap, gold_rate, guidelines, ...)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--batch", help="hand out only this batch (gold items are always mixed in; default: all)")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="no sign-in, everyone acts as --user; only allowed on 127.0.0.1")
+    serve.add_argument("--user", help="with --no-auth: the existing user everyone acts as")
+    serve.add_argument("--ssl-keyfile", help="serve HTTPS with this key (passwords cross the network otherwise)")
+    serve.add_argument("--ssl-certfile", help="... and this certificate")
+    gold = label_commands.add_parser("gold", help="import comparisons with a known answer (attention checks)")
+    gold.add_argument("file", help="JSONL/JSON/CSV/Parquet rows: id, prompt, a, b, expected (a|b|tie|both_bad)")
+    gold.add_argument("--batch", default="gold", help="batch name for the gold items (default: gold)")
     simulate = label_commands.add_parser("simulate", help="simulated labellers vote through the store")
     simulate.add_argument("--judge", required=True, help="builtin:readability|length|keywords or module:function")
     simulate.add_argument("--labellers", type=int, default=3, help="how many simulated labellers (sim/<judge>/<i>)")
@@ -97,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (refused if it holds a different export)")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
+    for command in (add, users_commands.choices["list"], disable, sample, serve, gold, simulate, stats, export):
+        # --db is accepted after the subcommand too (`rlhf label serve --db URL`); SUPPRESS keeps an earlier one.
+        command.add_argument("--db", default=argparse.SUPPRESS, help="database URL (as `rlhf label --db`)")
     label.set_defaults(handler=run_label)
 
     for stage, (help_text, _, _) in STAGES.items():
@@ -125,18 +144,18 @@ def run_models(args, rest) -> int:
 def run_label(args, rest) -> int:
     from rlhf.store import Store
 
-    if args.label_command == "sample":
-        from rlhf.config import RunConfig, load_config
-
-        sections = load_config(args.config, rest, {"run": RunConfig, "labels": load(LABELS_CONFIG)})
-        if args.db:
-            sections["labels"].db = args.db
-        load("preference_ui.sample:main")(sections["labels"], sections["run"])
-        return 0
+    if args.label_command in ("sample", "serve"):
+        return run_label_with_config(args, rest)
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
     store = Store(args.db)
-    if args.label_command == "simulate":
+    if args.label_command == "gold":
+        from preference_ui.gold import import_gold
+
+        summary = import_gold(store, args.file, args.batch)
+        print(f"batch '{summary['batch']}': {summary['items']} gold comparisons"
+              f"{' (already imported)' if summary['unchanged'] else ''}")
+    elif args.label_command == "simulate":
         from preference_ui.simulate import LabellerModel, simulate
 
         model = LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise)
@@ -162,6 +181,24 @@ def run_label(args, rest) -> int:
     else:
         for user in store.users():
             print(f"{user.name:24} {user.role:9} {'disabled' if user.disabled else 'active'}")
+    return 0
+
+
+def run_label_with_config(args, rest) -> int:
+    """`label sample` and `label serve` read the labels: section of a run config, with overrides."""
+    from rlhf.config import RunConfig, load_config
+    from rlhf.store import Store
+
+    sections = load_config(args.config, rest, {"run": RunConfig, "labels": load(LABELS_CONFIG)})
+    labels = sections["labels"]
+    labels.db = args.db or labels.db
+    if args.label_command == "sample":
+        load("preference_ui.sample:main")(labels, sections["run"])
+        return 0
+    from preference_ui.app import serve
+
+    serve(Store(labels.db or None), labels, args.host, args.port, auth=not args.no_auth, local_user=args.user,
+          batch=args.batch, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`labels:` section of a run config: how candidate responses are sampled into the label store."""
+"""`labels:` section of a run config: how candidate responses are sampled into the label store, and how the
+labelling app hands them out."""
 from dataclasses import dataclass, field
 
 
@@ -16,9 +17,24 @@ class LabelsConfig:
     batch: str = field(default="", metadata={"help": "Name of the comparison batch; empty: the run name."})
     db: str = field(default="", metadata={"help": "Label store URL; empty: $RLHF_DB_URL or sqlite:///runs/labels.db."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling and the random a/b order of each pair."})
+    overlap: int = field(default=3, metadata={
+        "help": "Distinct labellers each comparison goes to in the app (gold items go to everyone)."})
+    gold_rate: float = field(default=0.1, metadata={
+        "help": "Share of a labeller's items drawn from gold comparisons they have not seen yet."})
+    guidelines: str = field(default="data/guidelines.md", metadata={
+        "help": "Markdown file shown in the app's guidelines panel."})
+    assignment_timeout: float = field(default=30.0, metadata={
+        "help": "Minutes an item may stay shown without a vote before it goes back to the pool."})
+    concurrency: int = field(default=16, metadata={"help": "Requests the labelling app serves at once."})
 
     def __post_init__(self):
         if self.responses_per_prompt < 2:
             raise ValueError(f"responses_per_prompt must be at least 2, got {self.responses_per_prompt}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be above 0 for sampling, got {self.temperature}")
+        if self.overlap < 1:
+            raise ValueError(f"overlap must be at least 1, got {self.overlap}")
+        if not 0 <= self.gold_rate <= 1:
+            raise ValueError(f"gold_rate must be between 0 and 1, got {self.gold_rate}")
+        if self.assignment_timeout <= 0 or self.concurrency < 1:
+            raise ValueError("assignment_timeout must be above 0 and concurrency at least 1")

@@ -7,7 +7,7 @@ expected by chance from how often each choice is used (1: perfect, 0: chance, be
 from collections import Counter, defaultdict
 from itertools import permutations
 
-from rlhf.store import Store, User
+from rlhf.store import Store
 
 
 def krippendorff_alpha(units: list[list[str]]) -> float | None:
@@ -42,27 +42,54 @@ def pairwise_agreement(units: list[list[str]]) -> float | None:
 
 
 def stats(store: Store, batch: str | None = None) -> dict:
-    comparisons = {c["id"]: c for c in store.comparisons(batch)}
-    votes = [vote for vote in store.votes() if vote.comparison_id in comparisons]
+    """Progress and agreement over the batch's votes; each labeller's gold accuracy over every gold item they
+    answered, whichever batch holds it (gold items are mixed into every queue)."""
+    all_comparisons = {c["id"]: c for c in store.comparisons()}
+    in_batch = {i for i, c in all_comparisons.items() if batch is None or c["batch"] == batch}
+    all_votes = store.votes()
+    votes = [vote for vote in all_votes if vote.comparison_id in in_batch]
     names = {user.id: user.name for user in store.users()}
     by_item, by_user = defaultdict(list), defaultdict(list)
     for vote in votes:
         by_item[vote.comparison_id].append(vote.choice)
         by_user[vote.user_id].append(vote)
+    gold_by_user = defaultdict(list)
+    for vote in all_votes:
+        if all_comparisons[vote.comparison_id]["kind"] == "gold":
+            gold_by_user[vote.user_id].append(vote.choice == all_comparisons[vote.comparison_id]["expected"])
     units = [choices for choices in by_item.values() if len(choices) >= 2]
-    return {"batch": batch or "(all)", "comparisons": len(comparisons), "voted": len(by_item), "votes": len(votes),
+    return {"batch": batch or "(all)", "comparisons": len(in_batch), "voted": len(by_item), "votes": len(votes),
             "choices": dict(Counter(vote.choice for vote in votes)),
             "krippendorff_alpha": krippendorff_alpha(units), "pairwise_agreement": pairwise_agreement(units),
-            "labellers": {names[user_id]: labeller_stats(user_votes, comparisons)
+            "labellers": {names[user_id]: labeller_stats(user_votes, gold_by_user[user_id])
                           for user_id, user_votes in sorted(by_user.items(), key=lambda item: names[item[0]])}}
 
 
-def labeller_stats(votes: list, comparisons: dict) -> dict:
+def labeller_stats(votes: list, gold_correct: list[bool]) -> dict:
     seconds = [vote.seconds for vote in votes if vote.seconds is not None]
-    gold = [vote for vote in votes if comparisons[vote.comparison_id]["kind"] == "gold"]
     return {"votes": len(votes), "mean_seconds": sum(seconds) / len(seconds) if seconds else None,
-            "gold_accuracy": (sum(vote.choice == comparisons[vote.comparison_id]["expected"] for vote in gold)
-                              / len(gold)) if gold else None}
+            "gold_votes": len(gold_correct),
+            "gold_accuracy": sum(gold_correct) / len(gold_correct) if gold_correct else None}
+
+
+def batch_rows(store: Store) -> list[list]:
+    """One row per batch for the admin tab: [batch, comparisons, voted, votes, alpha, pairwise agreement]."""
+    rows = []
+    for batch in sorted({c["batch"] for c in store.comparisons()}):
+        report = stats(store, batch)
+        rows.append([batch, report["comparisons"], report["voted"], report["votes"],
+                     rounded(report["krippendorff_alpha"]), rounded(report["pairwise_agreement"])])
+    return rows
+
+
+def labeller_rows(report: dict) -> list[list]:
+    """[labeller, votes, mean seconds per vote, gold votes, gold accuracy] for the admin tab."""
+    return [[name, row["votes"], rounded(row["mean_seconds"], 1), row["gold_votes"], rounded(row["gold_accuracy"])]
+            for name, row in report["labellers"].items()]
+
+
+def rounded(value, digits: int = 3):
+    return None if value is None else round(value, digits)
 
 
 def number(value, spec: str) -> str:

@@ -21,7 +21,7 @@ CSV_NUMBER_COLUMNS = ("margin",)
 
 
 def load_rows(source, kind: str) -> list[dict]:
-    """Canonical rows of `kind` ("sft", "prompt" or "preference") from `source`, duplicates removed."""
+    """Canonical rows of `kind` ("sft", "prompt", "preference" or "gold") from `source`, duplicates removed."""
     to_canonical = ROW_KINDS[kind]
     rows, first_line_of = [], {}
     for line, raw in read_records(source):

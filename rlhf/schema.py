@@ -7,6 +7,7 @@ trainer as they are:
 - prompt:           {"id", "category", "prompt": [{"role", "content"}, ..., user]}
 - preference pair:  {"id", "prompt": [...], "chosen": [assistant], "rejected": [assistant],
                      "tie": bool, "both_bad": bool, "margin": float | None, "labeller": str | None}
+- gold comparison:  {"id", "category", "prompt": [...], "a": str, "b": str, "expected": one of VOTE_CHOICES}
 
 The functions here turn one raw row (in any of the accepted layouts) into its canonical form, or raise
 `RowProblem(field, problem)`; `rlhf.datasets` adds the file and line.
@@ -199,4 +200,17 @@ def optional_text(row: dict, key: str) -> str | None:
     return value
 
 
-ROW_KINDS = {"sft": sft_example, "prompt": prompt_row, "preference": preference_pair}
+def gold_comparison(row: dict) -> dict:
+    """A comparison with a known answer, mixed into labellers' queues to measure their accuracy."""
+    prompt = prompt_row(row)
+    a, b = (check_text(row.get(key), key) for key in ("a", "b"))
+    if a == b:
+        raise RowProblem("b", "is the same text as 'a'")
+    if row.get("expected") not in VOTE_CHOICES:
+        raise RowProblem("expected", f"expected one of {', '.join(VOTE_CHOICES)}, got {row.get('expected')!r}")
+    row_id, category = row_identity(row, [prompt["prompt"], a, b])
+    return {"id": row_id, "category": category, "prompt": prompt["prompt"], "a": a, "b": b,
+            "expected": row["expected"]}
+
+
+ROW_KINDS = {"sft": sft_example, "prompt": prompt_row, "preference": preference_pair, "gold": gold_comparison}

@@ -4,25 +4,32 @@ SQLite (WAL) by default at `runs/labels.db`; PostgreSQL by URL (`postgresql+psyc
 The database itself enforces what must never break: one vote per labeller per comparison (a unique constraint),
 and the vote vocabulary of `rlhf.schema` (check constraints), so two browser tabs or a retried request cannot
 double-vote whatever the application does. The schema version is stored and checked on open.
+
+Assignments hand comparisons to labellers: each non-gold comparison has `overlap` numbered slots, and a unique
+(comparison, slot) constraint means two labellers racing for the last slot cannot both get it. A skipped or
+expired assignment gives its slot back (slot NULL) but stays, so the same labeller never gets that item again.
 """
+import contextlib
 import hashlib
 import hmac
 import os
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, select)
+                        UniqueConstraint, create_engine, event, func, inspect, select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhf.errors import UserError
 from rlhf.schema import VOTE_CHOICES, VOTE_STRENGTHS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_URL = "sqlite:///runs/labels.db"
 ROLES = ("labeller", "admin")
 KINDS = ("train", "gold", "eval")
+ASSIGNMENT_STATES = ("open", "voted", "skipped", "expired")
 MAX_NOTE_CHARS = 2000
 # scrypt parameters (RFC 7914): n=2**14, r=8, p=1 costs ~16 MiB and tens of milliseconds per check.
 SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
@@ -102,10 +109,17 @@ class Comparison(Base):
 
 class Assignment(Base):
     __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("comparison_id", "user_id", name="one_assignment_per_labeller"),)
+    __table_args__ = (
+        UniqueConstraint("comparison_id", "user_id", name="one_assignment_per_labeller"),
+        UniqueConstraint("comparison_id", "slot", name="one_labeller_per_slot"),
+        CheckConstraint(f"status IN ({quoted(ASSIGNMENT_STATES)})", name="assignment_status"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    slot: Mapped[int | None] = mapped_column(Integer, nullable=True)  # NULL: gold, skipped or expired
+    swapped: Mapped[bool] = mapped_column(Boolean, default=False)  # shown with B on the left
+    status: Mapped[str] = mapped_column(String(8), default="open", index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -148,21 +162,43 @@ class Store:
         self.url = database_url(url)
         if self.url.startswith("sqlite:///"):
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(self.url, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
+        sqlite = self.url.startswith("sqlite")
+        self.engine = create_engine(self.url, pool_pre_ping=not sqlite)  # a server may drop idle connections
+        if sqlite:
             event.listen(self.engine, "connect", sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time; a writer that finds the lock taken sleeps in growing steps (up to
+        # 100 ms). Queueing this process's writers on a lock instead keeps a busy app's latency flat.
+        self.write_lock = threading.Lock() if sqlite else contextlib.nullcontext()
         self.check_schema()
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """A session in a transaction that commits on success and rolls back on an error."""
+        with self.write_lock, self.sessions.begin() as session:
+            yield session
+
     def check_schema(self) -> None:
+        self.upgrade_from_version_1()
         Base.metadata.create_all(self.engine)
-        with self.sessions.begin() as session:
+        with self.transaction() as session:
             version = session.get(Meta, "schema_version")
             if version is None:
                 session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
             elif version.value != str(SCHEMA_VERSION):
                 raise StoreError(f"{self.engine.url.render_as_string(hide_password=True)}: label store schema "
                                  f"version {version.value}, this code reads version {SCHEMA_VERSION}")
+
+    def upgrade_from_version_1(self) -> None:
+        """Version 1 had an assignments table that nothing wrote to; version 2 gives it slots and states."""
+        with self.engine.begin() as connection:
+            if not inspect(connection).has_table("meta"):
+                return
+            version = connection.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+            if version == "1" and connection.execute(select(func.count()).select_from(Assignment)).scalar() == 0:
+                Assignment.__table__.drop(connection)
+                Assignment.__table__.create(connection)
+                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="2"))
 
     # users
     def add_user(self, name: str, role: str, password: str) -> User:
@@ -171,7 +207,7 @@ class Store:
         if not name.strip() or len(password) < 8:
             raise StoreError("a user needs a name and a password of at least 8 characters")
         try:
-            with self.sessions.begin() as session:
+            with self.transaction() as session:
                 user = User(name=name, role=role, password_hash=hash_password(password))
                 session.add(user)
             return user
@@ -187,7 +223,7 @@ class Store:
         return user
 
     def disable_user(self, name: str) -> None:
-        with self.sessions.begin() as session:
+        with self.transaction() as session:
             user = session.scalar(select(User).where(User.name == name))
             if user is None:
                 raise StoreError(f"no user '{name}'")
@@ -199,7 +235,7 @@ class Store:
 
     # items to compare
     def add_prompt(self, external_id: str, category: str, messages: list[dict]) -> Prompt:
-        with self.sessions.begin() as session:
+        with self.transaction() as session:
             prompt = session.scalar(select(Prompt).where(Prompt.external_id == external_id))
             if prompt is None:
                 prompt = Prompt(external_id=external_id, category=category, messages=messages)
@@ -207,7 +243,7 @@ class Store:
         return prompt
 
     def add_response(self, prompt: Prompt, text: str, model: str, sampling: dict) -> Response:
-        with self.sessions.begin() as session:
+        with self.transaction() as session:
             response = Response(prompt_id=prompt.id, text=text, model=model, sampling=sampling)
             session.add(response)
         return response
@@ -218,7 +254,7 @@ class Store:
             raise StoreError("a comparison needs two responses to the same prompt")
         if (kind == "gold") != (expected is not None):
             raise StoreError("gold comparisons, and only they, carry the expected answer")
-        with self.sessions.begin() as session:
+        with self.transaction() as session:
             comparison = Comparison(prompt_id=a.prompt_id, response_a_id=a.id, response_b_id=b.id, batch=batch,
                                     kind=kind, expected=expected)
             session.add(comparison)
@@ -234,7 +270,7 @@ class Store:
         if note and len(note) > MAX_NOTE_CHARS:
             raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
         try:
-            with self.sessions.begin() as session:
+            with self.transaction() as session:
                 vote = Vote(comparison_id=comparison_id, user_id=user.id, choice=choice, strength=strength,
                             note=note or None, seconds=seconds, swapped=swapped)
                 session.add(vote)
@@ -280,9 +316,12 @@ class Store:
 
 def sqlite_pragmas(connection, _record) -> None:
     """WAL lets labellers read while one writes; foreign keys are off in SQLite unless asked for; the busy
-    timeout makes concurrent writers wait for the lock instead of failing at once."""
+    timeout makes concurrent writers wait for the lock instead of failing at once. With WAL, synchronous=NORMAL
+    skips the fsync on each commit: the database stays intact through any crash, and only an operating-system
+    crash or power cut can lose the last moments of votes (PostgreSQL is the store for stronger guarantees)."""
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()

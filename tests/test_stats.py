@@ -34,8 +34,8 @@ def test_stats_report_progress_agreement_and_gold_accuracy(tmp_path):
     report = stats(store, "b1")
     assert (report["comparisons"], report["voted"], report["votes"]) == (3, 2, 4)
     assert report["pairwise_agreement"] == 0.0
-    assert report["labellers"]["ann"] == {"votes": 2, "mean_seconds": 3.0, "gold_accuracy": 1.0}
-    assert report["labellers"]["bob"] == {"votes": 2, "mean_seconds": 6.0, "gold_accuracy": 0.0}
+    assert report["labellers"]["ann"] == {"votes": 2, "mean_seconds": 3.0, "gold_votes": 1, "gold_accuracy": 1.0}
+    assert report["labellers"]["bob"] == {"votes": 2, "mean_seconds": 6.0, "gold_votes": 1, "gold_accuracy": 0.0}
     assert "2/3 comparisons voted" in format_stats(report) and "gold accuracy 1.00" in format_stats(report)
 
 

@@ -1,68 +1,12 @@
 """The label store on SQLite and on a real PostgreSQL server (started here from Debian's binaries)."""
-import itertools
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text, update
+from sqlalchemy import create_engine, inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhf.store import DuplicateVote, Meta, Store, StoreError, Vote, password_matches
-
-PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-database_numbers = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A throwaway PostgreSQL server on 127.0.0.1. In CI a missing server is a failure, not a skip."""
-    if not PG_BINS:
-        message = "PostgreSQL binaries not found under /usr/lib/postgresql (apt-get install postgresql)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    binaries = PG_BINS[-1]
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="rlhf-pg-"))
-    root.chmod(0o755)
-    if as_postgres:
-        shutil.chown(root, "postgres", "postgres")
-    port = free_port()
-    subprocess.run(as_postgres + [str(binaries / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U",
-                                  "postgres"], check=True, capture_output=True)
-    subprocess.run(as_postgres + [str(binaries / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
-                                  "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run(as_postgres + [str(binaries / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'labels.db'}"
-    server = request.getfixturevalue("postgres_server")
-    name = f"labels_{next(database_numbers)}"
-    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return f"{server}/{name}"
+from tests.conftest import database_numbers
 
 
 def comparison_in(store, kind="train", expected=None):
@@ -151,8 +95,25 @@ def test_a_store_from_another_schema_version_is_refused(store_url):
     store = Store(store_url)
     with store.session() as session, session.begin():
         session.execute(update(Meta).where(Meta.key == "schema_version").values(value="99"))
-    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 1"):
+    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 2"):
         Store(store_url)
+
+
+def test_a_version_1_store_is_upgraded_in_place(store_url):
+    """Version 1 created an assignments table without slots or states; opening it upgrades it, keeping the rest."""
+    Store(store_url).add_user("ann", "labeller", "correct horse")
+    engine = create_engine(store_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE assignments"))
+        connection.execute(text("CREATE TABLE assignments (id INTEGER PRIMARY KEY, comparison_id INTEGER, "
+                                "user_id INTEGER, created_at TIMESTAMP)"))
+        connection.execute(text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
+    assert Store(store_url).authenticate("ann", "correct horse") is not None
+    columns = {column["name"] for column in inspect(engine).get_columns("assignments")}
+    assert {"slot", "swapped", "status"} <= columns
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT value FROM meta")).scalar() == "2"
+    engine.dispose()
 
 
 def test_users_command_adds_lists_and_disables(tmp_path, monkeypatch, capsys):

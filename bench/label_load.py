@@ -1,0 +1,149 @@
+"""Load on the labelling app: N labellers voting at once through a real `rlhf label serve`, side by side with a
+bare Gradio app of the same shape (same events, inputs, outputs and sign-in, but no database: it hands out
+numbered items from memory). The bare app is the yardstick: Gradio's own cost per event on this machine, so the
+ratio says how much of it our labelling logic leaves.
+
+Each labeller signs in and votes as fast as the server answers, speaking Gradio's protocol the way the browser
+does (preference_ui.loadtest.BrowserLikeClient); rounds alternate ours / bare. Prints votes/s and latency
+percentiles per vote (request to result, as a labeller waits for the next item) for both, the store audit of
+ours (lost, duplicated, wrong-side votes), `ratio: X` (our votes/s over the bare app's, medians over rounds),
+and last `p95_ms: X` (ours, over all rounds). Target for N=20 on SQLite: 0 lost, 0 duplicated, p95 <= 300 ms.
+
+    .venv/bin/python bench/label_load.py --labellers 20 --votes 50 [--rounds 2] [--db postgresql+psycopg://...]
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from preference_ui.loadtest import (PASSWORD, BrowserLikeClient, audit, free_port, good_side,  # noqa: E402
+                                    item_number, prepare_store, start_server, stop_server, wait_for_port)
+
+
+def serve_bare(port: int) -> None:
+    """The yardstick app: the labelling app's events and outputs, answered from memory."""
+    import gradio as gr
+
+    def shown(number: int, message: str = ""):
+        return ({"item": number}, f"### Item {number}", f"Question {number}?", f"good {number}", f"poor {number}",
+                f"<div>{number} votes</div>", message)
+
+    def vote(strength, note, state):
+        return shown(state["item"] + 1, f"Saved your vote on item {state['item']}.")
+
+    with gr.Blocks() as app:
+        state = gr.State(None)
+        outputs = [state, gr.Markdown(), gr.Textbox(), gr.Textbox(), gr.Textbox(), gr.HTML(), gr.Markdown()]
+        strength, note = gr.Radio(["clear", "slight"], value="clear"), gr.Textbox()
+        gr.Button().click(lambda: shown(0), None, outputs, api_name="next_item", queue=False)
+        for name in ("vote_a", "vote_b"):
+            gr.Button().click(vote, [strength, note, state], outputs, api_name=name, queue=False)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, auth=lambda name, password: password == PASSWORD,
+                       quiet=True)
+
+
+def labeller(url: str, name: str, votes: int, claimed: list, latencies: list, errors: list, start) -> None:
+    try:
+        client = BrowserLikeClient(url, name)
+        _, title, _, left, right, *_ = client.call("next_item")
+        start.wait()
+        for _ in range(votes):
+            shown = item_number(title)
+            began = time.perf_counter()
+            _, title, _, left, right, _, message = client.call(good_side(left, right), "clear", "", None)
+            latencies.append(time.perf_counter() - began)
+            if message != f"Saved your vote on item {shown}.":
+                raise RuntimeError(f"vote on item {shown} not saved: {message}")
+            claimed.append(shown)
+    except Exception as err:
+        errors.append(f"{name}: {err!r}")
+
+
+def drive(url: str, names: list[str], votes: int) -> dict:
+    """All labellers at once, released together once signed in."""
+    claimed, latencies, errors = {name: [] for name in names}, [], []
+    start = threading.Barrier(len(names) + 1)
+    threads = [threading.Thread(target=labeller, args=(url, name, votes, claimed[name], latencies, errors, start))
+               for name in names]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    return {"claimed": claimed, "latencies": latencies, "errors": errors, "votes_per_s": len(latencies) / elapsed}
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+
+
+def summary(result: dict) -> str:
+    latencies = result["latencies"]
+    return (f"{result['votes_per_s']:.1f} votes/s, p50 {1000 * statistics.median(latencies):.0f} ms, "
+            f"p95 {1000 * percentile(latencies, 0.95):.0f} ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--labellers", type=int, default=20)
+    parser.add_argument("--votes", type=int, default=50, help="votes per labeller per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--overlap", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16, help="labels.concurrency of the server")
+    parser.add_argument("--db", help="an empty database URL (default: a new SQLite file)")
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(args.serve_bare)
+        return 0
+
+    root = Path(tempfile.mkdtemp(prefix="label-load-"))
+    db_url = args.db or f"sqlite:///{root / 'labels.db'}"
+    total = args.labellers * args.votes * args.rounds
+    names = prepare_store(db_url, args.labellers, comparisons=total // args.overlap + total // 5)
+    ours_port, bare_port = free_port(), free_port()
+    ours = start_server(db_url, ours_port, args.overlap, args.concurrency, log=root / "serve.log")
+    bare = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(bare_port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    results = {"ours": [], "bare": []}
+    try:
+        wait_for_port(bare, bare_port)
+        for round_number in range(args.rounds):
+            for kind, port in (("ours", ours_port), ("bare", bare_port)):
+                result = drive(f"http://127.0.0.1:{port}", names, args.votes)
+                results[kind].append(result)
+                print(f"round {round_number} {kind:4}: {summary(result)}", flush=True)
+    finally:
+        stop_server(ours)
+        stop_server(bare)
+    claimed = {name: [item for result in results["ours"] for item in result["claimed"][name]] for name in names}
+    report = audit(db_url, claimed)
+    errors = [error for kind in results.values() for result in kind for error in result["errors"]]
+    ours_latencies = [latency for result in results["ours"] for latency in result["latencies"]]
+    ours_rate = statistics.median(result["votes_per_s"] for result in results["ours"])
+    bare_rate = statistics.median(result["votes_per_s"] for result in results["bare"])
+    print(f"labellers: {args.labellers}  votes each per round: {args.votes}  rounds: {args.rounds}  overlap: "
+          f"{args.overlap}  store: {db_url.split(':')[0]}  server log: {root / 'serve.log'}")
+    for error in errors[:5]:
+        print(f"error: {error}")
+    print(f"votes_per_s: {ours_rate:.1f}  bare gradio events/s: {bare_rate:.1f}")
+    print(f"stored: {report['stored']}  lost: {report['lost']}  duplicated: {report['duplicated']}  "
+          f"unexpected: {report['unexpected']}  wrong_side: {report['wrong_side']}")
+    print(f"p50_ms: {1000 * statistics.median(ours_latencies):.0f}  p99_ms: "
+          f"{1000 * percentile(ours_latencies, 0.99):.0f}")
+    print(f"ratio: {ours_rate / bare_rate:.3f}")
+    print(f"p95_ms: {1000 * percentile(ours_latencies, 0.95):.0f}")
+    return 1 if errors or report["lost"] or report["duplicated"] or report["wrong_side"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

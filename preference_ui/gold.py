@@ -1,0 +1,33 @@
+"""`rlhf label gold FILE`: comparisons with a known answer, mixed into every labeller's queue.
+
+Gold items measure each labeller (their accuracy shows in `rlhf label stats` and the admin tab) and never enter
+the exported training pairs. Rows: {"id", "prompt", "a", "b", "expected": a|b|tie|both_bad}. Importing the same
+file again changes nothing; a different file into a batch that already has items is refused.
+"""
+from rlhf.datasets import load_rows
+from rlhf.errors import UserError
+from rlhf.store import Store
+
+GOLD_MODEL = "gold"
+
+
+def comparison_key(prompt: list[dict], a: str, b: str, expected: str) -> tuple:
+    return (tuple((m["role"], m["content"]) for m in prompt), a, b, expected)
+
+
+def import_gold(store: Store, source: str, batch: str = "gold") -> dict:
+    rows = load_rows(source, "gold")
+    wanted = {comparison_key(row["prompt"], row["a"], row["b"], row["expected"]) for row in rows}
+    existing = store.comparisons(batch)
+    if existing:
+        stored = {comparison_key(c["prompt"], c["a"], c["b"], c["expected"]) for c in existing}
+        if stored == wanted and all(c["kind"] == "gold" for c in existing):
+            return {"batch": batch, "items": len(existing), "unchanged": True}
+        raise UserError(f"batch '{batch}' already holds different comparisons; import {source} under another "
+                        "--batch")
+    for row in rows:
+        prompt = store.add_prompt(f"{batch}/{row['id']}", row["category"], row["prompt"])
+        a = store.add_response(prompt, row["a"], GOLD_MODEL, {})
+        b = store.add_response(prompt, row["b"], GOLD_MODEL, {})
+        store.add_comparison(a, b, batch=batch, kind="gold", expected=row["expected"])
+    return {"batch": batch, "items": len(rows), "unchanged": False}

@@ -1,0 +1,245 @@
+"""Who labels what: each labeller's queue of comparisons, drawn from the store.
+
+- A labeller always gets back the item they were shown and have not answered (a reload or a second tab shows
+  the same item), so they hold at most one open item at a time in normal use.
+- Train and eval comparisons go to `overlap` distinct labellers: a new assignment takes a numbered slot, and
+  the database's unique (comparison, slot) constraint settles races for the last slot.
+- Gold comparisons go to every labeller once, drawn at `gold_rate`.
+- A vote is accepted only for the labeller's own open assignment, and the store's one-vote-per-labeller
+  constraint turns a second vote from another tab into `DuplicateVote`.
+- An item left open longer than `timeout` goes back to the pool; its labeller will not get it again.
+"""
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, bindparam, exists, func, insert, null, or_, select, true, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
+
+from rlhf.schema import VOTE_CHOICES, VOTE_STRENGTHS
+from rlhf.store import (MAX_NOTE_CHARS, Assignment, Comparison, DuplicateVote, Prompt, Response, Store, StoreError,
+                        User, Vote, utcnow)
+
+CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
+ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
+
+
+@dataclass
+class Item:
+    """A comparison as one labeller sees it: `left`/`right` already in the order shown."""
+    comparison_id: int
+    prompt: list[dict]
+    left: str
+    right: str
+    swapped: bool
+    kind: str
+
+
+class ItemGone(StoreError):
+    """The item shown is no longer this labeller's to vote on (skipped, timed out, or never assigned)."""
+
+
+def unswap(shown_choice: str, swapped: bool) -> str:
+    """The choice in the comparison's own a/b terms: "a" means the response shown on the left."""
+    if swapped and shown_choice in ("a", "b"):
+        return "b" if shown_choice == "a" else "a"
+    return shown_choice
+
+
+class Statements:
+    """The queue's queries, built once (building a statement costs more than running it on SQLite; SQLAlchemy
+    caches the compiled SQL). `:labeller` (a user id) and `:item` (a comparison id) are bound when they run.
+    Slot counts and "seen by this labeller" are correlated subqueries on the assignments' unique indexes, so a
+    query reads the rows of the comparisons it looks at and not the whole assignments table."""
+
+    def __init__(self, overlap: int, batch: str | None):
+        user_id = bindparam("labeller")  # `:start`: see LabelQueue.starts
+        # this queue's comparisons: its batch (every batch if none) and, always, the gold items
+        in_scope = true() if batch is None else or_(Comparison.batch == batch, Comparison.kind == "gold")
+        seen = exists().where(Assignment.comparison_id == Comparison.id, Assignment.user_id == user_id)
+        taken = (select(func.count()).where(Assignment.comparison_id == Comparison.id, Assignment.slot.is_not(None))
+                 .correlate(Comparison).scalar_subquery())
+        open_for_me = and_(Comparison.id >= bindparam("start"), Comparison.kind != "gold", in_scope, ~seen,
+                           taken < overlap)
+        gold_for_me = and_(Comparison.kind == "gold", ~seen)
+        held = (Assignment.id, Assignment.comparison_id, Assignment.swapped, Assignment.status)
+        this_one = and_(Assignment.user_id == user_id, Assignment.comparison_id == bindparam("item"))
+
+        self.open_assignment = (select(*held).join(Comparison, Comparison.id == Assignment.comparison_id)
+                                .where(Assignment.user_id == user_id, Assignment.status == "open", in_scope)
+                                .order_by(Assignment.id).limit(1))
+        self.assignment_status = select(Assignment.status).where(this_one)
+        # open -> voted / skipped only while still open: of two tabs answering at once, one changes no row
+        still_open = and_(this_one, Assignment.status == "open")
+        self.close_voted = update(Assignment).where(still_open).values(status="voted").returning(Assignment.swapped)
+        self.close_skipped = (update(Assignment).where(still_open).values(status="skipped", slot=None)
+                              .returning(Assignment.swapped))
+        # the oldest first, so items are finished before new ones start and agreement can be measured early
+        self.train_candidates = (select(Comparison.id, taken).where(open_for_me).order_by(Comparison.id)
+                                 .limit(CANDIDATES))
+        self.gold_candidates = (select(Comparison.id, null()).where(gold_for_me).order_by(Comparison.id)
+                                .limit(CANDIDATES))
+        self.slots = select(Assignment.slot).where(Assignment.comparison_id == bindparam("item"),
+                                                   Assignment.slot.is_not(None))
+        a, b = aliased(Response), aliased(Response)
+        self.item = (select(Comparison.kind, Prompt.messages, a.text, b.text)
+                     .join(Prompt, Prompt.id == Comparison.prompt_id).join(a, a.id == Comparison.response_a_id)
+                     .join(b, b.id == Comparison.response_b_id).where(Comparison.id == bindparam("item")))
+        mine = (select(*(func.count().filter(Assignment.status == state).label(state)
+                         for state in ("voted", "skipped", "open")))
+                .join(Comparison, Comparison.id == Assignment.comparison_id)
+                .where(Assignment.user_id == user_id, in_scope).subquery())
+        self.progress = select(
+            mine.c.voted, mine.c.skipped, mine.c.open,
+            select(func.count()).where(open_for_me).scalar_subquery().label("available"),
+            select(func.count()).where(gold_for_me).scalar_subquery().label("gold_available"),
+            select(func.avg(Vote.seconds)).join(Comparison, Comparison.id == Vote.comparison_id)
+            .where(Vote.user_id == user_id, in_scope).scalar_subquery().label("mean_seconds"))
+
+
+@dataclass
+class Held:
+    """An assignment as the queue needs it."""
+    id: int
+    comparison_id: int
+    swapped: bool
+    status: str = "open"
+
+
+class LabelQueue:
+    def __init__(self, store: Store, overlap: int = 3, gold_rate: float = 0.1, batch: str | None = None,
+                 timeout_minutes: float = 30.0, seed: int | None = None):
+        self.store, self.overlap, self.gold_rate, self.batch = store, overlap, gold_rate, batch
+        self.timeout = timedelta(minutes=timeout_minutes)
+        self.rng = random.Random(seed)
+        self.last_release = float("-inf")
+        self.sql = Statements(overlap, batch)
+        # Per labeller, the lowest comparison id that may still be open to them: everything older was full or
+        # theirs when last looked at, and stays so until a slot is released (skip, expiry), which resets this.
+        # It spares each query from re-reading the finished front of the queue.
+        self.starts: dict[int, int] = {}
+
+    def rows(self, statement, **params) -> list:
+        with self.store.engine.connect() as connection:
+            return list(connection.execute(statement, params))
+
+    def held(self, statement, **params) -> Held | None:
+        rows = self.rows(statement, **params)
+        return Held(*rows[0]) if rows else None
+
+    # handing out items
+    def next_item(self, user: User) -> Item | None:
+        """The labeller's open item, or a newly assigned one; None when nothing is left for them."""
+        self.release_stale()
+        assignment = self.held(self.sql.open_assignment, labeller=user.id)
+        if assignment is None and self.rng.random() < self.gold_rate:
+            assignment = self.assign(user, self.sql.gold_candidates)
+        if assignment is None:
+            assignment = self.assign(user, self.sql.train_candidates)
+        if assignment is None and self.gold_rate > 0:
+            assignment = self.assign(user, self.sql.gold_candidates)
+        return None if assignment is None else self.item(assignment)
+
+    def release_stale(self) -> None:
+        """Expires items left open past the timeout; a write, so done at most once a minute."""
+        if time.monotonic() - self.last_release < 60:
+            return
+        self.last_release = time.monotonic()
+        with self.store.transaction() as session:
+            released = session.execute(update(Assignment).where(Assignment.status == "open",
+                                                                Assignment.created_at < utcnow() - self.timeout)
+                                       .values(status="expired", slot=None)).rowcount
+        if released:
+            self.starts.clear()
+
+    def assign(self, user: User, candidates_query) -> Held | None:
+        """Takes a slot on one of the candidates, (comparison, slot to try) rows; gold ones need no slot. A lost
+        race for a slot is tried again with the slots as they are now, so every failure means another labeller
+        made progress."""
+        candidates = []
+        for _ in range(ATTEMPTS):
+            if not candidates:
+                candidates = [tuple(row) for row in self.rows(candidates_query, labeller=user.id,
+                                                              start=self.starts.get(user.id, 0))]
+                if not candidates:
+                    return None
+                if candidates_query is self.sql.train_candidates:
+                    self.starts[user.id] = candidates[0][0]
+                self.rng.shuffle(candidates)
+            comparison_id, slot = candidates.pop()
+            swapped = self.rng.random() < 0.5
+            try:
+                with self.store.transaction() as session:
+                    new_id = session.execute(insert(Assignment).returning(Assignment.id), [dict(
+                        comparison_id=comparison_id, user_id=user.id, slot=slot, swapped=swapped, status="open",
+                        created_at=utcnow())]).scalar_one()
+                return Held(new_id, comparison_id, swapped)
+            except IntegrityError:
+                mine = self.held(self.sql.open_assignment, labeller=user.id)
+                if mine is not None:
+                    return mine  # this labeller's other tab took an item at the same moment: show that one
+                if (free := self.free_slot(comparison_id)) is not None:
+                    candidates.append((comparison_id, free))
+        return None
+
+    def free_slot(self, comparison_id: int) -> int | None:
+        taken = {slot for (slot,) in self.rows(self.sql.slots, item=comparison_id)}
+        return min(set(range(self.overlap)) - taken, default=None)
+
+    def item(self, assignment: Held) -> Item:
+        kind, prompt, a_text, b_text = self.rows(self.sql.item, item=assignment.comparison_id)[0]
+        left, right = (b_text, a_text) if assignment.swapped else (a_text, b_text)
+        return Item(assignment.comparison_id, prompt, left, right, assignment.swapped, kind)
+
+    # answers
+    def vote(self, user: User, comparison_id: int, shown_choice: str, strength: str = "clear",
+             note: str | None = None, seconds: float | None = None) -> None:
+        """Stores the vote for the item as shown ("a" = left), undoing the swap, and closes the assignment."""
+        if shown_choice not in VOTE_CHOICES:
+            raise StoreError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got '{shown_choice}'")
+        if strength not in VOTE_STRENGTHS:
+            raise StoreError(f"strength must be one of {', '.join(VOTE_STRENGTHS)}, got '{strength}'")
+        if note and len(note) > MAX_NOTE_CHARS:
+            raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
+        try:
+            with self.store.transaction() as session:
+                swapped = self.close(session, self.sql.close_voted, user, comparison_id)
+                if swapped is not None:
+                    session.execute(insert(Vote), [dict(
+                        comparison_id=comparison_id, user_id=user.id, choice=unswap(shown_choice, swapped),
+                        strength=strength, note=note or None, seconds=seconds, swapped=swapped, created_at=utcnow())])
+        except IntegrityError:
+            raise DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}") from None
+        if swapped is None:
+            raise self.refusal(user, comparison_id)
+
+    def skip(self, user: User, comparison_id: int) -> None:
+        """Gives the item's slot to someone else; this labeller will not see it again."""
+        with self.store.transaction() as session:
+            swapped = self.close(session, self.sql.close_skipped, user, comparison_id)
+        if swapped is None:
+            raise self.refusal(user, comparison_id)
+        self.starts.clear()
+
+    def close(self, session, statement, user: User, comparison_id: int) -> bool | None:
+        """Closes the labeller's assignment if it is still open, and returns whether its sides were swapped; None
+        if it was not open (a concurrent vote, skip or expiry), in which case nothing changes."""
+        row = session.execute(statement, {"labeller": user.id, "item": comparison_id}).first()
+        return None if row is None else row.swapped
+
+    def refusal(self, user: User, comparison_id: int) -> StoreError:
+        state = self.rows(self.sql.assignment_status, labeller=user.id, item=comparison_id)
+        if not state:
+            return ItemGone(f"comparison {comparison_id} is not assigned to {user.name}")
+        if state[0].status == "voted":
+            return DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}")
+        return ItemGone(f"comparison {comparison_id} was {state[0].status} and is no longer {user.name}'s")
+
+    # progress
+    def progress(self, user: User) -> dict:
+        """This labeller's votes and skips, and how many more items the queue could give them now."""
+        row = self.rows(self.sql.progress, labeller=user.id, start=self.starts.get(user.id, 0))[0]
+        remaining = row.open + row.available + (row.gold_available if self.gold_rate > 0 else 0)
+        return {"votes": row.voted, "skipped": row.skipped, "remaining": remaining, "mean_seconds": row.mean_seconds}

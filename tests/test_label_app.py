@@ -1,0 +1,86 @@
+"""The labelling app, served for real: `rlhf label serve` on a loopback port, driven by gradio_client."""
+import threading
+
+import pytest
+from gradio_client import Client
+
+from pipeline.cli import main as cli
+from preference_ui.app import check_host
+from preference_ui.loadtest import (PASSWORD, audit, free_port, good_side, item_number, prepare_store, start_server,
+                                    stop_server)
+from rlhf.errors import UserError
+
+LABELLERS, VOTES_EACH = 20, 50
+# Every Client gets ssl_verify=False: the server is plain HTTP on loopback, and with verification on,
+# gradio_client builds a TLS context (reading the CA bundle) for each request, ~140 ms of CPU apiece.
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    db_url = f"sqlite:///{root / 'labels.db'}"
+    # 600 comparisons x overlap 2 = 1200 slots for 1000 votes: nobody runs dry before their 50th vote.
+    names = prepare_store(db_url, LABELLERS, comparisons=600)
+    port = free_port()
+    process = start_server(db_url, port, overlap=2, log=root / "serve.log")
+    yield {"url": f"http://127.0.0.1:{port}/", "db": db_url, "names": names}
+    stop_server(process)
+
+
+def label(url: str, name: str, votes: int, claimed: dict, errors: list) -> None:
+    try:
+        client = Client(url, auth=(name, PASSWORD), verbose=False, ssl_verify=False)
+        title, _, left, right, _, _ = client.predict(api_name="/next_item")
+        for _ in range(votes):
+            shown = item_number(title)
+            title, _, left, right, _, message = client.predict("clear", "", api_name=f"/{good_side(left, right)}")
+            assert message == f"Saved your vote on item {shown}.", message
+            claimed[name].append(shown)
+    except Exception as err:  # reported by the test, with the labeller's name
+        errors.append(f"{name}: {err!r}")
+
+
+def test_twenty_concurrent_labellers_cast_exactly_a_thousand_votes(server):
+    claimed, errors = {name: [] for name in server["names"]}, []
+    threads = [threading.Thread(target=label, args=(server["url"], name, VOTES_EACH, claimed, errors))
+               for name in server["names"]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    report = audit(server["db"], claimed)
+    assert report == {"stored": 1000, "claimed": 1000, "lost": 0, "unexpected": 0, "duplicated": 0,
+                      "wrong_side": 0, "max_labellers_per_item": 2}
+
+
+def test_wrong_passwords_and_anonymous_visitors_are_refused(server):
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(server["url"], auth=(server["names"][0], "not-the-password"), verbose=False, ssl_verify=False)
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(server["url"], auth=("nobody", PASSWORD), verbose=False, ssl_verify=False)
+    with pytest.raises(Exception):
+        Client(server["url"], verbose=False, ssl_verify=False).predict(api_name="/next_item")
+
+
+def test_a_labeller_calling_admin_endpoints_is_refused_and_an_admin_is_served(server):
+    labeller = Client(server["url"], auth=(server["names"][0], PASSWORD), verbose=False, ssl_verify=False)
+    for api_name, args in (("/admin_stats", ()), ("/admin_export", ("stolen", 1))):
+        with pytest.raises(Exception, match="admins only"):
+            labeller.predict(*args, api_name=api_name)
+    admin = Client(server["url"], auth=("load-admin", PASSWORD), verbose=False, ssl_verify=False)
+    summary, batches, labellers = admin.predict(api_name="/admin_stats")
+    assert "votes** on" in summary and batches["data"][0][0] == "load"
+    assert {row[0] for row in labellers["data"]} <= set(server["names"])
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::"])
+def test_sign_in_can_only_be_switched_off_on_loopback(host, tmp_path, capsys):
+    with pytest.raises(UserError, match="only allowed on 127.0.0.1"):
+        check_host(host, auth=False)
+    check_host(host, auth=True)
+    code = cli(["label", "serve", "--db", f"sqlite:///{tmp_path / 'l.db'}", "--host", host, "--no-auth",
+                "--user", "ann"])
+    assert code == 2 and "refusing to serve without sign-in" in capsys.readouterr().err
+    check_host("127.0.0.1", auth=False)
+    check_host("localhost", auth=False)

@@ -1,0 +1,194 @@
+"""Who labels what: overlap, gold mix-in, reloads and second tabs, skips and timeouts (SQLite and PostgreSQL)."""
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from preference_ui.gold import import_gold
+from preference_ui.queue import ItemGone, LabelQueue, unswap
+from rlhf.errors import DataError, UserError
+from rlhf.store import Assignment, DuplicateVote, Store, StoreError, utcnow
+from tests.conftest import database_numbers
+
+
+def add_comparisons(store, count, batch="b1", kind="train", expected=None):
+    made = []
+    for _ in range(count):
+        number = next(database_numbers)
+        prompt = store.add_prompt(f"p{number}", "explain", [{"role": "user", "content": f"Question {number}?"}])
+        a = store.add_response(prompt, f"answer a{number}", "m", {})
+        b = store.add_response(prompt, f"answer b{number}", "m", {})
+        made.append(store.add_comparison(a, b, batch=batch, kind=kind, expected=expected))
+    return made
+
+
+def labellers(store, count):
+    return [store.add_user(f"labeller{i}", "labeller", "password1") for i in range(count)]
+
+
+def assignments(store):
+    with store.session() as session:
+        return list(session.scalars(select(Assignment)))
+
+
+def test_each_comparison_goes_to_overlap_distinct_labellers(store_url):
+    store = Store(store_url)
+    add_comparisons(store, 4)
+    queue = LabelQueue(store, overlap=2, gold_rate=0.0, seed=0)
+    seen = {user.name: [] for user in labellers(store, 3)}
+    for _ in range(4):
+        for user in store.users():
+            item = queue.next_item(user)
+            if item is not None:
+                seen[user.name].append(item.comparison_id)
+                queue.vote(user, item.comparison_id, "a")
+    assert all(len(ids) == len(set(ids)) for ids in seen.values())  # never the same item twice
+    per_item = [sum(c["id"] in ids for ids in seen.values()) for c in store.comparisons()]
+    assert per_item == [2, 2, 2, 2] and len(store.votes()) == 8
+    assert all(queue.next_item(user) is None for user in store.users())
+
+
+def test_a_reload_shows_the_same_item_and_a_second_tab_cannot_vote_again(store_url):
+    store = Store(store_url)
+    add_comparisons(store, 3)
+    ann = labellers(store, 1)[0]
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0, seed=0)
+    first = queue.next_item(ann)
+    assert queue.next_item(ann) == first  # reload / second tab
+    queue.vote(ann, first.comparison_id, "a", "slight", "close call", seconds=3.5)
+    with pytest.raises(DuplicateVote):
+        queue.vote(ann, first.comparison_id, "b")  # the stale tab
+    assert [(v.comparison_id, v.strength, v.note, v.seconds) for v in store.votes()] == \
+        [(first.comparison_id, "slight", "close call", 3.5)]
+    assert queue.next_item(ann).comparison_id != first.comparison_id
+
+
+def test_the_side_swap_is_undone_before_the_vote_is_stored(store_url):
+    store = Store(store_url)
+    add_comparisons(store, 12)
+    ann = labellers(store, 1)[0]
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0, seed=1)
+    swaps = []
+    while (item := queue.next_item(ann)) is not None:
+        comparison = next(c for c in store.comparisons() if c["id"] == item.comparison_id)
+        assert (item.left, item.right) == ((comparison["b"], comparison["a"]) if item.swapped
+                                           else (comparison["a"], comparison["b"]))
+        shown_choice = "a" if item.left.startswith("answer a") else "b"  # always pick the comparison's own `a`
+        queue.vote(ann, item.comparison_id, shown_choice)
+        swaps.append(item.swapped)
+    assert True in swaps and False in swaps
+    assert [vote.choice for vote in store.votes()] == ["a"] * 12
+    assert [vote.swapped for vote in store.votes()] == swaps
+    assert unswap("tie", True) == "tie" and unswap("both_bad", True) == "both_bad"
+
+
+def test_racing_labellers_never_overfill_a_comparison(store_url):
+    store = Store(store_url)
+    add_comparisons(store, 1)
+    users = labellers(store, 8)
+    queue = LabelQueue(store, overlap=3, gold_rate=0.0)
+    barrier, got = threading.Barrier(len(users)), []
+
+    def take(user):
+        barrier.wait()
+        got.append(queue.next_item(user))
+
+    threads = [threading.Thread(target=take, args=(user,)) for user in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(item is not None for item in got) == 3
+    assert sorted(a.slot for a in assignments(store)) == [0, 1, 2]
+
+
+def test_a_skip_frees_the_slot_for_someone_else_but_never_returns_to_the_skipper(store_url):
+    store = Store(store_url)
+    add_comparisons(store, 1)
+    ann, bob = labellers(store, 2)
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0)
+    item = queue.next_item(ann)
+    assert queue.next_item(bob) is None  # the only slot is ann's
+    queue.skip(ann, item.comparison_id)
+    assert queue.next_item(ann) is None
+    assert queue.next_item(bob).comparison_id == item.comparison_id
+    with pytest.raises(ItemGone, match="skipped"):
+        queue.vote(ann, item.comparison_id, "a")
+    assert queue.progress(ann) == {"votes": 0, "skipped": 1, "remaining": 0, "mean_seconds": None}
+
+
+def test_an_item_left_open_past_the_timeout_goes_back_to_the_pool(store_url):
+    store = Store(store_url)
+    add_comparisons(store, 1)
+    ann, bob = labellers(store, 2)
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0, timeout_minutes=5)
+    item = queue.next_item(ann)
+    with store.transaction() as session:
+        session.execute(update(Assignment).values(created_at=utcnow() - timedelta(minutes=6)))
+    queue.last_release = float("-inf")
+    bobs = queue.next_item(bob)
+    assert bobs.comparison_id == item.comparison_id
+    with pytest.raises(ItemGone, match="expired"):
+        queue.vote(ann, item.comparison_id, "a")
+    queue.vote(bob, item.comparison_id, "b")
+    assert [(vote.user_id, vote.choice) for vote in store.votes()] == [(bob.id, unswap("b", bobs.swapped))]
+
+
+def test_gold_items_are_mixed_in_for_everyone_and_never_use_up_the_overlap(store_url):
+    store = Store(store_url)
+    add_comparisons(store, 40, batch="b1")
+    import_gold(store, "data/gold_comparisons.jsonl")
+    ann, bob = labellers(store, 2)
+    queue = LabelQueue(store, overlap=1, gold_rate=0.25, batch="b1", seed=3)
+    kinds = {ann.name: [], bob.name: []}
+    for _ in range(26):
+        for user in (ann, bob):
+            item = queue.next_item(user)
+            kinds[user.name].append(item.kind)
+            queue.vote(user, item.comparison_id, "a")
+    for name, seen in kinds.items():
+        share = seen.count("gold") / len(seen)
+        assert 0.1 < share < 0.45, (name, share)  # 12 gold items, drawn at about a quarter of the time
+    gold = {c["id"] for c in store.comparisons("gold")}
+    gold_voters = {}
+    for vote in store.votes():
+        if vote.comparison_id in gold:
+            gold_voters.setdefault(vote.comparison_id, set()).add(vote.user_id)
+    assert any(len(voters) == 2 for voters in gold_voters.values())  # overlap 1 does not apply to gold
+
+
+def test_no_gold_at_rate_zero_and_a_vote_needs_an_assignment(store_url):
+    store = Store(store_url)
+    train = add_comparisons(store, 3)
+    add_comparisons(store, 3, kind="gold", expected="a")
+    ann = labellers(store, 1)[0]
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0)
+    kinds = []
+    while (item := queue.next_item(ann)) is not None:
+        kinds.append(item.kind)
+        queue.vote(ann, item.comparison_id, "tie")
+    assert kinds == ["train"] * 3
+    bob = store.add_user("bob", "labeller", "password1")
+    with pytest.raises(ItemGone, match="not assigned"):
+        LabelQueue(store).vote(bob, train[0].id, "a")
+    item = LabelQueue(store, overlap=2, gold_rate=0.0).next_item(bob)
+    for bad in ({"shown_choice": "left"}, {"shown_choice": "a", "strength": "huge"},
+                {"shown_choice": "a", "note": "x" * 2001}):
+        with pytest.raises(StoreError):
+            queue.vote(bob, item.comparison_id, **bad)
+    assert len(store.votes()) == 3
+
+
+def test_gold_import_is_idempotent_and_checks_its_rows(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    assert import_gold(store, "data/gold_comparisons.jsonl") == {"batch": "gold", "items": 12, "unchanged": False}
+    assert import_gold(store, "data/gold_comparisons.jsonl")["unchanged"] is True
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "2+2?", "a": "4", "b": "5", "expected": "a"}\n')
+    with pytest.raises(UserError, match="already holds different comparisons"):
+        import_gold(store, str(other))
+    other.write_text('{"prompt": "2+2?", "a": "4", "b": "5", "expected": "a"}\n'
+                     '{"prompt": "3+3?", "a": "6", "b": "7", "expected": "left"}\n')
+    with pytest.raises(DataError, match=r"other.jsonl:2: expected: expected one of a, b, tie, both_bad"):
+        import_gold(store, str(other), batch="gold2")
