@@ -26,7 +26,7 @@ from preference_ui.loadtest import (PASSWORD, BrowserLikeClient, audit, free_por
                                     item_number, prepare_store, start_server, stop_server, wait_for_port)
 
 
-def serve_bare(port: int) -> None:
+def serve_bare(port: int, threads: int) -> None:
     """The yardstick app: the labelling app's events and outputs, answered from memory."""
     import gradio as gr
 
@@ -45,7 +45,7 @@ def serve_bare(port: int) -> None:
         for name in ("vote_a", "vote_b"):
             gr.Button().click(vote, [strength, note, state], outputs, api_name=name, queue=False)
     app.queue().launch(server_name="127.0.0.1", server_port=port, auth=lambda name, password: password == PASSWORD,
-                       quiet=True)
+                       quiet=True, max_threads=threads)
 
 
 def labeller(url: str, name: str, votes: int, claimed: list, latencies: list, errors: list, start) -> None:
@@ -98,12 +98,12 @@ def main() -> int:
     parser.add_argument("--votes", type=int, default=50, help="votes per labeller per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--overlap", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=16, help="labels.concurrency of the server")
+    parser.add_argument("--concurrency", type=int, default=4, help="labels.concurrency of the server")
     parser.add_argument("--db", help="an empty database URL (default: a new SQLite file)")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
-        serve_bare(args.serve_bare)
+        serve_bare(args.serve_bare, args.concurrency)
         return 0
 
     root = Path(tempfile.mkdtemp(prefix="label-load-"))
@@ -112,8 +112,8 @@ def main() -> int:
     names = prepare_store(db_url, args.labellers, comparisons=total // args.overlap + total // 5)
     ours_port, bare_port = free_port(), free_port()
     ours = start_server(db_url, ours_port, args.overlap, args.concurrency, log=root / "serve.log")
-    bare = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(bare_port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+    bare = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(bare_port), "--concurrency",
+                             str(args.concurrency)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     results = {"ours": [], "bare": []}
     try:
         wait_for_port(bare, bare_port)

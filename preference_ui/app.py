@@ -211,7 +211,8 @@ def build_app(store: Store, config: LabelsConfig, batch: str | None = None, loca
             export_result = gr.Markdown()
 
         # Labelling events are a few milliseconds of database work each: they skip Gradio's queue, whose
-        # bookkeeping costs more than the work (bench/label_load.py), and run on the server's thread pool.
+        # bookkeeping costs more than the work (bench/label_load.py), and run on a pool of
+        # `labels.concurrency` threads.
         shown = [state, title, prompt, left, right, progress, message]
         app.load(handlers.load, None, [*shown, admin_tab], api_name="load", queue=False)
         app.load(None, js=SHORTCUTS_JS)
@@ -256,4 +257,5 @@ def serve(store: Store, config: LabelsConfig, host: str = "127.0.0.1", port: int
           f" ({'sign-in required' if auth else 'no sign-in, acting as ' + local_user})", flush=True)
     app.launch(server_name=host, server_port=port, auth=sign_in if auth else None, css=CSS, show_error=True,
                auth_message="Sign in with the account your admin made for you.", ssl_keyfile=ssl_keyfile,
-               ssl_certfile=ssl_certfile, quiet=True, footer_links=[])
+               ssl_certfile=ssl_certfile, quiet=True, footer_links=[],
+               max_threads=config.concurrency)

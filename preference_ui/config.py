@@ -25,7 +25,9 @@ class LabelsConfig:
         "help": "Markdown file shown in the app's guidelines panel."})
     assignment_timeout: float = field(default=30.0, metadata={
         "help": "Minutes an item may stay shown without a vote before it goes back to the pool."})
-    concurrency: int = field(default=16, metadata={"help": "Requests the labelling app serves at once."})
+    concurrency: int = field(default=4, metadata={
+        "help": "Labelling requests the app works on at once; the rest wait their turn. Python runs one thread "
+                "at a time, so more threads mostly add contention (bench/label_load.py)."})
 
     def __post_init__(self):
         if self.responses_per_prompt < 2:

@@ -47,7 +47,7 @@ def prepare_store(url: str, labellers: int, comparisons: int, seed: int = 0) -> 
     return names
 
 
-def start_server(db_url: str, port: int, overlap: int, concurrency: int = 16, log: Path | None = None):
+def start_server(db_url: str, port: int, overlap: int, concurrency: int = 4, log: Path | None = None):
     """`rlhf label serve` in a child process; returns it once the port answers (or raises with its output)."""
     command = [sys.executable, "-m", "pipeline.cli", "label", "serve", "--db", db_url, "--port", str(port),
                "--labels.overlap", str(overlap), "--labels.gold_rate", "0", "--labels.concurrency", str(concurrency)]

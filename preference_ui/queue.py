@@ -24,6 +24,7 @@ from rlhf.store import (MAX_NOTE_CHARS, Assignment, Comparison, DuplicateVote, P
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
+PROGRESS_REFRESH = 10.0  # seconds between full counts of a labeller's remaining items
 
 
 @dataclass
@@ -91,12 +92,13 @@ class Statements:
                          for state in ("voted", "skipped", "open")))
                 .join(Comparison, Comparison.id == Assignment.comparison_id)
                 .where(Assignment.user_id == user_id, in_scope).subquery())
-        self.progress = select(
+        self.my_progress = select(
             mine.c.voted, mine.c.skipped, mine.c.open,
-            select(func.count()).where(open_for_me).scalar_subquery().label("available"),
-            select(func.count()).where(gold_for_me).scalar_subquery().label("gold_available"),
             select(func.avg(Vote.seconds)).join(Comparison, Comparison.id == Vote.comparison_id)
             .where(Vote.user_id == user_id, in_scope).scalar_subquery().label("mean_seconds"))
+        self.available = select(
+            select(func.count()).where(open_for_me).scalar_subquery().label("train"),
+            select(func.count()).where(gold_for_me).scalar_subquery().label("gold"))
 
 
 @dataclass
@@ -120,6 +122,7 @@ class LabelQueue:
         # theirs when last looked at, and stays so until a slot is released (skip, expiry), which resets this.
         # It spares each query from re-reading the finished front of the queue.
         self.starts: dict[int, int] = {}
+        self.counts: dict[int, tuple[int, int, float]] = {}  # see available()
 
     def rows(self, statement, **params) -> list:
         with self.store.engine.connect() as connection:
@@ -240,6 +243,19 @@ class LabelQueue:
     # progress
     def progress(self, user: User) -> dict:
         """This labeller's votes and skips, and how many more items the queue could give them now."""
-        row = self.rows(self.sql.progress, labeller=user.id, start=self.starts.get(user.id, 0))[0]
-        remaining = row.open + row.available + (row.gold_available if self.gold_rate > 0 else 0)
-        return {"votes": row.voted, "skipped": row.skipped, "remaining": remaining, "mean_seconds": row.mean_seconds}
+        mine = self.rows(self.sql.my_progress, labeller=user.id)[0]
+        answered = mine.voted + mine.skipped
+        remaining = mine.open + self.available(user, answered)
+        return {"votes": mine.voted, "skipped": mine.skipped, "remaining": remaining,
+                "mean_seconds": mine.mean_seconds}
+
+    def available(self, user: User, answered: int) -> int:
+        """Items the queue could still hand this labeller. Counting them reads every open comparison, the
+        costliest query here, so the count is redone every PROGRESS_REFRESH seconds; in between it goes down
+        by the labeller's own answers (others' progress shows at the next count)."""
+        counted, answered_then, at = self.counts.get(user.id, (0, 0, float("-inf")))
+        if time.monotonic() - at > PROGRESS_REFRESH:
+            row = self.rows(self.sql.available, labeller=user.id, start=self.starts.get(user.id, 0))[0]
+            counted, answered_then = row.train + (row.gold if self.gold_rate > 0 else 0), answered
+            self.counts[user.id] = (counted, answered_then, time.monotonic())
+        return max(0, counted - (answered - answered_then))
