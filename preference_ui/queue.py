@@ -18,9 +18,8 @@ from sqlalchemy import and_, bindparam, exists, func, insert, null, or_, select,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from rlhf.schema import VOTE_CHOICES, VOTE_STRENGTHS
-from rlhf.store import (MAX_NOTE_CHARS, Assignment, Comparison, DuplicateVote, Prompt, Response, Store, StoreError,
-                        User, Vote, utcnow)
+from rlhf.store import (Assignment, Comparison, DuplicateVote, Prompt, Response, Store, StoreError, User, Vote,
+                        check_vote, utcnow)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
@@ -146,16 +145,16 @@ class LabelQueue:
         return None if assignment is None else self.item(assignment)
 
     def release_stale(self) -> None:
-        """Expires items left open past the timeout; a write, so done at most once a minute."""
+        """Expires items left open past the timeout; a write, so done at most once a minute. The per-labeller
+        starts are forgotten at the same time, so a slot released by another process is found within a minute."""
         if time.monotonic() - self.last_release < 60:
             return
         self.last_release = time.monotonic()
         with self.store.transaction() as session:
-            released = session.execute(update(Assignment).where(Assignment.status == "open",
-                                                                Assignment.created_at < utcnow() - self.timeout)
-                                       .values(status="expired", slot=None)).rowcount
-        if released:
-            self.starts.clear()
+            session.execute(update(Assignment)
+                            .where(Assignment.status == "open", Assignment.created_at < utcnow() - self.timeout)
+                            .values(status="expired", slot=None))
+        self.starts.clear()
 
     def assign(self, user: User, candidates_query) -> Held | None:
         """Takes a slot on one of the candidates, (comparison, slot to try) rows; gold ones need no slot. A lost
@@ -200,12 +199,7 @@ class LabelQueue:
     def vote(self, user: User, comparison_id: int, shown_choice: str, strength: str = "clear",
              note: str | None = None, seconds: float | None = None) -> None:
         """Stores the vote for the item as shown ("a" = left), undoing the swap, and closes the assignment."""
-        if shown_choice not in VOTE_CHOICES:
-            raise StoreError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got '{shown_choice}'")
-        if strength not in VOTE_STRENGTHS:
-            raise StoreError(f"strength must be one of {', '.join(VOTE_STRENGTHS)}, got '{strength}'")
-        if note and len(note) > MAX_NOTE_CHARS:
-            raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
+        check_vote(shown_choice, strength, note)
         try:
             with self.store.transaction() as session:
                 swapped = self.close(session, self.sql.close_voted, user, comparison_id)

@@ -153,6 +153,16 @@ def password_matches(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate.hex(), digest)
 
 
+def check_vote(choice: str, strength: str, note: str | None) -> None:
+    """A clear refusal before the database's own checks would turn the vote down."""
+    if choice not in VOTE_CHOICES:
+        raise StoreError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got '{choice}'")
+    if strength not in VOTE_STRENGTHS:
+        raise StoreError(f"strength must be one of {', '.join(VOTE_STRENGTHS)}, got '{strength}'")
+    if note and len(note) > MAX_NOTE_CHARS:
+        raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
+
+
 def database_url(url: str | None = None) -> str:
     return url or os.environ.get("RLHF_DB_URL") or DEFAULT_URL
 
@@ -263,12 +273,7 @@ class Store:
     # votes
     def cast_vote(self, comparison_id: int, user: User, choice: str, strength: str = "clear",
                   note: str | None = None, seconds: float | None = None, swapped: bool = False) -> Vote:
-        if choice not in VOTE_CHOICES:
-            raise StoreError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got '{choice}'")
-        if strength not in VOTE_STRENGTHS:
-            raise StoreError(f"strength must be one of {', '.join(VOTE_STRENGTHS)}, got '{strength}'")
-        if note and len(note) > MAX_NOTE_CHARS:
-            raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
+        check_vote(choice, strength, note)
         try:
             with self.transaction() as session:
                 vote = Vote(comparison_id=comparison_id, user_id=user.id, choice=choice, strength=strength,
