@@ -54,6 +54,19 @@ def test_twenty_concurrent_labellers_cast_exactly_a_thousand_votes(server):
                       "wrong_side": 0, "max_labellers_per_item": 2}
 
 
+def test_two_tabs_of_one_labeller_show_the_same_item_and_count_one_vote(server):
+    name = server["names"][-1]
+    tabs = [Client(server["url"], auth=(name, PASSWORD), verbose=False, ssl_verify=False) for _ in range(2)]
+    first, second = (tab.predict(api_name="/next_item") for tab in tabs)
+    assert first[:4] == second[:4]  # same item, same sides
+    shown = item_number(first[0])
+    assert tabs[0].predict("clear", "", api_name="/vote_a")[5] == f"Saved your vote on item {shown}."
+    refused = tabs[1].predict("slight", "", api_name="/vote_b")
+    assert refused[5].startswith("Not counted") and item_number(refused[0]) != shown
+    report = audit(server["db"], {name: [shown]})
+    assert report["lost"] == 0 and report["duplicated"] == 0
+
+
 def test_wrong_passwords_and_anonymous_visitors_are_refused(server):
     with pytest.raises(ValueError, match="Could not login"):
         Client(server["url"], auth=(server["names"][0], "not-the-password"), verbose=False, ssl_verify=False)
