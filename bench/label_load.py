@@ -6,7 +6,8 @@ ratio says how much of it our labelling logic leaves.
 Each labeller signs in and votes as fast as the server answers, speaking Gradio's protocol the way the browser
 does (preference_ui.loadtest.BrowserLikeClient); rounds alternate ours / bare. Prints votes/s and latency
 percentiles per vote (request to result, as a labeller waits for the next item) for both, the store audit of
-ours (lost, duplicated, wrong-side votes), `ratio: X` (our votes/s over the bare app's, medians over rounds),
+ours (lost, duplicated, wrong-side votes), the server's CPU time per vote (steadier than wall-clock figures on a
+shared machine), `ratio: X` (our votes/s over the bare app's, medians over rounds),
 and last `p95_ms: X` (ours, over all rounds). Target for N=20 on SQLite: 0 lost, 0 duplicated, p95 <= 300 ms.
 
     .venv/bin/python bench/label_load.py --labellers 20 --votes 50 [--rounds 2] [--db postgresql+psycopg://...]
@@ -19,6 +20,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -65,8 +68,8 @@ def labeller(url: str, name: str, votes: int, claimed: list, latencies: list, er
         errors.append(f"{name}: {err!r}")
 
 
-def drive(url: str, names: list[str], votes: int) -> dict:
-    """All labellers at once, released together once signed in."""
+def drive(url: str, names: list[str], votes: int, server: psutil.Process) -> dict:
+    """All labellers at once, released together once signed in; also the server's CPU time per vote."""
     claimed, latencies, errors = {name: [] for name in names}, [], []
     start = threading.Barrier(len(names) + 1)
     threads = [threading.Thread(target=labeller, args=(url, name, votes, claimed[name], latencies, errors, start))
@@ -74,11 +77,12 @@ def drive(url: str, names: list[str], votes: int) -> dict:
     for thread in threads:
         thread.start()
     start.wait()
-    began = time.perf_counter()
+    began, cpu_before = time.perf_counter(), sum(server.cpu_times()[:2])
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - began
-    return {"claimed": claimed, "latencies": latencies, "errors": errors, "votes_per_s": len(latencies) / elapsed}
+    elapsed, cpu = time.perf_counter() - began, sum(server.cpu_times()[:2]) - cpu_before
+    return {"claimed": claimed, "latencies": latencies, "errors": errors, "votes_per_s": len(latencies) / elapsed,
+            "cpu_ms_per_vote": 1000 * cpu / max(len(latencies), 1)}
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -89,7 +93,7 @@ def percentile(values: list[float], share: float) -> float:
 def summary(result: dict) -> str:
     latencies = result["latencies"]
     return (f"{result['votes_per_s']:.1f} votes/s, p50 {1000 * statistics.median(latencies):.0f} ms, "
-            f"p95 {1000 * percentile(latencies, 0.95):.0f} ms")
+            f"p95 {1000 * percentile(latencies, 0.95):.0f} ms, server CPU {result['cpu_ms_per_vote']:.1f} ms/vote")
 
 
 def main() -> int:
@@ -118,8 +122,8 @@ def main() -> int:
     try:
         wait_for_port(bare, bare_port)
         for round_number in range(args.rounds):
-            for kind, port in (("ours", ours_port), ("bare", bare_port)):
-                result = drive(f"http://127.0.0.1:{port}", names, args.votes)
+            for kind, port, process in (("ours", ours_port, ours), ("bare", bare_port, bare)):
+                result = drive(f"http://127.0.0.1:{port}", names, args.votes, psutil.Process(process.pid))
                 results[kind].append(result)
                 print(f"round {round_number} {kind:4}: {summary(result)}", flush=True)
     finally:

@@ -8,9 +8,9 @@ labeller calling an admin endpoint directly is refused just as the hidden tab su
 Model output is untrusted: prompts and responses go into read-only text boxes, whose value the browser shows as
 text; nothing from a response is ever rendered as HTML or markdown.
 """
+import functools
 import html
 import ipaddress
-import sys
 import time
 from pathlib import Path
 
@@ -173,8 +173,20 @@ def guidelines_markdown(path: str) -> str:
     return file.read_text(encoding="utf-8")
 
 
+def on_event_loop(handler):
+    """The handler as a coroutine, so Gradio runs it on the server's event loop instead of a worker thread."""
+    @functools.wraps(handler)
+    async def run(*args, **kwargs):
+        return handler(*args, **kwargs)
+    return run
+
+
 def build_app(store: Store, config: LabelsConfig, batch: str | None = None, local_user: str | None = None) -> gr.Blocks:
     handlers = LabellingApp(store, config, batch, local_user)
+    # With SQLite a labelling event is a few milliseconds of work in this process, done fastest on the event loop
+    # itself: in a worker thread it would hand the interpreter lock back and forth at every database call
+    # (bench/label_load.py: ~1.4x the votes/s). A database server's round trips would stall the loop: threads.
+    inline = on_event_loop if store.engine.dialect.name == "sqlite" else (lambda handler: handler)
     with gr.Blocks(title="RLHF labelling") as app:
         state = gr.State(None)
         with gr.Tab("Label"):
@@ -212,16 +224,15 @@ def build_app(store: Store, config: LabelsConfig, batch: str | None = None, loca
             export_result = gr.Markdown()
 
         # Labelling events are a few milliseconds of database work each: they skip Gradio's queue, whose
-        # bookkeeping costs more than the work (bench/label_load.py), and run on a pool of
-        # `labels.concurrency` threads.
+        # bookkeeping costs more than the work (bench/label_load.py).
         shown = [state, title, prompt, left, right, progress, message]
-        app.load(handlers.load, None, [*shown, admin_tab], api_name="load", queue=False)
+        app.load(inline(handlers.load), None, [*shown, admin_tab], api_name="load", queue=False)
         app.load(None, js=SHORTCUTS_JS)
         for choice, button in buttons.items():
-            button.click(handlers.answer(choice), [strength, note, state], shown, api_name=f"vote_{choice}",
+            button.click(inline(handlers.answer(choice)), [strength, note, state], shown, api_name=f"vote_{choice}",
                          queue=False).success(lambda: "", None, note, api_visibility="private", queue=False)
-        skip.click(handlers.skip, [state], shown, api_name="skip", queue=False)
-        gr.Button(visible=False).click(handlers.next_item, None, shown, api_name="next_item", queue=False)
+        skip.click(inline(handlers.skip), [state], shown, api_name="skip", queue=False)
+        gr.Button(visible=False).click(inline(handlers.next_item), None, shown, api_name="next_item", queue=False)
         refresh.click(handlers.admin_stats, None, [summary, batches, labellers], api_name="admin_stats")
         export_button.click(handlers.admin_export, [export_name, min_votes], export_result, api_name="admin_export",
                             concurrency_limit=1)
@@ -254,9 +265,6 @@ def serve(store: Store, config: LabelsConfig, host: str = "127.0.0.1", port: int
 
     app = build_app(store, config, batch, local_user)
     app.queue(default_concurrency_limit=config.concurrency)
-    # A handler gives up the interpreter lock at every database call and, by default, may wait up to 5 ms to get
-    # it back from the server's event loop, holding SQLite's write lock meanwhile; 1 ms measured faster under load.
-    sys.setswitchinterval(0.001)
     print(f"[label serve] {store.engine.url.render_as_string(hide_password=True)} on http://{host}:{port}"
           f" ({'sign-in required' if auth else 'no sign-in, acting as ' + local_user})", flush=True)
     app.launch(server_name=host, server_port=port, auth=sign_in if auth else None, css=CSS, show_error=True,

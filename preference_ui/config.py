@@ -26,8 +26,8 @@ class LabelsConfig:
     assignment_timeout: float = field(default=30.0, metadata={
         "help": "Minutes an item may stay shown without a vote before it goes back to the pool."})
     concurrency: int = field(default=4, metadata={
-        "help": "Labelling requests the app works on at once; the rest wait their turn. Python runs one thread "
-                "at a time, so more threads mostly add contention (bench/label_load.py)."})
+        "help": "Worker threads of the app (sign-in, admin work, labelling with PostgreSQL; with SQLite labelling "
+                "runs on the event loop). Python runs one thread at a time: more mostly add contention."})
 
     def __post_init__(self):
         if self.responses_per_prompt < 2:

@@ -76,6 +76,8 @@ class Statements:
         self.close_voted = update(Assignment).where(still_open).values(status="voted").returning(Assignment.swapped)
         self.close_skipped = (update(Assignment).where(still_open).values(status="skipped", slot=None)
                               .returning(Assignment.swapped))
+        self.new_assignment = insert(Assignment).returning(Assignment.id)
+        self.new_vote = insert(Vote)
         # the oldest first, so items are finished before new ones start and agreement can be measured early
         self.train_candidates = (select(Comparison.id, taken).where(open_for_me).order_by(Comparison.id)
                                  .limit(CANDIDATES))
@@ -150,8 +152,8 @@ class LabelQueue:
         if time.monotonic() - self.last_release < 60:
             return
         self.last_release = time.monotonic()
-        with self.store.transaction() as session:
-            session.execute(update(Assignment)
+        with self.store.writing() as connection:
+            connection.execute(update(Assignment)
                             .where(Assignment.status == "open", Assignment.created_at < utcnow() - self.timeout)
                             .values(status="expired", slot=None))
         self.starts.clear()
@@ -173,10 +175,10 @@ class LabelQueue:
             comparison_id, slot = candidates.pop()
             swapped = self.rng.random() < 0.5
             try:
-                with self.store.transaction() as session:
-                    new_id = session.execute(insert(Assignment).returning(Assignment.id), [dict(
+                with self.store.writing() as connection:
+                    new_id = connection.execute(self.sql.new_assignment, dict(
                         comparison_id=comparison_id, user_id=user.id, slot=slot, swapped=swapped, status="open",
-                        created_at=utcnow())]).scalar_one()
+                        created_at=utcnow())).scalar_one()
                 return Held(new_id, comparison_id, swapped)
             except IntegrityError:
                 mine = self.held(self.sql.open_assignment, labeller=user.id)
@@ -201,12 +203,12 @@ class LabelQueue:
         """Stores the vote for the item as shown ("a" = left), undoing the swap, and closes the assignment."""
         check_vote(shown_choice, strength, note)
         try:
-            with self.store.transaction() as session:
-                swapped = self.close(session, self.sql.close_voted, user, comparison_id)
+            with self.store.writing() as connection:
+                swapped = self.close(connection, self.sql.close_voted, user, comparison_id)
                 if swapped is not None:
-                    session.execute(insert(Vote), [dict(
+                    connection.execute(self.sql.new_vote, dict(
                         comparison_id=comparison_id, user_id=user.id, choice=unswap(shown_choice, swapped),
-                        strength=strength, note=note or None, seconds=seconds, swapped=swapped, created_at=utcnow())])
+                        strength=strength, note=note or None, seconds=seconds, swapped=swapped, created_at=utcnow()))
         except IntegrityError:
             raise DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}") from None
         if swapped is None:
@@ -214,16 +216,16 @@ class LabelQueue:
 
     def skip(self, user: User, comparison_id: int) -> None:
         """Gives the item's slot to someone else; this labeller will not see it again."""
-        with self.store.transaction() as session:
-            swapped = self.close(session, self.sql.close_skipped, user, comparison_id)
+        with self.store.writing() as connection:
+            swapped = self.close(connection, self.sql.close_skipped, user, comparison_id)
         if swapped is None:
             raise self.refusal(user, comparison_id)
         self.starts.clear()
 
-    def close(self, session, statement, user: User, comparison_id: int) -> bool | None:
+    def close(self, connection, statement, user: User, comparison_id: int) -> bool | None:
         """Closes the labeller's assignment if it is still open, and returns whether its sides were swapped; None
         if it was not open (a concurrent vote, skip or expiry), in which case nothing changes."""
-        row = session.execute(statement, {"labeller": user.id, "item": comparison_id}).first()
+        row = connection.execute(statement, {"labeller": user.id, "item": comparison_id}).first()
         return None if row is None else row.swapped
 
     def refusal(self, user: User, comparison_id: int) -> StoreError:

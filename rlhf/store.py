@@ -188,6 +188,13 @@ class Store:
         with self.write_lock, self.sessions.begin() as session:
             yield session
 
+    @contextlib.contextmanager
+    def writing(self):
+        """The same for SQLAlchemy Core statements: a connection in a transaction, without the ORM's bookkeeping
+        (for the labelling app's hot path)."""
+        with self.write_lock, self.engine.begin() as connection:
+            yield connection
+
     def check_schema(self) -> None:
         self.upgrade_from_version_1()
         Base.metadata.create_all(self.engine)
