@@ -185,7 +185,7 @@ def build_app(store: Store, config: LabelsConfig, batch: str | None = None, loca
     handlers = LabellingApp(store, config, batch, local_user)
     # With SQLite a labelling event is a few milliseconds of work in this process, done fastest on the event loop
     # itself: in a worker thread it would hand the interpreter lock back and forth at every database call
-    # (bench/label_load.py: ~1.4x the votes/s). A database server's round trips would stall the loop: threads.
+    # (measured in docs/benchmarks.md). A database server's round trips would stall the loop: threads for those.
     inline = on_event_loop if store.engine.dialect.name == "sqlite" else (lambda handler: handler)
     with gr.Blocks(title="RLHF labelling") as app:
         state = gr.State(None)

@@ -97,3 +97,21 @@ def test_sign_in_can_only_be_switched_off_on_loopback(host, tmp_path, capsys):
     assert code == 2 and "refusing to serve without sign-in" in capsys.readouterr().err
     check_host("127.0.0.1", auth=False)
     check_host("localhost", auth=False)
+
+
+def test_serve_refuses_an_empty_store_and_no_auth_without_a_user(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'l.db'}"
+    assert cli(["label", "serve", "--db", db]) == 2
+    assert "no users yet" in capsys.readouterr().err
+    assert cli(["label", "serve", "--db", db, "--no-auth"]) == 2
+    assert "--no-auth needs --user NAME" in capsys.readouterr().err
+
+
+def test_without_sign_in_everyone_acts_as_the_named_user(tmp_path):
+    from preference_ui.app import LabellingApp
+    from preference_ui.config import LabelsConfig
+    from rlhf.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    store.add_user("ann", "labeller", PASSWORD)
+    assert LabellingApp(store, LabelsConfig(), local_user="ann").user(None).name == "ann"
