@@ -15,11 +15,15 @@ from rlhf.errors import UserError
 # stage command -> (help, its config class, its main(config, run)); imported only when the command runs.
 STAGES = {
     "sft": ("supervised fine-tuning (TRL SFTTrainer)", "sft.config:SFTStageConfig", "sft.train:main"),
+    "reward": ("reward model on the label export (TRL RewardTrainer)", "reward.config:RewardStageConfig",
+               "reward.train:main"),
 }
 LABELS_CONFIG = "preference_ui.config:LabelsConfig"
 TRL_FIELDS_NOTE = {
     "sft": "--sft.learning_rate, --sft.num_train_epochs, --sft.max_steps, --sft.per_device_train_batch_size, "
            "--sft.gradient_accumulation_steps, --sft.warmup_steps, --sft.lr_scheduler_type, --sft.seed",
+    "reward": "--reward.learning_rate, --reward.num_train_epochs, --reward.max_steps, "
+              "--reward.per_device_train_batch_size, --reward.center_rewards_coefficient, --reward.seed",
 }
 
 
@@ -30,7 +34,9 @@ def load(path: str):
 
 def fields_help(section: str, cls) -> str:
     """The fields a class defines or re-defaults, with their help; inherited TRL fields are documented by TRL."""
-    own = [f for f in dataclasses.fields(cls) if f.name in vars(cls).get("__annotations__", {})]
+    ours = set().union(*(vars(base).get("__annotations__", {}) for base in cls.__mro__
+                         if base.__module__.split(".")[0] not in ("trl", "transformers")))
+    own = [f for f in dataclasses.fields(cls) if f.name in ours]
     return "\n".join(f"  --{section}.{f.name} (default: {f.default!r})\n      {f.metadata.get('help', '')}"
                      for f in own)
 

@@ -216,3 +216,23 @@ def as_plain_dict(config) -> dict:
     if hasattr(config, "to_dict"):
         return json.loads(json.dumps(config.to_dict(), default=str))
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+@dataclass
+class TrainingStageDefaults:
+    """Fields every training stage adds to its TRL config, and the TRL defaults we change for all of them
+    (listed first in a stage config's bases, so these defaults win over TRL's)."""
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs and CPUs that support it natively, else fp32), fp32, bf16 or fp16. "
+                "Sets bf16/fp16 unless those are given explicitly."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue from the last checkpoint of an interrupted run of this stage."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Recompute activations to save memory (~1/3 more compute). Unset: on only if memory needs it."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N optimizer steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint: steps, epoch or no."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept while training."})
+    eval_strategy: str = field(default="no", metadata={
+        "help": "Extra evaluations during training (the stage measures its held-out figure before and after "
+                "anyway)."})

@@ -127,3 +127,17 @@ def log_decision(stage: str, hardware: Hardware, gradient_checkpointing: bool | 
         line += f"; gradient checkpointing {'on: memory requires it' if gradient_checkpointing else 'off'}"
     log.info(line)
     return line
+
+
+def configure_training_args(args) -> None:
+    """Fills a TRL/transformers training config from the hardware, before TrainingArguments validates it:
+    precision (unless bf16/fp16 were given), and the CPU switches transformers needs. Records whether gradient
+    checkpointing was left to us (`gradient_checkpointing_auto`)."""
+    args.hardware = choose(args.precision)
+    if args.bf16 is None and not args.fp16:
+        args.bf16, args.fp16 = args.hardware.bf16, args.hardware.fp16
+    args.gradient_checkpointing_auto = args.gradient_checkpointing is None and args.activation_checkpointing is None
+    if args.hardware.device == "cpu":
+        args.use_cpu = True  # transformers refuses bf16 on a CPU unless told it is one
+    if args.hardware.device != "cuda":
+        args.dataloader_pin_memory = False  # pinning needs an accelerator; on a CPU it only warns

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 import trl
 
 from rlhf import hardware
+from rlhf.config import TrainingStageDefaults
 
 
 @dataclass
-class SFTStageConfig(trl.SFTConfig):
+class SFTStageConfig(TrainingStageDefaults, trl.SFTConfig):
     model: str = field(default="smollm2-135m-instruct", metadata={
         "help": "Model to fine-tune: a bundled name (rlhf models list), a local folder, or a hub id."})
     train_data: str = field(default="data/sft_demonstrations.jsonl", metadata={
@@ -24,11 +25,6 @@ class SFTStageConfig(trl.SFTConfig):
         "help": "Prompts answered before and after training to show what changed ('' for none)."})
     num_samples: int = field(default=4, metadata={"help": "How many sample prompts to answer."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length limit for sample answers."})
-    precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 on GPUs and CPUs that support it natively, else fp32), fp32, bf16 or fp16. "
-                "Sets bf16/fp16 unless those are given explicitly."})
-    resume: bool = field(default=False, metadata={
-        "help": "Continue from the last checkpoint of an interrupted run of this stage."})
 
     # TRL fields whose defaults we change.
     assistant_only_loss: bool = field(default=True, metadata={
@@ -39,20 +35,10 @@ class SFTStageConfig(trl.SFTConfig):
                 "packed row costs more attention than padding does). Unpacked CPU batches are grouped by length "
                 "unless train_sampling_strategy is set."})
     max_length: int | None = field(default=512, metadata={"help": "Longest tokenized example (or packed row)."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={
-        "help": "Recompute activations to save memory (~1/3 more compute). Unset: on only if memory needs it."})
-    logging_steps: float = field(default=5, metadata={"help": "Log every N optimizer steps."})
-    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint: steps, epoch or no."})
-    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
-    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept while training."})
-    eval_strategy: str = field(default="no", metadata={
-        "help": "Extra evaluations during training (eval loss is always measured before and after)."})
 
     def __post_init__(self):
         # Derived right after parsing, before TrainingArguments validates them.
-        self.hardware = hardware.choose(self.precision)
-        if self.bf16 is None and not self.fp16:
-            self.bf16, self.fp16 = self.hardware.bf16, self.hardware.fp16
+        hardware.configure_training_args(self)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_fraction == 0 and self.eval_strategy != "no":
@@ -61,9 +47,4 @@ class SFTStageConfig(trl.SFTConfig):
             self.packing = self.hardware.device == "cuda"
         if not self.packing and self.hardware.device != "cuda" and self.train_sampling_strategy == "random":
             self.train_sampling_strategy = "group_by_length"
-        self.gradient_checkpointing_auto = self.gradient_checkpointing is None and self.activation_checkpointing is None
-        if self.hardware.device == "cpu":
-            self.use_cpu = True  # transformers refuses bf16 on a CPU unless told it is one
-        if self.hardware.device != "cuda":
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; on a CPU it only warns
         super().__post_init__()

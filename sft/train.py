@@ -7,7 +7,6 @@ them again, and publishes the model, tokenizer and chat template to `runs/<name>
 `stage.json`; the run's `manifest.json` gets the stage's entry. Checkpoints live in `runs/<name>/.sft.partial/`
 until the stage finishes, so `--sft.resume true` continues a killed run from its last checkpoint.
 """
-import contextlib
 import dataclasses
 import shutil
 import time
@@ -19,11 +18,12 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from rlhf import hardware, models, tracking
-from rlhf.config import RunConfig, as_plain_dict
+from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.generation import generate_responses
-from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, atomic_write_json, stage_lock
+from rlhf.runs import RunDir, atomic_write_json
+from rlhf.stage import running_stage
 from sft.config import SFTStageConfig
 
 STAGE = "sft"
@@ -34,23 +34,9 @@ def main(config: SFTStageConfig, run: RunConfig) -> dict:
     train_rows, eval_rows = split_train_eval(load_rows(config.train_data, "sft"), config.eval_fraction, config.seed)
     prompts = load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
     model_path = models.resolve(config.model)
-    is_main = config.process_index == 0
-    plain_config = as_plain_dict(config)
-    with stage_lock(run_dir, STAGE) if is_main else contextlib.nullcontext():
-        # `resume` changes how the stage gets to its result, not the result: it stays out of the config hash.
-        record = StageRecord(run_dir, STAGE, {k: v for k, v in plain_config.items() if k != "resume"},
-                             {"model": model_path, "train_data": config.train_data}) if is_main else None
-        tracker = tracking.Tracker([])
-        try:
-            tracker = tracking.start(run.trackers, run.project, run.name, STAGE, plain_config,
-                                     run_dir.path / "tracking", is_main)
-            return train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record)
-        except BaseException as err:
-            if record:
-                record.failed(err)
-            raise
-        finally:
-            tracker.finish()
+    inputs = {"model": model_path, "train_data": config.train_data}
+    with running_stage(run, STAGE, config, inputs) as (record, tracker):
+        return train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record)
 
 
 def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record) -> dict:
@@ -119,14 +105,7 @@ def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, trac
 def publish(run_dir, partial, staged, tokenizer, samples, metrics, record, train_seconds) -> Path:
     tokenizer.save_pretrained(str(staged))
     atomic_write_json(staged / "samples.json", samples)
-    outputs = {"model": run_dir.stage_path(STAGE)}
-    atomic_write_json(staged / STAGE_RECORD, {"stage": STAGE, "config_hash": record.config_hash,
-                                              "input_hashes": record.input_hashes, "metrics": metrics,
-                                              "outputs": {k: str(v) for k, v in outputs.items()}})
-    final = run_dir.publish(STAGE, staged)
-    shutil.rmtree(partial, ignore_errors=True)
-    record.done(outputs, metrics, {"train_s": round(train_seconds, 2)})
-    return final
+    return record.publish(staged, partial, metrics, train_seconds)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

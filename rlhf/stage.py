@@ -1,0 +1,30 @@
+"""What every training stage does around its work: one run of it at a time, its manifest entry, its tracker."""
+import contextlib
+
+from rlhf import tracking
+from rlhf.config import RunConfig, as_plain_dict
+from rlhf.runs import RunDir, StageRecord, stage_lock
+
+
+@contextlib.contextmanager
+def running_stage(run: RunConfig, stage: str, config, inputs: dict):
+    """Yields (record, tracker). The main process holds the stage lock and records `running`, then `done` (the
+    stage calls record.publish) or `failed` on any error; other processes get no record. The tracker always
+    finishes. `resume` changes how a stage gets to its result, not the result: it stays out of the config hash."""
+    run_dir = RunDir(run.output_root, run.name)
+    is_main = config.process_index == 0
+    plain_config = as_plain_dict(config)
+    with stage_lock(run_dir, stage) if is_main else contextlib.nullcontext():
+        record = StageRecord(run_dir, stage, {k: v for k, v in plain_config.items() if k != "resume"},
+                             inputs) if is_main else None
+        tracker = tracking.Tracker([])
+        try:
+            tracker = tracking.start(run.trackers, run.project, run.name, stage, plain_config,
+                                     run_dir.path / "tracking", is_main)
+            yield record, tracker
+        except BaseException as err:
+            if record:
+                record.failed(err)
+            raise
+        finally:
+            tracker.finish()
