@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from rlhf.errors import UserError
 
@@ -204,7 +205,8 @@ def run_label_with_config(args, rest) -> int:
     from preference_ui.app import serve
 
     serve(Store(labels.db or None), labels, args.host, args.port, auth=not args.no_auth, local_user=args.user,
-          batch=args.batch, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+          batch=args.batch, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+          export_root=Path(sections["run"].output_root) / "exports")
     return 0
 
 

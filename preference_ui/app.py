@@ -21,7 +21,6 @@ from rlhf.store import MAX_NOTE_CHARS, DuplicateVote, Store, StoreError, User
 from preference_ui.config import LabelsConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue
 
-EXPORT_ROOT = Path("runs/exports")
 BUTTONS = (("a", "A is better  [1]", "vote-a"), ("b", "B is better  [2]", "vote-b"), ("tie", "Tie  [3]", "vote-tie"),
            ("both_bad", "Both bad  [4]", "vote-both-bad"))
 # Keys click the buttons; typing in a text box (the note) never votes.
@@ -73,8 +72,9 @@ class UserCache:
 class LabellingApp:
     """The handlers behind the Blocks; each one resolves the signed-in user from the request."""
 
-    def __init__(self, store: Store, config: LabelsConfig, batch: str | None = None, local_user: str | None = None):
-        self.store, self.local_user = store, local_user
+    def __init__(self, store: Store, config: LabelsConfig, batch: str | None = None, local_user: str | None = None,
+                 export_root: Path = Path("runs/exports")):
+        self.store, self.local_user, self.export_root = store, local_user, export_root
         self.queue = LabelQueue(store, config.overlap, config.gold_rate, batch, config.assignment_timeout)
         self.batch = batch
         self.users = UserCache(store)
@@ -152,13 +152,13 @@ class LabellingApp:
 
         self.admin(request)
         if not name or Path(name).name != name or name.startswith("."):
-            raise gr.Error("give the export a plain folder name; it is written under runs/exports/")
+            raise gr.Error(f"give the export a plain folder name; it is written under {self.export_root}/")
         try:
-            manifest = export(self.store, EXPORT_ROOT / name, self.batch, int(min_votes or 1))
+            manifest = export(self.store, self.export_root / name, self.batch, int(min_votes or 1))
         except UserError as err:
             raise gr.Error(str(err)) from None
         state = "unchanged" if manifest.get("unchanged") else "written"
-        return (f"{EXPORT_ROOT / name}: {manifest['rows']} pairs ({manifest['ties']} ties, {manifest['both_bad']} "
+        return (f"{self.export_root / name}: {manifest['rows']} pairs ({manifest['ties']} ties, {manifest['both_bad']} "
                 f"both bad), content hash `{manifest['content_hash'][:16]}`, {state}")
 
 
@@ -181,8 +181,9 @@ def on_event_loop(handler):
     return run
 
 
-def build_app(store: Store, config: LabelsConfig, batch: str | None = None, local_user: str | None = None) -> gr.Blocks:
-    handlers = LabellingApp(store, config, batch, local_user)
+def build_app(store: Store, config: LabelsConfig, batch: str | None = None, local_user: str | None = None,
+              export_root: Path = Path("runs/exports")) -> gr.Blocks:
+    handlers = LabellingApp(store, config, batch, local_user, export_root)
     # With SQLite a labelling event is a few milliseconds of work in this process, done fastest on the event loop
     # itself: in a worker thread it would hand the interpreter lock back and forth at every database call
     # (measured in docs/benchmarks.md). A database server's round trips would stall the loop: threads for those.
@@ -218,7 +219,7 @@ def build_app(store: Store, config: LabelsConfig, batch: str | None = None, loca
             labellers = gr.Dataframe(headers=["labeller", "votes", "s/vote", "gold votes", "gold accuracy"],
                                      label="Labellers (gold accuracy over every gold item)", interactive=False)
             with gr.Row():
-                export_name = gr.Textbox(label="Export folder name (under runs/exports/)")
+                export_name = gr.Textbox(label=f"Export folder name (under {export_root}/)")
                 min_votes = gr.Number(value=1, precision=0, minimum=1, label="Minimum votes per comparison")
             export_button = gr.Button("Export preference dataset")
             export_result = gr.Markdown()
@@ -253,7 +254,7 @@ def check_host(host: str, auth: bool) -> None:
 
 def serve(store: Store, config: LabelsConfig, host: str = "127.0.0.1", port: int = 7860, auth: bool = True,
           local_user: str | None = None, batch: str | None = None, ssl_keyfile: str | None = None,
-          ssl_certfile: str | None = None) -> None:
+          ssl_certfile: str | None = None, export_root: Path = Path("runs/exports")) -> None:
     check_host(host, auth)
     if not auth and (local_user is None or store.user(local_user) is None):
         raise UserError("--no-auth needs --user NAME, an existing user everyone on this machine will act as")
@@ -263,7 +264,7 @@ def serve(store: Store, config: LabelsConfig, host: str = "127.0.0.1", port: int
     def sign_in(name: str, password: str) -> bool:
         return store.authenticate(name, password) is not None
 
-    app = build_app(store, config, batch, local_user)
+    app = build_app(store, config, batch, local_user, export_root)
     app.queue(default_concurrency_limit=config.concurrency)
     print(f"[label serve] {store.engine.url.render_as_string(hide_password=True)} on http://{host}:{port}"
           f" ({'sign-in required' if auth else 'no sign-in, acting as ' + local_user})", flush=True)

@@ -47,10 +47,14 @@ def prepare_store(url: str, labellers: int, comparisons: int, seed: int = 0) -> 
     return names
 
 
-def start_server(db_url: str, port: int, overlap: int, concurrency: int = 4, log: Path | None = None):
-    """`rlhf label serve` in a child process; returns it once the port answers (or raises with its output)."""
+def start_server(db_url: str, port: int, overlap: int, concurrency: int = 4, log: Path | None = None,
+                 output_root: Path | None = None):
+    """`rlhf label serve` in a child process; returns it once the port answers (or raises with its output).
+    Admin exports go under `output_root`/exports (default: runs/exports)."""
     command = [sys.executable, "-m", "pipeline.cli", "label", "serve", "--db", db_url, "--port", str(port),
                "--labels.overlap", str(overlap), "--labels.gold_rate", "0", "--labels.concurrency", str(concurrency)]
+    if output_root is not None:
+        command += ["--run.output_root", str(output_root)]
     output = open(log, "w") if log else subprocess.DEVNULL
     server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})

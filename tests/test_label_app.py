@@ -22,8 +22,8 @@ def server(tmp_path_factory):
     # 600 comparisons x overlap 2 = 1200 slots for 1000 votes: nobody runs dry before their 50th vote.
     names = prepare_store(db_url, LABELLERS, comparisons=600)
     port = free_port()
-    process = start_server(db_url, port, overlap=2, log=root / "serve.log")
-    yield {"url": f"http://127.0.0.1:{port}/", "db": db_url, "names": names}
+    process = start_server(db_url, port, overlap=2, log=root / "serve.log", output_root=root / "runs")
+    yield {"url": f"http://127.0.0.1:{port}/", "db": db_url, "names": names, "root": root}
     stop_server(process)
 
 
@@ -85,6 +85,12 @@ def test_a_labeller_calling_admin_endpoints_is_refused_and_an_admin_is_served(se
     summary, batches, labellers = admin.predict(api_name="/admin_stats")
     assert "votes** on" in summary and batches["data"][0][0] == "load"
     assert {row[0] for row in labellers["data"]} <= set(server["names"])
+    written = admin.predict("votes", 1, api_name="/admin_export")
+    export_dir = server["root"] / "runs" / "exports" / "votes"
+    assert written.startswith(f"{export_dir}: ") and (export_dir / "export.json").exists()
+    assert admin.predict("votes", 1, api_name="/admin_export").endswith("unchanged")
+    with pytest.raises(Exception, match="plain folder name"):
+        admin.predict("../elsewhere", 1, api_name="/admin_export")
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::"])
