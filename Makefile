@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install system-packages run test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,19 @@ run: install
 	$(BIN)/rlhf models prepare smollm2-135m-instruct
 	$(BIN)/rlhf sft --config configs/default.yaml
 
-test: install
+# The store and queue tests run a real PostgreSQL server and the app's tests drive Debian's Chromium
+# (Playwright cannot download its own browser here): installed from Debian when missing.
+system-packages:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing from Debian:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: install system-packages
 	$(BIN)/python -m pytest
 
 bench: install

@@ -138,14 +138,15 @@ class LabellingApp:
         return self.show(user, "Skipped; someone else will take that item.")
 
     def admin_stats(self, request: gr.Request):
-        from preference_ui.stats import batch_rows, labeller_rows, stats
+        from preference_ui.stats import batch_rows, labeller_rows, load_labels, summarise
 
         self.admin(request)
-        report = stats(self.store, self.batch)
+        labels = load_labels(self.store)
+        report = summarise(labels, self.batch)
         summary = (f"**{report['votes']} votes** on {report['voted']}/{report['comparisons']} comparisons · "
                    f"Krippendorff's alpha {fmt(report['krippendorff_alpha'])} · pairwise agreement "
                    f"{fmt(report['pairwise_agreement'])}")
-        return summary, batch_rows(self.store), labeller_rows(report)
+        return summary, batch_rows(labels), labeller_rows(report)
 
     def admin_export(self, name: str, min_votes: float, request: gr.Request):
         from preference_ui.export import export

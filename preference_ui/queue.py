@@ -64,7 +64,7 @@ class Statements:
         open_for_me = and_(Comparison.id >= bindparam("start"), Comparison.kind != "gold", in_scope, ~seen,
                            taken < overlap)
         gold_for_me = and_(Comparison.kind == "gold", ~seen)
-        held = (Assignment.id, Assignment.comparison_id, Assignment.swapped, Assignment.status)
+        held = (Assignment.comparison_id, Assignment.swapped, Assignment.status)
         this_one = and_(Assignment.user_id == user_id, Assignment.comparison_id == bindparam("item"))
 
         self.open_assignment = (select(*held).join(Comparison, Comparison.id == Assignment.comparison_id)
@@ -76,7 +76,7 @@ class Statements:
         self.close_voted = update(Assignment).where(still_open).values(status="voted").returning(Assignment.swapped)
         self.close_skipped = (update(Assignment).where(still_open).values(status="skipped", slot=None)
                               .returning(Assignment.swapped))
-        self.new_assignment = insert(Assignment).returning(Assignment.id)
+        self.new_assignment = insert(Assignment)
         self.new_vote = insert(Vote)
         # the oldest first, so items are finished before new ones start and agreement can be measured early
         self.train_candidates = (select(Comparison.id, taken).where(open_for_me).order_by(Comparison.id)
@@ -105,7 +105,6 @@ class Statements:
 @dataclass
 class Held:
     """An assignment as the queue needs it."""
-    id: int
     comparison_id: int
     swapped: bool
     status: str = "open"
@@ -114,7 +113,7 @@ class Held:
 class LabelQueue:
     def __init__(self, store: Store, overlap: int = 3, gold_rate: float = 0.1, batch: str | None = None,
                  timeout_minutes: float = 30.0, seed: int | None = None):
-        self.store, self.overlap, self.gold_rate, self.batch = store, overlap, gold_rate, batch
+        self.store, self.overlap, self.gold_rate = store, overlap, gold_rate
         self.timeout = timedelta(minutes=timeout_minutes)
         self.rng = random.Random(seed)
         self.last_release = float("-inf")
@@ -176,10 +175,10 @@ class LabelQueue:
             swapped = self.rng.random() < 0.5
             try:
                 with self.store.writing() as connection:
-                    new_id = connection.execute(self.sql.new_assignment, dict(
+                    connection.execute(self.sql.new_assignment, dict(
                         comparison_id=comparison_id, user_id=user.id, slot=slot, swapped=swapped, status="open",
-                        created_at=utcnow())).scalar_one()
-                return Held(new_id, comparison_id, swapped)
+                        created_at=utcnow()))
+                return Held(comparison_id, swapped)
             except IntegrityError:
                 mine = self.held(self.sql.open_assignment, labeller=user.id)
                 if mine is not None:

@@ -5,6 +5,7 @@ of votes on the same item that agree) and Krippendorff's alpha for nominal data,
 expected by chance from how often each choice is used (1: perfect, 0: chance, below 0: systematic disagreement).
 """
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from itertools import permutations
 
 from rlhf.store import Store
@@ -41,14 +42,29 @@ def pairwise_agreement(units: list[list[str]]) -> float | None:
     return agree / pairs if pairs else None
 
 
+@dataclass
+class Labels:
+    """Everything the statistics read, loaded from the store once."""
+    comparisons: dict  # id -> comparison row (store.comparisons())
+    votes: list
+    names: dict  # user id -> name
+
+
+def load_labels(store: Store) -> Labels:
+    return Labels({c["id"]: c for c in store.comparisons()}, store.votes(),
+                  {user.id: user.name for user in store.users()})
+
+
 def stats(store: Store, batch: str | None = None) -> dict:
+    return summarise(load_labels(store), batch)
+
+
+def summarise(labels: Labels, batch: str | None = None) -> dict:
     """Progress and agreement over the batch's votes; each labeller's gold accuracy over every gold item they
     answered, whichever batch holds it (gold items are mixed into every queue)."""
-    all_comparisons = {c["id"]: c for c in store.comparisons()}
+    all_comparisons, all_votes, names = labels.comparisons, labels.votes, labels.names
     in_batch = {i for i, c in all_comparisons.items() if batch is None or c["batch"] == batch}
-    all_votes = store.votes()
     votes = [vote for vote in all_votes if vote.comparison_id in in_batch]
-    names = {user.id: user.name for user in store.users()}
     by_item, by_user = defaultdict(list), defaultdict(list)
     for vote in votes:
         by_item[vote.comparison_id].append(vote.choice)
@@ -72,11 +88,11 @@ def labeller_stats(votes: list, gold_correct: list[bool]) -> dict:
             "gold_accuracy": sum(gold_correct) / len(gold_correct) if gold_correct else None}
 
 
-def batch_rows(store: Store) -> list[list]:
+def batch_rows(labels: Labels) -> list[list]:
     """One row per batch for the admin tab: [batch, comparisons, voted, votes, alpha, pairwise agreement]."""
     rows = []
-    for batch in sorted({c["batch"] for c in store.comparisons()}):
-        report = stats(store, batch)
+    for batch in sorted({c["batch"] for c in labels.comparisons.values()}):
+        report = summarise(labels, batch)
         rows.append([batch, report["comparisons"], report["voted"], report["votes"],
                      rounded(report["krippendorff_alpha"]), rounded(report["pairwise_agreement"])])
     return rows
