@@ -19,6 +19,8 @@ STAGES = {
     "reward": ("reward model on the label export (TRL RewardTrainer)", "reward.config:RewardStageConfig",
                "reward.train:main"),
 }
+# `rlhf STAGE ACTION`: other things a stage's command does with the same config.
+STAGE_ACTIONS = {"reward": {"eval": "reward.evaluate:main"}}
 LABELS_CONFIG = "preference_ui.config:LabelsConfig"
 TRL_FIELDS_NOTE = {
     "sft": "--sft.learning_rate, --sft.num_train_epochs, --sft.max_steps, --sft.per_device_train_batch_size, "
@@ -126,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.set_defaults(handler=run_label)
 
     for stage, (help_text, _, _) in STAGES.items():
+        actions = "".join(f" `rlhf {stage} {action} --config ...` runs {target.split(':')[0]}."
+                          for action, target in STAGE_ACTIONS.get(stage, {}).items())
         command = commands.add_parser(stage, help=help_text, add_help=False,
-                                      description=f"{help_text}. Overrides: --section.field value.")
+                                      description=f"{help_text}. Overrides: --section.field value.{actions}")
         command.add_argument("-h", "--help", action=StageHelp)
         command.add_argument("--config", help="YAML run config (configs/default.yaml, configs/tiny.yaml)")
         command.set_defaults(handler=run_stage, stage=stage)
@@ -173,7 +177,7 @@ def run_label(args, rest) -> int:
 
         print(format_stats(stats(store, args.batch)))
     elif args.label_command == "export":
-        from preference_ui.export import export
+        from rlhf.label_export import export
 
         manifest = export(store, args.out, args.batch, args.min_votes)
         state = "unchanged" if manifest.get("unchanged") else "written"
@@ -226,6 +230,12 @@ def run_stage(args, rest) -> int:
     from rlhf.config import RunConfig, load_config
 
     _, config_class, stage_main = STAGES[args.stage]
+    actions = STAGE_ACTIONS.get(args.stage, {})
+    if rest and not rest[0].startswith("-"):
+        if rest[0] not in actions:
+            raise UserError(f"rlhf {args.stage}: unknown action '{rest[0]}'"
+                            + (f" (actions: {', '.join(actions)})" if actions else ""))
+        stage_main, rest = actions[rest[0]], rest[1:]
     sections = load_config(args.config, rest, {"run": RunConfig, args.stage: load(config_class)})
     load(stage_main)(sections[args.stage], sections["run"])
     return 0

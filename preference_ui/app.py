@@ -149,7 +149,7 @@ class LabellingApp:
         return summary, batch_rows(labels), labeller_rows(report)
 
     def admin_export(self, name: str, min_votes: float, request: gr.Request):
-        from preference_ui.export import export
+        from rlhf.label_export import export
 
         self.admin(request)
         if not name or Path(name).name != name or name.startswith("."):

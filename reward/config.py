@@ -11,7 +11,7 @@ import trl
 from rlhf import hardware
 from rlhf.config import TrainingStageDefaults
 
-TIE_POLICIES = ("drop",)
+TIE_POLICIES = ("drop", "equal")
 
 
 @dataclass
@@ -20,13 +20,28 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
         "help": "Model to start from; empty: this run's SFT output (runs/<name>/sft). A bundled name, a folder "
                 "or a hub id also work. A one-output classification head is added on top."})
     preferences: str = field(default="", metadata={
-        "help": "Preference pairs: a label export folder (rlhf label export) or any preference file; empty: "
-                "runs/<name>/preferences."})
-    ties: str = field(default="drop", metadata={"help": "What to do with tied pairs: drop."})
+        "help": "Preference pairs: a label export folder (rlhf label export), any preference file, or a label "
+                "store URL (sqlite:///..., postgresql://...: exported first into runs/<name>/exports/<hash>); "
+                "empty: runs/<name>/preferences."})
+    batch: str = field(default="", metadata={"help": "With a store URL: export only this batch (empty: all)."})
+    min_votes: int = field(default=1, metadata={"help": "With a store URL: comparisons with fewer votes are left out."})
+    ties: str = field(default="drop", metadata={
+        "help": "Tied pairs: drop, or equal (trained towards equal rewards with a tie-aware Bradley-Terry loss)."})
+    tie_threshold: float = field(default=1.0, metadata={
+        "help": "With ties: equal, the reward gap inside which a tie is likely (Rao-Kupper theta, above 0)."})
     use_margin: bool = field(default=True, metadata={
         "help": "Pass each pair's margin (from the labellers' strength: slight 0.5, clear 1.0) to the loss."})
+    weight_by_gold: bool = field(default=False, metadata={
+        "help": "Weight each labeller's votes by their gold accuracy ((correct + 1) / (answered + 2)): a weighted "
+                "majority decides the pair and its loss weight. Needs a label export (it holds the gold records)."})
+    ensemble: int = field(default=1, metadata={
+        "help": "Reward heads on one backbone, each trained on its own bootstrap resample of the pairs; their "
+                "mean is the reward and their spread the uncertainty."})
     eval_fraction: float = field(default=0.1, metadata={
         "help": "Share of pairs held out for accuracy (split by a hash of id and seed)."})
+    gold: str = field(default="data/gold_comparisons.jsonl", metadata={
+        "help": "Comparisons with a known answer for the evaluation's gold accuracy (empty: none)."})
+    calibration_bins: int = field(default=10, metadata={"help": "Bins of the reliability plot and the ECE."})
 
     # TRL fields whose defaults we change.
     max_length: int | None = field(default=512, metadata={"help": "Longest tokenized prompt + response."})
@@ -35,6 +50,10 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
         hardware.configure_training_args(self)
         if self.ties not in TIE_POLICIES:
             raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got '{self.ties}'")
+        if self.ties == "equal" and self.tie_threshold <= 0:
+            raise ValueError(f"tie_threshold must be above 0 with ties: equal, got {self.tie_threshold}")
+        if self.ensemble < 1 or self.calibration_bins < 1:
+            raise ValueError("ensemble and calibration_bins must be at least 1")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         super().__post_init__()

@@ -1,105 +1,36 @@
 """`rlhf reward`: a reward model trained on the labellers' pairwise votes with TRL's `RewardTrainer`.
 
-Reads pairs from a label export (or any preference file), drops both-bad rows and ties, passes each pair's
-margin to the loss, and trains a one-output sequence classifier initialised from the SFT model. Accuracy on
-held-out pairs is measured before and after. Publishes the model and tokenizer to `runs/<name>/reward/` with
-`stage.json`.
+Pairs come from reward/data.py (a label export, a preference file or the store); the loss is reward/loss.py's
+tie-aware Bradley-Terry with margins and weights; the model is a sequence classifier (one head, or an ensemble of
+heads) initialised from the SFT model. Held-out accuracy is measured before and after, reward/evaluate.py writes
+eval.md and its plots, and the reward scale on SFT samples goes into `stage.json` for PPO. Publishes the model
+and tokenizer to `runs/<name>/reward/`.
 """
 import dataclasses
+import json
 import shutil
 import time
-from pathlib import Path
 
 import datasets
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification
-from trl import RewardTrainer
 
-from rlhf import hardware, models, tracking
+from rlhf import hardware, tracking
 from rlhf.config import RunConfig
-from rlhf.datasets import load_rows, split_train_eval
-from rlhf.errors import DataError, MissingInputError, ModelError
+from rlhf.datasets import split_train_eval
 from rlhf.runs import RunDir
-from rlhf.stage import running_stage
+from rlhf.stage import checkpoint_step, resume_point, running_stage
 from reward.config import RewardStageConfig
-from sft.train import last_complete_checkpoint
+from reward.data import STAGE, inputs, training_pairs
+from reward.evaluate import evaluate
+from reward.loss import PreferenceCollator, PreferenceRewardTrainer
+from reward.model import load_reward_model, reward_tokenizer, score
 
-STAGE = "reward"
-# Special tokens that can stand in as padding when a tokenizer pads with its EOS token.
-SPARE_PAD_TOKENS = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
-
-
-def inputs(config: RewardStageConfig, run: RunConfig) -> tuple[str, str]:
-    """(model path, preferences source), defaulting to this run's SFT model and label export."""
-    run_dir = RunDir(run.output_root, run.name)
-    preferences = config.preferences or str(run_dir.stage_path("preferences"))
-    if not Path(preferences).exists() and not config.preferences:
-        raise MissingInputError(f"no preference pairs at {preferences}: run `rlhf label export --out {preferences}` "
-                                "first, or set --reward.preferences")
-    if config.model:
-        return models.resolve(config.model), preferences
-    sft = run_dir.stage_path("sft")
-    if not (sft / "config.json").exists():
-        raise MissingInputError(f"no SFT model at {sft}: run `rlhf sft --config ... --run.name {run.name}` first, "
-                                "or set --reward.model")
-    return str(sft), preferences
-
-
-def training_pairs(source: str, config: RewardStageConfig) -> list[dict]:
-    """TRL preference rows from the usable pairs: both-bad rows say nothing about order, ties are dropped."""
-    rows = load_rows(source, "preference")
-    usable = [row for row in rows if not row["both_bad"] and not row["tie"]]
-    if not usable:
-        raise DataError(source, None, "rows", f"no usable pairs: all {len(rows)} rows are ties or both bad")
-    pairs = []
-    for row in usable:
-        pair = {"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
-        if config.use_margin:
-            pair["margin"] = row["margin"] or 0.0
-        pairs.append(pair)
-    return pairs
-
-
-def reward_tokenizer(path: str):
-    """The model's tokenizer with a pad token distinct from EOS: a sequence classifier scores the last token
-    that is not padding, so padding with EOS would hide the end of every response."""
-    tokenizer = models.load_tokenizer(path)
-    if tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return tokenizer
-    vocab = tokenizer.get_vocab()
-    spare = next((token for token in SPARE_PAD_TOKENS if token in vocab and vocab[token] != tokenizer.eos_token_id),
-                 None)
-    if spare is None:
-        raise ModelError(f"{path}: the tokenizer pads with its EOS token and has no other special token to pad with "
-                         f"(looked for {', '.join(SPARE_PAD_TOKENS)}); add a pad token to the tokenizer")
-    tokenizer.pad_token = spare
-    return tokenizer
-
-
-def load_reward_model(path: str, tokenizer, dtype=torch.float32):
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
-                         f"{model.get_input_embeddings().num_embeddings}: a mismatched tokenizer")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-@torch.no_grad()
-def score(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
-    """The reward of each whole conversation (prompt + response), scored at its last real token."""
-    model.eval()
-    scores = []
-    for start in range(0, len(conversations), batch_size):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start:start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        scores.extend(model(**batch.to(model.device)).logits[:, 0].float().tolist())
-    return scores
 
 
 def pair_metrics(model, tokenizer, pairs: list[dict]) -> dict:
-    """Accuracy (chosen scored above rejected) and mean margin (chosen minus rejected) over pairs."""
+    """Accuracy (chosen scored above rejected) and mean margin (chosen minus rejected) over decided pairs."""
+    pairs = [p for p in pairs if not p.get("tie")]
     if not pairs:
         return {"accuracy": None, "margin": None}
     chosen = score(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
@@ -108,38 +39,52 @@ def pair_metrics(model, tokenizer, pairs: list[dict]) -> dict:
             "margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
 
 
+def reward_scale(model, tokenizer, pairs: list[dict]) -> dict:
+    """Mean and standard deviation of the reward over the distinct responses in the pairs: samples of the SFT
+    model, so PPO can normalise its scores to mean 0 and std 1 on what its starting policy writes."""
+    conversations = {json.dumps(p["prompt"] + side): p["prompt"] + side
+                     for p in pairs for side in (p["chosen"], p["rejected"])}
+    rewards = torch.tensor(score(model, tokenizer, list(conversations.values())))
+    std = rewards.std().item() if len(rewards) > 1 else 1.0
+    return {"mean": rewards.mean().item(), "std": std if std > 0 else 1.0, "samples": len(rewards)}
+
+
 def main(config: RewardStageConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
-    model_path, preferences = inputs(config, run)
+    model_path, preferences, recorded = inputs(config, run)
     train_pairs, eval_pairs = split_train_eval(training_pairs(preferences, config), config.eval_fraction,
                                                config.seed)
-    with running_stage(run, STAGE, config, {"model": model_path, "preferences": preferences}) as (record, tracker):
+    with running_stage(run, STAGE, config, {"model": model_path, "preferences": preferences, **recorded}) as (
+            record, tracker):
         return train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, record)
 
 
 def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, record) -> dict:
     partial = run_dir.partial_path(STAGE)
-    resume_from = last_complete_checkpoint(partial) if config.resume else None
-    if not resume_from:
-        shutil.rmtree(partial, ignore_errors=True)
+    resume_from = resume_point(STAGE, partial, config.resume)
+    shutil.rmtree(partial / "final" if resume_from else partial, ignore_errors=True)
 
     # 1. model, data and the hardware decisions
     tokenizer = reward_tokenizer(model_path)
-    transformers.set_seed(config.seed)  # the new score head starts the same way every time
-    model = load_reward_model(model_path, tokenizer)
+    transformers.set_seed(config.seed)  # the new score heads start the same way every time
+    model = load_reward_model(model_path, tokenizer, config.ensemble)
     checkpointing = (bool(config.gradient_checkpointing) if not config.gradient_checkpointing_auto else
                      hardware.needs_gradient_checkpointing(model, 2 * config.per_device_train_batch_size *
                                                            (config.max_length or 1024), config.hardware.device))
     hardware.log_decision(STAGE, config.hardware, checkpointing)
     args = dataclasses.replace(config, output_dir=str(partial), report_to="none",
                                gradient_checkpointing=checkpointing)
-    columns = ["prompt", "chosen", "rejected"] + (["margin"] if config.use_margin else [])
+    columns = ["prompt", "chosen", "rejected", "tie", "weight"] + (["margin"] if config.use_margin else [])
     train_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])
 
     # 2. accuracy before, training, accuracy after
     before = pair_metrics(model, tokenizer, eval_pairs)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
-                            callbacks=[tracking.TrackingCallback(tracker)])
+    trainer = PreferenceRewardTrainer(
+        model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
+        data_collator=PreferenceCollator(pad_token_id=tokenizer.pad_token_id,
+                                         pad_to_multiple_of=config.pad_to_multiple_of),
+        callbacks=[tracking.TrackingCallback(tracker)],
+        tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - started
@@ -147,19 +92,27 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     metrics = {"train_loss": result.training_loss, "eval_accuracy_before": before["accuracy"],
                "eval_accuracy": after["accuracy"], "eval_margin_before": before["margin"],
                "eval_margin": after["margin"], "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-               "global_step": trainer.state.global_step}
-
-    # 3. publish: a complete folder renamed into place, then the record
-    staged = partial / "final"
-    trainer.save_model(str(staged))
+               "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from)}
     if config.process_index != 0:
         return metrics
+
+    # 3. evaluation and the reward scale, written into the folder before it is published
+    staged = partial / "final"
+    trainer.save_model(str(staged))
     tokenizer.save_pretrained(str(staged))
-    final = record.publish(staged, partial, metrics, train_seconds)
-    tracker.log(tracking.namespaced({"final_" + k: v for k, v in metrics.items() if v is not None}))
+    scale = reward_scale(trainer.model, tokenizer, train_pairs + eval_pairs)
+    report = evaluate(trainer.model, tokenizer, eval_pairs, config, staged)
+    metrics.update(report)
+    reward_info = {"heads": config.ensemble, "scale": scale, "ties": config.ties,
+                   "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}
+
+    # 4. publish: a complete folder renamed into place, then the record
+    final = record.publish(staged, partial, metrics, train_seconds, extra={"reward": reward_info})
+    tracker.log(tracking.namespaced({"final_" + k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     tracker.log_artifact(f"{run.name}-reward", "model", final)
     print(f"[{STAGE}] done: {final} ({len(train_pairs)} pairs, train loss {metrics['train_loss']:.4f}, held-out "
-          f"accuracy {fmt(before['accuracy'])} -> {fmt(after['accuracy'])})")
+          f"accuracy {fmt(before['accuracy'])} -> {fmt(after['accuracy'])}, human ceiling "
+          f"{fmt(report.get('human_ceiling'))}; report {final / 'eval.md'})")
     return metrics
 
 

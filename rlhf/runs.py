@@ -177,13 +177,15 @@ class StageRecord:
                                metrics=metrics, timings={"total_s": round(time.time() - self.started, 2),
                                                          **(timings or {})})
 
-    def publish(self, staged: Path, partial: Path, metrics: dict, train_seconds: float) -> Path:
-        """Writes `stage.json` into the complete folder `staged`, renames it to `runs/<name>/<stage>`, removes
-        the stage's working folder, and records the stage done."""
+    def publish(self, staged: Path, partial: Path, metrics: dict, train_seconds: float,
+                extra: dict | None = None) -> Path:
+        """Writes `stage.json` (with `extra`, what later stages read) into the complete folder `staged`, renames
+        it to `runs/<name>/<stage>`, removes the stage's working folder, and records the stage done."""
         outputs = {"model": self.run.stage_path(self.stage)}
         atomic_write_json(staged / STAGE_RECORD, {"stage": self.stage, "config_hash": self.config_hash,
                                                   "input_hashes": self.input_hashes, "metrics": metrics,
-                                                  "outputs": {k: str(v) for k, v in outputs.items()}})
+                                                  "outputs": {k: str(v) for k, v in outputs.items()},
+                                                  **(extra or {})})
         final = self.run.publish(self.stage, staged)
         shutil.rmtree(partial, ignore_errors=True)
         self.done(outputs, metrics, {"train_s": round(train_seconds, 2)})

@@ -6,7 +6,8 @@ trainer as they are:
 - SFT example:      {"id", "category", "messages": [{"role", "content"}, ..., assistant]}
 - prompt:           {"id", "category", "prompt": [{"role", "content"}, ..., user]}
 - preference pair:  {"id", "prompt": [...], "chosen": [assistant], "rejected": [assistant],
-                     "tie": bool, "both_bad": bool, "margin": float | None, "labeller": str | None}
+                     "tie": bool, "both_bad": bool, "margin": float | None, "labeller": str | None,
+                     "labeller_votes": [{"labeller", "verdict": chosen|rejected|tie|both_bad, "strength"}]}
 - gold comparison:  {"id", "category", "prompt": [...], "a": str, "b": str, "expected": one of VOTE_CHOICES}
 
 The functions here turn one raw row (in any of the accepted layouts) into its canonical form, or raise
@@ -21,6 +22,8 @@ DEFAULT_CATEGORY = "general"
 # The label vocabulary, defined once: the store, the labelling UI and the export all use these.
 VOTE_CHOICES = ("a", "b", "tie", "both_bad")
 VOTE_STRENGTHS = ("slight", "clear")
+# A vote in a preference pair's own terms (the export turns a/b into chosen/rejected).
+PAIR_VERDICTS = ("chosen", "rejected", "tie", "both_bad")
 
 
 class RowProblem(Exception):
@@ -156,9 +159,31 @@ def preference_pair(row: dict) -> dict:
         check_messages(prompt + completion, f"prompt+{key}", last_role="assistant")
     pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
             "tie": optional_bool(row, "tie"), "both_bad": optional_bool(row, "both_bad"),
-            "margin": optional_number(row, "margin"), "labeller": optional_text(row, "labeller")}
+            "margin": optional_number(row, "margin"), "labeller": optional_text(row, "labeller"),
+            "labeller_votes": labeller_votes(row.get("labeller_votes"))}
     pair["id"], _ = row_identity(row, [prompt, chosen, rejected])
     return pair
+
+
+def labeller_votes(value) -> list[dict]:
+    """The individual votes behind an aggregated pair (optional; a label export writes them)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RowProblem("labeller_votes", f"expected a list, got {type_name(value)}")
+    votes = []
+    for i, vote in enumerate(value):
+        where = f"labeller_votes[{i}]"
+        if not isinstance(vote, dict) or not isinstance(vote.get("labeller"), str):
+            raise RowProblem(where, "expected an object with a 'labeller' name")
+        if vote.get("verdict") not in PAIR_VERDICTS:
+            raise RowProblem(f"{where}.verdict", f"expected one of {', '.join(PAIR_VERDICTS)}, "
+                                                 f"got {vote.get('verdict')!r}")
+        if vote.get("strength", "clear") not in VOTE_STRENGTHS:
+            raise RowProblem(f"{where}.strength", f"expected one of {', '.join(VOTE_STRENGTHS)}")
+        votes.append({"labeller": vote["labeller"], "verdict": vote["verdict"],
+                      "strength": vote.get("strength") or "clear"})
+    return votes
 
 
 def split_implicit_prompt(chosen, rejected) -> tuple[list, list, list]:

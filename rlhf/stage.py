@@ -1,5 +1,6 @@
 """What every training stage does around its work: one run of it at a time, its manifest entry, its tracker."""
 import contextlib
+from pathlib import Path
 
 from rlhf import tracking
 from rlhf.config import RunConfig, as_plain_dict
@@ -28,3 +29,24 @@ def running_stage(run: RunConfig, stage: str, config, inputs: dict):
             raise
         finally:
             tracker.finish()
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that finished saving: transformers writes trainer_state.json last."""
+    steps = [int(p.name.rsplit("-", 1)[1]) for p in folder.glob("checkpoint-*")
+             if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").exists()]
+    return str(folder / f"checkpoint-{max(steps)}") if steps else None
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+def resume_point(stage: str, partial: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from (with `resume`), said out loud either way."""
+    checkpoint = last_complete_checkpoint(partial) if resume else None
+    if resume and not checkpoint:
+        print(f"[{stage}] --{stage}.resume: no checkpoint in {partial}; starting from the beginning")
+    if checkpoint:
+        print(f"[{stage}] resuming from {checkpoint}")
+    return checkpoint

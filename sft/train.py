@@ -23,7 +23,7 @@ from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.generation import generate_responses
 from rlhf.runs import RunDir, atomic_write_json
-from rlhf.stage import running_stage
+from rlhf.stage import checkpoint_step, resume_point, running_stage
 from sft.config import SFTStageConfig
 
 STAGE = "sft"
@@ -41,11 +41,8 @@ def main(config: SFTStageConfig, run: RunConfig) -> dict:
 
 def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record) -> dict:
     partial = run_dir.partial_path(STAGE)
-    resume_from = last_complete_checkpoint(partial) if config.resume else None
-    if config.resume and not resume_from:
-        print(f"[{STAGE}] --sft.resume: no checkpoint in {partial}; starting from the beginning")
+    resume_from = resume_point(STAGE, partial, config.resume)
     if resume_from:
-        print(f"[{STAGE}] resuming from {resume_from}")
         shutil.rmtree(partial / "final", ignore_errors=True)  # a final folder the killed run left half-written
     else:
         shutil.rmtree(partial, ignore_errors=True)
@@ -106,17 +103,6 @@ def publish(run_dir, partial, staged, tokenizer, samples, metrics, record, train
     tokenizer.save_pretrained(str(staged))
     atomic_write_json(staged / "samples.json", samples)
     return record.publish(staged, partial, metrics, train_seconds)
-
-
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint that finished saving: transformers writes trainer_state.json last."""
-    steps = [int(p.name.rsplit("-", 1)[1]) for p in folder.glob("checkpoint-*")
-             if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").exists()]
-    return str(folder / f"checkpoint-{max(steps)}") if steps else None
-
-
-def checkpoint_step(checkpoint: str | None) -> int:
-    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
 
 
 def fmt(value) -> str:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from preference_ui.export import export, majority
+from rlhf.label_export import export, majority
 from rlhf.datasets import load_rows
 from rlhf.errors import UserError
 from rlhf.store import Store

@@ -1,13 +1,27 @@
-"""The reward stage on the tiny model: it learns separable pairs, handles pad == EOS, refuses unusable data."""
+"""The reward stage on the tiny model: it learns separable pairs (from a file or straight from the store), trains
+ties and ensembles, evaluates itself, resumes after a kill, and refuses bad input with exit 2."""
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pipeline.cli import main as cli
 from reward.config import RewardStageConfig
-from reward.train import main as train_reward, reward_tokenizer, training_pairs
+from reward.data import training_pairs
+from reward.model import load_reward_model, reward_tokenizer, score_heads
+from reward.train import main as train_reward, pair_metrics
 from rlhf.config import RunConfig
 from rlhf.errors import DataError
+from rlhf.store import Store
+from tests.conftest import REPO
+
+POLITE = "Yes, happy to help with question {i}. Thank you for asking!"
+RUDE = "No. Go away, {i} is a stupid question."
 
 
 def write_pairs(path, count: int, **extra) -> str:
@@ -15,8 +29,7 @@ def write_pairs(path, count: int, **extra) -> str:
     with open(path, "w") as out:
         for i in range(count):
             row = {"id": f"pair-{i}", "prompt": f"Question number {i}: can you help?",
-                   "chosen": f"Yes, happy to help with question {i}. Thank you for asking!",
-                   "rejected": f"No. Go away, {i} is a stupid question.", "margin": 1.0 if i % 2 else 0.5}
+                   "chosen": POLITE.format(i=i), "rejected": RUDE.format(i=i), "margin": 1.0 if i % 2 else 0.5}
             out.write(json.dumps({**row, **extra}) + "\n")
     return str(path)
 
@@ -32,8 +45,12 @@ def test_a_reward_model_learns_separable_pairs_and_is_published(tmp_path, tiny_m
     published = tmp_path / "runs" / "rm" / "reward"
     record = json.loads((published / "stage.json").read_text())
     assert record["metrics"]["eval_accuracy"] == metrics["eval_accuracy"]
-    from reward.train import load_reward_model, pair_metrics
-
+    scale = record["reward"]["scale"]
+    assert record["reward"]["heads"] == 1 and scale["samples"] == 96 and scale["std"] > 0
+    assert metrics["heldout_accuracy"] == metrics["eval_accuracy"] and metrics["gold_items"] > 0
+    for name in ("eval.md", "reliability.png", "reward_distribution.png"):
+        assert (published / name).stat().st_size > 0
+    assert (published / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tokenizer = reward_tokenizer(str(published))
     model = load_reward_model(str(published), tokenizer)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
@@ -53,3 +70,142 @@ def test_only_ties_and_both_bad_rows_stop_with_exit_2(tmp_path, tiny_model_path,
     code = cli(["reward", "--reward.model", str(tiny_model_path), "--reward.preferences", str(path),
                 "--run.output_root", str(tmp_path / "runs"), "--run.tracking", "none"])
     assert code == 2 and "no usable pairs" in capsys.readouterr().err
+
+
+def store_with_votes(tmp_path, count: int) -> str:
+    """A label store with `count` polite-vs-rude comparisons (sides shuffled), each voted on by three labellers
+    who mostly prefer the polite answer, and gold items the first labeller gets right and the others wrong."""
+    url = f"sqlite:///{tmp_path / 'labels.db'}"
+    store = Store(url)
+    users = [store.add_user(f"sim{j}", "labeller", "password1") for j in range(3)]
+    for i in range(count):
+        prompt = store.add_prompt(f"p{i}", "chat", [{"role": "user", "content": f"Question number {i}: can you help?"}])
+        polite, rude = (store.add_response(prompt, text.format(i=i), "m", {}) for text in (POLITE, RUDE))
+        polite_side = "a" if i % 2 else "b"
+        comparison = store.add_comparison(*((polite, rude) if i % 2 else (rude, polite)), batch="b1")
+        for j, user in enumerate(users):
+            dissent = (i + j) % 7 == 0
+            store.cast_vote(comparison.id, user, ("b" if polite_side == "a" else "a") if dissent else polite_side,
+                            "clear")
+    for i in range(3):
+        prompt = store.add_prompt(f"g{i}", "chat", [{"role": "user", "content": f"Gold {i}?"}])
+        gold = store.add_comparison(store.add_response(prompt, POLITE.format(i=i), "m", {}),
+                                    store.add_response(prompt, RUDE.format(i=i), "m", {}), batch="gold",
+                                    kind="gold", expected="a")
+        for j, user in enumerate(users):
+            store.cast_vote(gold.id, user, "a" if j == 0 else "b", "clear")
+    return url
+
+
+def test_reads_the_store_records_the_export_and_measures_itself_against_the_labellers(tmp_path, tiny_model_path):
+    url = store_with_votes(tmp_path, 40)
+    args = ["--reward.model", str(tiny_model_path), "--reward.preferences", url, "--reward.weight_by_gold", "true",
+            "--reward.eval_fraction", "0.3", "--reward.max_steps", "25", "--reward.learning_rate", "2e-3",
+            "--reward.max_length", "64", "--reward.save_steps", "100", "--run.name", "fromstore",
+            "--run.output_root", str(tmp_path / "runs"), "--run.tracking", "none"]
+    assert cli(["reward", *args]) == 0
+    run = tmp_path / "runs" / "fromstore"
+    [export] = list((run / "exports").iterdir())
+    entry = json.loads((run / "manifest.json").read_text())["stages"]["reward"]
+    assert entry["inputs"]["export_hash"] == export.name == json.loads((export / "export.json").read_text())[
+        "content_hash"]
+    assert entry["inputs"]["preferences"] == str(export)
+    metrics = entry["metrics"]
+    assert metrics["ceiling_items"] == 12 and metrics["ceiling_units"] > 0  # 30% of 40 held out, 3 votes each
+    assert metrics["heldout_accuracy"] >= 0.9 and metrics["model_on_ceiling_units"] >= metrics["human_ceiling"] - 0.1
+    report = (run / "reward" / "eval.md").read_text()
+    assert "human ceiling" in report and f"{metrics['human_ceiling']:.3f}" in report
+
+    (run / "reward" / "eval.md").unlink()
+    assert cli(["reward", "eval", *args]) == 0  # `rlhf reward eval`: the same held-out split, the same numbers
+    assert f"{metrics['heldout_accuracy']:.3f}" in (run / "reward" / "eval.md").read_text()
+    assert cli(["reward", "evaluate", *args]) == 2
+
+
+def test_ties_trained_as_equal_and_an_ensemble_of_heads(tmp_path, tiny_model_path):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, 40)
+    with open(path, "a") as out:  # ties: two equally neutral answers
+        for i in range(24):
+            out.write(json.dumps({"id": f"tie-{i}", "prompt": f"Question number {i}: can you help?",
+                                  "chosen": f"Question {i} noted.", "rejected": f"Noted, question {i}.",
+                                  "tie": True}) + "\n")
+    config = RewardStageConfig(model=str(tiny_model_path), preferences=str(path), ties="equal", tie_threshold=1.0,
+                               ensemble=3, eval_fraction=0.25, max_steps=30, learning_rate=2e-3, max_length=64,
+                               per_device_train_batch_size=8, save_steps=100, seed=0)
+    assert sum(p["tie"] for p in training_pairs(str(path), config)) == 24
+    metrics = train_reward(config, RunConfig(name="ties", output_root=str(tmp_path / "runs"), tracking="none"))
+    assert metrics["heldout_accuracy"] >= 0.9
+    assert metrics["tie_abs_gap"] < 0.5 * metrics["heldout_margin"]  # ties pulled together, decided pairs apart
+    assert metrics["ensemble_gap_std"] > 0  # bootstrapped heads disagree somewhat
+    published = tmp_path / "runs" / "ties" / "reward"
+    assert json.loads((published / "stage.json").read_text())["reward"]["heads"] == 3
+    tokenizer = reward_tokenizer(str(published))
+    heads = score_heads(load_reward_model(str(published), tokenizer), tokenizer,
+                        [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]])
+    assert heads.shape == (1, 3)
+
+
+def reward_command(tmp_path, tiny_model_path, name):
+    return [sys.executable, "-m", "pipeline.cli", "reward", "--config", "configs/tiny.yaml",
+            f"--run.output_root={tmp_path / 'runs'}", f"--run.name={name}", f"--reward.model={tiny_model_path}",
+            f"--reward.preferences={write_pairs(tmp_path / 'pairs.jsonl', 64)}", "--reward.max_steps=40",
+            "--reward.save_steps=5", "--reward.per_device_train_batch_size=4"]
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_path):
+    command = reward_command(tmp_path, tiny_model_path, "killed")
+    partial = tmp_path / "runs" / "killed" / ".reward.partial"
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (partial / "checkpoint-10" / "trainer_state.json").exists() and first.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run finished before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (tmp_path / "runs" / "killed" / "reward").exists()
+
+    resumed = subprocess.run(command + ["--reward.resume=true"], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    whole = subprocess.run(reward_command(tmp_path, tiny_model_path, "whole"), cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    entry = json.loads((tmp_path / "runs" / "killed" / "manifest.json").read_text())["stages"]["reward"]
+    assert entry["metrics"]["resumed_from_step"] >= 10 and entry["metrics"]["global_step"] == 40
+    resumed_weights = load_file(tmp_path / "runs" / "killed" / "reward" / "model.safetensors")
+    whole_weights = load_file(tmp_path / "runs" / "whole" / "reward" / "model.safetensors")
+    for name, tensor in whole_weights.items():
+        assert torch.allclose(resumed_weights[name], tensor, atol=1e-5), name
+
+
+def save_tiny_model(out, tokenizer, vocab_size: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_and_a_mismatched_one_exit_2(tmp_path, tiny_tokenizer, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.train_from_iterator(["a small vocabulary for a test"], trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    only_eos = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
+    only_eos.chat_template = tiny_tokenizer.chat_template
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    common = ["--reward.preferences", pairs, "--run.output_root", str(tmp_path / "runs"), "--run.tracking", "none"]
+    no_pad = save_tiny_model(tmp_path / "no-pad", only_eos, len(only_eos))
+    assert cli(["reward", "--reward.model", no_pad, *common]) == 2
+    assert "no pad token (or pads with its EOS token)" in capsys.readouterr().err
+    mismatched = save_tiny_model(tmp_path / "mismatched", tiny_tokenizer, 64)
+    assert cli(["reward", "--reward.model", mismatched, *common]) == 2
+    assert "a mismatched tokenizer" in capsys.readouterr().err

@@ -13,7 +13,8 @@ from rlhf.config import RunConfig, load_config
 from rlhf.generation import generate_responses
 from rlhf.models import load_tokenizer
 from sft.config import SFTStageConfig
-from sft.train import (StageSFTTrainer, last_complete_checkpoint, main, tokenize_conversation, tokenize_rows,
+from rlhf.stage import last_complete_checkpoint
+from sft.train import (StageSFTTrainer, main, tokenize_conversation, tokenize_rows,
                        trainer_args)
 from tests.conftest import REPO
 

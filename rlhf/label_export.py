@@ -3,7 +3,9 @@
 One row per comparison with at least `min_votes` votes: the majority choice decides chosen and rejected; when `a`
 and `b` draw, or `tie` wins, the row is a tie; when `both_bad` wins, the row says so (the reward stage decides what
 to do with ties and both-bad rows). `margin` is the mean strength of the majority's votes (slight 0.5, clear 1.0),
-`agreement` the share of votes that agree with the majority. Votes are stored in the comparison's own a/b terms
+`agreement` the share of votes that agree with the majority. `labeller_votes` keeps every vote in the row's own
+terms (chosen, rejected, tie, both_bad), so the reward stage can weight labellers and measure the human ceiling;
+`export.json` holds each labeller's gold record (answered, correct). Votes are stored in the comparison's own a/b terms
 (the UI undoes its side swap before storing), so aggregation never needs `swapped`.
 
 The export is deterministic: the same votes give the same rows in the same order and the same content hash, kept
@@ -29,12 +31,26 @@ def aggregate(store: Store, batch: str | None = None, min_votes: int = 1, kinds=
     votes_by_comparison: dict[int, list] = {}
     for vote in store.votes():
         votes_by_comparison.setdefault(vote.comparison_id, []).append(vote)
+    names = {user.id: user.name for user in store.users()}
     rows = []
     for comparison in store.comparisons(batch):
         votes = votes_by_comparison.get(comparison["id"], [])
         if comparison["kind"] in kinds and len(votes) >= max(1, min_votes):
-            rows.append(preference_row(comparison, votes))
+            rows.append(preference_row(comparison, votes, names))
     return rows
+
+
+def gold_records(store: Store) -> dict:
+    """Each labeller's answers on gold comparisons, whatever their batch: {name: {"answered", "correct"}}."""
+    expected = {c["id"]: c["expected"] for c in store.comparisons() if c["kind"] == "gold"}
+    names = {user.id: user.name for user in store.users()}
+    records: dict[str, dict] = {}
+    for vote in store.votes():
+        if vote.comparison_id in expected:
+            record = records.setdefault(names[vote.user_id], {"answered": 0, "correct": 0})
+            record["answered"] += 1
+            record["correct"] += vote.choice == expected[vote.comparison_id]
+    return dict(sorted(records.items()))
 
 
 def majority(counts: Counter) -> str:
@@ -45,10 +61,12 @@ def majority(counts: Counter) -> str:
     return "both_bad" if leaders == ["both_bad"] else "tie"  # a draw between different verdicts is a tie
 
 
-def preference_row(comparison: dict, votes: list) -> dict:
+def preference_row(comparison: dict, votes: list, names: dict) -> dict:
     counts = Counter(vote.choice for vote in votes)
     verdict = majority(counts)
     chosen, rejected = (comparison["b"], comparison["a"]) if verdict == "b" else (comparison["a"], comparison["b"])
+    in_row_terms = {"a": "rejected" if verdict == "b" else "chosen", "b": "chosen" if verdict == "b" else "rejected",
+                    "tie": "tie", "both_bad": "both_bad"}
     agreeing = [vote for vote in votes if vote.choice == verdict]
     margin = sum(STRENGTH_MARGIN[vote.strength] for vote in agreeing) / len(agreeing) if agreeing else 0.0
     return {"id": f"cmp-{comparison['id']}", "batch": comparison["batch"], "prompt": comparison["prompt"],
@@ -56,20 +74,45 @@ def preference_row(comparison: dict, votes: list) -> dict:
             "rejected": [{"role": "assistant", "content": rejected}],
             "tie": verdict == "tie", "both_bad": verdict == "both_bad", "margin": round(margin, 4),
             "votes": len(votes), **{f"votes_{choice}": counts.get(choice, 0) for choice in ("a", "b", "tie", "both_bad")},
-            "agreement": round(len(agreeing) / len(votes), 4)}
+            "agreement": round(len(agreeing) / len(votes), 4),
+            "labeller_votes": [{"labeller": names[vote.user_id], "verdict": in_row_terms[vote.choice],
+                                "strength": vote.strength} for vote in votes]}
 
 
-def export(store: Store, out, batch: str | None = None, min_votes: int = 1) -> dict:
-    """Writes the dataset to `out` (atomically) and returns its manifest; an identical export is left as is."""
+def build_export(store: Store, batch: str | None = None, min_votes: int = 1) -> tuple[list[dict], dict]:
+    """The rows and manifest of an export of the store as it is now."""
     rows = aggregate(store, batch, min_votes)
     if not rows:
         raise UserError(f"nothing to export: no comparisons{f' in batch {batch}' if batch else ''} with at least "
                         f"{min_votes} vote(s)")
-    manifest = {"content_hash": hash_config(rows), "rows": len(rows), "batch": batch, "min_votes": min_votes,
-                "ties": sum(r["tie"] for r in rows), "both_bad": sum(r["both_bad"] for r in rows)}
-    out = Path(out)
+    gold = gold_records(store)
+    manifest = {"content_hash": hash_config({"rows": rows, "gold": gold}), "rows": len(rows), "batch": batch,
+                "min_votes": min_votes, "ties": sum(r["tie"] for r in rows), "both_bad": sum(r["both_bad"] for r in rows),
+                "labeller_gold": gold}
+    return rows, manifest
+
+
+def export(store: Store, out, batch: str | None = None, min_votes: int = 1) -> dict:
+    """Writes the dataset to `out` (atomically) and returns its manifest; an identical export is left as is."""
+    rows, manifest = build_export(store, batch, min_votes)
+    return write_export(rows, manifest, Path(out))
+
+
+def export_snapshot(store: Store, root, batch: str | None = None, min_votes: int = 1) -> tuple[Path, dict]:
+    """Exports into `root/<content hash>`, so every distinct state of the votes gets its own folder."""
+    rows, manifest = build_export(store, batch, min_votes)
+    out = Path(root) / manifest["content_hash"]
+    return out, write_export(rows, manifest, out)
+
+
+def read_manifest(folder) -> dict | None:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_export(rows: list[dict], manifest: dict, out: Path) -> dict:
     if out.exists():
-        existing = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else {}
+        existing = read_manifest(out) or {}
         if existing.get("content_hash") == manifest["content_hash"]:
             return {**existing, "unchanged": True}
         raise UserError(f"{out} holds a different export (content hash {existing.get('content_hash', 'none')}, "

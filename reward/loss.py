@@ -1,0 +1,124 @@
+"""The reward model's objective: a Bradley-Terry likelihood that also knows ties, margins and vote weights.
+
+For a pair with reward gap d = r(chosen) - r(rejected) and a tie threshold theta >= 0 (Rao and Kupper's
+Bradley-Terry model with ties):
+
+    P(chosen wins)  = sigmoid(d - theta)
+    P(rejected wins) = sigmoid(-d - theta)
+    P(tie)           = 1 - the two above = sigmoid(theta - d) - sigmoid(-theta - d)
+
+A decided pair costs -log sigmoid(d - theta - margin): the margin (from the labellers' strength, as in TRL's
+`margin` column) asks for a wider gap when the labellers were sure. A tie costs -log P(tie), smallest at d = 0.
+With ties dropped theta is 0 and the decided-pair cost is exactly TRL's. Each pair's cost is multiplied by its
+weight (1, or its labellers' gold accuracy) and the weighted mean is taken.
+
+An ensemble is several one-output heads on one backbone. Each head sees its own bootstrap resample of the pairs
+(a Poisson(1) count per pair and head, fixed by the pair id), so the heads disagree where the data is thin; their
+spread is the model's uncertainty and their mean is the reward.
+"""
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from trl import RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+
+def log_tie_probability(gap: torch.Tensor, theta: float) -> torch.Tensor:
+    """log(sigmoid(theta - d) - sigmoid(-theta - d)), computed without cancellation:
+    log(e^a - e^b) - softplus(a) - softplus(b) with a = theta - d, b = -theta - d, and e^a - e^b = e^a (1 - e^-2theta)."""
+    a, b = theta - gap, -theta - gap
+    return a + math.log1p(-math.exp(-2 * theta)) - F.softplus(a) - F.softplus(b)
+
+
+def pair_losses(gap: torch.Tensor, margin: torch.Tensor, tie: torch.Tensor, theta: float) -> torch.Tensor:
+    """Negative log-likelihood of each pair's verdict (see the module docstring)."""
+    decided = -F.logsigmoid(gap - theta - margin)
+    if theta <= 0:
+        if tie.any():
+            raise ValueError("tied pairs need a tie threshold above 0")
+        return decided
+    return torch.where(tie, -log_tie_probability(gap, theta), decided)
+
+
+def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                    tie: torch.Tensor | None = None, weight: torch.Tensor | None = None, theta: float = 0.0,
+                    center_coefficient: float | None = None) -> torch.Tensor:
+    """Weighted mean pair loss. `chosen` and `rejected` are [pairs] or [pairs, heads]; `weight` is [pairs] or
+    [pairs, heads] (bootstrap counts per head); the result is averaged over heads."""
+    if chosen.dim() == 1:
+        chosen, rejected = chosen[:, None], rejected[:, None]
+    pairs = chosen.shape[0]
+    margin = torch.zeros(pairs) if margin is None else margin
+    tie = torch.zeros(pairs, dtype=torch.bool) if tie is None else tie.bool()
+    weight = torch.ones(pairs) if weight is None else weight
+    weight = (weight if weight.dim() == 2 else weight[:, None]).to(chosen)
+    losses = pair_losses(chosen - rejected, margin.to(chosen)[:, None], tie.to(chosen.device)[:, None], theta)
+    per_head = (losses * weight).sum(0) / weight.sum(0).clamp_min(1e-8)
+    loss = per_head.mean()
+    if center_coefficient is not None:
+        loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def bootstrap_counts(pair_id: str, heads: int, seed: int) -> list[float]:
+    """Poisson(1) resampling counts of one pair for each head, the same for the same id and seed."""
+    if heads == 1:
+        return [1.0]
+    rng = random.Random(hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest())
+    counts = []
+    for _ in range(heads):  # Knuth's Poisson sampler, lambda = 1
+        k, p = 0, rng.random()
+        while p > math.exp(-1):
+            k, p = k + 1, p * rng.random()
+        counts.append(float(k))
+    return counts
+
+
+@dataclass
+class PreferenceCollator(DataCollatorForPreference):
+    """TRL's collator (chosen rows, then rejected rows, right-padded) plus each pair's tie flag and weights."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        batch["tie"] = torch.tensor([bool(example["tie"]) for example in examples])
+        batch["weight"] = torch.tensor([example["weight"] for example in examples], dtype=torch.float)
+        return batch
+
+
+class PreferenceRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with `preference_loss`: ties, margins, weights and ensemble heads reach the loss."""
+
+    def __init__(self, *args, model, tie_threshold: float = 0.0, **kwargs):
+        # TRL refuses models with several outputs because its loss reads one; ours reads every head, so the
+        # check is passed with the label count it expects and the real one restored.
+        heads, labels = model.config.num_labels, (model.config.id2label, model.config.label2id)
+        model.config.num_labels = 1
+        try:
+            super().__init__(*args, model=model, **kwargs)
+        finally:
+            model.config.num_labels = heads
+            model.config.id2label, model.config.label2id = labels
+        self.tie_threshold = tie_threshold
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "tie", "weight"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        margin, tie, weight = inputs.pop("margin", None), inputs.pop("tie"), inputs.pop("weight")
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        chosen, rejected = torch.chunk(outputs.logits, chunks=2)
+        loss = preference_loss(chosen, rejected, margin, tie, weight, self.tie_threshold,
+                               self.args.center_rewards_coefficient)
+        with torch.no_grad():
+            gap = (chosen - rejected).mean(-1)
+            decided = ~tie.to(gap.device)
+            accuracy = (gap[decided] > 0).float().mean() if decided.any() else gap.new_tensor(float("nan"))
+            for name, value in (("accuracy", accuracy), ("margin", gap.mean()), ("mean_reward", outputs.logits.mean())):
+                self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).nanmean().item())
+        return (loss, outputs) if return_outputs else loss

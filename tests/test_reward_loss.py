@@ -1,0 +1,106 @@
+"""The reward objective on hand-computed values: ties, margins, weights and ensemble heads reach the loss."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reward.loss import (PreferenceCollator, PreferenceRewardTrainer, bootstrap_counts, log_tie_probability,
+                         preference_loss)
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_without_ties_the_loss_is_trls_margin_loss():
+    chosen, rejected = torch.tensor([1.0, 0.2, -0.5]), torch.tensor([0.0, 0.4, -2.0])
+    margin = torch.tensor([0.5, 1.0, 0.0])
+    expected = -F.logsigmoid(chosen - rejected - margin).mean()
+    assert torch.allclose(preference_loss(chosen, rejected, margin), expected)
+    by_hand = -(math.log(sigmoid(0.5)) + math.log(sigmoid(-1.2)) + math.log(sigmoid(1.5))) / 3
+    assert preference_loss(chosen, rejected, margin).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_tie_probability_matches_rao_kupper_and_the_three_outcomes_sum_to_one():
+    theta = 1.0
+    for gap in (-3.0, -0.4, 0.0, 0.7, 2.5):
+        tie = sigmoid(theta - gap) - sigmoid(-theta - gap)
+        assert math.exp(log_tie_probability(torch.tensor(gap), theta).item()) == pytest.approx(tie, rel=1e-5)
+        assert sigmoid(gap - theta) + sigmoid(-gap - theta) + tie == pytest.approx(1.0)
+    # at d = 0 with theta = 1: P(tie) = sigmoid(1) - sigmoid(-1) = 0.46212, loss = 0.77193
+    loss = preference_loss(torch.tensor([0.3]), torch.tensor([0.3]), tie=torch.tensor([True]), theta=1.0)
+    assert loss.item() == pytest.approx(-math.log(sigmoid(1) - sigmoid(-1)), rel=1e-5)
+    assert loss.item() == pytest.approx(0.77193, abs=1e-4)
+    far = log_tie_probability(torch.tensor([60.0, -60.0]), theta)  # stable far from 0: no inf or nan
+    assert torch.isfinite(far).all() and (far < -50).all()
+
+
+def test_a_tie_pulls_the_gap_towards_zero_and_a_decided_pair_apart():
+    gap = torch.tensor([0.8], requires_grad=True)
+    preference_loss(gap, torch.zeros(1), tie=torch.tensor([True]), theta=1.0).backward()
+    assert gap.grad.item() > 0  # gradient descent lowers a positive gap
+    gap.grad = None
+    preference_loss(gap, torch.zeros(1), tie=torch.tensor([False]), theta=1.0).backward()
+    assert gap.grad.item() < 0  # ... and raises it for a decided pair
+
+
+def test_mixed_batch_with_ties_margins_and_theta():
+    chosen, rejected = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([0.0, 0.5, 0.8])
+    tie, margin, theta = torch.tensor([False, True, False]), torch.tensor([0.5, 0.0, 1.0]), 0.7
+    by_hand = -(math.log(sigmoid(2.0 - 0.7 - 0.5)) + math.log(sigmoid(0.7) - sigmoid(-0.7))
+                + math.log(sigmoid(0.2 - 0.7 - 1.0))) / 3
+    assert preference_loss(chosen, rejected, margin, tie, theta=theta).item() == pytest.approx(by_hand, rel=1e-5)
+    with pytest.raises(ValueError, match="tie threshold"):
+        preference_loss(chosen, rejected, margin, tie, theta=0.0)
+
+
+def test_weights_and_heads():
+    chosen, rejected = torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.0])
+    first = -math.log(sigmoid(1.0))
+    assert preference_loss(chosen, rejected, weight=torch.tensor([1.0, 0.0])).item() == pytest.approx(first)
+    second = -math.log(sigmoid(-1.0))
+    weighted = (0.9 * first + 0.3 * second) / 1.2
+    assert preference_loss(chosen, rejected, weight=torch.tensor([0.9, 0.3])).item() == pytest.approx(weighted)
+    # two heads: head 0 sees only pair 0, head 1 both pairs twice; the loss is the mean of the two heads' losses
+    heads_chosen, heads_rejected = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.zeros(2, 2)
+    counts = torch.tensor([[1.0, 2.0], [0.0, 2.0]])
+    head0 = -math.log(sigmoid(1.0))
+    head1 = -(math.log(sigmoid(2.0)) + math.log(sigmoid(0.5))) / 2
+    assert preference_loss(heads_chosen, heads_rejected, weight=counts).item() == pytest.approx((head0 + head1) / 2)
+    centred = preference_loss(chosen, rejected, center_coefficient=0.1).item()
+    assert centred == pytest.approx((first + second) / 2 + 0.1 * (1 + 1) / 2)
+
+
+def test_bootstrap_counts_are_fixed_by_id_and_average_one():
+    assert bootstrap_counts("x", 1, 0) == [1.0]
+    assert bootstrap_counts("pair-7", 4, 0) == bootstrap_counts("pair-7", 4, 0)
+    draws = [c for i in range(2000) for c in bootstrap_counts(f"pair-{i}", 3, 1)]
+    assert abs(sum(draws) / len(draws) - 1.0) < 0.05 and 0.3 < draws.count(0.0) / len(draws) < 0.44  # e^-1
+
+
+class TwoNumberModel(torch.nn.Module):
+    """A 'reward model' that returns the first input id as the reward, so the loss can be checked by hand."""
+
+    training = True
+
+    def forward(self, input_ids, attention_mask, use_cache=False):
+        return type("Output", (), {"logits": input_ids[:, :1].float()})()
+
+
+def test_ties_and_margins_from_the_collated_batch_reach_the_trainers_loss():
+    collator = PreferenceCollator(pad_token_id=0)
+    batch = collator([{"chosen_ids": [3, 9], "rejected_ids": [1], "margin": 0.5, "tie": False, "weight": [1.0]},
+                      {"chosen_ids": [2], "rejected_ids": [2, 7, 7], "margin": 0.0, "tie": True, "weight": [2.0]}])
+    assert batch["tie"].tolist() == [False, True] and batch["weight"].shape == (2, 1)
+    trainer = PreferenceRewardTrainer.__new__(PreferenceRewardTrainer)  # only compute_loss is exercised
+    trainer.tie_threshold = 1.0
+    trainer.args = type("Args", (), {"center_rewards_coefficient": None})()
+    trainer.model = TwoNumberModel()
+    trainer.accelerator = type("Acc", (), {"gather_for_metrics": staticmethod(lambda x: x.reshape(-1))})()
+    trainer._metrics = {"train": __import__("collections").defaultdict(list)}
+    loss = trainer.compute_loss(trainer.model, batch)
+    decided = -math.log(sigmoid(3 - 1 - 1.0 - 0.5))  # gap 2, theta 1, margin 0.5
+    tied = -math.log(sigmoid(1.0) - sigmoid(-1.0))  # gap 0
+    assert loss.item() == pytest.approx((decided + 2 * tied) / 3, rel=1e-5)
+    assert trainer._metrics["train"]["accuracy"] == [1.0]
