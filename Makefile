@@ -41,6 +41,7 @@ test: install system-packages
 bench: install
 	$(BIN)/python bench/sft_throughput.py
 	$(BIN)/python bench/label_load.py --labellers 20 --votes 50
+	$(BIN)/python bench/reward_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -20,7 +20,8 @@ STAGES = {
                "reward.train:main"),
 }
 # `rlhf STAGE ACTION`: other things a stage's command does with the same config.
-STAGE_ACTIONS = {"reward": {"eval": "reward.evaluate:main"}}
+STAGE_ACTIONS = {"reward": {"eval": ("reward.evaluate:main",
+                                      "evaluates the published reward model again (eval.md and its plots)")}}
 LABELS_CONFIG = "preference_ui.config:LabelsConfig"
 TRL_FIELDS_NOTE = {
     "sft": "--sft.learning_rate, --sft.num_train_epochs, --sft.max_steps, --sft.per_device_train_batch_size, "
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        add_help=False)
     sample.add_argument("-h", "--help", action=StageHelp)
     sample.add_argument("--config", help="YAML run config (its labels: section)")
+    sample.add_argument("--select", choices=["all", "uncertain"],
+                        help="queue every candidate pair, or those the reward model is least sure about")
+    sample.add_argument("--reward-model", help="with --select uncertain: the reward model folder")
+    sample.add_argument("--select-count", type=int, help="with --select uncertain: how many comparisons to queue")
     serve = label_commands.add_parser("serve", help="the labelling app in the browser (Gradio)", add_help=False)
     serve.add_argument("-h", "--help", action=StageHelp)
     serve.add_argument("--config", help="YAML run config (its labels: section: overlap, gold_rate, guidelines, ...)")
@@ -128,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.set_defaults(handler=run_label)
 
     for stage, (help_text, _, _) in STAGES.items():
-        actions = "".join(f" `rlhf {stage} {action} --config ...` runs {target.split(':')[0]}."
-                          for action, target in STAGE_ACTIONS.get(stage, {}).items())
+        actions = "".join(f" `rlhf {stage} {action} --config ...` {what}."
+                          for action, (_, what) in STAGE_ACTIONS.get(stage, {}).items())
         command = commands.add_parser(stage, help=help_text, add_help=False,
                                       description=f"{help_text}. Overrides: --section.field value.{actions}")
         command.add_argument("-h", "--help", action=StageHelp)
@@ -200,6 +205,10 @@ def run_label_with_config(args, rest) -> int:
     from rlhf.config import RunConfig, load_config
     from rlhf.store import Store
 
+    if args.label_command == "sample":  # the short flags are the labels: fields of the same name
+        rest = rest + [item for flag, value in (("select", args.select), ("reward_model", args.reward_model),
+                                                ("select_count", args.select_count)) if value is not None
+                       for item in (f"--labels.{flag}", str(value))]
     sections = load_config(args.config, rest, {"run": RunConfig, "labels": load(LABELS_CONFIG)})
     labels = sections["labels"]
     labels.db = args.db or labels.db
@@ -235,7 +244,7 @@ def run_stage(args, rest) -> int:
         if rest[0] not in actions:
             raise UserError(f"rlhf {args.stage}: unknown action '{rest[0]}'"
                             + (f" (actions: {', '.join(actions)})" if actions else ""))
-        stage_main, rest = actions[rest[0]], rest[1:]
+        stage_main, rest = actions[rest[0]][0], rest[1:]
     sections = load_config(args.config, rest, {"run": RunConfig, args.stage: load(config_class)})
     load(stage_main)(sections[args.stage], sections["run"])
     return 0

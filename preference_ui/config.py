@@ -17,6 +17,13 @@ class LabelsConfig:
     batch: str = field(default="", metadata={"help": "Name of the comparison batch; empty: the run name."})
     db: str = field(default="", metadata={"help": "Label store URL; empty: $RLHF_DB_URL or sqlite:///runs/labels.db."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling and the random a/b order of each pair."})
+    select: str = field(default="all", metadata={
+        "help": "Which candidate pairs become comparisons: all, or uncertain (those the reward model is least sure "
+                "about: the ensemble's spread of the reward gap, or with one head the smallest gap)."})
+    reward_model: str = field(default="", metadata={
+        "help": "With select: uncertain, the reward model folder; empty: this run's (runs/<name>/reward)."})
+    select_count: int = field(default=0, metadata={
+        "help": "With select: uncertain, how many comparisons to queue (0: half of the candidate pairs)."})
     overlap: int = field(default=3, metadata={
         "help": "Distinct labellers each comparison goes to in the app (gold items go to everyone)."})
     gold_rate: float = field(default=0.1, metadata={
@@ -30,6 +37,8 @@ class LabelsConfig:
                 "runs on the event loop). Python runs one thread at a time: more mostly add contention."})
 
     def __post_init__(self):
+        if self.select not in ("all", "uncertain"):
+            raise ValueError(f"select must be all or uncertain, got '{self.select}'")
         if self.responses_per_prompt < 2:
             raise ValueError(f"responses_per_prompt must be at least 2, got {self.responses_per_prompt}")
         if self.temperature <= 0:

@@ -1,7 +1,9 @@
 """`rlhf label sample`: k sampled responses per prompt, stored with their comparisons in a named batch.
 
-Every pair of a prompt's responses becomes one comparison, its a/b order drawn at random so that position says
-nothing about sampling order. A batch name is used once: sampling into an existing batch is refused.
+Every pair of a prompt's responses is a candidate comparison, its a/b order drawn at random so that position says
+nothing about sampling order. With `select: uncertain` only the candidates a reward model is least sure about are
+queued (active learning): for an ensemble, the largest spread of the reward gap across its heads; for one head,
+the smallest gap. A batch name is used once: sampling into an existing batch is refused.
 """
 import itertools
 import random
@@ -15,6 +17,7 @@ from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import MissingInputError, UserError
 from rlhf.generation import generate_responses
+from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from rlhf.runs import RunDir
 from rlhf.store import Store
 from preference_ui.config import LabelsConfig
@@ -30,19 +33,43 @@ def model_spec(config: LabelsConfig, run: RunConfig) -> str:
     return str(sft)
 
 
+def reward_model_path(config: LabelsConfig, run: RunConfig) -> str:
+    path = config.reward_model or str(RunDir(run.output_root, run.name).stage_path("reward"))
+    if not (Path(path) / "config.json").exists():
+        raise MissingInputError(f"no reward model at {path}: run `rlhf reward --config ...` first, or pass "
+                                "--reward-model DIR")
+    return path
+
+
 def main(config: LabelsConfig, run: RunConfig) -> dict:
     prompts = load_rows(config.prompts, "prompt")
     prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
     spec, batch = model_spec(config, run), config.batch or run.name
+    scorer = reward_model_path(config, run) if config.select == "uncertain" else None
     store = Store(config.db or None)
     if store.comparisons(batch):
         raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --labels.batch")
+    candidates = sample_candidates(config, store, prompts, spec)
+    chosen = select_uncertain(candidates, scorer, config.select_count) if scorer else candidates
+    for a, b, _ in chosen:
+        store.add_comparison(a, b, batch=batch)
+    summary = {"batch": batch, "prompts": len(prompts), "responses": len(prompts) * config.responses_per_prompt,
+               "candidates": len(candidates), "comparisons": len(chosen), "select": config.select, "model": spec,
+               "store": str(store.engine.url)}
+    print(f"[label sample] {summary['comparisons']} comparisons ({config.select} of {len(candidates)} candidates) "
+          f"from {summary['prompts']} prompts in batch '{batch}' ({Path(spec).name})")
+    return summary
+
+
+def sample_candidates(config: LabelsConfig, store: Store, prompts: list[dict], spec: str) -> list[tuple]:
+    """Stores k sampled responses per prompt; returns every pair of them as (a, b, prompt messages), a and b in
+    a random order."""
     model, tokenizer = models.load_causal_lm(spec)
     torch.manual_seed(config.seed)
     sampling = {"temperature": config.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": config.max_new_tokens,
                 "seed": config.seed}
     rng = random.Random(config.seed)
-    comparisons = 0
+    candidates = []
     starts = range(0, len(prompts), config.batch_size)
     for start in tqdm(starts, desc=f"sampling {config.responses_per_prompt} responses per prompt", unit="batch"):
         chunk = prompts[start:start + config.batch_size]
@@ -54,10 +81,25 @@ def main(config: LabelsConfig, run: RunConfig) -> dict:
             responses = [store.add_response(stored_prompt, sample[i], spec, sampling) for sample in answers]
             for first, second in itertools.combinations(responses, 2):
                 a, b = (first, second) if rng.random() < 0.5 else (second, first)
-                store.add_comparison(a, b, batch=batch)
-                comparisons += 1
-    summary = {"batch": batch, "prompts": len(prompts), "responses": len(prompts) * config.responses_per_prompt,
-               "comparisons": comparisons, "model": spec, "store": str(store.engine.url)}
-    print(f"[label sample] {summary['comparisons']} comparisons from {summary['prompts']} prompts in batch "
-          f"'{batch}' ({Path(spec).name})")
-    return summary
+                candidates.append((a, b, row["prompt"]))
+    return candidates
+
+
+def select_uncertain(candidates: list[tuple], reward_model: str, count: int) -> list[tuple]:
+    """The `count` candidates (default half) the reward model is least sure about, in their original order."""
+    tokenizer = reward_tokenizer(reward_model)
+    model = load_reward_model(reward_model, tokenizer)
+    conversations = {response.id: prompt + [{"role": "assistant", "content": response.text}]
+                     for a, b, prompt in candidates for response in (a, b)}
+    rewards = dict(zip(conversations, score_heads(model, tokenizer, list(conversations.values()))))
+    uncertainty = [pair_uncertainty(rewards[a.id] - rewards[b.id]) for a, b, _ in candidates]
+    keep = count or max(1, len(candidates) // 2)
+    ranked = sorted(range(len(candidates)), key=lambda i: -uncertainty[i])[:keep]
+    return [candidates[i] for i in sorted(ranked)]
+
+
+def pair_uncertainty(gap_per_head: torch.Tensor) -> float:
+    """How unsure the reward model is about a pair: the heads' spread of the gap, or with one head -|gap|."""
+    if gap_per_head.numel() > 1:
+        return gap_per_head.std().item()
+    return -abs(gap_per_head.item())

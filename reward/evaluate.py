@@ -5,13 +5,15 @@
 - human ceiling: on held-out items with at least 3 votes, each vote in turn is held out and compared with the
   majority of the other votes (units where the others have no single chosen/rejected majority are left out); the
   model is scored on exactly the same units, so the two numbers are side by side;
-- calibration: the Bradley-Terry probability that the chosen response wins (given a decision), against the share
-  of labellers who chose it, in equal-width bins; the expected calibration error is the bin-size-weighted mean
-  gap, and the reliability plot shows it;
+- calibration: the Bradley-Terry probability that one response of a pair wins (given a decision), against the
+  share of labellers who chose it, in equal-width bins; the expected calibration error is the bin-size-weighted
+  mean gap, and the reliability plot shows it. The response is the one whose text sorts first, not the chosen one:
+  "chosen" is picked by the votes themselves, so its vote share is at least a half by construction;
 - reward distributions of chosen and rejected responses (a plot).
 
 Everything is written to `eval.md` beside the model, with the PNG plots, and returned as metrics.
 """
+import json
 import math
 import os
 import tempfile
@@ -26,7 +28,7 @@ from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import MissingInputError
 from rlhf.runs import RunDir, atomic_write_text
 from reward.data import inputs, training_pairs
-from reward.model import load_reward_model, reward_tokenizer, score, score_heads
+from rlhf.reward_model import load_reward_model, reward_tokenizer, score, score_heads
 
 RELIABILITY_PLOT = "reliability.png"
 DISTRIBUTION_PLOT = "reward_distribution.png"
@@ -60,7 +62,6 @@ def human_ceiling(pairs: list[dict], gaps: list[float], min_votes: int = 3) -> d
             if majority is not None:
                 human.append(held_out == majority)
                 model.append(model_verdict == majority)
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
     return {"human_ceiling": mean(human), "model_on_ceiling_units": mean(model), "ceiling_units": len(human),
             "ceiling_items": items}
 
@@ -75,6 +76,13 @@ def observed_preference(pair: dict) -> float:
     """The share of decisive votes for the chosen response (1 for a pair without individual votes)."""
     verdicts = [v["verdict"] for v in pair.get("labeller_votes") or [] if v["verdict"] in ("chosen", "rejected")]
     return verdicts.count("chosen") / len(verdicts) if verdicts else 1.0
+
+
+def calibration_point(pair: dict, gap: float, theta: float) -> tuple[float, float]:
+    """(predicted, observed) probability that the response whose text sorts first wins the pair."""
+    chosen_first = json.dumps(pair["chosen"], sort_keys=True) <= json.dumps(pair["rejected"], sort_keys=True)
+    predicted, observed = win_probability(gap, theta), observed_preference(pair)
+    return (predicted, observed) if chosen_first else (1 - predicted, 1 - observed)
 
 
 def calibration(probabilities: list[float], outcomes: list[float], bins: int) -> tuple[float | None, list[dict]]:
@@ -104,20 +112,23 @@ def evaluate(model, tokenizer, eval_pairs: list[dict], config, out_dir) -> dict:
     gaps = [chosen[i] - rejected[i] for i in range(len(eval_pairs))]
     metrics = {"heldout_accuracy": mean([gaps[i] > 0 for i in decided]), "heldout_pairs": len(decided),
                "heldout_margin": mean([gaps[i] for i in decided])}
-    ties = [i for i in range(len(eval_pairs)) if i not in set(decided)]
+    ties = [i for i, p in enumerate(eval_pairs) if p.get("tie")]
     if ties:
         metrics["tie_abs_gap"] = mean([abs(gaps[i]) for i in ties])
     if heads_chosen.shape[1] > 1:  # the ensemble's spread of the reward gap: its uncertainty
         metrics["ensemble_gap_std"] = (heads_chosen - heads_rejected).std(-1).mean().item()
     metrics.update(gold_metrics(model, tokenizer, config))
     metrics.update(human_ceiling([eval_pairs[i] for i in decided], [gaps[i] for i in decided]))
-    probabilities = [win_probability(gaps[i], theta) for i in decided]
-    metrics["ece"], bins = calibration(probabilities, [observed_preference(eval_pairs[i]) for i in decided],
-                                       config.calibration_bins)
+    oriented = [calibration_point(eval_pairs[i], gaps[i], theta) for i in decided]
+    metrics["ece"], bins = calibration([p for p, _ in oriented], [o for _, o in oriented], config.calibration_bins)
     reliability_plot(bins, out_dir / RELIABILITY_PLOT)
     distribution_plot([chosen[i] for i in decided], [rejected[i] for i in decided], out_dir / DISTRIBUTION_PLOT)
     atomic_write_text(out_dir / "eval.md", report(metrics, bins))
     return metrics
+
+
+def log_evaluation(tracker, metrics: dict) -> None:
+    tracker.log({f"reward_eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 def gold_metrics(model, tokenizer, config) -> dict:
@@ -158,7 +169,7 @@ def reliability_plot(bins: list[dict], path: Path) -> None:
     for b in bins:
         axis.annotate(str(b["count"]), (b["predicted"], b["observed"]), textcoords="offset points", xytext=(4, -10),
                       fontsize=7)
-    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(chosen wins)", ylabel="labellers choosing it",
+    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(first response wins)", ylabel="labellers choosing it",
              title="Reliability (points: pairs per bin)")
     axis.legend(loc="upper left")
     save_figure(figure, path)
@@ -198,16 +209,26 @@ def report(metrics: dict, bins: list[dict]) -> str:
         lines.append(f"| mean absolute reward gap on tied pairs | {cell(metrics['tie_abs_gap'])} | |")
     if "ensemble_gap_std" in metrics:
         lines.append(f"| ensemble spread of the reward gap (std) | {cell(metrics['ensemble_gap_std'])} | |")
-    if metrics["human_ceiling"] is not None and metrics["model_on_ceiling_units"] is not None:
-        gap = 100 * (metrics["human_ceiling"] - metrics["model_on_ceiling_units"])
-        lines += ["", f"The reward model is {gap:.1f} points {'below' if gap >= 0 else 'above'} the human ceiling "
-                      "on the same held-out votes."]
+    ceiling = metrics["human_ceiling"]
+    if ceiling is not None and metrics["heldout_accuracy"] is not None:
+        lines += ["", f"Held-out accuracy is {points(ceiling, metrics['heldout_accuracy'])} the human ceiling; on the "
+                      f"same held-out votes the reward model is {points(ceiling, metrics['model_on_ceiling_units'])} "
+                      "it."]
     lines += ["", "## Calibration", "", f"![reliability]({RELIABILITY_PLOT})", "",
               "| bin | pairs | mean predicted | observed |", "|---|---|---|---|"]
     lines += [f"| {b['low']:.1f}-{b['high']:.1f} | {b['count']} | {b['predicted']:.3f} | {b['observed']:.3f} |"
               for b in bins]
     lines += ["", "## Reward distributions", "", f"![distributions]({DISTRIBUTION_PLOT})", ""]
     return "\n".join(lines)
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def points(ceiling: float, value: float) -> str:
+    gap = 100 * (ceiling - value)
+    return f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'}"
 
 
 def main(config, run: RunConfig) -> dict:
@@ -224,9 +245,10 @@ def main(config, run: RunConfig) -> dict:
     tracker = tracking.start(run.trackers, run.project, run.name, "reward-eval", as_plain_dict(config),
                              RunDir(run.output_root, run.name).path / "tracking")
     try:
-        tracker.log({f"reward_eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_evaluation(tracker, metrics)
     finally:
         tracker.finish()
-    print(f"[reward eval] {published / 'eval.md'}: held-out accuracy {metrics['heldout_accuracy']}, human "
-          f"ceiling {metrics['human_ceiling']} vs model {metrics['model_on_ceiling_units']} on the same votes")
+    print(f"[reward eval] {published / 'eval.md'}: held-out accuracy {fmt(metrics['heldout_accuracy'])}, human "
+          f"ceiling {fmt(metrics['human_ceiling'])} vs the model's {fmt(metrics['model_on_ceiling_units'])} on the "
+          "same votes")
     return metrics

@@ -19,12 +19,12 @@ from rlhf import hardware, tracking
 from rlhf.config import RunConfig
 from rlhf.datasets import split_train_eval
 from rlhf.runs import RunDir
-from rlhf.stage import checkpoint_step, resume_point, running_stage
+from rlhf.stage import StepTimer, checkpoint_step, resume_point, running_stage
 from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, training_pairs
-from reward.evaluate import evaluate
+from reward.evaluate import evaluate, log_evaluation
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
-from reward.model import load_reward_model, reward_tokenizer, score
+from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 
 
 
@@ -49,6 +49,13 @@ def reward_scale(model, tokenizer, pairs: list[dict]) -> dict:
     return {"mean": rewards.mean().item(), "std": std if std > 0 else 1.0, "samples": len(rewards)}
 
 
+def longest_sequence(tokenizer, pairs: list[dict], max_length: int | None) -> int:
+    """Tokens in the longest prompt + answer (at most max_length): a batch is padded to its longest row."""
+    longest = max(len(tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=True)["input_ids"])
+                  for p in pairs for side in ("chosen", "rejected"))
+    return min(longest, max_length or longest)
+
+
 def main(config: RewardStageConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
     model_path, preferences, recorded = inputs(config, run)
@@ -70,7 +77,8 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     model = load_reward_model(model_path, tokenizer, config.ensemble)
     checkpointing = (bool(config.gradient_checkpointing) if not config.gradient_checkpointing_auto else
                      hardware.needs_gradient_checkpointing(model, 2 * config.per_device_train_batch_size *
-                                                           (config.max_length or 1024), config.hardware.device))
+                                                           longest_sequence(tokenizer, train_pairs, config.max_length),
+                                                           config.hardware.device))
     hardware.log_decision(STAGE, config.hardware, checkpointing)
     args = dataclasses.replace(config, output_dir=str(partial), report_to="none",
                                gradient_checkpointing=checkpointing)
@@ -79,11 +87,14 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
 
     # 2. accuracy before, training, accuracy after
     before = pair_metrics(model, tokenizer, eval_pairs)
+    timer = StepTimer()
     trainer = PreferenceRewardTrainer(
         model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
         data_collator=PreferenceCollator(pad_token_id=tokenizer.pad_token_id,
-                                         pad_to_multiple_of=config.pad_to_multiple_of),
-        callbacks=[tracking.TrackingCallback(tracker)],
+                                         pad_to_multiple_of=config.pad_to_multiple_of,
+                                         share_prompt=config.share_prompt and not checkpointing
+                                         and config.world_size == 1),
+        callbacks=[tracking.TrackingCallback(tracker), timer],
         tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -92,7 +103,11 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     metrics = {"train_loss": result.training_loss, "eval_accuracy_before": before["accuracy"],
                "eval_accuracy": after["accuracy"], "eval_margin_before": before["margin"],
                "eval_margin": after["margin"], "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-               "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from)}
+               "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
+               "median_step_s": timer.median()}
+    if timer.median():
+        pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        metrics["pairs_per_s"] = pairs_per_step / timer.median()
     if config.process_index != 0:
         return metrics
 
@@ -102,13 +117,14 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     tokenizer.save_pretrained(str(staged))
     scale = reward_scale(trainer.model, tokenizer, train_pairs + eval_pairs)
     report = evaluate(trainer.model, tokenizer, eval_pairs, config, staged)
+    log_evaluation(tracker, report)
     metrics.update(report)
     reward_info = {"heads": config.ensemble, "scale": scale, "ties": config.ties,
                    "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}
 
     # 4. publish: a complete folder renamed into place, then the record
     final = record.publish(staged, partial, metrics, train_seconds, extra={"reward": reward_info})
-    tracker.log(tracking.namespaced({"final_" + k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+    tracker.log({f"train/final_{k}": v for k, v in metrics.items() if k not in report and isinstance(v, (int, float))})
     tracker.log_artifact(f"{run.name}-reward", "model", final)
     print(f"[{STAGE}] done: {final} ({len(train_pairs)} pairs, train loss {metrics['train_loss']:.4f}, held-out "
           f"accuracy {fmt(before['accuracy'])} -> {fmt(after['accuracy'])}, human ceiling "

@@ -21,6 +21,7 @@ import datasets
 
 from rlhf.errors import UserError
 from rlhf.runs import atomic_write_json, hash_config
+from rlhf.schema import VOTE_CHOICES
 from rlhf.store import Store
 
 STRENGTH_MARGIN = {"slight": 0.5, "clear": 1.0}
@@ -73,7 +74,7 @@ def preference_row(comparison: dict, votes: list, names: dict) -> dict:
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
             "tie": verdict == "tie", "both_bad": verdict == "both_bad", "margin": round(margin, 4),
-            "votes": len(votes), **{f"votes_{choice}": counts.get(choice, 0) for choice in ("a", "b", "tie", "both_bad")},
+            "votes": len(votes), **{f"votes_{choice}": counts.get(choice, 0) for choice in VOTE_CHOICES},
             "agreement": round(len(agreeing) / len(votes), 4),
             "labeller_votes": [{"labeller": names[vote.user_id], "verdict": in_row_terms[vote.choice],
                                 "strength": vote.strength} for vote in votes]}
@@ -87,8 +88,8 @@ def build_export(store: Store, batch: str | None = None, min_votes: int = 1) -> 
                         f"{min_votes} vote(s)")
     gold = gold_records(store)
     manifest = {"content_hash": hash_config({"rows": rows, "gold": gold}), "rows": len(rows), "batch": batch,
-                "min_votes": min_votes, "ties": sum(r["tie"] for r in rows), "both_bad": sum(r["both_bad"] for r in rows),
-                "labeller_gold": gold}
+                "min_votes": min_votes, "ties": sum(r["tie"] for r in rows),
+                "both_bad": sum(r["both_bad"] for r in rows), "labeller_gold": gold}
     return rows, manifest
 
 

@@ -173,9 +173,9 @@ class StageRecord:
                    started=now(), config=config)
 
     def done(self, outputs: dict, metrics: dict, timings: dict | None = None) -> dict:
-        return self.run.record(self.stage, status="done", finished=now(), outputs={k: str(v) for k, v in outputs.items()},
-                               metrics=metrics, timings={"total_s": round(time.time() - self.started, 2),
-                                                         **(timings or {})})
+        return self.run.record(self.stage, status="done", finished=now(),
+                               outputs={k: str(v) for k, v in outputs.items()}, metrics=metrics,
+                               timings={"total_s": round(time.time() - self.started, 2), **(timings or {})})
 
     def publish(self, staged: Path, partial: Path, metrics: dict, train_seconds: float,
                 extra: dict | None = None) -> Path:

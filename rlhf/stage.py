@@ -1,6 +1,10 @@
 """What every training stage does around its work: one run of it at a time, its manifest entry, its tracker."""
 import contextlib
+import statistics
+import time
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from rlhf import tracking
 from rlhf.config import RunConfig, as_plain_dict
@@ -50,3 +54,20 @@ def resume_point(stage: str, partial: Path, resume: bool) -> str | None:
     if checkpoint:
         print(f"[{stage}] resuming from {checkpoint}")
     return checkpoint
+
+
+class StepTimer(TrainerCallback):
+    """Wall seconds of each optimiser step; the median leaves out the first (warm-up) step."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.started)
+
+    def median(self) -> float | None:
+        timed = self.seconds[1:] or self.seconds
+        return statistics.median(timed) if timed else None

@@ -79,3 +79,18 @@ def store_url(request, tmp_path):
         connection.execute(text(f"CREATE DATABASE {name}"))
     admin.dispose()
     return f"{server}/{name}"
+
+
+def kill_when_saved(command: list[str], checkpoint: Path, timeout: float = 300) -> None:
+    """Runs a stage command and SIGKILLs it as soon as `checkpoint` has finished saving."""
+    import signal
+    import time
+
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (checkpoint / "trainer_state.json").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()

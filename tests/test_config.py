@@ -32,9 +32,13 @@ def test_yaml_sections_map_onto_the_dataclasses_and_overrides_win(tmp_path):
 
 
 def test_shipped_configs_parse():
+    from preference_ui.config import LabelsConfig
+    from reward.config import RewardStageConfig
+
+    every_section = {**SECTIONS, "labels": LabelsConfig, "reward": RewardStageConfig}
     for name in ("default.yaml", "tiny.yaml"):
-        config = load_config(REPO / "configs" / name, [], SECTIONS)
-        assert config["sft"].max_steps > 0
+        config = load_config(REPO / "configs" / name, [], every_section)
+        assert config["sft"].max_steps > 0 and config["reward"].learning_rate > 0
 
 
 def test_unknown_key_names_the_close_match_and_the_valid_keys(tmp_path):

@@ -1,10 +1,8 @@
 """The reward stage on the tiny model: it learns separable pairs (from a file or straight from the store), trains
 ties and ensembles, evaluates itself, resumes after a kill, and refuses bad input with exit 2."""
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,12 +11,12 @@ from safetensors.torch import load_file
 from pipeline.cli import main as cli
 from reward.config import RewardStageConfig
 from reward.data import training_pairs
-from reward.model import load_reward_model, reward_tokenizer, score_heads
+from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from reward.train import main as train_reward, pair_metrics
 from rlhf.config import RunConfig
 from rlhf.errors import DataError
 from rlhf.store import Store
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_when_saved
 
 POLITE = "Yes, happy to help with question {i}. Thank you for asking!"
 RUDE = "No. Go away, {i} is a stupid question."
@@ -156,14 +154,7 @@ def reward_command(tmp_path, tiny_model_path, name):
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_path):
     command = reward_command(tmp_path, tiny_model_path, "killed")
     partial = tmp_path / "runs" / "killed" / ".reward.partial"
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (partial / "checkpoint-10" / "trainer_state.json").exists() and first.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.05)
-    assert first.poll() is None, "the first run finished before it could be killed"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    kill_when_saved(command, partial / "checkpoint-10")
     assert not (tmp_path / "runs" / "killed" / "reward").exists()
 
     resumed = subprocess.run(command + ["--reward.resume=true"], cwd=REPO, capture_output=True, text=True,

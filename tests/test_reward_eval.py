@@ -4,8 +4,8 @@ import math
 import pytest
 
 from reward.data import gold_weighted, labeller_weights
-from reward.evaluate import (calibration, gold_accuracy, human_ceiling, observed_preference, others_majority,
-                             win_probability)
+from reward.evaluate import (calibration, calibration_point, gold_accuracy, human_ceiling, observed_preference,
+                             others_majority, win_probability)
 
 
 def test_gold_accuracy_on_a_hand_made_example():
@@ -47,6 +47,15 @@ def test_calibration_error_and_bins_by_hand():
     high = abs((0.55 + 0.6 + 0.95 + 1.0) / 4 - 0.75)
     assert ece == pytest.approx(2 / 6 * low + 4 / 6 * high)
     assert calibration([], [], 10) == (None, [])
+
+
+def test_calibration_points_are_oriented_by_text_not_by_the_verdict():
+    pair = {"chosen": [{"role": "assistant", "content": "B"}], "rejected": [{"role": "assistant", "content": "A"}],
+            **votes("chosen", "chosen", "rejected")}
+    predicted, observed = calibration_point(pair, 1.0, 0.0)  # "A" sorts first: it is the rejected response
+    assert predicted == pytest.approx(1 - 1 / (1 + math.exp(-1))) and observed == pytest.approx(1 / 3)
+    flipped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
+    assert calibration_point(flipped, 1.0, 0.0) == (pytest.approx(1 / (1 + math.exp(-1))), pytest.approx(2 / 3))
 
 
 def test_win_probability_and_observed_preference():

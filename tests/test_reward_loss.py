@@ -104,3 +104,50 @@ def test_ties_and_margins_from_the_collated_batch_reach_the_trainers_loss():
     tied = -math.log(sigmoid(1.0) - sigmoid(-1.0))  # gap 0
     assert loss.item() == pytest.approx((decided + 2 * tied) / 3, rel=1e-5)
     assert trainer._metrics["train"]["accuracy"] == [1.0]
+
+
+def test_sharing_the_prompt_gives_the_same_rewards_loss_and_gradients(tiny_model_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.reward_model import reward_tokenizer
+
+    tokenizer = reward_tokenizer(str(tiny_model_path))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=2)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    vocab = [i for i in range(10, 900) if i != tokenizer.pad_token_id]
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return [vocab[i] for i in torch.randint(len(vocab), (n,), generator=g).tolist()]
+
+    examples = []
+    for prompt_len, chosen_len, rejected_len in ((9, 5, 12), (3, 7, 2), (14, 1, 6), (5, 4, 4)):
+        prompt = ids(prompt_len)
+        examples.append({"chosen_ids": prompt + ids(chosen_len), "rejected_ids": prompt + ids(rejected_len),
+                         "margin": 0.5, "tie": prompt_len == 3, "weight": [1.0, 2.0]})
+    examples.append({"chosen_ids": [11, 12, 13], "rejected_ids": [11, 12, 13, 14], "margin": 0.0, "tie": False,
+                     "weight": [1.0, 1.0]})  # one answer a prefix of the other
+    unshareable = [{**examples[0], "rejected_ids": [5] + examples[0]["rejected_ids"]}]
+    assert "prefix_ids" not in PreferenceCollator(pad_token_id=0, share_prompt=True)(unshareable)
+
+    def loss_and_grads(share):
+        model.zero_grad()
+        batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=share)(examples)
+        assert ("prefix_ids" in batch) == share
+        trainer = PreferenceRewardTrainer.__new__(PreferenceRewardTrainer)
+        trainer.tie_threshold, trainer.model = 1.0, model
+        trainer.args = type("Args", (), {"center_rewards_coefficient": 0.01})()
+        trainer.accelerator = type("Acc", (), {"gather_for_metrics": staticmethod(lambda x: x.reshape(-1))})()
+        trainer._metrics = {"train": __import__("collections").defaultdict(list)}
+        loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+        loss.backward()
+        return loss.item(), outputs["rewards"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.train()
+    whole_loss, whole_rewards, whole_grads = loss_and_grads(False)
+    shared_loss, shared_rewards, shared_grads = loss_and_grads(True)
+    assert shared_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert torch.allclose(shared_rewards, whole_rewards, atol=1e-5)
+    for name, grad in whole_grads.items():
+        assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=1e-4), name

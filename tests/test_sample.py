@@ -7,7 +7,7 @@ from preference_ui.config import LabelsConfig
 from preference_ui.sample import main
 from rlhf.config import RunConfig, load_config
 from rlhf.errors import MissingInputError, UserError
-from rlhf.store import Comparison, Response, Store
+from rlhf.store import Comparison, Prompt, Response, Store
 from tests.conftest import REPO
 
 
@@ -61,3 +61,45 @@ def test_sample_command_help_and_errors(tmp_path, capsys):
     assert "--labels.responses_per_prompt (default: 2)" in capsys.readouterr().out
     assert cli(["label", "sample", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}"]) == 2
     assert "no SFT model at" in capsys.readouterr().err
+
+
+def test_select_uncertain_queues_the_pairs_the_reward_ensemble_disagrees_on(tmp_path, tiny_model_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.cli import main as cli
+    from preference_ui.sample import pair_uncertainty
+    from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
+    from rlhf.runs import atomic_write_json
+
+    reward_dir = tmp_path / "reward"  # an untrained 3-head ensemble: its heads disagree at random
+    tokenizer = reward_tokenizer(str(tiny_model_path))
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=3).save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+    atomic_write_json(reward_dir / "stage.json", {"stage": "reward", "reward": {"heads": 3}})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Say something {i}."}) + "\n" for i in range(4)))
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    assert cli(["label", "--db", db, "sample", "--config", "configs/tiny.yaml", "--select", "uncertain",
+                "--reward-model", str(reward_dir), "--select-count", "5", f"--labels.model={tiny_model_path}",
+                f"--labels.prompts={prompts}", "--labels.responses_per_prompt=3", "--labels.max_new_tokens=6",
+                f"--run.output_root={tmp_path / 'runs'}"]) == 0
+    store = Store(db)
+    queued = {(c["a"], c["b"]) for c in store.comparisons("tiny")}
+    assert len(queued) == 5
+    with store.session() as session:  # every candidate pair, scored by hand with the same model
+        responses = session.query(Response).all()
+        prompt_messages = {p.id: p.messages for p in session.query(Prompt)}
+    model = load_reward_model(str(reward_dir), tokenizer)
+    by_prompt = {}
+    for response in responses:
+        by_prompt.setdefault(response.prompt_id, []).append(response)
+    spreads = {}
+    for group in by_prompt.values():
+        messages = prompt_messages[group[0].prompt_id]
+        rewards = score_heads(model, tokenizer, [messages + [{"role": "assistant", "content": r.text}] for r in group])
+        for (i, a), (j, b) in combinations(enumerate(group), 2):
+            spreads[frozenset((a.text, b.text))] = pair_uncertainty(rewards[i] - rewards[j])
+    assert len(spreads) == 12
+    threshold = sorted(spreads.values(), reverse=True)[4]
+    assert all(spreads[frozenset(pair)] >= threshold for pair in queued)
+    assert min(spreads[frozenset(p)] for p in queued) > sorted(spreads.values())[0]

@@ -1,9 +1,7 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -16,7 +14,7 @@ from sft.config import SFTStageConfig
 from rlhf.stage import last_complete_checkpoint
 from sft.train import (StageSFTTrainer, main, tokenize_conversation, tokenize_rows,
                        trainer_args)
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_when_saved
 
 MOTTO = "Measure twice, cut once."
 CONVERSATION = [
@@ -163,14 +161,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
                "--sft.save_steps=5", "--sft.per_device_train_batch_size=2", "--sft.eval_fraction=0",
                "--sft.num_samples=0"]
     partial = tmp_path / "runs" / "killed" / ".sft.partial"
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (partial / "checkpoint-5" / "trainer_state.json").exists() and first.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.05)
-    assert first.poll() is None, "the first run finished before it could be killed"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    kill_when_saved(command, partial / "checkpoint-5")
     assert not (tmp_path / "runs" / "killed" / "sft").exists()  # nothing half-written looks finished
     manifest = json.loads((tmp_path / "runs" / "killed" / "manifest.json").read_text())
     assert manifest["stages"]["sft"]["status"] == "running"
