@@ -1,0 +1,123 @@
+"""PPO maths against hand-computed values and the checks listed in ../shared/PPO_NOTES.md."""
+import math
+
+import pytest
+import torch
+
+from ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_estimate,
+                      logprobs_from_logits, masked_mean, masked_var, masked_whiten, penalised_scores, policy_loss,
+                      response_mask, token_rewards, value_loss)
+
+
+def test_identical_policy_and_reference_give_zero_kl_ratio_one_and_nothing_clipped():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(3, 5, 11), torch.randint(11, (3, 5))
+    logprobs = logprobs_from_logits(logits, tokens, temperature=0.7)
+    same = logprobs_from_logits(logits.clone(), tokens, temperature=0.7)
+    mask = torch.ones(3, 5)
+    assert torch.equal(kl_estimate(logprobs, same, "k1"), torch.zeros(3, 5))
+    assert torch.equal(kl_estimate(logprobs, same, "k3"), torch.zeros(3, 5))
+    _, stats = policy_loss(logprobs, same, torch.randn(3, 5), mask)
+    assert abs(stats["ratio_mean"].item() - 1) < 1e-4 and stats["clipfrac"] == 0 and stats["approxkl"] < 1e-10
+    values = torch.randn(3, 5)
+    _, value_stats = value_loss(values, values, torch.randn(3, 5), mask)
+    assert value_stats["vf_clipfrac"] == 0
+
+
+def test_logprobs_divide_by_the_temperature_and_entropy_matches_its_definition():
+    logits, tokens = torch.tensor([[[1.0, 2.0, 0.5]]]), torch.tensor([[1]])
+    expected = math.log(math.exp(2 / 0.5) / sum(math.exp(x / 0.5) for x in (1.0, 2.0, 0.5)))
+    assert logprobs_from_logits(logits, tokens, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    p = torch.softmax(logits, -1)
+    assert entropy_from_logits(logits).item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)
+
+
+def test_gae_special_cases():
+    torch.manual_seed(1)
+    rewards, values, mask = torch.randn(2, 6), torch.randn(2, 6), torch.ones(2, 6)
+    mask[1, 4:] = 0
+    to_go = torch.flip(torch.cumsum(torch.flip(rewards * mask, [1]), 1), [1])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(returns, to_go * mask, atol=1e-6)
+    assert torch.allclose(advantages, (to_go - values) * mask, atol=1e-6)
+    advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=0.0)
+    next_values = torch.cat([values[:, 1:] * mask[:, 1:], torch.zeros(2, 1)], 1)
+    assert torch.allclose(advantages, (rewards + next_values - values) * mask, atol=1e-6)
+    score, lam = 2.5, 0.9
+    terminal = torch.zeros(1, 5)
+    terminal[0, -1] = score
+    _, returns = gae(terminal, torch.zeros(1, 5), torch.ones(1, 5), gamma=1.0, lam=lam)
+    assert torch.allclose(returns[0], torch.tensor([score * lam ** (4 - t) for t in range(5)]), atol=1e-6)
+
+
+def test_k3_is_never_negative_and_both_estimators_are_unbiased():
+    torch.manual_seed(2)
+    policy, reference = torch.softmax(torch.randn(6), 0), torch.softmax(torch.randn(6), 0)
+    true_kl = (policy * (policy / reference).log()).sum().item()
+    samples = torch.multinomial(policy, 400_000, replacement=True)
+    logp, ref_logp = policy.log()[samples], reference.log()[samples]
+    k1, k3 = kl_estimate(logp, ref_logp, "k1"), kl_estimate(logp, ref_logp, "k3")
+    assert (k3 >= 0).all() and (k1 < 0).any()
+    assert k1.mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert k3.mean().item() == pytest.approx(true_kl, abs=0.01)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kl_estimate(logp, ref_logp, "k2")
+
+
+def test_response_mask_finds_the_first_stop_token_by_position():
+    stop = 7  # also the pad id of the bundled model: the mask must not stop at later sevens
+    responses = torch.tensor([[3, 4, 7, 7, 7], [3, 7, 5, 7, 2], [1, 2, 3, 4, 5]])
+    mask, ended = response_mask(responses, stop)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+def test_reward_assembly_puts_the_score_once_at_the_last_token_and_penalises_missing_eos():
+    scores, ended = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([True, True, False])
+    penalised = penalised_scores(scores, ended, missing_eos_penalty=1.0)
+    assert penalised.tolist() == [1.0, -0.5, 1.0]  # only the response without EOS loses exactly the penalty
+    kl = torch.rand(3, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    rewards = token_rewards(penalised, kl, mask, kl_coef=0.05)
+    assert torch.allclose(rewards.sum(-1), penalised - 0.05 * (kl * mask).sum(-1), atol=1e-6)
+    without_kl = token_rewards(penalised, torch.zeros(3, 4), mask, kl_coef=0.05)
+    assert (without_kl != 0).sum(-1).tolist() == [1, 1, 1]
+    assert [row.nonzero().item() for row in without_kl] == [2, 0, 3]
+
+
+def test_policy_and_value_losses_by_hand():
+    logp, old = torch.tensor([[math.log(1.5), math.log(0.5)]]), torch.zeros(1, 2)
+    advantages, mask = torch.tensor([[1.0, -2.0]]), torch.ones(1, 2)
+    loss, stats = policy_loss(logp, old, advantages, mask, cliprange=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(1.0, 1.6) = 1.6 (clipped)
+    assert loss.item() == pytest.approx((-1.2 + 1.6) / 2) and stats["clipfrac"].item() == 1.0
+    values, old_values, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.1]]), torch.tensor([[0.0, 0.0]])
+    loss, stats = value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    # token 0: clipped value 0.7: max(1.0, 0.49) = 1.0; token 1: clipped 0.0: max(0, 0) = 0
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 0.0) / 2) and stats["vf_clipfrac"].item() == 0.0
+
+
+def test_masked_statistics_ignore_padding():
+    values, mask = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]]), torch.tensor([[1, 1, 0], [1, 1, 0]])
+    assert masked_mean(values, mask).item() == 2.5
+    assert masked_var(values, mask).item() == pytest.approx(torch.tensor([1.0, 2, 3, 4]).var().item())
+    whitened = masked_whiten(values, mask)
+    assert whitened[:, 2].tolist() == [0.0, 0.0]
+    assert masked_mean(whitened, mask).abs().item() < 1e-6
+    assert masked_var(whitened, mask).item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.05)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.05
+    adaptive = AdaptiveKLController(0.15, target=6.0, horizon=10_000)
+    adaptive.update(6.0, 512)
+    assert adaptive.value == 0.15  # at the target the coefficient does not move
+    adaptive.update(600.0, 10_000)
+    assert adaptive.value == pytest.approx(0.15 * 1.2)
+    adaptive.update(0.0, 10_000)
+    assert adaptive.value == pytest.approx(0.15 * 1.2 * 0.8)
+    restored = AdaptiveKLController(1.0, 6.0, 10_000)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.value == adaptive.value
