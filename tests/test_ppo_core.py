@@ -121,3 +121,15 @@ def test_kl_controllers():
     restored = AdaptiveKLController(1.0, 6.0, 10_000)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value
+
+
+def test_ppo_config_refuses_inconsistent_settings():
+    from ppo.config import PPOStageConfig
+
+    assert PPOStageConfig(total_episodes=64, batch_size=8).num_updates == 8
+    with pytest.raises(ValueError, match="kl_estimator"):
+        PPOStageConfig(kl_estimator="k2")
+    with pytest.raises(ValueError, match="must divide"):
+        PPOStageConfig(batch_size=6, num_mini_batches=4)
+    with pytest.raises(ValueError, match="target_kl"):
+        PPOStageConfig(target_kl=0.0)

@@ -1,0 +1,90 @@
+"""`ppo:` section of a run config. TRL no longer has a PPO config, so this one is ours; the names follow TRL's
+former `PPOConfig` (and so its dashboards and papers) wherever a name existed there. Defaults are sized for the
+bundled SmolLM2-135M on a CPU; every default is explained beside it.
+"""
+from dataclasses import dataclass, field
+
+from ppo.core import KL_ESTIMATORS
+from rlhf import hardware
+
+
+@dataclass
+class PPOStageConfig:
+    # where things come from
+    model: str = field(default="", metadata={
+        "help": "Policy to start from (also the frozen reference); empty: this run's SFT output."})
+    reward_model: str = field(default="", metadata={
+        "help": "Reward model folder (also the critic's starting point); empty: this run's reward output."})
+    prompts: str = field(default="data/rl_prompts.jsonl", metadata={"help": "Prompts to train on."})
+    eval_prompts: str = field(default="data/eval_prompts.jsonl", metadata={
+        "help": "Held-out prompts scored before and after training."})
+    judge: str = field(default="", metadata={
+        "help": "Also score eval answers with this judge (builtin:NAME or module:function); empty: none."})
+
+    # rollout
+    total_episodes: int = field(default=256, metadata={"help": "Prompts answered over the whole run."})
+    batch_size: int = field(default=8, metadata={"help": "Episodes per rollout (one PPO update each)."})
+    response_length: int = field(default=32, metadata={"help": "Longest response, in tokens."})
+    temperature: float = field(default=0.7, metadata={
+        "help": "Sampling temperature (top_k 0, top_p 1); log-probs are recomputed at the same temperature."})
+    missing_eos_penalty: float | None = field(default=1.0, metadata={
+        "help": "Subtracted from the score of a response that never emits the stop token (None: no penalty)."})
+    normalize_reward: bool = field(default=True, metadata={
+        "help": "Scores as (score - mean) / std with the reward model's scale on SFT samples (its stage.json)."})
+
+    # update
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per pass (shuffled)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-batches per minibatch, to bound memory."})
+    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate, policy and critic."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip, epsilon."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout's values."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss against the policy loss."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount (1: the score counts fully at every token)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
+
+    # KL to the reference
+    kl_coef: float = field(default=0.05, metadata={"help": "Initial (or fixed) KL penalty coefficient, beta."})
+    kl_estimator: str = field(default="k1", metadata={
+        "help": "k1 (-log r, unbiased) or k3 (r - 1 - log r, unbiased, never negative)."})
+    target_kl: float | None = field(default=None, metadata={
+        "help": "Adapt beta towards this KL (nats per response); None: beta stays fixed."})
+    horizon: int = field(default=10_000, metadata={"help": "Episodes over which beta may move by 20%."})
+
+    # models
+    use_peft: bool = field(default=False, metadata={
+        "help": "Train LoRA adapters; the reference is the policy with its adapter disabled."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (log-probs stay fp32)."})
+
+    # bookkeeping
+    seed: int = field(default=0, metadata={"help": "Seeds sampling, shuffling and the critic head."})
+    logging_steps: int = field(default=1, metadata={"help": "Log every N updates."})
+    sample_every: int = field(default=5, metadata={"help": "A table of sample answers every N updates."})
+    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N updates."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint."})
+    kl_alert: float = field(default=10.0, metadata={"help": "Alert when the mean KL per response passes this."})
+    stop_on_alert: bool = field(default=False, metadata={"help": "Stop the run at the first health alert."})
+
+    def __post_init__(self):
+        self.hardware = hardware.choose(self.precision)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got '{self.kl_estimator}'")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be above 0 for sampling, got {self.temperature}")
+        if self.batch_size % (self.num_mini_batches * self.gradient_accumulation_steps):
+            raise ValueError(f"batch_size ({self.batch_size}) must divide into num_mini_batches x "
+                             f"gradient_accumulation_steps ({self.num_mini_batches} x "
+                             f"{self.gradient_accumulation_steps})")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be above 0, got {self.target_kl}")
+        if min(self.total_episodes, self.batch_size, self.num_ppo_epochs, self.response_length) < 1:
+            raise ValueError("total_episodes, batch_size, num_ppo_epochs and response_length must be at least 1")
+
+    @property
+    def num_updates(self) -> int:
+        return max(1, self.total_episodes // self.batch_size)
