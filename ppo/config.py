@@ -2,6 +2,7 @@
 former `PPOConfig` (and so its dashboards and papers) wherever a name existed there. Defaults are sized for the
 bundled SmolLM2-135M on a CPU; every default is explained beside it.
 """
+import os
 from dataclasses import dataclass, field
 
 from ppo.core import KL_ESTIMATORS
@@ -15,6 +16,9 @@ class PPOStageConfig:
         "help": "Policy to start from (also the frozen reference); empty: this run's SFT output."})
     reward_model: str = field(default="", metadata={
         "help": "Reward model folder (also the critic's starting point); empty: this run's reward output."})
+    reward_function: str = field(default="", metadata={
+        "help": "Train on a programmatic reward instead of the reward model: builtin:NAME (a judge) or "
+                "module:function taking (prompts, responses) and returning one float per response."})
     prompts: str = field(default="data/rl_prompts.jsonl", metadata={"help": "Prompts to train on."})
     eval_prompts: str = field(default="data/eval_prompts.jsonl", metadata={
         "help": "Held-out prompts scored before and after training."})
@@ -84,6 +88,11 @@ class PPOStageConfig:
             raise ValueError(f"target_kl must be above 0, got {self.target_kl}")
         if min(self.total_episodes, self.batch_size, self.num_ppo_epochs, self.response_length) < 1:
             raise ValueError("total_episodes, batch_size, num_ppo_epochs and response_length must be at least 1")
+
+    @property
+    def process_index(self) -> int:
+        """This process's rank under torchrun or accelerate launch (0 alone)."""
+        return int(os.environ.get("RANK", 0))
 
     @property
     def num_updates(self) -> int:

@@ -6,71 +6,14 @@ both_bad when both fall below a floor, tie when they differ by less than a margi
 P(a) = sigmoid((score_a - score_b) / temperature) (temperature 0: always the better one); then, with probability
 `noise`, the vote is replaced by a uniformly random choice. Each labeller is a user named `sim/<judge>/<i>`.
 """
-import importlib
 import math
 import random
-import re
 import secrets
 from dataclasses import dataclass
-from typing import Callable
 
-from rlhf.errors import UserError
+from rlhf.judges import load_judge
 from rlhf.schema import VOTE_CHOICES
 from rlhf.store import DuplicateVote, Store
-
-Judge = Callable[[list[str], list[str]], list[float]]
-WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
-SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
-STOPWORDS = frozenset("the a an and or of to in on for with is are was were be this that it as at by from what "
-                      "how why which who your you can please write give make list explain about into".split())
-
-
-def readability(prompts: list[str], responses: list[str]) -> list[float]:
-    """Flesch reading ease (higher reads more easily), syllables counted by pyphen's hyphenation (offline)."""
-    import pyphen
-
-    dictionary = pyphen.Pyphen(lang="en_US")
-
-    def flesch(text: str) -> float:
-        words = WORD.findall(text)
-        if not words:
-            return 0.0
-        sentences = max(1, len(SENTENCE_END.findall(text)))
-        syllables = sum(len(dictionary.positions(word)) + 1 for word in words)
-        return 206.835 - 1.015 * len(words) / sentences - 84.6 * syllables / len(words)
-
-    return [flesch(response) for response in responses]
-
-
-def length(prompts: list[str], responses: list[str], target_words: int = 60) -> list[float]:
-    """1 at the target word count, falling linearly to 0 at twice (or none of) it."""
-    return [max(0.0, 1.0 - abs(len(WORD.findall(r)) - target_words) / target_words) for r in responses]
-
-
-def keywords(prompts: list[str], responses: list[str]) -> list[float]:
-    """Share of the prompt's content words (longer than three letters, not stop words) the response uses."""
-    scores = []
-    for prompt, response in zip(prompts, responses):
-        wanted = {w.lower() for w in WORD.findall(prompt) if len(w) > 3 and w.lower() not in STOPWORDS}
-        used = {w.lower() for w in WORD.findall(response)}
-        scores.append(len(wanted & used) / len(wanted) if wanted else 0.0)
-    return scores
-
-
-BUILTIN_JUDGES = {"readability": readability, "length": length, "keywords": keywords}
-
-
-def load_judge(spec: str) -> Judge:
-    if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        if name not in BUILTIN_JUDGES:
-            raise UserError(f"judge '{spec}': no such built-in; built-ins: {', '.join(BUILTIN_JUDGES)}")
-        return BUILTIN_JUDGES[name]
-    module, _, function = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UserError(f"judge '{spec}': cannot load ({err}); use builtin:NAME or module:function") from None
 
 
 @dataclass(frozen=True)

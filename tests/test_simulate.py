@@ -2,7 +2,8 @@ import random
 
 import pytest
 
-from preference_ui.simulate import LabellerModel, decide, keywords, length, load_judge, readability, simulate
+from preference_ui.simulate import LabellerModel, decide, simulate
+from rlhf.judges import keywords, length, load_judge, readability
 from rlhf.errors import UserError
 from rlhf.store import Store
 
@@ -26,7 +27,7 @@ def test_length_and_keyword_judges():
 
 def test_judges_load_by_name_or_import_path():
     assert load_judge("builtin:readability") is readability
-    assert load_judge("preference_ui.simulate:length") is length
+    assert load_judge("rlhf.judges:length") is length
     with pytest.raises(UserError, match="no such built-in; built-ins: readability, length, keywords"):
         load_judge("builtin:vibes")
     with pytest.raises(UserError, match="cannot load"):

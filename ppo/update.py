@@ -1,0 +1,106 @@
+"""Steps 4-8 of a PPO update, on a finished rollout: reference log-probs and values, per-token rewards with the
+KL penalty, advantages, then several epochs of shuffled minibatch updates of the policy and the critic.
+
+The critic is a sequence classifier (initialised from the reward model) read at every response position: its
+backbone's hidden states through its score head give one value per token.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from ppo.core import (entropy_from_logits, gae, kl_estimate, logprobs_from_logits, masked_mean, masked_whiten,
+                      policy_loss, token_rewards, value_loss)
+from ppo.rollout import Rollout
+
+
+def full_sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) of prompt + response, positions counted from the first real token."""
+    ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask.to(rollout.query_mask)], 1)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def policy_forward(policy, rollout: Rollout, temperature: float, rows=slice(None)) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    """(log-probs, entropies) of the response tokens, [rows, T], fp32, logits divided by the temperature."""
+    ids, mask, positions = (t[rows] for t in full_sequences(rollout))
+    start = rollout.query_ids.shape[1]
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1]
+    logits = logits.float() / temperature
+    return logprobs_from_logits(logits, rollout.response_ids[rows]), entropy_from_logits(logits)
+
+
+def critic_forward(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
+    """Values of the response positions, [rows, T]: the state after each response token's predecessor, as the
+    log-probs are (position t-1 predicts token t)."""
+    ids, mask, positions = (t[rows] for t in full_sequences(rollout))
+    start = rollout.query_ids.shape[1]
+    backbone = getattr(critic, critic.base_model_prefix)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    return critic.score(hidden[:, start - 1:-1]).float().mean(-1)
+
+
+@dataclass
+class Experience:
+    """What the update epochs need, fixed for the whole update."""
+    rollout: Rollout
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+
+
+@torch.no_grad()
+def make_experience(rollout: Rollout, reference, critic, scores: torch.Tensor, kl_coef: float, config) -> Experience:
+    mask = rollout.response_mask
+    ref_logprobs, _ = policy_forward(reference, rollout, config.temperature)
+    values = critic_forward(critic, rollout) * mask
+    kl = kl_estimate(rollout.logprobs, ref_logprobs * mask, config.kl_estimator) * mask
+    rewards = token_rewards(scores, kl, mask, kl_coef)
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+    advantages = masked_whiten(advantages, mask)
+    return Experience(rollout, rollout.logprobs, values, advantages, returns, kl, rewards)
+
+
+def ppo_epochs(policy, critic, optimizer, experience: Experience, config, generator: torch.Generator) -> list[dict]:
+    """num_ppo_epochs passes of shuffled minibatches (each split into gradient-accumulation micro-batches);
+    returns one stats dict per minibatch, in order."""
+    batch = experience.rollout.response_ids.shape[0]
+    minibatch = batch // config.num_mini_batches
+    micro = minibatch // config.gradient_accumulation_steps
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    history = []
+    for _ in range(config.num_ppo_epochs):
+        order = torch.randperm(batch, generator=generator)
+        for start in range(0, batch, minibatch):
+            stats = []
+            for micro_start in range(start, start + minibatch, micro):
+                rows = order[micro_start:micro_start + micro]
+                loss, micro_stats = minibatch_loss(policy, critic, experience, rows, config)
+                (loss / config.gradient_accumulation_steps).backward()
+                stats.append(micro_stats)
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            history.append({key: sum(s[key] for s in stats) / len(stats) for key in stats[0]})
+    return history
+
+
+def minibatch_loss(policy, critic, experience: Experience, rows: torch.Tensor, config) -> tuple[torch.Tensor, dict]:
+    mask = experience.rollout.response_mask[rows]
+    logprobs, entropy = policy_forward(policy, experience.rollout, config.temperature, rows)
+    values = critic_forward(critic, experience.rollout, rows)
+    pg_loss, pg_stats = policy_loss(logprobs, experience.old_logprobs[rows], experience.advantages[rows], mask,
+                                    config.cliprange)
+    vf_loss, vf_stats = value_loss(values, experience.old_values[rows], experience.returns[rows], mask,
+                                   config.cliprange_value)
+    stats = {"loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
+             "policy/entropy_avg": masked_mean(entropy, mask).item(),
+             "policy/approxkl_avg": pg_stats["approxkl"].item(), "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
+             "val/clipfrac_avg": vf_stats["vf_clipfrac"].item(), "val/ratio": pg_stats["ratio_mean"].item(),
+             "val/ratio_var": pg_stats["ratio_var"].item()}
+    return pg_loss + config.vf_coef * vf_loss, stats
