@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification
+from trl.trainer.utils import disable_dropout_in_model
 
 from ppo.config import PPOStageConfig
 from ppo.core import AdaptiveKLController, FixedKLController, masked_mean, penalised_scores
@@ -30,7 +31,7 @@ from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import MissingInputError
 from rlhf.judges import load_judge
-from rlhf.reward_model import load_reward_model, reward_tokenizer, score
+from rlhf.reward_model import load_reward_model, reward_heads, reward_tokenizer, score
 from rlhf.runs import STAGE_RECORD, RunDir
 from rlhf.stage import running_stage
 
@@ -90,9 +91,13 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     # models: policy, its frozen copy as reference, a critic from the reward model (or the policy), the scorer
     policy, tokenizer = models.load_causal_lm(found["policy"])
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    critic = AutoModelForSequenceClassification.from_pretrained(found.get("reward_model", found["policy"]),
-                                                                num_labels=1, dtype=torch.float32)
-    scorer = Scorer(config, found.get("reward_model"))
+    reward_model = found.get("reward_model")
+    critic = AutoModelForSequenceClassification.from_pretrained(  # an ensemble's heads are averaged into one value
+        reward_model or found["policy"], num_labels=reward_heads(reward_model) if reward_model else 1,
+        dtype=torch.float32)
+    for model in (policy, reference, critic):
+        disable_dropout_in_model(model)
+    scorer = Scorer(config, reward_model)
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=config.learning_rate,
                                   eps=1e-5)
     kl_control = (AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon) if config.target_kl

@@ -28,3 +28,27 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
     metrics = entry["metrics"]
     assert metrics["last_score"] > metrics["first_score"] + 0.1, metrics
     assert metrics["final_kl"] > 0  # the policy moved away from its reference
+
+
+def test_ppo_scores_with_a_reward_model_normalised_by_its_scale(tmp_path, tiny_model_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from ppo.config import PPOStageConfig
+    from ppo.trainer import Scorer
+    from rlhf.reward_model import load_reward_model, reward_tokenizer, score
+    from rlhf.runs import atomic_write_json
+
+    reward_dir = tmp_path / "reward"  # an (untrained) 2-head ensemble, as the reward stage publishes one
+    tokenizer = reward_tokenizer(str(tiny_model_path))
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=2).save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+    atomic_write_json(reward_dir / "stage.json", {"reward": {"heads": 2, "scale": {"mean": 0.5, "std": 2.0}}})
+    prompts, responses = [[{"role": "user", "content": "Hi?"}]] * 2, ["Hello there.", "No."]
+    raw = score(load_reward_model(str(reward_dir), tokenizer), tokenizer,
+                [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
+    scores = Scorer(PPOStageConfig(), str(reward_dir))(prompts, responses)
+    assert max(abs(a - (b - 0.5) / 2.0) for a, b in zip(scores.tolist(), raw)) < 1e-6
+    assert cli(["ppo", "--config", "configs/tiny.yaml", "--ppo.model", str(tiny_model_path), "--ppo.reward_model",
+                str(reward_dir), "--ppo.total_episodes", "8", "--ppo.batch_size", "4", "--ppo.response_length", "6",
+                "--run.output_root", str(tmp_path / "runs"), "--run.tracking", "none"]) == 0
+    assert (tmp_path / "runs" / "tiny" / "ppo" / "config.json").exists()
