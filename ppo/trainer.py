@@ -13,7 +13,6 @@ This first version runs in one process; the accelerate launch, LoRA, checkpoints
 acceptance run are still to come (issue 5).
 """
 import copy
-import json
 import shutil
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import MissingInputError
 from rlhf.judges import load_judge
-from rlhf.reward_model import load_reward_model, reward_heads, reward_tokenizer, score
-from rlhf.runs import STAGE_RECORD, RunDir
+from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
+from rlhf.runs import RunDir
 from rlhf.stage import running_stage
 
 STAGE = "ppo"
@@ -63,8 +62,7 @@ class Scorer:
         if reward_model:
             self.tokenizer = reward_tokenizer(reward_model)
             self.model = load_reward_model(reward_model, self.tokenizer).requires_grad_(False)
-            record = Path(reward_model) / STAGE_RECORD
-            scale = json.loads(record.read_text()).get("reward", {}).get("scale") if record.exists() else None
+            scale = reward_record(reward_model).get("scale")
             if config.normalize_reward and scale:
                 self.mean, self.std = scale["mean"], scale["std"]
 

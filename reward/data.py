@@ -1,13 +1,12 @@
 """Where the reward stage's pairs come from: a label export, a preference file, or the label store itself
 (exported first), with ties, both-bad rows, margins and gold-accuracy weights decided here."""
-import math
 from pathlib import Path
 
 from rlhf import models
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import DataError, MissingInputError
-from rlhf.label_export import STRENGTH_MARGIN, export_snapshot, read_manifest as read_export_manifest
+from rlhf.label_export import STRENGTH_MARGIN, export_snapshot, majority, read_manifest as read_export_manifest
 from rlhf.runs import RunDir
 from rlhf.store import Store
 from reward.config import RewardStageConfig
@@ -50,7 +49,8 @@ def load_pairs(source: str, config: RewardStageConfig) -> list[dict]:
     if not manifest or "labeller_gold" not in manifest:
         raise DataError(source, None, "labeller_gold", "weight_by_gold needs a label export (rlhf label export), "
                                                         "whose export.json holds each labeller's gold record")
-    return [gold_weighted(row, labeller_weights(manifest["labeller_gold"])) for row in rows]
+    weights = labeller_weights(manifest["labeller_gold"])
+    return [gold_weighted(row, weights) for row in rows]
 
 
 def labeller_weights(gold: dict) -> dict:
@@ -67,9 +67,7 @@ def gold_weighted(row: dict, weights: dict) -> dict:
     totals = {}
     for vote in votes:
         totals[vote["verdict"]] = totals.get(vote["verdict"], 0.0) + weights.get(vote["labeller"], 0.5)
-    top = max(totals.values())
-    leaders = sorted(verdict for verdict, total in totals.items() if math.isclose(total, top))
-    verdict = leaders[0] if len(leaders) == 1 else "both_bad" if leaders == ["both_bad"] else "tie"
+    verdict = majority(totals)
     row = {**row, "tie": verdict == "tie", "both_bad": verdict == "both_bad"}
     if verdict == "rejected":  # the weighted majority overturns the head count
         row["chosen"], row["rejected"] = row["rejected"], row["chosen"]

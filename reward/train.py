@@ -22,7 +22,7 @@ from rlhf.runs import RunDir
 from rlhf.stage import StepTimer, checkpoint_step, resume_point, running_stage
 from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, training_pairs
-from reward.evaluate import evaluate, log_evaluation
+from reward.evaluate import evaluate, fmt, log_evaluation
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 
@@ -99,10 +99,8 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - started
-    after = pair_metrics(trainer.model, tokenizer, eval_pairs)
     metrics = {"train_loss": result.training_loss, "eval_accuracy_before": before["accuracy"],
-               "eval_accuracy": after["accuracy"], "eval_margin_before": before["margin"],
-               "eval_margin": after["margin"], "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+               "eval_margin_before": before["margin"], "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
                "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
                "median_step_s": timer.median()}
     if timer.median():
@@ -111,14 +109,15 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     if config.process_index != 0:
         return metrics
 
-    # 3. evaluation and the reward scale, written into the folder before it is published
+    # 3. evaluation (held-out accuracy after training among it) and the reward scale, written into the folder
+    #    before it is published
     staged = partial / "final"
     trainer.save_model(str(staged))
     tokenizer.save_pretrained(str(staged))
     scale = reward_scale(trainer.model, tokenizer, train_pairs + eval_pairs)
     report = evaluate(trainer.model, tokenizer, eval_pairs, config, staged)
     log_evaluation(tracker, report)
-    metrics.update(report)
+    metrics.update(report, eval_accuracy=report["heldout_accuracy"], eval_margin=report["heldout_margin"])
     reward_info = {"heads": config.ensemble, "scale": scale, "ties": config.ties,
                    "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}
 
@@ -127,10 +126,6 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     tracker.log({f"train/final_{k}": v for k, v in metrics.items() if k not in report and isinstance(v, (int, float))})
     tracker.log_artifact(f"{run.name}-reward", "model", final)
     print(f"[{STAGE}] done: {final} ({len(train_pairs)} pairs, train loss {metrics['train_loss']:.4f}, held-out "
-          f"accuracy {fmt(before['accuracy'])} -> {fmt(after['accuracy'])}, human ceiling "
+          f"accuracy {fmt(before['accuracy'])} -> {fmt(metrics['eval_accuracy'])}, human ceiling "
           f"{fmt(report.get('human_ceiling'))}; report {final / 'eval.md'})")
     return metrics
-
-
-def fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

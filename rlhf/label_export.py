@@ -12,6 +12,7 @@ The export is deterministic: the same votes give the same rows in the same order
 in `export.json` beside the saved dataset. Exporting into a folder that holds a different export is refused.
 """
 import json
+import math
 import shutil
 import tempfile
 from collections import Counter
@@ -28,25 +29,25 @@ STRENGTH_MARGIN = {"slight": 0.5, "clear": 1.0}
 MANIFEST = "export.json"
 
 
-def aggregate(store: Store, batch: str | None = None, min_votes: int = 1, kinds=("train",)) -> list[dict]:
+def aggregate(comparisons: list[dict], votes: list, names: dict, batch: str | None = None, min_votes: int = 1,
+              kinds=("train",)) -> list[dict]:
     votes_by_comparison: dict[int, list] = {}
-    for vote in store.votes():
+    for vote in votes:
         votes_by_comparison.setdefault(vote.comparison_id, []).append(vote)
-    names = {user.id: user.name for user in store.users()}
     rows = []
-    for comparison in store.comparisons(batch):
-        votes = votes_by_comparison.get(comparison["id"], [])
-        if comparison["kind"] in kinds and len(votes) >= max(1, min_votes):
-            rows.append(preference_row(comparison, votes, names))
+    for comparison in comparisons:
+        item_votes = votes_by_comparison.get(comparison["id"], [])
+        if (batch is None or comparison["batch"] == batch) and comparison["kind"] in kinds \
+                and len(item_votes) >= max(1, min_votes):
+            rows.append(preference_row(comparison, item_votes, names))
     return rows
 
 
-def gold_records(store: Store) -> dict:
+def gold_records(comparisons: list[dict], votes: list, names: dict) -> dict:
     """Each labeller's answers on gold comparisons, whatever their batch: {name: {"answered", "correct"}}."""
-    expected = {c["id"]: c["expected"] for c in store.comparisons() if c["kind"] == "gold"}
-    names = {user.id: user.name for user in store.users()}
+    expected = {c["id"]: c["expected"] for c in comparisons if c["kind"] == "gold"}
     records: dict[str, dict] = {}
-    for vote in store.votes():
+    for vote in votes:
         if vote.comparison_id in expected:
             record = records.setdefault(names[vote.user_id], {"answered": 0, "correct": 0})
             record["answered"] += 1
@@ -54,9 +55,10 @@ def gold_records(store: Store) -> dict:
     return dict(sorted(records.items()))
 
 
-def majority(counts: Counter) -> str:
+def majority(counts: dict) -> str:
+    """The verdict with the most votes (or the most vote weight); a draw between different verdicts is a tie."""
     top = max(counts.values())
-    leaders = sorted(choice for choice, count in counts.items() if count == top)
+    leaders = sorted(choice for choice, count in counts.items() if math.isclose(count, top))
     if len(leaders) == 1:
         return leaders[0]
     return "both_bad" if leaders == ["both_bad"] else "tie"  # a draw between different verdicts is a tie
@@ -82,11 +84,13 @@ def preference_row(comparison: dict, votes: list, names: dict) -> dict:
 
 def build_export(store: Store, batch: str | None = None, min_votes: int = 1) -> tuple[list[dict], dict]:
     """The rows and manifest of an export of the store as it is now."""
-    rows = aggregate(store, batch, min_votes)
+    comparisons, votes = store.comparisons(), store.votes()  # read once, for the rows and the gold records
+    names = {user.id: user.name for user in store.users()}
+    rows = aggregate(comparisons, votes, names, batch, min_votes)
     if not rows:
         raise UserError(f"nothing to export: no comparisons{f' in batch {batch}' if batch else ''} with at least "
                         f"{min_votes} vote(s)")
-    gold = gold_records(store)
+    gold = gold_records(comparisons, votes, names)
     manifest = {"content_hash": hash_config({"rows": rows, "gold": gold}), "rows": len(rows), "batch": batch,
                 "min_votes": min_votes, "ties": sum(r["tie"] for r in rows),
                 "both_bad": sum(r["both_bad"] for r in rows), "labeller_gold": gold}

@@ -34,8 +34,7 @@ def reward_tokenizer(path: str):
 def load_reward_model(path: str, tokenizer, heads: int = 1, dtype=torch.float32):
     """A sequence classifier with `heads` outputs (1, or an ensemble) on the model at `path`. A published reward
     model keeps its own number of heads."""
-    if (Path(path) / STAGE_RECORD).exists():
-        heads = reward_heads(path)
+    heads = reward_record(path).get("heads", heads)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=heads, dtype=dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
@@ -44,8 +43,14 @@ def load_reward_model(path: str, tokenizer, heads: int = 1, dtype=torch.float32)
     return model
 
 
+def reward_record(path) -> dict:
+    """What the reward stage stored for later stages (heads, scale, ties); empty for any other model folder."""
+    record = Path(path) / STAGE_RECORD
+    return json.loads(record.read_text()).get("reward", {}) if record.exists() else {}
+
+
 def reward_heads(path) -> int:
-    return json.loads((Path(path) / STAGE_RECORD).read_text()).get("reward", {}).get("heads", 1)
+    return reward_record(path).get("heads", 1)
 
 
 @torch.no_grad()
