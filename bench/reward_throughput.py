@@ -22,11 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 YARDSTICK = REPO.parent / "shared" / "bench" / "trl_yardstick.py"
 
 
-def yardstick_pairs(batch: int, seq: int) -> list[dict]:
-    """The pairs trl_yardstick.py builds for the reward stage: its words, its seed, its lengths."""
+def load_yardstick():
     spec = importlib.util.spec_from_file_location("trl_yardstick", YARDSTICK)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def yardstick_pairs(batch: int, seq: int) -> list[dict]:
+    """The pairs trl_yardstick.py builds for the reward stage: its words, its seed, its lengths."""
+    module = load_yardstick()
     rng = random.Random(0)
     return [{"prompt": [{"role": "user", "content": module.words(rng, 20)}],
              "chosen": [{"role": "assistant", "content": module.words(rng, seq // 3)}],

@@ -8,31 +8,41 @@ Each update, top to bottom:
      stage stored, minus the missing-EOS penalty;
   4-7. reference log-probs, values, per-token rewards with the KL penalty, GAE advantages (ppo/update.py);
   8. `num_ppo_epochs` passes of shuffled minibatches updating policy and critic with one optimiser;
-  9. log TRL's former PPO metrics, a sample table, health alerts; adapt the KL coefficient.
-This first version runs in one process; the accelerate launch, LoRA, checkpoints for exact resume and the
-acceptance run are still to come (issue 5).
+  9. log TRL's former PPO metrics, a sample table, health alerts; adapt the KL coefficient; checkpoint.
+Before the first update and after the last, the policy answers the held-out eval prompts (greedy), scored by the
+reward model (or reward function) and the judge.
+
+Under `accelerate launch` or `torchrun` each process answers its own share of every batch; metrics are gathered
+over all episodes and gradients averaged by DDP, so N processes train like one with the same batch_size.
+Advantages are whitened per process, as TRL's PPO did.
 """
 import copy
 import shutil
+import statistics
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification
 from trl.trainer.utils import disable_dropout_in_model
 
 from ppo.config import PPOStageConfig
-from ppo.core import AdaptiveKLController, FixedKLController, masked_mean, penalised_scores
+from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores
+from ppo.health import health_alerts
 from ppo.rollout import generate
-from ppo.update import make_experience, ppo_epochs
+from ppo.state import LoopState, save_checkpoint
+from ppo.update import Critic, make_experience, ppo_epochs, reference_logprobs
 from rlhf import models
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
-from rlhf.errors import MissingInputError
+from rlhf.errors import ConfigError, MissingInputError, UserError
+from rlhf.generation import generate_responses
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir
-from rlhf.stage import running_stage
+from rlhf.stage import checkpoint_step, last_complete_checkpoint, resume_point, running_stage
 
 STAGE = "ppo"
 
@@ -52,16 +62,20 @@ def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
     return {**found, "reward_model": reward}
 
 
+class StoppedOnAlert(UserError):
+    """--ppo.stop_on_alert: the run stopped at a health alert (its last checkpoint can be resumed)."""
+
+
 class Scorer:
     """Scores (prompt, response) pairs: the reward model on the chat-templated conversation, normalised by its
     stored scale, or a programmatic reward function of the texts."""
 
-    def __init__(self, config: PPOStageConfig, reward_model: str | None):
+    def __init__(self, config: PPOStageConfig, reward_model: str | None, device="cpu"):
         self.function = load_judge(config.reward_function) if config.reward_function else None
         self.mean, self.std = 0.0, 1.0
         if reward_model:
             self.tokenizer = reward_tokenizer(reward_model)
-            self.model = load_reward_model(reward_model, self.tokenizer).requires_grad_(False)
+            self.model = load_reward_model(reward_model, self.tokenizer).requires_grad_(False).to(device)
             scale = reward_record(reward_model).get("scale")
             if config.normalize_reward and scale:
                 self.mean, self.std = scale["mean"], scale["std"]
@@ -79,85 +93,247 @@ def main(config: PPOStageConfig, run: RunConfig) -> dict:
         return train(config, run, found, tracker, record)
 
 
-def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:
-    run_dir = RunDir(run.output_root, run.name)
-    partial = run_dir.partial_path(STAGE)
-    shutil.rmtree(partial, ignore_errors=True)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+def make_accelerator(config: PPOStageConfig) -> Accelerator:
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(config.hardware.dtype, "no")
+    accelerator = Accelerator(cpu=config.hardware.device == "cpu", mixed_precision=precision)
+    share, remainder = divmod(config.batch_size, accelerator.num_processes)
+    if remainder or share % (config.num_mini_batches * config.gradient_accumulation_steps):
+        raise ConfigError(f"ppo.batch_size {config.batch_size} must split evenly over {accelerator.num_processes} "
+                          f"processes, each share into num_mini_batches x gradient_accumulation_steps "
+                          f"({config.num_mini_batches} x {config.gradient_accumulation_steps})")
+    return accelerator
 
-    # models: policy, its frozen copy as reference, a critic from the reward model (or the policy), the scorer
+
+def build_models(config: PPOStageConfig, found: dict):
+    """(policy, tokenizer, reference, critic). With LoRA the reference is None: the policy with its adapter off."""
     policy, tokenizer = models.load_causal_lm(found["policy"])
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model = found.get("reward_model")
-    critic = AutoModelForSequenceClassification.from_pretrained(  # an ensemble's heads are averaged into one value
+    classifier = AutoModelForSequenceClassification.from_pretrained(  # an ensemble's heads are averaged
         reward_model or found["policy"], num_labels=reward_heads(reward_model) if reward_model else 1,
         dtype=torch.float32)
-    for model in (policy, reference, critic):
-        disable_dropout_in_model(model)
-    scorer = Scorer(config, reward_model)
-    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=config.learning_rate,
-                                  eps=1e-5)
+    if config.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                                   target_modules="all-linear", task_type="CAUSAL_LM"))
+        reference = None
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    for model in (policy, reference, classifier):
+        if model is not None:
+            disable_dropout_in_model(model)
+    return policy, tokenizer, reference, Critic(classifier)
+
+
+def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:
+    accelerator = make_accelerator(config)
+    partial = RunDir(run.output_root, run.name).partial_path(STAGE)
+    if accelerator.is_main_process:
+        if not resume_point(STAGE, partial, config.resume):
+            shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    checkpoint = last_complete_checkpoint(partial) if config.resume else None
+    set_seed(config.seed + accelerator.process_index)  # each process samples its own responses
+
+    policy, tokenizer, reference, critic = build_models(config, found)
+    if reference is not None:
+        reference.to(accelerator.device)
+    scorer = Scorer(config, found.get("reward_model"), accelerator.device)
+    judge = load_judge(config.judge) if config.judge else None
+    trainable = [p for model in (policy, critic) for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, fused=True)  # one pass over memory
+    policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
     kl_control = (AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon) if config.target_kl
                   else FixedKLController(config.kl_coef))
+    # the shuffling generator is seeded alike everywhere: every process sees the same prompt order
+    state = LoopState(torch.Generator().manual_seed(config.seed), kl_control)
+    accelerator.register_for_checkpointing(state)
     prompts = [row["prompt"] for row in load_rows(config.prompts, "prompt")]
-    order: list[int] = []
-    history, started = [], time.time()
-    for update in range(1, config.num_updates + 1):
-        # 1. prompts
-        while len(order) < config.batch_size:
-            order += torch.randperm(len(prompts), generator=generator).tolist()
-        batch_prompts, order = [prompts[i] for i in order[:config.batch_size]], order[config.batch_size:]
-        # 2. rollout
-        clock = time.perf_counter()
-        rollout = generate(policy, tokenizer, batch_prompts, config.response_length, config.temperature)
-        generate_seconds = time.perf_counter() - clock
-        # 3. scores
-        clock = time.perf_counter()
-        responses = tokenizer.batch_decode(rollout.response_ids.masked_fill(rollout.response_mask == 0,
-                                                                            tokenizer.pad_token_id),
-                                           skip_special_tokens=True)
-        raw_scores = scorer(batch_prompts, [r.strip() for r in responses])
-        scores = penalised_scores(raw_scores, rollout.ended, config.missing_eos_penalty)
-        # 4-7. reference, values, rewards, advantages
-        experience = make_experience(rollout, reference, critic, scores, kl_control.value, config)
-        # 8. PPO epochs
-        stats = ppo_epochs(policy, critic, optimizer, experience, config, generator)
-        update_seconds = time.perf_counter() - clock
-        # 9. metrics and the KL coefficient
-        metrics = update_metrics(experience, scores, raw_scores, stats, kl_control.value, generate_seconds,
-                                 update_seconds, update, config)
-        kl_control.update(metrics["objective/kl"], config.batch_size)
-        history.append(metrics)
-        if update % config.logging_steps == 0:
-            tracker.log(metrics, step=update)
+    eval_prompts = [row["prompt"] for row in load_rows(config.eval_prompts, "prompt")]
+    if accelerator.is_main_process:
+        print(f"[{STAGE}] {config.num_updates} updates of {config.batch_size} episodes on "
+              f"{accelerator.num_processes} process(es), {config.hardware.device} "
+              f"({accelerator.mixed_precision} mixed precision), LoRA {'on' if config.use_peft else 'off'}", flush=True)
+
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+    else:
+        state.eval_before = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
+        tracker.log(state.eval_before, step=0)
+    started = time.time()
+    while state.update < config.num_updates:
+        state.update += 1
+        metrics, samples = one_update(accelerator, state, policy, reference, critic, optimizer, tokenizer, scorer,
+                                      prompts, config)
+        state.kl_control.update(metrics["objective/kl"], config.batch_size)
+        state.history.append(metrics)
+        report(tracker, state.update, metrics, samples, config, accelerator.is_main_process)
+        alerts = health_alerts(metrics, config)
+        if alerts:
+            warn(tracker, state.update, alerts, accelerator.is_main_process)
+        if alerts and config.stop_on_alert:
+            save_checkpoint(accelerator, partial, state)
+            raise StoppedOnAlert(f"ppo stopped at update {state.update} (--ppo.stop_on_alert): {alerts[0]}; "
+                                 f"the checkpoint in {partial} can be inspected or resumed with --ppo.resume")
+        if state.update % config.save_steps == 0 and state.update < config.num_updates:
+            save_checkpoint(accelerator, partial, state)
+
+    check_in_sync(accelerator, policy, critic)
+    eval_after = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
+    tracker.log(eval_after, step=state.update)
+    summary = summarise(state, eval_after, accelerator, config, time.time() - started, checkpoint)
+    if accelerator.is_main_process:
+        staged = partial / "final"
+        save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
+        record.publish(staged, partial, summary, time.time() - started)
+        print(f"[{STAGE}] eval score {summary['eval_score_before']:.3f} -> {summary['eval_score_after']:.3f}"
+              + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")
+              + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})", flush=True)
+    accelerator.wait_for_everyone()
+    return {"history": state.history, **summary}
+
+
+def one_update(accelerator, state: LoopState, policy, reference, critic, optimizer, tokenizer, scorer,
+               prompts: list, config: PPOStageConfig) -> tuple[dict, list[list]]:
+    # 1. prompts: the next global batch (reshuffled every pass), this process's contiguous share of it
+    while len(state.order) < config.batch_size:
+        state.order += torch.randperm(len(prompts), generator=state.generator).tolist()
+    batch, state.order = state.order[:config.batch_size], state.order[config.batch_size:]
+    share = config.batch_size // accelerator.num_processes
+    local_prompts = [prompts[i] for i in batch[accelerator.process_index * share:][:share]]
+    unwrapped = accelerator.unwrap_model(policy)
+    # 2. rollout
+    clock = time.perf_counter()
+    with accelerator.autocast():
+        rollout = generate(unwrapped, tokenizer, local_prompts, config.response_length, config.temperature)
+    generate_seconds = time.perf_counter() - clock
+    # 3. scores at the stop token, normalised, minus the missing-EOS penalty
+    clock = time.perf_counter()
+    responses = [r.strip() for r in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
+    raw_scores = scorer(local_prompts, responses).to(accelerator.device)
+    scores = penalised_scores(raw_scores, rollout.ended.to(accelerator.device), config.missing_eos_penalty)
+    # 4-7. reference log-probs, values, rewards with the KL penalty, advantages
+    with accelerator.autocast():
+        ref_logprobs = reference_logprobs(unwrapped, reference, rollout, config.temperature)
+        experience = make_experience(rollout, ref_logprobs, critic, scores,
+                                     state.kl_control.value, config)
+    # 8. PPO epochs
+    stats = ppo_epochs(policy, critic, optimizer, experience, config, state.generator, accelerator)
+    update_seconds = time.perf_counter() - clock
+    metrics = update_metrics(accelerator, experience, scores, raw_scores, stats, state, config)
+    metrics.update({"timing/generate": generate_seconds, "timing/update": update_seconds})
+    kl = experience.kl.sum(-1)
+    samples = [[p[-1]["content"], r, round(s, 4), round(k, 4)]
+               for p, r, s, k in zip(local_prompts, responses, scores.tolist(), kl.tolist())]
+    return metrics, samples
+
+
+def update_metrics(accelerator, experience, scores, raw_scores, stats: list[dict], state: LoopState,
+                   config: PPOStageConfig) -> dict:
+    """TRL's former PPO metric names: episode metrics over the whole batch (gathered from every process), update
+    statistics averaged over minibatches and processes."""
+    mask = experience.rollout.response_mask
+    per_episode = accelerator.gather(torch.stack([
+        scores.float(), raw_scores.float(), experience.kl.sum(-1), mask.sum(-1).float(),
+        experience.rollout.ended.float().to(scores.device), masked_row_mean(experience.advantages, mask)], 1))
+    score, raw, kl, length, ended, advantage = per_episode.T
+    keys = list(stats[0])
+    averaged = accelerator.reduce(torch.tensor([sum(s[k] for s in stats) / len(stats) for k in keys],
+                                               device=accelerator.device), "mean")
+    kl_coef = state.kl_control.value
+    return {"objective/kl": kl.mean().item(), "objective/scores": score.mean().item(),
+            "objective/raw_scores": raw.mean().item(),
+            "objective/non_score_reward": (-kl_coef * kl).mean().item(),
+            "objective/rlhf_reward": (score - kl_coef * kl).mean().item(),
+            "val/num_eos_tokens": int(ended.sum().item()), "val/response_length": length.mean().item(),
+            "val/min_response_length": length.min().item(), "val/advantage_avg": advantage.mean().item(),
+            **dict(zip(keys, averaged.tolist())), "kl_coef": kl_coef, "episodes_per_update": config.batch_size,
+            "eps": state.update * config.batch_size}
+
+
+def masked_row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def report(tracker, update: int, metrics: dict, samples: list[list], config: PPOStageConfig, is_main: bool) -> None:
+    """Metrics every logging_steps updates, a table of this process's answers every sample_every updates."""
+    if update % config.logging_steps == 0:
+        tracker.log(metrics, step=update)
+        if is_main:
             print(f"[{STAGE}] update {update}/{config.num_updates}: score {metrics['objective/scores']:.3f}, "
                   f"kl {metrics['objective/kl']:.3f}, ratio {metrics['val/ratio']:.3f}, "
-                  f"generate {generate_seconds:.1f}s, update {update_seconds:.1f}s", flush=True)
-
-    # publish the policy
-    staged = partial / "final"
-    policy.save_pretrained(str(staged))
-    tokenizer.save_pretrained(str(staged))
-    summary = {"updates": config.num_updates, "episodes": config.num_updates * config.batch_size,
-               "first_score": history[0]["objective/scores"], "last_score": history[-1]["objective/scores"],
-               "final_kl": history[-1]["objective/kl"]}
-    record.publish(staged, partial, summary, time.time() - started)
-    return {"history": history, **summary}
+                  f"length {metrics['val/response_length']:.1f}, generate {metrics['timing/generate']:.1f}s, "
+                  f"update {metrics['timing/update']:.1f}s", flush=True)
+    if config.sample_every and update % config.sample_every == 0:
+        tracker.log_table("samples", ["prompt", "response", "score", "kl"], samples, step=update)
+        if is_main:
+            prompt, response, score_, kl = samples[0]
+            print(f"[{STAGE}] sample: {prompt[:60]!r} -> {response[:100]!r} (score {score_:.3f}, kl {kl:.3f})",
+                  flush=True)
 
 
-def update_metrics(experience, scores, raw_scores, stats: list[dict], kl_coef: float, generate_seconds: float,
-                   update_seconds: float, update: int, config: PPOStageConfig) -> dict:
-    """TRL's former PPO metric names, averaged over the update's minibatches, plus timings."""
-    mask = experience.rollout.response_mask
-    kl_per_response = experience.kl.sum(-1)
-    averaged = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
-    return {"objective/kl": kl_per_response.mean().item(), "objective/scores": scores.mean().item(),
-            "objective/raw_scores": raw_scores.mean().item(),
-            "objective/non_score_reward": (-kl_coef * kl_per_response).mean().item(),
-            "objective/rlhf_reward": (scores - kl_coef * kl_per_response).mean().item(),
-            "val/num_eos_tokens": int(experience.rollout.ended.sum()),
-            "val/response_length": mask.sum(-1).float().mean().item(),
-            "val/advantage_avg": masked_mean(experience.advantages, mask).item(),
-            **averaged, "kl_coef": kl_coef, "eps": update * config.batch_size,
-            "timing/generate": generate_seconds, "timing/update": update_seconds}
+def warn(tracker, update: int, alerts: list[str], is_main: bool) -> None:
+    tracker.log({"health/alerts": len(alerts)}, step=update)
+    if is_main:
+        for alert in alerts:
+            print(f"[{STAGE}] ALERT at update {update}: {alert}", flush=True)
+
+
+@torch.no_grad()
+def evaluate(accelerator, policy, tokenizer, eval_prompts: list, scorer, judge, config: PPOStageConfig) -> dict:
+    """Greedy answers to the eval prompts (on the main process), scored like training and by the judge."""
+    result = {}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(policy)
+        with accelerator.autocast():
+            answers = generate_responses(model, tokenizer, eval_prompts, config.response_length, batch_size=16)
+        result["eval/score"] = scorer(eval_prompts, answers).mean().item()
+        if judge:
+            result["eval/judge"] = statistics.fmean(judge([p[-1]["content"] for p in eval_prompts], answers))
+        result["eval/response_words"] = statistics.fmean(len(a.split()) for a in answers)
+    accelerator.wait_for_everyone()
+    return result
+
+
+@torch.no_grad()
+def check_in_sync(accelerator, *models) -> None:
+    """Every process must end with the same weights (DDP averages the gradients); a difference means the
+    processes trained apart, and the published model would be one process's alone."""
+    if accelerator.num_processes == 1:
+        return
+    local = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in models]).to(accelerator.device)
+    every = accelerator.gather(local[None]).view(accelerator.num_processes, -1)
+    if not torch.allclose(every, every[0].expand_as(every), rtol=1e-6):
+        raise RuntimeError(f"processes ended with different weights (per-process sums {every.tolist()}): "
+                           "gradients were not shared")
+
+
+def summarise(state: LoopState, eval_after: dict, accelerator, config: PPOStageConfig, seconds: float,
+              checkpoint: str | None) -> dict:
+    history = state.history
+    timed = history[1:] or history  # the first update warms up
+    window = max(1, len(history) // 10)  # training scores and KL: means over the first and last tenth of updates
+    summary = {"updates": state.update, "episodes": state.update * config.batch_size,
+               "processes": accelerator.num_processes,
+               "start_score": statistics.fmean(m["objective/scores"] for m in history[:window]),
+               "end_score": statistics.fmean(m["objective/scores"] for m in history[-window:]),
+               "final_kl": statistics.fmean(m["objective/kl"] for m in history[-window:]),
+               "kl_budget": config.kl_alert,
+               "alerts": sum(bool(health_alerts(m, config)) for m in history),
+               "median_step_s": statistics.median(m["timing/generate"] + m["timing/update"] for m in timed),
+               "median_generate_s": statistics.median(m["timing/generate"] for m in timed),
+               "resumed_from_update": checkpoint_step(checkpoint)}
+    for key, value in state.eval_before.items():
+        summary[f"{key.replace('/', '_')}_before"] = value
+    for key, value in eval_after.items():
+        summary[f"{key.replace('/', '_')}_after"] = value
+    return summary
+
+
+def save_policy(policy, tokenizer, folder: Path, merged_lora: bool) -> None:
+    """The trained policy as a plain model: LoRA adapters are merged into a copy of the weights."""
+    if merged_lora:
+        policy = copy.deepcopy(policy).merge_and_unload()
+    policy.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))

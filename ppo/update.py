@@ -2,7 +2,8 @@
 KL penalty, advantages, then several epochs of shuffled minibatch updates of the policy and the critic.
 
 The critic is a sequence classifier (initialised from the reward model) read at every response position: its
-backbone's hidden states through its score head give one value per token.
+backbone's hidden states through its score head give one value per token (`Critic`, a module of its own so that
+DDP sees its forward). Gradients go through `accelerator.backward`, so they are averaged over processes.
 """
 from dataclasses import dataclass
 
@@ -22,12 +23,32 @@ def full_sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def policy_forward(policy, rollout: Rollout, temperature: float, rows=slice(None)) -> tuple[torch.Tensor,
                                                                                           torch.Tensor]:
-    """(log-probs, entropies) of the response tokens, [rows, T], fp32, logits divided by the temperature."""
+    """(log-probs, entropies) of the response tokens, [rows, T], fp32, logits divided by the temperature. Only the
+    positions that predict response tokens go through the LM head; the entropy is a statistic, kept out of the
+    graph."""
     ids, mask, positions = (t[rows] for t in full_sequences(rollout))
-    start = rollout.query_ids.shape[1]
-    logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1]
+    length = rollout.response_ids.shape[1]
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions,
+                    logits_to_keep=length + 1).logits[:, :-1]
     logits = logits.float() / temperature
-    return logprobs_from_logits(logits, rollout.response_ids[rows]), entropy_from_logits(logits)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return logprobs_from_logits(logits, rollout.response_ids[rows]), entropy
+
+
+class Critic(torch.nn.Module):
+    """Per-token values from a sequence classifier: its backbone's hidden states through its score head, an
+    ensemble's heads averaged into one value."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        backbone = getattr(self.classifier, self.classifier.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids).last_hidden_state
+        return self.classifier.score(hidden).float().mean(-1)
 
 
 def critic_forward(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
@@ -35,9 +56,7 @@ def critic_forward(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
     log-probs are (position t-1 predicts token t)."""
     ids, mask, positions = (t[rows] for t in full_sequences(rollout))
     start = rollout.query_ids.shape[1]
-    backbone = getattr(critic, critic.base_model_prefix)
-    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-    return critic.score(hidden[:, start - 1:-1]).float().mean(-1)
+    return critic(input_ids=ids, attention_mask=mask, position_ids=positions)[:, start - 1:-1]
 
 
 @dataclass
@@ -50,25 +69,47 @@ class Experience:
     returns: torch.Tensor
     kl: torch.Tensor
     rewards: torch.Tensor
+    live_values: torch.Tensor | None = None  # old_values with their graph, for the first minibatch to reuse
 
 
 @torch.no_grad()
-def make_experience(rollout: Rollout, reference, critic, scores: torch.Tensor, kl_coef: float, config) -> Experience:
+def reference_logprobs(policy, reference, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """Log-probs under the frozen reference; with LoRA (`reference` None) the reference is the policy with its
+    adapter switched off for this pass."""
+    if reference is not None:
+        return policy_forward(reference, rollout, temperature)[0]
+    with policy.disable_adapter():
+        return policy_forward(policy, rollout, temperature)[0]
+
+
+def reuses_first_values(config) -> bool:
+    """With one minibatch and no accumulation, the first minibatch holds every row and meets the critic before any
+    step: its values are the old values, so the critic forward that makes them can keep its graph and serve as the
+    first minibatch's forward (one critic pass fewer per update)."""
+    return config.num_mini_batches == 1 and config.gradient_accumulation_steps == 1
+
+
+def make_experience(rollout: Rollout, ref_logprobs: torch.Tensor, critic, scores: torch.Tensor, kl_coef: float,
+                    config) -> Experience:
     mask = rollout.response_mask
-    ref_logprobs, _ = policy_forward(reference, rollout, config.temperature)
-    values = critic_forward(critic, rollout) * mask
+    keep_graph = reuses_first_values(config) and torch.is_grad_enabled()
+    with torch.set_grad_enabled(keep_graph):
+        live_values = critic_forward(critic, rollout)
+    values = live_values.detach() * mask
     kl = kl_estimate(rollout.logprobs, ref_logprobs * mask, config.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, kl_coef)
     if config.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
     advantages = masked_whiten(advantages, mask)
-    return Experience(rollout, rollout.logprobs, values, advantages, returns, kl, rewards)
+    return Experience(rollout, rollout.logprobs, values, advantages, returns, kl, rewards,
+                      live_values if keep_graph else None)
 
 
-def ppo_epochs(policy, critic, optimizer, experience: Experience, config, generator: torch.Generator) -> list[dict]:
-    """num_ppo_epochs passes of shuffled minibatches (each split into gradient-accumulation micro-batches);
-    returns one stats dict per minibatch, in order."""
+def ppo_epochs(policy, critic, optimizer, experience: Experience, config, generator: torch.Generator,
+               accelerator) -> list[dict]:
+    """num_ppo_epochs passes of shuffled minibatches (each split into gradient-accumulation micro-batches) of
+    this process's share of the rollout; returns one stats dict per minibatch, in order."""
     batch = experience.rollout.response_ids.shape[0]
     minibatch = batch // config.num_mini_batches
     micro = minibatch // config.gradient_accumulation_steps
@@ -81,9 +122,9 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
             for micro_start in range(start, start + minibatch, micro):
                 rows = order[micro_start:micro_start + micro]
                 loss, micro_stats = minibatch_loss(policy, critic, experience, rows, config)
-                (loss / config.gradient_accumulation_steps).backward()
+                accelerator.backward(loss / config.gradient_accumulation_steps)
                 stats.append(micro_stats)
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             history.append({key: sum(s[key] for s in stats) / len(stats) for key in stats[0]})
@@ -93,7 +134,10 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
 def minibatch_loss(policy, critic, experience: Experience, rows: torch.Tensor, config) -> tuple[torch.Tensor, dict]:
     mask = experience.rollout.response_mask[rows]
     logprobs, entropy = policy_forward(policy, experience.rollout, config.temperature, rows)
-    values = critic_forward(critic, experience.rollout, rows)
+    if experience.live_values is not None:  # the first minibatch: every row, the critic not yet stepped
+        values, experience.live_values = experience.live_values[rows], None
+    else:
+        values = critic_forward(critic, experience.rollout, rows)
     pg_loss, pg_stats = policy_loss(logprobs, experience.old_logprobs[rows], experience.advantages[rows], mask,
                                     config.cliprange)
     vf_loss, vf_stats = value_loss(values, experience.old_values[rows], experience.returns[rows], mask,

@@ -133,3 +133,20 @@ def test_ppo_config_refuses_inconsistent_settings():
         PPOStageConfig(batch_size=6, num_mini_batches=4)
     with pytest.raises(ValueError, match="target_kl"):
         PPOStageConfig(target_kl=0.0)
+
+
+def test_health_alerts_fire_on_each_sign_of_trouble_and_not_on_a_healthy_update():
+    from ppo.config import PPOStageConfig
+    from ppo.health import health_alerts
+
+    config = PPOStageConfig(response_length=32, kl_alert=5.0)
+    healthy = {"objective/kl": 1.0, "val/ratio": 1.01, "policy/clipfrac_avg": 0.05, "val/num_eos_tokens": 7,
+               "episodes_per_update": 8, "val/response_length": 20.0, "val/min_response_length": 9.0}
+    assert health_alerts(healthy, config) == []
+    troubles = {"KL to the reference": {"objective/kl": 6.0}, "policy ratio": {"val/ratio": 1.3},
+                "ratio 0.7": {"val/ratio": 0.7}, "clip fraction": {"policy/clipfrac_avg": 0.4},
+                "stop token": {"val/num_eos_tokens": 3}, "collapsed": {"val/response_length": 1.0},
+                "maximum": {"val/min_response_length": 32.0}}
+    for words, change in troubles.items():
+        alerts = health_alerts({**healthy, **change}, config)
+        assert len(alerts) == 1 and words.split()[-1] in alerts[0], (words, alerts)

@@ -9,7 +9,9 @@ from transformers import AutoModelForSequenceClassification
 
 from ppo.config import PPOStageConfig
 from ppo.rollout import generate
-from ppo.update import make_experience, policy_forward, ppo_epochs
+from accelerate import Accelerator
+
+from ppo.update import Critic, make_experience, policy_forward, ppo_epochs, reference_logprobs
 from rlhf import models
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in ("rain", "the sea", "a cat", "bread")]
@@ -20,7 +22,7 @@ def setup(tiny_model_path):
     torch.manual_seed(0)
     policy, tokenizer = models.load_causal_lm(str(tiny_model_path))
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    critic = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    critic = Critic(AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1))
     config = PPOStageConfig(batch_size=8, num_mini_batches=2, gradient_accumulation_steps=2, num_ppo_epochs=2,
                             response_length=10, learning_rate=1e-3)
     rollout = generate(policy, tokenizer, PROMPTS * 2, config.response_length, config.temperature)
@@ -31,19 +33,21 @@ def test_first_minibatch_against_an_identical_reference(setup):
     policy, reference, critic, config, rollout = setup
     scores = torch.linspace(-1, 1, 8)
     # Sampling log-probs come from generation's cached forward: equal to a full forward up to float error ...
-    experience = make_experience(rollout, reference, critic, scores, kl_coef=0.05, config=config)
+    ref_logprobs = reference_logprobs(policy, reference, rollout, config.temperature)
+    experience = make_experience(rollout, ref_logprobs, critic, scores, kl_coef=0.05, config=config)
     assert experience.kl.abs().max() < 1e-4
     # ... and with the same forward on both sides, k1 and k3 are exactly 0
     with torch.no_grad():
         recomputed = policy_forward(policy, rollout, config.temperature)[0] * rollout.response_mask
     for estimator in ("k1", "k3"):
         config.kl_estimator = estimator
-        exact = make_experience(dataclasses.replace(rollout, logprobs=recomputed), reference, critic, scores, 0.05,
-                                config)
+        exact = make_experience(dataclasses.replace(rollout, logprobs=recomputed),
+                                ref_logprobs, critic, scores, 0.05, config)
         assert exact.kl.abs().max() == 0
     assert torch.allclose(exact.rewards.sum(-1), scores)  # no KL: the score is the whole reward
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=config.learning_rate)
-    history = ppo_epochs(policy, critic, optimizer, experience, config, torch.Generator().manual_seed(0))
+    history = ppo_epochs(policy, critic, optimizer, experience, config, torch.Generator().manual_seed(0),
+                         Accelerator(cpu=True))
     assert len(history) == config.num_ppo_epochs * config.num_mini_batches
     first = history[0]
     assert abs(first["val/ratio"] - 1) < 1e-4 and first["policy/clipfrac_avg"] == 0
@@ -55,12 +59,53 @@ def test_the_update_raises_the_log_probability_of_rewarded_responses(setup):
     policy, reference, critic, config, rollout = setup
     scores = torch.tensor([5.0, -5.0] * 4)  # reward the even rows, punish the odd ones
     config.num_ppo_epochs = 4
-    experience = make_experience(rollout, reference, critic, scores, kl_coef=0.0, config=config)
+    ref_logprobs = reference_logprobs(policy, reference, rollout, config.temperature)
+    experience = make_experience(rollout, ref_logprobs, critic, scores, kl_coef=0.0, config=config)
     with torch.no_grad():
         before = (policy_forward(policy, rollout, config.temperature)[0] * rollout.response_mask).sum(-1)
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=config.learning_rate)
-    ppo_epochs(policy, critic, optimizer, experience, config, torch.Generator().manual_seed(0))
+    ppo_epochs(policy, critic, optimizer, experience, config, torch.Generator().manual_seed(0),
+                         Accelerator(cpu=True))
     with torch.no_grad():
         after = (policy_forward(policy, rollout, config.temperature)[0] * rollout.response_mask).sum(-1)
     change = after - before
     assert change[0::2].mean() > 0 > change[1::2].mean()
+
+
+def test_with_lora_the_reference_is_the_policy_without_its_adapter(setup):
+    from peft import LoraConfig, get_peft_model
+
+    policy, reference, critic, config, rollout = setup
+    lora = get_peft_model(copy.deepcopy(policy), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    ref_logprobs = reference_logprobs(lora, None, rollout, config.temperature)
+    experience = make_experience(rollout, ref_logprobs, critic, torch.tensor([5.0, -5.0] * 4), 0.0, config)
+    ppo_epochs(lora, critic, optimizer, experience, config, torch.Generator().manual_seed(0), Accelerator(cpu=True))
+    mask = rollout.response_mask
+    with torch.no_grad():
+        trained = policy_forward(lora, rollout, config.temperature)[0] * mask
+    original = reference_logprobs(policy, reference, rollout, config.temperature) * mask
+    assert (trained - original).abs().max() > 1e-3  # the adapter learned something ...
+    # ... and switching it off gives back the frozen starting policy: the reference
+    assert torch.allclose(reference_logprobs(lora, None, rollout, config.temperature) * mask, original, atol=1e-5)
+
+
+def test_reusing_the_experience_critic_pass_changes_nothing(setup):
+    """With one minibatch, the first minibatch reuses the critic forward that made the old values: the update
+    must end exactly where recomputing them ends."""
+    policy, reference, critic, config, rollout = setup
+    config.num_mini_batches, config.gradient_accumulation_steps, config.num_ppo_epochs = 1, 1, 2
+    ref_logprobs = reference_logprobs(policy, reference, rollout, config.temperature)
+    ends = []
+    for reuse in (True, False):
+        models = copy.deepcopy((policy, critic))
+        optimizer = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=config.learning_rate)
+        experience = make_experience(rollout, ref_logprobs, models[1], torch.linspace(-1, 1, 8), 0.05, config)
+        assert experience.live_values is not None
+        if not reuse:
+            experience.live_values = None
+        ppo_epochs(*models, optimizer, experience, config, torch.Generator().manual_seed(0), Accelerator(cpu=True))
+        ends.append(torch.cat([p.detach().flatten() for m in models for p in m.parameters()]))
+    assert torch.allclose(ends[0], ends[1], atol=1e-6)
+    assert not torch.allclose(ends[0], torch.cat([p.flatten() for m in (policy, critic) for p in m.parameters()]))
