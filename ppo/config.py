@@ -22,6 +22,8 @@ class PPOStageConfig:
     prompts: str = field(default="data/rl_prompts.jsonl", metadata={"help": "Prompts to train on."})
     eval_prompts: str = field(default="data/eval_prompts.jsonl", metadata={
         "help": "Held-out prompts scored before and after training."})
+    num_eval_prompts: int = field(default=0, metadata={
+        "help": "Score the first N eval prompts (0: all of them)."})
     judge: str = field(default="", metadata={
         "help": "Also score eval answers with this judge (builtin:NAME or module:function); empty: none."})
 
@@ -86,6 +88,8 @@ class PPOStageConfig:
                              f"{self.gradient_accumulation_steps})")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be above 0, got {self.target_kl}")
+        if self.num_eval_prompts < 0:
+            raise ValueError(f"num_eval_prompts must be 0 (all) or more, got {self.num_eval_prompts}")
         if min(self.total_episodes, self.batch_size, self.num_ppo_epochs, self.response_length) < 1:
             raise ValueError("total_episodes, batch_size, num_ppo_epochs and response_length must be at least 1")
 

@@ -151,6 +151,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     accelerator.register_for_checkpointing(state)
     prompts = [row["prompt"] for row in load_rows(config.prompts, "prompt")]
     eval_prompts = [row["prompt"] for row in load_rows(config.eval_prompts, "prompt")]
+    eval_prompts = eval_prompts[:config.num_eval_prompts or None]
     if accelerator.is_main_process:
         print(f"[{STAGE}] {config.num_updates} updates of {config.batch_size} episodes on "
               f"{accelerator.num_processes} process(es), {config.hardware.device} "
@@ -183,6 +184,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     eval_after = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
     tracker.log(eval_after, step=state.update)
     summary = summarise(state, eval_after, accelerator, config, time.time() - started, checkpoint)
+    summary["eval_prompts"] = len(eval_prompts)
     if accelerator.is_main_process:
         staged = partial / "final"
         save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
