@@ -18,7 +18,7 @@ STAGES = {
     "sft": ("supervised fine-tuning (TRL SFTTrainer)", "sft.config:SFTStageConfig", "sft.train:main"),
     "reward": ("reward model on the label export (TRL RewardTrainer)", "reward.config:RewardStageConfig",
                "reward.train:main"),
-    "ppo": ("PPO against the reward model (first version: one process)", "ppo.config:PPOStageConfig",
+    "ppo": ("PPO against the reward model (our trainer on accelerate)", "ppo.config:PPOStageConfig",
             "ppo.trainer:main"),
 }
 # `rlhf STAGE ACTION`: other things a stage's command does with the same config.
