@@ -20,6 +20,8 @@ STAGES = {
                "reward.train:main"),
     "ppo": ("PPO against the reward model (our trainer on accelerate)", "ppo.config:PPOStageConfig",
             "ppo.trainer:main"),
+    "dpo": ("DPO on the label export or on-policy pairs (TRL DPOTrainer)", "ppo.dpo_config:DPOStageConfig",
+            "ppo.dpo:main"),
 }
 # `rlhf STAGE ACTION`: other things a stage's command does with the same config.
 STAGE_ACTIONS = {"reward": {"eval": ("reward.evaluate:main",
@@ -30,6 +32,8 @@ TRL_FIELDS_NOTE = {
            "--sft.gradient_accumulation_steps, --sft.warmup_steps, --sft.lr_scheduler_type, --sft.seed",
     "reward": "--reward.learning_rate, --reward.num_train_epochs, --reward.max_steps, "
               "--reward.per_device_train_batch_size, --reward.center_rewards_coefficient, --reward.seed",
+    "dpo": "--dpo.beta, --dpo.loss_type, --dpo.learning_rate, --dpo.num_train_epochs, --dpo.max_steps, "
+           "--dpo.per_device_train_batch_size, --dpo.precompute_ref_log_probs, --dpo.seed",
 }
 
 

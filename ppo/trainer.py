@@ -42,17 +42,14 @@ from rlhf.generation import generate_responses
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir
-from rlhf.stage import checkpoint_step, last_complete_checkpoint, resume_point, running_stage
+from rlhf.stage import checkpoint_step, last_complete_checkpoint, resume_point, running_stage, starting_model
 
 STAGE = "ppo"
 
 
 def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
-    policy = config.model or str(run_dir.stage_path("sft"))
-    if not config.model and not (Path(policy) / "config.json").exists():
-        raise MissingInputError(f"no SFT model at {policy}: run `rlhf sft --config ...` first, or set --ppo.model")
-    found = {"policy": models.resolve(policy), "prompts": config.prompts}
+    found = {"policy": starting_model(STAGE, config.model, run_dir), "prompts": config.prompts}
     if config.reward_function:
         return found
     reward = config.reward_model or str(run_dir.stage_path("reward"))

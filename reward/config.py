@@ -10,8 +10,7 @@ import trl
 
 from rlhf import hardware
 from rlhf.config import TrainingStageDefaults
-
-TIE_POLICIES = ("drop", "equal")
+from rlhf.preference_pairs import TIE_POLICIES
 
 
 @dataclass

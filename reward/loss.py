@@ -1,16 +1,5 @@
-"""The reward model's objective: a Bradley-Terry likelihood that also knows ties, margins and vote weights.
-
-For a pair with reward gap d = r(chosen) - r(rejected) and a tie threshold theta >= 0 (Rao and Kupper's
-Bradley-Terry model with ties):
-
-    P(chosen wins)  = sigmoid(d - theta)
-    P(rejected wins) = sigmoid(-d - theta)
-    P(tie)           = 1 - the two above = sigmoid(theta - d) - sigmoid(-theta - d)
-
-A decided pair costs -log sigmoid(d - theta - margin): the margin (from the labellers' strength, as in TRL's
-`margin` column) asks for a wider gap when the labellers were sure. A tie costs -log P(tie), smallest at d = 0.
-With ties dropped theta is 0 and the decided-pair cost is exactly TRL's. Each pair's cost is multiplied by its
-weight (1, or its labellers' gold accuracy) and the weighted mean is taken.
+"""The reward model's training: TRL's RewardTrainer with our objective (rlhf/preference_loss.py: a Bradley-Terry
+likelihood that also knows ties, margins and vote weights, shared with DPO), shared prompts and ensemble heads.
 
 Chosen and rejected share their opening tokens (the prompt, and the chat template's start of the answer). With
 `share_prompt` those run once per pair: a first pass over the shared tokens keeps their keys and values, which are
@@ -27,48 +16,11 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
-
-def log_tie_probability(gap: torch.Tensor, theta: float) -> torch.Tensor:
-    """log(sigmoid(theta - d) - sigmoid(-theta - d)), computed without cancellation:
-    log(e^a - e^b) - softplus(a) - softplus(b), with a = theta - d, b = -theta - d and
-    e^a - e^b = e^a (1 - e^-2theta)."""
-    a, b = theta - gap, -theta - gap
-    return a + math.log1p(-math.exp(-2 * theta)) - F.softplus(a) - F.softplus(b)
-
-
-def pair_losses(gap: torch.Tensor, margin: torch.Tensor, tie: torch.Tensor, theta: float) -> torch.Tensor:
-    """Negative log-likelihood of each pair's verdict (see the module docstring)."""
-    decided = -F.logsigmoid(gap - theta - margin)
-    if theta <= 0:
-        if tie.any():
-            raise ValueError("tied pairs need a tie threshold above 0")
-        return decided
-    return torch.where(tie, -log_tie_probability(gap, theta), decided)
-
-
-def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                    tie: torch.Tensor | None = None, weight: torch.Tensor | None = None, theta: float = 0.0,
-                    center_coefficient: float | None = None) -> torch.Tensor:
-    """Weighted mean pair loss. `chosen` and `rejected` are [pairs] or [pairs, heads]; `weight` is [pairs] or
-    [pairs, heads] (bootstrap counts per head); the result is averaged over heads."""
-    if chosen.dim() == 1:
-        chosen, rejected = chosen[:, None], rejected[:, None]
-    pairs = chosen.shape[0]
-    margin = torch.zeros(pairs) if margin is None else margin
-    tie = torch.zeros(pairs, dtype=torch.bool) if tie is None else tie.bool()
-    weight = torch.ones(pairs) if weight is None else weight
-    weight = (weight if weight.dim() == 2 else weight[:, None]).to(chosen)
-    losses = pair_losses(chosen - rejected, margin.to(chosen)[:, None], tie.to(chosen.device)[:, None], theta)
-    per_head = (losses * weight).sum(0) / weight.sum(0).clamp_min(1e-8)
-    loss = per_head.mean()
-    if center_coefficient is not None:
-        loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
-    return loss
+from rlhf.preference_loss import preference_loss
 
 
 def bootstrap_counts(pair_id: str, heads: int, seed: int) -> list[float]:

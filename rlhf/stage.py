@@ -6,8 +6,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from rlhf import tracking
+from rlhf import models, tracking
 from rlhf.config import RunConfig, as_plain_dict
+from rlhf.errors import MissingInputError
 from rlhf.runs import RunDir, StageRecord, stage_lock
 
 
@@ -33,6 +34,18 @@ def running_stage(run: RunConfig, stage: str, config, inputs: dict):
             raise
         finally:
             tracker.finish()
+
+
+def starting_model(stage: str, model: str, run_dir: RunDir) -> str:
+    """The model a stage starts from: `model` when given (a bundled name, a folder, a hub id), else the run's
+    published SFT model."""
+    if model:
+        return models.resolve(model)
+    sft = run_dir.stage_path("sft")
+    if not (sft / "config.json").exists():
+        raise MissingInputError(f"no SFT model at {sft}: run `rlhf sft --config ... --run.name {run_dir.name}` "
+                                f"first, or set --{stage}.model")
+    return str(sft)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

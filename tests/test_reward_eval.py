@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from reward.data import gold_weighted, labeller_weights
+from rlhf.preference_pairs import gold_weighted, labeller_weights
 from reward.evaluate import (calibration, calibration_point, gold_accuracy, human_ceiling, observed_preference,
                              others_majority, win_probability)
 

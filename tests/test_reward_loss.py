@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reward.loss import (PreferenceCollator, PreferenceRewardTrainer, bootstrap_counts, log_tie_probability,
-                         preference_loss)
+from reward.loss import PreferenceCollator, PreferenceRewardTrainer, bootstrap_counts
+from rlhf.preference_loss import log_tie_probability, preference_loss
 
 
 def sigmoid(x: float) -> float:

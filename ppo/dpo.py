@@ -1,0 +1,241 @@
+"""`rlhf dpo`: direct preference optimisation of the SFT model with TRL's `DPOTrainer`.
+
+    rlhf dpo --config configs/default.yaml [--dpo.pairs on_policy] [--dpo.beta 0.1 ...] [--dpo.resume true]
+
+Pairs come from the labellers' votes (a label export, a preference file or the label store, with ties, both-bad
+rows, margins and gold weights handled as in the reward stage: rlhf/preference_pairs.py), or, with
+`pairs: on_policy`, from the SFT model itself: each prompt answered twice, the reward model deciding which answer is
+chosen. The reference is the starting model, frozen. The sigmoid loss is rlhf/preference_loss.py's Bradley-Terry
+likelihood on DPO's implicit rewards, beta x (log pi(y|x) - log pi_ref(y|x)), so ties, margins and weights reach
+it. A held-out share of the pairs measures the implicit reward's accuracy. Publishes the policy and tokenizer to
+`runs/<name>/dpo/` (with `pairs.jsonl` when the pairs were sampled).
+"""
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import PartialState
+from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from ppo.dpo_config import DPOStageConfig
+from rlhf import hardware, models, tracking
+from rlhf.config import RunConfig
+from rlhf.datasets import load_rows, split_train_eval
+from rlhf.errors import MissingInputError
+from rlhf.generation import generate_responses
+from rlhf.preference_loss import preference_loss
+from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
+from rlhf.reward_model import load_reward_model, reward_tokenizer, score
+from rlhf.runs import RunDir
+from rlhf.stage import StepTimer, checkpoint_step, resume_point, running_stage, starting_model
+
+STAGE = "dpo"
+PAIR_COLUMNS = ("margin", "tie", "weight")
+
+
+def inputs(config: DPOStageConfig, run: RunConfig) -> dict:
+    """What the stage reads, as the manifest records it: the policy, and the pairs' source."""
+    run_dir = RunDir(run.output_root, run.name)
+    found = {"model": starting_model(STAGE, config.model, run_dir)}
+    if config.pairs == "labels":
+        source, recorded = preference_source(STAGE, config.preferences, config.batch, config.min_votes, run_dir)
+        return {**found, "preferences": source, **recorded}
+    reward = config.reward_model or str(run_dir.stage_path("reward"))
+    if not (Path(reward) / "config.json").exists():
+        raise MissingInputError(f"no reward model at {reward}: run `rlhf reward --config ...` first, or set "
+                                "--dpo.reward_model (or use --dpo.pairs labels)")
+    return {**found, "reward_model": reward, "prompts": config.prompts}
+
+
+def labelled_pairs(source: str, config: DPOStageConfig) -> list[dict]:
+    """The labellers' usable pairs in TRL's conversational preference format, with tie, margin and weight."""
+    return [{"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+             "tie": row["tie"], "weight": row["weight"], "margin": pair_margin(row) if config.use_margin else 0.0}
+            for row in usable_pairs(source, config.ties, config.weight_by_gold)]
+
+
+def on_policy_pairs(config: DPOStageConfig, model_path: str, reward_path: str) -> list[dict]:
+    """Each prompt answered twice by the starting policy at `temperature`; the reward model's higher-scored answer
+    is chosen. Pairs whose answers are the same text, or score the same, are left out."""
+    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    policy, tokenizer = models.load_causal_lm(model_path)
+    torch.manual_seed(config.seed)
+    answers = generate_responses(policy, tokenizer, [p["prompt"] for p in prompts for _ in range(2)],
+                                 config.max_new_tokens, do_sample=True, temperature=config.temperature)
+    del policy
+    reward_tok = reward_tokenizer(reward_path)
+    reward = load_reward_model(reward_path, reward_tok).eval()
+    conversations = [p["prompt"] + [{"role": "assistant", "content": a}]
+                     for p, a in zip((p for p in prompts for _ in range(2)), answers)]
+    rewards = score(reward, reward_tok, conversations)
+    pairs = []
+    for i, prompt in enumerate(prompts):
+        (a, score_a), (b, score_b) = zip(answers[2 * i:2 * i + 2], rewards[2 * i:2 * i + 2])
+        if a == b or score_a == score_b:
+            continue
+        (chosen, chosen_score), (rejected, rejected_score) = sorted([(a, score_a), (b, score_b)],
+                                                                    key=lambda item: -item[1])
+        pairs.append({"id": prompt["id"], "prompt": prompt["prompt"],
+                      "chosen": [{"role": "assistant", "content": chosen}],
+                      "rejected": [{"role": "assistant", "content": rejected}],
+                      "tie": False, "weight": 1.0, "margin": 0.0,
+                      "chosen_reward": chosen_score, "rejected_reward": rejected_score})
+    print(f"[{STAGE}] {len(pairs)} on-policy pairs from {len(prompts)} prompts, ordered by {reward_path}")
+    return pairs
+
+
+def sampled_pairs(config: DPOStageConfig, found: dict, partial: Path) -> list[dict]:
+    """On-policy pairs, sampled once per run: kept in the stage's work folder, so a resumed run trains on the same
+    pairs. The main process samples; the others read its file."""
+    path = partial / "pairs.jsonl"
+    with PartialState().main_process_first():
+        if not path.exists() and PartialState().is_main_process:
+            pairs = on_policy_pairs(config, found["model"], found["reward_model"])
+            partial.mkdir(parents=True, exist_ok=True)
+            staged = path.with_suffix(".tmp")
+            staged.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+            staged.rename(path)
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@dataclasses.dataclass
+class PairCollator(DataCollatorForPreference):
+    """TRL's collator (chosen rows, then rejected rows) plus each pair's margin, tie flag and weight."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        batch["margin"] = torch.tensor([float(e["margin"]) for e in examples])
+        batch["tie"] = torch.tensor([bool(e["tie"]) for e in examples])
+        batch["weight"] = torch.tensor([float(e["weight"]) for e in examples])
+        return batch
+
+
+class PairDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer whose sigmoid loss is the Bradley-Terry likelihood of rlhf/preference_loss.py on the
+    implicit rewards beta x (log pi - log pi_ref): ties, margins and weights reach it. Without ties or margins and
+    with equal weights it is TRL's loss (a test checks it). Other loss types are TRL's own."""
+
+    def __init__(self, *args, tie_threshold: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tie_threshold = tie_threshold
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(self._signature_columns) + list(PAIR_COLUMNS)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        pair = {name: inputs.pop(name) for name in PAIR_COLUMNS if name in inputs}
+        if not self.args.pair_loss or return_outputs:
+            return super()._compute_loss(model, inputs, return_outputs)
+        chosen_logps, rejected_logps = self.sequence_logps(model, inputs)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen)
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected)
+        loss = preference_loss(chosen_rewards, rejected_rewards, pair.get("margin"), pair.get("tie"),
+                               pair.get("weight"), self.tie_threshold)
+        self.record_metrics(chosen_rewards.detach(), rejected_rewards.detach(), chosen_logps.detach(),
+                            rejected_logps.detach(), pair.get("tie"))
+        return loss
+
+    def sequence_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probabilities of each answer under `model` (TRL's fused LM head: no full logits), chosen
+        rows first in the batch."""
+        mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                        use_cache=False, fused_lm_head=True)
+        shifted = mask[:, 1:]
+        logps = (outputs.log_probs[:, -shifted.shape[1]:] * shifted).sum(-1)
+        return logps.chunk(2)
+
+    def record_metrics(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, tie) -> None:
+        """TRL's DPO metric names; accuracy over decided pairs only (a tie has no right order)."""
+        mode = "train" if self.model.training else "eval"
+        decided = ~tie.to(chosen_rewards.device) if tie is not None else torch.ones_like(chosen_rewards).bool()
+        gather = self.accelerator.gather
+        right = gather(((chosen_rewards > rejected_rewards) & decided).float()).sum()
+        counted = gather(decided.float()).sum()
+        values = {"rewards/chosen": gather(chosen_rewards).mean(), "rewards/rejected": gather(rejected_rewards).mean(),
+                  "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
+                  "rewards/accuracies": right / counted.clamp_min(1),
+                  "logps/chosen": gather(chosen_logps).mean(), "logps/rejected": gather(rejected_logps).mean()}
+        for name, value in values.items():
+            self._metrics[mode][name].append(value.item())
+
+
+def main(config: DPOStageConfig, run: RunConfig) -> dict:
+    found = inputs(config, run)
+    with running_stage(run, STAGE, config, found) as (record, tracker):
+        return train(config, run, found, tracker, record)
+
+
+def train(config: DPOStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:
+    run_dir = RunDir(run.output_root, run.name)
+    partial = run_dir.partial_path(STAGE)
+    resume_from = resume_point(STAGE, partial, config.resume)
+    if config.process_index == 0:
+        if resume_from:
+            shutil.rmtree(partial / "final", ignore_errors=True)
+        else:  # a fresh start also samples fresh on-policy pairs
+            shutil.rmtree(partial, ignore_errors=True)
+    PartialState().wait_for_everyone()
+
+    # 1. pairs, split into train and held out
+    pairs = (labelled_pairs(found["preferences"], config) if config.pairs == "labels"
+             else sampled_pairs(config, found, partial))
+    train_pairs, eval_pairs = split_train_eval(pairs, config.eval_fraction, config.seed)
+    columns = ["prompt", "chosen", "rejected", *PAIR_COLUMNS]
+    train_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])
+    eval_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in eval_pairs]) if eval_pairs else None
+
+    # 2. model (the reference is a frozen copy made by TRL) and the hardware decisions
+    model, tokenizer = models.load_causal_lm(found["model"])
+    checkpointing = (bool(config.gradient_checkpointing) if not config.gradient_checkpointing_auto else
+                     hardware.needs_gradient_checkpointing(model, 2 * config.per_device_train_batch_size *
+                                                           (config.max_length or 1024), config.hardware.device))
+    hardware.log_decision(STAGE, config.hardware, checkpointing)
+    args = dataclasses.replace(config, output_dir=str(partial), report_to="none", gradient_checkpointing=checkpointing)
+    timer = StepTimer()
+    collator = PairCollator(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length,
+                            truncation_mode=config.truncation_mode, pad_to_multiple_of=config.pad_to_multiple_of)
+    trainer = PairDPOTrainer(model=model, args=args, data_collator=collator, train_dataset=train_data,
+                             eval_dataset=eval_data, processing_class=tokenizer,
+                             callbacks=[tracking.TrackingCallback(tracker), timer],
+                             tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0)
+
+    # 3. train, then the held-out pairs
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - started
+    metrics = {"train_loss": result.training_loss, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+               "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
+               "median_step_s": timer.median(), "pairs_source": config.pairs}
+    if eval_data is not None:
+        held_out = trainer.evaluate()
+        metrics.update({key.replace("/", "_"): value for key, value in held_out.items()
+                        if key.startswith("eval_") and isinstance(value, float)})
+
+    # 4. publish: a complete folder renamed into place, then the record
+    staged = partial / "final"
+    trainer.save_model(str(staged))
+    if config.process_index != 0:
+        return metrics
+    tokenizer.save_pretrained(str(staged))
+    if config.pairs == "on_policy":
+        shutil.copyfile(partial / "pairs.jsonl", staged / "pairs.jsonl")
+    final = record.publish(staged, partial, metrics, train_seconds)
+    tracker.log({f"train/final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    tracker.log_artifact(f"{run.name}-dpo", "model", final)
+    accuracy = metrics.get("eval_rewards_accuracies")
+    print(f"[{STAGE}] done: {final} ({len(train_pairs)} training pairs from {config.pairs}, train loss "
+          f"{metrics['train_loss']:.4f}, held-out implicit-reward accuracy "
+          f"{'n/a' if accuracy is None else f'{accuracy:.3f}'})")
+    return metrics

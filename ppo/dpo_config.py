@@ -1,0 +1,79 @@
+"""`dpo:` section of a run config: TRL's `DPOConfig` plus where the pairs and the starting model come from.
+
+Every field of `trl.DPOConfig` (and so of `transformers.TrainingArguments`) is a valid key: `beta`, `loss_type`,
+`max_length`, `precompute_ref_log_probs`, ... Defaults that differ from TRL's are set here on purpose: precision
+from the hardware (TRL: bf16 always), checkpoints kept small, sequences cut at 512 tokens.
+"""
+from dataclasses import dataclass, field
+
+import trl
+
+from rlhf import hardware
+from rlhf.config import TrainingStageDefaults
+from rlhf.preference_pairs import TIE_POLICIES
+
+PAIR_SOURCES = ("labels", "on_policy")
+
+
+@dataclass
+class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
+    model: str = field(default="", metadata={
+        "help": "Policy to start from, also the frozen reference; empty: this run's SFT output (runs/<name>/sft)."})
+    pairs: str = field(default="labels", metadata={
+        "help": "labels: the labellers' votes (preferences); on_policy: fresh pairs sampled from the starting "
+                "policy and ordered by the reward model (reward-model-labelled DPO)."})
+
+    # pairs: labels
+    preferences: str = field(default="", metadata={
+        "help": "With pairs: labels. A label export folder, any preference file, or a label store URL (exported "
+                "first into runs/<name>/exports/<hash>); empty: runs/<name>/preferences."})
+    batch: str = field(default="", metadata={"help": "With a store URL: export only this batch (empty: all)."})
+    min_votes: int = field(default=1, metadata={"help": "With a store URL: comparisons with fewer votes are left out."})
+    ties: str = field(default="drop", metadata={
+        "help": "Tied pairs: drop, or equal (implicit rewards pulled together by the tie-aware Bradley-Terry loss, "
+                "as in the reward stage)."})
+    tie_threshold: float = field(default=1.0, metadata={
+        "help": "With ties: equal, the implicit-reward gap inside which a tie is likely (Rao-Kupper theta)."})
+    use_margin: bool = field(default=False, metadata={
+        "help": "Pass each pair's margin (labellers' strength: slight 0.5, clear 1.0) to the loss, which then asks "
+                "for an implicit-reward gap (beta x log-ratio difference) that wide. Off by default: with beta 0.1 "
+                "a margin of 1 asks for 10 nats."})
+    weight_by_gold: bool = field(default=False, metadata={
+        "help": "Weight labellers' votes by their gold accuracy, as in the reward stage (needs a label export)."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Share of pairs held out for the implicit reward's accuracy (split by a hash of id and seed)."})
+
+    # pairs: on_policy
+    reward_model: str = field(default="", metadata={
+        "help": "With pairs: on_policy. The reward model ordering each pair; empty: this run's reward output."})
+    prompts: str = field(default="data/rl_prompts.jsonl", metadata={
+        "help": "With pairs: on_policy. Prompts to answer twice each."})
+    num_prompts: int = field(default=0, metadata={"help": "With pairs: on_policy. The first N prompts (0: all)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "With pairs: on_policy. Longest sampled answer."})
+    temperature: float = field(default=0.7, metadata={"help": "With pairs: on_policy. Sampling temperature."})
+
+    # TRL fields whose defaults we change.
+    max_length: int | None = field(default=512, metadata={"help": "Longest tokenized prompt + answer."})
+
+    def __post_init__(self):
+        hardware.configure_training_args(self)
+        if self.pairs not in PAIR_SOURCES:
+            raise ValueError(f"pairs must be one of {', '.join(PAIR_SOURCES)}, got '{self.pairs}'")
+        if self.ties not in TIE_POLICIES:
+            raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got '{self.ties}'")
+        if self.ties == "equal" and self.tie_threshold <= 0:
+            raise ValueError(f"tie_threshold must be above 0 with ties: equal, got {self.tie_threshold}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.temperature <= 0 or self.max_new_tokens < 1 or self.num_prompts < 0:
+            raise ValueError("temperature must be above 0, max_new_tokens at least 1, num_prompts 0 or more")
+        super().__post_init__()
+        if self.loss_type != ["sigmoid"] and (self.ties == "equal" or self.use_margin or self.weight_by_gold):
+            raise ValueError(f"ties: equal, use_margin and weight_by_gold need loss_type sigmoid (the "
+                             f"Bradley-Terry loss they extend), got {self.loss_type}")
+
+    @property
+    def pair_loss(self) -> bool:
+        """Our Bradley-Terry loss (ties, margins, weights) in place of TRL's sigmoid loss: the same loss when a
+        batch has no tie, no margin and equal weights."""
+        return self.loss_type == ["sigmoid"]

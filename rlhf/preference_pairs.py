@@ -1,0 +1,87 @@
+"""Where a preference-trained stage's pairs come from (a label export, a preference file, or the label store itself,
+exported first), and the rules the reward and DPO stages share: gold-weighted votes, and which rows are usable
+(both-bad rows say nothing about order; ties are dropped or kept as "equal")."""
+from pathlib import Path
+
+from rlhf.datasets import load_rows
+from rlhf.errors import DataError, MissingInputError
+from rlhf.label_export import STRENGTH_MARGIN, export_snapshot, majority, read_manifest as read_export_manifest
+from rlhf.runs import RunDir
+from rlhf.store import Store
+
+TIE_POLICIES = ("drop", "equal")
+
+
+def preference_source(stage: str, preferences: str, batch: str, min_votes: int, run_dir: RunDir) -> tuple[str, dict]:
+    """(a path to read pairs from, what the manifest records about it). A label store URL is exported first,
+    into runs/<name>/exports/<content hash>; empty means the run's own export, runs/<name>/preferences."""
+    source, recorded = preferences or str(run_dir.stage_path("preferences")), {}
+    if "://" in source:
+        store = Store(source)
+        folder, manifest = export_snapshot(store, run_dir.path / "exports", batch or None, min_votes)
+        print(f"[{stage}] exported {manifest['rows']} pairs from {store.engine.url} to {folder}")
+        source = str(folder)
+    elif not Path(source).exists() and not preferences:
+        raise MissingInputError(f"no preference pairs at {source}: run `rlhf label export --out {source}` first, "
+                                f"or set --{stage}.preferences")
+    export_manifest = read_export_manifest(source) if Path(source).is_dir() else None
+    if export_manifest:
+        recorded["export_hash"] = export_manifest["content_hash"]
+    return source, recorded
+
+
+def load_pairs(source: str, weight_by_gold: bool) -> list[dict]:
+    """Every preference row, re-decided by gold-weighted votes when asked, with its loss weight."""
+    rows = load_rows(source, "preference")
+    if not weight_by_gold:
+        return [{**row, "weight": 1.0} for row in rows]
+    manifest = read_export_manifest(source) if Path(source).is_dir() else None
+    if not manifest or "labeller_gold" not in manifest:
+        raise DataError(source, None, "labeller_gold", "weight_by_gold needs a label export (rlhf label export), "
+                                                        "whose export.json holds each labeller's gold record")
+    weights = labeller_weights(manifest["labeller_gold"])
+    return [gold_weighted(row, weights) for row in rows]
+
+
+def labeller_weights(gold: dict) -> dict:
+    """A labeller's vote weight: their gold accuracy with one pseudo-answer right and one wrong (0.5 unseen)."""
+    return {name: (record["correct"] + 1) / (record["answered"] + 2) for name, record in gold.items()}
+
+
+def gold_weighted(row: dict, weights: dict) -> dict:
+    """The row decided by a weighted majority of its votes. Its loss weight is the agreeing votes' total weight
+    over the number of votes: a pair backed by accurate labellers who agree counts most."""
+    votes = row["labeller_votes"]
+    if not votes:
+        return {**row, "weight": 1.0}
+    totals = {}
+    for vote in votes:
+        totals[vote["verdict"]] = totals.get(vote["verdict"], 0.0) + weights.get(vote["labeller"], 0.5)
+    verdict = majority(totals)
+    row = {**row, "tie": verdict == "tie", "both_bad": verdict == "both_bad"}
+    if verdict == "rejected":  # the weighted majority overturns the head count
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        flip = {"chosen": "rejected", "rejected": "chosen"}
+        votes = [{**vote, "verdict": flip.get(vote["verdict"], vote["verdict"])} for vote in votes]
+        row["labeller_votes"], verdict = votes, "chosen"
+    agreeing = [vote for vote in votes if vote["verdict"] == verdict]
+    if agreeing and verdict == "chosen":
+        row["margin"] = sum(STRENGTH_MARGIN[vote["strength"]] for vote in agreeing) / len(agreeing)
+    row["weight"] = sum(weights.get(vote["labeller"], 0.5) for vote in agreeing) / len(votes)
+    return row
+
+
+def usable_pairs(source: str, ties: str, weight_by_gold: bool) -> list[dict]:
+    """The rows a preference loss can learn from, each with `weight`: both-bad rows dropped, ties dropped unless
+    `ties` is "equal". Refuses a source with no decided pair left."""
+    rows = load_pairs(source, weight_by_gold)
+    usable = [row for row in rows if not row["both_bad"] and (ties == "equal" or not row["tie"])]
+    if not any(not row["tie"] for row in usable):
+        kept = "both bad" if ties == "equal" else "ties or both bad"
+        raise DataError(source, None, "rows", f"no usable pairs: all {len(rows)} rows are {kept}")
+    return usable
+
+
+def pair_margin(row: dict) -> float:
+    """The margin a decided pair asks for (0 for a tie or a row without one)."""
+    return 0.0 if row["tie"] else row.get("margin") or 0.0

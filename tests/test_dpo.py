@@ -1,0 +1,141 @@
+"""The DPO stage on the tiny model: our pair loss is TRL's sigmoid loss when there is nothing more to say, margins
+and ties reach it, it learns separable pairs, samples and orders on-policy pairs, resumes after a kill, and names
+the command that makes a missing input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+from trl import DPOTrainer
+
+from pipeline.cli import main as cli
+from ppo.dpo import PairCollator, PairDPOTrainer
+from ppo.dpo_config import DPOStageConfig
+from rlhf.models import load_causal_lm
+from rlhf.reward_model import reward_tokenizer
+from tests.conftest import REPO, kill_when_saved
+from tests.test_reward import write_pairs
+
+
+def tiny_trainer(tmp_path, tiny_model_path, pairs: list[dict], **overrides) -> PairDPOTrainer:
+    import datasets
+
+    config = DPOStageConfig(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
+                            max_length=64, seed=0, **overrides)
+    model, tokenizer = load_causal_lm(str(tiny_model_path))
+    collator = PairCollator(pad_token_id=tokenizer.pad_token_id, max_length=64)
+    trainer = PairDPOTrainer(model=model, args=config, data_collator=collator, processing_class=tokenizer,
+                             train_dataset=datasets.Dataset.from_list(pairs))
+    trainer.model.train()
+    return trainer
+
+
+def conversational_pairs(count: int, margin: float = 0.0, tie: bool = False) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"Yes, gladly: answer {i}."}],
+             "rejected": [{"role": "assistant", "content": f"No {i}."}],
+             "margin": margin, "tie": tie, "weight": 1.0} for i in range(count)]
+
+
+def first_batch(trainer) -> dict:
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def test_without_ties_margins_or_weights_the_pair_loss_is_trls_sigmoid_loss(tmp_path, tiny_model_path):
+    trainer = tiny_trainer(tmp_path, tiny_model_path, conversational_pairs(4), beta=0.5)
+    with torch.no_grad():  # move the policy away from its frozen copy, so the log-ratios are not all 0
+        for parameter in trainer.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    batch = first_batch(trainer)
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    trls = DPOTrainer._compute_loss(trainer, trainer.model, {k: v for k, v in batch.items()
+                                                             if k not in ("margin", "tie", "weight")}, False)
+    assert abs(ours.item() - 0.6931) > 0.01  # not the untrained log 2
+    assert ours.item() == pytest.approx(trls.item(), rel=1e-5)
+    margins = trainer._metrics["train"]["rewards/margins"]
+    assert margins[0] == pytest.approx(margins[-1], rel=1e-5)  # both paths logged the same implicit-reward gap
+
+
+def test_margins_ask_for_a_wider_gap_and_ties_for_none(tmp_path, tiny_model_path):
+    trainer = tiny_trainer(tmp_path, tiny_model_path, conversational_pairs(4, margin=1.0))
+    batch = first_batch(trainer)
+    plain = trainer.compute_loss(trainer.model, {**batch, "margin": torch.zeros(4)})
+    with_margin = trainer.compute_loss(trainer.model, dict(batch))
+    # policy == reference: every implicit reward is 0, so the losses are -log sigmoid(0) and -log sigmoid(-1)
+    assert plain.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(0.0)).item(), rel=1e-5)
+    assert with_margin.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(1.0)).item(), rel=1e-5)
+    trainer.tie_threshold = 1.0
+    tied = trainer.compute_loss(trainer.model, {**batch, "tie": torch.ones(4, dtype=torch.bool)})
+    sigmoid = torch.sigmoid(torch.tensor(1.0)).item()
+    assert tied.item() == pytest.approx(-torch.log(torch.tensor(2 * sigmoid - 1)).item(), rel=1e-5)
+    assert trainer._metrics["train"]["rewards/accuracies"][-1] == 0.0  # ties are not counted as right or wrong
+
+
+def dpo_command(tmp_path, tiny_model_path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "dpo", "--config", "configs/tiny.yaml",
+            f"--run.output_root={tmp_path / 'runs'}", f"--run.name={name}", f"--dpo.model={tiny_model_path}",
+            f"--dpo.preferences={write_pairs(tmp_path / 'pairs.jsonl', 48)}", *extra]
+
+
+def test_dpo_learns_separable_pairs_and_publishes_the_policy(tmp_path, tiny_model_path):
+    command = dpo_command(tmp_path, tiny_model_path, "dpo", "--dpo.max_steps=24", "--dpo.save_steps=100")
+    assert cli(command[3:]) == 0
+    run = tmp_path / "runs" / "dpo"
+    entry = json.loads((run / "manifest.json").read_text())["stages"]["dpo"]
+    metrics = entry["metrics"]
+    assert entry["status"] == "done" and metrics["train_pairs"] + metrics["eval_pairs"] == 48
+    assert metrics["eval_rewards_accuracies"] >= 0.9 and metrics["eval_rewards_margins"] > 1.0, metrics
+    assert (run / "dpo" / "model.safetensors").exists() and (run / "dpo" / "tokenizer.json").exists()
+    assert "export_hash" not in entry["inputs"] and entry["inputs"]["preferences"].endswith("pairs.jsonl")
+
+
+def test_on_policy_pairs_are_sampled_from_the_policy_and_ordered_by_the_reward_model(tmp_path, tiny_model_path):
+    reward_dir = tmp_path / "reward"  # an untrained reward head still gives every answer its own score
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(reward_dir)
+    reward_tokenizer(str(tiny_model_path)).save_pretrained(reward_dir)
+    assert cli(["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}",
+                f"--dpo.model={tiny_model_path}", "--dpo.pairs=on_policy", f"--dpo.reward_model={reward_dir}",
+                "--dpo.max_steps=2", "--dpo.eval_fraction=0"]) == 0
+    published = tmp_path / "runs" / "tiny" / "dpo"
+    pairs = [json.loads(line) for line in (published / "pairs.jsonl").read_text().splitlines()]
+    assert 10 <= len(pairs) <= 16  # configs/tiny.yaml: 16 prompts, identical or equal-scored pairs left out
+    assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
+    metrics = json.loads((published / "stage.json").read_text())["metrics"]
+    assert metrics["pairs_source"] == "on_policy" and metrics["train_pairs"] == len(pairs)
+
+
+def test_a_killed_dpo_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_path):
+    extra = ("--dpo.max_steps=12", "--dpo.save_steps=4")
+    kill_when_saved(dpo_command(tmp_path, tiny_model_path, "killed", *extra),
+                    tmp_path / "runs" / "killed" / ".dpo.partial" / "checkpoint-4")
+    assert not (tmp_path / "runs" / "killed" / "dpo").exists()
+    resumed = subprocess.run(dpo_command(tmp_path, tiny_model_path, "killed", *extra, "--dpo.resume=true"),
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    whole = subprocess.run(dpo_command(tmp_path, tiny_model_path, "whole", *extra), cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    metrics = json.loads((tmp_path / "runs" / "killed" / "manifest.json").read_text())["stages"]["dpo"]["metrics"]
+    assert metrics["resumed_from_step"] >= 4 and metrics["global_step"] == 12
+    resumed_weights = load_file(tmp_path / "runs" / "killed" / "dpo" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "runs" / "whole" / "dpo" / "model.safetensors").items():
+        assert torch.allclose(resumed_weights[name], tensor, atol=1e-5), name
+
+
+def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):
+    assert cli(["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}"]) == 2
+    assert "rlhf sft" in capsys.readouterr().err
+    assert cli(["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}",
+                "--dpo.model=tiny-llama"]) == 2
+    assert "rlhf label export" in capsys.readouterr().err
+    assert cli(["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}",
+                "--dpo.model=tiny-llama", "--dpo.pairs=on_policy"]) == 2
+    assert "rlhf reward" in capsys.readouterr().err
+    assert cli(["dpo", "--config", "configs/tiny.yaml", "--dpo.loss_type=ipo", "--dpo.use_margin=true"]) == 2
+    assert "loss_type sigmoid" in capsys.readouterr().err
