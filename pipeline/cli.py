@@ -22,6 +22,8 @@ STAGES = {
             "ppo.trainer:main"),
     "dpo": ("DPO on the label export or on-policy pairs (TRL DPOTrainer)", "ppo.dpo_config:DPOStageConfig",
             "ppo.dpo:main"),
+    "eval": ("policies against the SFT model on held-out prompts, and the run's report",
+             "evaluation.config:EvalStageConfig", "evaluation.evaluate:main"),
 }
 # `rlhf STAGE ACTION`: other things a stage's command does with the same config.
 STAGE_ACTIONS = {"reward": {"eval": ("reward.evaluate:main",

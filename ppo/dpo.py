@@ -31,7 +31,7 @@ from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
 from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
-from rlhf.runs import RunDir
+from rlhf.runs import RunDir, atomic_write_json
 from rlhf.stage import StepTimer, checkpoint_step, resume_point, running_stage, starting_model
 
 STAGE = "dpo"
@@ -229,6 +229,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     if config.process_index != 0:
         return metrics
     tokenizer.save_pretrained(str(staged))
+    atomic_write_json(staged / "history.json", trainer.state.log_history)  # logged metrics, for plots
     if config.pairs == "on_policy":
         shutil.copyfile(partial / "pairs.jsonl", staged / "pairs.jsonl")
     final = record.publish(staged, partial, metrics, train_seconds)

@@ -41,7 +41,7 @@ from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
-from rlhf.runs import RunDir
+from rlhf.runs import RunDir, atomic_write_json
 from rlhf.stage import checkpoint_step, last_complete_checkpoint, resume_point, running_stage, starting_model
 
 STAGE = "ppo"
@@ -185,6 +185,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     if accelerator.is_main_process:
         staged = partial / "final"
         save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
+        atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
         record.publish(staged, partial, summary, time.time() - started)
         print(f"[{STAGE}] eval score {summary['eval_score_before']:.3f} -> {summary['eval_score_after']:.3f}"
               + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")

@@ -15,8 +15,6 @@ Everything is written to `eval.md` beside the model, with the PNG plots, and ret
 """
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from rlhf import tracking
 from rlhf.config import RunConfig, as_plain_dict
 from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import MissingInputError
+from rlhf.plots import pyplot, save_figure
 from rlhf.runs import RunDir, atomic_write_text
 from reward.data import inputs, training_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score, score_heads
@@ -145,23 +144,8 @@ def mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def save_figure(figure, path: Path) -> None:
-    """Saves a PNG under a temporary name and renames it into place."""
-    import matplotlib.pyplot as plt
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def reliability_plot(bins: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
@@ -176,10 +160,7 @@ def reliability_plot(bins: list[dict], path: Path) -> None:
 
 
 def distribution_plot(chosen: list[float], rejected: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     values = chosen + rejected

@@ -1,10 +1,19 @@
 """Batched chat generation, shared by the stages that show or sample model answers."""
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass
+class Answer:
+    text: str
+    ids: list[int]  # the answer's tokens, through the stop token when it was reached
+    ended: bool  # the model emitted its stop token within the length limit
+
+
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
-                       do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+def answer_prompts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
+                   do_sample: bool = False, temperature: float = 1.0) -> list[Answer]:
     """Answers each conversation in `prompts` (lists of messages ending with the user). Prompts are left-padded
     so every row's last prompt token sits at the same position and generation continues from it."""
     was_training, side = model.training, tokenizer.padding_side
@@ -20,8 +29,24 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_toke
                 else {"do_sample": False}
             output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     **sampling)
-            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers += [cut_at_stop(row.tolist(), tokenizer) for row in output[:, batch["input_ids"].shape[1]:]]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return [answer.strip() for answer in answers]
+    return answers
+
+
+def cut_at_stop(ids: list[int], tokenizer) -> Answer:
+    """An answer's tokens through its first stop token (generation pads finished rows, with EOS where the pad
+    token is EOS)."""
+    stop = tokenizer.eos_token_id
+    ended = stop in ids
+    ids = ids[:ids.index(stop) + 1] if ended else ids
+    return Answer(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, ended)
+
+
+def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
+                       do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+    """The answers' texts (see answer_prompts)."""
+    return [answer.text for answer in answer_prompts(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                                     do_sample, temperature)]

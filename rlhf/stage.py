@@ -36,15 +36,15 @@ def running_stage(run: RunConfig, stage: str, config, inputs: dict):
             tracker.finish()
 
 
-def starting_model(stage: str, model: str, run_dir: RunDir) -> str:
-    """The model a stage starts from: `model` when given (a bundled name, a folder, a hub id), else the run's
-    published SFT model."""
+def starting_model(stage: str, model: str, run_dir: RunDir, field: str = "model") -> str:
+    """The model a stage starts from: `model` (its config's `field`) when given (a bundled name, a folder, a hub
+    id), else the run's published SFT model."""
     if model:
         return models.resolve(model)
     sft = run_dir.stage_path("sft")
     if not (sft / "config.json").exists():
         raise MissingInputError(f"no SFT model at {sft}: run `rlhf sft --config ... --run.name {run_dir.name}` "
-                                f"first, or set --{stage}.model")
+                                f"first, or set --{stage}.{field}")
     return str(sft)
 
 

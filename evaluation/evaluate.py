@@ -1,0 +1,171 @@
+"""`rlhf eval`: the run's policies (PPO, DPO, any folder) against its SFT model on held-out prompts.
+
+    rlhf eval --config configs/default.yaml [--eval.policies ppo,dpo] [--eval.judge builtin:length] [--eval.human true]
+
+Every policy, and the baseline, answers the same prompts (greedy by default). Each answer is scored by the reward
+model (normalised by the scale its stage stored, as PPO trains on it) and by the judge; each policy gets its KL to
+the baseline along its own answers, its answer length and stop-token rate, and its win rate against the baseline
+under the reward model and under the judge, with bootstrap intervals over prompts. Writes `runs/<name>/eval/`
+(results.json, answers.jsonl, plots) and the run's report, `runs/<name>/report.md`.
+"""
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from evaluation.config import EvalStageConfig
+from evaluation.metrics import answer_kl, bootstrap_interval, win_rate
+from evaluation.report import write_report
+from rlhf import models
+from rlhf.config import RunConfig
+from rlhf.datasets import load_rows
+from rlhf.errors import ConfigError, MissingInputError
+from rlhf.generation import answer_prompts
+from rlhf.judges import load_judge
+from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
+from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
+from rlhf.stage import running_stage, starting_model
+
+STAGE = "eval"
+POLICY_STAGES = ("ppo", "dpo")
+BASELINE = "sft"
+
+
+def policy_folders(config: EvalStageConfig, run_dir: RunDir) -> dict[str, str]:
+    """{name: model folder} of the policies to compare with the baseline."""
+    if not config.policies:
+        found = {stage: str(run_dir.stage_path(stage)) for stage in POLICY_STAGES
+                 if (run_dir.stage_path(stage) / "config.json").exists()}
+        if not found:
+            raise MissingInputError(f"no policy to evaluate in {run_dir.path}: run `rlhf ppo --config ...` or "
+                                    "`rlhf dpo --config ...` first, or set --eval.policies NAME=FOLDER")
+        return found
+    found = {}
+    for item in config.policies.split(","):
+        name, _, folder = item.strip().partition("=")
+        if not folder and name not in POLICY_STAGES:
+            raise ConfigError(f"eval.policies: '{name}' is neither a policy stage ({', '.join(POLICY_STAGES)}) "
+                              "nor NAME=FOLDER")
+        folder = folder or str(run_dir.stage_path(name))
+        if not (Path(folder) / "config.json").exists():
+            made_by = f"run `rlhf {name} --config ...` first" if name in POLICY_STAGES else "check the path"
+            raise MissingInputError(f"no model for policy '{name}' at {folder}: {made_by}")
+        found[name] = folder
+    return found
+
+
+def inputs(config: EvalStageConfig, run: RunConfig) -> dict:
+    run_dir = RunDir(run.output_root, run.name)
+    found = {BASELINE: starting_model(STAGE, config.baseline, run_dir, field="baseline"),
+             **policy_folders(config, run_dir), "prompts": config.prompts}
+    if config.reward_model != "none":
+        reward = config.reward_model or str(run_dir.stage_path("reward"))
+        if not (Path(reward) / "config.json").exists():
+            raise MissingInputError(f"no reward model at {reward}: run `rlhf reward --config ...` first, or set "
+                                    "--eval.reward_model (none: no reward scores)")
+        found["reward_model"] = reward
+    return found
+
+
+def main(config: EvalStageConfig, run: RunConfig) -> dict:
+    found = inputs(config, run)
+    with running_stage(run, STAGE, config, found) as (record, tracker):
+        return evaluate(config, run, found, tracker, record)
+
+
+def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:
+    run_dir = RunDir(run.output_root, run.name)
+    started = time.time()
+    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    messages = [p["prompt"] for p in prompts]
+    names = [BASELINE] + [name for name in found if name not in (BASELINE, "prompts", "reward_model")]
+
+    # 1. answers, and each policy's KL to the baseline along its own answers
+    baseline, tokenizer = models.load_causal_lm(found[BASELINE], config.hardware.dtype)
+    answers, kls = {BASELINE: answer(baseline, tokenizer, messages, config)}, {}
+    kls[BASELINE] = [0.0] * len(prompts)
+    for name in names[1:]:
+        policy, policy_tokenizer = models.load_causal_lm(found[name], config.hardware.dtype)
+        answers[name] = answer(policy, policy_tokenizer, messages, config)
+        kls[name] = answer_kl(policy, baseline, policy_tokenizer, messages, [a.ids for a in answers[name]],
+                              config.batch_size)
+        del policy
+    del baseline
+
+    # 2. scores: the reward model's and the judge's
+    texts = {name: [a.text for a in answers[name]] for name in names}
+    rewards = reward_scores(found.get("reward_model"), messages, texts, config.batch_size)
+    judge = load_judge(config.judge) if config.judge else None
+    judged = {name: judge([m[-1]["content"] for m in messages], texts[name]) for name in names} if judge else {}
+
+    # 3. per-policy results, win rates against the baseline
+    results = {name: policy_results(name, answers[name], kls[name], rewards, judged, config) for name in names}
+    rows = [{"id": p["id"], "prompt": m[-1]["content"],
+             **{f"{name}_{key}": value for name in names
+                for key, value in (("answer", texts[name][i]), ("kl", kls[name][i]),
+                                   ("reward", rewards[name][i] if rewards else None),
+                                   ("judge", judged[name][i] if judged else None))}}
+            for i, (p, m) in enumerate(zip(prompts, messages))]
+
+    # 4. the folder (results, answers, plots, report), published whole; the run's report beside the stages
+    partial = run_dir.partial_path(STAGE)
+    staged = partial / "final"
+    staged.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(staged / "results.json", {"prompts": len(prompts), "policies": results})
+    atomic_write_text(staged / "answers.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    report = write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged})
+    metrics = {f"{name}/{key}": value for name, result in results.items() for key, value in result.items()
+               if isinstance(value, (int, float))}
+    final = record.publish(staged, partial, {"prompts": len(prompts), **metrics}, time.time() - started)
+    atomic_write_text(run_dir.path / "report.md", report.replace("](", "](eval/"))
+    tracker.log({f"eval/{key}": value for key, value in metrics.items()})
+    tracker.log_table("eval_answers", list(rows[0]), [list(row.values()) for row in rows])
+    print(headline(results, final))
+    return metrics
+
+
+def answer(model, tokenizer, messages: list[list[dict]], config: EvalStageConfig):
+    if config.temperature > 0:
+        torch.manual_seed(config.seed)
+    return answer_prompts(model, tokenizer, messages, config.max_new_tokens, config.batch_size,
+                          do_sample=config.temperature > 0, temperature=config.temperature or 1.0)
+
+
+def reward_scores(reward_path: str | None, messages: list, texts: dict, batch_size: int) -> dict:
+    """{policy: [normalised reward per prompt]}; empty without a reward model."""
+    if not reward_path:
+        return {}
+    tokenizer = reward_tokenizer(reward_path)
+    model = load_reward_model(reward_path, tokenizer).eval()
+    scale = reward_record(reward_path).get("scale") or {"mean": 0.0, "std": 1.0}
+    scores = {}
+    for name, answers in texts.items():
+        conversations = [m + [{"role": "assistant", "content": t}] for m, t in zip(messages, answers)]
+        scores[name] = [(r - scale["mean"]) / scale["std"] for r in score(model, tokenizer, conversations, batch_size)]
+    return scores
+
+
+def policy_results(name: str, answers: list, kls: list[float], rewards: dict, judged: dict,
+                   config: EvalStageConfig) -> dict:
+    result = {"kl": statistics.fmean(kls), "tokens": statistics.fmean(len(a.ids) for a in answers),
+              "eos_rate": statistics.fmean(a.ended for a in answers)}
+    for kind, scores in (("reward", rewards), ("judge", judged)):
+        if not scores:
+            continue
+        result[kind] = statistics.fmean(scores[name])
+        if name != BASELINE:
+            result[f"win_rate_{kind}"] = win_rate(scores[name], scores[BASELINE])
+            low, high = bootstrap_interval(scores[name], scores[BASELINE], config.bootstrap, config.confidence,
+                                           config.seed)
+            result[f"win_rate_{kind}_low"], result[f"win_rate_{kind}_high"] = low, high
+    return result
+
+
+def headline(results: dict, folder: Path) -> str:
+    lines = [f"[{STAGE}] {folder}"]
+    for name, result in results.items():
+        parts = [f"{key} {value:.3f}" for key, value in result.items() if not key.endswith(("_low", "_high"))]
+        lines.append(f"  {name:8} " + ", ".join(parts))
+    return "\n".join(lines)

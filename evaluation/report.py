@@ -1,0 +1,117 @@
+"""The run's report: a headline table of every policy against the baseline, and the plots people look at
+(training curves, reward against KL, score distributions)."""
+import json
+from pathlib import Path
+
+from evaluation.config import EvalStageConfig
+from rlhf.plots import pyplot, save_figure
+from rlhf.runs import RunDir, atomic_write_text
+
+COLUMNS = [("reward", "reward"), ("win_rate_reward", "win rate vs SFT (reward)"), ("judge", "judge"),
+           ("win_rate_judge", "win rate vs SFT (judge)"), ("kl", "KL to SFT"), ("tokens", "tokens"),
+           ("eos_rate", "stop-token rate")]
+TRAINING_CURVES = {"ppo": ("objective/scores", "objective/kl"), "dpo": ("loss", "rewards/margins")}
+
+
+def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStageConfig, per_prompt: dict) -> str:
+    """Writes report.md and its plots into `folder`; returns the report's text (links relative to `folder`)."""
+    histories = {stage: load_history(run_dir.stage_path(stage)) for stage in TRAINING_CURVES}
+    histories = {stage: history for stage, history in histories.items() if history}
+    plots = []
+    if histories:
+        plots.append(("Training curves", training_curves(folder / "training_curves.png", histories)))
+    kind = "rewards" if per_prompt["rewards"] else "judged" if per_prompt["judged"] else None
+    if kind:
+        label = "reward (normalised)" if kind == "rewards" else f"judge ({config.judge})"
+        plots.append((f"{label.capitalize()} against KL to SFT",
+                      reward_vs_kl(folder / "reward_vs_kl.png", results, per_prompt["kls"], per_prompt[kind],
+                                   histories.get("ppo"), label)))
+        plots.append(("Score distributions", score_distributions(folder / "score_distribution.png", per_prompt)))
+    text = report_text(results, len(next(iter(per_prompt["kls"].values()))), run_dir, config, plots)
+    atomic_write_text(folder / "report.md", text)
+    return text
+
+
+def load_history(stage_folder: Path) -> list[dict]:
+    path = stage_folder / "history.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageConfig,
+                plots: list[tuple[str, str]]) -> str:
+    shown = [(key, title) for key, title in COLUMNS if any(key in r for r in results.values())]
+    sampling = f"sampled at temperature {config.temperature:g}" if config.temperature else "greedy"
+    lines = [f"# Run `{run_dir.name}`: policies against the SFT model", "",
+             f"{prompts} held-out prompts from `{config.prompts}`"
+             f"{f' (the first {config.num_prompts})' if config.num_prompts else ''}; answers {sampling}, at most "
+             f"{config.max_new_tokens} tokens. "
+             + ("Reward: the reward model, normalised by the scale it stored (0 is the SFT samples' mean). "
+                if any("reward" in r for r in results.values()) else "")
+             + (f"Judge: `{config.judge}`. " if config.judge else "")
+             + f"Win rates count a tie as half, with {config.confidence:.0%} bootstrap "
+             f"intervals over prompts. KL: summed over each answer's tokens, the full-vocabulary KL(policy || SFT) "
+             "at each position of the policy's own answer.", "",
+             "| policy | " + " | ".join(title for _, title in shown) + " |",
+             "|---|" + "---|" * len(shown)]
+    for name, result in results.items():
+        cells = [cell(result, key) for key, _ in shown]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for title, path in plots:
+        lines += ["", f"## {title}", "", f"![{title}]({Path(path).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def cell(result: dict, key: str) -> str:
+    if key not in result:
+        return "-"
+    if key.startswith("win_rate"):
+        return f"{result[key]:.3f} [{result[key + '_low']:.3f}, {result[key + '_high']:.3f}]"
+    return f"{result[key]:.3f}"
+
+
+def training_curves(path: Path, histories: dict) -> str:
+    plt = pyplot()
+
+    figure, axes = plt.subplots(len(histories), 2, figsize=(10, 3.2 * len(histories)), squeeze=False)
+    for row, (stage, history) in zip(axes, histories.items()):
+        for ax, key in zip(row, TRAINING_CURVES[stage]):
+            points = [(entry.get("step", i + 1), entry[key]) for i, entry in enumerate(history) if key in entry]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            ax.set_title(f"{stage}: {key}")
+            ax.set_xlabel("update" if stage == "ppo" else "optimiser step")
+            ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def reward_vs_kl(path: Path, results: dict, kls: dict, scores: dict, ppo_history: list[dict] | None,
+                 label: str) -> str:
+    plt = pyplot()
+
+    figure, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name in results:
+        mean_kl, mean_score = sum(kls[name]) / len(kls[name]), sum(scores[name]) / len(scores[name])
+        ax.scatter([mean_kl], [mean_score], s=60, label=f"{name} (eval)", zorder=3)
+    if ppo_history and label.startswith("reward"):
+        ax.plot([m["objective/kl"] for m in ppo_history], [m["objective/raw_scores"] for m in ppo_history],
+                alpha=0.5, label="ppo during training (sampled answers)")
+    ax.set_xlabel("KL to SFT (nats per answer)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(figure, path)
+
+
+def score_distributions(path: Path, per_prompt: dict) -> str:
+    plt = pyplot()
+
+    kinds = [(key, title) for key, title in (("rewards", "reward (normalised)"), ("judged", "judge"))
+             if per_prompt[key]]
+    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], kinds):
+        for name, values in per_prompt[key].items():
+            ax.hist(values, bins=20, alpha=0.45, label=name)
+        ax.set_title(f"{title} per prompt")
+        ax.legend()
+    return save_figure(figure, path)

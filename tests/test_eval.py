@@ -1,0 +1,92 @@
+"""`rlhf eval`: win rates and intervals by hand, the KL along answers, and the report of a tiny run whose numbers
+match the stage's metrics."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from evaluation.metrics import answer_kl, bootstrap_interval, kl_per_position, win_rate
+from pipeline.cli import main as cli
+from rlhf.models import load_causal_lm
+from rlhf.reward_model import reward_tokenizer
+
+
+def test_win_rate_counts_ties_as_half_and_its_interval_narrows_with_more_prompts():
+    assert win_rate([1.0, 2.0, 0.5, 3.0], [0.0, 2.0, 1.0, 1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    few = bootstrap_interval([1.0, 0.0] * 5, [0.5] * 10, resamples=2000, confidence=0.95, seed=0)
+    many = bootstrap_interval([1.0, 0.0] * 200, [0.5] * 400, resamples=2000, confidence=0.95, seed=0)
+    assert few[0] < 0.5 < few[1] and many[0] < 0.5 < many[1]
+    assert many[1] - many[0] < few[1] - few[0] / 2
+    # the normal approximation's half-width for 400 fair coin flips is 1.96 * 0.5 / 20 = 0.049
+    assert (many[1] - many[0]) / 2 == pytest.approx(0.049, abs=0.01)
+
+
+def test_kl_per_position_by_hand():
+    p = torch.tensor([0.7, 0.2, 0.1])
+    q = torch.tensor([0.4, 0.4, 0.2])
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+    assert kl_per_position(p.log()[None], q.log()[None]).item() == pytest.approx(expected, rel=1e-5)
+    assert kl_per_position(p.log()[None], p.log()[None] + 3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_answer_kl_is_zero_against_itself_and_positive_against_another_model(tiny_model_path):
+    policy, tokenizer = load_causal_lm(str(tiny_model_path))
+    reference, _ = load_causal_lm(str(tiny_model_path))
+    prompts = [[{"role": "user", "content": "Hi there"}], [{"role": "user", "content": "A much longer question?"}]]
+    answers = [tokenizer("Hello friend")["input_ids"], tokenizer("Yes")["input_ids"]]
+    assert answer_kl(policy, reference, tokenizer, prompts, answers) == pytest.approx([0.0, 0.0], abs=1e-5)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    moved = answer_kl(policy, reference, tokenizer, prompts, answers)
+    assert all(kl > 0 for kl in moved)
+    alone = answer_kl(policy, reference, tokenizer, prompts[1:], answers[1:])  # padding changes nothing
+    assert alone[0] == pytest.approx(moved[1], rel=1e-4)
+
+
+def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path):
+    runs = tmp_path / "runs"
+    common = ["--config", "configs/tiny.yaml", f"--run.output_root={runs}", "--run.name=ev"]
+    assert cli(["ppo", *common, f"--ppo.model={tiny_model_path}", "--ppo.total_episodes=16",
+                "--ppo.reward_function=builtin:length"]) == 0
+    reward_dir = tmp_path / "reward"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(reward_dir)
+    reward_tokenizer(str(tiny_model_path)).save_pretrained(reward_dir)
+    assert cli(["eval", *common, f"--eval.baseline={tiny_model_path}", f"--eval.reward_model={reward_dir}",
+                f"--eval.policies=ppo,same={tiny_model_path}"]) == 0
+
+    run = runs / "ev"
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["prompts"] == 8 and set(results["policies"]) == {"sft", "ppo", "same"}
+    same, ppo = results["policies"]["same"], results["policies"]["ppo"]
+    # the baseline against itself: identical greedy answers, every prompt a tie, no KL
+    assert same["kl"] == pytest.approx(0.0, abs=1e-5) and same["win_rate_reward"] == 0.5
+    assert same["win_rate_judge"] == 0.5 and same["reward"] == pytest.approx(results["policies"]["sft"]["reward"])
+    assert ppo["kl"] > 0 and ppo["win_rate_judge_low"] <= ppo["win_rate_judge"] <= ppo["win_rate_judge_high"]
+    metrics = json.loads((run / "manifest.json").read_text())["stages"]["eval"]["metrics"]
+    assert metrics["ppo/kl"] == ppo["kl"] and metrics["ppo/win_rate_reward"] == ppo["win_rate_reward"]
+
+    report = (run / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| ppo |"))
+    assert f"{ppo['reward']:.3f}" in row and f"{ppo['kl']:.3f}" in row
+    assert (f"{ppo['win_rate_judge']:.3f} [{ppo['win_rate_judge_low']:.3f}, "
+            f"{ppo['win_rate_judge_high']:.3f}]") in row
+    for plot in ("training_curves.png", "reward_vs_kl.png", "score_distribution.png"):
+        assert f"](eval/{plot})" in report
+        assert (run / "eval" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    answers = [json.loads(line) for line in (run / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 8 and answers[0]["same_answer"] == answers[0]["sft_answer"]
+
+
+def test_missing_policies_and_models_name_the_command_that_makes_them(tmp_path, tiny_model_path, capsys):
+    common = ["eval", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}"]
+    assert cli(common) == 2
+    assert "rlhf sft" in capsys.readouterr().err
+    assert cli(common + [f"--eval.baseline={tiny_model_path}"]) == 2
+    assert "rlhf ppo" in capsys.readouterr().err
+    assert cli(common + [f"--eval.baseline={tiny_model_path}", "--eval.policies=dpo"]) == 2
+    assert "rlhf dpo" in capsys.readouterr().err
+    assert cli(common + [f"--eval.baseline={tiny_model_path}", f"--eval.policies=x={tiny_model_path}"]) == 2
+    assert "rlhf reward" in capsys.readouterr().err
