@@ -9,6 +9,7 @@ under the reward model and under the judge, with bootstrap intervals over prompt
 (results.json, answers.jsonl, plots) and the run's report, `runs/<name>/report.md`.
 """
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from rlhf.generation import answer_prompts
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
+from rlhf.store import Store
 from rlhf.stage import running_stage, starting_model
 
 STAGE = "eval"
@@ -109,6 +111,8 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, reco
                                    ("judge", judged[name][i] if judged else None))}}
             for i, (p, m) in enumerate(zip(prompts, messages))]
 
+    if config.human:
+        queued = queue_human_comparisons(config, run, prompts, texts)
     # 4. the folder (results, answers, plots, report), published whole; the run's report beside the stages
     partial = run_dir.partial_path(STAGE)
     staged = partial / "final"
@@ -118,12 +122,44 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, reco
     report = write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged})
     metrics = {f"{name}/{key}": value for name, result in results.items() for key, value in result.items()
                if isinstance(value, (int, float))}
+    if config.human:
+        metrics["human_comparisons"] = queued
     final = record.publish(staged, partial, {"prompts": len(prompts), **metrics}, time.time() - started)
     atomic_write_text(run_dir.path / "report.md", report.replace("](", "](eval/"))
     tracker.log({f"eval/{key}": value for key, value in metrics.items()})
     tracker.log_table("eval_answers", list(rows[0]), [list(row.values()) for row in rows])
     print(headline(results, final))
     return metrics
+
+
+def queue_human_comparisons(config: EvalStageConfig, run: RunConfig, prompts: list[dict], texts: dict) -> int:
+    """Blind baseline-vs-policy comparisons in the label store, batch `human_batch`, kind `eval`: each response
+    knows which side it is (its sampling record's `eval_role`), labellers see neither name nor side. Prompts whose
+    two answers are the same text are not asked. A batch that already holds comparisons is left as it is."""
+    store = Store(config.db or None)
+    if store.comparisons(config.human_batch):
+        print(f"[{STAGE}] batch '{config.human_batch}' already holds comparisons: nothing queued (name a new one "
+              "with --eval.human_batch)")
+        return 0
+    rng = random.Random(config.seed)
+    sampling = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
+    queued = 0
+    for i, prompt in enumerate(prompts):
+        stored = store.add_prompt(prompt["id"], prompt.get("category") or "eval", prompt["prompt"])
+        baseline = store.add_response(stored, texts[BASELINE][i], f"{run.name}/{BASELINE}",
+                                      {**sampling, "eval_role": "baseline"})
+        for name in texts:
+            if name == BASELINE or texts[name][i] == texts[BASELINE][i]:
+                continue
+            policy = store.add_response(stored, texts[name][i], f"{run.name}/{name}",
+                                        {**sampling, "eval_role": "policy"})
+            first, second = (baseline, policy) if rng.random() < 0.5 else (policy, baseline)
+            store.add_comparison(first, second, batch=config.human_batch, kind="eval")
+            queued += 1
+    print(f"[{STAGE}] queued {queued} blind comparisons in batch '{config.human_batch}' of {store.engine.url}: "
+          f"`rlhf label serve --batch {config.human_batch}` to label them, `rlhf label stats --batch "
+          f"{config.human_batch}` for the human win rates")
+    return queued
 
 
 def answer(model, tokenizer, messages: list[list[dict]], config: EvalStageConfig):

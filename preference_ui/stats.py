@@ -77,8 +77,30 @@ def summarise(labels: Labels, batch: str | None = None) -> dict:
     return {"batch": batch or "(all)", "comparisons": len(in_batch), "voted": len(by_item), "votes": len(votes),
             "choices": dict(Counter(vote.choice for vote in votes)),
             "krippendorff_alpha": krippendorff_alpha(units), "pairwise_agreement": pairwise_agreement(units),
+            "human_win_rates": human_win_rates(all_comparisons, votes),
             "labellers": {names[user_id]: labeller_stats(user_votes, gold_by_user[user_id])
                           for user_id, user_votes in sorted(by_user.items(), key=lambda item: names[item[0]])}}
+
+
+def human_win_rates(comparisons: dict, votes: list) -> dict:
+    """For blind policy-vs-baseline comparisons (`rlhf eval --human`): per policy model, the share of votes
+    preferring its answer (a tie or both-bad counts half), with a normal-approximation 95% interval."""
+    outcomes = defaultdict(list)
+    for vote in votes:
+        comparison = comparisons[vote.comparison_id]
+        if comparison["kind"] != "eval" or {comparison["a_role"], comparison["b_role"]} != {"policy", "baseline"}:
+            continue
+        policy_side = "a" if comparison["a_role"] == "policy" else "b"
+        policy = comparison[f"{policy_side}_model"]
+        outcomes[policy].append(1.0 if vote.choice == policy_side else 0.5 if vote.choice in ("tie", "both_bad")
+                                else 0.0)
+    rates = {}
+    for policy, values in sorted(outcomes.items()):
+        rate = sum(values) / len(values)
+        half_width = 1.96 * (rate * (1 - rate) / len(values)) ** 0.5
+        rates[policy] = {"votes": len(values), "win_rate": rate, "low": max(0.0, rate - half_width),
+                         "high": min(1.0, rate + half_width)}
+    return rates
 
 
 def labeller_stats(votes: list, gold_correct: list[bool]) -> dict:
@@ -120,4 +142,7 @@ def format_stats(report: dict) -> str:
     for name, row in report["labellers"].items():
         lines.append(f"  {name:24} {row['votes']:5} votes  {number(row['mean_seconds'], '.1f')} s/vote  "
                      f"gold accuracy {number(row['gold_accuracy'], '.2f')}")
+    for policy, row in report["human_win_rates"].items():
+        lines.append(f"human win rate of {policy} against the baseline: {row['win_rate']:.3f} "
+                     f"[{row['low']:.3f}, {row['high']:.3f}] over {row['votes']} votes")
     return "\n".join(lines)

@@ -305,7 +305,8 @@ class Store:
             return list(session.scalars(query))
 
     def comparisons(self, batch: str | None = None) -> list[dict]:
-        """Each comparison with its prompt messages and both response texts, oldest first."""
+        """Each comparison with its prompt messages, both response texts and models (and, for `rlhf eval --human`
+        comparisons, which side is the baseline and which the policy), oldest first."""
         with self.sessions() as session:
             query = select(Comparison).order_by(Comparison.id)
             if batch is not None:
@@ -315,7 +316,9 @@ class Store:
                 prompt = session.get(Prompt, comparison.prompt_id)
                 a, b = session.get(Response, comparison.response_a_id), session.get(Response, comparison.response_b_id)
                 rows.append({"id": comparison.id, "batch": comparison.batch, "kind": comparison.kind,
-                             "expected": comparison.expected, "prompt": prompt.messages, "a": a.text, "b": b.text})
+                             "expected": comparison.expected, "prompt": prompt.messages, "a": a.text, "b": b.text,
+                             "a_model": a.model, "b_model": b.model,
+                             "a_role": a.sampling.get("eval_role"), "b_role": b.sampling.get("eval_role")})
             return rows
 
     def user(self, name: str) -> User | None:

@@ -90,3 +90,38 @@ def test_missing_policies_and_models_name_the_command_that_makes_them(tmp_path, 
     assert "rlhf dpo" in capsys.readouterr().err
     assert cli(common + [f"--eval.baseline={tiny_model_path}", f"--eval.policies=x={tiny_model_path}"]) == 2
     assert "rlhf reward" in capsys.readouterr().err
+
+
+def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_rate(tmp_path, tiny_model_path):
+    from preference_ui.stats import format_stats, stats
+    from rlhf.store import Store
+
+    policy, tokenizer = load_causal_lm(str(tiny_model_path))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    policy.save_pretrained(tmp_path / "moved")
+    tokenizer.save_pretrained(tmp_path / "moved")
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    command = ["eval", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}",
+               f"--eval.baseline={tiny_model_path}", f"--eval.policies=moved={tmp_path / 'moved'}",
+               "--eval.reward_model=none", "--eval.human=true", f"--eval.db={db}"]
+    assert cli(command) == 0
+    store = Store(db)
+    queued = store.comparisons("eval")
+    answers = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "eval" / "answers.jsonl").open()]
+    assert len(queued) == sum(a["moved_answer"] != a["sft_answer"] for a in answers) >= 4
+    assert all(c["kind"] == "eval" and {c["a_role"], c["b_role"]} == {"policy", "baseline"} for c in queued)
+    assert {c["a_role"] for c in queued} == {"policy", "baseline"}  # the policy is not always on the same side
+
+    labeller = store.add_user("ann", "labeller", "password-of-ann")
+    for i, comparison in enumerate(queued):  # ann prefers the policy's answer, except one tie
+        policy_side = "a" if comparison["a_role"] == "policy" else "b"
+        store.cast_vote(comparison["id"], labeller, "tie" if i == 0 else policy_side)
+    report = stats(store, "eval")
+    rate = report["human_win_rates"]["tiny/moved"]
+    assert rate["votes"] == len(queued) and rate["win_rate"] == pytest.approx((len(queued) - 0.5) / len(queued))
+    assert "human win rate of tiny/moved against the baseline" in format_stats(report)
+    assert cli(command) == 0  # a second evaluation does not queue the same batch again
+    assert len(store.comparisons("eval")) == len(queued)
