@@ -145,6 +145,10 @@ class PairDPOTrainer(DPOTrainer):
                             rejected_logps.detach(), pair.get("tie"))
         return loss
 
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's, given only what the model takes (also used to precompute the reference over the dataset)."""
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in PAIR_COLUMNS})
+
     def sequence_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probabilities of each answer under `model` (TRL's fused LM head: no full logits), chosen
         rows first in the batch."""

@@ -44,11 +44,17 @@ def first_batch(trainer) -> dict:
     return next(iter(trainer.get_train_dataloader()))
 
 
-def test_without_ties_margins_or_weights_the_pair_loss_is_trls_sigmoid_loss(tmp_path, tiny_model_path):
-    trainer = tiny_trainer(tmp_path, tiny_model_path, conversational_pairs(4), beta=0.5)
-    with torch.no_grad():  # move the policy away from its frozen copy, so the log-ratios are not all 0
+def moved(trainer) -> PairDPOTrainer:
+    """The policy moved away from its frozen reference, the same way every time, so log-ratios are not all 0."""
+    torch.manual_seed(0)
+    with torch.no_grad():
         for parameter in trainer.model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
+    return trainer
+
+
+def test_without_ties_margins_or_weights_the_pair_loss_is_trls_sigmoid_loss(tmp_path, tiny_model_path):
+    trainer = moved(tiny_trainer(tmp_path, tiny_model_path, conversational_pairs(4), beta=0.5))
     batch = first_batch(trainer)
     ours = trainer.compute_loss(trainer.model, dict(batch))
     trls = DPOTrainer._compute_loss(trainer, trainer.model, {k: v for k, v in batch.items()
@@ -57,6 +63,11 @@ def test_without_ties_margins_or_weights_the_pair_loss_is_trls_sigmoid_loss(tmp_
     assert ours.item() == pytest.approx(trls.item(), rel=1e-5)
     margins = trainer._metrics["train"]["rewards/margins"]
     assert margins[0] == pytest.approx(margins[-1], rel=1e-5)  # both paths logged the same implicit-reward gap
+    # reference log-probs precomputed over the dataset (before the policy moved) give the same loss
+    precomputed = moved(tiny_trainer(tmp_path, tiny_model_path, conversational_pairs(4), beta=0.5,
+                                     precompute_ref_log_probs=True))
+    assert precomputed.compute_loss(precomputed.model, dict(first_batch(precomputed))).item() == pytest.approx(
+        ours.item(), rel=1e-4)
 
 
 def test_margins_ask_for_a_wider_gap_and_ties_for_none(tmp_path, tiny_model_path):
