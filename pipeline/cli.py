@@ -63,7 +63,7 @@ class StageHelp(argparse.Action):
         from rlhf.config import RunConfig
 
         stage = parser.prog.split()[-1]
-        section, config_class = (("labels", LABELS_CONFIG) if stage in ("sample", "serve")
+        section, config_class = (("labels", LABELS_CONFIG) if stage in ("sample", "serve", "collect")
                                  else (stage, STAGES[stage][1]))
         parser.print_help()
         print(f"\nconfig fields (YAML keys under run: / {section}:, or --section.field value):\n"
@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--user", help="with --no-auth: the existing user everyone acts as")
     serve.add_argument("--ssl-keyfile", help="serve HTTPS with this key (passwords cross the network otherwise)")
     serve.add_argument("--ssl-certfile", help="... and this certificate")
+    collect = label_commands.add_parser("collect", help="sample, vote (simulated or people) and export: the "
+                                                         "preference stage of `rlhf run`", add_help=False)
+    collect.add_argument("-h", "--help", action=StageHelp)
+    collect.add_argument("--config", help="YAML run config (its labels: section)")
     gold = label_commands.add_parser("gold", help="import comparisons with a known answer (attention checks)")
     gold.add_argument("file", help="JSONL/JSON/CSV/Parquet rows: id, prompt, a, b, expected (a|b|tie|both_bad)")
     gold.add_argument("--batch", default="gold", help="batch name for the gold items (default: gold)")
@@ -135,10 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (refused if it holds a different export)")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
-    for command in (add, users_commands.choices["list"], disable, sample, serve, gold, simulate, stats, export):
+    for command in (add, users_commands.choices["list"], disable, sample, serve, collect, gold, simulate, stats,
+                    export):
         # --db is accepted after the subcommand too (`rlhf label serve --db URL`); SUPPRESS keeps an earlier one.
         command.add_argument("--db", default=argparse.SUPPRESS, help="database URL (as `rlhf label --db`)")
     label.set_defaults(handler=run_label)
+
+    run = commands.add_parser("run", help="every stage in order: sft, labels, reward, ppo, dpo, eval (skips what is "
+                                          "up to date, resumes what was cut short)")
+    run.add_argument("--config", default="configs/default.yaml", help="YAML run config (default: %(default)s)")
+    run.add_argument("--from", dest="start_from", help="rerun this stage and every one after it")
+    run.add_argument("--launcher", choices=["python", "accelerate"], default="python",
+                     help="how training stages start: one process, or `accelerate launch`")
+    run.add_argument("--accelerate_config", help="with --launcher accelerate: configs/accelerate/*.yaml")
+    run.set_defaults(handler=run_pipeline)
 
     for stage, (help_text, _, _) in STAGES.items():
         actions = "".join(f" `rlhf {stage} {action} --config ...` {what}."
@@ -168,7 +182,7 @@ def run_models(args, rest) -> int:
 def run_label(args, rest) -> int:
     from rlhf.store import Store
 
-    if args.label_command in ("sample", "serve"):
+    if args.label_command in ("sample", "serve", "collect"):
         return run_label_with_config(args, rest)
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
@@ -220,8 +234,8 @@ def run_label_with_config(args, rest) -> int:
     sections = load_config(args.config, rest, {"run": RunConfig, "labels": load(LABELS_CONFIG)})
     labels = sections["labels"]
     labels.db = args.db or labels.db
-    if args.label_command == "sample":
-        load("preference_ui.sample:main")(labels, sections["run"])
+    if args.label_command in ("sample", "collect"):
+        load(f"preference_ui.{args.label_command}:main")(labels, sections["run"])
         return 0
     from preference_ui.app import serve
 
@@ -256,6 +270,12 @@ def run_stage(args, rest) -> int:
     sections = load_config(args.config, rest, {"run": RunConfig, args.stage: load(config_class)})
     load(stage_main)(sections[args.stage], sections["run"])
     return 0
+
+
+def run_pipeline(args, rest) -> int:
+    from pipeline.run import main as run_all
+
+    return run_all(args.config, rest, args.start_from, args.launcher, args.accelerate_config)
 
 
 def setup_logging() -> None:

@@ -1,5 +1,6 @@
-"""`labels:` section of a run config: how candidate responses are sampled into the label store, and how the
-labelling app hands them out."""
+"""`labels:` section of a run config: how candidate responses are sampled into the label store, how the
+labelling app hands them out, and who votes when `rlhf run` collects the labels (simulated labellers or people)."""
+import os
 from dataclasses import dataclass, field
 
 
@@ -36,7 +37,23 @@ class LabelsConfig:
         "help": "Worker threads of the app (sign-in, admin work, labelling with PostgreSQL; with SQLite labelling "
                 "runs on the event loop). Python runs one thread at a time: more mostly add contention."})
 
+    # rlhf run (rlhf label collect): who votes, and what the export keeps
+    simulate_judge: str = field(default="", metadata={
+        "help": "Simulated labellers vote with this judge (builtin:NAME or module:function); empty: people vote "
+                "in the app and the run waits until every comparison has min_votes votes."})
+    simulate_labellers: int = field(default=3, metadata={"help": "How many simulated labellers vote."})
+    simulate_temperature: float = field(default=1.0, metadata={
+        "help": "Simulated labellers' Bradley-Terry temperature, in judge-score units (0: always the better)."})
+    simulate_noise: float = field(default=0.0, metadata={
+        "help": "Chance a simulated vote is replaced by a uniformly random one."})
+    gold: str = field(default="", metadata={"help": "Gold comparisons imported into the store first (empty: none)."})
+    min_votes: int = field(default=1, metadata={
+        "help": "Votes every comparison needs before the export (the human wait), and the export's minimum."})
+    poll_seconds: float = field(default=10.0, metadata={"help": "How often the human wait checks the store."})
+
     def __post_init__(self):
+        if self.simulate_labellers < 1 or self.min_votes < 1 or self.poll_seconds <= 0:
+            raise ValueError("simulate_labellers and min_votes must be at least 1, poll_seconds above 0")
         if self.select not in ("all", "uncertain"):
             raise ValueError(f"select must be all or uncertain, got '{self.select}'")
         if self.responses_per_prompt < 2:
@@ -49,3 +66,7 @@ class LabelsConfig:
             raise ValueError(f"gold_rate must be between 0 and 1, got {self.gold_rate}")
         if self.assignment_timeout <= 0 or self.concurrency < 1:
             raise ValueError("assignment_timeout must be above 0 and concurrency at least 1")
+
+    @property
+    def process_index(self) -> int:
+        return int(os.environ.get("RANK", 0))

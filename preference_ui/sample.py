@@ -51,8 +51,7 @@ def main(config: LabelsConfig, run: RunConfig) -> dict:
         raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --labels.batch")
     candidates = sample_candidates(config, store, prompts, spec)
     chosen = select_uncertain(candidates, scorer, config.select_count) if scorer else candidates
-    for a, b, _ in chosen:
-        store.add_comparison(a, b, batch=batch)
+    store.add_comparisons([(a, b) for a, b, _ in chosen], batch=batch)
     summary = {"batch": batch, "prompts": len(prompts), "responses": len(prompts) * config.responses_per_prompt,
                "candidates": len(candidates), "comparisons": len(chosen), "select": config.select, "model": spec,
                "store": str(store.engine.url)}

@@ -90,6 +90,11 @@ def hash_path(path) -> str:
     return digest.hexdigest()[:16]
 
 
+def input_hashes(inputs: dict) -> dict:
+    """Content hashes of a stage's inputs that are paths on this machine; other values (a hub id) as they are."""
+    return {name: hash_path(path) if Path(path).exists() else str(path) for name, path in inputs.items()}
+
+
 def code_version() -> str:
     here = Path(__file__).resolve().parent.parent
     try:
@@ -165,8 +170,7 @@ class StageRecord:
         self.run, self.stage = run, stage
         self.config_hash = hash_config(config)
         self.inputs = inputs
-        self.input_hashes = {name: hash_path(path) if Path(path).exists() else str(path)
-                             for name, path in inputs.items()}
+        self.input_hashes = input_hashes(inputs)
         self.started = time.time()
         run.record(stage, status="running", config_hash=self.config_hash, input_hashes=self.input_hashes,
                    inputs={k: str(v) for k, v in inputs.items()}, code_version=code_version(),

@@ -277,6 +277,15 @@ class Store:
             session.add(comparison)
         return comparison
 
+    def add_comparisons(self, pairs: list[tuple[Response, Response]], batch: str, kind: str = "train") -> int:
+        """Several comparisons in one transaction: a killed sampler leaves all of them or none."""
+        if any(a.prompt_id != b.prompt_id for a, b in pairs):
+            raise StoreError("a comparison needs two responses to the same prompt")
+        with self.transaction() as session:
+            session.add_all([Comparison(prompt_id=a.prompt_id, response_a_id=a.id, response_b_id=b.id, batch=batch,
+                                        kind=kind) for a, b in pairs])
+        return len(pairs)
+
     # votes
     def cast_vote(self, comparison_id: int, user: User, choice: str, strength: str = "clear",
                   note: str | None = None, seconds: float | None = None, swapped: bool = False) -> Vote:

@@ -1,0 +1,136 @@
+"""`rlhf run`: the whole loop in one command, resumable and incremental.
+
+    rlhf run [--config configs/default.yaml] [--from STAGE] [--launcher accelerate --accelerate_config FILE]
+             [--section.field value ...]
+
+Stages, in order: sft -> preferences (`labels:` section; `rlhf label collect`) -> reward -> ppo -> dpo -> eval.
+A stage takes part when its section is in the config file. Each runs as its own process (the same command a
+person would type, so a stage's log, manifest entry and tracker run are the same either way), one after another:
+
+- a stage whose manifest entry is done, with the same config hash and the same hashes of the inputs it read, and
+  whose output is in place, is skipped;
+- a stage whose last attempt stopped (killed, failed) with the same config and inputs resumes from its newest
+  checkpoint;
+- anything else runs from the start, and so does every stage after a rerun one whose output changed (its input
+  hashes no longer match);
+- `--from STAGE` reruns that stage and every stage after it from the start.
+
+With `--launcher accelerate` the training stages (sft, reward, ppo, dpo) start under
+`accelerate launch --config_file FILE`; the others run as one process.
+"""
+import ctypes
+import signal
+import subprocess
+import sys
+
+from rlhf.config import RunConfig, as_plain_dict, load_config, read_yaml
+from rlhf.errors import UserError
+from rlhf.runs import RunDir, hash_config, input_hashes
+from rlhf.stage import last_complete_checkpoint
+
+# (stage, config section, its config class, the rlhf words that run it, trains a model)
+STAGES = (("sft", "sft", "sft.config:SFTStageConfig", ["sft"], True),
+          ("preferences", "labels", "preference_ui.config:LabelsConfig", ["label", "collect"], False),
+          ("reward", "reward", "reward.config:RewardStageConfig", ["reward"], True),
+          ("ppo", "ppo", "ppo.config:PPOStageConfig", ["ppo"], True),
+          ("dpo", "dpo", "ppo.dpo_config:DPOStageConfig", ["dpo"], True),
+          ("eval", "eval", "evaluation.config:EvalStageConfig", ["eval"], False))
+
+
+class StageFailed(UserError):
+    """A stage's process stopped with an error (its own message is above); `rlhf run` exits with its code."""
+
+    def __init__(self, stage: str, code: int):
+        super().__init__(f"stage {stage} stopped with exit code {code}; fix the cause and rerun `rlhf run` to "
+                         "resume it")
+        self.exit_code = code if code > 0 else 1
+
+
+def load_class(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stage_state(run_dir: RunDir, stage: str, config) -> str:
+    """done (skip), resume (same config and inputs, stopped part-way) or fresh."""
+    entry = run_dir.stage_entry(stage)
+    if not entry or entry.get("config_hash") != config_hash(config):
+        return "fresh"
+    if entry.get("input_hashes") != input_hashes(entry.get("inputs", {})):
+        return "fresh"
+    if entry.get("status") == "done" and run_dir.stage_path(stage).exists():
+        return "done"
+    return "resume" if last_complete_checkpoint(run_dir.partial_path(stage)) else "fresh"
+
+
+def config_hash(config) -> str:
+    """As the stage itself records it (rlhf.stage.running_stage): `resume` left out."""
+    return hash_config({k: v for k, v in as_plain_dict(config).items() if k != "resume"})
+
+
+def stage_overrides(overrides: list[str], section: str) -> list[str]:
+    """The --run.* and --SECTION.* overrides, each as one --key=value token."""
+    kept, i = [], 0
+    while i < len(overrides):
+        token = overrides[i]
+        if "=" in token:
+            key, value, i = token, None, i + 1
+        else:
+            key, value, i = token, overrides[i + 1], i + 2
+        if key[2:].split(".", 1)[0] in ("run", section):
+            kept.append(key if value is None else f"{key}={value}")
+    return kept
+
+
+def command(words: list[str], config_path: str, overrides: list[str], launcher: list[str]) -> list[str]:
+    return launcher + ["-m", "pipeline.cli", *words, "--config", config_path, *overrides]
+
+
+def die_with_parent() -> None:
+    """In the child: SIGKILL when the parent dies, so a killed `rlhf run` leaves no stage running on (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def main(config_path: str, overrides: list[str], start_from: str | None = None, launcher: str = "python",
+         accelerate_config: str | None = None) -> int:
+    document = read_yaml(config_path)
+    chosen = [stage for stage in STAGES if stage[1] in document]
+    names = [stage for stage, *_ in chosen] + [section for _, section, *_ in chosen]
+    if start_from and start_from not in names:
+        raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(s for s, *_ in chosen)})")
+    if launcher == "accelerate" and not accelerate_config:
+        raise UserError("--launcher accelerate needs --accelerate_config FILE (configs/accelerate/*.yaml)")
+    sections = load_config(config_path, overrides, {"run": RunConfig, **{section: load_class(cls)
+                                                                          for _, section, cls, _, _ in chosen}})
+    run_dir = RunDir(sections["run"].output_root, sections["run"].name)
+    forced = False
+    for stage, section, _, words, trains in chosen:
+        forced = forced or start_from in (stage, section)
+        state = "fresh" if forced else stage_state(run_dir, stage, sections[section])
+        if state == "done":
+            print(f"[run] {stage}: up to date, skipped", flush=True)
+            continue
+        extra = [f"--{section}.resume=true"] if state == "resume" else []
+        start = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+                 if launcher == "accelerate" and trains else [sys.executable])
+        print(f"[run] {stage}: {'resuming' if state == 'resume' else 'running'}", flush=True)
+        result = subprocess.run(command(words, config_path, stage_overrides(overrides, section) + extra, start),
+                                preexec_fn=die_with_parent)
+        if result.returncode != 0:
+            raise StageFailed(stage, result.returncode)
+    report = run_dir.path / "report.md"
+    if report.exists():
+        print(headline(report.read_text()))
+    return 0
+
+
+def headline(report: str) -> str:
+    """The report's title and headline table."""
+    lines = report.splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    return "\n".join([lines[0], "", *table])

@@ -1,0 +1,89 @@
+"""`rlhf run` on configs/tiny.yaml: the whole chain end to end with simulated labellers, a rerun that skips what is
+up to date, a changed config that reruns only what depends on it, `--from`, and a run killed in the middle of a
+stage that, rerun, ends with the same artifacts as an uninterrupted one."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+STAGES = ["sft", "preferences", "reward", "ppo", "dpo", "eval"]
+
+
+def rlhf_run(root, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/tiny.yaml",
+            f"--run.output_root={root}", f"--run.name={name}", *extra]
+
+
+def run_ok(command: list[str]) -> str:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def actions(stdout: str) -> dict:
+    """{stage: 'running' | 'resuming' | 'up to date, skipped'} from the [run] lines."""
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("[run] "):
+            stage, _, what = line[len("[run] "):].partition(": ")
+            found[stage] = what
+    return found
+
+
+def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
+    first = run_ok(rlhf_run(tmp_path, "tiny"))
+    assert actions(first) == {stage: "running" for stage in STAGES}
+    run = tmp_path / "tiny"
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    assert all(manifest[stage]["status"] == "done" for stage in STAGES)
+    assert manifest["preferences"]["metrics"]["pairs"] > 0 and (run / "labels.db").exists()
+
+    # the report's headline table is the eval stage's numbers, and `rlhf run` prints it last
+    results = json.loads((run / "eval" / "results.json").read_text())["policies"]
+    report = (run / "report.md").read_text()
+    for policy in ("sft", "ppo", "dpo"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {policy} |"))
+        assert f"{results[policy]['reward']:.3f}" in row and f"{results[policy]['kl']:.3f}" in row
+        assert manifest["eval"]["metrics"][f"{policy}/reward"] == results[policy]["reward"]
+        assert row in first
+
+    assert actions(run_ok(rlhf_run(tmp_path, "tiny"))) == {stage: "up to date, skipped" for stage in STAGES}
+    # a new reward learning rate: the reward model changes, so PPO and eval (which read it) rerun; DPO does not
+    changed = actions(run_ok(rlhf_run(tmp_path, "tiny", "--reward.learning_rate", "1e-3")))
+    assert [s for s in STAGES if changed[s] == "running"] == ["reward", "ppo", "eval"], changed
+    forced = actions(run_ok(rlhf_run(tmp_path, "tiny", "--reward.learning_rate", "1e-3", "--from", "dpo")))
+    assert [s for s in STAGES if forced[s] == "running"] == ["dpo", "eval"], forced
+
+
+def test_a_run_killed_mid_stage_reruns_to_the_same_artifacts(tmp_path):
+    checkpoint = tmp_path / "killed" / ".ppo.partial" / "checkpoint-2" / "trainer_state.json"
+    process = subprocess.Popen(rlhf_run(tmp_path, "killed"), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not checkpoint.exists():
+        assert process.poll() is None, "the run ended before PPO checkpointed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # the stage's own process dies with it
+    process.wait()
+    assert not (tmp_path / "killed" / "ppo").exists()
+
+    rerun = actions(run_ok(rlhf_run(tmp_path, "killed")))
+    assert rerun == {"sft": "up to date, skipped", "preferences": "up to date, skipped",
+                     "reward": "up to date, skipped", "ppo": "resuming", "dpo": "running", "eval": "running"}
+    run_ok(rlhf_run(tmp_path, "whole"))
+    for stage in ("sft", "reward", "ppo", "dpo"):
+        killed = load_file(tmp_path / "killed" / stage / "model.safetensors")
+        for name, tensor in load_file(tmp_path / "whole" / stage / "model.safetensors").items():
+            assert torch.allclose(killed[name], tensor, atol=1e-5), (stage, name)
+    killed_results = json.loads((tmp_path / "killed" / "eval" / "results.json").read_text())
+    whole_results = json.loads((tmp_path / "whole" / "eval" / "results.json").read_text())
+    assert killed_results["policies"]["ppo"]["reward"] == pytest.approx(whole_results["policies"]["ppo"]["reward"],
+                                                                        abs=1e-4)
