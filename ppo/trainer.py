@@ -6,7 +6,8 @@ Each update, top to bottom:
   2. sample responses (ppo/rollout.py: left-padded, KV cache, temperature, cut at the stop token);
   3. score prompt + response with the reward model at its last real token, normalised by the scale the reward
      stage stored, minus the missing-EOS penalty;
-  4-7. reference log-probs, values, per-token rewards with the KL penalty, GAE advantages (ppo/update.py);
+  4-7. reference log-probs, values, per-token rewards with the KL penalty, GAE advantages (ppo/update.py); in
+     half precision the sampling log-probs are first recomputed by a full forward, as the update computes them;
   8. `num_ppo_epochs` passes of shuffled minibatches updating policy and critic with one optimiser;
   9. log TRL's former PPO metrics, a sample table, health alerts; adapt the KL coefficient; checkpoint.
 Before the first update and after the last, the policy answers the held-out eval prompts (greedy), scored by the
@@ -17,6 +18,7 @@ over all episodes and gradients averaged by DDP, so N processes train like one w
 Advantages are whitened per process, as TRL's PPO did.
 """
 import copy
+import dataclasses
 import shutil
 import statistics
 import time
@@ -33,7 +35,7 @@ from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores
 from ppo.health import health_alerts
 from ppo.rollout import generate
 from ppo.state import LoopState, save_checkpoint
-from ppo.update import Critic, make_experience, ppo_epochs, reference_logprobs
+from ppo.update import Critic, make_experience, ppo_epochs, recomputed_logprobs, reference_logprobs
 from rlhf import models
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
@@ -213,8 +215,12 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     responses = [r.strip() for r in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
     raw_scores = scorer(local_prompts, responses).to(accelerator.device)
     scores = penalised_scores(raw_scores, rollout.ended.to(accelerator.device), config.missing_eos_penalty)
-    # 4-7. reference log-probs, values, rewards with the KL penalty, advantages
+    # 4-7. (in half precision, old log-probs from a full forward), reference log-probs, values, rewards with the
+    # KL penalty, advantages
     with accelerator.autocast():
+        if accelerator.mixed_precision != "no":
+            rollout = dataclasses.replace(rollout, logprobs=recomputed_logprobs(unwrapped, rollout,
+                                                                                 config.temperature))
         ref_logprobs = reference_logprobs(unwrapped, reference, rollout, config.temperature)
         experience = make_experience(rollout, ref_logprobs, critic, scores,
                                      state.kl_control.value, config)

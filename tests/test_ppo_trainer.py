@@ -55,3 +55,19 @@ def test_ppo_scores_with_a_reward_model_normalised_by_its_scale(tmp_path, tiny_m
                 str(reward_dir), "--ppo.total_episodes", "8", "--ppo.batch_size", "4", "--ppo.response_length", "6",
                 "--run.output_root", str(tmp_path / "runs"), "--run.tracking", "none"]) == 0
     assert (tmp_path / "runs" / "tiny" / "ppo" / "config.json").exists()
+
+
+def test_in_half_precision_the_first_rollout_has_no_kl_to_its_identical_reference(tmp_path, tiny_model_path):
+    """Generation's cached bf16 logits round differently from a full forward's; the old log-probs are recomputed
+    by a full forward, so before any update the policy and its copy, the reference, agree exactly."""
+    from ppo.config import PPOStageConfig
+    from ppo.trainer import main as train_ppo
+    from rlhf.config import RunConfig
+
+    config = PPOStageConfig(model=str(tiny_model_path), reward_function="builtin:length", total_episodes=16,
+                            batch_size=8, response_length=32, precision="bf16", num_eval_prompts=2, sample_every=0,
+                            seed=0)
+    result = train_ppo(config, RunConfig(name="bf16", output_root=str(tmp_path / "runs"), tracking="none"))
+    first, second = result["history"]
+    assert first["objective/kl"] == 0
+    assert second["objective/kl"] != 0  # the policy has moved since
