@@ -87,3 +87,48 @@ def test_a_run_killed_mid_stage_reruns_to_the_same_artifacts(tmp_path):
     whole_results = json.loads((tmp_path / "whole" / "eval" / "results.json").read_text())
     assert killed_results["policies"]["ppo"]["reward"] == pytest.approx(whole_results["policies"]["ppo"]["reward"],
                                                                         abs=1e-4)
+
+
+def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_comparison_has_its_votes(
+        tmp_path, tiny_model_path):
+    from rlhf.store import Store
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    command = [sys.executable, "-m", "pipeline.cli", "label", "collect", "--config", "configs/tiny.yaml",
+               f"--run.output_root={tmp_path}", f"--labels.model={tiny_model_path}", f"--labels.db={db}",
+               "--labels.simulate_judge=", "--labels.num_prompts=4", "--labels.max_new_tokens=6",
+               "--labels.poll_seconds=0.2"]
+    store = Store(db)
+    people = [store.add_user(name, "labeller", f"password-of-{name}") for name in ("ann", "bob")]
+
+    def wait_for(condition, process):
+        deadline = time.time() + 300
+        while not condition():
+            assert process.poll() is None, "collect ended while waiting for votes"
+            assert time.time() < deadline
+            time.sleep(0.1)
+
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(store.comparisons("tiny")) == 4, first)
+    comparisons = store.comparisons("tiny")
+    for comparison in comparisons[:2]:
+        store.cast_vote(comparison["id"], people[0], "a")
+    time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)  # interrupted while waiting for the last two
+    first.wait()
+    assert not (tmp_path / "tiny" / "preferences").exists()
+
+    second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    while not any("waiting for labellers" in line for line in seen):  # still waiting: two comparisons lack votes
+        seen.append(second.stdout.readline())
+        assert seen[-1] or second.poll() is None, "".join(seen)[-3000:]
+    assert "waiting for labellers: 2/4" in seen[-1]
+    for comparison in comparisons[2:]:
+        store.cast_vote(comparison["id"], people[1], "b")
+    output = "".join(seen) + second.communicate(timeout=300)[0]
+    assert second.returncode == 0, output[-3000:]
+    assert "already sampled: 4 comparisons" in output
+    assert [c["id"] for c in store.comparisons("tiny")] == [c["id"] for c in comparisons]  # nothing resampled
+    entry = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["preferences"]
+    assert entry["status"] == "done" and entry["metrics"]["pairs"] == 4 and entry["metrics"]["votes"] == 4
