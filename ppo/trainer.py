@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import AutoModelForSequenceClassification
 from trl.trainer.utils import disable_dropout_in_model
 
@@ -92,9 +92,24 @@ def main(config: PPOStageConfig, run: RunConfig) -> dict:
         return train(config, run, found, tracker, record)
 
 
+def unsupported_distribution(distributed_type: DistributedType) -> str | None:
+    """Why PPO cannot run under this kind of distribution (None: it can). Generation needs every parameter of
+    the policy on every process, and one optimiser spans policy and critic: plain data parallelism only."""
+    if distributed_type == DistributedType.FSDP:
+        return "FSDP shards the parameters, and generation would need them all gathered on every process"
+    if distributed_type == DistributedType.DEEPSPEED:
+        return ("DeepSpeed engines hold one model each, while PPO's optimiser spans the policy and the critic (and "
+                "ZeRO-3 shards the parameters generation needs)")
+    return None
+
+
 def make_accelerator(config: PPOStageConfig) -> Accelerator:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(config.hardware.dtype, "no")
     accelerator = Accelerator(cpu=config.hardware.device == "cpu", mixed_precision=precision)
+    why = unsupported_distribution(accelerator.distributed_type)
+    if why:
+        raise ConfigError(f"ppo does not run under {accelerator.distributed_type.value}: {why}. Launch PPO with "
+                          "configs/accelerate/ddp.yaml (or torchrun); the other stages can use any config")
     share, remainder = divmod(config.batch_size, accelerator.num_processes)
     if remainder or share % (config.num_mini_batches * config.gradient_accumulation_steps):
         raise ConfigError(f"ppo.batch_size {config.batch_size} must split evenly over {accelerator.num_processes} "

@@ -150,3 +150,14 @@ def test_health_alerts_fire_on_each_sign_of_trouble_and_not_on_a_healthy_update(
     for words, change in troubles.items():
         alerts = health_alerts({**healthy, **change}, config)
         assert len(alerts) == 1 and words.split()[-1] in alerts[0], (words, alerts)
+
+
+def test_ppo_refuses_sharded_or_deepspeed_distribution_and_takes_data_parallel():
+    from accelerate.utils import DistributedType
+
+    from ppo.trainer import unsupported_distribution
+
+    for refused in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        assert "generation" in unsupported_distribution(refused) or "engine" in unsupported_distribution(refused)
+    for taken in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        assert unsupported_distribution(taken) is None
