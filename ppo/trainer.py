@@ -203,7 +203,8 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
         staged = partial / "final"
         save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
         atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
-        record.publish(staged, partial, summary, time.time() - started)
+        final = record.publish(staged, partial, summary, time.time() - started)
+        tracker.log_artifact(f"{run.name}-{STAGE}", "model", final)
         print(f"[{STAGE}] eval score {summary['eval_score_before']:.3f} -> {summary['eval_score_after']:.3f}"
               + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")
               + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})", flush=True)

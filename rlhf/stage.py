@@ -1,5 +1,6 @@
 """What every training stage does around its work: one run of it at a time, its manifest entry, its tracker."""
 import contextlib
+import json
 import statistics
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from transformers import TrainerCallback
 from rlhf import models, tracking
 from rlhf.config import RunConfig, as_plain_dict
 from rlhf.errors import MissingInputError
-from rlhf.runs import RunDir, StageRecord, stage_lock
+from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, stage_lock
 
 
 @contextlib.contextmanager
@@ -27,6 +28,8 @@ def running_stage(run: RunConfig, stage: str, config, inputs: dict):
         try:
             tracker = tracking.start(run.trackers, run.project, run.name, stage, plain_config,
                                      run_dir.path / "tracking", is_main)
+            for name, kind, path in used_artifacts(inputs):
+                tracker.use_artifact(name, kind, path)
             yield record, tracker
         except BaseException as err:
             if record:
@@ -34,6 +37,23 @@ def running_stage(run: RunConfig, stage: str, config, inputs: dict):
             raise
         finally:
             tracker.finish()
+
+
+def used_artifacts(inputs: dict) -> list[tuple[str, str, str]]:
+    """(artifact name, kind, path) of the inputs that earlier stages published: a stage folder (its stage.json
+    names the run and stage, as the artifact `<run>-<stage>` it logged) or a label export (`<run>-preferences`
+    when a run published it, else `labels-<content hash>`)."""
+    used = []
+    for path in inputs.values():
+        folder = Path(str(path))
+        record, export = folder / STAGE_RECORD, folder / "export.json"
+        if record.is_file():
+            stage = json.loads(record.read_text())["stage"]
+            kind = "dataset" if export.is_file() else "model"
+            used.append((f"{folder.parent.name}-{stage}", kind, str(folder)))
+        elif export.is_file():
+            used.append((f"labels-{json.loads(export.read_text())['content_hash']}", "dataset", str(folder)))
+    return used
 
 
 def starting_model(stage: str, model: str, run_dir: RunDir, field: str = "model") -> str:

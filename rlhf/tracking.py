@@ -31,7 +31,7 @@ class WandbBackend:
 
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         directory.mkdir(parents=True, exist_ok=True)
-        self.wandb = wandb
+        self.wandb, self.online = wandb, mode in ("online", "run")
         self.run = wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{stage}",
                               config=config, dir=str(directory), mode=mode, reinit="finish_previous")
         if mode == "offline":
@@ -44,11 +44,22 @@ class WandbBackend:
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None) -> None:
         self.run.log({key: self.wandb.Table(columns=columns, data=rows)}, step=step)
 
-    def log_artifact(self, name: str, kind: str, path: Path) -> None:
+    def artifact(self, name: str, kind: str, path: Path):
         # A reference records lineage (path and checksums) without copying model weights into wandb's folder.
         artifact = self.wandb.Artifact(name, type=kind)
         artifact.add_reference(Path(path).resolve().as_uri())
-        self.run.log_artifact(artifact)
+        return artifact
+
+    def log_artifact(self, name: str, kind: str, path: Path) -> None:
+        self.run.log_artifact(self.artifact(name, kind, path))
+
+    def use_artifact(self, name: str, kind: str, path: Path) -> None:
+        """Online, the input joins the lineage graph (the same reference gives the same artifact version);
+        wandb cannot record a use offline, so there the run's summary names its inputs (`uses`)."""
+        uses = list(self.run.summary.get("uses", [])) + [name]
+        self.run.summary["uses"] = uses
+        if self.online:
+            self.run.use_artifact(self.artifact(name, kind, path))
 
     def finish(self) -> None:
         self.run.finish()
@@ -70,6 +81,9 @@ class TrackioBackend:
 
     def log_artifact(self, name: str, kind: str, path: Path) -> None:
         pass  # trackio keeps metrics and tables; lineage lives in the run manifest and in wandb
+
+    def use_artifact(self, name: str, kind: str, path: Path) -> None:
+        pass
 
     def finish(self) -> None:
         self.trackio.finish()
@@ -93,6 +107,10 @@ class Tracker:
     def log_artifact(self, name: str, kind: str, path) -> None:
         for backend in self.backends:
             backend.log_artifact(name, kind, path)
+
+    def use_artifact(self, name: str, kind: str, path) -> None:
+        for backend in self.backends:
+            backend.use_artifact(name, kind, path)
 
     def finish(self) -> None:
         for backend in self.backends:

@@ -32,13 +32,19 @@ def test_yaml_sections_map_onto_the_dataclasses_and_overrides_win(tmp_path):
 
 
 def test_shipped_configs_parse():
+    from evaluation.config import EvalStageConfig
+    from ppo.config import PPOStageConfig
+    from ppo.dpo_config import DPOStageConfig
     from preference_ui.config import LabelsConfig
     from reward.config import RewardStageConfig
 
-    every_section = {**SECTIONS, "labels": LabelsConfig, "reward": RewardStageConfig}
+    every_section = {**SECTIONS, "labels": LabelsConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig,
+                     "dpo": DPOStageConfig, "eval": EvalStageConfig}
     for name in ("default.yaml", "tiny.yaml"):
         config = load_config(REPO / "configs" / name, [], every_section)
         assert config["sft"].max_steps > 0 and config["reward"].learning_rate > 0
+        assert config["labels"].simulate_judge and config["ppo"].total_episodes > 0 and config["dpo"].beta > 0
+        assert config["eval"].judge == "builtin:length"
 
 
 def test_unknown_key_names_the_close_match_and_the_valid_keys(tmp_path):

@@ -31,7 +31,7 @@ def actions(stdout: str) -> dict:
     """{stage: 'running' | 'resuming' | 'up to date, skipped'} from the [run] lines."""
     found = {}
     for line in stdout.splitlines():
-        if line.startswith("[run] "):
+        if line.startswith("[run] ") and not line.startswith("[run] $"):
             stage, _, what = line[len("[run] "):].partition(": ")
             found[stage] = what
     return found
@@ -132,3 +132,26 @@ def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_compar
     assert [c["id"] for c in store.comparisons("tiny")] == [c["id"] for c in comparisons]  # nothing resampled
     entry = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["preferences"]
     assert entry["status"] == "done" and entry["metrics"]["pairs"] == 4 and entry["metrics"]["votes"] == 4
+
+
+def test_the_accelerate_launcher_starts_training_stages_under_accelerate_launch(tmp_path):
+    """A one-process CPU accelerate config (several CPU processes would need mpirun): the SFT stage goes through
+    `accelerate launch --config_file`, which exports its settings to the stage (ACCELERATE_* variables)."""
+    import yaml
+
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config = tmp_path / "sft-only.yaml"
+    config.write_text(yaml.safe_dump({"run": tiny["run"], "sft": tiny["sft"]}))
+    launcher = tmp_path / "cpu.yaml"
+    launcher.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO",
+                                        "num_processes": 1, "num_machines": 1, "use_cpu": True,
+                                        "mixed_precision": "no"}))
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), f"--run.output_root={tmp_path}",
+               "--launcher", "accelerate", "--accelerate_config", str(launcher)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert actions(result.stdout) == {"sft": "running"}
+    assert "accelerate.commands.launch --config_file" in result.stdout
+    assert json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["sft"]["status"] == "done"
+    refused = subprocess.run(command[:-2], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--accelerate_config FILE" in refused.stderr

@@ -1,3 +1,4 @@
+import json
 import os
 import sqlite3
 import subprocess
@@ -23,8 +24,9 @@ from rlhf import tracking
 tracker = tracking.start(["wandb", "trackio"], "rlhf-test", "run1", "sft", {"lr": 0.1}, Path("wb"))
 tracker.log({"train/loss": 1.5}, step=1)
 tracker.log_table("samples", ["prompt", "answer"], [["q", "a"]], step=1)
+tracker.use_artifact("run0-preferences", "dataset", Path("."))  # offline: named in the summary, no use recorded
 run = tracker.backends[0].run
-print("WANDB", run.group, run.job_type, run.name)
+print("WANDB", run.group, run.job_type, run.name, "USES", list(run.summary["uses"]))
 tracker.finish()
 """
 
@@ -36,7 +38,7 @@ def test_wandb_goes_offline_without_login_and_trackio_records_locally(tmp_path):
     result = subprocess.run([sys.executable, "-c", TRACK_ONE_STAGE], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "WANDB run1 sft run1-sft" in result.stdout
+    assert "WANDB run1 sft run1-sft USES ['run0-preferences']" in result.stdout
     assert "offline (not logged in); upload later with: wandb sync" in result.stdout + result.stderr
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     [database] = list((tmp_path / "trackio").rglob("rlhf-test*.db"))
@@ -44,3 +46,20 @@ def test_wandb_goes_offline_without_login_and_trackio_records_locally(tmp_path):
         tables = [name for (name,) in db.execute("select name from sqlite_master where type='table'")]
         dump = " ".join(str(row) for table in tables for row in db.execute(f"select * from {table}"))
     assert "run1-sft" in dump and "train/loss" in dump
+
+
+def test_inputs_published_by_earlier_stages_are_used_as_their_artifacts(tmp_path):
+    from rlhf.stage import used_artifacts
+
+    run = tmp_path / "myrun"
+    for stage in ("sft", "preferences"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "stage.json").write_text(json.dumps({"stage": stage}))
+    (run / "preferences" / "export.json").write_text(json.dumps({"content_hash": "abc"}))
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "export.json").write_text(json.dumps({"content_hash": "def"}))
+    inputs = {"model": str(run / "sft"), "preferences": str(run / "preferences"), "other": str(tmp_path / "export"),
+              "prompts": "data/rl_prompts.jsonl", "hub": "org/model"}
+    assert used_artifacts(inputs) == [("myrun-sft", "model", str(run / "sft")),
+                                      ("myrun-preferences", "dataset", str(run / "preferences")),
+                                      ("labels-def", "dataset", str(tmp_path / "export"))]
