@@ -48,7 +48,7 @@ def used_artifacts(inputs: dict) -> list[tuple[str, str, str]]:
         folder = Path(str(path))
         record, export = folder / STAGE_RECORD, folder / "export.json"
         if record.is_file():
-            stage = json.loads(record.read_text())["stage"]
+            stage = json.loads(record.read_text()).get("stage") or folder.name
             kind = "dataset" if export.is_file() else "model"
             used.append((f"{folder.parent.name}-{stage}", kind, str(folder)))
         elif export.is_file():
