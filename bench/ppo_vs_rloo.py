@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reward_throughput import REPO, YARDSTICK, load_yardstick  # noqa: E402
+from reward_throughput import REPO, load_yardstick, yardstick_step_seconds  # noqa: E402
 
 
 def write_inputs(a, folder: Path) -> tuple[Path, Path, Path]:
@@ -61,11 +61,9 @@ def ours(a, reward_dir: Path, prompts: Path, eval_prompts: Path, out: Path, roun
 
 
 def trl(a, model_dir: str, reward_dir: Path) -> float:
-    command = [sys.executable, str(YARDSTICK), "rloo", "--model", model_dir, "--reward_model", str(reward_dir),
-               "--steps", str(a.steps), "--batch", str(a.batch), "--generations", "2",
-               "--completion_length", str(a.completion_length)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])["median_step_s"]
+    return yardstick_step_seconds("rloo", "--model", model_dir, "--reward_model", str(reward_dir), "--steps",
+                                  str(a.steps), "--batch", str(a.batch), "--generations", "2",
+                                  "--completion_length", str(a.completion_length))
 
 
 def main():

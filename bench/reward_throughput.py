@@ -52,11 +52,16 @@ def ours(a, pairs_file: Path, out: Path, round_index: int) -> float:
     return manifest["stages"]["reward"]["metrics"]["median_step_s"]
 
 
-def trl(a, model_dir: str) -> float:
-    command = [sys.executable, str(YARDSTICK), "reward", "--model", model_dir, "--steps", str(a.steps),
-               "--batch", str(a.batch), "--seq", str(a.seq)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+def yardstick_step_seconds(*args: str) -> float:
+    """Runs the shared TRL yardstick with `args`; its last output line is JSON with the median step time."""
+    output = subprocess.run([sys.executable, str(YARDSTICK), *args], capture_output=True, text=True,
+                            check=True).stdout
     return json.loads(output.strip().splitlines()[-1])["median_step_s"]
+
+
+def trl(a, model_dir: str) -> float:
+    return yardstick_step_seconds("reward", "--model", model_dir, "--steps", str(a.steps), "--batch", str(a.batch),
+                                  "--seq", str(a.seq))
 
 
 def main():

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 
+from pipeline.cli import load
 from rlhf.config import RunConfig, as_plain_dict, load_config, read_yaml
 from rlhf.errors import UserError
 from rlhf.runs import RunDir, hash_config, input_hashes
@@ -44,13 +45,6 @@ class StageFailed(UserError):
         super().__init__(f"stage {stage} stopped with exit code {code}; fix the cause and rerun `rlhf run` to "
                          "resume it")
         self.exit_code = code if code > 0 else 1
-
-
-def load_class(path: str):
-    import importlib
-
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def stage_state(run_dir: RunDir, stage: str, config) -> str:
@@ -105,7 +99,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(s for s, *_ in chosen)})")
     if launcher == "accelerate" and not accelerate_config:
         raise UserError("--launcher accelerate needs --accelerate_config FILE (configs/accelerate/*.yaml)")
-    sections = load_config(config_path, overrides, {"run": RunConfig, **{section: load_class(cls)
+    sections = load_config(config_path, overrides, {"run": RunConfig, **{section: load(cls)
                                                                           for _, section, cls, _, _ in chosen}})
     run_dir = RunDir(sections["run"].output_root, sections["run"].name)
     forced = False
