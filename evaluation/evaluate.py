@@ -124,8 +124,9 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, reco
                if isinstance(value, (int, float))}
     if config.human:
         metrics["human_comparisons"] = queued
-    final = record.publish(staged, partial, {"prompts": len(prompts), **metrics}, time.time() - started)
+    # The run's copy of the report first: a stage killed after publishing is done and would not write it again.
     atomic_write_text(run_dir.path / "report.md", report.replace("](", "](eval/"))
+    final = record.publish(staged, partial, {"prompts": len(prompts), **metrics}, time.time() - started)
     tracker.log({f"eval/{key}": value for key, value in metrics.items()})
     tracker.log_table("eval_answers", list(rows[0]), [list(row.values()) for row in rows])
     print(headline(results, final))

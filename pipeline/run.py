@@ -22,6 +22,7 @@ import ctypes
 import signal
 import subprocess
 import sys
+import time
 
 from pipeline.cli import load
 from rlhf.config import RunConfig, as_plain_dict, load_config, read_yaml
@@ -102,7 +103,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
     sections = load_config(config_path, overrides, {"run": RunConfig, **{section: load(cls)
                                                                           for _, section, cls, _, _ in chosen}})
     run_dir = RunDir(sections["run"].output_root, sections["run"].name)
-    forced = False
+    forced, seconds = False, {}
     for stage, section, _, words, trains in chosen:
         forced = forced or start_from in (stage, section)
         state = "fresh" if forced else stage_state(run_dir, stage, sections[section])
@@ -115,13 +116,31 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         print(f"[run] {stage}: {'resuming' if state == 'resume' else 'running'}", flush=True)
         argv = command(words, config_path, stage_overrides(overrides, section) + extra, start)
         print(f"[run] $ {' '.join(argv)}", flush=True)
+        started = time.time()
         result = subprocess.run(argv, preexec_fn=die_with_parent)
         if result.returncode != 0:
             raise StageFailed(stage, result.returncode)
+        seconds[stage] = time.time() - started
+        print(f"[run] {stage}: finished in {minutes(seconds[stage])}", flush=True)
+    print(timings(seconds))
     report = run_dir.path / "report.md"
     if report.exists():
         print(headline(report.read_text()))
     return 0
+
+
+def minutes(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60} s" if whole >= 60 else f"{whole} s"
+
+
+def timings(seconds: dict) -> str:
+    """The wall time of each stage this invocation ran (process start included) and their sum."""
+    if not seconds:
+        return "[run] every stage was up to date"
+    rows = [f"  {stage:<12} {minutes(taken)}" for stage, taken in seconds.items()]
+    return "\n".join(["[run] wall time of the stages run now:", *rows,
+                      f"  {'total':<12} {minutes(sum(seconds.values()))}"])
 
 
 def headline(report: str) -> str:

@@ -76,16 +76,12 @@ def wait_for_votes(store: Store, batch: str, config: LabelsConfig) -> None:
     """Until every comparison of the batch has min_votes votes; interrupted, a rerun waits for what is left."""
     shown = None
     while True:
-        comparisons = {c["id"] for c in store.comparisons(batch)}
-        counts = {}
-        for vote in store.votes():
-            if vote.comparison_id in comparisons:
-                counts[vote.comparison_id] = counts.get(vote.comparison_id, 0) + 1
-        done = sum(counts.get(c, 0) >= config.min_votes for c in comparisons)
-        if done == len(comparisons):
+        counts = store.vote_counts(batch)
+        done = sum(count >= config.min_votes for count in counts.values())
+        if done == len(counts):
             return
         if done != shown:
-            print(f"[{STAGE}] waiting for labellers: {done}/{len(comparisons)} comparisons have {config.min_votes} "
+            print(f"[{STAGE}] waiting for labellers: {done}/{len(counts)} comparisons have {config.min_votes} "
                   f"vote(s). Serve them with `rlhf label --db {store.url} serve --batch {batch}` (default "
                   "http://127.0.0.1:7860)", flush=True)
             shown = done

@@ -313,6 +313,14 @@ class Store:
                 query = query.where(Vote.comparison_id == comparison_id)
             return list(session.scalars(query))
 
+    def vote_counts(self, batch: str) -> dict[int, int]:
+        """{comparison id: number of votes} for every comparison of the batch, in one query."""
+        with self.sessions() as session:
+            query = (select(Comparison.id, func.count(Vote.id))
+                     .outerjoin(Vote, Vote.comparison_id == Comparison.id)
+                     .where(Comparison.batch == batch).group_by(Comparison.id))
+            return {comparison_id: count for comparison_id, count in session.execute(query)}
+
     def comparisons(self, batch: str | None = None) -> list[dict]:
         """Each comparison with its prompt messages, both response texts and models (and, for `rlhf eval --human`
         comparisons, which side is the baseline and which the policy), oldest first."""

@@ -1,6 +1,6 @@
 """`rlhf run` on configs/tiny.yaml: the whole chain end to end with simulated labellers, a rerun that skips what is
-up to date, a changed config that reruns only what depends on it, `--from`, and a run killed in the middle of a
-stage that, rerun, ends with the same artifacts as an uninterrupted one."""
+up to date, a changed config that reruns only what depends on it, `--from`, and a run killed again and again (in
+every stage, between stages, while the report is written) that, rerun, ends with an uninterrupted run's artifacts."""
 import json
 import signal
 import subprocess
@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
@@ -28,12 +29,12 @@ def run_ok(command: list[str]) -> str:
 
 
 def actions(stdout: str) -> dict:
-    """{stage: 'running' | 'resuming' | 'up to date, skipped'} from the [run] lines."""
+    """{stage: 'running' | 'resuming' | 'up to date, skipped'} from the first [run] line of each stage."""
     found = {}
     for line in stdout.splitlines():
-        if line.startswith("[run] ") and not line.startswith("[run] $"):
-            stage, _, what = line[len("[run] "):].partition(": ")
-            found[stage] = what
+        stage, _, what = line.removeprefix("[run] ").partition(": ")
+        if line.startswith("[run] ") and stage in STAGES:
+            found.setdefault(stage, what)
     return found
 
 
@@ -54,7 +55,12 @@ def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
         assert manifest["eval"]["metrics"][f"{policy}/reward"] == results[policy]["reward"]
         assert row in first
 
-    assert actions(run_ok(rlhf_run(tmp_path, "tiny"))) == {stage: "up to date, skipped" for stage in STAGES}
+    timings = first[first.index("[run] wall time of the stages run now:"):].splitlines()[1:len(STAGES) + 2]
+    assert [line.split()[0] for line in timings] == STAGES + ["total"]
+
+    rerun = run_ok(rlhf_run(tmp_path, "tiny"))
+    assert actions(rerun) == {stage: "up to date, skipped" for stage in STAGES}
+    assert "[run] every stage was up to date" in rerun
     # a new reward learning rate: the reward model changes, so PPO and eval (which read it) rerun; DPO does not
     changed = actions(run_ok(rlhf_run(tmp_path, "tiny", "--reward.learning_rate", "1e-3")))
     assert [s for s in STAGES if changed[s] == "running"] == ["reward", "ppo", "eval"], changed
@@ -62,31 +68,57 @@ def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
     assert [s for s in STAGES if forced[s] == "running"] == ["dpo", "eval"], forced
 
 
-def test_a_run_killed_mid_stage_reruns_to_the_same_artifacts(tmp_path):
-    checkpoint = tmp_path / "killed" / ".ppo.partial" / "checkpoint-2" / "trainer_state.json"
-    process = subprocess.Popen(rlhf_run(tmp_path, "killed"), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not checkpoint.exists():
-        assert process.poll() is None, "the run ended before PPO checkpointed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # the stage's own process dies with it
-    process.wait()
-    assert not (tmp_path / "killed" / "ppo").exists()
+# Where a run is killed, in order: each file's appearance under the run folder triggers a SIGKILL of `rlhf run`
+# (its stage process dies with it), then the run is started again. Mid-stage after a checkpoint, while sampling
+# or voting, right after a stage published its output, and while the report is being written.
+KILLS = [".sft.partial/checkpoint-3/trainer_state.json", "labels.db", "preferences/stage.json",
+         ".reward.partial/checkpoint-10/trainer_state.json", ".ppo.partial/checkpoint-2/trainer_state.json",
+         ".dpo.partial/checkpoint-4/trainer_state.json", ".eval.partial"]
 
-    rerun = actions(run_ok(rlhf_run(tmp_path, "killed")))
-    assert rerun == {"sft": "up to date, skipped", "preferences": "up to date, skipped",
-                     "reward": "up to date, skipped", "ppo": "resuming", "dpo": "running", "eval": "running"}
-    run_ok(rlhf_run(tmp_path, "whole"))
+
+def run_until(root, name: str, trigger) -> str:
+    """Starts `rlhf run`, SIGKILLs it as soon as `trigger` exists; returns what it printed until then."""
+    log = root / f"{name}-{len(list(root.glob(f'{name}-*.log')))}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(rlhf_run(root, name), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not trigger.exists():
+            assert process.poll() is None, f"the run ended before {trigger} appeared:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return log.read_text()
+
+
+def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifacts(tmp_path):
+    printed = [run_until(tmp_path, "killed", tmp_path / "killed" / trigger) for trigger in KILLS]
+    # each training stage killed after its checkpoint resumes from it in the next run
     for stage in ("sft", "reward", "ppo", "dpo"):
-        killed = load_file(tmp_path / "killed" / stage / "model.safetensors")
+        killed_in = next(i for i, trigger in enumerate(KILLS) if trigger.startswith(f".{stage}.partial/checkpoint"))
+        assert f"[run] {stage}: resuming" in printed[killed_in + 1], printed[killed_in + 1][-3000:]
+    last = actions(run_ok(rlhf_run(tmp_path, "killed")))
+    assert last == {**{stage: "up to date, skipped" for stage in STAGES[:-1]}, "eval": "running"}
+
+    run_ok(rlhf_run(tmp_path, "whole"))
+    # the same votes on the same answers (each run names its batch after itself)
+    killed_pairs, whole_pairs = ([{k: v for k, v in row.items() if k != "batch"}
+                                  for row in load_from_disk(str(tmp_path / name / "preferences"))]
+                                 for name in ("killed", "whole"))
+    assert killed_pairs == whole_pairs
+    for stage in ("sft", "reward", "ppo", "dpo"):
+        killed_weights = load_file(tmp_path / "killed" / stage / "model.safetensors")
         for name, tensor in load_file(tmp_path / "whole" / stage / "model.safetensors").items():
-            assert torch.allclose(killed[name], tensor, atol=1e-5), (stage, name)
-    killed_results = json.loads((tmp_path / "killed" / "eval" / "results.json").read_text())
-    whole_results = json.loads((tmp_path / "whole" / "eval" / "results.json").read_text())
-    assert killed_results["policies"]["ppo"]["reward"] == pytest.approx(whole_results["policies"]["ppo"]["reward"],
-                                                                        abs=1e-4)
+            assert torch.allclose(killed_weights[name], tensor, atol=1e-5), (stage, name)
+    killed_results, whole_results = (json.loads((tmp_path / name / "eval" / "results.json").read_text())["policies"]
+                                     for name in ("killed", "whole"))
+    for policy, result in whole_results.items():
+        for key, value in result.items():
+            if isinstance(value, float):
+                assert killed_results[policy][key] == pytest.approx(value, abs=1e-4), (policy, key)
+    killed_tables, whole_tables = ([line for line in (tmp_path / name / "report.md").read_text().splitlines()
+                                    if line.startswith("|")] for name in ("killed", "whole"))
+    assert killed_tables == whole_tables
 
 
 def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_comparison_has_its_votes(
@@ -155,3 +187,9 @@ def test_the_accelerate_launcher_starts_training_stages_under_accelerate_launch(
     assert json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["sft"]["status"] == "done"
     refused = subprocess.run(command[:-2], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--accelerate_config FILE" in refused.stderr
+
+
+def test_stage_times_read_in_minutes_and_whole_seconds():
+    from pipeline.run import minutes
+
+    assert [minutes(s) for s in (0.4, 59.6, 119.6, 779.3)] == ["0 s", "1 min 0 s", "2 min 0 s", "12 min 59 s"]

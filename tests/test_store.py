@@ -42,6 +42,17 @@ def test_one_vote_per_labeller_per_comparison(store_url):
     assert [v.choice for v in store.votes(comparison.id)] == ["a"]
 
 
+def test_vote_counts_cover_every_comparison_of_the_batch_including_those_without_votes(store_url):
+    store = Store(store_url)
+    ann, bob = (store.add_user(name, "labeller", "password1") for name in ("ann", "bob"))
+    first, second, third = (comparison_in(store) for _ in range(3))
+    store.cast_vote(first.id, ann, "a")
+    store.cast_vote(first.id, bob, "b")
+    store.cast_vote(third.id, bob, "tie")
+    assert store.vote_counts("b1") == {first.id: 2, second.id: 0, third.id: 1}
+    assert store.vote_counts("another batch") == {}
+
+
 def test_concurrent_double_votes_store_exactly_one(store_url):
     store = Store(store_url)
     ann = store.add_user("ann", "labeller", "password1")
