@@ -129,6 +129,8 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, reco
     final = record.publish(staged, partial, {"prompts": len(prompts), **metrics}, time.time() - started)
     tracker.log({f"eval/{key}": value for key, value in metrics.items()})
     tracker.log_table("eval_answers", list(rows[0]), [list(row.values()) for row in rows])
+    tracker.log_images({f"eval/{plot.stem}": plot for plot in sorted(final.glob("*.png"))})
+    tracker.log_artifact(f"{run.name}-eval", "report", final)
     print(headline(results, final))
     return metrics
 

@@ -44,6 +44,9 @@ class WandbBackend:
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None) -> None:
         self.run.log({key: self.wandb.Table(columns=columns, data=rows)}, step=step)
 
+    def log_images(self, images: dict[str, Path], step: int | None) -> None:
+        self.run.log({key: self.wandb.Image(str(path)) for key, path in images.items()}, step=step)
+
     def artifact(self, name: str, kind: str, path: Path):
         # A reference records lineage (path and checksums) without copying model weights into wandb's folder.
         artifact = self.wandb.Artifact(name, type=kind)
@@ -79,6 +82,9 @@ class TrackioBackend:
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None) -> None:
         self.trackio.log({key: self.trackio.Table(columns=columns, data=rows)}, step=step)
 
+    def log_images(self, images: dict[str, Path], step: int | None) -> None:
+        self.trackio.log({key: self.trackio.Image(str(path)) for key, path in images.items()}, step=step)
+
     def log_artifact(self, name: str, kind: str, path: Path) -> None:
         pass  # trackio keeps metrics and tables; lineage lives in the run manifest and in wandb
 
@@ -103,6 +109,11 @@ class Tracker:
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
         for backend in self.backends:
             backend.log_table(key, columns, rows, step)
+
+    def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
+        """{key: PNG file}, shown as pictures on the dashboards."""
+        for backend in self.backends:
+            backend.log_images(images, step)
 
     def log_artifact(self, name: str, kind: str, path) -> None:
         for backend in self.backends:

@@ -24,6 +24,11 @@ from rlhf import tracking
 tracker = tracking.start(["wandb", "trackio"], "rlhf-test", "run1", "sft", {"lr": 0.1}, Path("wb"))
 tracker.log({"train/loss": 1.5}, step=1)
 tracker.log_table("samples", ["prompt", "answer"], [["q", "a"]], step=1)
+from rlhf.plots import pyplot, save_figure
+figure, axes = pyplot().subplots()
+axes.plot([0, 1], [1, 0])
+save_figure(figure, Path("curve.png"))
+tracker.log_images({"eval/curve": Path("curve.png")}, step=1)
 tracker.use_artifact("run0-preferences", "dataset", Path("."))  # offline: named in the summary, no use recorded
 run = tracker.backends[0].run
 print("WANDB", run.group, run.job_type, run.name, "USES", list(run.summary["uses"]))
@@ -41,11 +46,14 @@ def test_wandb_goes_offline_without_login_and_trackio_records_locally(tmp_path):
     assert "WANDB run1 sft run1-sft USES ['run0-preferences']" in result.stdout
     assert "offline (not logged in); upload later with: wandb sync" in result.stdout + result.stderr
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    [image] = list((tmp_path / "wb" / "wandb").glob("offline-run-*/files/media/images/eval/curve_*.png"))
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     [database] = list((tmp_path / "trackio").rglob("rlhf-test*.db"))
     with sqlite3.connect(database) as db:
         tables = [name for (name,) in db.execute("select name from sqlite_master where type='table'")]
         dump = " ".join(str(row) for table in tables for row in db.execute(f"select * from {table}"))
-    assert "run1-sft" in dump and "train/loss" in dump
+    assert "run1-sft" in dump and "train/loss" in dump and "eval/curve" in dump
+    assert list((tmp_path / "trackio").rglob("*.png"))
 
 
 def test_inputs_published_by_earlier_stages_are_used_as_their_artifacts(tmp_path):
