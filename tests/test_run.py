@@ -76,9 +76,8 @@ KILLS = [".sft.partial/checkpoint-3/trainer_state.json", "labels.db", "preferenc
          ".dpo.partial/checkpoint-4/trainer_state.json", ".eval.partial"]
 
 
-def run_until(root, name: str, trigger) -> str:
-    """Starts `rlhf run`, SIGKILLs it as soon as `trigger` exists; returns what it printed until then."""
-    log = root / f"{name}-{len(list(root.glob(f'{name}-*.log')))}.log"
+def run_until(root, name: str, trigger, log) -> str:
+    """Starts `rlhf run`, SIGKILLs it as soon as `trigger` exists; returns what it printed (kept in `log`)."""
     with log.open("w") as out:
         process = subprocess.Popen(rlhf_run(root, name), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 600
@@ -92,7 +91,8 @@ def run_until(root, name: str, trigger) -> str:
 
 
 def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifacts(tmp_path):
-    printed = [run_until(tmp_path, "killed", tmp_path / "killed" / trigger) for trigger in KILLS]
+    printed = [run_until(tmp_path, "killed", tmp_path / "killed" / trigger, tmp_path / f"killed-{i}.log")
+               for i, trigger in enumerate(KILLS)]
     # each training stage killed after its checkpoint resumes from it in the next run
     for stage in ("sft", "reward", "ppo", "dpo"):
         killed_in = next(i for i, trigger in enumerate(KILLS) if trigger.startswith(f".{stage}.partial/checkpoint"))
