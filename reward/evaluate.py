@@ -126,8 +126,11 @@ def evaluate(model, tokenizer, eval_pairs: list[dict], config, out_dir) -> dict:
     return metrics
 
 
-def log_evaluation(tracker, metrics: dict) -> None:
+def log_evaluation(tracker, metrics: dict, folder: Path) -> None:
+    """The metrics, and the plots `evaluate` drew into `folder`."""
     tracker.log({f"reward_eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    tracker.log_images({f"reward_eval/{Path(plot).stem}": folder / plot for plot in (RELIABILITY_PLOT,
+                                                                                   DISTRIBUTION_PLOT)})
 
 
 def gold_metrics(model, tokenizer, config) -> dict:
@@ -226,7 +229,7 @@ def main(config, run: RunConfig) -> dict:
     tracker = tracking.start(run.trackers, run.project, run.name, "reward-eval", as_plain_dict(config),
                              RunDir(run.output_root, run.name).path / "tracking")
     try:
-        log_evaluation(tracker, metrics)
+        log_evaluation(tracker, metrics, published)
     finally:
         tracker.finish()
     print(f"[reward eval] {published / 'eval.md'}: held-out accuracy {fmt(metrics['heldout_accuracy'])}, human "

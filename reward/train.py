@@ -116,7 +116,7 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     tokenizer.save_pretrained(str(staged))
     scale = reward_scale(trainer.model, tokenizer, train_pairs + eval_pairs)
     report = evaluate(trainer.model, tokenizer, eval_pairs, config, staged)
-    log_evaluation(tracker, report)
+    log_evaluation(tracker, report, staged)
     metrics.update(report, eval_accuracy=report["heldout_accuracy"], eval_margin=report["heldout_margin"])
     reward_info = {"heads": config.ensemble, "scale": scale, "ties": config.ties,
                    "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}

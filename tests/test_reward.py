@@ -200,3 +200,24 @@ def test_a_tokenizer_with_nothing_to_pad_with_and_a_mismatched_one_exit_2(tmp_pa
     mismatched = save_tiny_model(tmp_path / "mismatched", tiny_tokenizer, 64)
     assert cli(["reward", "--reward.model", mismatched, *common]) == 2
     assert "a mismatched tokenizer" in capsys.readouterr().err
+
+
+def test_training_and_reward_eval_log_their_plots_to_the_tracker_as_images(tmp_path, tiny_model_path):
+    import os
+    import sqlite3
+
+    env = {**os.environ, "HOME": str(tmp_path), "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    args = ["--config", "configs/tiny.yaml", "--reward.model", str(tiny_model_path), "--reward.preferences",
+            write_pairs(tmp_path / "pairs.jsonl", 16), "--run.output_root", str(tmp_path / "runs"),
+            "--run.tracking", "trackio", "--reward.max_steps", "2"]
+    for words in (["reward"], ["reward", "eval"]):
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", *words, *args], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    [database] = list((tmp_path / "trackio").rglob("*.db"))
+    with sqlite3.connect(database) as db:
+        tables = [name for (name,) in db.execute("select name from sqlite_master where type='table'")]
+        dump = " ".join(str(row) for table in tables for row in db.execute(f"select * from {table}"))
+    assert "reward_eval/reliability" in dump and "reward_eval/reward_distribution" in dump
+    images = list((tmp_path / "trackio").rglob("*.png"))
+    assert len(images) == 4 and all(image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for image in images)

@@ -2,7 +2,9 @@
 up to date, a changed config that reruns only what depends on it, `--from`, and a run killed again and again (in
 every stage, between stages, while the report is written) that, rerun, ends with an uninterrupted run's artifacts."""
 import json
+import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,8 +24,8 @@ def rlhf_run(root, name: str, *extra: str) -> list[str]:
             f"--run.output_root={root}", f"--run.name={name}", *extra]
 
 
-def run_ok(command: list[str]) -> str:
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+def run_ok(command: list[str], env: dict | None = None) -> str:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -39,9 +41,17 @@ def actions(stdout: str) -> dict:
 
 
 def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
-    first = run_ok(rlhf_run(tmp_path, "tiny"))
+    trackio = tmp_path / "trackio"  # the first run tracks to a trackio folder of its own; tracking is no input
+    env = {**os.environ, "TRACKIO_DIR": str(trackio), "HF_HUB_OFFLINE": "1"}
+    first = run_ok(rlhf_run(tmp_path, "tiny", "--run.tracking", "trackio"), env)
     assert actions(first) == {stage: "running" for stage in STAGES}
     run = tmp_path / "tiny"
+    [database] = list(trackio.rglob("*.db"))
+    with sqlite3.connect(database) as db:
+        runs = {name for (name,) in db.execute("select distinct run_name from metrics")}
+        logged = " ".join(str(row) for (row,) in db.execute("select metrics from metrics"))
+    assert runs >= {f"tiny-{stage}" for stage in STAGES}, runs
+    assert all(f"eval/{plot}" in logged for plot in ("training_curves", "reward_vs_kl", "score_distribution"))
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     assert all(manifest[stage]["status"] == "done" for stage in STAGES)
     assert manifest["preferences"]["metrics"]["pairs"] > 0 and (run / "labels.db").exists()
