@@ -1,5 +1,5 @@
 """The run's report: a headline table of every policy against the baseline, and the plots people look at
-(training curves, reward against KL, score distributions)."""
+(training curves, reward against KL, gold against proxy during PPO, score distributions)."""
 import json
 from pathlib import Path
 
@@ -27,6 +27,10 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
                       reward_vs_kl(folder / "reward_vs_kl.png", results, per_prompt["kls"], per_prompt[kind],
                                    histories.get("ppo"), label)))
         plots.append(("Score distributions", score_distributions(folder / "score_distribution.png", per_prompt)))
+    evals = load_evals(run_dir.stage_path("ppo"))
+    if len([point for point in evals if "eval/judge" in point]) > 1:
+        plots.append(("PPO: judge (gold) and reward model (proxy) against KL",
+                      gold_vs_proxy(folder / "gold_vs_proxy.png", evals)))
     text = report_text(results, len(next(iter(per_prompt["kls"].values()))), run_dir, config, plots)
     atomic_write_text(folder / "report.md", text)
     return text
@@ -34,6 +38,11 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
 
 def load_history(stage_folder: Path) -> list[dict]:
     path = stage_folder / "history.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def load_evals(stage_folder: Path) -> list[dict]:
+    path = stage_folder / "evals.json"
     return json.loads(path.read_text()) if path.exists() else []
 
 
@@ -114,4 +123,29 @@ def score_distributions(path: Path, per_prompt: dict) -> str:
             ax.hist(values, bins=20, alpha=0.45, label=name)
         ax.set_title(f"{title} per prompt")
         ax.legend()
+    return save_figure(figure, path)
+
+
+def gold_vs_proxy(path: Path, evals: list[dict]) -> str:
+    """PPO's eval points: the reward model's score (left axis) and the judge's (right axis, with standard errors)
+    against the KL reached. A proxy still rising while the gold turns down is over-optimisation."""
+    plt = pyplot()
+
+    points = [point for point in evals if "eval/judge" in point]
+    kls = [point["kl"] for point in points]
+    figure, proxy_axis = plt.subplots(figsize=(6.5, 4.5))
+    proxy_axis.plot(kls, [point["eval/score"] for point in points], marker="o", color="tab:blue",
+                    label="reward model (proxy)")
+    proxy_axis.set_xlabel("KL to SFT at the eval point (nats per sampled response)")
+    proxy_axis.set_ylabel("reward model score (normalised)", color="tab:blue")
+    gold_axis = proxy_axis.twinx()
+    gold_axis.errorbar(kls, [point["eval/judge"] for point in points],
+                       yerr=[point.get("eval/judge_sem", 0.0) for point in points], marker="s", color="tab:orange",
+                       capsize=3, label="judge (gold)")
+    gold_axis.set_ylabel("judge score", color="tab:orange")
+    for point in points:
+        proxy_axis.annotate(f"u{point['update']}", (point["kl"], point["eval/score"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    figure.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    proxy_axis.grid(alpha=0.3)
     return save_figure(figure, path)

@@ -26,6 +26,9 @@ class PPOStageConfig:
         "help": "Score the first N eval prompts (0: all of them)."})
     judge: str = field(default="", metadata={
         "help": "Also score eval answers with this judge (builtin:NAME or module:function); empty: none."})
+    eval_every: int = field(default=0, metadata={
+        "help": "Also answer the eval prompts every N updates, to follow the judge (gold) against the reward "
+                "model (proxy) as KL grows; 0: only before and after training."})
 
     # rollout
     total_episodes: int = field(default=256, metadata={"help": "Prompts answered over the whole run."})
@@ -88,6 +91,8 @@ class PPOStageConfig:
                              f"{self.gradient_accumulation_steps})")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be above 0, got {self.target_kl}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be 0 (before and after only) or more, got {self.eval_every}")
         if self.num_eval_prompts < 0:
             raise ValueError(f"num_eval_prompts must be 0 (all) or more, got {self.num_eval_prompts}")
         if min(self.total_episodes, self.batch_size, self.num_ppo_epochs, self.response_length) < 1:

@@ -56,36 +56,46 @@ def labelled_pairs(source: str, config: DPOStageConfig) -> list[dict]:
     """The labellers' usable pairs in TRL's conversational preference format, with tie, margin and weight."""
     return [{"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
              "tie": row["tie"], "weight": row["weight"], "margin": pair_margin(row) if config.use_margin else 0.0}
-            for row in usable_pairs(source, config.ties, config.weight_by_gold)]
+            for row in usable_pairs(source, config.ties, config.weight_by_gold, config.selection)]
 
 
-def on_policy_pairs(config: DPOStageConfig, model_path: str, reward_path: str) -> list[dict]:
-    """Each prompt answered twice by the starting policy at `temperature`; the reward model's higher-scored answer
-    is chosen. Pairs whose answers are the same text, or score the same, are left out."""
-    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
-    policy, tokenizer = models.load_causal_lm(model_path)
-    torch.manual_seed(config.seed)
-    answers = generate_responses(policy, tokenizer, [p["prompt"] for p in prompts for _ in range(2)],
-                                 config.max_new_tokens, do_sample=True, temperature=config.temperature)
-    del policy
-    reward_tok = reward_tokenizer(reward_path)
-    reward = load_reward_model(reward_path, reward_tok).eval()
-    conversations = [p["prompt"] + [{"role": "assistant", "content": a}]
-                     for p, a in zip((p for p in prompts for _ in range(2)), answers)]
-    rewards = score(reward, reward_tok, conversations)
+def best_and_worst(prompts: list[dict], answers: list[str], rewards: list[float], k: int) -> list[dict]:
+    """One pair per prompt from its k consecutive answers: the highest-rewarded chosen, the lowest rejected (the
+    sort is stable: equal rewards keep answer order). Prompts whose extremes are the same text or score the same
+    are left out."""
     pairs = []
     for i, prompt in enumerate(prompts):
-        (a, score_a), (b, score_b) = zip(answers[2 * i:2 * i + 2], rewards[2 * i:2 * i + 2])
-        if a == b or score_a == score_b:
+        scored = sorted(zip(answers[k * i:k * (i + 1)], rewards[k * i:k * (i + 1)]), key=lambda item: -item[1])
+        (chosen, chosen_score), (rejected, rejected_score) = scored[0], scored[-1]
+        if chosen == rejected or chosen_score == rejected_score:
             continue
-        (chosen, chosen_score), (rejected, rejected_score) = sorted([(a, score_a), (b, score_b)],
-                                                                    key=lambda item: -item[1])
         pairs.append({"id": prompt["id"], "prompt": prompt["prompt"],
                       "chosen": [{"role": "assistant", "content": chosen}],
                       "rejected": [{"role": "assistant", "content": rejected}],
                       "tie": False, "weight": 1.0, "margin": 0.0,
                       "chosen_reward": chosen_score, "rejected_reward": rejected_score})
-    print(f"[{STAGE}] {len(pairs)} on-policy pairs from {len(prompts)} prompts, ordered by {reward_path}")
+    return pairs
+
+
+def on_policy_pairs(config: DPOStageConfig, model_path: str, reward_path: str) -> list[dict]:
+    """Each prompt answered `responses_per_prompt` times by the starting policy at `temperature`; the reward
+    model's best-scored answer is chosen and its worst rejected. Prompts whose answers all score the same (or are
+    the same text) are left out."""
+    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    k = config.responses_per_prompt
+    policy, tokenizer = models.load_causal_lm(model_path)
+    torch.manual_seed(config.seed)
+    answers = generate_responses(policy, tokenizer, [p["prompt"] for p in prompts for _ in range(k)],
+                                 config.max_new_tokens, config.generation_batch_size, do_sample=True,
+                                 temperature=config.temperature, progress=f"sampling {k} answers per prompt")
+    del policy
+    reward_tok = reward_tokenizer(reward_path)
+    reward = load_reward_model(reward_path, reward_tok).eval()
+    conversations = [p["prompt"] + [{"role": "assistant", "content": a}]
+                     for p, a in zip((p for p in prompts for _ in range(k)), answers)]
+    pairs = best_and_worst(prompts, answers, score(reward, reward_tok, conversations), k)
+    print(f"[{STAGE}] {len(pairs)} on-policy pairs (best and worst of {k}) from {len(prompts)} prompts, ordered by "
+          f"{reward_path}")
     return pairs
 
 

@@ -10,7 +10,7 @@ import trl
 
 from rlhf import hardware
 from rlhf.config import TrainingStageDefaults
-from rlhf.preference_pairs import TIE_POLICIES
+from rlhf.preference_pairs import SELECTIONS, TIE_POLICIES
 
 PAIR_SOURCES = ("labels", "on_policy")
 
@@ -34,6 +34,9 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
                 "as in the reward stage)."})
     tie_threshold: float = field(default=1.0, metadata={
         "help": "With ties: equal, the implicit-reward gap inside which a tie is likely (Rao-Kupper theta)."})
+    selection: str = field(default="all", metadata={
+        "help": "Which labelled pairs to learn from: all, or best_worst (one per prompt: with k answers per prompt "
+                "all compared, the answer that won most against the one that won least)."})
     use_margin: bool = field(default=False, metadata={
         "help": "Pass each pair's margin (labellers' strength: slight 0.5, clear 1.0) to the loss, which then asks "
                 "for an implicit-reward gap (beta x log-ratio difference) that wide. Off by default: with beta 0.1 "
@@ -47,9 +50,13 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
     reward_model: str = field(default="", metadata={
         "help": "With pairs: on_policy. The reward model ordering each pair; empty: this run's reward output."})
     prompts: str = field(default="data/rl_prompts.jsonl", metadata={
-        "help": "With pairs: on_policy. Prompts to answer twice each."})
+        "help": "With pairs: on_policy. Prompts to answer."})
     num_prompts: int = field(default=0, metadata={"help": "With pairs: on_policy. The first N prompts (0: all)."})
+    responses_per_prompt: int = field(default=2, metadata={
+        "help": "With pairs: on_policy. Answers per prompt; the reward model's best is chosen, its worst rejected."})
     max_new_tokens: int = field(default=64, metadata={"help": "With pairs: on_policy. Longest sampled answer."})
+    generation_batch_size: int = field(default=32, metadata={
+        "help": "With pairs: on_policy. Answers generated at once."})
     temperature: float = field(default=0.7, metadata={"help": "With pairs: on_policy. Sampling temperature."})
 
     # TRL fields whose defaults we change.
@@ -59,6 +66,8 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
         hardware.configure_training_args(self)
         if self.pairs not in PAIR_SOURCES:
             raise ValueError(f"pairs must be one of {', '.join(PAIR_SOURCES)}, got '{self.pairs}'")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got '{self.selection}'")
         if self.ties not in TIE_POLICIES:
             raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got '{self.ties}'")
         if self.ties == "equal" and self.tie_threshold <= 0:
@@ -67,6 +76,8 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.temperature <= 0 or self.max_new_tokens < 1 or self.num_prompts < 0:
             raise ValueError("temperature must be above 0, max_new_tokens at least 1, num_prompts 0 or more")
+        if self.responses_per_prompt < 2 or self.generation_batch_size < 1:
+            raise ValueError("responses_per_prompt must be at least 2 and generation_batch_size at least 1")
         super().__post_init__()
         if self.loss_type != ["sigmoid"] and (self.ties == "equal" or self.use_margin or self.weight_by_gold):
             raise ValueError(f"ties: equal, use_margin and weight_by_gold need loss_type sigmoid (the "

@@ -31,3 +31,23 @@ def health_alerts(metrics: dict, config) -> list[str]:
     elif metrics["val/min_response_length"] >= config.response_length:
         alerts.append(f"every response runs to the maximum of {config.response_length} tokens")
     return alerts
+
+
+def overoptimisation_alert(points: list[dict]) -> str | None:
+    """Over-optimisation (Gao et al. 2022): at the latest eval point the reward model scores the held-out answers
+    higher than where the judge peaked, while the judge has fallen from that peak by more than twice the standard
+    error of the difference. `points` are the eval points in order, each with eval/score, eval/judge and
+    eval/judge_sem (the judge's standard error over the prompts)."""
+    judged = [point for point in points if "eval/judge" in point]
+    if len(judged) < 2:
+        return None
+    peak = max(judged, key=lambda point: point["eval/judge"])
+    latest = judged[-1]
+    drop = peak["eval/judge"] - latest["eval/judge"]
+    noise = 2 * (peak["eval/judge_sem"] ** 2 + latest["eval/judge_sem"] ** 2) ** 0.5
+    if latest is peak or latest["eval/score"] <= peak["eval/score"] or drop <= noise:
+        return None
+    return (f"over-optimisation: since update {peak['update']} the reward model's eval score rose "
+            f"{peak['eval/score']:.3f} -> {latest['eval/score']:.3f} while the judge fell {peak['eval/judge']:.3f} -> "
+            f"{latest['eval/judge']:.3f} (more than twice its standard error): the policy is exploiting the reward "
+            "model; raise kl_coef, stop earlier, or give the reward model more labels")

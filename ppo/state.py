@@ -2,7 +2,7 @@
 
 `accelerator.save_state` writes the policy, the critic, the optimiser and every process's RNG states; the
 `LoopState` registered with it carries the rest: the update reached, the data position (the prompt order still
-to be used and the shuffling generator), the KL controller, the metric history and the scores before training.
+to be used and the shuffling generator), the KL controller, the metric history and the eval points so far.
 A checkpoint is written under a temporary name and renamed into place, so `checkpoint-N` is always complete.
 """
 import json
@@ -23,15 +23,16 @@ class LoopState:
     order: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     eval_before: dict = field(default_factory=dict)
+    evals: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return {"update": self.update, "order": list(self.order), "history": self.history,
-                "eval_before": self.eval_before, "generator": self.generator.get_state(),
+                "eval_before": self.eval_before, "evals": self.evals, "generator": self.generator.get_state(),
                 "kl_control": self.kl_control.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.update, self.order = state["update"], list(state["order"])
-        self.history, self.eval_before = state["history"], state["eval_before"]
+        self.history, self.eval_before, self.evals = state["history"], state["eval_before"], state["evals"]
         self.generator.set_state(state["generator"])
         self.kl_control.load_state_dict(state["kl_control"])
 

@@ -10,8 +10,9 @@ Each update, top to bottom:
      half precision the sampling log-probs are first recomputed by a full forward, as the update computes them;
   8. `num_ppo_epochs` passes of shuffled minibatches updating policy and critic with one optimiser;
   9. log TRL's former PPO metrics, a sample table, health alerts; adapt the KL coefficient; checkpoint.
-Before the first update and after the last, the policy answers the held-out eval prompts (greedy), scored by the
-reward model (or reward function) and the judge.
+Before the first update, every `eval_every` updates and after the last, the policy answers the held-out eval
+prompts (greedy), scored by the reward model (or reward function) and the judge: the proxy and the gold against
+the KL reached, with an alert when the proxy rises while the gold falls (over-optimisation).
 
 Under `accelerate launch` or `torchrun` each process answers its own share of every batch; metrics are gathered
 over all episodes and gradients averaged by DDP, so N processes train like one with the same batch_size.
@@ -26,13 +27,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from transformers import AutoModelForSequenceClassification
 from trl.trainer.utils import disable_dropout_in_model
 
 from ppo.config import PPOStageConfig
 from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores
-from ppo.health import health_alerts
+from ppo.health import health_alerts, overoptimisation_alert
 from ppo.rollout import generate
 from ppo.state import LoopState, save_checkpoint
 from ppo.update import Critic, make_experience, ppo_epochs, recomputed_logprobs, reference_logprobs
@@ -175,6 +176,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
         accelerator.load_state(checkpoint)
     else:
         state.eval_before = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
+        record_eval(state, state.eval_before)
         tracker.log(state.eval_before, step=0)
     started = time.time()
     while state.update < config.num_updates:
@@ -185,6 +187,10 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
         state.history.append(metrics)
         report(tracker, state.update, metrics, samples, config, accelerator.is_main_process)
         alerts = health_alerts(metrics, config)
+        if config.eval_every and state.update % config.eval_every == 0 and state.update < config.num_updates:
+            result = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
+            tracker.log(result, step=state.update)
+            alerts += [alert for alert in [record_eval(state, result)] if alert]
         if alerts:
             warn(tracker, state.update, alerts, accelerator.is_main_process)
         if alerts and config.stop_on_alert:
@@ -197,19 +203,23 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     check_in_sync(accelerator, policy, critic)
     eval_after = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
     tracker.log(eval_after, step=state.update)
+    overoptimised = record_eval(state, eval_after)
+    if overoptimised:
+        warn(tracker, state.update, [overoptimised], accelerator.is_main_process)
     summary = summarise(state, eval_after, accelerator, config, time.time() - started, checkpoint)
-    summary["eval_prompts"] = len(eval_prompts)
+    summary.update({"eval_prompts": len(eval_prompts), "overoptimisation": overoptimised})
     if accelerator.is_main_process:
         staged = partial / "final"
         save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
         atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
+        atomic_write_json(staged / "evals.json", state.evals)  # proxy and gold at each eval point, for the report
         final = record.publish(staged, partial, summary, time.time() - started)
         tracker.log_artifact(f"{run.name}-{STAGE}", "model", final)
         print(f"[{STAGE}] eval score {summary['eval_score_before']:.3f} -> {summary['eval_score_after']:.3f}"
               + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")
               + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})", flush=True)
     accelerator.wait_for_everyone()
-    return {"history": state.history, **summary}
+    return {"history": state.history, "evals": state.evals, **summary}
 
 
 def one_update(accelerator, state: LoopState, policy, reference, critic, optimizer, tokenizer, scorer,
@@ -304,18 +314,27 @@ def warn(tracker, update: int, alerts: list[str], is_main: bool) -> None:
 
 @torch.no_grad()
 def evaluate(accelerator, policy, tokenizer, eval_prompts: list, scorer, judge, config: PPOStageConfig) -> dict:
-    """Greedy answers to the eval prompts (on the main process), scored like training and by the judge."""
+    """Greedy answers to the eval prompts (on the main process, its result shared with every process), scored
+    like training and by the judge (with the judge's standard error over the prompts)."""
     result = {}
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(policy)
         with accelerator.autocast():
-            answers = generate_responses(model, tokenizer, eval_prompts, config.response_length, batch_size=16)
+            answers = generate_responses(model, tokenizer, eval_prompts, config.response_length, batch_size=32)
         result["eval/score"] = scorer(eval_prompts, answers).mean().item()
         if judge:
-            result["eval/judge"] = statistics.fmean(judge([p[-1]["content"] for p in eval_prompts], answers))
+            judged = judge([p[-1]["content"] for p in eval_prompts], answers)
+            result["eval/judge"] = statistics.fmean(judged)
+            result["eval/judge_sem"] = statistics.stdev(judged) / len(judged) ** 0.5 if len(judged) > 1 else 0.0
         result["eval/response_words"] = statistics.fmean(len(a.split()) for a in answers)
-    accelerator.wait_for_everyone()
-    return result
+    return broadcast_object_list([result])[0]
+
+
+def record_eval(state: LoopState, result: dict) -> str | None:
+    """Adds an eval point at the KL of the latest update (0 before training); the over-optimisation alert, if due."""
+    kl = state.history[-1]["objective/kl"] if state.history else 0.0
+    state.evals.append({"update": state.update, "kl": kl, **result})
+    return overoptimisation_alert(state.evals)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from rlhf import models
 from rlhf.config import RunConfig
@@ -68,19 +67,17 @@ def sample_candidates(config: LabelsConfig, store: Store, prompts: list[dict], s
     sampling = {"temperature": config.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": config.max_new_tokens,
                 "seed": config.seed}
     rng = random.Random(config.seed)
+    k = config.responses_per_prompt
+    texts = generate_responses(model, tokenizer, [p["prompt"] for p in prompts for _ in range(k)],
+                               config.max_new_tokens, config.batch_size, do_sample=True,
+                               temperature=config.temperature, progress=f"sampling {k} responses per prompt")
     candidates = []
-    starts = range(0, len(prompts), config.batch_size)
-    for start in tqdm(starts, desc=f"sampling {config.responses_per_prompt} responses per prompt", unit="batch"):
-        chunk = prompts[start:start + config.batch_size]
-        answers = [generate_responses(model, tokenizer, [p["prompt"] for p in chunk], config.max_new_tokens,
-                                      config.batch_size, do_sample=True, temperature=config.temperature)
-                   for _ in range(config.responses_per_prompt)]
-        for i, row in enumerate(chunk):
-            stored_prompt = store.add_prompt(row["id"], row["category"], row["prompt"])
-            responses = [store.add_response(stored_prompt, sample[i], spec, sampling) for sample in answers]
-            for first, second in itertools.combinations(responses, 2):
-                a, b = (first, second) if rng.random() < 0.5 else (second, first)
-                candidates.append((a, b, row["prompt"]))
+    for i, row in enumerate(prompts):
+        stored_prompt = store.add_prompt(row["id"], row["category"], row["prompt"])
+        responses = [store.add_response(stored_prompt, text, spec, sampling) for text in texts[i * k:(i + 1) * k]]
+        for first, second in itertools.combinations(responses, 2):
+            a, b = (first, second) if rng.random() < 0.5 else (second, first)
+            candidates.append((a, b, row["prompt"]))
     return candidates
 
 

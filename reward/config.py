@@ -10,7 +10,7 @@ import trl
 
 from rlhf import hardware
 from rlhf.config import TrainingStageDefaults
-from rlhf.preference_pairs import TIE_POLICIES
+from rlhf.preference_pairs import SELECTIONS, TIE_POLICIES
 
 
 @dataclass
@@ -28,6 +28,9 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
         "help": "Tied pairs: drop, or equal (trained towards equal rewards with a tie-aware Bradley-Terry loss)."})
     tie_threshold: float = field(default=1.0, metadata={
         "help": "With ties: equal, the reward gap inside which a tie is likely (Rao-Kupper theta, above 0)."})
+    selection: str = field(default="all", metadata={
+        "help": "Which labelled pairs to learn from: all, or best_worst (one per prompt: with k answers per prompt "
+                "all compared, the answer that won most against the one that won least)."})
     use_margin: bool = field(default=True, metadata={
         "help": "Pass each pair's margin (from the labellers' strength: slight 0.5, clear 1.0) to the loss."})
     weight_by_gold: bool = field(default=False, metadata={
@@ -51,6 +54,8 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
 
     def __post_init__(self):
         hardware.configure_training_args(self)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got '{self.selection}'")
         if self.ties not in TIE_POLICIES:
             raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got '{self.ties}'")
         if self.ties == "equal" and self.tie_threshold <= 0:

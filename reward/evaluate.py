@@ -22,11 +22,11 @@ import torch
 
 from rlhf import tracking
 from rlhf.config import RunConfig, as_plain_dict
-from rlhf.datasets import load_rows, split_train_eval
+from rlhf.datasets import load_rows
 from rlhf.errors import MissingInputError
 from rlhf.plots import pyplot, save_figure
 from rlhf.runs import RunDir, atomic_write_text
-from reward.data import inputs, training_pairs
+from reward.data import inputs, split_pairs, training_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score, score_heads
 
 RELIABILITY_PLOT = "reliability.png"
@@ -222,7 +222,7 @@ def main(config, run: RunConfig) -> dict:
     if not (published / "config.json").exists():
         raise MissingInputError(f"no reward model at {published}: run `rlhf reward --config ...` first")
     _, preferences, _ = inputs(config, run)
-    _, eval_pairs = split_train_eval(training_pairs(preferences, config), config.eval_fraction, config.seed)
+    _, eval_pairs = split_pairs(training_pairs(preferences, config), config)
     tokenizer = reward_tokenizer(str(published))
     model = load_reward_model(str(published), tokenizer)
     metrics = evaluate(model, tokenizer, eval_pairs, config, published)

@@ -17,11 +17,10 @@ import transformers
 
 from rlhf import hardware, tracking
 from rlhf.config import RunConfig
-from rlhf.datasets import split_train_eval
 from rlhf.runs import RunDir
 from rlhf.stage import StepTimer, checkpoint_step, resume_point, running_stage
 from reward.config import RewardStageConfig
-from reward.data import STAGE, inputs, training_pairs
+from reward.data import STAGE, inputs, split_pairs, training_pairs
 from reward.evaluate import evaluate, fmt, log_evaluation
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
@@ -59,8 +58,7 @@ def longest_sequence(tokenizer, pairs: list[dict], max_length: int | None) -> in
 def main(config: RewardStageConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
     model_path, preferences, recorded = inputs(config, run)
-    train_pairs, eval_pairs = split_train_eval(training_pairs(preferences, config), config.eval_fraction,
-                                               config.seed)
+    train_pairs, eval_pairs = split_pairs(training_pairs(preferences, config), config)
     with running_stage(run, STAGE, config, {"model": model_path, "preferences": preferences, **recorded}) as (
             record, tracker):
         return train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, record)

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 from rlhf.errors import DataError
 from rlhf.schema import ROW_KINDS, RowProblem, content_hash
@@ -63,18 +64,20 @@ def deduplicate(rows: list[dict]) -> list[dict]:
     return kept
 
 
-def split_train_eval(rows: list[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """A split that depends only on the ids and the seed, not on row order: rows are ranked by a hash of
-    seed and id and the first `eval_fraction` of them go to eval (at least one when the fraction is above 0,
-    and never all: training needs one)."""
+def split_train_eval(rows: list[dict], eval_fraction: float, seed: int = 0,
+                     group: Callable[[dict], str] | None = None) -> tuple[list[dict], list[dict]]:
+    """A split that depends only on the ids (or the `group` keys) and the seed, not on row order: the keys are
+    ranked by a hash of seed and key and the first `eval_fraction` of them go to eval (at least one when the
+    fraction is above 0, and never all: training needs one). Rows sharing a group key land on the same side."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    key = group or (lambda row: row["id"])
+    keys = sorted({key(row) for row in rows}, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
     n_eval = 0
-    if eval_fraction > 0 and len(rows) >= 2:
-        n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_fraction)))
-    ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:{row['id']}".encode()).hexdigest())
-    eval_ids = {row["id"] for row in ranked[:n_eval]}
-    return [r for r in rows if r["id"] not in eval_ids], [r for r in rows if r["id"] in eval_ids]
+    if eval_fraction > 0 and len(keys) >= 2:
+        n_eval = min(len(keys) - 1, max(1, round(len(keys) * eval_fraction)))
+    held_out = set(keys[:n_eval])
+    return [r for r in rows if key(r) not in held_out], [r for r in rows if key(r) in held_out]
 
 
 def read_records(source):

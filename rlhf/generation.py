@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -13,23 +14,29 @@ class Answer:
 
 @torch.no_grad()
 def answer_prompts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
-                   do_sample: bool = False, temperature: float = 1.0) -> list[Answer]:
-    """Answers each conversation in `prompts` (lists of messages ending with the user). Prompts are left-padded
-    so every row's last prompt token sits at the same position and generation continues from it."""
+                   do_sample: bool = False, temperature: float = 1.0, progress: str = "") -> list[Answer]:
+    """Answers each conversation in `prompts` (lists of messages ending with the user), in their order. Prompts
+    are batched by token length, longest first: every row of a batch is left-padded to the batch's longest
+    prompt and each pad token costs a full prefill position, so batching like with like saves most of that
+    (in random batches of 64 our prompts were padded to 2.5 times their length). `progress`: a bar's title."""
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
-    answers = []
+    encoded = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample \
+        else {"do_sample": False}
+    answers: list[Answer | None] = [None] * len(prompts)
     try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample \
-                else {"do_sample": False}
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=progress, unit="batch", disable=not progress):
+            rows = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(model.device)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     **sampling)
-            answers += [cut_at_stop(row.tolist(), tokenizer) for row in output[:, batch["input_ids"].shape[1]:]]
+            for i, row in zip(rows, output[:, batch["input_ids"].shape[1]:]):
+                answers[i] = cut_at_stop(row.tolist(), tokenizer)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -46,7 +53,7 @@ def cut_at_stop(ids: list[int], tokenizer) -> Answer:
 
 
 def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
-                       do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+                       do_sample: bool = False, temperature: float = 1.0, progress: str = "") -> list[str]:
     """The answers' texts (see answer_prompts)."""
     return [answer.text for answer in answer_prompts(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                                     do_sample, temperature)]
+                                                     do_sample, temperature, progress)]

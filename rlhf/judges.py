@@ -1,6 +1,7 @@
 """Automatic judges: any callable `(prompts: list[str], responses: list[str]) -> list[float]` (higher is
 better), named `builtin:NAME` or `module:function`. Simulated labellers vote with them, PPO can train on one as a
 programmatic reward, and evaluation scores policies with them."""
+import functools
 import importlib
 import re
 from typing import Callable
@@ -46,7 +47,22 @@ def keywords(prompts: list[str], responses: list[str]) -> list[float]:
     return scores
 
 
-BUILTIN_JUDGES = {"readability": readability, "length": length, "keywords": keywords}
+@functools.cache
+def afinn_lexicon():
+    from afinn import Afinn
+
+    return Afinn(language="en")
+
+
+def sentiment(prompts: list[str], responses: list[str]) -> list[float]:
+    """AFINN valence per ten words: the sum of the valences (-5 to +5) of the lexicon's words and phrases in the
+    response, times 10 over its word count (at least 10, so a one-word reply is not scored as ten of them). A
+    plain lexicon: no negation ("not good" counts as good), no sarcasm."""
+    lexicon = afinn_lexicon()
+    return [10 * lexicon.score(r) / max(len(WORD.findall(r)), 10) for r in responses]
+
+
+BUILTIN_JUDGES = {"readability": readability, "length": length, "keywords": keywords, "sentiment": sentiment}
 
 
 def load_judge(spec: str) -> Judge:

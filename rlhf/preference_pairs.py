@@ -1,6 +1,8 @@
 """Where a preference-trained stage's pairs come from (a label export, a preference file, or the label store itself,
 exported first), and the rules the reward and DPO stages share: gold-weighted votes, and which rows are usable
 (both-bad rows say nothing about order; ties are dropped or kept as "equal")."""
+import json
+from collections import Counter
 from pathlib import Path
 
 from rlhf.datasets import load_rows
@@ -10,6 +12,7 @@ from rlhf.runs import RunDir
 from rlhf.store import Store
 
 TIE_POLICIES = ("drop", "equal")
+SELECTIONS = ("all", "best_worst")
 
 
 def preference_source(stage: str, preferences: str, batch: str, min_votes: int, run_dir: RunDir) -> tuple[str, dict]:
@@ -71,15 +74,45 @@ def gold_weighted(row: dict, weights: dict) -> dict:
     return row
 
 
-def usable_pairs(source: str, ties: str, weight_by_gold: bool) -> list[dict]:
+def usable_pairs(source: str, ties: str, weight_by_gold: bool, selection: str = "all") -> list[dict]:
     """The rows a preference loss can learn from, each with `weight`: both-bad rows dropped, ties dropped unless
-    `ties` is "equal". Refuses a source with no decided pair left."""
+    `ties` is "equal"; with `selection` best_worst, one pair per prompt (best_vs_worst). Refuses a source with no
+    decided pair left."""
     rows = load_pairs(source, weight_by_gold)
     usable = [row for row in rows if not row["both_bad"] and (ties == "equal" or not row["tie"])]
+    if selection == "best_worst":
+        usable = best_vs_worst(usable)
     if not any(not row["tie"] for row in usable):
         kept = "both bad" if ties == "equal" else "ties or both bad"
         raise DataError(source, None, "rows", f"no usable pairs: all {len(rows)} rows are {kept}")
     return usable
+
+
+def best_vs_worst(rows: list[dict]) -> list[dict]:
+    """One decided pair per prompt: the one whose chosen answer outranks its rejected answer by the most, answers
+    ranked by their share of wins over all of the prompt's pairs (a tie is half a win). With every pair of k
+    answers compared, that is the best answer against the worst, unless the labellers put the worst above the
+    best in that very comparison. The first such row wins a draw, so the choice is deterministic."""
+    by_prompt: dict[str, list[dict]] = {}
+    for row in rows:
+        by_prompt.setdefault(json.dumps(row["prompt"]), []).append(row)
+    selected = []
+    for group in by_prompt.values():
+        wins, games = Counter(), Counter()
+        for row in group:
+            chosen, rejected = answer_text(row, "chosen"), answer_text(row, "rejected")
+            games.update([chosen, rejected])
+            wins.update({chosen: 0.5, rejected: 0.5} if row["tie"] else {chosen: 1.0})
+        share = {answer: wins[answer] / games[answer] for answer in games}
+        decided = [row for row in group if not row["tie"]]
+        if decided:
+            selected.append(max(decided, key=lambda row: share[answer_text(row, "chosen")]
+                                - share[answer_text(row, "rejected")]))
+    return selected
+
+
+def answer_text(row: dict, side: str) -> str:
+    return row[side][-1]["content"]
 
 
 def pair_margin(row: dict) -> float:

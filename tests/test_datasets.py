@@ -171,6 +171,13 @@ def test_split_is_deterministic_independent_of_order_and_disjoint():
     assert [len(part) for part in split_train_eval(rows[:2], 0.9)] == [1, 1]  # training always keeps a row
 
 
+def test_a_grouped_split_keeps_each_group_on_one_side():
+    rows = [{"id": f"r{i}", "prompt": f"p{i // 4}"} for i in range(40)]  # 10 prompts, 4 rows each
+    train, held_out = split_train_eval(rows, 0.2, seed=1, group=lambda row: row["prompt"])
+    assert len(held_out) == 8 and len({row["prompt"] for row in held_out}) == 2
+    assert not {row["prompt"] for row in train} & {row["prompt"] for row in held_out}
+
+
 def test_bad_data_on_the_command_line_exits_2_with_one_line_and_writes_nothing(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user"}]}])
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", "--config", "configs/tiny.yaml",

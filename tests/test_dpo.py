@@ -110,7 +110,7 @@ def test_on_policy_pairs_are_sampled_from_the_policy_and_ordered_by_the_reward_m
     reward_tokenizer(str(tiny_model_path)).save_pretrained(reward_dir)
     assert cli(["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}",
                 f"--dpo.model={tiny_model_path}", "--dpo.pairs=on_policy", f"--dpo.reward_model={reward_dir}",
-                "--dpo.max_steps=2", "--dpo.eval_fraction=0"]) == 0
+                "--dpo.max_steps=2", "--dpo.eval_fraction=0", "--dpo.responses_per_prompt=3"]) == 0
     published = tmp_path / "runs" / "tiny" / "dpo"
     pairs = [json.loads(line) for line in (published / "pairs.jsonl").read_text().splitlines()]
     assert 10 <= len(pairs) <= 16  # configs/tiny.yaml: 16 prompts, identical or equal-scored pairs left out

@@ -50,7 +50,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     runs = tmp_path / "runs"
     common = ["--config", "configs/tiny.yaml", f"--run.output_root={runs}", "--run.name=ev"]
     assert cli(["ppo", *common, f"--ppo.model={tiny_model_path}", "--ppo.total_episodes=16",
-                "--ppo.reward_function=builtin:length"]) == 0
+                "--ppo.reward_function=builtin:length", "--ppo.eval_every=1"]) == 0
     reward_dir = tmp_path / "reward"
     AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(reward_dir)
     reward_tokenizer(str(tiny_model_path)).save_pretrained(reward_dir)
@@ -73,7 +73,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     assert f"{ppo['reward']:.3f}" in row and f"{ppo['kl']:.3f}" in row
     assert (f"{ppo['win_rate_judge']:.3f} [{ppo['win_rate_judge_low']:.3f}, "
             f"{ppo['win_rate_judge_high']:.3f}]") in row
-    for plot in ("training_curves.png", "reward_vs_kl.png", "score_distribution.png"):
+    for plot in ("training_curves.png", "reward_vs_kl.png", "score_distribution.png", "gold_vs_proxy.png"):
         assert f"](eval/{plot})" in report
         assert (run / "eval" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     answers = [json.loads(line) for line in (run / "eval" / "answers.jsonl").read_text().splitlines()]

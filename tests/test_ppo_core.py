@@ -161,3 +161,24 @@ def test_ppo_refuses_sharded_or_deepspeed_distribution_and_takes_data_parallel()
         assert "generation" in unsupported_distribution(refused) or "engine" in unsupported_distribution(refused)
     for taken in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         assert unsupported_distribution(taken) is None
+
+
+def eval_points(scores: list[float], judged: list[float], sem: float = 0.02) -> list[dict]:
+    return [{"update": 4 * i, "kl": float(i), "eval/score": score, "eval/judge": judge, "eval/judge_sem": sem}
+            for i, (score, judge) in enumerate(zip(scores, judged))]
+
+
+def test_overoptimisation_alert_fires_when_the_proxy_rises_as_the_gold_falls():
+    from ppo.health import overoptimisation_alert
+
+    rising_proxy = [0.0, 0.5, 1.0, 1.5, 2.0]
+    alert = overoptimisation_alert(eval_points(rising_proxy, [0.50, 0.60, 0.55, 0.45, 0.40]))
+    assert alert and "since update 4" in alert and "0.600 -> 0.400" in alert
+    # a steady gold (moves within its noise), a gold still rising, or a proxy that fell too: no alert
+    assert overoptimisation_alert(eval_points(rising_proxy, [0.50, 0.52, 0.49, 0.51, 0.50])) is None
+    assert overoptimisation_alert(eval_points(rising_proxy, [0.50, 0.55, 0.60, 0.65, 0.70])) is None
+    assert overoptimisation_alert(eval_points([0.0, 2.0, 1.5, 1.0, 0.5], [0.50, 0.60, 0.55, 0.45, 0.40])) is None
+    # the same fall inside wide standard errors is noise; one point, or no judge, says nothing
+    assert overoptimisation_alert(eval_points(rising_proxy, [0.50, 0.60, 0.55, 0.45, 0.40], sem=0.1)) is None
+    assert overoptimisation_alert(eval_points([0.0], [0.5])) is None
+    assert overoptimisation_alert([{"update": 0, "kl": 0.0, "eval/score": 0.0}] * 3) is None

@@ -21,6 +21,7 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
             "--ppo.reward_function", "tests.test_ppo_trainer:vowel_share", "--ppo.total_episodes", "320",
             "--ppo.batch_size", "16", "--ppo.num_mini_batches", "2", "--ppo.response_length", "12",
             "--ppo.learning_rate", "1e-2", "--ppo.kl_coef", "0", "--ppo.missing_eos_penalty", "None",
+            "--ppo.eval_every", "8",
             "--run.output_root", str(tmp_path / "runs"), "--run.name", "ppo", "--run.tracking", "none"]
     assert cli(args) == 0
     run = tmp_path / "runs" / "ppo"
@@ -31,6 +32,11 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
     assert metrics["final_kl"] > 0  # the policy moved away from its reference
     assert metrics["eval_prompts"] == 8  # configs/tiny.yaml: num_eval_prompts 8 of data/eval_prompts.jsonl's 100
     assert {"eval_score_before", "eval_score_after", "eval_judge_after", "eval_response_words_after"} <= set(metrics)
+    # eval points before training, every 8 updates and after the last (20): judge and reward model against KL
+    evals = json.loads((run / "ppo" / "evals.json").read_text())
+    assert [point["update"] for point in evals] == [0, 8, 16, 20]
+    assert evals[0]["kl"] == 0 and evals[-1]["eval/score"] == metrics["eval_score_after"]
+    assert all({"eval/score", "eval/judge", "eval/judge_sem"} <= set(point) for point in evals)
 
 
 def test_ppo_scores_with_a_reward_model_normalised_by_its_scale(tmp_path, tiny_model_path):

@@ -103,3 +103,24 @@ def test_select_uncertain_queues_the_pairs_the_reward_ensemble_disagrees_on(tmp_
     threshold = sorted(spreads.values(), reverse=True)[4]
     assert all(spreads[frozenset(pair)] >= threshold for pair in queued)
     assert min(spreads[frozenset(p)] for p in queued) > sorted(spreads.values())[0]
+
+
+def test_batched_answers_come_back_in_prompt_order_as_one_at_a_time(tiny_model_path):
+    """Prompts are batched longest first; the answers are put back in the prompts' order and match answering each
+    prompt alone (greedy, so padding must not change them)."""
+    import torch
+
+    from rlhf import models
+    from rlhf.generation import answer_prompts
+
+    model, tokenizer = models.load_causal_lm(str(tiny_model_path))
+    torch.manual_seed(0)
+    with torch.no_grad():  # the tiny model repeats one token whatever it is asked: noise makes answers differ
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    prompts = [[{"role": "user", "content": text}] for text in
+               ("Hi.", "Tell me a long story about a lighthouse keeper and her cat, please.", "Why is the sky blue?",
+                "Name three rivers in Europe that flow into the sea.", "Ok?")]
+    batched = [answer.ids for answer in answer_prompts(model, tokenizer, prompts, 8, batch_size=2)]
+    alone = [answer_prompts(model, tokenizer, [prompt], 8, batch_size=1)[0].ids for prompt in prompts]
+    assert batched == alone and len({tuple(ids) for ids in alone}) == len(prompts)

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from preference_ui.simulate import LabellerModel, decide, simulate
-from rlhf.judges import keywords, length, load_judge, readability
+from rlhf.judges import keywords, length, load_judge, readability, sentiment
 from rlhf.errors import UserError
 from rlhf.store import Store
 
@@ -25,10 +25,20 @@ def test_length_and_keyword_judges():
     assert keywords(["Explain how volcanoes erupt"], ["Magma rises."]) == [0.0]
 
 
+def test_sentiment_judge_by_hand():
+    # AFINN valences: love +3, great +3, terrible -3, sad -2; per ten words, at least ten words counted
+    assert sentiment(["", ""], ["I love it.", "Great food, terrible service and a sad waiter."]) == \
+        [pytest.approx(10 * 3 / 10), pytest.approx(10 * (3 - 3 - 2) / 10)]
+    many_words = "We love this place " + "and the view " * 4 + "from the window over the bay"
+    assert sentiment([""], [many_words]) == [pytest.approx(10 * 3 / 22)]  # 22 words
+    assert sentiment([""], ["The train leaves at noon."]) == [0.0]
+    assert load_judge("builtin:sentiment") is sentiment
+
+
 def test_judges_load_by_name_or_import_path():
     assert load_judge("builtin:readability") is readability
     assert load_judge("rlhf.judges:length") is length
-    with pytest.raises(UserError, match="no such built-in; built-ins: readability, length, keywords"):
+    with pytest.raises(UserError, match="no such built-in; built-ins: readability, length, keywords, sentiment"):
         load_judge("builtin:vibes")
     with pytest.raises(UserError, match="cannot load"):
         load_judge("no_such_module:judge")

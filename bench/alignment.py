@@ -1,0 +1,188 @@
+"""Does the default run align the model, whatever the preference? The whole default chain (`rlhf run`) once per
+judge, each in a fresh output root: the simulated labellers vote with the judge, PPO follows it as gold against
+its reward model, and eval scores SFT, PPO and DPO with it on the held-out prompts.
+
+    python bench/alignment.py [--config configs/default.yaml] [--root /tmp/alignment] [--judges a,b,...]
+                              [--held-out builtin:sentiment] [--eval-prompts 200] [--frontier] [--set KEY=VALUE ...]
+
+Prints per judge: the reward model's held-out accuracy and the labellers' ceiling (with their counts), the SFT,
+PPO and DPO judge means, win rates against SFT with 95% bootstrap intervals, KL to SFT, and each stage's wall
+time. The held-out judge (the recipes were tuned on the others, nothing on it) is reported apart. Last line:
+`ratio: X`, X = the smallest lower bound of the PPO and DPO judge win-rate intervals over all judges / 0.5 (above
+1.0: every policy beats SFT on every judge with confidence).
+
+`--frontier` then trains PPO at three `kl_coef` values and DPO at three `beta` values from the first judge's SFT
+model, reward model and labels, evaluates them together and plots judge score against KL for both
+(`frontier.png` in the root).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+JUDGES = ("builtin:length", "builtin:readability", "builtin:keywords", "builtin:sentiment")
+HELD_OUT = "builtin:sentiment"
+POLICIES = ("ppo", "dpo")
+RUN_NAME = "default"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--root", default="", help="Folder for the runs (empty: a new temporary folder).")
+    parser.add_argument("--judges", default=",".join(JUDGES), help="Comma-separated judges, one run each.")
+    parser.add_argument("--held-out", default=HELD_OUT, help="The judge nothing was tuned on, reported apart.")
+    parser.add_argument("--eval-prompts", type=int, default=200, help="Held-out prompts eval scores.")
+    parser.add_argument("--frontier", action="store_true", help="Also the reward-KL frontier on the first judge.")
+    parser.add_argument("--kl-coefs", default="0.02,0.05,0.2", help="PPO kl_coef values of the frontier.")
+    parser.add_argument("--betas", default="0.03,0.1,0.3", help="DPO beta values of the frontier.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Extra config override for every run, e.g. ppo.total_episodes=64 (repeatable).")
+    return parser.parse_args(argv)
+
+
+def rlhf(*words: str) -> float:
+    """Runs the rlhf command line in a subprocess from the repository; returns its wall seconds."""
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "pipeline.cli", *words], cwd=REPO, check=True)
+    return time.time() - started
+
+
+def judge_name(judge: str) -> str:
+    return judge.split(":")[-1].replace(".", "_")
+
+
+def run_chain(args, judge: str, root: Path) -> dict:
+    """The default chain on one judge in a fresh folder under `root`; the numbers the summary needs."""
+    output_root = Path(tempfile.mkdtemp(prefix=f"{judge_name(judge)}-", dir=root))
+    overrides = [f"--labels.simulate_judge={judge}", f"--ppo.judge={judge}", f"--eval.judge={judge}",
+                 f"--eval.num_prompts={args.eval_prompts}", *(f"--{item}" for item in args.set)]
+    print(f"[alignment] {judge}: rlhf run in {output_root}", flush=True)
+    wall = rlhf("run", "--config", args.config, f"--run.output_root={output_root}", f"--run.name={RUN_NAME}",
+                *overrides)
+    return {**chain_result(output_root / RUN_NAME), "wall_s": wall, "output_root": str(output_root)}
+
+
+def chain_result(run: Path) -> dict:
+    """From a finished run's manifest and eval results: reward-model accuracy and ceiling, each policy's judge
+    numbers, and each stage's seconds."""
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    reward = stages["reward"]["metrics"]
+    results = json.loads((run / "eval" / "results.json").read_text())
+    return {"reward": {key: reward.get(key) for key in ("heldout_accuracy", "heldout_pairs", "human_ceiling",
+                                                        "ceiling_units", "model_on_ceiling_units")},
+            "prompts": results["prompts"], "policies": results["policies"],
+            "stage_seconds": {name: entry.get("timings", {}).get("total_s") for name, entry in stages.items()}}
+
+
+def smallest_lower_bound(results: dict) -> float:
+    """The smallest lower bound of the PPO and DPO judge win-rate intervals over every judge's results."""
+    return min(result["policies"][policy]["win_rate_judge_low"] for result in results.values()
+               for policy in POLICIES)
+
+
+def ratio(results: dict) -> float:
+    """The benchmark's figure: above 1.0 when every policy beats SFT on every judge with confidence."""
+    return smallest_lower_bound(results) / 0.5
+
+
+def judge_lines(judge: str, result: dict) -> list[str]:
+    reward, policies = result["reward"], result["policies"]
+    lines = [f"judge {judge}: {result['prompts']} eval prompts, run in {result['wall_s']:.0f} s "
+             f"({result['output_root']})",
+             f"  reward model held-out accuracy {fmt(reward['heldout_accuracy'])} on {reward['heldout_pairs']} pairs; "
+             f"labellers' ceiling {fmt(reward['human_ceiling'])} on {reward['ceiling_units']} votes "
+             f"(the reward model on those votes: {fmt(reward['model_on_ceiling_units'])})",
+             f"  judge mean: " + ", ".join(f"{name} {policies[name]['judge']:.3f}" for name in ("sft", *POLICIES))]
+    for name in POLICIES:
+        policy = policies[name]
+        lines.append(f"  {name}: win rate vs SFT {policy['win_rate_judge']:.3f} [{policy['win_rate_judge_low']:.3f}, "
+                     f"{policy['win_rate_judge_high']:.3f}], KL to SFT {policy['kl']:.2f}")
+    lines.append("  stage seconds: " + ", ".join(f"{name} {fmt(seconds, '.0f')}"
+                                                for name, seconds in result["stage_seconds"].items()))
+    return lines
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary(results: dict, held_out: str) -> str:
+    """Every judge's lines (the held-out judge apart, last) and the ratio line."""
+    tuned = {judge: result for judge, result in results.items() if judge != held_out}
+    lines = ["== judges the recipes were tuned on =="]
+    for judge, result in tuned.items():
+        lines += judge_lines(judge, result)
+    if held_out in results:
+        lines += [f"== held-out judge (nothing tuned on it) ==", *judge_lines(held_out, results[held_out])]
+    lines.append(f"smallest lower bound of the PPO and DPO win-rate intervals: {smallest_lower_bound(results):.3f}")
+    lines.append(f"ratio: {ratio(results):.3f}")
+    return "\n".join(lines)
+
+
+def frontier(args, judge: str, chain: dict, root: Path) -> Path:
+    """PPO at each kl_coef and DPO at each beta from the chain's SFT model, reward model and labels, evaluated
+    together on the judge; plots judge score against KL to SFT."""
+    run = Path(chain["output_root"]) / RUN_NAME
+    common = ["--config", args.config, f"--run.output_root={root / 'frontier'}", *(f"--{item}" for item in args.set)]
+    policies = []
+    for value in args.kl_coefs.split(","):
+        name = f"ppo-kl{value}"
+        rlhf("ppo", *common, f"--run.name={name}", f"--ppo.model={run / 'sft'}", f"--ppo.reward_model={run / 'reward'}",
+             f"--ppo.kl_coef={value}", f"--ppo.judge={judge}")
+        policies.append(f"{name}={root / 'frontier' / name / 'ppo'}")
+    for value in args.betas.split(","):
+        name = f"dpo-beta{value}"
+        rlhf("dpo", *common, f"--run.name={name}", f"--dpo.model={run / 'sft'}",
+             f"--dpo.preferences={run / 'preferences'}", f"--dpo.reward_model={run / 'reward'}", f"--dpo.beta={value}")
+        policies.append(f"{name}={root / 'frontier' / name / 'dpo'}")
+    rlhf("eval", *common, "--run.name=compare", f"--eval.baseline={run / 'sft'}", f"--eval.reward_model={run / 'reward'}",
+         f"--eval.judge={judge}", f"--eval.num_prompts={args.eval_prompts}", f"--eval.policies={','.join(policies)}")
+    results = json.loads((root / "frontier" / "compare" / "eval" / "results.json").read_text())["policies"]
+    return frontier_plot(root / "frontier.png", results, judge)
+
+
+def frontier_plot(path: Path, results: dict, judge: str) -> Path:
+    from rlhf.plots import pyplot, save_figure
+
+    plt = pyplot()
+    figure, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([0.0], [results["sft"]["judge"]], color="black", zorder=3, label="sft")
+    for family, marker in (("ppo", "o"), ("dpo", "s")):
+        points = sorted((result["kl"], result["judge"], name) for name, result in results.items()
+                        if name.startswith(family + "-"))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=family)
+        for kl, score, name in points:
+            ax.annotate(name.split("-", 1)[1], (kl, score), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("KL to SFT (nats per answer)")
+    ax.set_ylabel(f"judge {judge} (mean over eval prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(figure, path)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    root = Path(args.root or tempfile.mkdtemp(prefix="alignment-"))
+    root.mkdir(parents=True, exist_ok=True)
+    judges = args.judges.split(",")
+    results = {}
+    for judge in judges:
+        results[judge] = run_chain(args, judge, root)
+        (root / "results.json").write_text(json.dumps(results, indent=1))
+        print("\n".join(judge_lines(judge, results[judge])), flush=True)
+    if args.frontier:
+        print(f"[alignment] frontier plot: {frontier(args, judges[0], results[judges[0]], root)}", flush=True)
+    print(summary(results, args.held_out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
