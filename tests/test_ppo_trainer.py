@@ -30,7 +30,7 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
     metrics = entry["metrics"]
     assert metrics["end_score"] > metrics["start_score"] + 0.15, metrics
     assert metrics["final_kl"] > 0  # the policy moved away from its reference
-    assert metrics["eval_prompts"] == 8  # configs/tiny.yaml: num_eval_prompts 8 of data/eval_prompts.jsonl's 100
+    assert metrics["eval_prompts"] == 8  # configs/tiny.yaml: num_eval_prompts 8 of data/eval_prompts.jsonl's 320
     assert {"eval_score_before", "eval_score_after", "eval_judge_after", "eval_response_words_after"} <= set(metrics)
     # eval points before training, every 8 updates and after the last (20): judge and reward model against KL
     evals = json.loads((run / "ppo" / "evals.json").read_text())
