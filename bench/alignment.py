@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 JUDGES = ("builtin:length", "builtin:readability", "builtin:keywords", "builtin:sentiment")
 HELD_OUT = "builtin:sentiment"
 POLICIES = ("ppo", "dpo")
+CHAIN = ("sft", "preferences", "reward", "ppo", "dpo", "eval")  # the stages' order in `rlhf run`
 RUN_NAME = "default"
 
 
@@ -78,7 +79,12 @@ def chain_result(run: Path) -> dict:
     return {"reward": {key: reward.get(key) for key in ("heldout_accuracy", "heldout_pairs", "human_ceiling",
                                                         "ceiling_units", "model_on_ceiling_units")},
             "prompts": results["prompts"], "policies": results["policies"],
-            "stage_seconds": {name: entry.get("timings", {}).get("total_s") for name, entry in stages.items()}}
+            "stage_seconds": {name: stages[name].get("timings", {}).get("total_s")
+                              for name in sorted(stages, key=chain_position)}}
+
+
+def chain_position(stage: str) -> int:
+    return CHAIN.index(stage) if stage in CHAIN else len(CHAIN)
 
 
 def smallest_lower_bound(results: dict) -> float:

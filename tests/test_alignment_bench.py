@@ -42,8 +42,8 @@ def test_chain_result_reads_a_finished_runs_manifest_and_eval(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"stages": {
         "reward": {"metrics": {"heldout_accuracy": 0.75, "heldout_pairs": 40, "human_ceiling": 0.8,
                                "ceiling_units": 90, "model_on_ceiling_units": 0.7}, "timings": {"total_s": 84.0}},
-        "eval": {"metrics": {}, "timings": {"total_s": 120.0}}}}))
+        "eval": {"metrics": {}, "timings": {"total_s": 120.0}}, "dpo": {"metrics": {}, "timings": {"total_s": 9.0}}}}))
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"prompts": 200, "policies": {"sft": {"judge": 0.1}}}))
     result = chain_result(tmp_path)
     assert result["reward"]["heldout_pairs"] == 40 and result["prompts"] == 200
-    assert result["stage_seconds"] == {"reward": 84.0, "eval": 120.0}
+    assert list(result["stage_seconds"].items()) == [("reward", 84.0), ("dpo", 9.0), ("eval", 120.0)]  # chain order
