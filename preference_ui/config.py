@@ -14,7 +14,7 @@ class LabelsConfig:
         "help": "k responses per prompt; every pair of them becomes a comparison (k choose 2)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest response, in tokens."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (top_k 0, top_p 1)."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts generated for at once."})
+    batch_size: int = field(default=8, metadata={"help": "Answers generated at once (batched by prompt length)."})
     batch: str = field(default="", metadata={"help": "Name of the comparison batch; empty: the run name."})
     db: str = field(default="", metadata={"help": "Label store URL; empty: $RLHF_DB_URL or sqlite:///runs/labels.db."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling and the random a/b order of each pair."})
