@@ -27,10 +27,10 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
                       reward_vs_kl(folder / "reward_vs_kl.png", results, per_prompt["kls"], per_prompt[kind],
                                    histories.get("ppo"), label)))
         plots.append(("Score distributions", score_distributions(folder / "score_distribution.png", per_prompt)))
-    evals = load_evals(run_dir.stage_path("ppo"))
-    if len([point for point in evals if "eval/judge" in point]) > 1:
+    judged_points = [point for point in load_evals(run_dir.stage_path("ppo")) if "eval/judge" in point]
+    if len(judged_points) > 1:
         plots.append(("PPO: judge (gold) and reward model (proxy) against KL",
-                      gold_vs_proxy(folder / "gold_vs_proxy.png", evals)))
+                      gold_vs_proxy(folder / "gold_vs_proxy.png", judged_points)))
     text = report_text(results, len(next(iter(per_prompt["kls"].values()))), run_dir, config, plots)
     atomic_write_text(folder / "report.md", text)
     return text
@@ -126,12 +126,11 @@ def score_distributions(path: Path, per_prompt: dict) -> str:
     return save_figure(figure, path)
 
 
-def gold_vs_proxy(path: Path, evals: list[dict]) -> str:
-    """PPO's eval points: the reward model's score (left axis) and the judge's (right axis, with standard errors)
-    against the KL reached. A proxy still rising while the gold turns down is over-optimisation."""
+def gold_vs_proxy(path: Path, points: list[dict]) -> str:
+    """PPO's judged eval points: the reward model's score (left axis) and the judge's (right axis, with standard
+    errors) against the KL reached. A proxy still rising while the gold turns down is over-optimisation."""
     plt = pyplot()
 
-    points = [point for point in evals if "eval/judge" in point]
     kls = [point["kl"] for point in points]
     figure, proxy_axis = plt.subplots(figsize=(6.5, 4.5))
     proxy_axis.plot(kls, [point["eval/score"] for point in points], marker="o", color="tab:blue",
