@@ -137,7 +137,9 @@ def build_models(config: PPOStageConfig, found: dict):
     for model in (policy, reference, classifier):
         if model is not None:
             disable_dropout_in_model(model)
-    return policy, tokenizer, reference, Critic(classifier)
+    scale = reward_record(reward_model).get("scale") if reward_model and config.normalize_reward else None
+    return policy, tokenizer, reference, Critic(classifier, **({"mean": scale["mean"], "std": scale["std"]}
+                                                               if scale else {}))
 
 
 def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:

@@ -38,17 +38,19 @@ def policy_forward(policy, rollout: Rollout, temperature: float, rows=slice(None
 
 class Critic(torch.nn.Module):
     """Per-token values from a sequence classifier: its backbone's hidden states through its score head, an
-    ensemble's heads averaged into one value."""
+    ensemble's heads averaged into one value, on the scale PPO's scores are given in. A critic that starts as the
+    reward model must start on the normalised scale (score - mean) / std too: on the raw scale its values would
+    be a larger copy of the score, and the advantages, returns minus values, would point against the reward."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, mean: float = 0.0, std: float = 1.0):
         super().__init__()
-        self.classifier = classifier
+        self.classifier, self.mean, self.std = classifier, mean, std
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         backbone = getattr(self.classifier, self.classifier.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids).last_hidden_state
-        return self.classifier.score(hidden).float().mean(-1)
+        return (self.classifier.score(hidden).float().mean(-1) - self.mean) / self.std
 
 
 def critic_forward(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:

@@ -39,10 +39,14 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
     ensemble: int = field(default=1, metadata={
         "help": "Reward heads on one backbone, each trained on its own bootstrap resample of the pairs; their "
                 "mean is the reward and their spread the uncertainty."})
+    group_by_prompt: bool = field(default=True, metadata={
+        "help": "Batch the pairs of one prompt together and run each distinct answer once for all the pairs it is "
+                "in (k answers with all pairs: k sequences per prompt instead of k(k-1)). The same loss as "
+                "shuffled pairs, batched differently."})
     share_prompt: bool = field(default=True, metadata={
-        "help": "Run the tokens chosen and rejected share (the prompt) once per pair and both answers on its cached "
-                "keys and values: the same loss from fewer tokens. Used in single-process runs without gradient "
-                "checkpointing."})
+        "help": "Run the tokens a prompt's answers share (the prompt) once per prompt in a batch and the answers "
+                "on its cached keys and values: the same loss from fewer tokens. Used in single-process runs "
+                "without gradient checkpointing."})
     eval_fraction: float = field(default=0.1, metadata={
         "help": "Share of pairs held out for accuracy (split by a hash of id and seed)."})
     gold: str = field(default="data/gold_comparisons.jsonl", metadata={

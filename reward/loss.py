@@ -1,10 +1,13 @@
 """The reward model's training: TRL's RewardTrainer with our objective (rlhf/preference_loss.py: a Bradley-Terry
 likelihood that also knows ties, margins and vote weights, shared with DPO), shared prompts and ensemble heads.
 
-Chosen and rejected share their opening tokens (the prompt, and the chat template's start of the answer). With
-`share_prompt` those run once per pair: a first pass over the shared tokens keeps their keys and values, which are
-repeated for both answers, and a second pass runs only the two answers on top. The loss and its gradients are the
-same as running both whole sequences (a test checks it); the tokens computed are fewer.
+With k answers to a prompt and all their pairs, each answer is in k - 1 pairs. A batch holds whole prompts (the
+pairs of one prompt one after another) and runs each distinct answer once, reading its reward for every pair it is
+in: k sequences per prompt instead of k(k - 1). The answers to one prompt also share their opening tokens (the
+prompt and the chat template's start of the answer). With `share_prompt` those run once per prompt: a first pass
+over the shared tokens keeps their keys and values, copied for each answer, and a second pass runs only the
+answers on top. The loss and its gradients are the same as running every pair's two whole sequences (a test
+checks it); the tokens computed are far fewer.
 
 An ensemble is several one-output heads on one backbone. Each head sees its own bootstrap resample of the pairs
 (a Poisson(1) count per pair and head, fixed by the pair id), so the heads disagree where the data is thin; their
@@ -37,60 +40,122 @@ def bootstrap_counts(pair_id: str, heads: int, seed: int) -> list[float]:
     return counts
 
 
-def shared_length(chosen: list[int], rejected: list[int]) -> int:
-    """Leading tokens the two sequences share, leaving each at least its last token to be scored at."""
-    length, limit = 0, min(len(chosen), len(rejected)) - 1
-    while length < limit and chosen[length] == rejected[length]:
+def common_prefix(sequences: list[list[int]]) -> int:
+    """Leading tokens all the sequences share, leaving each at least its last token to be scored at."""
+    first, limit = sequences[0], min(len(s) for s in sequences) - 1
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences):
         length += 1
     return length
 
 
+def shared_length(chosen: list[int], rejected: list[int]) -> int:
+    """Leading tokens the two sequences share, leaving each at least its last token to be scored at."""
+    return common_prefix([chosen, rejected])
+
+
+def unique_rows(sequences: list[tuple]) -> tuple[list[tuple], list[int]]:
+    """(the distinct sequences in first-seen order, each input's row among them)."""
+    rows: dict[tuple, int] = {}
+    index = [rows.setdefault(s, len(rows)) for s in sequences]
+    return list(rows), index
+
+
 @dataclass
 class PreferenceCollator(DataCollatorForPreference):
-    """TRL's collator (chosen rows, then rejected rows, right-padded) plus each pair's tie flag and weights. With
-    `share_prompt` the rows are split instead: the tokens both answers share, left-padded (one row per pair), and
-    what follows them, right-padded (chosen and rejected of each pair side by side)."""
+    """Each distinct sequence of the batch once (right-padded rows), with the row of each pair's chosen and
+    rejected answer, its tie flag and its weights: pairs of one prompt that share answers (k answers, all pairs)
+    run each answer once. With `share_prompt` the rows are split instead: the tokens every answer to one prompt
+    shares, once per prompt (left-padded; a prompt is an example's `group`, or the pair alone), and each distinct
+    answer on top of its prompt (right-padded)."""
 
     share_prompt: bool = False
 
     def torch_call(self, examples):
-        shared = [shared_length(e["chosen_ids"], e["rejected_ids"]) for e in examples] if self.share_prompt else []
+        groups = prompt_groups(examples) if self.share_prompt else []
+        shared = [common_prefix([s for i in group for s in pair_ids(examples[i])]) for group in groups]
         if shared and min(shared) > 0:
-            batch = self.shared_prefix_batch(examples, shared)
+            batch = self.shared_prefix_batch(examples, groups, shared)
         else:  # nothing to share in some pair: the whole sequences
-            batch = super().torch_call(examples)
+            batch = self.whole_sequence_batch(examples)
         batch["tie"] = torch.tensor([bool(example["tie"]) for example in examples])
         batch["weight"] = torch.tensor([example["weight"] for example in examples], dtype=torch.float)
-        return batch
-
-    def shared_prefix_batch(self, examples, shared: list[int]) -> dict:
-        prefixes, suffixes = [], []
-        for example, length in zip(examples, shared):
-            chosen, rejected = example["chosen_ids"], example["rejected_ids"]
-            prefixes.append(torch.tensor(chosen[:length]))
-            suffixes += [torch.tensor(chosen[length:]), torch.tensor(rejected[length:])]
-        batch = {"prefix_ids": pad(prefixes, padding_value=self.pad_token_id, padding_side="left"),
-                 "prefix_mask": pad([torch.ones_like(p) for p in prefixes], padding_value=0, padding_side="left"),
-                 "suffix_ids": pad(suffixes, padding_value=self.pad_token_id, padding_side="right"),
-                 "suffix_mask": pad([torch.ones_like(s) for s in suffixes], padding_value=0, padding_side="right")}
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
         return batch
 
+    def whole_sequence_batch(self, examples) -> dict:
+        rows, index = unique_rows([tuple(s) for e in examples for s in pair_ids(e)])
+        return {"input_ids": pad([torch.tensor(r) for r in rows], padding_value=self.pad_token_id,
+                                 padding_side="right"),
+                "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in rows], padding_value=0,
+                                      padding_side="right"),
+                "chosen_row": torch.tensor(index[0::2]), "rejected_row": torch.tensor(index[1::2])}
+
+    def shared_prefix_batch(self, examples, groups: list[list[int]], shared: list[int]) -> dict:
+        prefixes, answers = [], []
+        for group, length in zip(groups, shared):
+            prefixes.append(torch.tensor(examples[group[0]]["chosen_ids"][:length]))
+            answers += [(len(prefixes) - 1, tuple(s[length:])) for i in group for s in pair_ids(examples[i])]
+        order = [i for group in groups for i in group]  # answers are listed group by group
+        rows, index = unique_rows(answers)
+        pair_rows = [0] * (2 * len(examples))
+        for position, example in enumerate(order):
+            pair_rows[2 * example], pair_rows[2 * example + 1] = index[2 * position], index[2 * position + 1]
+        return {"prefix_ids": pad(prefixes, padding_value=self.pad_token_id, padding_side="left"),
+                "prefix_mask": pad([torch.ones_like(p) for p in prefixes], padding_value=0, padding_side="left"),
+                "suffix_ids": pad([torch.tensor(answer) for _, answer in rows], padding_value=self.pad_token_id,
+                                  padding_side="right"),
+                "suffix_mask": pad([torch.ones(len(answer), dtype=torch.long) for _, answer in rows],
+                                   padding_value=0, padding_side="right"),
+                "suffix_prefix": torch.tensor([prefix for prefix, _ in rows]),
+                "chosen_row": torch.tensor(pair_rows[0::2]), "rejected_row": torch.tensor(pair_rows[1::2])}
+
+
+def pair_ids(example: dict) -> tuple[list[int], list[int]]:
+    return example["chosen_ids"], example["rejected_ids"]
+
+
+def prompt_groups(examples: list[dict]) -> list[list[int]]:
+    """Positions of the examples in each prompt group, in first-seen order (no `group`: each pair alone)."""
+    groups: dict = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(example.get("group", i), []).append(i)
+    return list(groups.values())
+
 
 def shared_prefix_rewards(model, batch: dict) -> torch.Tensor:
-    """[2 * pairs, heads] rewards, chosen rows first, from a shared-prefix batch (see PreferenceCollator)."""
+    """[answer rows, heads] rewards from a shared-prefix batch (see PreferenceCollator)."""
     prefix_mask = batch["prefix_mask"]
     positions = (prefix_mask.cumsum(-1) - 1).clamp_min(0)
     cache = model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask, position_ids=positions,
                   use_cache=True).past_key_values
-    cache.batch_repeat_interleave(2)  # one copy of each pair's prefix for its chosen and its rejected answer
+    owner = batch["suffix_prefix"]
+    cache.batch_select_indices(owner)  # each answer row on a copy of its prompt's keys and values
     suffix_mask = batch["suffix_mask"]
-    start = prefix_mask.sum(-1).repeat_interleave(2)[:, None]
-    logits = model(input_ids=batch["suffix_ids"], past_key_values=cache, use_cache=True,
-                   attention_mask=torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=-1),
-                   position_ids=start + torch.arange(suffix_mask.shape[1], device=start.device)).logits
-    return torch.cat([logits[0::2], logits[1::2]])
+    start = prefix_mask.sum(-1)[owner][:, None]
+    return model(input_ids=batch["suffix_ids"], past_key_values=cache, use_cache=True,
+                 attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=-1),
+                 position_ids=start + torch.arange(suffix_mask.shape[1], device=start.device)).logits
+
+
+class PromptGroupSampler(torch.utils.data.Sampler):
+    """Pairs in a random order of prompts, the pairs of each prompt one after another (so a batch holds whole
+    prompts and runs each of their answers once); a new order on every pass."""
+
+    def __init__(self, groups: list[str], seed: int):
+        members: dict[str, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        self.members, self.rng = list(members.values()), random.Random(seed)
+
+    def __len__(self):
+        return sum(len(m) for m in self.members)
+
+    def __iter__(self):
+        order = self.members[:]
+        self.rng.shuffle(order)
+        return iter([index for group in order for index in group])
 
 
 class PreferenceRewardTrainer(RewardTrainer):
@@ -110,17 +175,23 @@ class PreferenceRewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "tie", "weight"]
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "tie", "weight", "group"]
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if "group" in dataset.column_names:
+            return PromptGroupSampler(dataset["group"], self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         margin, tie, weight = inputs.pop("margin", None), inputs.pop("tie"), inputs.pop("weight")
         if "prefix_ids" in inputs:
-            rewards = shared_prefix_rewards(model, inputs)
+            rows = shared_prefix_rewards(model, inputs)
         else:
-            rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            use_cache=False).logits
-        chosen, rejected = torch.chunk(rewards, chunks=2)
+            rows = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        chosen, rejected = rows[inputs["chosen_row"]], rows[inputs["rejected_row"]]
+        rewards = torch.cat([chosen, rejected])
         loss = preference_loss(chosen, rejected, margin, tie, weight, self.tie_threshold,
                                self.args.center_rewards_coefficient)
         with torch.no_grad():

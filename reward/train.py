@@ -81,7 +81,10 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     args = dataclasses.replace(config, output_dir=str(partial), report_to="none",
                                gradient_checkpointing=checkpointing)
     columns = ["prompt", "chosen", "rejected", "tie", "weight"] + (["margin"] if config.use_margin else [])
-    train_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])
+    rows = [{k: p[k] for k in columns} for p in train_pairs]
+    if config.group_by_prompt:
+        rows = [{**row, "group": json.dumps(row["prompt"])} for row in rows]
+    train_data = datasets.Dataset.from_list(rows)
 
     # 2. accuracy before, training, accuracy after
     before = pair_metrics(model, tokenizer, eval_pairs)

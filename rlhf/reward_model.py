@@ -56,16 +56,17 @@ def reward_heads(path) -> int:
 @torch.no_grad()
 def score_heads(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> torch.Tensor:
     """[conversations, heads] rewards of each whole conversation (prompt + response), read at its last real
-    token. Conversations are scored shortest first, so a batch pads little."""
+    token. Each distinct conversation is scored once, shortest first, so a batch pads little."""
     model.eval()
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.zeros(len(texts), model.config.num_labels)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        out[chunk] = model(**batch.to(model.device)).logits.float().cpu()
-    return out
+    distinct = sorted(set(texts), key=len)
+    out = torch.zeros(len(distinct), model.config.num_labels)
+    for start in range(0, len(distinct), batch_size):
+        batch = tokenizer(distinct[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        out[start:start + batch_size] = model(**batch.to(model.device)).logits.float().cpu()
+    row = {text: i for i, text in enumerate(distinct)}
+    return out[[row[text] for text in texts]]
 
 
 def score(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:

@@ -1,6 +1,9 @@
 """`rlhf ppo` on the tiny model with a programmatic reward: the reward rises and the policy is published."""
 import json
 
+import pytest
+import torch
+
 from pipeline.cli import main as cli
 
 VOWELS = set("aeiouAEIOU")
@@ -57,6 +60,18 @@ def test_ppo_scores_with_a_reward_model_normalised_by_its_scale(tmp_path, tiny_m
                 [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
     scores = Scorer(PPOStageConfig(), str(reward_dir))(prompts, responses)
     assert max(abs(a - (b - 0.5) / 2.0) for a, b in zip(scores.tolist(), raw)) < 1e-6
+    # the critic starts as the reward model on that same scale: its value at a conversation's last token is the
+    # normalised score (on the raw scale, returns minus values would run against the reward)
+    from ppo.trainer import build_models
+
+    critic = build_models(PPOStageConfig(), {"policy": str(tiny_model_path), "reward_model": str(reward_dir)})[3]
+    text = tokenizer.apply_chat_template(prompts[0] + [{"role": "assistant", "content": responses[0]}],
+                                         tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        value = critic(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       position_ids=torch.arange(ids.shape[1])[None])[0, -1]
+    assert value.item() == pytest.approx(scores[0].item(), abs=1e-4)
     assert cli(["ppo", "--config", "configs/tiny.yaml", "--ppo.model", str(tiny_model_path), "--ppo.reward_model",
                 str(reward_dir), "--ppo.total_episodes", "8", "--ppo.batch_size", "4", "--ppo.response_length", "6",
                 "--run.output_root", str(tmp_path / "runs"), "--run.tracking", "none"]) == 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reward.loss import PreferenceCollator, PreferenceRewardTrainer, bootstrap_counts
+from reward.loss import PromptGroupSampler, PreferenceCollator, PreferenceRewardTrainer, bootstrap_counts
 from rlhf.preference_loss import log_tie_probability, preference_loss
 
 
@@ -106,7 +106,7 @@ def test_ties_and_margins_from_the_collated_batch_reach_the_trainers_loss():
     assert trainer._metrics["train"]["accuracy"] == [1.0]
 
 
-def test_sharing_the_prompt_gives_the_same_rewards_loss_and_gradients(tiny_model_path):
+def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradients(tiny_model_path):
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.reward_model import reward_tokenizer
@@ -128,6 +128,11 @@ def test_sharing_the_prompt_gives_the_same_rewards_loss_and_gradients(tiny_model
                          "margin": 0.5, "tie": prompt_len == 3, "weight": [1.0, 2.0]})
     examples.append({"chosen_ids": [11, 12, 13], "rejected_ids": [11, 12, 13, 14], "margin": 0.0, "tie": False,
                      "weight": [1.0, 1.0]})  # one answer a prefix of the other
+    prompt, answers = ids(6), [ids(3), ids(5), ids(1)]  # three answers to one prompt, all three pairs, in a group
+    answers[1][:2] = answers[0][:2]  # two answers that open alike: the group's prefix still stops at the prompt
+    for better, worse in ((0, 1), (2, 0), (2, 1)):
+        examples.insert(better + 1, {"chosen_ids": prompt + answers[better], "rejected_ids": prompt + answers[worse],
+                                     "margin": 1.0, "tie": False, "weight": [1.0, 0.0], "group": "p"})
     unshareable = [{**examples[0], "rejected_ids": [5] + examples[0]["rejected_ids"]}]
     assert "prefix_ids" not in PreferenceCollator(pad_token_id=0, share_prompt=True)(unshareable)
 
@@ -135,6 +140,9 @@ def test_sharing_the_prompt_gives_the_same_rewards_loss_and_gradients(tiny_model
         model.zero_grad()
         batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=share)(examples)
         assert ("prefix_ids" in batch) == share
+        # each distinct sequence runs once: the grouped prompt's three answers serve its three pairs
+        assert len(batch["suffix_ids" if share else "input_ids"]) == 2 * len(examples) - 3
+        assert not share or len(batch["prefix_ids"]) == len(examples) - 2
         trainer = PreferenceRewardTrainer.__new__(PreferenceRewardTrainer)
         trainer.tie_threshold, trainer.model = 1.0, model
         trainer.args = type("Args", (), {"center_rewards_coefficient": 0.01})()
@@ -149,5 +157,45 @@ def test_sharing_the_prompt_gives_the_same_rewards_loss_and_gradients(tiny_model
     shared_loss, shared_rewards, shared_grads = loss_and_grads(True)
     assert shared_loss == pytest.approx(whole_loss, rel=1e-5)
     assert torch.allclose(shared_rewards, whole_rewards, atol=1e-5)
+    with torch.no_grad():  # and both are each pair's two sequences run alone
+        alone = [model(input_ids=torch.tensor([e[side]])).logits[0] for side in ("chosen_ids", "rejected_ids")
+                 for e in examples]
+    assert torch.allclose(torch.stack(alone), whole_rewards, atol=1e-5)
     for name, grad in whole_grads.items():
         assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_prompt_group_sampler_keeps_a_prompts_pairs_together_and_reshuffles_each_pass():
+    groups = ["a", "b", "a", "c", "b", "a", "d"]
+    sampler = PromptGroupSampler(groups, seed=3)
+    passes = [list(sampler) for _ in range(6)]
+    for order in passes:
+        assert sorted(order) == list(range(7)) and len(sampler) == 7
+        runs = [groups[i] for i in order]
+        assert all(runs.index(g) + runs.count(g) - 1 == len(runs) - 1 - runs[::-1].index(g) for g in set(groups))
+    assert len({tuple(order) for order in passes}) > 1
+
+
+def test_the_reward_trainer_batches_each_prompts_pairs_together_and_runs_each_answer_once(tmp_path, tiny_model_path):
+    import datasets
+
+    from reward.config import RewardStageConfig
+    from rlhf.reward_model import load_reward_model, reward_tokenizer
+
+    tokenizer = reward_tokenizer(str(tiny_model_path))
+    rows = []
+    for topic in ("rain", "bread", "owls", "tea"):  # three answers per prompt, all three pairs
+        prompt = [{"role": "user", "content": f"Tell me about {topic}."}]
+        answers = [[{"role": "assistant", "content": f"{topic} {word}"}] for word in ("is fine", "is good", "ok")]
+        rows += [{"prompt": prompt, "chosen": answers[i], "rejected": answers[j], "tie": False, "weight": [1.0],
+                  "group": topic} for i, j in ((0, 1), (0, 2), (1, 2))]
+    args = RewardStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, report_to="none", seed=5)
+    trainer = PreferenceRewardTrainer(
+        model=load_reward_model(str(tiny_model_path), tokenizer), args=args,
+        train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+        data_collator=PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=True))
+    batches = list(trainer.get_train_dataloader())
+    assert len(batches) == 4
+    for batch in batches:  # one prompt per batch: its prefix once, its three answers once for three pairs
+        assert len(batch["prefix_ids"]) == 1 and len(batch["suffix_ids"]) == 3
+        assert sorted(zip(batch["chosen_row"].tolist(), batch["rejected_row"].tolist())) == [(0, 1), (0, 2), (1, 2)]
