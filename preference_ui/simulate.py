@@ -24,6 +24,11 @@ class LabellerModel:
     noise: float = 0.0  # probability of replacing the vote by a uniformly random choice
 
 
+def prefer_a(x: float) -> float:
+    """sigmoid(x) without overflow: a gap of many temperatures (Flesch points at temperature 0.05) is certain."""
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
 def decide(score_a: float, score_b: float, model: LabellerModel, rng: random.Random) -> tuple[str, str]:
     """(choice, strength) for one comparison."""
     gap = score_a - score_b
@@ -34,7 +39,7 @@ def decide(score_a: float, score_b: float, model: LabellerModel, rng: random.Ran
     elif model.temperature == 0:
         choice = "a" if gap > 0 else "b"
     else:
-        choice = "a" if rng.random() < 1 / (1 + math.exp(-gap / model.temperature)) else "b"
+        choice = "a" if rng.random() < prefer_a(gap / model.temperature) else "b"
     if rng.random() < model.noise:
         choice = rng.choice(VOTE_CHOICES)
     strength = "clear" if abs(gap) >= 2 * max(model.tie_margin, model.temperature, 1e-9) else "slight"

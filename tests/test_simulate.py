@@ -52,6 +52,9 @@ def test_decide_rules():
     # Bradley-Terry: a score gap of one temperature wins with probability sigmoid(1) = 0.731
     wins = sum(decide(1.0, 0.0, LabellerModel(temperature=1.0), rng)[0] == "a" for _ in range(4000))
     assert wins / 4000 == pytest.approx(0.731, abs=0.03)
+    # a gap of thousands of temperatures (Flesch points at temperature 0.05) is certain either way, no overflow
+    assert decide(20.0, 80.0, LabellerModel(temperature=0.05), rng)[0] == "b"
+    assert decide(80.0, 20.0, LabellerModel(temperature=0.05), rng)[0] == "a"
 
 
 def store_with_pairs(tmp_path, n) -> Store:
