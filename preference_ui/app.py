@@ -17,10 +17,12 @@ from pathlib import Path
 import gradio as gr
 
 from rlhf.errors import UserError
+from rlhf.schema import PREFERENCE_CHOICES
 from rlhf.store import MAX_NOTE_CHARS, DuplicateVote, Store, StoreError, User
 from preference_ui.config import LabelsConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue
 
+DEFAULT_STRENGTH = "clear"  # shown anew with every item
 BUTTONS = (("a", "A is better  [1]", "vote-a"), ("b", "B is better  [2]", "vote-b"), ("tie", "Tie  [3]", "vote-tie"),
            ("both_bad", "Both bad  [4]", "vote-both-bad"))
 # Keys click the buttons; typing in a text box (the note) never votes.
@@ -93,15 +95,16 @@ class LabellingApp:
         return user
 
     def show(self, user: User, message: str = "") -> tuple:
-        """Outputs of every labelling event: state, item title, prompt, left, right, progress, message."""
+        """Outputs of every labelling event: state, item title, prompt, left, right, progress, message, and the
+        strength back at its default (a strength picked for one item must not carry over to the next)."""
         item: Item | None = self.queue.next_item(user)
         progress = progress_html(user, self.queue.progress(user))
         if item is None:
             return (None, "### Nothing left to label", "", "", "", progress,
-                    message or "Your queue is empty: every item has its votes. Thank you!")
+                    message or "Your queue is empty: every item has its votes. Thank you!", DEFAULT_STRENGTH)
         state = {"comparison_id": item.comparison_id, "shown_at": time.time()}
         return (state, f"### Item {item.comparison_id}", prompt_text(item.prompt), item.left, item.right,
-                progress, message)
+                progress, message, DEFAULT_STRENGTH)
 
     def load(self, request: gr.Request):
         user = self.user(request)
@@ -118,7 +121,8 @@ class LabellingApp:
             if note and len(note) > MAX_NOTE_CHARS:
                 raise gr.Error(f"the note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
             try:
-                self.queue.vote(user, state["comparison_id"], choice, strength or "clear", note or None,
+                self.queue.vote(user, state["comparison_id"], choice,
+                                (strength or DEFAULT_STRENGTH) if choice in PREFERENCE_CHOICES else None, note or None,
                                 seconds=round(time.time() - state["shown_at"], 2))
             except (DuplicateVote, ItemGone) as refused:
                 return self.show(user, f"Not counted: {refused}. Here is your next item.")
@@ -206,7 +210,8 @@ def build_app(store: Store, config: LabelsConfig, batch: str | None = None, loca
                            for choice, text, elem_id in BUTTONS}
                 skip = gr.Button("Skip  [s]", elem_id="skip", variant="stop")
             with gr.Row():
-                strength = gr.Radio(["clear", "slight"], value="clear", label="How much better?", elem_id="strength")
+                strength = gr.Radio(["clear", "slight"], value=DEFAULT_STRENGTH, elem_id="strength",
+                                    label="How much better? (for A or B; a tie or both bad has no strength)")
                 note = gr.Textbox(label=f"Note (optional, up to {MAX_NOTE_CHARS} characters)", lines=1,
                                   max_length=MAX_NOTE_CHARS, elem_id="note")
             message = gr.Markdown(elem_id="message")
@@ -227,7 +232,7 @@ def build_app(store: Store, config: LabelsConfig, batch: str | None = None, loca
 
         # Labelling events are a few milliseconds of database work each: they skip Gradio's queue, whose
         # bookkeeping costs more than the work (bench/label_load.py).
-        shown = [state, title, prompt, left, right, progress, message]
+        shown = [state, title, prompt, left, right, progress, message, strength]
         app.load(inline(handlers.load), None, [*shown, admin_tab], api_name="load", queue=False)
         app.load(None, js=SHORTCUTS_JS)
         for choice, button in buttons.items():

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from rlhf.store import (Assignment, Comparison, DuplicateVote, Prompt, Response, Store, StoreError, User, Vote,
-                        check_vote, utcnow)
+                        check_vote, utcnow, vote_strength)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
@@ -197,10 +197,12 @@ class LabelQueue:
         return Item(assignment.comparison_id, prompt, left, right, assignment.swapped, kind)
 
     # answers
-    def vote(self, user: User, comparison_id: int, shown_choice: str, strength: str = "clear",
+    def vote(self, user: User, comparison_id: int, shown_choice: str, strength: str | None = None,
              note: str | None = None, seconds: float | None = None) -> None:
-        """Stores the vote for the item as shown ("a" = left), undoing the swap, and closes the assignment."""
+        """Stores the vote for the item as shown ("a" = left), undoing the swap, and closes the assignment. A
+        strength belongs to an a or b vote only ("clear" when none is given)."""
         check_vote(shown_choice, strength, note)
+        strength = vote_strength(shown_choice, strength)
         try:
             with self.store.writing() as connection:
                 swapped = self.close(connection, self.sql.close_voted, user, comparison_id)

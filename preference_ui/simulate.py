@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 
 from rlhf.judges import load_judge
-from rlhf.schema import VOTE_CHOICES
+from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
 from rlhf.store import DuplicateVote, Store
 
 
@@ -29,8 +29,8 @@ def prefer_a(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
-def decide(score_a: float, score_b: float, model: LabellerModel, rng: random.Random) -> tuple[str, str]:
-    """(choice, strength) for one comparison."""
+def decide(score_a: float, score_b: float, model: LabellerModel, rng: random.Random) -> tuple[str, str | None]:
+    """(choice, strength) for one comparison; no strength for a tie or both_bad."""
     gap = score_a - score_b
     if model.both_bad_floor is not None and max(score_a, score_b) < model.both_bad_floor:
         choice = "both_bad"
@@ -42,8 +42,9 @@ def decide(score_a: float, score_b: float, model: LabellerModel, rng: random.Ran
         choice = "a" if rng.random() < prefer_a(gap / model.temperature) else "b"
     if rng.random() < model.noise:
         choice = rng.choice(VOTE_CHOICES)
-    strength = "clear" if abs(gap) >= 2 * max(model.tie_margin, model.temperature, 1e-9) else "slight"
-    return choice, strength
+    if choice not in PREFERENCE_CHOICES:
+        return choice, None  # a tie or both_bad has no strength
+    return choice, "clear" if abs(gap) >= 2 * max(model.tie_margin, model.temperature, 1e-9) else "slight"
 
 
 def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel, batch: str | None = None,

@@ -22,7 +22,7 @@ import datasets
 
 from rlhf.errors import UserError
 from rlhf.runs import atomic_write_json, hash_config
-from rlhf.schema import VOTE_CHOICES
+from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
 from rlhf.store import Store
 
 STRENGTH_MARGIN = {"slight": 0.5, "clear": 1.0}
@@ -71,7 +71,8 @@ def preference_row(comparison: dict, votes: list, names: dict) -> dict:
     in_row_terms = {"a": "rejected" if verdict == "b" else "chosen", "b": "chosen" if verdict == "b" else "rejected",
                     "tie": "tie", "both_bad": "both_bad"}
     agreeing = [vote for vote in votes if vote.choice == verdict]
-    margin = sum(STRENGTH_MARGIN[vote.strength] for vote in agreeing) / len(agreeing) if agreeing else 0.0
+    decided = agreeing and verdict in PREFERENCE_CHOICES  # only a preference has a strength, and so a margin
+    margin = sum(STRENGTH_MARGIN[vote.strength] for vote in agreeing) / len(agreeing) if decided else 0.0
     return {"id": f"cmp-{comparison['id']}", "batch": comparison["batch"], "prompt": comparison["prompt"],
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],

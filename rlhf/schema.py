@@ -7,7 +7,8 @@ trainer as they are:
 - prompt:           {"id", "category", "prompt": [{"role", "content"}, ..., user]}
 - preference pair:  {"id", "prompt": [...], "chosen": [assistant], "rejected": [assistant],
                      "tie": bool, "both_bad": bool, "margin": float | None, "labeller": str | None,
-                     "labeller_votes": [{"labeller", "verdict": chosen|rejected|tie|both_bad, "strength"}]}
+                     "labeller_votes": [{"labeller", "verdict": chosen|rejected|tie|both_bad,
+                                         "strength": slight|clear, null for tie and both_bad}]}
 - gold comparison:  {"id", "category", "prompt": [...], "a": str, "b": str, "expected": one of VOTE_CHOICES}
 
 The functions here turn one raw row (in any of the accepted layouts) into its canonical form, or raise
@@ -21,7 +22,8 @@ DEFAULT_CATEGORY = "general"
 
 # The label vocabulary, defined once: the store, the labelling UI and the export all use these.
 VOTE_CHOICES = ("a", "b", "tie", "both_bad")
-VOTE_STRENGTHS = ("slight", "clear")
+VOTE_STRENGTHS = ("slight", "clear")  # how much better: votes for a or b only
+PREFERENCE_CHOICES = ("a", "b")
 # A vote in a preference pair's own terms (the export turns a/b into chosen/rejected).
 PAIR_VERDICTS = ("chosen", "rejected", "tie", "both_bad")
 
@@ -179,10 +181,11 @@ def labeller_votes(value) -> list[dict]:
         if vote.get("verdict") not in PAIR_VERDICTS:
             raise RowProblem(f"{where}.verdict", f"expected one of {', '.join(PAIR_VERDICTS)}, "
                                                  f"got {vote.get('verdict')!r}")
-        if vote.get("strength", "clear") not in VOTE_STRENGTHS:
+        preference = vote["verdict"] in ("chosen", "rejected")  # a tie or both_bad has no strength
+        if preference and vote.get("strength", "clear") not in VOTE_STRENGTHS:
             raise RowProblem(f"{where}.strength", f"expected one of {', '.join(VOTE_STRENGTHS)}")
         votes.append({"labeller": vote["labeller"], "verdict": vote["verdict"],
-                      "strength": vote.get("strength") or "clear"})
+                      "strength": (vote.get("strength") or "clear") if preference else None})
     return votes
 
 

@@ -18,14 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, func, inspect, select, update)
+                        UniqueConstraint, create_engine, event, func, inspect, select, text, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhf.errors import UserError
-from rlhf.schema import VOTE_CHOICES, VOTE_STRENGTHS
+from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES, VOTE_STRENGTHS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_URL = "sqlite:///runs/labels.db"
 ROLES = ("labeller", "admin")
 KINDS = ("train", "gold", "eval")
@@ -128,13 +128,15 @@ class Vote(Base):
     __table_args__ = (
         UniqueConstraint("comparison_id", "user_id", name="one_vote_per_labeller"),
         CheckConstraint(f"choice IN ({quoted(VOTE_CHOICES)})", name="vote_choice"),
-        CheckConstraint(f"strength IN ({quoted(VOTE_STRENGTHS)})", name="vote_strength"),
+        # a strength says how much better the chosen answer is: a or b only, none for tie or both_bad
+        CheckConstraint(f"(choice IN ({quoted(PREFERENCE_CHOICES)}) AND strength IN ({quoted(VOTE_STRENGTHS)})) OR "
+                        f"(choice NOT IN ({quoted(PREFERENCE_CHOICES)}) AND strength IS NULL)", name="vote_strength"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     choice: Mapped[str] = mapped_column(String(16))
-    strength: Mapped[str] = mapped_column(String(16), default="clear")
+    strength: Mapped[str | None] = mapped_column(String(16), nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     swapped: Mapped[bool] = mapped_column(Boolean, default=False)  # whether the UI showed B on the left
@@ -153,11 +155,20 @@ def password_matches(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate.hex(), digest)
 
 
-def check_vote(choice: str, strength: str, note: str | None) -> None:
+def vote_strength(choice: str, strength: str | None) -> str | None:
+    """The strength to store: for a or b the one given ("clear" when none is), for tie and both_bad none."""
+    if choice not in PREFERENCE_CHOICES:
+        if strength is not None:
+            raise StoreError(f"a '{choice}' vote has no strength (only a and b do), got '{strength}'")
+        return None
+    return strength or "clear"
+
+
+def check_vote(choice: str, strength: str | None, note: str | None) -> None:
     """A clear refusal before the database's own checks would turn the vote down."""
     if choice not in VOTE_CHOICES:
         raise StoreError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got '{choice}'")
-    if strength not in VOTE_STRENGTHS:
+    if strength not in (*VOTE_STRENGTHS, None):
         raise StoreError(f"strength must be one of {', '.join(VOTE_STRENGTHS)}, got '{strength}'")
     if note and len(note) > MAX_NOTE_CHARS:
         raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
@@ -197,6 +208,7 @@ class Store:
 
     def check_schema(self) -> None:
         self.upgrade_from_version_1()
+        self.upgrade_from_version_2()
         Base.metadata.create_all(self.engine)
         with self.transaction() as session:
             version = session.get(Meta, "schema_version")
@@ -216,6 +228,29 @@ class Store:
                 Assignment.__table__.drop(connection)
                 Assignment.__table__.create(connection)
                 connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="2"))
+
+    def upgrade_from_version_2(self) -> None:
+        """Version 2 stored a strength with every vote, and a sticky strength in the labelling app wrote the last
+        one picked into ties and both-bad votes too; version 3 stores none for them. The votes table is rebuilt
+        with the new rule (a table constraint cannot be altered in SQLite): every vote kept, the strengths of tie
+        and both_bad votes cleared. The strengths of a and b votes are kept as stored."""
+        with self.engine.begin() as connection:
+            if not inspect(connection).has_table("meta"):
+                return
+            if connection.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar() != "2":
+                return
+            votes = [dict(row) for row in connection.execute(select(Vote.__table__)).mappings()]
+            for vote in votes:
+                vote["strength"] = vote_strength(vote["choice"], vote["strength"] if vote["choice"] in
+                                                 PREFERENCE_CHOICES else None)
+            Vote.__table__.drop(connection)
+            Vote.__table__.create(connection)
+            if votes:
+                connection.execute(Vote.__table__.insert(), votes)
+            if votes and connection.dialect.name == "postgresql":  # the new table's id sequence starts after them
+                connection.execute(text("SELECT setval(pg_get_serial_sequence('votes', 'id'), "
+                                        "(SELECT max(id) FROM votes))"))
+            connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="3"))
 
     # users
     def add_user(self, name: str, role: str, password: str) -> User:
@@ -287,9 +322,10 @@ class Store:
         return len(pairs)
 
     # votes
-    def cast_vote(self, comparison_id: int, user: User, choice: str, strength: str = "clear",
+    def cast_vote(self, comparison_id: int, user: User, choice: str, strength: str | None = None,
                   note: str | None = None, seconds: float | None = None, swapped: bool = False) -> Vote:
         check_vote(choice, strength, note)
+        strength = vote_strength(choice, strength)
         try:
             with self.transaction() as session:
                 vote = Vote(comparison_id=comparison_id, user_id=user.id, choice=choice, strength=strength,

@@ -96,6 +96,37 @@ def test_a_labeller_signs_in_votes_by_keyboard_and_model_output_stays_inert(brow
     page.close()
 
 
+def test_a_strength_belongs_to_one_vote_and_never_to_a_tie(browser, tmp_path):
+    """Slight for one item, then a tie with slight still picked, then A untouched: stored slight, none, clear (a
+    strength once stuck to every later vote, ties included)."""
+    db_url = f"sqlite:///{tmp_path / 'labels.db'}"
+    store = Store(db_url)
+    store.add_user("cat", "labeller", "cat-password")
+    for n in range(3):
+        prompt = store.add_prompt(f"p-{n}", "test", [{"role": "user", "content": f"Question {n}?"}])
+        store.add_comparison(store.add_response(prompt, f"First answer {n}.", "m", {}),
+                             store.add_response(prompt, f"Second answer {n}.", "m", {}), batch="b1")
+    server = start_server(db_url, port := free_port(), overlap=1, log=tmp_path / "serve.log")
+    try:
+        page = browser.new_page()
+        sign_in(page, f"http://127.0.0.1:{port}/", "cat", "cat-password")
+        page.wait_for_function("document.querySelector('#response-a textarea')?.value.length > 0")
+        strength = page.locator("#strength")
+        for votes, button, pick_slight in ((1, "#vote-a", True), (2, "#vote-tie", True), (3, "#vote-a", False)):
+            if pick_slight:
+                strength.get_by_label("slight").check()
+            page.click(button)
+            page.wait_for_function(f"document.querySelector('#progress').innerText.includes('cat: {votes} vote')")
+            assert strength.get_by_label("clear").is_checked()  # back to the default for the next item
+        page.close()
+    finally:
+        stop_server(server)
+    stored = [(vote.choice, vote.strength) for vote in store.votes()]
+    assert [choice in ("a", "b") for choice, _ in stored] == [True, False, True]
+    assert [strength for _, strength in stored] == ["slight", None, "clear"]
+    assert stored[1][0] == "tie"
+
+
 def test_an_admin_sees_progress_and_agreement(browser, app):
     page = browser.new_page()
     sign_in(page, app["url"], "boss", "boss-password")

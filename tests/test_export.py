@@ -32,7 +32,7 @@ def test_export_aggregates_votes_into_trl_preference_rows(tmp_path):
     store = store_with_votes(tmp_path, [
         [("b", "clear"), ("b", "slight"), ("a", "clear")],  # b wins 2:1, margin (1 + 0.5) / 2
         [("a", "clear"), ("b", "clear")],                   # a draw: tie
-        [("both_bad", "clear"), ("both_bad", "clear"), ("tie", "slight")],
+        [("both_bad", None), ("both_bad", None), ("tie", None)],
         [("a", "slight")],                                   # under --min-votes 2
     ])
     manifest = export(store, tmp_path / "out", min_votes=2)
@@ -42,6 +42,7 @@ def test_export_aggregates_votes_into_trl_preference_rows(tmp_path):
     assert first["chosen"] == [{"role": "assistant", "content": "B0"}] and first["rejected"][0]["content"] == "A0"
     assert first["margin"] == 0.75 and not first["tie"] and first["prompt"][0]["content"] == "Prompt 0?"
     assert draw["tie"] and not draw["both_bad"] and bad["both_bad"]
+    assert bad["margin"] == 0 and [v["strength"] for v in bad["labeller_votes"]] == [None, None, None]
     raw = json.loads((tmp_path / "out" / "export.json").read_text())
     assert raw["content_hash"] == manifest["content_hash"]
 

@@ -30,11 +30,13 @@ def server(tmp_path_factory):
 def label(url: str, name: str, votes: int, claimed: dict, errors: list) -> None:
     try:
         client = Client(url, auth=(name, PASSWORD), verbose=False, ssl_verify=False)
-        title, _, left, right, _, _ = client.predict(api_name="/next_item")
+        title, _, left, right, *_ = client.predict(api_name="/next_item")
         for _ in range(votes):
             shown = item_number(title)
-            title, _, left, right, _, message = client.predict("clear", "", api_name=f"/{good_side(left, right)}")
+            title, _, left, right, _, message, strength = client.predict("slight", "",
+                                                                         api_name=f"/{good_side(left, right)}")
             assert message == f"Saved your vote on item {shown}.", message
+            assert strength == "clear"  # every item starts from the default strength
             claimed[name].append(shown)
     except Exception as err:  # reported by the test, with the labeller's name
         errors.append(f"{name}: {err!r}")

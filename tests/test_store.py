@@ -89,6 +89,52 @@ def test_the_database_itself_refuses_votes_outside_the_vocabulary(store_url):
             session.add(Vote(comparison_id=comparison.id, user_id=ann.id, choice="maybe", strength="clear"))
 
 
+def test_a_strength_belongs_to_a_or_b_votes_only(store_url):
+    store = Store(store_url)
+    ann, bob, cy = (store.add_user(name, "labeller", "password1") for name in ("ann", "bob", "cy"))
+    comparison = comparison_in(store)
+    with pytest.raises(StoreError, match="a 'tie' vote has no strength"):
+        store.cast_vote(comparison.id, ann, "tie", "slight")
+    store.cast_vote(comparison.id, ann, "tie")
+    store.cast_vote(comparison.id, bob, "b")
+    store.cast_vote(comparison.id, cy, "both_bad")
+    assert [(v.choice, v.strength) for v in store.votes(comparison.id)] == [("tie", None), ("b", "clear"),
+                                                                           ("both_bad", None)]
+    with pytest.raises(IntegrityError):  # bypassing the API: the database holds the rule too
+        with store.session() as session, session.begin():
+            session.add(Vote(comparison_id=comparison_in(store).id, user_id=ann.id, choice="tie", strength="slight"))
+
+
+def test_a_version_2_store_is_upgraded_clearing_the_strengths_of_ties(store_url):
+    """Version 2 kept a strength on every vote, and the app's sticky strength wrote 'slight' into ties: opening
+    it rebuilds the votes table under the new rule, keeping every vote and the strengths of a and b votes."""
+    store = Store(store_url)
+    users = [store.add_user(name, "labeller", "password1") for name in ("ann", "bob", "cy")]
+    comparison = comparison_in(store)
+    engine = create_engine(store_url)
+    with engine.begin() as connection:  # the version 2 table, as version 2 created it
+        connection.execute(text("DROP TABLE votes"))
+        connection.execute(text(
+            "CREATE TABLE votes (id INTEGER PRIMARY KEY, comparison_id INTEGER NOT NULL REFERENCES comparisons(id), "
+            "user_id INTEGER NOT NULL REFERENCES users(id), choice VARCHAR(16) NOT NULL, strength VARCHAR(16) NOT "
+            "NULL, note TEXT, seconds FLOAT, swapped BOOLEAN NOT NULL, created_at TIMESTAMP WITH TIME ZONE NOT NULL, "
+            "CONSTRAINT one_vote_per_labeller UNIQUE (comparison_id, user_id), "
+            "CONSTRAINT vote_strength CHECK (strength IN ('slight', 'clear')))"))
+        for i, (user, choice) in enumerate(zip(users, ("a", "tie", "both_bad"))):
+            connection.execute(text("INSERT INTO votes VALUES (:id, :comparison, :user, :choice, 'slight', NULL, "
+                                    "2.5, false, CURRENT_TIMESTAMP)"),
+                               {"id": i + 1, "comparison": comparison.id, "user": user.id, "choice": choice})
+        connection.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    upgraded = Store(store_url)
+    assert [(v.id, v.choice, v.strength, v.seconds) for v in upgraded.votes()] == [
+        (1, "a", "slight", 2.5), (2, "tie", None, 2.5), (3, "both_bad", None, 2.5)]
+    upgraded.cast_vote(comparison_in(upgraded).id, users[0], "b")  # new votes number on after the kept ones
+    assert [v.id for v in upgraded.votes()] == [1, 2, 3, 4]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT value FROM meta")).scalar() == "3"
+    engine.dispose()
+
+
 def test_gold_items_carry_their_answer_and_pairs_share_a_prompt(store_url):
     store = Store(store_url)
     assert comparison_in(store, kind="gold", expected="a").expected == "a"
@@ -106,7 +152,7 @@ def test_a_store_from_another_schema_version_is_refused(store_url):
     store = Store(store_url)
     with store.session() as session, session.begin():
         session.execute(update(Meta).where(Meta.key == "schema_version").values(value="99"))
-    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 2"):
+    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 3"):
         Store(store_url)
 
 
@@ -123,7 +169,7 @@ def test_a_version_1_store_is_upgraded_in_place(store_url):
     columns = {column["name"] for column in inspect(engine).get_columns("assignments")}
     assert {"slot", "swapped", "status"} <= columns
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta")).scalar() == "2"
+        assert connection.execute(text("SELECT value FROM meta")).scalar() == "3"  # and on to version 3
     engine.dispose()
 
 
