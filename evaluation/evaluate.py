@@ -86,11 +86,11 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, reco
 
     # 1. answers, and each policy's KL to the baseline along its own answers
     baseline, tokenizer = models.load_causal_lm(found[BASELINE], config.hardware.dtype)
-    answers, kls = {BASELINE: answer(baseline, tokenizer, messages, config)}, {}
+    answers, kls = {BASELINE: answer(baseline, tokenizer, messages, config, BASELINE)}, {}
     kls[BASELINE] = [0.0] * len(prompts)
     for name in names[1:]:
         policy, policy_tokenizer = models.load_causal_lm(found[name], config.hardware.dtype)
-        answers[name] = answer(policy, policy_tokenizer, messages, config)
+        answers[name] = answer(policy, policy_tokenizer, messages, config, name)
         kls[name] = answer_kl(policy, baseline, policy_tokenizer, messages, [a.ids for a in answers[name]],
                               config.batch_size)
         del policy
@@ -98,7 +98,7 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, reco
 
     # 2. scores: the reward model's and the judge's
     texts = {name: [a.text for a in answers[name]] for name in names}
-    rewards = reward_scores(found.get("reward_model"), messages, texts, config.batch_size)
+    rewards = reward_scores(found.get("reward_model"), messages, texts, config.batch_size, config.hardware.dtype)
     judge = load_judge(config.judge) if config.judge else None
     judged = {name: judge([m[-1]["content"] for m in messages], texts[name]) for name in names} if judge else {}
 
@@ -165,19 +165,20 @@ def queue_human_comparisons(config: EvalStageConfig, run: RunConfig, prompts: li
     return queued
 
 
-def answer(model, tokenizer, messages: list[list[dict]], config: EvalStageConfig):
+def answer(model, tokenizer, messages: list[list[dict]], config: EvalStageConfig, name: str):
     if config.temperature > 0:
         torch.manual_seed(config.seed)
     return answer_prompts(model, tokenizer, messages, config.max_new_tokens, config.batch_size,
-                          do_sample=config.temperature > 0, temperature=config.temperature or 1.0)
+                          do_sample=config.temperature > 0, temperature=config.temperature or 1.0,
+                          progress=f"[{STAGE}] {name} answering {len(messages)} prompts")
 
 
-def reward_scores(reward_path: str | None, messages: list, texts: dict, batch_size: int) -> dict:
+def reward_scores(reward_path: str | None, messages: list, texts: dict, batch_size: int, dtype) -> dict:
     """{policy: [normalised reward per prompt]}; empty without a reward model."""
     if not reward_path:
         return {}
     tokenizer = reward_tokenizer(reward_path)
-    model = load_reward_model(reward_path, tokenizer).eval()
+    model = load_reward_model(reward_path, tokenizer, dtype=dtype).eval()
     scale = reward_record(reward_path).get("scale") or {"mean": 0.0, "std": 1.0}
     scores = {}
     for name, answers in texts.items():

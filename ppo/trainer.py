@@ -75,7 +75,8 @@ class Scorer:
         self.mean, self.std = 0.0, 1.0
         if reward_model:
             self.tokenizer = reward_tokenizer(reward_model)
-            self.model = load_reward_model(reward_model, self.tokenizer).requires_grad_(False).to(device)
+            self.model = load_reward_model(reward_model, self.tokenizer, dtype=config.hardware.dtype
+                                           ).requires_grad_(False).to(device)
             scale = reward_record(reward_model).get("scale")
             if config.normalize_reward and scale:
                 self.mean, self.std = scale["mean"], scale["std"]

@@ -58,7 +58,7 @@ def test_ppo_scores_with_a_reward_model_normalised_by_its_scale(tmp_path, tiny_m
     prompts, responses = [[{"role": "user", "content": "Hi?"}]] * 2, ["Hello there.", "No."]
     raw = score(load_reward_model(str(reward_dir), tokenizer), tokenizer,
                 [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
-    scores = Scorer(PPOStageConfig(), str(reward_dir))(prompts, responses)
+    scores = Scorer(PPOStageConfig(precision="fp32"), str(reward_dir))(prompts, responses)
     assert max(abs(a - (b - 0.5) / 2.0) for a, b in zip(scores.tolist(), raw)) < 1e-6
     # the critic starts as the reward model on that same scale: its value at a conversation's last token is the
     # normalised score (on the raw scale, returns minus values would run against the reward)
