@@ -49,11 +49,6 @@ def common_prefix(sequences: list[list[int]]) -> int:
     return length
 
 
-def shared_length(chosen: list[int], rejected: list[int]) -> int:
-    """Leading tokens the two sequences share, leaving each at least its last token to be scored at."""
-    return common_prefix([chosen, rejected])
-
-
 def unique_rows(sequences: list[tuple]) -> tuple[list[tuple], list[int]]:
     """(the distinct sequences in first-seen order, each input's row among them)."""
     rows: dict[tuple, int] = {}

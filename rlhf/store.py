@@ -241,8 +241,7 @@ class Store:
                 return
             votes = [dict(row) for row in connection.execute(select(Vote.__table__)).mappings()]
             for vote in votes:
-                vote["strength"] = vote_strength(vote["choice"], vote["strength"] if vote["choice"] in
-                                                 PREFERENCE_CHOICES else None)
+                vote["strength"] = vote["strength"] if vote["choice"] in PREFERENCE_CHOICES else None
             Vote.__table__.drop(connection)
             Vote.__table__.create(connection)
             if votes:
