@@ -136,20 +136,24 @@ def shared_prefix_rewards(model, batch: dict) -> torch.Tensor:
 
 class PromptGroupSampler(torch.utils.data.Sampler):
     """Pairs in a random order of prompts, the pairs of each prompt one after another (so a batch holds whole
-    prompts and runs each of their answers once); a new order on every pass."""
+    prompts and runs each of their answers once). The order is fixed by the seed and the epoch (the trainer sets
+    it), so a run resumed in any epoch sees the batches an uninterrupted one would."""
 
     def __init__(self, groups: list[str], seed: int):
         members: dict[str, list[int]] = {}
         for index, group in enumerate(groups):
             members.setdefault(group, []).append(index)
-        self.members, self.rng = list(members.values()), random.Random(seed)
+        self.members, self.seed, self.epoch = list(members.values()), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self):
         return sum(len(m) for m in self.members)
 
     def __iter__(self):
         order = self.members[:]
-        self.rng.shuffle(order)
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return iter([index for group in order for index in group])
 
 

@@ -59,7 +59,7 @@ def score_heads(model, tokenizer, conversations: list[list[dict]], batch_size: i
     token. Each distinct conversation is scored once, shortest first, so a batch pads little."""
     model.eval()
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    distinct = sorted(set(texts), key=len)
+    distinct = sorted(set(texts), key=lambda text: (len(text), text))  # the same batches in every process
     out = torch.zeros(len(distinct), model.config.num_labels)
     for start in range(0, len(distinct), batch_size):
         batch = tokenizer(distinct[start:start + batch_size], return_tensors="pt", padding=True,

@@ -165,15 +165,21 @@ def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradient
         assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=1e-4), name
 
 
-def test_prompt_group_sampler_keeps_a_prompts_pairs_together_and_reshuffles_each_pass():
+def test_prompt_group_sampler_keeps_a_prompts_pairs_together_and_reshuffles_each_epoch():
     groups = ["a", "b", "a", "c", "b", "a", "d"]
     sampler = PromptGroupSampler(groups, seed=3)
-    passes = [list(sampler) for _ in range(6)]
+    passes = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        passes.append(list(sampler))
     for order in passes:
         assert sorted(order) == list(range(7)) and len(sampler) == 7
         runs = [groups[i] for i in order]
         assert all(runs.index(g) + runs.count(g) - 1 == len(runs) - 1 - runs[::-1].index(g) for g in set(groups))
     assert len({tuple(order) for order in passes}) > 1
+    resumed = PromptGroupSampler(groups, seed=3)  # a new process resuming in epoch 4 sees epoch 4's order
+    resumed.set_epoch(4)
+    assert list(resumed) == passes[4]
 
 
 def test_the_reward_trainer_batches_each_prompts_pairs_together_and_runs_each_answer_once(tmp_path, tiny_model_path):
