@@ -139,8 +139,8 @@ def build_models(config: PPOStageConfig, found: dict):
         if model is not None:
             disable_dropout_in_model(model)
     scale = reward_record(reward_model).get("scale") if reward_model and config.normalize_reward else None
-    return policy, tokenizer, reference, Critic(classifier, **({"mean": scale["mean"], "std": scale["std"]}
-                                                               if scale else {}))
+    critic = Critic(classifier, scale["mean"], scale["std"]) if scale else Critic(classifier)
+    return policy, tokenizer, reference, critic
 
 
 def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:
