@@ -4,15 +4,23 @@ numbered items from memory). The bare app is the yardstick: Gradio's own cost pe
 ratio says how much of it our labelling logic leaves.
 
 Each labeller signs in and votes as fast as the server answers, speaking Gradio's protocol the way the browser
-does (preference_ui.loadtest.BrowserLikeClient); rounds alternate ours / bare. Prints votes/s and latency
-percentiles per vote (request to result, as a labeller waits for the next item) for both, the store audit of
-ours (lost, duplicated, wrong-side votes), the server's CPU time per vote (steadier than wall-clock figures on a
-shared machine), `ratio: X` (our votes/s over the bare app's, medians over rounds),
-and last `p95_ms: X` (ours, over all rounds). Target for N=20 on SQLite: 0 lost, 0 duplicated, p95 <= 300 ms.
+does (preference_ui.loadtest.BrowserLikeClient); rounds alternate ours / bare. Then one more round of ours with
+`--guessers` clients guessing passwords all the while (wrong passwords for the labellers' names and for unknown
+names, each client as fast as the server answers it): the labellers' latency then shows whether guessing can
+slow labelling, and the guess counts show the throttling (checked: a password was checked and refused;
+throttled: refused with HTTP 429 without a check).
 
-    .venv/bin/python bench/label_load.py --labellers 20 --votes 50 [--rounds 2] [--db postgresql+psycopg://...]
+Prints votes/s and latency percentiles per vote (request to result, as a labeller waits for the next item) for
+both apps, the store audit of ours (lost, duplicated, wrong-side votes), the server's CPU time per vote
+(steadier than wall-clock figures on a shared machine), the guessing round, `ratio: X` (our votes/s over the bare
+app's, medians over the plain rounds), and last `p95_ms: X` (ours, over all rounds, the guessing one included).
+Target for N=20 on SQLite, with 16 guessers: 0 lost, 0 duplicated, p95 <= 300 ms.
+
+    .venv/bin/python bench/label_load.py --labellers 20 --votes 50 [--rounds 2] [--guessers 16] [--db URL]
 """
 import argparse
+import itertools
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -21,29 +29,36 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from preference_ui.loadtest import (PASSWORD, BrowserLikeClient, audit, free_port, good_side,  # noqa: E402
-                                    item_number, prepare_store, start_server, stop_server, wait_for_port)
+                                    item_label, prepare_store, start_server, stop_server, wait_for_port)
 
 
 def serve_bare(port: int, threads: int) -> None:
     """The yardstick app: the labelling app's events and outputs, answered from memory."""
     import gradio as gr
 
+    def box(text: str) -> str:
+        return (f'<div class="answer"><div class="as-markdown"><p>{text}</p></div>'
+                f'<pre class="as-text">{text}</pre></div>')
+
     def shown(number: int, message: str = ""):
-        return ({"item": number}, f"### Item {number}", f"Question {number}?", f"good {number}", f"poor {number}",
-                f"<div>{number} votes</div>", message)
+        return ({"item": number}, f"### Item {number}", box(f"Question {number}?"), box(f"good {number}"),
+                box(f"poor {number}"), f"<div>{number} votes</div>", message, "clear",
+                *[gr.Button(interactive=True)] * 5)
 
     def vote(strength, note, state):
         return shown(state["item"] + 1, f"Saved your vote on item {state['item']}.")
 
     with gr.Blocks() as app:
         state = gr.State(None)
-        outputs = [state, gr.Markdown(), gr.Textbox(), gr.Textbox(), gr.Textbox(), gr.HTML(), gr.Markdown()]
         strength, note = gr.Radio(["clear", "slight"], value="clear"), gr.Textbox()
+        outputs = [state, gr.Markdown(), gr.HTML(), gr.HTML(), gr.HTML(), gr.HTML(), gr.Markdown(), strength,
+                   *[gr.Button() for _ in range(5)]]
         gr.Button().click(lambda: shown(0), None, outputs, api_name="next_item", queue=False)
         for name in ("vote_a", "vote_b"):
             gr.Button().click(vote, [strength, note, state], outputs, api_name=name, queue=False)
@@ -57,9 +72,9 @@ def labeller(url: str, name: str, votes: int, claimed: list, latencies: list, er
         _, title, _, left, right, *_ = client.call("next_item")
         start.wait()
         for _ in range(votes):
-            shown = item_number(title)
+            shown = item_label(title)
             began = time.perf_counter()
-            _, title, _, left, right, _, message = client.call(good_side(left, right), "clear", "", None)
+            _, title, _, left, right, _, message, *_ = client.call(good_side(left, right), "clear", "", None)
             latencies.append(time.perf_counter() - began)
             if message != f"Saved your vote on item {shown}.":
                 raise RuntimeError(f"vote on item {shown} not saved: {message}")
@@ -68,21 +83,57 @@ def labeller(url: str, name: str, votes: int, claimed: list, latencies: list, er
         errors.append(f"{name}: {err!r}")
 
 
-def drive(url: str, names: list[str], votes: int, server: psutil.Process) -> dict:
-    """All labellers at once, released together once signed in; also the server's CPU time per vote."""
-    claimed, latencies, errors = {name: [] for name in names}, [], []
+def guesser(url: str, names: list[str], outcomes: list, stop) -> None:
+    """Wrong passwords for the given names in turn, each sent once the previous one is answered."""
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for name, attempt in zip(itertools.cycle(names), itertools.count()):
+            if stop.is_set():
+                return
+            answer = http.post("/login", data={"username": name, "password": f"guess-{attempt}"})
+            outcomes.append(answer.status_code)
+
+
+def guessing(url: str, targets: list[list[str]], ready, stop, results) -> None:
+    """The guessers, one thread each, in a process of their own (as an attacker would be): in the labellers'
+    process their threads would hold its interpreter lock and be measured as server latency."""
+    outcomes = []
+    threads = [threading.Thread(target=guesser, args=(url, names, outcomes, stop)) for names in targets]
+    ready.set()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results.put(outcomes)
+
+
+def drive(url: str, names: list[str], votes: int, server: psutil.Process, guessers: int = 0) -> dict:
+    """All labellers at once, released together once signed in, with `guessers` password guessers starting at
+    the same moment and stopping when the labellers are done; also the server's CPU time per vote."""
+    claimed, latencies, errors, guesses = {name: [] for name in names}, [], [], []
     start = threading.Barrier(len(names) + 1)
     threads = [threading.Thread(target=labeller, args=(url, name, votes, claimed[name], latencies, errors, start))
                for name in names]
+    spawn = multiprocessing.get_context("spawn")
+    ready, stop, results = spawn.Event(), spawn.Event(), spawn.Queue()
+    targets = [[names[i % len(names)], f"nobody{i}"] for i in range(guessers)]  # a real name and an unknown one
+    attacker = spawn.Process(target=guessing, args=(url, targets, ready, stop, results)) if guessers else None
     for thread in threads:
         thread.start()
+    if attacker:
+        attacker.start()
+        ready.wait()
     start.wait()
     began, cpu_before = time.perf_counter(), sum(server.cpu_times()[:2])
     for thread in threads:
         thread.join()
     elapsed, cpu = time.perf_counter() - began, sum(server.cpu_times()[:2]) - cpu_before
+    if attacker:
+        stop.set()
+        guesses = results.get()
+        attacker.join()
     return {"claimed": claimed, "latencies": latencies, "errors": errors, "votes_per_s": len(latencies) / elapsed,
-            "cpu_ms_per_vote": 1000 * cpu / max(len(latencies), 1)}
+            "cpu_ms_per_vote": 1000 * cpu / max(len(latencies), 1), "seconds": elapsed,
+            "guesses": {code: guesses.count(code) for code in set(guesses)}}
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -101,6 +152,7 @@ def main() -> int:
     parser.add_argument("--labellers", type=int, default=20)
     parser.add_argument("--votes", type=int, default=50, help="votes per labeller per round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--guessers", type=int, default=16, help="password guessers in the last round (0: none)")
     parser.add_argument("--overlap", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4, help="labels.concurrency of the server")
     parser.add_argument("--db", help="an empty database URL (default: a new SQLite file)")
@@ -112,7 +164,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="label-load-"))
     db_url = args.db or f"sqlite:///{root / 'labels.db'}"
-    total = args.labellers * args.votes * args.rounds
+    total = args.labellers * args.votes * (args.rounds + (args.guessers > 0))
     names = prepare_store(db_url, args.labellers, comparisons=total // args.overlap + total // 5)
     ours_port, bare_port = free_port(), free_port()
     ours = start_server(db_url, ours_port, args.overlap, args.concurrency, log=root / "serve.log")
@@ -126,14 +178,21 @@ def main() -> int:
                 result = drive(f"http://127.0.0.1:{port}", names, args.votes, psutil.Process(process.pid))
                 results[kind].append(result)
                 print(f"round {round_number} {kind:4}: {summary(result)}", flush=True)
+        if args.guessers:
+            guessed = drive(f"http://127.0.0.1:{ours_port}", names, args.votes, psutil.Process(ours.pid),
+                            args.guessers)
+            print(f"guessing round ours, {args.guessers} guessers: {summary(guessed)}", flush=True)
     finally:
         stop_server(ours)
         stop_server(bare)
+    plain_rounds = list(results["ours"])
+    if args.guessers:
+        results["ours"].append(guessed)
     claimed = {name: [item for result in results["ours"] for item in result["claimed"][name]] for name in names}
     report = audit(db_url, claimed)
     errors = [error for kind in results.values() for result in kind for error in result["errors"]]
     ours_latencies = [latency for result in results["ours"] for latency in result["latencies"]]
-    ours_rate = statistics.median(result["votes_per_s"] for result in results["ours"])
+    ours_rate = statistics.median(result["votes_per_s"] for result in plain_rounds)
     bare_rate = statistics.median(result["votes_per_s"] for result in results["bare"])
     print(f"labellers: {args.labellers}  votes each per round: {args.votes}  rounds: {args.rounds}  overlap: "
           f"{args.overlap}  store: {db_url.split(':')[0]}  server log: {root / 'serve.log'}")
@@ -144,9 +203,16 @@ def main() -> int:
           f"unexpected: {report['unexpected']}  wrong_side: {report['wrong_side']}")
     print(f"p50_ms: {1000 * statistics.median(ours_latencies):.0f}  p99_ms: "
           f"{1000 * percentile(ours_latencies, 0.99):.0f}")
+    if args.guessers:
+        codes = guessed["guesses"]
+        print(f"guesses: {sum(codes.values())} in {guessed['seconds']:.0f} s by {args.guessers} clients, "
+              f"{codes.get(400, 0)} checked, {codes.get(429, 0)} throttled, {codes.get(200, 0)} signed in, other "
+              f"{sum(count for code, count in codes.items() if code not in (200, 400, 429))}")
+        print(f"guessing_p95_ms: {1000 * percentile(guessed['latencies'], 0.95):.0f}")
     print(f"ratio: {ours_rate / bare_rate:.3f}")
     print(f"p95_ms: {1000 * percentile(ours_latencies, 0.95):.0f}")
-    return 1 if errors or report["lost"] or report["duplicated"] or report["wrong_side"] else 0
+    broken_in = args.guessers and guessed["guesses"].get(200, 0)
+    return 1 if errors or broken_in or report["lost"] or report["duplicated"] or report["wrong_side"] else 0
 
 
 if __name__ == "__main__":

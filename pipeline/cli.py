@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "export")
     label.add_argument("--db", help="database URL (default: $RLHF_DB_URL or sqlite:///runs/labels.db)")
     label_commands = label.add_subparsers(dest="label_command", required=True)
-    users = label_commands.add_parser("users", help="add, list or disable labellers and admins")
+    users = label_commands.add_parser("users", help="add, list, disable or enable labellers and admins")
     users_commands = users.add_subparsers(dest="users_command", required=True)
     add = users_commands.add_parser("add", help="add a user; the password is read from the terminal or stdin")
     add.add_argument("name")
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     users_commands.add_parser("list", help="every user with role and state")
     disable = users_commands.add_parser("disable", help="stop a user from logging in (their votes stay)")
     disable.add_argument("name")
+    enable = users_commands.add_parser("enable", help="let a disabled user log in again")
+    enable.add_argument("name")
     sample = label_commands.add_parser("sample", help="k responses per prompt from a model -> comparisons",
                                        add_help=False)
     sample.add_argument("-h", "--help", action=StageHelp)
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (refused if it holds a different export)")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
-    for command in (add, users_commands.choices["list"], disable, sample, serve, collect, gold, simulate, stats,
+    for command in (add, users_commands.choices["list"], disable, enable, sample, serve, collect, gold, simulate, stats,
                     export):
         # --db is accepted after the subcommand too (`rlhf label serve --db URL`); SUPPRESS keeps an earlier one.
         command.add_argument("--db", default=argparse.SUPPRESS, help="database URL (as `rlhf label --db`)")
@@ -213,9 +215,9 @@ def run_label(args, rest) -> int:
     elif args.users_command == "add":
         store.add_user(args.name, args.role, read_password())
         print(f"added {args.role} {args.name}")
-    elif args.users_command == "disable":
-        store.disable_user(args.name)
-        print(f"disabled {args.name}")
+    elif args.users_command in ("disable", "enable"):
+        store.set_disabled(args.name, args.users_command == "disable")
+        print(f"{args.users_command}d {args.name}")
     else:
         for user in store.users():
             print(f"{user.name:24} {user.role:9} {'disabled' if user.disabled else 'active'}")

@@ -1,12 +1,13 @@
 """The labelling app: `build_app(store, config) -> gr.Blocks`, served by `rlhf label serve`.
 
-Labellers sign in against the store, see one comparison at a time (sides in random order, models hidden), and
-answer with buttons or the keys 1 2 3 4 s. Admins also get a tab with progress, agreement, per-labeller
-throughput and gold accuracy, and an export button. Every handler looks the user up from the request, so a
-labeller calling an admin endpoint directly is refused just as the hidden tab suggests.
+Labellers sign in against the store, see one comparison at a time (sides in random order, models hidden, items
+named by an opaque label), and answer with buttons or the keys 1 2 3 4 s. Admins also get a tab with progress,
+agreement, per-labeller throughput, gold accuracy, the accounts (add, disable, enable) and an export button. Every
+handler looks the user up in the store on each request, so a labeller calling an admin endpoint directly is
+refused just as the hidden tab suggests, and a disabled account is refused from its next request on.
 
-Model output is untrusted: prompts and responses go into read-only text boxes, whose value the browser shows as
-text; nothing from a response is ever rendered as HTML or markdown.
+Model output is untrusted: prompts and responses are shown by `preference_ui.render` (markdown without raw HTML,
+or plain text), each in a box of fixed height with its own scroll bar, so the vote buttons stay in view.
 """
 import functools
 import html
@@ -15,16 +16,20 @@ import time
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from rlhf.errors import UserError
 from rlhf.schema import PREFERENCE_CHOICES
 from rlhf.store import MAX_NOTE_CHARS, DuplicateVote, Store, StoreError, User
 from preference_ui.config import LabelsConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue
+from preference_ui.render import shown_html
+from preference_ui.signin import ClientAddress, SignInGuard
 
 DEFAULT_STRENGTH = "clear"  # shown anew with every item
 BUTTONS = (("a", "A is better  [1]", "vote-a"), ("b", "B is better  [2]", "vote-b"), ("tie", "Tie  [3]", "vote-tie"),
            ("both_bad", "Both bad  [4]", "vote-both-bad"))
+ANSWER_BUTTONS = len(BUTTONS) + 1  # and skip
 # Keys click the buttons; typing in a text box (the note) never votes.
 SHORTCUTS_JS = """
 () => {
@@ -38,10 +43,21 @@ SHORTCUTS_JS = """
   });
 }
 """
+# Answers scroll inside boxes of fixed height, so the buttons below them stay on screen at 1280x720. One view
+# of each text is shown: rendered markdown, or with body.plain-text the text as it is (!important: Gradio adds a
+# copy of each rule under its container's classes, which would outrank a rule on <body>).
 CSS = """
 #progress progress { width: 100%; height: 0.8em; }
-.response textarea { font-family: ui-monospace, monospace; }
+.answer, .prompt { overflow-y: auto; overflow-wrap: anywhere; border: 1px solid var(--border-color-primary);
+  border-radius: var(--radius-md); padding: 0.4em 0.7em; }
+.answer { height: 34vh; }
+.prompt { max-height: 14vh; }
+.answer pre, .prompt pre { white-space: pre-wrap; }
+.as-text { display: none; margin: 0; font-family: ui-monospace, monospace; }
+body.plain-text .as-markdown { display: none !important; }
+body.plain-text .as-text { display: block !important; }
 """
+PLAIN_TEXT_JS = "(plain) => { document.body.classList.toggle('plain-text', plain); }"
 
 
 def prompt_text(messages: list[dict]) -> str:
@@ -57,20 +73,6 @@ def progress_html(user: User, progress: dict) -> str:
     return f'<div>{html.escape(line)}</div><progress value="{done}" max="{max(done + left, 1)}"></progress>'
 
 
-class UserCache:
-    """Accounts by name, re-read after `seconds`: disabling a user takes effect within that time."""
-
-    def __init__(self, store: Store, seconds: float = 10.0):
-        self.store, self.seconds, self.entries = store, seconds, {}
-
-    def get(self, name: str) -> User | None:
-        user, read_at = self.entries.get(name, (None, float("-inf")))
-        if time.monotonic() - read_at > self.seconds:
-            user = self.store.user(name)
-            self.entries[name] = (user, time.monotonic())
-        return user
-
-
 class LabellingApp:
     """The handlers behind the Blocks; each one resolves the signed-in user from the request."""
 
@@ -79,11 +81,11 @@ class LabellingApp:
         self.store, self.local_user, self.export_root = store, local_user, export_root
         self.queue = LabelQueue(store, config.overlap, config.gold_rate, batch, config.assignment_timeout)
         self.batch = batch
-        self.users = UserCache(store)
 
     def user(self, request: gr.Request) -> User:
+        """The signed-in user, read from the store on every request: disabling an account takes effect at once."""
         name = request.username if request is not None and request.username else self.local_user
-        user = self.users.get(name) if name else None
+        user = self.store.user(name) if name else None
         if user is None or user.disabled:
             raise gr.Error("not signed in, or this account is disabled")
         return user
@@ -95,16 +97,20 @@ class LabellingApp:
         return user
 
     def show(self, user: User, message: str = "") -> tuple:
-        """Outputs of every labelling event: state, item title, prompt, left, right, progress, message, and the
-        strength back at its default (a strength picked for one item must not carry over to the next)."""
+        """Outputs of every labelling event: state, item title, prompt, left, right, progress, message, the
+        strength back at its default (a strength picked for one item must not carry over to the next), and
+        whether the five answer buttons are live (not once the queue is empty)."""
         item: Item | None = self.queue.next_item(user)
         progress = progress_html(user, self.queue.progress(user))
         if item is None:
-            return (None, "### Nothing left to label", "", "", "", progress,
-                    message or "Your queue is empty: every item has its votes. Thank you!", DEFAULT_STRENGTH)
-        state = {"comparison_id": item.comparison_id, "shown_at": time.time()}
-        return (state, f"### Item {item.comparison_id}", prompt_text(item.prompt), item.left, item.right,
-                progress, message, DEFAULT_STRENGTH)
+            done = "Your queue is empty: every item has its votes. Thank you!"
+            return (None, "### Nothing left to label", "", "", "", progress, f"{message} {done}".strip(),
+                    DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS)
+        state = {"comparison_id": item.comparison_id, "label": self.store.item_label(item.comparison_id),
+                 "shown_at": time.time()}
+        return (state, f"### Item {state['label']}", shown_html(prompt_text(item.prompt), "prompt"),
+                shown_html(item.left), shown_html(item.right), progress, message, DEFAULT_STRENGTH,
+                *[gr.Button(interactive=True)] * ANSWER_BUTTONS)
 
     def load(self, request: gr.Request):
         user = self.user(request)
@@ -124,11 +130,12 @@ class LabellingApp:
                 self.queue.vote(user, state["comparison_id"], choice,
                                 (strength or DEFAULT_STRENGTH) if choice in PREFERENCE_CHOICES else None, note or None,
                                 seconds=round(time.time() - state["shown_at"], 2))
-            except (DuplicateVote, ItemGone) as refused:
-                return self.show(user, f"Not counted: {refused}. Here is your next item.")
+            except (DuplicateVote, ItemGone):
+                return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (already "
+                                       "voted, skipped or timed out). Here is your next item.")
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
                 raise gr.Error(str(refused)) from None
-            return self.show(user, f"Saved your vote on item {state['comparison_id']}.")
+            return self.show(user, f"Saved your vote on item {state['label']}.")
         handler.__name__ = f"vote_{choice}"
         return handler
 
@@ -137,8 +144,8 @@ class LabellingApp:
         if state:
             try:
                 self.queue.skip(user, state["comparison_id"])
-            except (DuplicateVote, ItemGone) as refused:
-                return self.show(user, f"Not skipped: {refused}.")
+            except (DuplicateVote, ItemGone):
+                return self.show(user, f"Not skipped: item {state['label']} is no longer yours.")
         return self.show(user, "Skipped; someone else will take that item.")
 
     def admin_stats(self, request: gr.Request):
@@ -151,6 +158,32 @@ class LabellingApp:
                    f"Krippendorff's alpha {fmt(report['krippendorff_alpha'])} · pairwise agreement "
                    f"{fmt(report['pairwise_agreement'])}")
         return summary, batch_rows(labels), labeller_rows(report)
+
+    def admin_users(self, request: gr.Request):
+        self.admin(request)
+        return users_table(self.store)
+
+    def admin_set_disabled(self, disabled: bool):
+        def handler(name: str, request: gr.Request):
+            admin = self.admin(request)
+            name = (name or "").strip()
+            if disabled and name == admin.name:
+                raise gr.Error("you cannot disable your own account")
+            try:
+                self.store.set_disabled(name, disabled)
+            except StoreError as err:
+                raise gr.Error(str(err)) from None
+            return users_table(self.store), f"{name} is {'disabled' if disabled else 'enabled'}."
+        handler.__name__ = "disable_user" if disabled else "enable_user"
+        return handler
+
+    def admin_add_user(self, name: str, role: str, password: str, request: gr.Request):
+        self.admin(request)
+        try:
+            self.store.add_user((name or "").strip(), role, password or "")
+        except StoreError as err:
+            raise gr.Error(str(err)) from None
+        return users_table(self.store), f"Added {role} {name.strip()}.", ""
 
     def admin_export(self, name: str, min_votes: float, request: gr.Request):
         from rlhf.label_export import export
@@ -165,6 +198,10 @@ class LabellingApp:
         state = "unchanged" if manifest.get("unchanged") else "written"
         return (f"{self.export_root / name}: {manifest['rows']} pairs ({manifest['ties']} ties, {manifest['both_bad']} "
                 f"both bad), content hash `{manifest['content_hash'][:16]}`, {state}")
+
+
+def users_table(store: Store) -> list[list]:
+    return [[user.name, user.role, "DISABLED" if user.disabled else "active"] for user in store.users()]
 
 
 def fmt(value) -> str:
@@ -196,25 +233,27 @@ def build_app(store: Store, config: LabelsConfig, batch: str | None = None, loca
     with gr.Blocks(title="RLHF labelling") as app:
         state = gr.State(None)
         with gr.Tab("Label"):
-            title = gr.Markdown()
-            progress = gr.HTML(elem_id="progress")
-            prompt = gr.Textbox(label="Prompt", interactive=False, lines=2, max_lines=16, elem_id="prompt")
+            with gr.Row(equal_height=True):
+                title = gr.Markdown(elem_id="title")
+                progress = gr.HTML(elem_id="progress")
+                plain_text = gr.Checkbox(label="Show as plain text", elem_id="plain-text", scale=0, min_width=180)
+                gr.Button("Sign out", link="/logout", elem_id="sign-out", size="sm", scale=0, min_width=100,
+                          visible=local_user is None)
+            prompt = gr.HTML(label="Prompt", show_label=True, container=True, elem_id="prompt")
             with gr.Row():
-                left = gr.Textbox(label="Response A", interactive=False, lines=10, max_lines=40,
-                                  elem_id="response-a", elem_classes="response")
-                right = gr.Textbox(label="Response B", interactive=False, lines=10, max_lines=40,
-                                   elem_id="response-b", elem_classes="response")
+                left = gr.HTML(label="Response A", show_label=True, container=True, elem_id="response-a")
+                right = gr.HTML(label="Response B", show_label=True, container=True, elem_id="response-b")
             with gr.Row():
                 buttons = {choice: gr.Button(text, elem_id=elem_id,
                                              variant="primary" if choice in ("a", "b") else "secondary")
                            for choice, text, elem_id in BUTTONS}
                 skip = gr.Button("Skip  [s]", elem_id="skip", variant="stop")
+            message = gr.Markdown(elem_id="message")
             with gr.Row():
                 strength = gr.Radio(["clear", "slight"], value=DEFAULT_STRENGTH, elem_id="strength",
                                     label="How much better? (for A or B; a tie or both bad has no strength)")
                 note = gr.Textbox(label=f"Note (optional, up to {MAX_NOTE_CHARS} characters)", lines=1,
                                   max_length=MAX_NOTE_CHARS, elem_id="note")
-            message = gr.Markdown(elem_id="message")
             with gr.Accordion("Guidelines", open=False):
                 gr.Markdown(guidelines_markdown(config.guidelines))
         with gr.Tab("Admin", visible=False) as admin_tab:
@@ -229,20 +268,40 @@ def build_app(store: Store, config: LabelsConfig, batch: str | None = None, loca
                 min_votes = gr.Number(value=1, precision=0, minimum=1, label="Minimum votes per comparison")
             export_button = gr.Button("Export preference dataset")
             export_result = gr.Markdown()
+            accounts = gr.Dataframe(headers=["user", "role", "state"], label="Accounts", interactive=False,
+                                    elem_id="accounts")
+            with gr.Row():
+                account = gr.Textbox(label="User name", elem_id="account-name")
+                disable = gr.Button("Disable", elem_id="disable-user", variant="stop")
+                enable = gr.Button("Enable", elem_id="enable-user")
+            with gr.Row():
+                new_name = gr.Textbox(label="New user's name", elem_id="new-user-name")
+                new_role = gr.Radio(["labeller", "admin"], value="labeller", label="Role", elem_id="new-user-role")
+                new_password = gr.Textbox(label="Password (8 characters or more)", type="password",
+                                          elem_id="new-user-password")
+                add = gr.Button("Add user", elem_id="add-user")
+            accounts_result = gr.Markdown(elem_id="accounts-result")
 
         # Labelling events are a few milliseconds of database work each: they skip Gradio's queue, whose
         # bookkeeping costs more than the work (bench/label_load.py).
-        shown = [state, title, prompt, left, right, progress, message, strength]
+        shown = [state, title, prompt, left, right, progress, message, strength, *buttons.values(), skip]
         app.load(inline(handlers.load), None, [*shown, admin_tab], api_name="load", queue=False)
         app.load(None, js=SHORTCUTS_JS)
+        plain_text.change(None, plain_text, None, js=PLAIN_TEXT_JS)
         for choice, button in buttons.items():
             button.click(inline(handlers.answer(choice)), [strength, note, state], shown, api_name=f"vote_{choice}",
                          queue=False).success(lambda: "", None, note, api_visibility="private", queue=False)
         skip.click(inline(handlers.skip), [state], shown, api_name="skip", queue=False)
         gr.Button(visible=False).click(inline(handlers.next_item), None, shown, api_name="next_item", queue=False)
-        refresh.click(handlers.admin_stats, None, [summary, batches, labellers], api_name="admin_stats")
+        refresh.click(handlers.admin_stats, None, [summary, batches, labellers], api_name="admin_stats").then(
+            handlers.admin_users, None, accounts, api_name="admin_users")
         export_button.click(handlers.admin_export, [export_name, min_votes], export_result, api_name="admin_export",
                             concurrency_limit=1)
+        disable.click(handlers.admin_set_disabled(True), account, [accounts, accounts_result],
+                      api_name="disable_user")
+        enable.click(handlers.admin_set_disabled(False), account, [accounts, accounts_result], api_name="enable_user")
+        add.click(handlers.admin_add_user, [new_name, new_role, new_password], [accounts, accounts_result,
+                                                                               new_password], api_name="add_user")
     return app
 
 
@@ -267,14 +326,18 @@ def serve(store: Store, config: LabelsConfig, host: str = "127.0.0.1", port: int
     if auth and not store.users():
         raise UserError("the store has no users yet: add one with `rlhf label users add NAME --role admin`")
 
-    def sign_in(name: str, password: str) -> bool:
+    def password_checks(name: str, password: str) -> bool:
         return store.authenticate(name, password) is not None
 
+    guard = SignInGuard(password_checks, config.sign_in_free_failures, config.sign_in_delay,
+                          config.sign_in_lockout, 60 * config.sign_in_lockout_minutes, config.sign_in_workers,
+                          log=lambda line: print(f"[label serve] {line}", flush=True))
     app = build_app(store, config, batch, local_user, export_root)
     app.queue(default_concurrency_limit=config.concurrency)
     print(f"[label serve] {store.engine.url.render_as_string(hide_password=True)} on http://{host}:{port}"
           f" ({'sign-in required' if auth else 'no sign-in, acting as ' + local_user})", flush=True)
-    app.launch(server_name=host, server_port=port, auth=sign_in if auth else None, css=CSS, show_error=True,
+    app.launch(server_name=host, server_port=port, auth=guard.sign_in if auth else None, css=CSS, show_error=True,
                auth_message="Sign in with the account your admin made for you.", ssl_keyfile=ssl_keyfile,
                ssl_certfile=ssl_certfile, quiet=True, footer_links=[],
-               max_threads=config.concurrency)
+               max_threads=config.concurrency,
+               app_kwargs={"middleware": [Middleware(ClientAddress)]})

@@ -36,6 +36,15 @@ class LabelsConfig:
     concurrency: int = field(default=4, metadata={
         "help": "Worker threads of the app (sign-in, admin work, labelling with PostgreSQL; with SQLite labelling "
                 "runs on the event loop). Python runs one thread at a time: more mostly add contention."})
+    sign_in_free_failures: int = field(default=3, metadata={
+        "help": "Failed sign-ins per account name and per client address answered without delay; after them each "
+                "attempt waits twice as long as the one before, from sign_in_delay seconds."})
+    sign_in_delay: float = field(default=1.0, metadata={"help": "The first sign-in delay, in seconds."})
+    sign_in_lockout: int = field(default=10, metadata={
+        "help": "Failed sign-ins that lock an account name or client address for sign_in_lockout_minutes."})
+    sign_in_lockout_minutes: float = field(default=15.0, metadata={"help": "How long a lockout lasts."})
+    sign_in_workers: int = field(default=1, metadata={
+        "help": "Password checks (scrypt) run at once, in threads of their own beside the labelling events."})
 
     # rlhf run (rlhf label collect): who votes, and what the export keeps
     simulate_judge: str = field(default="", metadata={
@@ -66,6 +75,10 @@ class LabelsConfig:
             raise ValueError(f"gold_rate must be between 0 and 1, got {self.gold_rate}")
         if self.assignment_timeout <= 0 or self.concurrency < 1:
             raise ValueError("assignment_timeout must be above 0 and concurrency at least 1")
+        if (self.sign_in_free_failures < 0 or self.sign_in_delay < 0 or self.sign_in_lockout < 1
+                or self.sign_in_lockout_minutes <= 0 or self.sign_in_workers < 1):
+            raise ValueError("sign_in_free_failures and sign_in_delay must be at least 0, sign_in_lockout and "
+                             "sign_in_workers at least 1, sign_in_lockout_minutes above 0")
 
     @property
     def process_index(self) -> int:

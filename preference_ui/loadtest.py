@@ -48,11 +48,13 @@ def prepare_store(url: str, labellers: int, comparisons: int, seed: int = 0) -> 
 
 
 def start_server(db_url: str, port: int, overlap: int, concurrency: int = 4, log: Path | None = None,
-                 output_root: Path | None = None):
-    """`rlhf label serve` in a child process; returns it once the port answers (or raises with its output).
-    Admin exports go under `output_root`/exports (default: runs/exports)."""
+                 output_root: Path | None = None, options: tuple[str, ...] = ()):
+    """`rlhf label serve` in a child process, with more `options` (e.g. --labels.sign_in_lockout 3); returns it
+    once the port answers (or raises with its output). Admin exports go under `output_root`/exports (default:
+    runs/exports)."""
     command = [sys.executable, "-m", "pipeline.cli", "label", "serve", "--db", db_url, "--port", str(port),
-               "--labels.overlap", str(overlap), "--labels.gold_rate", "0", "--labels.concurrency", str(concurrency)]
+               "--labels.overlap", str(overlap), "--labels.gold_rate", "0", "--labels.concurrency", str(concurrency),
+               *options]
     if output_root is not None:
         command += ["--run.output_root", str(output_root)]
     output = open(log, "w") if log else subprocess.DEVNULL
@@ -85,11 +87,12 @@ def stop_server(server) -> None:
 
 
 def good_side(left: str, right: str) -> str:
-    return "vote_a" if left.startswith("good") else "vote_b"
+    """The vote for the side showing "good <n>" (the app sends each side as HTML)."""
+    return "vote_a" if ">good " in left else "vote_b"
 
 
-def item_number(title: str) -> int:
-    return int(title.removeprefix("### Item "))
+def item_label(title: str) -> str:
+    return title.removeprefix("### Item ")
 
 
 class BrowserLikeClient:
@@ -137,11 +140,15 @@ class BrowserLikeClient:
         raise RuntimeError(f"{api_name}: the event stream ended without a result")
 
 
-def audit(db_url: str, claimed: dict[str, list[int]]) -> dict:
-    """Compares the votes the labellers saw accepted with what the store holds."""
+def audit(db_url: str, claimed: dict[str, list[str]]) -> dict:
+    """Compares the votes the labellers saw accepted (by item label) with what the store holds."""
     store = Store(db_url)
     names = {user.id: user.name for user in store.users()}
     texts = {c["id"]: (c["a"], c["b"]) for c in store.comparisons("load")}
+    ids = {store.item_label(comparison): comparison for comparison in texts}
+    if len(ids) != len(texts):
+        raise RuntimeError("two comparisons share an item label")
+    claimed = {name: [ids[label] for label in labels] for name, labels in claimed.items()}
     stored = Counter((names[vote.user_id], vote.comparison_id) for vote in store.votes())
     wanted = Counter((name, comparison) for name, ids in claimed.items() for comparison in ids)
     wrong_side = sum(vote.choice != ("a" if texts[vote.comparison_id][0].startswith("good") else "b")

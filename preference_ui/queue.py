@@ -122,7 +122,7 @@ class LabelQueue:
         # theirs when last looked at, and stays so until a slot is released (skip, expiry), which resets this.
         # It spares each query from re-reading the finished front of the queue.
         self.starts: dict[int, int] = {}
-        self.counts: dict[int, tuple[int, int, float]] = {}  # see available()
+        self.counts: dict[int, tuple[int, int, int, float]] = {}  # see available()
 
     def rows(self, statement, **params) -> list:
         with self.store.engine.connect() as connection:
@@ -137,13 +137,21 @@ class LabelQueue:
         """The labeller's open item, or a newly assigned one; None when nothing is left for them."""
         self.release_stale()
         assignment = self.held(self.sql.open_assignment, labeller=user.id)
-        if assignment is None and self.rng.random() < self.gold_rate:
+        if assignment is None and self.rng.random() < self.gold_chance(user):
             assignment = self.assign(user, self.sql.gold_candidates)
         if assignment is None:
             assignment = self.assign(user, self.sql.train_candidates)
         if assignment is None and self.gold_rate > 0:
             assignment = self.assign(user, self.sql.gold_candidates)
         return None if assignment is None else self.item(assignment)
+
+    def gold_chance(self, user: User) -> float:
+        """`gold_rate`, or the share of gold among the items the labeller has left when that is larger (as last
+        counted for their progress): gold left over for the end of a short queue would stand out."""
+        if user.id not in self.counts or self.gold_rate == 0:
+            return self.gold_rate
+        train, gold, *_ = self.counts[user.id]
+        return max(self.gold_rate, gold / max(train + gold, 1))
 
     def release_stale(self) -> None:
         """Expires items left open past the timeout; a write, so done at most once a minute. The per-labeller
@@ -250,9 +258,9 @@ class LabelQueue:
         """Items the queue could still hand this labeller. Counting them reads every open comparison, the
         costliest query here, so the count is redone every PROGRESS_REFRESH seconds; in between it goes down
         by the labeller's own answers (others' progress shows at the next count)."""
-        counted, answered_then, at = self.counts.get(user.id, (0, 0, float("-inf")))
+        train, gold, answered_then, at = self.counts.get(user.id, (0, 0, 0, float("-inf")))
         if time.monotonic() - at > PROGRESS_REFRESH:
             row = self.rows(self.sql.available, labeller=user.id, start=self.starts.get(user.id, 0))[0]
-            counted, answered_then = row.train + (row.gold if self.gold_rate > 0 else 0), answered
-            self.counts[user.id] = (counted, answered_then, time.monotonic())
-        return max(0, counted - (answered - answered_then))
+            train, gold, answered_then = row.train, (row.gold if self.gold_rate > 0 else 0), answered
+            self.counts[user.id] = (train, gold, answered_then, time.monotonic())
+        return max(0, train + gold - (answered - answered_then))

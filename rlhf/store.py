@@ -9,10 +9,13 @@ Assignments hand comparisons to labellers: each non-gold comparison has `overlap
 (comparison, slot) constraint means two labellers racing for the last slot cannot both get it. A skipped or
 expired assignment gives its slot back (slot NULL) but stays, so the same labeller never gets that item again.
 """
+import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
+import secrets
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -149,6 +152,13 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
     return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${salt.hex()}${digest.hex()}"
 
 
+@functools.cache
+def unknown_user_hash() -> str:
+    """Checked against when the name is unknown or disabled, so that answer costs the same KDF work as a wrong
+    password for a real account and does not tell which names exist."""
+    return hash_password(secrets.token_hex(16))
+
+
 def password_matches(password: str, stored: str) -> bool:
     _, n, r, p, salt, digest = stored.split("$")
     candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
@@ -217,6 +227,28 @@ class Store:
             elif version.value != str(SCHEMA_VERSION):
                 raise StoreError(f"{self.engine.url.render_as_string(hide_password=True)}: label store schema "
                                  f"version {version.value}, this code reads version {SCHEMA_VERSION}")
+        self.label_key = self.item_label_key()
+
+    def item_label_key(self) -> bytes:
+        """The store's secret for item labels, made on first use (two processes racing to make it agree on the
+        one stored first)."""
+        for _ in range(2):
+            with self.sessions() as session:
+                key = session.get(Meta, "item_label_key")
+            if key is not None:
+                return bytes.fromhex(key.value)
+            try:
+                with self.transaction() as session:
+                    session.add(Meta(key="item_label_key", value=secrets.token_hex(16)))
+            except IntegrityError:
+                pass
+        raise StoreError("could not read or make the store's item label key")
+
+    def item_label(self, comparison_id: int) -> str:
+        """What labellers see instead of the comparison's id: the same for everyone, unguessable without the
+        store, so neither an id's size nor its order tells gold items (imported first) from the rest."""
+        digest = hmac.new(self.label_key, str(comparison_id).encode(), hashlib.sha256).digest()
+        return base64.b32encode(digest[:5]).decode()
 
     def upgrade_from_version_1(self) -> None:
         """Version 1 had an assignments table that nothing wrote to; version 2 gives it slots and states."""
@@ -266,19 +298,24 @@ class Store:
             raise StoreError(f"user '{name}' already exists") from None
 
     def authenticate(self, name: str, password: str) -> User | None:
-        """The user, if the name and password match and the account is not disabled."""
+        """The user, if the name and password match and the account is not disabled. Every call does the same
+        KDF work, whether or not the name exists."""
         with self.sessions() as session:
             user = session.scalar(select(User).where(User.name == name))
-        if user is None or user.disabled or not password_matches(password, user.password_hash):
-            return None
-        return user
+        usable = user is not None and not user.disabled
+        matches = password_matches(password, user.password_hash if usable else unknown_user_hash())
+        return user if usable and matches else None
 
     def disable_user(self, name: str) -> None:
+        self.set_disabled(name, True)
+
+    def set_disabled(self, name: str, disabled: bool) -> User:
         with self.transaction() as session:
             user = session.scalar(select(User).where(User.name == name))
             if user is None:
                 raise StoreError(f"no user '{name}'")
-            user.disabled = True
+            user.disabled = disabled
+        return user
 
     def users(self) -> list[User]:
         with self.sessions() as session:

@@ -50,8 +50,14 @@ def sign_in(page, url: str, name: str, password: str) -> None:
 
 
 def shown(page) -> dict:
-    return {"left": page.input_value("#response-a textarea"), "right": page.input_value("#response-b textarea"),
-            "prompt": page.input_value("#prompt textarea"), "progress": page.inner_text("#progress")}
+    """The texts as stored (the plain-text view, sent with every item) and the progress line."""
+    def text(box: str) -> str:
+        return page.text_content(f"{box} .as-text")
+    return {"left": text("#response-a"), "right": text("#response-b"), "prompt": text("#prompt"),
+            "progress": page.inner_text("#progress")}
+
+
+ITEM_SHOWN = "document.querySelector('#response-a .as-text')?.textContent.length > 0"
 
 
 def test_a_labeller_signs_in_votes_by_keyboard_and_model_output_stays_inert(browser, app):
@@ -60,16 +66,18 @@ def test_a_labeller_signs_in_votes_by_keyboard_and_model_output_stays_inert(brow
     page.get_by_text("Incorrect Credentials").wait_for()
 
     sign_in(page, app["url"], "ann", "ann-password")
-    page.wait_for_function("document.querySelector('#response-a textarea')?.value.length > 0")
+    page.wait_for_function(ITEM_SHOWN)
     first = shown(page)
     assert "ann: 0 votes" in first["progress"]
     assert page.get_by_role("tab", name="Admin").count() == 0
 
-    # untrusted text is shown as text: the tags are visible characters and nothing ran or rendered
+    # untrusted text: tags are visible characters, markdown renders without any HTML of its own, nothing ran
     assert {first["left"][:-2], first["right"][:-2]} == {PAYLOAD, MARKDOWN}
     assert first["prompt"].startswith("Say something") and "<i>odd</i>" in first["prompt"]
     assert page.evaluate("window.__xss") is None
-    assert page.evaluate("document.querySelectorAll('img[src=\"x\"], b, a[href^=\"javascript\"]').length") == 0
+    assert page.evaluate("document.querySelectorAll('.answer script, img[src=\"x\"], .answer b, .prompt i, "
+                         "a[href^=\"javascript\"], [onerror]').length") == 0
+    assert page.locator(".answer .as-markdown strong").first.inner_text() == "not bold"
 
     # typing the shortcut keys into the note does not vote; the key on the page does
     page.click("#note textarea")
@@ -110,7 +118,7 @@ def test_a_strength_belongs_to_one_vote_and_never_to_a_tie(browser, tmp_path):
     try:
         page = browser.new_page()
         sign_in(page, f"http://127.0.0.1:{port}/", "cat", "cat-password")
-        page.wait_for_function("document.querySelector('#response-a textarea')?.value.length > 0")
+        page.wait_for_function(ITEM_SHOWN)
         strength = page.locator("#strength")
         for votes, button, pick_slight in ((1, "#vote-a", True), (2, "#vote-tie", True), (3, "#vote-a", False)):
             if pick_slight:
@@ -127,11 +135,111 @@ def test_a_strength_belongs_to_one_vote_and_never_to_a_tie(browser, tmp_path):
     assert stored[1][0] == "tie"
 
 
-def test_an_admin_sees_progress_and_agreement(browser, app):
+LONG = "# A long answer\n\nIt has **bold** words, `code` and a [link](https://example.com).\n\n" + "word " * 4000
+HOSTILE = ('<script>window.__xss = 4</script><img src=x onerror="window.__xss = 5"> [run](javascript:window.__xss=6) '
+           '[data](data:text/html,<b>x</b>) ![pixel](https://example.com/p.png) ${window.__xss = 7} '
+           "reads \u202eright to left\u202c, hidden\u200bspace, a bell\x07")
+CONTROLS_SHOWN = "reads ⟨U+202E⟩right to left⟨U+202C⟩, hidden⟨U+200B⟩space, a bell⟨U+0007⟩"
+BUTTONS = ("#vote-a", "#vote-b", "#vote-tie", "#vote-both-bad", "#skip")
+
+
+def test_long_and_hostile_answers_stay_in_their_boxes_and_the_end_of_the_queue_is_plain(browser, tmp_path):
+    """At 1280x720 a 20,000-character answer scrolls in its own box with the buttons in view; markdown renders
+    with nothing of the answer's own HTML, links or scripts live; invisible characters show; the plain-text toggle
+    shows the text as stored; items are named by opaque labels; after the last item the buttons are disabled."""
+    db_url = f"sqlite:///{tmp_path / 'labels.db'}"
+    store = Store(db_url)
+    store.add_user("dee", "labeller", "dee-password")
+    for n in range(2):
+        prompt = store.add_prompt(f"long-{n}", "test", [{"role": "user", "content": f"Write a lot, **please** {n}"}])
+        store.add_comparison(store.add_response(prompt, LONG, "m", {}), store.add_response(prompt, HOSTILE, "m", {}),
+                             batch="b1")
+    assert len(LONG) > 20_000
+    server = start_server(db_url, port := free_port(), overlap=1, log=tmp_path / "serve.log")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        sign_in(page, f"http://127.0.0.1:{port}/", "dee", "dee-password")
+        page.wait_for_function(ITEM_SHOWN)
+
+        for button in BUTTONS:  # every button on screen, the long answer scrolling in a box of its own
+            box = page.locator(button).bounding_box()
+            assert box["y"] >= 0 and box["y"] + box["height"] <= 720, (button, box)
+        long_side = "#response-a" if "A long answer" in shown(page)["left"] else "#response-b"
+        hostile_side = "#response-b" if long_side == "#response-a" else "#response-a"
+        sizes = page.evaluate(f"(() => {{ const box = document.querySelector('{long_side} .answer'); "
+                              "return [box.scrollHeight, box.clientHeight]; })()")
+        assert sizes[0] > 10 * sizes[1] and sizes[1] <= 0.4 * 720
+
+        # markdown rendered, the answer's own markup inert
+        assert page.locator(f"{long_side} .as-markdown h1").inner_text() == "A long answer"
+        assert page.locator(f"{long_side} .as-markdown strong").inner_text() == "bold"
+        link = page.locator(f"{long_side} .as-markdown a")
+        assert link.get_attribute("href") == "https://example.com" and link.get_attribute("target") == "_blank"
+        assert "noopener" in link.get_attribute("rel")
+        assert page.evaluate("window.__xss") is None
+        assert page.evaluate(f"document.querySelectorAll('{hostile_side} :is(script, img, b, [onerror])').length") == 0
+        assert page.evaluate(f"[...document.querySelectorAll('{hostile_side} a')].map(a => a.href)") == [
+            "https://example.com/p.png"]  # an image becomes a link: nothing is fetched; javascript: and data: stay text
+        markdown_text = page.inner_text(f"{hostile_side} .as-markdown")
+        assert "<script>" in markdown_text and "[run](javascript:" in markdown_text and CONTROLS_SHOWN in markdown_text
+
+        # the plain-text toggle: the text as stored, invisible characters shown the same way
+        page.click("#plain-text input")
+        page.wait_for_function(f"getComputedStyle(document.querySelector('{hostile_side} .as-text')).display "
+                               "!== 'none'")
+        assert page.locator(f"{hostile_side} .as-markdown").is_hidden()
+        assert page.inner_text(f"{hostile_side} .as-text").startswith("<script>window.__xss = 4</script>")
+        assert CONTROLS_SHOWN in page.inner_text(f"{hostile_side} .as-text")
+        assert page.locator(f"{long_side} .as-text").inner_text().startswith("# A long answer")
+
+        # opaque item labels, the same the store gives
+        labels = {store.item_label(comparison["id"]) for comparison in store.comparisons()}
+        title = page.inner_text("#title")
+        assert title.removeprefix("Item ") in labels and title.removeprefix("Item ").isalnum()
+
+        page.click("#prompt")
+        for votes in (1, 2):
+            page.keyboard.press("1")
+            page.wait_for_function(f"document.querySelector('#progress').innerText.includes('dee: {votes} vote')")
+        page.get_by_text("Nothing left to label").wait_for()
+        assert "Your queue is empty" in page.inner_text("#message") and "Saved your vote" in page.inner_text("#message")
+        for button in BUTTONS:
+            assert page.is_disabled(button), button
+        page.keyboard.press("2")  # the shortcut does nothing once the buttons are off
+        page.wait_for_timeout(500)
+        assert len(store.votes()) == 2
+
+        page.click("#sign-out")  # back to the sign-in form, and the session is gone
+        page.get_by_label("username").wait_for()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_label("username").wait_for()
+        page.close()
+    finally:
+        stop_server(server)
+
+
+def test_an_admin_sees_progress_and_agreement_and_manages_accounts(browser, app):
     page = browser.new_page()
     sign_in(page, app["url"], "boss", "boss-password")
     page.get_by_role("tab", name="Admin").click()
     page.get_by_role("button", name="Refresh statistics").click()
     page.get_by_text("Krippendorff's alpha").wait_for()
+    page.wait_for_function("document.querySelector('#accounts').innerText.includes('boss')")
     assert "ann" in page.inner_text("body")
+
+    page.fill("#account-name input, #account-name textarea", "ann")
+    page.click("#disable-user")
+    page.get_by_text("ann is disabled.").wait_for()
+    page.wait_for_function("document.querySelector('#accounts').innerText.includes('DISABLED')")
+    assert "\nann\nlabeller\nDISABLED\nboss\nadmin\nactive" in page.inner_text("#accounts")  # the table's cells
+    assert app["store"].user("ann").disabled
+    page.click("#enable-user")
+    page.get_by_text("ann is enabled.").wait_for()
+    assert not app["store"].user("ann").disabled
+
+    page.fill("#new-user-name input, #new-user-name textarea", "eve")
+    page.fill("#new-user-password input", "eve-password")
+    page.click("#add-user")
+    page.get_by_text("Added labeller eve.").wait_for()
+    assert app["store"].authenticate("eve", "eve-password").role == "labeller"
     page.close()

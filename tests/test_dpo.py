@@ -75,13 +75,15 @@ def test_margins_ask_for_a_wider_gap_and_ties_for_none(tmp_path, tiny_model_path
     batch = first_batch(trainer)
     plain = trainer.compute_loss(trainer.model, {**batch, "margin": torch.zeros(4)})
     with_margin = trainer.compute_loss(trainer.model, dict(batch))
-    # policy == reference: every implicit reward is 0, so the losses are -log sigmoid(0) and -log sigmoid(-1)
-    assert plain.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(0.0)).item(), rel=1e-5)
-    assert with_margin.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(1.0)).item(), rel=1e-5)
+    # policy == reference: every implicit reward is 0, so the losses are -log sigmoid(0) and -log sigmoid(-1).
+    # The reference goes through TRL's unfused LM head: float32 sums of ~100 nats differ from the fused path's by
+    # up to ~2e-3 on some CPUs, i.e. ~1e-4 in the loss at beta 0.1.
+    assert plain.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(0.0)).item(), abs=3e-4)
+    assert with_margin.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(1.0)).item(), abs=3e-4)
     trainer.tie_threshold = 1.0
     tied = trainer.compute_loss(trainer.model, {**batch, "tie": torch.ones(4, dtype=torch.bool)})
     sigmoid = torch.sigmoid(torch.tensor(1.0)).item()
-    assert tied.item() == pytest.approx(-torch.log(torch.tensor(2 * sigmoid - 1)).item(), rel=1e-5)
+    assert tied.item() == pytest.approx(-torch.log(torch.tensor(2 * sigmoid - 1)).item(), abs=3e-4)
     assert trainer._metrics["train"]["rewards/accuracies"][-1] == 0.0  # ties are not counted as right or wrong
 
 

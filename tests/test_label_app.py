@@ -6,9 +6,10 @@ from gradio_client import Client
 
 from pipeline.cli import main as cli
 from preference_ui.app import check_host
-from preference_ui.loadtest import (PASSWORD, audit, free_port, good_side, item_number, prepare_store, start_server,
+from preference_ui.loadtest import (PASSWORD, audit, free_port, good_side, item_label, prepare_store, start_server,
                                     stop_server)
 from rlhf.errors import UserError
+from rlhf.store import Store
 
 LABELLERS, VOTES_EACH = 20, 50
 # Every Client gets ssl_verify=False: the server is plain HTTP on loopback, and with verification on,
@@ -32,9 +33,9 @@ def label(url: str, name: str, votes: int, claimed: dict, errors: list) -> None:
         client = Client(url, auth=(name, PASSWORD), verbose=False, ssl_verify=False)
         title, _, left, right, *_ = client.predict(api_name="/next_item")
         for _ in range(votes):
-            shown = item_number(title)
-            title, _, left, right, _, message, strength = client.predict("slight", "",
-                                                                         api_name=f"/{good_side(left, right)}")
+            shown = item_label(title)
+            title, _, left, right, _, message, strength, *_ = client.predict("slight", "",
+                                                                             api_name=f"/{good_side(left, right)}")
             assert message == f"Saved your vote on item {shown}.", message
             assert strength == "clear"  # every item starts from the default strength
             claimed[name].append(shown)
@@ -61,10 +62,10 @@ def test_two_tabs_of_one_labeller_show_the_same_item_and_count_one_vote(server):
     tabs = [Client(server["url"], auth=(name, PASSWORD), verbose=False, ssl_verify=False) for _ in range(2)]
     first, second = (tab.predict(api_name="/next_item") for tab in tabs)
     assert first[:4] == second[:4]  # same item, same sides
-    shown = item_number(first[0])
+    shown = item_label(first[0])
     assert tabs[0].predict("clear", "", api_name="/vote_a")[5] == f"Saved your vote on item {shown}."
     refused = tabs[1].predict("slight", "", api_name="/vote_b")
-    assert refused[5].startswith("Not counted") and item_number(refused[0]) != shown
+    assert refused[5].startswith("Not counted") and item_label(refused[0]) != shown
     report = audit(server["db"], {name: [shown]})
     assert report["lost"] == 0 and report["duplicated"] == 0
 
@@ -123,3 +124,50 @@ def test_without_sign_in_everyone_acts_as_the_named_user(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'l.db'}")
     store.add_user("ann", "labeller", PASSWORD)
     assert LabellingApp(store, LabelsConfig(), local_user="ann").user(None).name == "ann"
+
+
+def test_an_admin_disables_enables_and_adds_accounts_and_disabling_holds_from_the_next_request(server):
+    name = server["names"][1]
+    labeller = Client(server["url"], auth=(name, PASSWORD), verbose=False, ssl_verify=False)
+    assert labeller.predict(api_name="/next_item")[0].startswith("### Item ")
+    admin = Client(server["url"], auth=("load-admin", PASSWORD), verbose=False, ssl_verify=False)
+    for api_name in ("/disable_user", "/enable_user"):
+        with pytest.raises(Exception, match="admins only"):
+            labeller.predict(server["names"][2], api_name=api_name)
+    with pytest.raises(Exception, match="admins only"):
+        labeller.predict("mallory", "admin", "password123", api_name="/add_user")
+
+    accounts, result = admin.predict(name, api_name="/disable_user")
+    assert result == f"{name} is disabled." and [name, "labeller", "DISABLED"] in accounts["data"]
+    with pytest.raises(Exception, match="disabled"):  # the session signed in before is refused at once
+        labeller.predict("clear", "", api_name="/vote_a")
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(server["url"], auth=(name, PASSWORD), verbose=False, ssl_verify=False)
+    accounts, result = admin.predict(name, api_name="/enable_user")
+    assert [name, "labeller", "active"] in accounts["data"]
+    assert labeller.predict("clear", "", api_name="/vote_a")[5].startswith("Saved your vote on item ")
+
+    Store(server["db"]).disable_user(name)  # `rlhf label users disable`, from another process, holds as fast
+    with pytest.raises(Exception, match="disabled"):
+        labeller.predict(api_name="/next_item")
+    admin.predict(name, api_name="/enable_user")
+
+    with pytest.raises(Exception, match="cannot disable your own account"):
+        admin.predict("load-admin", api_name="/disable_user")
+    with pytest.raises(Exception, match="no user 'ghost'"):
+        admin.predict("ghost", api_name="/disable_user")
+    accounts, result, password = admin.predict("newcomer", "labeller", "newcomer-password", api_name="/add_user")
+    assert result == "Added labeller newcomer." and password == ""
+    assert ["newcomer", "labeller", "active"] in accounts["data"]
+    with pytest.raises(Exception, match="at least 8 characters"):
+        admin.predict("shorty", "labeller", "short", api_name="/add_user")
+    newcomer = Client(server["url"], auth=("newcomer", "newcomer-password"), verbose=False, ssl_verify=False)
+    assert newcomer.predict(api_name="/next_item")[0].startswith("### Item ")
+
+
+def test_item_labels_are_opaque_and_the_same_for_everyone(server):
+    store = Store(server["db"])
+    labels = {store.item_label(comparison) for comparison in range(1, 601)}
+    assert len(labels) == 600 and all(len(label) == 8 and label.isalnum() for label in labels)
+    assert store.item_label(1) == Store(server["db"]).item_label(1)  # a second process reads the same key
+    assert store.item_label(1) != Store(f"sqlite:///{server['root'] / 'other.db'}").item_label(1)

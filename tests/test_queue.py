@@ -158,6 +158,27 @@ def test_gold_items_are_mixed_in_for_everyone_and_never_use_up_the_overlap(store
     assert any(len(voters) == 2 for voters in gold_voters.values())  # overlap 1 does not apply to gold
 
 
+def test_gold_is_spread_through_a_short_queue_and_not_left_for_its_end(store_url):
+    """6 gold and 6 other items at gold_rate 0.1: drawn at the rate alone, most gold would come last, where an
+    attentive labeller could spot it; drawn at the share of gold left, it is spread through the queue."""
+    store = Store(store_url)
+    users = labellers(store, 8)
+    add_comparisons(store, 6, batch="gold", kind="gold", expected="a")
+    positions = []
+    for seed, user in enumerate(users):  # a batch of 6 each; the gold items are everyone's
+        add_comparisons(store, 6, batch=f"short{seed}")
+        queue = LabelQueue(store, overlap=1, gold_rate=0.1, batch=f"short{seed}", seed=seed)
+        kinds = []
+        while len(kinds) < 12:
+            item = queue.next_item(user)
+            queue.progress(user)  # as the app does after every item: the counts the share comes from
+            kinds.append(item.kind)
+            queue.vote(user, item.comparison_id, "a")
+        assert kinds.count("gold") == 6 and kinds[-6:] != ["gold"] * 6
+        positions += [position for position, kind in enumerate(kinds) if kind == "gold"]
+    assert sum(positions) / len(positions) < 7.0  # uniform: 5.5; gold last: 8.5
+
+
 def test_no_gold_at_rate_zero_and_a_vote_needs_an_assignment(store_url):
     store = Store(store_url)
     train = add_comparisons(store, 3)

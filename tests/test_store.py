@@ -25,6 +25,7 @@ def test_passwords_are_salted_kdf_hashes_and_disabled_users_cannot_log_in(store_
     assert store.authenticate("ann", "wrong horse") is None and store.authenticate("nobody", "x" * 8) is None
     store.disable_user("ann")
     assert store.authenticate("ann", "correct horse") is None
+    assert store.set_disabled("ann", False).disabled is False and store.authenticate("ann", "correct horse")
     with pytest.raises(StoreError, match="already exists"):
         store.add_user("bob", "labeller", "another password")
     with pytest.raises(StoreError, match="role must be one of labeller, admin"):
@@ -131,7 +132,7 @@ def test_a_version_2_store_is_upgraded_clearing_the_strengths_of_ties(store_url)
     upgraded.cast_vote(comparison_in(upgraded).id, users[0], "b")  # new votes number on after the kept ones
     assert [v.id for v in upgraded.votes()] == [1, 2, 3, 4]
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta")).scalar() == "3"
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "3"
     engine.dispose()
 
 
@@ -169,11 +170,11 @@ def test_a_version_1_store_is_upgraded_in_place(store_url):
     columns = {column["name"] for column in inspect(engine).get_columns("assignments")}
     assert {"slot", "swapped", "status"} <= columns
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta")).scalar() == "3"  # and on to version 3
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "3"  # and on to version 3
     engine.dispose()
 
 
-def test_users_command_adds_lists_and_disables(tmp_path, monkeypatch, capsys):
+def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, capsys):
     import io
 
     from pipeline.cli import main as cli
@@ -188,3 +189,7 @@ def test_users_command_adds_lists_and_disables(tmp_path, monkeypatch, capsys):
     assert cli(["label", "--db", db, "users", "add", "bob"]) == 2
     assert "password of at least 8 characters" in capsys.readouterr().err
     assert Store(db).authenticate("ann", "s3cret-passphrase") is None  # disabled
+    assert cli(["label", "--db", db, "users", "enable", "ann"]) == 0
+    assert Store(db).authenticate("ann", "s3cret-passphrase").name == "ann"
+    assert cli(["label", "--db", db, "users", "enable", "nobody"]) == 2
+    assert "no user 'nobody'" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+"""Model output as labellers see it: markdown rendered without any HTML of its own, or the same text plain.
+
+Prompts and responses are untrusted. `shown_html` renders them with markdown-it's CommonMark rules and raw HTML
+off, so any tag in the text comes out as visible characters; links keep only the schemes markdown-it allows (no
+`javascript:`, `vbscript:`, `file:` or `data:`) and open in a new tab without a referrer; images become links,
+so nothing is fetched when an item is shown. Invisible characters that change what text looks like or says
+(control characters, bidirectional overrides, zero-width and tag characters) are shown as `⟨U+XXXX⟩` in both
+views, so what a labeller reads is what is stored. The zero-width joiner is the one exception: emoji are built
+with it.
+
+Both views are sent; the page shows one, switched by the app's plain-text toggle (a class on <body>).
+"""
+import html
+import re
+import sys
+import unicodedata
+
+from markdown_it import MarkdownIt
+
+KEPT = {"\n", "\t", "\u200d"}
+INVISIBLE = re.compile("[" + "".join(re.escape(chr(code)) for code in range(sys.maxunicode + 1)
+                                     if unicodedata.category(chr(code)) in ("Cc", "Cf") and chr(code) not in KEPT)
+                       + "]")
+MARKDOWN = MarkdownIt("commonmark", {"html": False}).disable("image")
+
+
+def open_links_apart(renderer, tokens, index, options, env):
+    tokens[index].attrSet("target", "_blank")
+    tokens[index].attrSet("rel", "noopener noreferrer nofollow")
+    return renderer.renderToken(tokens, index, options, env)
+
+
+MARKDOWN.add_render_rule("link_open", open_links_apart)
+
+
+def visible_controls(text: str) -> str:
+    text = text.replace("\r\n", "\n")
+    return INVISIBLE.sub(lambda match: f"⟨U+{ord(match.group()):04X}⟩", text)
+
+
+def shown_html(text: str, css_class: str = "answer") -> str:
+    """The text as rendered markdown and as plain text, in one scrolling box."""
+    text = visible_controls(text)
+    return (f'<div class="{css_class}"><div class="as-markdown">{MARKDOWN.render(text)}</div>'
+            f'<pre class="as-text">{html.escape(text)}</pre></div>')
