@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/label_load.py --labellers 20 --votes 50
 	$(BIN)/python bench/reward_throughput.py
 	$(BIN)/python bench/ppo_vs_rloo.py
+	$(BIN)/python bench/generation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

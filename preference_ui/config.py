@@ -3,6 +3,8 @@ labelling app hands them out, and who votes when `rlhf run` collects the labels 
 import os
 from dataclasses import dataclass, field
 
+from rlhf import hardware
+
 
 @dataclass
 class LabelsConfig:
@@ -18,6 +20,7 @@ class LabelsConfig:
     batch: str = field(default="", metadata={"help": "Name of the comparison batch; empty: the run name."})
     db: str = field(default="", metadata={"help": "Label store URL; empty: $RLHF_DB_URL or sqlite:///runs/labels.db."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling and the random a/b order of each pair."})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 for sampling responses."})
     select: str = field(default="all", metadata={
         "help": "Which candidate pairs become comparisons: all, or uncertain (those the reward model is least sure "
                 "about: the ensemble's spread of the reward gap, or with one head the smallest gap)."})
@@ -61,6 +64,7 @@ class LabelsConfig:
     poll_seconds: float = field(default=10.0, metadata={"help": "How often the human wait checks the store."})
 
     def __post_init__(self):
+        self.hardware = hardware.choose(self.precision)
         if self.simulate_labellers < 1 or self.min_votes < 1 or self.poll_seconds <= 0:
             raise ValueError("simulate_labellers and min_votes must be at least 1, poll_seconds above 0")
         if self.select not in ("all", "uncertain"):

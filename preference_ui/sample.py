@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import models
+from rlhf import hardware, models
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import MissingInputError, UserError
@@ -62,7 +62,11 @@ def main(config: LabelsConfig, run: RunConfig) -> dict:
 def sample_candidates(config: LabelsConfig, store: Store, prompts: list[dict], spec: str) -> list[tuple]:
     """Stores k sampled responses per prompt; returns every pair of them as (a, b, prompt messages), a and b in
     a random order."""
-    model, tokenizer = models.load_causal_lm(spec)
+    # Sampling in the hardware's dtype: on a CPU with native bf16 it generates ~1.8 times faster than fp32
+    # (docs/benchmarks.md, "Generation").
+    model, tokenizer = models.load_causal_lm(spec, config.hardware.dtype)
+    model.to(config.hardware.device)
+    hardware.log_decision("label sample", config.hardware)
     torch.manual_seed(config.seed)
     sampling = {"temperature": config.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": config.max_new_tokens,
                 "seed": config.seed}

@@ -124,3 +124,25 @@ def test_batched_answers_come_back_in_prompt_order_as_one_at_a_time(tiny_model_p
     batched = [answer.ids for answer in answer_prompts(model, tokenizer, prompts, 8, batch_size=2)]
     alone = [answer_prompts(model, tokenizer, [prompt], 8, batch_size=1)[0].ids for prompt in prompts]
     assert batched == alone and len({tuple(ids) for ids in alone}) == len(prompts)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_sampling_generates_in_the_configured_precision(tmp_path, tiny_model_path, caplog, monkeypatch, precision,
+                                                        dtype):
+    from types import SimpleNamespace
+
+    from rlhf import models
+
+    loaded = []
+
+    def load_and_record(spec, weights_dtype=None):
+        model, tokenizer = models.load_causal_lm(spec, weights_dtype)
+        loaded.append(str(model.dtype).removeprefix("torch."))
+        return model, tokenizer
+
+    monkeypatch.setattr("preference_ui.sample.models", SimpleNamespace(load_causal_lm=load_and_record))
+    config, run = config_for(tmp_path, f"--labels.model={tiny_model_path}", f"--labels.precision={precision}")
+    with caplog.at_level("INFO"):
+        assert main(config, run)["responses"] == 6
+    assert loaded == [dtype]
+    assert f"[label sample] device=cpu dtype={dtype} (precision={precision} set in config)" in caplog.text
