@@ -24,6 +24,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from rlhf.preference_loss import preference_loss
+from rlhf.reward_model import pooled_rewards
 
 
 def bootstrap_counts(pair_id: str, heads: int, seed: int) -> list[float]:
@@ -49,6 +50,13 @@ def common_prefix(sequences: list[list[int]]) -> int:
     return length
 
 
+def shared_length(group: list[dict]) -> int:
+    """Tokens a prompt group's sequences share, stopping where an answer begins when the examples say where
+    (`answer_start`: an answer-mean reward reads every answer token, so none may run in the shared part)."""
+    shared = common_prefix([s for example in group for s in pair_ids(example)])
+    return min([shared] + [example["answer_start"] for example in group if example.get("answer_start")])
+
+
 def unique_rows(sequences: list[tuple]) -> tuple[list[tuple], list[int]]:
     """(the distinct sequences in first-seen order, each input's row among them)."""
     rows: dict[tuple, int] = {}
@@ -68,7 +76,7 @@ class PreferenceCollator(DataCollatorForPreference):
 
     def torch_call(self, examples):
         groups = prompt_groups(examples) if self.share_prompt else []
-        shared = [common_prefix([s for i in group for s in pair_ids(examples[i])]) for group in groups]
+        shared = [shared_length([examples[i] for i in group]) for group in groups]
         if shared and min(shared) > 0:
             batch = self.shared_prefix_batch(examples, groups, shared)
         else:  # nothing to share in some pair: the whole sequences
@@ -81,16 +89,20 @@ class PreferenceCollator(DataCollatorForPreference):
 
     def whole_sequence_batch(self, examples) -> dict:
         rows, index = unique_rows([tuple(s) for e in examples for s in pair_ids(e)])
+        starts = dict(zip(index, (e.get("answer_start", 0) for e in examples for _ in range(2))))
         return {"input_ids": pad([torch.tensor(r) for r in rows], padding_value=self.pad_token_id,
                                  padding_side="right"),
                 "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in rows], padding_value=0,
                                       padding_side="right"),
+                "answer_mask": pad([(torch.arange(len(r)) >= starts[i]).long() for i, r in enumerate(rows)],
+                                   padding_value=0, padding_side="right"),
                 "chosen_row": torch.tensor(index[0::2]), "rejected_row": torch.tensor(index[1::2])}
 
     def shared_prefix_batch(self, examples, groups: list[list[int]], shared: list[int]) -> dict:
-        prefixes, answers = [], []
+        prefixes, answers, prompt_left = [], [], []
         for group, length in zip(groups, shared):
             prefixes.append(torch.tensor(examples[group[0]]["chosen_ids"][:length]))
+            prompt_left.append(max(0, (examples[group[0]].get("answer_start") or 0) - length))
             answers += [(len(prefixes) - 1, tuple(s[length:])) for i in group for s in pair_ids(examples[i])]
         order = [i for group in groups for i in group]  # answers are listed group by group
         rows, index = unique_rows(answers)
@@ -103,6 +115,8 @@ class PreferenceCollator(DataCollatorForPreference):
                                   padding_side="right"),
                 "suffix_mask": pad([torch.ones(len(answer), dtype=torch.long) for _, answer in rows],
                                    padding_value=0, padding_side="right"),
+                "answer_mask": pad([(torch.arange(len(answer)) >= prompt_left[prefix]).long()
+                                    for prefix, answer in rows], padding_value=0, padding_side="right"),
                 "suffix_prefix": torch.tensor([prefix for prefix, _ in rows]),
                 "chosen_row": torch.tensor(pair_rows[0::2]), "rejected_row": torch.tensor(pair_rows[1::2])}
 
@@ -119,7 +133,7 @@ def prompt_groups(examples: list[dict]) -> list[list[int]]:
     return list(groups.values())
 
 
-def shared_prefix_rewards(model, batch: dict) -> torch.Tensor:
+def shared_prefix_rewards(model, batch: dict, pooling: str = "last_token") -> torch.Tensor:
     """[answer rows, heads] rewards from a shared-prefix batch (see PreferenceCollator)."""
     prefix_mask = batch["prefix_mask"]
     positions = (prefix_mask.cumsum(-1) - 1).clamp_min(0)
@@ -129,9 +143,9 @@ def shared_prefix_rewards(model, batch: dict) -> torch.Tensor:
     cache.batch_select_indices(owner)  # each answer row on a copy of its prompt's keys and values
     suffix_mask = batch["suffix_mask"]
     start = prefix_mask.sum(-1)[owner][:, None]
-    return model(input_ids=batch["suffix_ids"], past_key_values=cache, use_cache=True,
-                 attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=-1),
-                 position_ids=start + torch.arange(suffix_mask.shape[1], device=start.device)).logits
+    return pooled_rewards(model, pooling, batch["answer_mask"], input_ids=batch["suffix_ids"], past_key_values=cache,
+                          use_cache=True, attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=-1),
+                          position_ids=start + torch.arange(suffix_mask.shape[1], device=start.device))
 
 
 class PromptGroupSampler(torch.utils.data.Sampler):
@@ -160,7 +174,7 @@ class PromptGroupSampler(torch.utils.data.Sampler):
 class PreferenceRewardTrainer(RewardTrainer):
     """TRL's RewardTrainer with `preference_loss`: ties, margins, weights and ensemble heads reach the loss."""
 
-    def __init__(self, *args, model, tie_threshold: float = 0.0, **kwargs):
+    def __init__(self, *args, model, tie_threshold: float = 0.0, pooling: str = "last_token", **kwargs):
         # TRL refuses models with several outputs because its loss reads one; ours reads every head, so the
         # check is passed with the label count it expects and the real one restored.
         heads, labels = model.config.num_labels, (model.config.id2label, model.config.label2id)
@@ -170,11 +184,12 @@ class PreferenceRewardTrainer(RewardTrainer):
         finally:
             model.config.num_labels = heads
             model.config.id2label, model.config.label2id = labels
-        self.tie_threshold = tie_threshold
+        self.tie_threshold, self.pooling = tie_threshold, pooling
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "tie", "weight", "group"]
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "tie", "weight", "group",
+                                       "answer_start"]
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -186,9 +201,10 @@ class PreferenceRewardTrainer(RewardTrainer):
         mode = "train" if model.training else "eval"
         margin, tie, weight = inputs.pop("margin", None), inputs.pop("tie"), inputs.pop("weight")
         if "prefix_ids" in inputs:
-            rows = shared_prefix_rewards(model, inputs)
+            rows = shared_prefix_rewards(model, inputs, self.pooling)
         else:
-            rows = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+            rows = pooled_rewards(model, self.pooling, inputs["answer_mask"], input_ids=inputs["input_ids"],
+                                  attention_mask=inputs["attention_mask"], use_cache=False)
         chosen, rejected = rows[inputs["chosen_row"]], rows[inputs["rejected_row"]]
         rewards = torch.cat([chosen, rejected])
         loss = preference_loss(chosen, rejected, margin, tie, weight, self.tie_threshold,

@@ -23,7 +23,7 @@ from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, split_pairs, training_pairs
 from reward.evaluate import evaluate, fmt, log_evaluation
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
-from rlhf.reward_model import load_reward_model, reward_tokenizer, score
+from rlhf.reward_model import answer_start, load_reward_model, reward_tokenizer, score
 
 
 
@@ -72,7 +72,7 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     # 1. model, data and the hardware decisions
     tokenizer = reward_tokenizer(model_path)
     transformers.set_seed(config.seed)  # the new score heads start the same way every time
-    model = load_reward_model(model_path, tokenizer, config.ensemble)
+    model = load_reward_model(model_path, tokenizer, config.ensemble, pooling=config.pooling)
     checkpointing = (bool(config.gradient_checkpointing) if not config.gradient_checkpointing_auto else
                      hardware.needs_gradient_checkpointing(model, 2 * config.per_device_train_batch_size *
                                                            longest_sequence(tokenizer, train_pairs, config.max_length),
@@ -84,6 +84,10 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     rows = [{k: p[k] for k in columns} for p in train_pairs]
     if config.group_by_prompt:
         rows = [{**row, "group": json.dumps(row["prompt"])} for row in rows]
+    if config.pooling == "answer_mean":
+        starts = {}
+        rows = [{**row, "answer_start": starts.setdefault(json.dumps(row["prompt"]),
+                                                          answer_start(tokenizer, row["prompt"]))} for row in rows]
     train_data = datasets.Dataset.from_list(rows)
 
     # 2. accuracy before, training, accuracy after
@@ -96,7 +100,7 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
                                          share_prompt=config.share_prompt and not checkpointing
                                          and config.world_size == 1),
         callbacks=[tracking.TrackingCallback(tracker), timer],
-        tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0)
+        tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0, pooling=config.pooling)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - started
@@ -119,7 +123,7 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     report = evaluate(trainer.model, tokenizer, eval_pairs, config, staged)
     log_evaluation(tracker, report, staged)
     metrics.update(report, eval_accuracy=report["heldout_accuracy"], eval_margin=report["heldout_margin"])
-    reward_info = {"heads": config.ensemble, "scale": scale, "ties": config.ties,
+    reward_info = {"heads": config.ensemble, "pooling": config.pooling, "scale": scale, "ties": config.ties,
                    "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}
 
     # 4. publish: a complete folder renamed into place, then the record

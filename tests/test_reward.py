@@ -55,6 +55,32 @@ def test_a_reward_model_learns_separable_pairs_and_is_published(tmp_path, tiny_m
     assert pair_metrics(model, tokenizer, training_pairs(config.preferences, config))["accuracy"] >= 0.9
 
 
+def test_answer_mean_pooling_is_trained_saved_and_scored_over_the_answer_tokens(tmp_path, tiny_model_path):
+    config = RewardStageConfig(model=str(tiny_model_path), preferences=write_pairs(tmp_path / "pairs.jsonl", 32),
+                               eval_fraction=0.25, max_steps=12, learning_rate=2e-3, per_device_train_batch_size=8,
+                               logging_steps=10, save_steps=100, seed=0, max_length=64, pooling="answer_mean")
+    metrics = train_reward(config, RunConfig(name="rm", output_root=str(tmp_path / "runs"), tracking="none"))
+    assert metrics["eval_accuracy"] >= 0.9
+    published = tmp_path / "runs" / "rm" / "reward"
+    assert json.loads((published / "stage.json").read_text())["reward"]["pooling"] == "answer_mean"
+    tokenizer = reward_tokenizer(str(published))
+    model = load_reward_model(str(published), tokenizer)  # the pooling comes back with the model
+    assert model.config.reward_pooling == "answer_mean"
+    prompt = [{"role": "user", "content": "Question number 3: can you help?"}]
+    conversations = [prompt + [{"role": "assistant", "content": text}] for text in (POLITE.format(i=3), "Fine.")]
+    with torch.no_grad():  # by hand: the head at each answer token, averaged
+        expected = []
+        for conversation in conversations:
+            prefix = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(conversation, tokenize=True)["input_ids"]
+            assert ids[:len(prefix)] == prefix
+            hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            expected.append(model.score(hidden)[len(prefix):].mean(0))
+    assert torch.allclose(score_heads(model, tokenizer, conversations), torch.stack(expected), atol=1e-5)
+    with pytest.raises(ValueError, match="pooling must be one of last_token, answer_mean"):
+        RewardStageConfig(pooling="first_token")
+
+
 def test_padding_with_eos_is_replaced_by_a_spare_special_token(tiny_model_path):
     tokenizer = reward_tokenizer(str(tiny_model_path))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"

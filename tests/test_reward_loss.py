@@ -94,7 +94,7 @@ def test_ties_and_margins_from_the_collated_batch_reach_the_trainers_loss():
                       {"chosen_ids": [2], "rejected_ids": [2, 7, 7], "margin": 0.0, "tie": True, "weight": [2.0]}])
     assert batch["tie"].tolist() == [False, True] and batch["weight"].shape == (2, 1)
     trainer = PreferenceRewardTrainer.__new__(PreferenceRewardTrainer)  # only compute_loss is exercised
-    trainer.tie_threshold = 1.0
+    trainer.tie_threshold, trainer.pooling = 1.0, "last_token"
     trainer.args = type("Args", (), {"center_rewards_coefficient": None})()
     trainer.model = TwoNumberModel()
     trainer.accelerator = type("Acc", (), {"gather_for_metrics": staticmethod(lambda x: x.reshape(-1))})()
@@ -106,7 +106,8 @@ def test_ties_and_margins_from_the_collated_batch_reach_the_trainers_loss():
     assert trainer._metrics["train"]["accuracy"] == [1.0]
 
 
-def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradients(tiny_model_path):
+@pytest.mark.parametrize("pooling", ["last_token", "answer_mean"])
+def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradients(tiny_model_path, pooling):
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.reward_model import reward_tokenizer
@@ -125,14 +126,15 @@ def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradient
     for prompt_len, chosen_len, rejected_len in ((9, 5, 12), (3, 7, 2), (14, 1, 6), (5, 4, 4)):
         prompt = ids(prompt_len)
         examples.append({"chosen_ids": prompt + ids(chosen_len), "rejected_ids": prompt + ids(rejected_len),
-                         "margin": 0.5, "tie": prompt_len == 3, "weight": [1.0, 2.0]})
+                         "margin": 0.5, "tie": prompt_len == 3, "weight": [1.0, 2.0], "answer_start": prompt_len})
     examples.append({"chosen_ids": [11, 12, 13], "rejected_ids": [11, 12, 13, 14], "margin": 0.0, "tie": False,
-                     "weight": [1.0, 1.0]})  # one answer a prefix of the other
+                     "weight": [1.0, 1.0], "answer_start": 2})  # one answer a prefix of the other
     prompt, answers = ids(6), [ids(3), ids(5), ids(1)]  # three answers to one prompt, all three pairs, in a group
     answers[1][:2] = answers[0][:2]  # two answers that open alike: the group's prefix still stops at the prompt
     for better, worse in ((0, 1), (2, 0), (2, 1)):
         examples.insert(better + 1, {"chosen_ids": prompt + answers[better], "rejected_ids": prompt + answers[worse],
-                                     "margin": 1.0, "tie": False, "weight": [1.0, 0.0], "group": "p"})
+                                     "margin": 1.0, "tie": False, "weight": [1.0, 0.0], "group": "p",
+                                     "answer_start": 6})
     unshareable = [{**examples[0], "rejected_ids": [5] + examples[0]["rejected_ids"]}]
     assert "prefix_ids" not in PreferenceCollator(pad_token_id=0, share_prompt=True)(unshareable)
 
@@ -144,7 +146,7 @@ def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradient
         assert len(batch["suffix_ids" if share else "input_ids"]) == 2 * len(examples) - 3
         assert not share or len(batch["prefix_ids"]) == len(examples) - 2
         trainer = PreferenceRewardTrainer.__new__(PreferenceRewardTrainer)
-        trainer.tie_threshold, trainer.model = 1.0, model
+        trainer.tie_threshold, trainer.model, trainer.pooling = 1.0, model, pooling
         trainer.args = type("Args", (), {"center_rewards_coefficient": 0.01})()
         trainer.accelerator = type("Acc", (), {"gather_for_metrics": staticmethod(lambda x: x.reshape(-1))})()
         trainer._metrics = {"train": __import__("collections").defaultdict(list)}
@@ -157,12 +159,19 @@ def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradient
     shared_loss, shared_rewards, shared_grads = loss_and_grads(True)
     assert shared_loss == pytest.approx(whole_loss, rel=1e-5)
     assert torch.allclose(shared_rewards, whole_rewards, atol=1e-5)
-    with torch.no_grad():  # and both are each pair's two sequences run alone
-        alone = [model(input_ids=torch.tensor([e[side]])).logits[0] for side in ("chosen_ids", "rejected_ids")
+    with torch.no_grad():  # and both are each pair's two sequences run alone, read as the pooling says
+        alone = [alone_reward(model, e[side], e["answer_start"], pooling) for side in ("chosen_ids", "rejected_ids")
                  for e in examples]
     assert torch.allclose(torch.stack(alone), whole_rewards, atol=1e-5)
     for name, grad in whole_grads.items():
         assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def alone_reward(model, ids: list[int], answer_start: int, pooling: str) -> torch.Tensor:
+    """One sequence's reward by hand: the head at its last token, or its mean over the answer's tokens."""
+    hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    per_token = model.score(hidden)
+    return per_token[-1] if pooling == "last_token" else per_token[answer_start:].mean(0)
 
 
 def test_prompt_group_sampler_keeps_a_prompts_pairs_together_and_reshuffles_each_epoch():
