@@ -84,10 +84,10 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     rows = [{k: p[k] for k in columns} for p in train_pairs]
     if config.group_by_prompt:
         rows = [{**row, "group": json.dumps(row["prompt"])} for row in rows]
-    if config.pooling == "answer_mean":
-        starts = {}
-        rows = [{**row, "answer_start": starts.setdefault(json.dumps(row["prompt"]),
-                                                          answer_start(tokenizer, row["prompt"]))} for row in rows]
+    if config.pooling == "answer_mean":  # each prompt's answer start, tokenized once per prompt
+        starts = {json.dumps(row["prompt"]): row["prompt"] for row in rows}
+        starts = {key: answer_start(tokenizer, prompt) for key, prompt in starts.items()}
+        rows = [{**row, "answer_start": starts[json.dumps(row["prompt"])]} for row in rows]
     train_data = datasets.Dataset.from_list(rows)
 
     # 2. accuracy before, training, accuracy after
