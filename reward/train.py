@@ -23,6 +23,7 @@ from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, split_pairs, training_pairs
 from reward.evaluate import evaluate, fmt, log_evaluation
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
+from reward.probe import probe
 from rlhf.reward_model import answer_start, load_reward_model, reward_tokenizer, score
 
 
@@ -90,8 +91,12 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
         rows = [{**row, "answer_start": starts[json.dumps(row["prompt"])]} for row in rows]
     train_data = datasets.Dataset.from_list(rows)
 
-    # 2. accuracy before, training, accuracy after
+    # 2. accuracy before, the head fitted alone (not when resuming: the checkpoint holds it), training, accuracy after
     before = pair_metrics(model, tokenizer, eval_pairs)
+    probed = probe(model, tokenizer, train_pairs, eval_pairs, config) if config.probe_steps and not resume_from else {}
+    if probed:
+        print(f"[{STAGE}] head fitted alone on the frozen model: train accuracy "
+              f"{fmt(probed['probe_train_accuracy'])}, held-out {fmt(probed['probe_eval_accuracy'])}")
     timer = StepTimer()
     trainer = PreferenceRewardTrainer(
         model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
@@ -107,7 +112,7 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     metrics = {"train_loss": result.training_loss, "eval_accuracy_before": before["accuracy"],
                "eval_margin_before": before["margin"], "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
                "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
-               "median_step_s": timer.median()}
+               "median_step_s": timer.median(), **probed}
     if timer.median():
         pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
         metrics["pairs_per_s"] = pairs_per_step / timer.median()

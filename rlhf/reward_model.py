@@ -99,24 +99,57 @@ def answer_positions(attention_mask: torch.Tensor, starts: list[int]) -> torch.T
     return attention_mask * (positions >= torch.tensor(starts, device=positions.device)[:, None])
 
 
+def head_inputs(model, pooling: str, answer_mask: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+    """[rows, hidden] what the head reads from each row of a batch, pooled as `pooling` says: the hidden state at
+    the last real token, or the mean over the answer's tokens (`answer_mask`). The head being linear, its output
+    on these is the pooled reward."""
+    caught = []
+    hook = score_head(model).register_forward_hook(lambda module, args, output: caught.append(args[0]))
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    hidden, attention = caught[-1].float(), inputs["attention_mask"]
+    if pooling == "answer_mean":
+        weights = answer_mask.float()
+    else:  # the last real token, whichever side the padding is on
+        last = (attention * torch.arange(attention.shape[1], device=attention.device)).argmax(-1)
+        weights = torch.nn.functional.one_hot(last, attention.shape[1]).float()
+    weights = weights[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
 @torch.no_grad()
-def score_heads(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> torch.Tensor:
-    """[conversations, heads] rewards of each whole conversation (prompt + response), pooled as the model was
-    trained to. Each distinct conversation is scored once, shortest first, so a batch pads little."""
+def read_conversations(model, tokenizer, conversations: list[list[dict]], read, width: int,
+                       batch_size: int = 8) -> torch.Tensor:
+    """[conversations, width]: `read(model, pooling, answer_mask, **batch)` on each whole conversation (prompt +
+    response), pooled as the model was trained to. Each distinct conversation runs once, shortest first, so a
+    batch pads little."""
     model.eval()
     pooling = reward_pooling(model)
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     starts = {text: answer_start(tokenizer, c[:-1]) if pooling == "answer_mean" else 0
               for text, c in zip(texts, conversations)}
     distinct = sorted(set(texts), key=lambda text: (len(text), text))  # the same batches in every process
-    out = torch.zeros(len(distinct), model.config.num_labels)
+    out = torch.zeros(len(distinct), width)
     for start in range(0, len(distinct), batch_size):
         chunk = distinct[start:start + batch_size]
         batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         answers = answer_positions(batch["attention_mask"], [starts[text] for text in chunk])
-        out[start:start + batch_size] = pooled_rewards(model, pooling, answers, **batch).float().cpu()
+        out[start:start + batch_size] = read(model, pooling, answers, **batch).float().cpu()
     row = {text: i for i, text in enumerate(distinct)}
     return out[[row[text] for text in texts]]
+
+
+def score_heads(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> torch.Tensor:
+    """[conversations, heads] rewards of each whole conversation."""
+    return read_conversations(model, tokenizer, conversations, pooled_rewards, model.config.num_labels, batch_size)
+
+
+def pooled_features(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> torch.Tensor:
+    """[conversations, hidden] what the head reads from each whole conversation."""
+    return read_conversations(model, tokenizer, conversations, head_inputs, score_head(model).in_features,
+                              batch_size)
 
 
 def score(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
