@@ -271,7 +271,17 @@ def run_stage(args, rest) -> int:
         stage_main, rest = actions[rest[0]][0], rest[1:]
     sections = load_config(args.config, rest, {"run": RunConfig, args.stage: load(config_class)})
     load(stage_main)(sections[args.stage], sections["run"])
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Under a multi-process launcher, shuts the process group down before the interpreter exits: left to exit
+    teardown, gloo's threads can outlive it and abort the process after a finished stage."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_pipeline(args, rest) -> int:

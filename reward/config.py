@@ -48,8 +48,9 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
     probe_steps: int = field(default=0, metadata={
         "help": "Before training, fit the head alone on the frozen model's pooled features for this many full-batch "
                 "steps (a linear probe; then fine-tuning starts from it: LP-FT); 0: the head starts at random, as in "
-                "TRL. From a few hundred pairs it learned three judges 5-17 points better (docs/benchmarks.md, "
-                "\"The reward head fitted first\")."})
+                "TRL. Through the stage on four judges' default runs: the held-out sentiment judge 0.71 against 0.56 "
+                "held-out accuracy, the three tuned judges 0.69 either way (docs/benchmarks.md, \"The reward head "
+                "fitted first\")."})
     probe_l2: float = field(default=0.1, metadata={
         "help": "With probe_steps: L2 penalty on the probe's weights over standardised features."})
     group_by_prompt: bool = field(default=True, metadata={

@@ -7,8 +7,10 @@ input is pooled as the model pools (last token or answer mean), and the head alo
 stage's own loss (ties, margins, weights, one bootstrap resample per ensemble head) for many full-batch steps: a
 few seconds once the features are there. Fine-tuning then starts from a head that already ranks the answers.
 
-On one run's candidates re-voted by three judges, the probe alone beat one epoch of fine-tuning from a random head
-and the probe followed by that epoch did best (docs/benchmarks.md, "The reward head fitted first").
+In a scratch loop on one run's candidates re-voted by three judges, the probe alone beat one epoch of fine-tuning
+from a random head and the probe followed by that epoch did best; through the stage on the default runs, the
+held-out sentiment judge gained most (0.56 to 0.71 held-out accuracy) and the three tuned judges nothing on average
+(docs/benchmarks.md, "The reward head fitted first").
 """
 import json
 

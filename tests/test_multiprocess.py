@@ -45,21 +45,21 @@ def test_sft_reward_and_dpo_on_two_processes(tmp_path, tiny_model_path):
     assert moved(tmp_path / "ddp" / "sft", start) > 1e-4 and moved(tmp_path / "ddp" / "dpo", start) > 1e-4
 
 
-def test_probed_answer_mean_reward_on_two_processes_equals_one_process_over_the_same_batches(tmp_path, tiny_model_path):
+def test_probed_answer_mean_reward_on_two_processes_equals_one_process(tmp_path, tiny_model_path):
     """The answer-mean head is read through a forward hook while DDP runs the model's own forward, after every
     process fitted the same probe head: 2 processes of 4 pairs must take the same steps as 1 process of 8 pairs
-    (DDP averages the two halves' gradients). In fp32 with
-    plain SGD, so the steps follow the gradients (Adam would blow rounding in near-zero gradients up to full
-    steps)."""
+    (DDP averages the two halves' gradients). In fp32 with plain SGD, so the steps follow the gradients (Adam
+    would blow rounding in near-zero gradients up to full steps)."""
     pairs = write_pairs(tmp_path / "pairs.jsonl", 32)  # all trained: 4 full steps of 8 pairs
     common = ["reward", f"--reward.model={tiny_model_path}", f"--reward.preferences={pairs}",
-              "--reward.pooling=answer_mean", "--reward.probe_steps=50", "--reward.eval_fraction=0", "--reward.max_steps=4",
-              "--reward.save_steps=1000",
-              "--reward.precision=fp32", "--reward.optim=sgd", "--reward.learning_rate=0.5"]
+              "--reward.pooling=answer_mean", "--reward.probe_steps=50", "--reward.eval_fraction=0",
+              "--reward.max_steps=4", "--reward.save_steps=1000", "--reward.precision=fp32", "--reward.optim=sgd",
+              "--reward.learning_rate=0.5"]
     two_processes(tmp_path / "two", *common, "--reward.per_device_train_batch_size=4")
     two_processes(tmp_path / "one", *common, "--reward.per_device_train_batch_size=8", processes=1)
     two, one = (load_file(tmp_path / run / "ddp" / "reward" / "model.safetensors") for run in ("two", "one"))
     start = load_file(tiny_model_path / "model.safetensors")
     difference = max((two[k] - one[k]).abs().max().item() for k in two)  # the score head too
     assert difference < 1e-5 and moved(tmp_path / "two" / "ddp" / "reward", start) > 1e-2
-    assert json.loads((tmp_path / "two" / "ddp" / "reward" / "config.json").read_text())["reward_pooling"] == "answer_mean"
+    published = json.loads((tmp_path / "two" / "ddp" / "reward" / "config.json").read_text())
+    assert published["reward_pooling"] == "answer_mean"
