@@ -12,6 +12,7 @@ import torch
 from ppo.core import (entropy_from_logits, gae, kl_estimate, logprobs_from_logits, masked_mean, masked_whiten,
                       policy_loss, token_rewards, value_loss)
 from ppo.rollout import Rollout
+from rlhf.reward_model import reward_pooling
 
 
 def full_sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,25 +41,37 @@ class Critic(torch.nn.Module):
     """Per-token values from a sequence classifier: its backbone's hidden states through its score head, an
     ensemble's heads averaged into one value, on the scale PPO's scores are given in. A critic that starts as the
     reward model must start on the normalised scale (score - mean) / std too: on the raw scale its values would
-    be a larger copy of the score, and the advantages, returns minus values, would point against the reward."""
+    be a larger copy of the score, and the advantages, returns minus values, would point against the reward.
+
+    The value of a state is the reward model's score of the answer so far, read the way the reward model pools:
+    with `last_token`, the head at the state's last token; with `answer_mean`, the running mean of the head over
+    the answer's tokens so far (from the token that opens the reply). The head at one token alone is then only
+    that token's share of the mean: as a value it swings from token to token, and the advantages, sums of its
+    differences, would be mostly that swing."""
 
     def __init__(self, classifier, mean: float = 0.0, std: float = 1.0):
         super().__init__()
         self.classifier, self.mean, self.std = classifier, mean, std
+        self.running_mean = reward_pooling(classifier) == "answer_mean"
 
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, position_ids, response_start: int) -> torch.Tensor:
+        """[rows, response length] the values of the states before each response token."""
         backbone = getattr(self.classifier, self.classifier.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids).last_hidden_state
-        return (self.classifier.score(hidden).float().mean(-1) - self.mean) / self.std
+                          position_ids=position_ids).last_hidden_state[:, response_start - 1:-1]
+        per_token = (self.classifier.score(hidden).float().mean(-1) - self.mean) / self.std
+        if not self.running_mean:
+            return per_token
+        counts = torch.arange(1, per_token.shape[1] + 1, device=per_token.device)
+        return per_token.cumsum(-1) / counts
 
 
 def critic_forward(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
     """Values of the response positions, [rows, T]: the state after each response token's predecessor, as the
     log-probs are (position t-1 predicts token t)."""
     ids, mask, positions = (t[rows] for t in full_sequences(rollout))
-    start = rollout.query_ids.shape[1]
-    return critic(input_ids=ids, attention_mask=mask, position_ids=positions)[:, start - 1:-1]
+    return critic(input_ids=ids, attention_mask=mask, position_ids=positions,
+                  response_start=rollout.query_ids.shape[1])
 
 
 @dataclass

@@ -11,8 +11,10 @@ from ppo.config import PPOStageConfig
 from ppo.rollout import generate
 from accelerate import Accelerator
 
-from ppo.update import Critic, make_experience, policy_forward, ppo_epochs, reference_logprobs
+from ppo.update import (Critic, critic_forward, full_sequences, make_experience, policy_forward, ppo_epochs,
+                         reference_logprobs)
 from rlhf import models
+from rlhf.reward_model import pooled_rewards
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in ("rain", "the sea", "a cat", "bread")]
 
@@ -109,3 +111,26 @@ def test_reusing_the_experience_critic_pass_changes_nothing(setup):
         ends.append(torch.cat([p.detach().flatten() for m in models for p in m.parameters()]))
     assert torch.allclose(ends[0], ends[1], atol=1e-6)
     assert not torch.allclose(ends[0], torch.cat([p.flatten() for m in (policy, critic) for p in m.parameters()]))
+
+
+@pytest.mark.parametrize("pooling", ["last_token", "answer_mean"])
+def test_each_value_is_the_reward_models_score_of_the_answer_so_far(setup, pooling):
+    """The critic starts as the reward model: the value of the state before response token t is what the reward
+    model, pooling as it was trained to, gives the sequence cut there (with answer_mean, the mean of the head from
+    the token that opens the reply), on the normalised scale."""
+    policy, reference, critic, config, rollout = setup
+    classifier = critic.classifier
+    classifier.config.reward_pooling = pooling
+    critic = Critic(classifier, mean=0.3, std=2.0)
+    ids, mask, positions = (t[:1] for t in full_sequences(rollout))
+    start = rollout.query_ids.shape[1]
+    with torch.no_grad():
+        values = critic_forward(critic, rollout)[0]
+        real = int(rollout.response_mask[0].sum())  # the tokens up to the stop token
+        for t in sorted({0, real // 2, real - 1}):
+            cut = start + t  # the prompt and the first t response tokens
+            inputs = dict(input_ids=ids[:, :cut], attention_mask=mask[:, :cut], position_ids=positions[:, :cut])
+            opening = torch.zeros_like(inputs["attention_mask"])
+            opening[:, start - 1:] = 1
+            score = pooled_rewards(classifier, pooling, opening, **inputs)[0, 0]
+            assert torch.allclose(values[t], (score - 0.3) / 2.0, atol=1e-5), (pooling, t)
