@@ -68,9 +68,10 @@ def test_ppo_scores_with_a_reward_model_normalised_by_its_scale(tmp_path, tiny_m
     text = tokenizer.apply_chat_template(prompts[0] + [{"role": "assistant", "content": responses[0]}],
                                          tokenize=False)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = torch.cat([ids, ids[:, -1:]], 1)  # one token more: its state is the conversation read to its last token
     with torch.no_grad():
         value = critic(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       position_ids=torch.arange(ids.shape[1])[None])[0, -1]
+                       position_ids=torch.arange(ids.shape[1])[None], response_start=ids.shape[1] - 1)[0, 0]
     assert value.item() == pytest.approx(scores[0].item(), abs=1e-4)
     assert cli(["ppo", "--config", "configs/tiny.yaml", "--ppo.model", str(tiny_model_path), "--ppo.reward_model",
                 str(reward_dir), "--ppo.total_episodes", "8", "--ppo.batch_size", "4", "--ppo.response_length", "6",
