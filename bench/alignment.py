@@ -154,6 +154,13 @@ def frontier(args, judge: str, chain: dict, root: Path) -> Path:
     return frontier_plot(root / "frontier.png", results, judge)
 
 
+def frontier_points(results: dict, family: str) -> list[tuple[float, float, str]]:
+    """(KL to SFT, judge mean, setting) of each of a family's policies (named `ppo-kl0.05`, `dpo-beta0.1`), in
+    order of KL: the line the frontier plot draws."""
+    return sorted((result["kl"], result["judge"], name.split("-", 1)[1]) for name, result in results.items()
+                  if name.startswith(family + "-"))
+
+
 def frontier_plot(path: Path, results: dict, judge: str) -> Path:
     from rlhf.plots import pyplot, save_figure
 
@@ -161,11 +168,10 @@ def frontier_plot(path: Path, results: dict, judge: str) -> Path:
     figure, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.scatter([0.0], [results["sft"]["judge"]], color="black", zorder=3, label="sft")
     for family, marker in (("ppo", "o"), ("dpo", "s")):
-        points = sorted((result["kl"], result["judge"], name) for name, result in results.items()
-                        if name.startswith(family + "-"))
+        points = frontier_points(results, family)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=family)
-        for kl, score, name in points:
-            ax.annotate(name.split("-", 1)[1], (kl, score), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        for kl, score, setting in points:
+            ax.annotate(setting, (kl, score), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("KL to SFT (nats per answer)")
     ax.set_ylabel(f"judge {judge} (mean over eval prompts)")
     ax.grid(alpha=0.3)

@@ -45,6 +45,11 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
                 "answer_mean (the head at every answer token, averaged). Saved with the model, so every stage "
                 "scores the way it was trained. From a few hundred pairs answer_mean learned the length, keywords "
                 "and readability judges 4-11 points better (docs/benchmarks.md, \"Reward pooling\")."})
+    num_layers: int = field(default=0, metadata={
+        "help": "Keep only the starting model's first N decoder layers under the head (0: all). A cut model trains "
+                "and scores in proportion faster, and PPO's critic, which starts as the reward model, with it. On "
+                "SmolLM2, 16 of 30 layers halved the stage and kept the tuned judges' accuracy but lost 15 points on "
+                "the held-out sentiment judge (docs/benchmarks.md, \"Sixth session\")."})
     probe_steps: int = field(default=0, metadata={
         "help": "Before training, fit the head alone on the frozen model's pooled features for this many full-batch "
                 "steps (a linear probe; then fine-tuning starts from it: LP-FT); 0: the head starts at random, as in "
@@ -80,6 +85,8 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
             raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got '{self.ties}'")
         if self.ties == "equal" and self.tie_threshold <= 0:
             raise ValueError(f"tie_threshold must be above 0 with ties: equal, got {self.tie_threshold}")
+        if self.num_layers < 0:
+            raise ValueError(f"num_layers must be 0 (all) or more, got {self.num_layers}")
         if self.probe_steps < 0 or self.probe_l2 < 0:
             raise ValueError(f"probe_steps and probe_l2 must be 0 or more, got {self.probe_steps} and {self.probe_l2}")
         if self.ensemble < 1 or self.calibration_bins < 1:

@@ -24,8 +24,8 @@ from reward.data import STAGE, inputs, split_pairs, training_pairs
 from reward.evaluate import evaluate, fmt, log_evaluation
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
 from reward.probe import probe
-from rlhf.reward_model import answer_start, load_reward_model, reward_tokenizer, score
-
+from rlhf.reward_model import (answer_start, check_layer_count, keep_first_layers, load_reward_model, reward_tokenizer,
+                               score)
 
 
 def pair_metrics(model, tokenizer, pairs: list[dict]) -> dict:
@@ -60,6 +60,7 @@ def main(config: RewardStageConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
     model_path, preferences, recorded = inputs(config, run)
     train_pairs, eval_pairs = split_pairs(training_pairs(preferences, config), config)
+    check_layer_count(model_path, config.num_layers)
     with running_stage(run, STAGE, config, {"model": model_path, "preferences": preferences, **recorded}) as (
             record, tracker):
         return train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, record)
@@ -74,6 +75,8 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     tokenizer = reward_tokenizer(model_path)
     transformers.set_seed(config.seed)  # the new score heads start the same way every time
     model = load_reward_model(model_path, tokenizer, config.ensemble, pooling=config.pooling)
+    if config.num_layers:
+        keep_first_layers(model, config.num_layers)
     checkpointing = (bool(config.gradient_checkpointing) if not config.gradient_checkpointing_auto else
                      hardware.needs_gradient_checkpointing(model, 2 * config.per_device_train_batch_size *
                                                            longest_sequence(tokenizer, train_pairs, config.max_length),

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from rlhf import models
 from rlhf.errors import ModelError
@@ -49,6 +49,26 @@ def load_reward_model(path: str, tokenizer, heads: int = 1, dtype=torch.float32,
         raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
                          f"{model.get_input_embeddings().num_embeddings}: a mismatched tokenizer")
     model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def check_layer_count(path: str, count: int):
+    """Refuses, before anything is written, to keep more layers than the model at `path` has (0 keeps all)."""
+    total = AutoConfig.from_pretrained(path).num_hidden_layers
+    if count > total:
+        raise ModelError(f"{path}: reward.num_layers is {count} but the model has only {total} layers")
+
+
+def keep_first_layers(model, count: int):
+    """Cuts a new reward model's decoder to its first `count` layers: the final norm and the head then read that
+    layer, and the model saved is that much smaller (so is PPO's critic, which starts as the reward model)."""
+    total = model.config.num_hidden_layers
+    name, stack = next((name, child) for name, child in model.base_model.named_children()
+                       if isinstance(child, torch.nn.ModuleList) and len(child) == total)
+    setattr(model.base_model, name, stack[:count])
+    model.config.num_hidden_layers = count
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:count]
     return model
 
 

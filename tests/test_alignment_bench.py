@@ -47,3 +47,16 @@ def test_chain_result_reads_a_finished_runs_manifest_and_eval(tmp_path):
     result = chain_result(tmp_path)
     assert result["reward"]["heldout_pairs"] == 40 and result["prompts"] == 200
     assert list(result["stage_seconds"].items()) == [("reward", 84.0), ("dpo", 9.0), ("eval", 120.0)]  # chain order
+
+
+def test_frontier_draws_each_family_in_order_of_kl_and_writes_the_plot(tmp_path):
+    from bench.alignment import frontier_plot, frontier_points
+
+    results = {"sft": {"judge": 0.30, "kl": 0.0},
+               "ppo-kl0.2": {"judge": 0.35, "kl": 0.4}, "ppo-kl0.02": {"judge": 0.50, "kl": 3.1},
+               "ppo-kl0.05": {"judge": 0.45, "kl": 1.2}, "dpo-beta0.1": {"judge": 0.41, "kl": 2.0},
+               "dpo-beta0.3": {"judge": 0.36, "kl": 0.9}}
+    assert frontier_points(results, "ppo") == [(0.4, 0.35, "kl0.2"), (1.2, 0.45, "kl0.05"), (3.1, 0.50, "kl0.02")]
+    assert frontier_points(results, "dpo") == [(0.9, 0.36, "beta0.3"), (2.0, 0.41, "beta0.1")]
+    path = frontier_plot(tmp_path / "frontier.png", results, "builtin:length")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

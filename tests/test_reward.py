@@ -81,6 +81,26 @@ def test_answer_mean_pooling_is_trained_saved_and_scored_over_the_answer_tokens(
         RewardStageConfig(pooling="first_token")
 
 
+def test_a_reward_model_cut_to_its_first_layers_is_trained_saved_and_loaded_that_size(tmp_path, tiny_model_path,
+                                                                                      capsys):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 32)
+    config = RewardStageConfig(model=str(tiny_model_path), preferences=pairs, eval_fraction=0.25, max_steps=12,
+                               learning_rate=2e-3, per_device_train_batch_size=8, logging_steps=10, save_steps=100,
+                               seed=0, max_length=64, pooling="answer_mean", num_layers=1)
+    metrics = train_reward(config, RunConfig(name="rm", output_root=str(tmp_path / "runs"), tracking="none"))
+    assert metrics["eval_accuracy"] >= 0.9
+    published = tmp_path / "runs" / "rm" / "reward"
+    weights = load_file(published / "model.safetensors")
+    assert any(".layers.0." in key for key in weights) and not any(".layers.1." in key for key in weights)
+    model = load_reward_model(str(published), reward_tokenizer(str(published)))
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    assert load_reward_model(str(tiny_model_path), reward_tokenizer(str(tiny_model_path))).config.num_hidden_layers == 2
+    code = cli(["reward", "--reward.model", str(tiny_model_path), "--reward.preferences", pairs, "--reward.num_layers",
+                "3", "--run.output_root", str(tmp_path / "more"), "--run.tracking", "none"])
+    assert code == 2 and not (tmp_path / "more").exists()  # refused before anything is written
+    assert "reward.num_layers is 3 but the model has only 2 layers" in capsys.readouterr().err
+
+
 def test_padding_with_eos_is_replaced_by_a_spare_special_token(tiny_model_path):
     tokenizer = reward_tokenizer(str(tiny_model_path))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
