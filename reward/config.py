@@ -48,8 +48,8 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
     num_layers: int = field(default=0, metadata={
         "help": "Keep only the starting model's first N decoder layers under the head (0: all). A cut model trains "
                 "and scores in proportion faster, and PPO's critic, which starts as the reward model, with it. On "
-                "SmolLM2, 16 of 30 layers halved the stage and kept the tuned judges' accuracy but lost 15 points on "
-                "the held-out sentiment judge (docs/benchmarks.md, \"Sixth session\")."})
+                "SmolLM2, 16 of 30 layers halved the stage and kept the tuned judges' accuracy but lost 15 points "
+                "on the held-out sentiment judge (24 layers: 14) (docs/benchmarks.md, \"Sixth session\")."})
     probe_steps: int = field(default=0, metadata={
         "help": "Before training, fit the head alone on the frozen model's pooled features for this many full-batch "
                 "steps (a linear probe; then fine-tuning starts from it: LP-FT); 0: the head starts at random, as in "

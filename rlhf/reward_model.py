@@ -54,6 +54,8 @@ def load_reward_model(path: str, tokenizer, heads: int = 1, dtype=torch.float32,
 
 def check_layer_count(path: str, count: int):
     """Refuses, before anything is written, to keep more layers than the model at `path` has (0 keeps all)."""
+    if not count:
+        return
     total = AutoConfig.from_pretrained(path).num_hidden_layers
     if count > total:
         raise ModelError(f"{path}: reward.num_layers is {count} but the model has only {total} layers")
@@ -63,8 +65,11 @@ def keep_first_layers(model, count: int):
     """Cuts a new reward model's decoder to its first `count` layers: the final norm and the head then read that
     layer, and the model saved is that much smaller (so is PPO's critic, which starts as the reward model)."""
     total = model.config.num_hidden_layers
-    name, stack = next((name, child) for name, child in model.base_model.named_children()
-                       if isinstance(child, torch.nn.ModuleList) and len(child) == total)
+    found = [(name, child) for name, child in model.base_model.named_children()
+             if isinstance(child, torch.nn.ModuleList) and len(child) == total]
+    if not found:
+        raise ModelError(f"reward.num_layers: no list of {total} layers in {type(model.base_model).__name__} to cut")
+    name, stack = found[0]
     setattr(model.base_model, name, stack[:count])
     model.config.num_hidden_layers = count
     if isinstance(getattr(model.config, "layer_types", None), list):
