@@ -74,7 +74,6 @@ def keep_first_layers(model, count: int):
     model.config.num_hidden_layers = count
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = model.config.layer_types[:count]
-    return model
 
 
 def reward_record(path) -> dict:
