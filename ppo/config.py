@@ -46,6 +46,9 @@ class PPOStageConfig:
     num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per pass (shuffled)."})
     gradient_accumulation_steps: int = field(default=1, metadata={
         "help": "Micro-batches per minibatch, to bound memory."})
+    forward_groups: int = field(default=2, metadata={
+        "help": "Run each forward pass as N passes over rows of similar prompt length, each without the left "
+                "padding its rows share: the same numbers on fewer tokens (1: one padded pass)."})
     learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate, policy and critic."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip, epsilon."})
@@ -95,8 +98,10 @@ class PPOStageConfig:
             raise ValueError(f"eval_every must be 0 (before and after only) or more, got {self.eval_every}")
         if self.num_eval_prompts < 0:
             raise ValueError(f"num_eval_prompts must be 0 (all) or more, got {self.num_eval_prompts}")
-        if min(self.total_episodes, self.batch_size, self.num_ppo_epochs, self.response_length) < 1:
-            raise ValueError("total_episodes, batch_size, num_ppo_epochs and response_length must be at least 1")
+        if min(self.total_episodes, self.batch_size, self.num_ppo_epochs, self.response_length,
+               self.forward_groups) < 1:
+            raise ValueError("total_episodes, batch_size, num_ppo_epochs, response_length and forward_groups must "
+                             "be at least 1")
 
     @property
     def process_index(self) -> int:

@@ -24,6 +24,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ppo.dpo_config import DPOStageConfig
 from rlhf import hardware, models, tracking
+from rlhf.batching import LengthGroupedTraining
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import MissingInputError
@@ -125,10 +126,11 @@ class PairCollator(DataCollatorForPreference):
         return batch
 
 
-class PairDPOTrainer(DPOTrainer):
+class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
     """TRL's DPOTrainer whose sigmoid loss is the Bradley-Terry likelihood of rlhf/preference_loss.py on the
     implicit rewards beta x (log pi - log pi_ref): ties, margins and weights reach it. Without ties or margins and
-    with equal weights it is TRL's loss (a test checks it). Other loss types are TRL's own."""
+    with equal weights it is TRL's loss (a test checks it). Other loss types are TRL's own. Pairs of similar
+    length share a batch (`train_sampling_strategy: length_grouped`)."""
 
     def __init__(self, *args, tie_threshold: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -154,6 +156,11 @@ class PairDPOTrainer(DPOTrainer):
         self.record_metrics(chosen_rewards.detach(), rejected_rewards.detach(), chosen_logps.detach(),
                             rejected_logps.detach(), pair.get("tie"))
         return loss
+
+    def row_lengths(self, dataset) -> list[int]:
+        """A pair's rows are padded to its longer answer after the prompt."""
+        return [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected in
+                zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
     def compute_ref_log_probs(self, model, inputs):
         """TRL's, given only what the model takes (also used to precompute the reference over the dataset)."""

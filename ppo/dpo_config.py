@@ -2,13 +2,15 @@
 
 Every field of `trl.DPOConfig` (and so of `transformers.TrainingArguments`) is a valid key: `beta`, `loss_type`,
 `max_length`, `precompute_ref_log_probs`, ... Defaults that differ from TRL's are set here on purpose: precision
-from the hardware (TRL: bf16 always), checkpoints kept small, sequences cut at 512 tokens.
+from the hardware (TRL: bf16 always), checkpoints kept small, sequences cut at 512 tokens, pairs of similar length
+batched together.
 """
 from dataclasses import dataclass, field
 
 import trl
 
 from rlhf import hardware
+from rlhf.batching import LENGTH_GROUPED
 from rlhf.config import TrainingStageDefaults
 from rlhf.preference_pairs import SELECTIONS, TIE_POLICIES
 
@@ -61,6 +63,10 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
 
     # TRL fields whose defaults we change.
     max_length: int | None = field(default=512, metadata={"help": "Longest tokenized prompt + answer."})
+    train_sampling_strategy: str = field(default=LENGTH_GROUPED, metadata={
+        "help": "length_grouped: pairs of similar length share a batch, the batches in random order (a quarter "
+                "fewer padded tokens on the default run's pairs); or transformers' random, sequential, "
+                "group_by_length, batch_rebalance."})
 
     def __post_init__(self):
         hardware.configure_training_args(self)

@@ -248,9 +248,9 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     # KL penalty, advantages
     with accelerator.autocast():
         if accelerator.mixed_precision != "no":
-            rollout = dataclasses.replace(rollout, logprobs=recomputed_logprobs(unwrapped, rollout,
-                                                                                 config.temperature))
-        ref_logprobs = reference_logprobs(unwrapped, reference, rollout, config.temperature)
+            rollout = dataclasses.replace(rollout, logprobs=recomputed_logprobs(
+                unwrapped, rollout, config.temperature, config.forward_groups))
+        ref_logprobs = reference_logprobs(unwrapped, reference, rollout, config.temperature, config.forward_groups)
         experience = make_experience(rollout, ref_logprobs, critic, scores,
                                      state.kl_control.value, config)
     # 8. PPO epochs

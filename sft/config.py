@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import trl
 
 from rlhf import hardware
+from rlhf.batching import LENGTH_GROUPED
 from rlhf.config import TrainingStageDefaults
 
 
@@ -33,7 +34,7 @@ class SFTStageConfig(TrainingStageDefaults, trl.SFTConfig):
         "help": "Pack examples into rows of max_length without padding (best-fit decreasing); each example "
                 "attends only to itself. Unset: on with CUDA, off on a CPU (measured faster there: one long "
                 "packed row costs more attention than padding does). Unpacked CPU batches are grouped by length "
-                "unless train_sampling_strategy is set."})
+                "(train_sampling_strategy: length_grouped) unless train_sampling_strategy is set."})
     max_length: int | None = field(default=512, metadata={"help": "Longest tokenized example (or packed row)."})
 
     def __post_init__(self):
@@ -46,5 +47,5 @@ class SFTStageConfig(TrainingStageDefaults, trl.SFTConfig):
         if self.packing is None:
             self.packing = self.hardware.device == "cuda"
         if not self.packing and self.hardware.device != "cuda" and self.train_sampling_strategy == "random":
-            self.train_sampling_strategy = "group_by_length"
+            self.train_sampling_strategy = LENGTH_GROUPED
         super().__post_init__()

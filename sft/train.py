@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from rlhf import hardware, models, tracking
+from rlhf.batching import LengthGroupedTraining
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import ConfigError
@@ -158,8 +159,8 @@ def assistant_spans(tokenizer, messages: list[dict], full_text: str) -> list[tup
     return spans
 
 
-class StageSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with two changes.
+class StageSFTTrainer(LengthGroupedTraining, SFTTrainer):
+    """TRL's SFTTrainer with three changes.
 
     It counts the tokens it trains on: transformers' own count mistakes EOS for padding when the two share an id
     (the bundled SmolLM2) and there is no attention mask (packed, padding-free batches).
@@ -167,9 +168,15 @@ class StageSFTTrainer(SFTTrainer):
     Off CUDA it computes the loss by projecting only the positions that carry a label through the LM head, in one
     matrix product. TRL projects the same positions but in tiles, recomputed in the backward pass, which saves GPU
     memory and on a CPU makes the whole training step about a third slower (measured: docs/benchmarks.md).
+
+    Examples of similar length share a batch, the batches in random order (`train_sampling_strategy:
+    length_grouped`, the default on a CPU without packing).
     """
 
     real_tokens = 0
+
+    def row_lengths(self, dataset) -> list[int]:
+        return [min(len(ids), self.args.max_length or len(ids)) for ids in dataset["input_ids"]]
 
     def training_step(self, model, inputs, *args, **kwargs):
         mask = inputs.get("attention_mask")

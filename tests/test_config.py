@@ -116,7 +116,7 @@ def test_precision_follows_the_hardware_unless_forced(monkeypatch):
     assert SFTStageConfig(output_dir="/tmp/x", precision="bf16").bf16 is True
     config = SFTStageConfig(output_dir="/tmp/x")
     assert config.gradient_checkpointing_auto and not config.gradient_checkpointing
-    assert (config.packing, config.train_sampling_strategy) == (False, "group_by_length")
+    assert (config.packing, config.train_sampling_strategy) == (False, "length_grouped")
     monkeypatch.setattr(hardware, "detect_device", lambda: "cuda")
     gpu = SFTStageConfig(output_dir="/tmp/x", precision="fp32")  # transformers checks bf16 against real GPUs
     assert gpu.packing and gpu.train_sampling_strategy == "random"

@@ -152,3 +152,19 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):
     assert "rlhf reward" in capsys.readouterr().err
     assert cli(["dpo", "--config", "configs/tiny.yaml", "--dpo.loss_type=ipo", "--dpo.use_margin=true"]) == 2
     assert "loss_type sigmoid" in capsys.readouterr().err
+
+
+def test_pairs_of_similar_length_share_a_batch(tmp_path, tiny_model_path):
+    """length_grouped (the default): the 4 short pairs make one batch and the 4 long ones the other, each padded
+    to its own longest row; random batches mix them and pad both to the longest."""
+    pairs = conversational_pairs(8)
+    for i, pair in enumerate(pairs):
+        pair["chosen"][0]["content"] += " and more" * (12 if i % 2 else 0)
+    grouped = tiny_trainer(tmp_path, tiny_model_path, pairs)
+    lengths = grouped.row_lengths(grouped.train_dataset)
+    short, long = max(lengths[0::2]), max(lengths[1::2])
+    assert short < long <= 64
+    widths = sorted(batch["input_ids"].shape[1] for batch in grouped.get_train_dataloader())
+    assert widths == [short, long]
+    mixed = tiny_trainer(tmp_path, tiny_model_path, pairs, train_sampling_strategy="random")
+    assert sorted(batch["input_ids"].shape[1] for batch in mixed.get_train_dataloader()) == [long, long]

@@ -11,8 +11,8 @@ from ppo.config import PPOStageConfig
 from ppo.rollout import generate
 from accelerate import Accelerator
 
-from ppo.update import (Critic, critic_forward, full_sequences, make_experience, policy_forward, ppo_epochs,
-                         reference_logprobs)
+from ppo.update import (Critic, critic_forward, full_sequences, length_groups, make_experience, policy_forward,
+                         ppo_epochs, reference_logprobs)
 from rlhf import models
 from rlhf.reward_model import pooled_rewards
 
@@ -134,3 +134,29 @@ def test_each_value_is_the_reward_models_score_of_the_answer_so_far(setup, pooli
             opening[:, start - 1:] = 1
             score = pooled_rewards(classifier, pooling, opening, **inputs)[0, 0]
             assert torch.allclose(values[t], (score - 0.3) / 2.0, atol=1e-5), (pooling, t)
+
+
+def test_passes_over_rows_of_similar_length_give_the_numbers_of_one_padded_pass(setup, tiny_tokenizer):
+    """forward_groups > 1: rows sorted by prompt length, each pass without its rows' shared left padding; the
+    log-probs, entropies and values (and their gradients) are those of one padded pass, in the order asked."""
+    policy, reference, critic, config, _ = setup
+    prompts = [[{"role": "user", "content": "Hi. " + "Tell me more about the weather today. " * n}]
+               for n in (0, 6, 1, 5, 2, 4, 3, 0)]
+    rollout = generate(policy, tiny_tokenizer, prompts, config.response_length, config.temperature)
+    rows = torch.tensor([5, 0, 7, 2, 6])
+    passes = length_groups(rollout, rows, 2)
+    assert [len(members) for members, _ in passes] == [3, 2]
+    lengths = rollout.query_mask[rows].sum(-1)
+    assert [sorted(lengths[members].tolist()) for members, _ in passes] == [sorted(lengths.tolist())[:3],
+                                                                             sorted(lengths.tolist())[3:]]
+    assert passes[0][1] > passes[1][1] == rollout.query_ids.shape[1] - lengths.max()  # short rows drop the most
+    outputs = []
+    for groups in (1, 2, 5):
+        policy.zero_grad()
+        logprobs, entropy = policy_forward(policy, rollout, config.temperature, rows, groups)
+        values = critic_forward(critic, rollout, rows, groups)
+        (logprobs.sum() + values.sum()).backward()
+        outputs.append((logprobs, entropy, values, policy.model.embed_tokens.weight.grad.clone()))
+    for grouped_outputs in outputs[1:]:
+        for one_pass, grouped in zip(outputs[0], grouped_outputs):
+            assert torch.allclose(one_pass, grouped, atol=1e-5)
