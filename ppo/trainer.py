@@ -90,8 +90,26 @@ class Scorer:
 
 def main(config: PPOStageConfig, run: RunConfig) -> dict:
     found = inputs(config, run)
+    checked = checked_inputs(config)  # before the stage writes anything: a bad file leaves every folder as it was
     with running_stage(run, STAGE, config, found) as (record, tracker):
-        return train(config, run, found, tracker, record)
+        return train(config, run, found, checked, tracker, record)
+
+
+@dataclasses.dataclass
+class CheckedInputs:
+    prompts: list
+    eval_prompts: list
+    judge: object | None
+
+
+def checked_inputs(config: PPOStageConfig) -> CheckedInputs:
+    """The training and eval prompts, checked row by row, and the judge (and a reward function's judge) loaded."""
+    if config.reward_function:
+        load_judge(config.reward_function)
+    prompts = [row["prompt"] for row in load_rows(config.prompts, "prompt")]
+    eval_prompts = [row["prompt"] for row in load_rows(config.eval_prompts, "prompt")]
+    return CheckedInputs(prompts, eval_prompts[:config.num_eval_prompts or None],
+                      load_judge(config.judge) if config.judge else None)
 
 
 def unsupported_distribution(distributed_type: DistributedType) -> str | None:
@@ -143,7 +161,7 @@ def build_models(config: PPOStageConfig, found: dict):
     return policy, tokenizer, reference, critic
 
 
-def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:
+def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedInputs, tracker, record) -> dict:
     accelerator = make_accelerator(config)
     partial = RunDir(run.output_root, run.name).partial_path(STAGE)
     if accelerator.is_main_process:
@@ -158,7 +176,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     if reference is not None:
         reference.to(accelerator.device)
     scorer = Scorer(config, found.get("reward_model"), accelerator.device)
-    judge = load_judge(config.judge) if config.judge else None
+    prompts, eval_prompts, judge = checked.prompts, checked.eval_prompts, checked.judge
     trainable = [p for model in (policy, critic) for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, fused=True)  # one pass over memory
     policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
@@ -167,9 +185,6 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     # the shuffling generator is seeded alike everywhere: every process sees the same prompt order
     state = LoopState(torch.Generator().manual_seed(config.seed), kl_control)
     accelerator.register_for_checkpointing(state)
-    prompts = [row["prompt"] for row in load_rows(config.prompts, "prompt")]
-    eval_prompts = [row["prompt"] for row in load_rows(config.eval_prompts, "prompt")]
-    eval_prompts = eval_prompts[:config.num_eval_prompts or None]
     if accelerator.is_main_process:
         print(f"[{STAGE}] {config.num_updates} updates of {config.batch_size} episodes on "
               f"{accelerator.num_processes} process(es), {config.hardware.device} "

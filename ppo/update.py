@@ -24,10 +24,11 @@ def full_sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def length_groups(rollout: Rollout, rows: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, int]]:
     """`rows` (indices into the rollout) sorted by prompt length and split into `groups` passes, each with the
-    number of leading columns that are left padding in every one of its rows. A pass that drops them computes the same
-    numbers on fewer tokens: prompts here range from 40 to 160 tokens, so one batch padded to its longest is
-    up to 40% padding (measured: two passes of 4 rows take 4.5 s where one of 8 takes 5.5 s, forward and
-    backward; one pass per row is slower than either). Returns (positions in `rows`, columns to drop) per pass."""
+    number of leading columns that are left padding in all of its rows. A pass that drops them computes the
+    same numbers on fewer tokens: the default run's prompts run from 40 to 160 tokens, so a batch padded to its
+    longest is up to 40% padding (measured: two passes of 4 rows take 4.5 s where one of 8 takes 5.5 s, forward
+    and backward; one pass per row is slower than either). Returns (positions in `rows`, columns to drop) per
+    pass."""
     lengths = rollout.query_mask[rows].sum(-1)
     # sorted by (length, row): the same rows give the same passes whatever order they come in
     order = sorted(range(len(rows)), key=lambda i: (lengths[i].item(), rows[i].item()))

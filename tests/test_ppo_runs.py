@@ -110,3 +110,15 @@ def test_two_processes_split_each_batch_and_share_gradients(tmp_path, tiny_model
     for update in range(3):  # each process answered its own half of the update's batch, in the shared order
         batch = [prompts[i] for i in order[update * 8:(update + 1) * 8]]
         assert scored[0][update] == batch[:4] and scored[1][update] == batch[4:]
+
+
+def test_a_bad_prompts_file_or_judge_stops_ppo_with_exit_2_before_anything_is_written(tmp_path, tiny_model_path,
+                                                                                       capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "Tell me about rain."}\n{"id": "b"}\n')
+    for setting, message in ((f"--ppo.prompts={bad}", f"{bad}:2: prompt"),
+                             (f"--ppo.eval_prompts={bad}", f"{bad}:2: prompt"),
+                             ("--ppo.judge=builtin:nonesuch", "builtin:nonesuch")):
+        assert cli(ppo_args(tmp_path, tiny_model_path, "bad", setting)) == 2, setting
+        assert message in capsys.readouterr().err, setting
+        assert not (tmp_path / "runs").exists(), setting
