@@ -97,19 +97,21 @@ def main(config: PPOStageConfig, run: RunConfig) -> dict:
 
 @dataclasses.dataclass
 class CheckedInputs:
+    """What the stage reads from files and specs, read and checked before it writes anything."""
     prompts: list
     eval_prompts: list
     judge: object | None
 
 
 def checked_inputs(config: PPOStageConfig) -> CheckedInputs:
-    """The training and eval prompts, checked row by row, and the judge (and a reward function's judge) loaded."""
+    """The training and eval prompts, checked row by row, and the judge loaded (a reward function too, only to
+    check it: the scorer loads its own)."""
     if config.reward_function:
         load_judge(config.reward_function)
     prompts = [row["prompt"] for row in load_rows(config.prompts, "prompt")]
     eval_prompts = [row["prompt"] for row in load_rows(config.eval_prompts, "prompt")]
     return CheckedInputs(prompts, eval_prompts[:config.num_eval_prompts or None],
-                      load_judge(config.judge) if config.judge else None)
+                         load_judge(config.judge) if config.judge else None)
 
 
 def unsupported_distribution(distributed_type: DistributedType) -> str | None:

@@ -1,7 +1,7 @@
 """Training batches of rows of similar length, for the trainers that pad each batch to its longest row (SFT, DPO).
 
 Random batches of our prompts and answers are a quarter to a half padding (prompts run from 40 to 160 tokens, the
-SFT demonstrations from 60 to 500), and a padded token costs as much as a real one. `LengthGroupedBatches` sorts
+SFT demonstrations from 71 to 340), and a padded token costs as much as a real one. `LengthGroupedBatches` sorts
 the rows by length, cuts them into batches and shuffles the order of the batches: each epoch still sees every row
 once, with far less padding. transformers' own `group_by_length` sampler sorts longest first and never shuffles the
 order of a small dataset's batches, so a short run would train on the longest rows only.
@@ -37,11 +37,6 @@ class LengthGroupedBatches(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.lengths)
-
-
-def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
-    """Tokens the batches hold once each is padded to its longest row."""
-    return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
 
 
 LENGTH_GROUPED = "length_grouped"

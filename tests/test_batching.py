@@ -1,5 +1,7 @@
-"""Batches of rows of similar length (rlhf/batching.py), by hand and through the SFT and DPO trainers."""
-from rlhf.batching import LengthGroupedBatches, padded_tokens
+"""Batches of rows of similar length (rlhf/batching.py), by hand; through DPO's trainer in tests/test_dpo.py."""
+from itertools import permutations
+
+from rlhf.batching import LengthGroupedBatches
 
 
 def test_rows_are_sorted_into_batches_whose_order_is_shuffled_and_the_short_batch_comes_last():
@@ -10,10 +12,10 @@ def test_rows_are_sorted_into_batches_whose_order_is_shuffled_and_the_short_batc
     assert list(sampler) == [i for batch in batches for i in batch]
     # by hand: sorted 9,10,11 | 12,30,31 | 40,41,50 | 51 -> three full batches in some order, then the one left
     expected = [{9, 1, 3}, {5, 4, 7}, {2, 6, 0}]
-    assert [set(batch) for batch in batches[:3]] in [[expected[i] for i in order] for order in
-                                                     ([0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0])]
+    assert [set(batch) for batch in batches[:3]] in [list(order) for order in permutations(expected)]
     assert batches[3] == [8]
-    assert padded_tokens(lengths, batches) == 3 * 11 + 3 * 31 + 3 * 50 + 51
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    assert padded == 3 * 11 + 3 * 31 + 3 * 50 + 51  # 327 tokens; one batch of 10: 510
     # seeded: the same epoch gives the same order (resuming relies on it), epochs differ
     assert LengthGroupedBatches(lengths, 3, 0).batches() == batches
     orders = set()
