@@ -44,10 +44,8 @@ LENGTH_GROUPED = "length_grouped"
 
 class LengthGroupedTraining:
     """Trainer mixin: `train_sampling_strategy: length_grouped` trains on `LengthGroupedBatches` of
-    `row_lengths(dataset)`; any other strategy is transformers' own."""
-
-    def row_lengths(self, dataset) -> list[int]:
-        raise NotImplementedError
+    `row_lengths(dataset)`, which the trainer defines (the tokens each row pads to); any other strategy is
+    transformers' own."""
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != LENGTH_GROUPED:
