@@ -92,13 +92,14 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, reco
         policy, policy_tokenizer = models.load_causal_lm(found[name], config.hardware.dtype)
         answers[name] = answer(policy, policy_tokenizer, messages, config, name)
         kls[name] = answer_kl(policy, baseline, policy_tokenizer, messages, [a.ids for a in answers[name]],
-                              config.batch_size)
+                              config.score_batch_size)
         del policy
     del baseline
 
     # 2. scores: the reward model's and the judge's
     texts = {name: [a.text for a in answers[name]] for name in names}
-    rewards = reward_scores(found.get("reward_model"), messages, texts, config.batch_size, config.hardware.dtype)
+    rewards = reward_scores(found.get("reward_model"), messages, texts, config.score_batch_size,
+                            config.hardware.dtype)
     judge = load_judge(config.judge) if config.judge else None
     judged = {name: judge([m[-1]["content"] for m in messages], texts[name]) for name in names} if judge else {}
 

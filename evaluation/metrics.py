@@ -33,21 +33,28 @@ def answer_kl(policy, reference, tokenizer, prompts: list[list[dict]], answers: 
               batch_size: int = 8) -> list[float]:
     """For each answer, the sum over its tokens of the full-vocabulary KL(policy || reference) at that token's
     position, given the prompt and the answer so far. Exact at every visited position (no sampling noise),
-    so it compares policies on the same footing even when their answers are greedy."""
-    kls = []
-    for start in range(0, len(prompts), batch_size):
-        rows, spans = [], []
-        for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
-            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # as generation tokenized it
-            rows.append(list(prompt_ids) + list(answer))
-            spans.append((len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer)))  # logits predicting the answer
-        width = max(len(row) for row in rows)
-        ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], device=policy.device)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=policy.device)
-        policy_logits = policy(input_ids=ids, attention_mask=mask).logits
-        reference_logits = reference(input_ids=ids, attention_mask=mask).logits
-        # the answer's positions only, row by row: the vocabulary-wide softmaxes are most of this function's work
-        kls += [kl_per_position(policy_logits[i, begin:end], reference_logits[i, begin:end]).sum().item()
-                for i, (begin, end) in enumerate(spans)]
+    so it compares policies on the same footing even when their answers are greedy. Rows run shortest first
+    in batches of `batch_size`, so a batch pads little, and the vocabulary logits are computed only from the
+    batch's first answer position on (the prompt's positions before it are most of a row)."""
+    rows, spans = [], []
+    for prompt, answer in zip(prompts, answers):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # as generation tokenized it
+        rows.append(list(prompt_ids) + list(answer))
+        spans.append((len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer)))  # logits predicting the answer
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    kls = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        first = min(spans[i][0] for i in chunk)
+        ids = torch.tensor([rows[i] + [tokenizer.pad_token_id] * (width - len(rows[i])) for i in chunk],
+                           device=policy.device)
+        mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in chunk], device=policy.device)
+        # logits_to_keep = n keeps the last n positions: here positions first .. width - 1
+        policy_logits = policy(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+        reference_logits = reference(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+        for row, i in enumerate(chunk):
+            begin, end = spans[i][0] - first, spans[i][1] - first
+            kls[i] = kl_per_position(policy_logits[row, begin:end], reference_logits[row, begin:end]).sum().item()
     return kls

@@ -46,6 +46,29 @@ def test_answer_kl_is_zero_against_itself_and_positive_against_another_model(tin
     assert alone[0] == pytest.approx(moved[1], rel=1e-4)
 
 
+def test_answer_kl_in_length_sorted_batches_matches_each_answer_alone(tiny_model_path):
+    policy, tokenizer = load_causal_lm(str(tiny_model_path))
+    reference, _ = load_causal_lm(str(tiny_model_path))
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    questions = ["A rather long question about the weather tomorrow?", "Hi", "Two words", "Why is the sky blue?"]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    answers = [tokenizer(a)["input_ids"] for a in ("Yes", "Hello there my friend", "Sunny and warm", "Light")]
+    batched = answer_kl(policy, reference, tokenizer, prompts, answers, batch_size=3)  # two batches, reordered
+    alone = [answer_kl(policy, reference, tokenizer, [p], [a])[0] for p, a in zip(prompts, answers)]
+    assert batched == pytest.approx(alone, rel=1e-4)
+    # by hand for the first answer: the logits at the prompt's last position and the answer's first ones
+    text = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + answers[0]])
+    with torch.no_grad():
+        span = slice(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answers[0]))
+        by_hand = kl_per_position(policy(input_ids=ids).logits[0, span], reference(input_ids=ids).logits[0, span])
+    assert alone[0] == pytest.approx(by_hand.sum().item(), rel=1e-4)
+    assert len(set(round(kl, 6) for kl in alone)) == len(alone)  # distinct, so a mixed-up order would show
+
+
 def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path):
     runs = tmp_path / "runs"
     common = ["--config", "configs/tiny.yaml", f"--run.output_root={runs}", "--run.name=ev"]
