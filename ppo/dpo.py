@@ -33,7 +33,7 @@ from rlhf.preference_loss import preference_loss
 from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json
-from rlhf.stage import StepTimer, checkpoint_step, resume_point, running_stage, starting_model
+from rlhf.stage import NoCheckpointAtTheEnd, StepTimer, checkpoint_step, resume_point, running_stage, starting_model
 
 STAGE = "dpo"
 PAIR_COLUMNS = ("margin", "tie", "weight")
@@ -229,7 +229,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, tracker, record) 
                             truncation_mode=config.truncation_mode, pad_to_multiple_of=config.pad_to_multiple_of)
     trainer = PairDPOTrainer(model=model, args=args, data_collator=collator, train_dataset=train_data,
                              eval_dataset=eval_data, processing_class=tokenizer,
-                             callbacks=[tracking.TrackingCallback(tracker), timer],
+                             callbacks=[tracking.TrackingCallback(tracker), timer, NoCheckpointAtTheEnd()],
                              tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0)
 
     # 3. train, then the held-out pairs

@@ -99,13 +99,15 @@ def calibration(probabilities: list[float], outcomes: list[float], bins: int) ->
     return ece, table
 
 
-def evaluate(model, tokenizer, eval_pairs: list[dict], config, out_dir) -> dict:
-    """Scores the held-out pairs and the gold items, writes eval.md and the plots into `out_dir`, returns the
-    metrics."""
+def evaluate(model, tokenizer, eval_pairs: list[dict], config, out_dir, scored: tuple | None = None) -> dict:
+    """Scores the held-out pairs (unless `scored` holds their [pairs, heads] chosen and rejected rewards) and the
+    gold items, writes eval.md and the plots into `out_dir`, returns the metrics."""
     out_dir = Path(out_dir)
     theta = config.tie_threshold if config.ties == "equal" else 0.0
-    heads_chosen = score_heads(model, tokenizer, [p["prompt"] + p["chosen"] for p in eval_pairs])
-    heads_rejected = score_heads(model, tokenizer, [p["prompt"] + p["rejected"] for p in eval_pairs])
+    if scored is None:
+        scored = (score_heads(model, tokenizer, [p["prompt"] + p["chosen"] for p in eval_pairs]),
+                  score_heads(model, tokenizer, [p["prompt"] + p["rejected"] for p in eval_pairs]))
+    heads_chosen, heads_rejected = scored
     chosen, rejected = heads_chosen.mean(-1).tolist(), heads_rejected.mean(-1).tolist()
     decided = [i for i, p in enumerate(eval_pairs) if not p.get("tie")]
     gaps = [chosen[i] - rejected[i] for i in range(len(eval_pairs))]

@@ -76,9 +76,18 @@ def accuracy(rewards: torch.Tensor, chosen: list[int], rejected: list[int], pair
     return (rewards[[chosen[i] for i in decided]] > rewards[[rejected[i] for i in decided]]).float().mean().item()
 
 
+def margin(rewards: torch.Tensor, chosen: list[int], rejected: list[int], pairs: list[dict]) -> float | None:
+    """Mean reward of the chosen row minus the rejected one's, over decided pairs."""
+    decided = [i for i, p in enumerate(pairs) if not p["tie"]]
+    if not decided:
+        return None
+    return (rewards[[chosen[i] for i in decided]] - rewards[[rejected[i] for i in decided]]).mean().item()
+
+
 def probe(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict], config) -> dict:
     """Fits the model's head on its frozen features (config.probe_steps, config.probe_l2) and writes it into the
-    model; returns the probe's final loss and its train and held-out accuracy."""
+    model; returns the probe's final loss, its train and held-out accuracy, and (`before`) the held-out accuracy
+    and margin of the head the model started with, read off the same features."""
     conversations, chosen, rejected = answer_index(train_pairs + eval_pairs)
     hardware = config.hardware
     with torch.autocast(hardware.device, dtype=hardware.dtype, enabled=hardware.dtype != torch.float32):
@@ -87,9 +96,12 @@ def probe(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict], con
     head, loss = fit_head(features, chosen[:trained], rejected[:trained], train_pairs, model.config.num_labels,
                           config.probe_steps, config.probe_l2, config.tie_threshold if config.ties == "equal" else 0.0)
     weight = score_head(model).weight
+    initial = (features @ weight.detach().float().T).mean(-1)  # the head the model started with
     with torch.no_grad():
         weight.copy_(head.to(weight.dtype))
     rewards = (features @ head.T).mean(-1)
     return {"probe_loss": loss,
             "probe_train_accuracy": accuracy(rewards, chosen[:trained], rejected[:trained], train_pairs),
-            "probe_eval_accuracy": accuracy(rewards, chosen[trained:], rejected[trained:], eval_pairs)}
+            "probe_eval_accuracy": accuracy(rewards, chosen[trained:], rejected[trained:], eval_pairs),
+            "before": {"accuracy": accuracy(initial, chosen[trained:], rejected[trained:], eval_pairs),
+                       "margin": margin(initial, chosen[trained:], rejected[trained:], eval_pairs)}}

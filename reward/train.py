@@ -18,14 +18,14 @@ import transformers
 from rlhf import hardware, tracking
 from rlhf.config import RunConfig
 from rlhf.runs import RunDir
-from rlhf.stage import StepTimer, checkpoint_step, resume_point, running_stage
+from rlhf.stage import NoCheckpointAtTheEnd, StepTimer, checkpoint_step, resume_point, running_stage
 from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, split_pairs, training_pairs
 from reward.evaluate import evaluate, fmt, log_evaluation
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
-from reward.probe import probe
+from reward.probe import answer_index, probe
 from rlhf.reward_model import (answer_start, check_layer_count, keep_first_layers, load_reward_model, reward_tokenizer,
-                               score)
+                               score, score_heads)
 
 
 def pair_metrics(model, tokenizer, pairs: list[dict]) -> dict:
@@ -39,12 +39,9 @@ def pair_metrics(model, tokenizer, pairs: list[dict]) -> dict:
             "margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
 
 
-def reward_scale(model, tokenizer, pairs: list[dict]) -> dict:
+def reward_scale(rewards: torch.Tensor) -> dict:
     """Mean and standard deviation of the reward over the distinct responses in the pairs: samples of the SFT
     model, so PPO can normalise its scores to mean 0 and std 1 on what its starting policy writes."""
-    conversations = {json.dumps(p["prompt"] + side): p["prompt"] + side
-                     for p in pairs for side in (p["chosen"], p["rejected"])}
-    rewards = torch.tensor(score(model, tokenizer, list(conversations.values())))
     std = rewards.std().item() if len(rewards) > 1 else 1.0
     return {"mean": rewards.mean().item(), "std": std if std > 0 else 1.0, "samples": len(rewards)}
 
@@ -95,8 +92,8 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     train_data = datasets.Dataset.from_list(rows)
 
     # 2. accuracy before, the head fitted alone (not when resuming: the checkpoint holds it), training, accuracy after
-    before = pair_metrics(model, tokenizer, eval_pairs)
     probed = probe(model, tokenizer, train_pairs, eval_pairs, config) if config.probe_steps and not resume_from else {}
+    before = probed.pop("before") if probed else pair_metrics(model, tokenizer, eval_pairs)
     if probed:
         print(f"[{STAGE}] head fitted alone on the frozen model: train accuracy "
               f"{fmt(probed['probe_train_accuracy'])}, held-out {fmt(probed['probe_eval_accuracy'])}")
@@ -107,7 +104,7 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
                                          pad_to_multiple_of=config.pad_to_multiple_of,
                                          share_prompt=config.share_prompt and not checkpointing
                                          and config.world_size == 1),
-        callbacks=[tracking.TrackingCallback(tracker), timer],
+        callbacks=[tracking.TrackingCallback(tracker), timer, NoCheckpointAtTheEnd()],
         tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0, pooling=config.pooling)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -127,8 +124,13 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     staged = partial / "final"
     trainer.save_model(str(staged))
     tokenizer.save_pretrained(str(staged))
-    scale = reward_scale(trainer.model, tokenizer, train_pairs + eval_pairs)
-    report = evaluate(trainer.model, tokenizer, eval_pairs, config, staged)
+    # every distinct answer scored once, for the scale and the held-out pairs
+    conversations, chosen, rejected = answer_index(train_pairs + eval_pairs)
+    heads = score_heads(trainer.model, tokenizer, conversations)
+    scale = reward_scale(heads.mean(-1))
+    trained = len(train_pairs)
+    report = evaluate(trainer.model, tokenizer, eval_pairs, config, staged,
+                      (heads[chosen[trained:]], heads[rejected[trained:]]))
     log_evaluation(tracker, report, staged)
     metrics.update(report, eval_accuracy=report["heldout_accuracy"], eval_margin=report["heldout_margin"])
     reward_info = {"heads": config.ensemble, "pooling": config.pooling, "scale": scale, "ties": config.ties,

@@ -24,7 +24,7 @@ from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.generation import generate_responses
 from rlhf.runs import RunDir, atomic_write_json
-from rlhf.stage import checkpoint_step, resume_point, running_stage
+from rlhf.stage import NoCheckpointAtTheEnd, checkpoint_step, resume_point, running_stage
 from sft.config import SFTStageConfig
 
 STAGE = "sft"
@@ -61,7 +61,7 @@ def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, trac
     before = generate_responses(model, tokenizer, sample_messages, config.sample_max_new_tokens)
 
     # 3. train, with eval loss before and after
-    callbacks = [tracking.TrackingCallback(tracker)]
+    callbacks = [tracking.TrackingCallback(tracker), NoCheckpointAtTheEnd()]
     if run.sample_every and sample_messages:
         callbacks.append(SampleCallback(tracker, tokenizer, sample_messages, config.sample_max_new_tokens,
                                         run.sample_every))

@@ -162,7 +162,10 @@ def test_reads_the_store_records_the_export_and_measures_itself_against_the_labe
 
     (run / "reward" / "eval.md").unlink()
     assert cli(["reward", "eval", *args]) == 0  # `rlhf reward eval`: the same held-out split, the same numbers
-    assert f"{metrics['heldout_accuracy']:.3f}" in (run / "reward" / "eval.md").read_text()
+    again = (run / "reward" / "eval.md").read_text()
+    assert f"{metrics['heldout_accuracy']:.3f}" in again
+    [gap] = [line.split("|")[2] for line in again.splitlines() if "held-out mean reward gap" in line]
+    assert float(gap) == pytest.approx(metrics["heldout_margin"], abs=2e-3)  # scored in other batches
     assert cli(["reward", "evaluate", *args]) == 2
 
 

@@ -1,5 +1,6 @@
 """The reward head fitted alone on frozen features before fine-tuning (reward/probe.py): standardised and folded
 back, one fit per ensemble head on its own weights, written into the model so its scores rank as the probe did."""
+import pytest
 import torch
 
 from reward.config import RewardStageConfig
@@ -56,7 +57,12 @@ def test_the_probe_writes_the_head_that_ranks_held_out_pairs_and_the_stage_recor
     assert pair_metrics(model, tokenizer, held_out)["accuracy"] == 0.0
     probed = probe(model, tokenizer, train, held_out, config)
     assert probed["probe_train_accuracy"] == 1.0 and probed["probe_eval_accuracy"] == 1.0
-    assert pair_metrics(model, tokenizer, held_out)["accuracy"] == 1.0  # the model now scores with the probe
+    assert probed["before"] == {"accuracy": 0.0, "margin": 0.0}  # the zero head, read off the features
+    scored = pair_metrics(model, tokenizer, held_out)
+    assert scored["accuracy"] == 1.0  # the model now scores with the probe
+    again = probe(model, tokenizer, train, held_out, config)  # `before` is now the first probe's head
+    assert again["before"]["accuracy"] == 1.0
+    assert again["before"]["margin"] == pytest.approx(scored["margin"], rel=1e-3)
 
     metrics = train_reward(config, RunConfig(name="rm", output_root=str(tmp_path / "runs"), tracking="none"))
     assert metrics["probe_eval_accuracy"] == 1.0 and metrics["heldout_accuracy"] == 1.0

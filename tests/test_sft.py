@@ -4,14 +4,15 @@ import subprocess
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
 from trl import SFTTrainer
 
 from rlhf.config import RunConfig, load_config
 from rlhf.generation import generate_responses
 from rlhf.models import load_tokenizer
 from sft.config import SFTStageConfig
-from rlhf.stage import last_complete_checkpoint
+from rlhf.stage import NoCheckpointAtTheEnd, last_complete_checkpoint
 from sft.train import (StageSFTTrainer, main, tokenize_conversation, tokenize_rows,
                        trainer_args)
 from tests.conftest import REPO, kill_when_saved
@@ -117,6 +118,21 @@ def test_only_checkpoints_that_finished_saving_are_resumed_from(tmp_path):
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_training_saves_checkpoints_at_multiples_of_save_steps_only_not_again_at_the_end(tmp_path):
+    def saved_at(max_steps: int, save_steps: int) -> list[int]:
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, save_steps=save_steps, report_to=[])
+        handler = CallbackHandler([DefaultFlowCallback(), NoCheckpointAtTheEnd()], None, None, None, None)
+        state, saves = TrainerState(max_steps=max_steps, save_steps=save_steps), []
+        for step in range(1, max_steps + 1):
+            state.global_step = step
+            saves += [step] if handler.on_step_end(args, state, TrainerControl()).should_save else []
+        return saves
+
+    assert saved_at(6, 4) == [4]  # transformers alone: [4, 6]
+    assert saved_at(8, 4) == [4, 8]
+    assert saved_at(3, 4) == []
 
 
 def write_motto_data(tmp_path):
