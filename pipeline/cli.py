@@ -5,6 +5,7 @@ the sections they use. Errors in the user's input (data, config, model spec) pri
 """
 import argparse
 import dataclasses
+import errno
 import importlib
 import logging
 import os
@@ -12,6 +13,10 @@ import sys
 from pathlib import Path
 
 from rlhf.errors import UserError
+
+# OS errors on a path that no retry fixes: permissions, a file where a folder should be, a full or read-only disk
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT,
+               errno.ENAMETOOLONG}
 
 # stage command -> (help, its config class, its main(config, run)); imported only when the command runs.
 STAGES = {
@@ -306,6 +311,12 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        if err.errno not in PATH_ERRORS:
+            raise
+        # a path the user chose (an output root, a store) that cannot be written: the cause, not a traceback
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -60,8 +60,8 @@ def main(config: LabelsConfig, run: RunConfig) -> dict:
 
 
 def sample_candidates(config: LabelsConfig, store: Store, prompts: list[dict], spec: str) -> list[tuple]:
-    """Stores k sampled responses per prompt; returns every pair of them as (a, b, prompt messages), a and b in
-    a random order."""
+    """Stores k sampled responses per prompt; returns every pair of different answers among them as (a, b, prompt
+    messages), a and b in a random order."""
     # Sampling in the hardware's dtype: on a CPU with native bf16 it generates ~1.8 times faster than fp32
     # (docs/benchmarks.md, "Generation").
     model, tokenizer = models.load_causal_lm(spec, config.hardware.dtype)
@@ -80,6 +80,8 @@ def sample_candidates(config: LabelsConfig, store: Store, prompts: list[dict], s
         stored_prompt = store.add_prompt(row["id"], row["category"], row["prompt"])
         responses = [store.add_response(stored_prompt, text, spec, sampling) for text in texts[i * k:(i + 1) * k]]
         for first, second in itertools.combinations(responses, 2):
+            if first.text == second.text:  # the same answer sampled twice: nothing to compare
+                continue
             a, b = (first, second) if rng.random() < 0.5 else (second, first)
             candidates.append((a, b, row["prompt"]))
     return candidates

@@ -97,8 +97,9 @@ def read_records(source):
 
 
 def decode(path: Path, data: bytes, line_offset: int = 0) -> str:
+    """UTF-8 text; a byte-order mark at the start of the file (as Windows editors write it) is dropped."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig" if line_offset == 0 else "utf-8")
     except UnicodeDecodeError as err:
         line = line_offset + data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
@@ -151,9 +152,20 @@ def array_items_with_lines(text: str):
 
 
 def read_csv(path: Path):
+    """Rows of a CSV file with a header line, parsed strictly: a bad quote is an error naming the line its row
+    starts on (a lenient parser would swallow the rest of the file into one cell)."""
     text = decode(path, path.read_bytes())
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    for record in reader:
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            problem = ("a quoted cell that starts on this line is never closed" if "end of data" in str(err)
+                       else f"bad quoting ({err})")
+            raise DataError(path, start, "csv", problem) from None
         if None in record:
             raise DataError(path, reader.line_num, "row", f"has {len(reader.fieldnames) + len(record[None])} "
                                                           f"cells but the header has {len(reader.fieldnames)}")

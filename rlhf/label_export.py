@@ -37,8 +37,10 @@ def aggregate(comparisons: list[dict], votes: list, names: dict, batch: str | No
     rows = []
     for comparison in comparisons:
         item_votes = votes_by_comparison.get(comparison["id"], [])
+        # two answers of the same text carry no preference, whatever the votes (a store from before `label
+        # sample` stopped comparing them may hold some)
         if (batch is None or comparison["batch"] == batch) and comparison["kind"] in kinds \
-                and len(item_votes) >= max(1, min_votes):
+                and len(item_votes) >= max(1, min_votes) and comparison["a"] != comparison["b"]:
             rows.append(preference_row(comparison, item_votes, names))
     return rows
 

@@ -116,6 +116,14 @@ def row_identity(row: dict, content) -> tuple[str, str]:
     return str(row_id), category
 
 
+def absent(row: dict, key: str, expected: str = "") -> RowProblem:
+    """A required column that is missing, or present and null."""
+    if key in row:
+        return RowProblem(key, "is null" + (f" ({expected})" if expected else ""))
+    found = ", ".join(sorted(row)) or "none"
+    return RowProblem(key, f"missing (found columns: {found}" + (f"; {expected})" if expected else ")"))
+
+
 def sft_example(row: dict) -> dict:
     """Accepts TRL's conversational `messages`, or `prompt` + `completion` (plain strings or messages)."""
     if "messages" in row and row["messages"] is not None:
@@ -127,8 +135,7 @@ def sft_example(row: dict) -> dict:
         raise RowProblem("text", "plain 'text' rows have no assistant turn to train on; "
                                  "give 'messages' or 'prompt' and 'completion'")
     else:
-        raise RowProblem("messages", f"missing (found columns: {', '.join(sorted(row)) or 'none'}; "
-                                     "expected 'messages' or 'prompt' and 'completion')")
+        raise absent(row, "messages", "expected 'messages' or 'prompt' and 'completion'")
     row_id, category = row_identity(row, messages)
     return {"id": row_id, "category": category, "messages": messages}
 
@@ -140,7 +147,7 @@ def prompt_row(row: dict) -> dict:
     elif "messages" in row and row["messages"] is not None:
         prompt = check_messages(row["messages"], "messages", last_role="user")
     else:
-        raise RowProblem("prompt", f"missing (found columns: {', '.join(sorted(row)) or 'none'})")
+        raise absent(row, "prompt")
     row_id, category = row_identity(row, prompt)
     return {"id": row_id, "category": category, "prompt": prompt}
 
@@ -150,7 +157,7 @@ def preference_pair(row: dict) -> dict:
     (`chosen` and `rejected` as whole conversations sharing their opening turns)."""
     for key in ("chosen", "rejected"):
         if row.get(key) is None:
-            raise RowProblem(key, f"missing (found columns: {', '.join(sorted(row)) or 'none'})")
+            raise absent(row, key)
     if row.get("prompt") is not None:
         prompt = check_messages(as_turns(row["prompt"], "prompt", "user"), "prompt", last_role="user")
         chosen = as_turns(row["chosen"], "chosen", "assistant")
@@ -159,6 +166,8 @@ def preference_pair(row: dict) -> dict:
         prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
     for key, completion in (("chosen", chosen), ("rejected", rejected)):
         check_messages(prompt + completion, f"prompt+{key}", last_role="assistant")
+    if chosen == rejected:
+        raise RowProblem("rejected", "is the same answer as 'chosen': a pair needs two different answers")
     pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
             "tie": optional_bool(row, "tie"), "both_bad": optional_bool(row, "both_bad"),
             "margin": optional_number(row, "margin"), "labeller": optional_text(row, "labeller"),

@@ -132,11 +132,42 @@ def test_implicit_prompt_preference_pairs_are_split_at_the_shared_turns(tmp_path
     (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', "{path}:2: json: Expecting property name "
                                                                  "enclosed in double quotes at column 16"),
     (b'[1, 2]', "{path}:1: row: expected an object, got int"),
+    (b'{"id": "1", "messages": null}\n', "{path}:1: messages: is null (expected 'messages' or 'prompt' and "
+                                        "'completion')"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, content, expected):
     path = tmp_path / ("d.json" if content.startswith(b"[") else "d.jsonl")
     path.write_bytes(content)
     assert problem(path) == expected.format(path=path)
+
+
+def test_a_byte_order_mark_is_read_past_in_jsonl_json_and_csv(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    files = {"d.jsonl": b'{"prompt": "Hi?", "completion": "Hello."}\n',
+             "d.json": b'[{"prompt": "Hi?", "completion": "Hello."}]',
+             "d.csv": b'prompt,completion\r\nHi?,Hello.\r\n'}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(bom + content)
+        [row] = load_rows(tmp_path / name, "sft")
+        assert row["messages"] == [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+
+
+def test_csv_is_parsed_strictly_and_names_the_line_a_bad_quote_starts_on(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\nHi?,Hello.\n"Unclosed,quote\nMore?,Yes.\nLast?,No.\n')
+    assert problem(path) == f"{path}:3: csv: a quoted cell that starts on this line is never closed"
+    path.write_text('prompt,completion\nHi?,Hello.\nA "quoted" word?,Yes.\n"Say "hi"",No.\n')
+    assert problem(path).startswith(f"{path}:4: csv: bad quoting (")
+
+
+def test_a_pair_whose_two_answers_are_the_same_is_refused(tmp_path):
+    rows = [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hey."},
+            {"prompt": "Hi?", "chosen": "Yo.", "rejected": "Yo."}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert problem(path, "preference") == (f"{path}:2: rejected: is the same answer as 'chosen': a pair needs two "
+                                           "different answers")
+    missing = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": None}])
+    assert problem(missing, "preference") == f"{missing}:1: rejected: is null"
 
 
 def test_missing_file_and_unknown_type(tmp_path):
@@ -186,3 +217,14 @@ def test_bad_data_on_the_command_line_exits_2_with_one_line_and_writes_nothing(t
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {bad}:2: messages[0].content: missing"
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_output_root_that_cannot_be_written_exits_2_with_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", "--config", "configs/tiny.yaml",
+                             f"--run.output_root={blocker / 'runs'}", "--run.tracking=none"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {blocker / 'runs' / 'tiny'}: Not a directory"
+    assert blocker.read_text() == "not a folder"

@@ -47,6 +47,17 @@ def test_export_aggregates_votes_into_trl_preference_rows(tmp_path):
     assert raw["content_hash"] == manifest["content_hash"]
 
 
+def test_a_comparison_of_two_answers_with_the_same_text_is_left_out_of_the_export(tmp_path):
+    store = store_with_votes(tmp_path, [[("a", "clear")]])
+    prompt = store.add_prompt("same", "chat", [{"role": "user", "content": "Twice?"}])
+    same = [store.add_response(prompt, "Same.", "m", {}) for _ in range(2)]
+    twice = store.add_comparison(*same, batch="b1")
+    store.cast_vote(twice.id, store.users()[0], "a", "clear")
+    assert export(store, tmp_path / "out")["rows"] == 1
+    [row] = load_rows(tmp_path / "out", "preference")
+    assert row["prompt"][0]["content"] == "Prompt 0?"
+
+
 def test_export_is_deterministic_and_never_overwrites_a_different_one(tmp_path):
     store = store_with_votes(tmp_path, [[("a", "clear")], [("b", "slight")]])
     first = export(store, tmp_path / "out")

@@ -45,6 +45,17 @@ def test_sampling_stores_every_pair_of_k_responses_as_comparisons(tmp_path, tiny
         main(config, run)
 
 
+def test_the_same_answer_sampled_twice_is_not_compared_with_itself(tmp_path, tiny_model_path):
+    # near-greedy sampling: each prompt's 3 answers come out the same text
+    config, run = config_for(tmp_path, f"--labels.model={tiny_model_path}", "--labels.responses_per_prompt=3",
+                             "--labels.temperature=0.001")
+    summary = main(config, run)
+    with Store(config.db).session() as session:
+        texts = [r.text for r in session.query(Response).order_by(Response.id)]
+    assert summary["responses"] == 9 and all(len(set(texts[i:i + 3])) == 1 for i in range(0, 9, 3))
+    assert summary["comparisons"] == 0 and not Store(config.db).comparisons("tiny")
+
+
 def test_sampling_without_a_model_names_the_command_that_makes_one(tmp_path):
     config, run = config_for(tmp_path)
     with pytest.raises(MissingInputError, match=r"run `rlhf sft --config \.\.\. --run.name tiny` first"):
