@@ -73,14 +73,17 @@ def inputs(config: EvalStageConfig, run: RunConfig) -> dict:
 
 def main(config: EvalStageConfig, run: RunConfig) -> dict:
     found = inputs(config, run)
+    # the prompts and the judge read and checked before the stage writes anything
+    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    judge = load_judge(config.judge) if config.judge else None
     with running_stage(run, STAGE, config, found) as (record, tracker):
-        return evaluate(config, run, found, tracker, record)
+        return evaluate(config, run, found, prompts, judge, tracker, record)
 
 
-def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:
+def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, prompts: list[dict], judge, tracker,
+             record) -> dict:
     run_dir = RunDir(run.output_root, run.name)
     started = time.time()
-    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
     messages = [p["prompt"] for p in prompts]
     names = [BASELINE] + [name for name in found if name not in (BASELINE, "prompts", "reward_model")]
 
@@ -100,7 +103,6 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, tracker, reco
     texts = {name: [a.text for a in answers[name]] for name in names}
     rewards = reward_scores(found.get("reward_model"), messages, texts, config.score_batch_size,
                             config.hardware.dtype)
-    judge = load_judge(config.judge) if config.judge else None
     judged = {name: judge([m[-1]["content"] for m in messages], texts[name]) for name in names} if judge else {}
 
     # 3. per-policy results, win rates against the baseline

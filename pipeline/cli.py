@@ -187,17 +187,19 @@ def run_models(args, rest) -> int:
 
 
 def run_label(args, rest) -> int:
+    from rlhf.datasets import load_rows
     from rlhf.store import Store
 
     if args.label_command in ("sample", "serve", "collect"):
         return run_label_with_config(args, rest)
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
+    gold = load_rows(args.file, "gold") if args.label_command == "gold" else None  # checked before the store opens
     store = Store(args.db)
     if args.label_command == "gold":
         from preference_ui.gold import import_gold
 
-        summary = import_gold(store, args.file, args.batch)
+        summary = import_gold(store, args.file, args.batch, gold)
         print(f"batch '{summary['batch']}': {summary['items']} gold comparisons"
               f"{' (already imported)' if summary['unchanged'] else ''}")
     elif args.label_command == "simulate":

@@ -78,11 +78,10 @@ def best_and_worst(prompts: list[dict], answers: list[str], rewards: list[float]
     return pairs
 
 
-def on_policy_pairs(config: DPOStageConfig, model_path: str, reward_path: str) -> list[dict]:
+def on_policy_pairs(config: DPOStageConfig, model_path: str, reward_path: str, prompts: list[dict]) -> list[dict]:
     """Each prompt answered `responses_per_prompt` times by the starting policy at `temperature`; the reward
     model's best-scored answer is chosen and its worst rejected. Prompts whose answers all score the same (or are
     the same text) are left out."""
-    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
     k = config.responses_per_prompt
     policy, tokenizer = models.load_causal_lm(model_path, config.hardware.dtype)
     torch.manual_seed(config.seed)
@@ -100,13 +99,13 @@ def on_policy_pairs(config: DPOStageConfig, model_path: str, reward_path: str) -
     return pairs
 
 
-def sampled_pairs(config: DPOStageConfig, found: dict, partial: Path) -> list[dict]:
+def sampled_pairs(config: DPOStageConfig, found: dict, partial: Path, prompts: list[dict]) -> list[dict]:
     """On-policy pairs, sampled once per run: kept in the stage's work folder, so a resumed run trains on the same
     pairs. The main process samples; the others read its file."""
     path = partial / "pairs.jsonl"
     with PartialState().main_process_first():
         if not path.exists() and PartialState().is_main_process:
-            pairs = on_policy_pairs(config, found["model"], found["reward_model"])
+            pairs = on_policy_pairs(config, found["model"], found["reward_model"], prompts)
             partial.mkdir(parents=True, exist_ok=True)
             staged = path.with_suffix(".tmp")
             staged.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
@@ -194,11 +193,15 @@ class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
 
 def main(config: DPOStageConfig, run: RunConfig) -> dict:
     found = inputs(config, run)
+    # the pairs (or the prompts to sample them on) read and checked before the stage writes anything
+    source = (labelled_pairs(found["preferences"], config) if config.pairs == "labels"
+              else load_rows(config.prompts, "prompt")[:config.num_prompts or None])
     with running_stage(run, STAGE, config, found) as (record, tracker):
-        return train(config, run, found, tracker, record)
+        return train(config, run, found, source, tracker, record)
 
 
-def train(config: DPOStageConfig, run: RunConfig, found: dict, tracker, record) -> dict:
+def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict], tracker, record) -> dict:
+    """`source`: the labelled pairs, or with on-policy pairs the prompts they are sampled on."""
     run_dir = RunDir(run.output_root, run.name)
     partial = run_dir.partial_path(STAGE)
     resume_from = resume_point(STAGE, partial, config.resume)
@@ -210,8 +213,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, tracker, record) 
     PartialState().wait_for_everyone()
 
     # 1. pairs, split into train and held out
-    pairs = (labelled_pairs(found["preferences"], config) if config.pairs == "labels"
-             else sampled_pairs(config, found, partial))
+    pairs = source if config.pairs == "labels" else sampled_pairs(config, found, partial, source)
     train_pairs, eval_pairs = split_train_eval(pairs, config.eval_fraction, config.seed)
     columns = ["prompt", "chosen", "rejected", *PAIR_COLUMNS]
     train_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])

@@ -25,6 +25,8 @@ from preference_ui.gold import import_gold
 from preference_ui.simulate import LabellerModel, simulate
 from preference_ui.stats import stats
 from rlhf.config import RunConfig
+from rlhf.datasets import load_rows
+from rlhf.judges import load_judge
 from rlhf.label_export import export
 from rlhf.runs import RunDir
 from rlhf.stage import running_stage
@@ -41,15 +43,20 @@ def main(config: LabelsConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
     url = store_url(config, run_dir)
     found = {"model": sample.model_spec(config, run), "prompts": config.prompts}
+    # every input read and checked before the stage locks, records or creates anything (the store among them)
+    prompts = load_rows(config.prompts, "prompt")
+    gold = load_rows(config.gold, "gold") if config.gold else None
+    if config.simulate_judge:
+        load_judge(config.simulate_judge)
     with running_stage(run, STAGE, config, found) as (record, tracker):
         started = time.time()
         store, batch = Store(url), config.batch or run.name
         if store.comparisons(batch):
             print(f"[{STAGE}] batch '{batch}' already sampled: {len(store.comparisons(batch))} comparisons")
         else:
-            sample.main(dataclasses.replace(config, db=url), run)
+            sample.main(dataclasses.replace(config, db=url), run, prompts)
         if config.gold:
-            import_gold(store, config.gold)
+            import_gold(store, config.gold, rows=gold)
         if config.simulate_judge:
             model = LabellerModel(config.simulate_temperature, 0.0, None, config.simulate_noise)
             counts = simulate(store, config.simulate_judge, config.simulate_labellers, model, batch, config.seed)

@@ -15,8 +15,9 @@ def comparison_key(prompt: list[dict], a: str, b: str, expected: str) -> tuple:
     return (tuple((m["role"], m["content"]) for m in prompt), a, b, expected)
 
 
-def import_gold(store: Store, source: str, batch: str = "gold") -> dict:
-    rows = load_rows(source, "gold")
+def import_gold(store: Store, source: str, batch: str = "gold", rows: list[dict] | None = None) -> dict:
+    """The gold rows of `source` (or `rows`, already read from it) as gold comparisons in `batch`."""
+    rows = load_rows(source, "gold") if rows is None else rows
     wanted = {comparison_key(row["prompt"], row["a"], row["b"], row["expected"]) for row in rows}
     existing = store.comparisons(batch)
     if existing:

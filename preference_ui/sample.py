@@ -40,8 +40,9 @@ def reward_model_path(config: LabelsConfig, run: RunConfig) -> str:
     return path
 
 
-def main(config: LabelsConfig, run: RunConfig) -> dict:
-    prompts = load_rows(config.prompts, "prompt")
+def main(config: LabelsConfig, run: RunConfig, prompts: list[dict] | None = None) -> dict:
+    """`prompts`: the rows of `config.prompts` when the caller has read them already."""
+    prompts = load_rows(config.prompts, "prompt") if prompts is None else prompts
     prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
     spec, batch = model_spec(config, run), config.batch or run.name
     scorer = reward_model_path(config, run) if config.select == "uncertain" else None
