@@ -19,15 +19,17 @@ With `--launcher accelerate` the training stages (sft, reward, ppo, dpo) start u
 `accelerate launch --config_file FILE`; the others run as one process.
 """
 import ctypes
+import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pipeline.cli import load
 from rlhf.config import RunConfig, as_plain_dict, load_config, read_yaml
 from rlhf.errors import UserError
-from rlhf.runs import RunDir, hash_config, input_hashes
+from rlhf.runs import STAGE_RECORD, RunDir, hash_config, input_hashes
 from rlhf.stage import last_complete_checkpoint
 
 # (stage, config section, its config class, the rlhf words that run it, trains a model)
@@ -50,14 +52,27 @@ class StageFailed(UserError):
 
 def stage_state(run_dir: RunDir, stage: str, config) -> str:
     """done (skip), resume (same config and inputs, stopped part-way) or fresh."""
-    entry = run_dir.stage_entry(stage)
-    if not entry or entry.get("config_hash") != config_hash(config):
-        return "fresh"
-    if entry.get("input_hashes") != input_hashes(entry.get("inputs", {})):
-        return "fresh"
-    if entry.get("status") == "done" and run_dir.stage_path(stage).exists():
+    entry = run_dir.stage_entry(stage) or {}
+    wanted = config_hash(config)
+    if entry.get("status") == "done" and same_work(entry, wanted) and made_with(run_dir.stage_path(stage), wanted):
         return "done"
-    return "resume" if last_complete_checkpoint(run_dir.partial_path(stage)) else "fresh"
+    attempt = entry.get("attempt") or entry  # the last attempt, kept apart when it followed a done one
+    if attempt and same_work(attempt, wanted) and last_complete_checkpoint(run_dir.partial_path(stage)):
+        return "resume"
+    return "fresh"
+
+
+def made_with(folder: Path, wanted_hash: str) -> bool:
+    """The published folder is there and was made with that config (a later attempt killed between publishing
+    its folder and recording itself done leaves the earlier done entry beside the later folder)."""
+    record = folder / STAGE_RECORD
+    return record.exists() and json.loads(record.read_text()).get("config_hash") == wanted_hash
+
+
+def same_work(entry: dict, wanted_hash: str) -> bool:
+    """The entry's config is the one wanted, and the files it read are as they were."""
+    recorded = entry.get("inputs", {})
+    return entry.get("config_hash") == wanted_hash and entry.get("input_hashes") == input_hashes(recorded)
 
 
 def config_hash(config) -> str:

@@ -137,11 +137,12 @@ class RunDir:
     def stage_entry(self, stage: str) -> dict | None:
         return self.read_manifest()["stages"].get(stage)
 
-    def record(self, stage: str, **entry) -> dict:
-        """Merges `entry` into the stage's manifest entry (under a lock: stages may run side by side)."""
+    def record(self, stage: str, replace: bool = False, **entry) -> dict:
+        """Merges `entry` into the stage's manifest entry, or with `replace` writes it whole (under a lock: stages
+        may run side by side)."""
         with file_lock(self.manifest_path):
             manifest = self.read_manifest()
-            merged = {**manifest["stages"].get(stage, {}), **entry}
+            merged = entry if replace else {**manifest["stages"].get(stage, {}), **entry}
             manifest["stages"][stage] = merged
             manifest["updated"] = now()
             atomic_write_json(self.manifest_path, manifest)
@@ -164,7 +165,9 @@ class RunDir:
 
 
 class StageRecord:
-    """Times a stage and writes its manifest entry: `running` at start, then `done` or `failed`."""
+    """Times a stage and writes its manifest entry: `running` at start, then `done` or `failed`. A stage already
+    done keeps its record (its published folder is still the stage's output) until a new attempt is done too:
+    meanwhile the attempt, running or failed, is recorded under the entry's `attempt`."""
 
     def __init__(self, run: RunDir, stage: str, config: dict, inputs: dict):
         self.run, self.stage = run, stage
@@ -172,14 +175,15 @@ class StageRecord:
         self.inputs = inputs
         self.input_hashes = input_hashes(inputs)
         self.started = time.time()
-        run.record(stage, status="running", config_hash=self.config_hash, input_hashes=self.input_hashes,
-                   inputs={k: str(v) for k, v in inputs.items()}, code_version=code_version(),
-                   started=now(), config=config)
+        self.attempt = {"status": "running", "config_hash": self.config_hash, "input_hashes": self.input_hashes,
+                        "inputs": {k: str(v) for k, v in inputs.items()}, "code_version": code_version(),
+                        "started": now(), "config": config}
+        self.record_attempt(self.attempt)
 
     def done(self, outputs: dict, metrics: dict, timings: dict | None = None) -> dict:
-        return self.run.record(self.stage, status="done", finished=now(),
-                               outputs={k: str(v) for k, v in outputs.items()}, metrics=metrics,
-                               timings={"total_s": round(time.time() - self.started, 2), **(timings or {})})
+        return self.run.record(self.stage, replace=True, **{
+            **self.attempt, "status": "done", "finished": now(), "outputs": {k: str(v) for k, v in outputs.items()},
+            "metrics": metrics, "timings": {"total_s": round(time.time() - self.started, 2), **(timings or {})}})
 
     def publish(self, staged: Path, partial: Path, metrics: dict, train_seconds: float,
                 extra: dict | None = None) -> Path:
@@ -196,5 +200,14 @@ class StageRecord:
         return final
 
     def failed(self, error: BaseException) -> None:
-        self.run.record(self.stage, status="failed", finished=now(), error=f"{type(error).__name__}: {error}",
-                        timings={"total_s": round(time.time() - self.started, 2)})
+        failure = {**self.attempt, "status": "failed", "finished": now(), "error": f"{type(error).__name__}: {error}",
+                   "timings": {"total_s": round(time.time() - self.started, 2)}}
+        self.record_attempt(failure)
+
+    def record_attempt(self, attempt: dict) -> None:
+        """The stage's entry, or beside a done one (this attempt's own, or an earlier one) its `attempt`."""
+        current = self.run.stage_entry(self.stage) or {}
+        if current.get("status") == "done":
+            self.run.record(self.stage, attempt=attempt)
+        else:
+            self.run.record(self.stage, replace=True, **attempt)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -60,8 +61,53 @@ def test_stage_record_lifecycle(tmp_path):
     entry = run.stage_entry("sft")
     assert entry["status"] == "done" and entry["metrics"] == {"loss": 0.5} and entry["timings"]["total_s"] >= 0
     assert entry["outputs"] == {"model": str(run.stage_path("sft"))} and entry["code_version"]
-    record.failed(RuntimeError("boom"))
-    assert run.stage_entry("sft")["error"] == "RuntimeError: boom"
+    record.failed(RuntimeError("boom"))  # a failure after done (say, in a tracker's teardown) is kept apart
+    assert run.stage_entry("sft")["status"] == "done"
+    assert run.stage_entry("sft")["attempt"]["error"] == "RuntimeError: boom"
+
+
+@dataclasses.dataclass
+class LearningRate:
+    lr: float
+    resume: bool = False
+
+
+def test_a_failed_attempt_leaves_a_done_record_as_it_was_and_rlhf_run_resumes_that_attempt(tmp_path):
+    from pipeline.run import stage_state
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    run = RunDir(tmp_path, "r")
+    first = StageRecord(run, "sft", {"lr": 1}, {"train_data": data})
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    first.publish(staged, run.partial_path("sft"), {"loss": 0.5}, 1.0)
+    done = run.stage_entry("sft")
+
+    second = StageRecord(run, "sft", {"lr": 2}, {"train_data": data})
+    assert run.stage_entry("sft")["attempt"]["status"] == "running"
+    second.failed(RuntimeError("out of memory"))
+    entry = run.stage_entry("sft")
+    assert {k: v for k, v in entry.items() if k != "attempt"} == done
+    assert entry["attempt"]["status"] == "failed" and entry["attempt"]["config_hash"] == hash_config({"lr": 2})
+    assert stage_state(run, "sft", LearningRate(1)) == "done"  # the done output still stands for its config
+    assert stage_state(run, "sft", LearningRate(2)) == "fresh"  # no checkpoint of the failed attempt
+    (run.partial_path("sft") / "checkpoint-3").mkdir(parents=True)
+    (run.partial_path("sft") / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    assert stage_state(run, "sft", LearningRate(2)) == "resume"
+    assert stage_state(run, "sft", LearningRate(3)) == "fresh"
+
+    third = StageRecord(run, "sft", {"lr": 2}, {"train_data": data})
+    staged.mkdir()
+    (staged / "stage.json").write_text(json.dumps({"config_hash": hash_config({"lr": 2})}))
+    run.publish("sft", staged)  # killed here, before the attempt recorded itself done: the folder is lr 2's
+    assert stage_state(run, "sft", LearningRate(1)) == "fresh"
+    staged.mkdir()
+    third.publish(staged, run.partial_path("sft"), {"loss": 0.4}, 1.0)
+    assert stage_state(run, "sft", LearningRate(2)) == "done"
+    entry = run.stage_entry("sft")
+    assert entry["status"] == "done" and entry["metrics"] == {"loss": 0.4} and "attempt" not in entry
+    assert entry["config_hash"] == hash_config({"lr": 2})
 
 
 def test_hashes_follow_content(tmp_path):
