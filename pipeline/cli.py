@@ -55,6 +55,7 @@ def fields_help(section: str, cls) -> str:
                          if base.__module__.split(".")[0] not in ("trl", "transformers")))
     own = [f for f in dataclasses.fields(cls) if f.name in ours]
     return "\n".join(f"  --{section}.{f.name} (default: {f.default!r})\n      {f.metadata.get('help', '')}"
+                     + (" Evaluation only: not in the config hash." if f.metadata.get("hashed") is False else "")
                      for f in own)
 
 

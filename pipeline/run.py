@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli import load
-from rlhf.config import RunConfig, as_plain_dict, load_config, read_yaml
+from rlhf.config import RunConfig, hashed_settings, load_config, read_yaml
 from rlhf.errors import UserError
 from rlhf.runs import STAGE_RECORD, RunDir, hash_config, input_hashes
 from rlhf.stage import last_complete_checkpoint
@@ -76,8 +76,8 @@ def same_work(entry: dict, wanted_hash: str) -> bool:
 
 
 def config_hash(config) -> str:
-    """As the stage itself records it (rlhf.stage.running_stage): `resume` left out."""
-    return hash_config({k: v for k, v in as_plain_dict(config).items() if k != "resume"})
+    """As the stage itself records it (rlhf.stage.running_stage): its hashed settings only."""
+    return hash_config(hashed_settings(config))
 
 
 def stage_overrides(overrides: list[str], section: str) -> list[str]:

@@ -68,9 +68,11 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
                 "without gradient checkpointing."})
     eval_fraction: float = field(default=0.1, metadata={
         "help": "Share of pairs held out for accuracy (split by a hash of id and seed)."})
+    # evaluation only: outside the config hash, so changing them retrains nothing (`rlhf reward eval` redoes it)
     gold: str = field(default="data/gold_comparisons.jsonl", metadata={
-        "help": "Comparisons with a known answer for the evaluation's gold accuracy (empty: none)."})
-    calibration_bins: int = field(default=10, metadata={"help": "Bins of the reliability plot and the ECE."})
+        "hashed": False, "help": "Comparisons with a known answer for the evaluation's gold accuracy (empty: none)."})
+    calibration_bins: int = field(default=10, metadata={
+        "hashed": False, "help": "Bins of the reliability plot and the ECE."})
 
     # TRL fields whose defaults we change.
     max_length: int | None = field(default=512, metadata={"help": "Longest tokenized prompt + response."})

@@ -11,10 +11,12 @@
   "chosen" is picked by the votes themselves, so its vote share is at least a half by construction;
 - reward distributions of chosen and rejected responses (a plot).
 
-Everything is written to `eval.md` beside the model, with the PNG plots, and returned as metrics.
+Everything is written to `eval.md` beside the model (by `rlhf reward eval`, into its own `reward-eval` folder),
+with the PNG plots, and returned as metrics.
 """
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from rlhf.reward_model import load_reward_model, reward_tokenizer, score, score_
 
 RELIABILITY_PLOT = "reliability.png"
 DISTRIBUTION_PLOT = "reward_distribution.png"
+EVAL_FOLDER = "reward-eval"  # `rlhf reward eval` writes here, beside the reward folder
 
 
 def gold_accuracy(scores_a: list[float], scores_b: list[float], expected: list[str]) -> tuple[float | None, int]:
@@ -218,23 +221,29 @@ def points(ceiling: float, value: float) -> str:
 
 
 def main(config, run: RunConfig) -> dict:
-    """`rlhf reward eval`: evaluates the published reward model on the same held-out split it was trained with."""
-
-    published = RunDir(run.output_root, run.name).stage_path("reward")
+    """`rlhf reward eval`: evaluates the published reward model on the same held-out split it was trained with,
+    into its own folder `runs/<name>/reward-eval/` (the reward folder is an input of later stages: left as it
+    is)."""
+    run_dir = RunDir(run.output_root, run.name)
+    published = run_dir.stage_path("reward")
     if not (published / "config.json").exists():
         raise MissingInputError(f"no reward model at {published}: run `rlhf reward --config ...` first")
     _, preferences, _ = inputs(config, run)
     _, eval_pairs = split_pairs(training_pairs(preferences, config), config)
     tokenizer = reward_tokenizer(str(published))
     model = load_reward_model(str(published), tokenizer)
-    metrics = evaluate(model, tokenizer, eval_pairs, config, published)
-    tracker = tracking.start(run.trackers, run.project, run.name, "reward-eval", as_plain_dict(config),
-                             RunDir(run.output_root, run.name).path / "tracking")
+    staged = run_dir.partial_path(EVAL_FOLDER)
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    metrics = evaluate(model, tokenizer, eval_pairs, config, staged)
+    folder = run_dir.publish(EVAL_FOLDER, staged)
+    tracker = tracking.start(run.trackers, run.project, run.name, EVAL_FOLDER, as_plain_dict(config),
+                             run_dir.path / "tracking")
     try:
-        log_evaluation(tracker, metrics, published)
+        log_evaluation(tracker, metrics, folder)
     finally:
         tracker.finish()
-    print(f"[reward eval] {published / 'eval.md'}: held-out accuracy {fmt(metrics['heldout_accuracy'])}, human "
+    print(f"[reward eval] {folder / 'eval.md'}: held-out accuracy {fmt(metrics['heldout_accuracy'])}, human "
           f"ceiling {fmt(metrics['human_ceiling'])} vs the model's {fmt(metrics['model_on_ceiling_units'])} on the "
           "same votes")
     return metrics

@@ -218,6 +218,14 @@ def as_plain_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def hashed_settings(config) -> dict:
+    """The settings a stage's config hash covers: those that change its outputs. Left out: `resume` (how the stage
+    gets to its result, not the result) and fields marked `metadata={"hashed": False}` (what only the stage's own
+    evaluation reads, which `rlhf reward eval` redoes in its own folder)."""
+    skipped = {"resume"} | {f.name for f in dataclasses.fields(config) if f.metadata.get("hashed") is False}
+    return {key: value for key, value in as_plain_dict(config).items() if key not in skipped}
+
+
 @dataclass
 class TrainingStageDefaults:
     """Fields every training stage adds to its TRL config, and the TRL defaults we change for all of them

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from rlhf import models, tracking
-from rlhf.config import RunConfig, as_plain_dict
+from rlhf.config import RunConfig, as_plain_dict, hashed_settings
 from rlhf.errors import MissingInputError
 from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, stage_lock
 
@@ -17,13 +17,12 @@ from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, stage_lock
 def running_stage(run: RunConfig, stage: str, config, inputs: dict):
     """Yields (record, tracker). The main process holds the stage lock and records `running`, then `done` (the
     stage calls record.publish) or `failed` on any error; other processes get no record. The tracker always
-    finishes. `resume` changes how a stage gets to its result, not the result: it stays out of the config hash."""
+    finishes. The config hash covers the settings that change the stage's outputs (rlhf.config.hashed_settings)."""
     run_dir = RunDir(run.output_root, run.name)
     is_main = config.process_index == 0
     plain_config = as_plain_dict(config)
     with stage_lock(run_dir, stage) if is_main else contextlib.nullcontext():
-        record = StageRecord(run_dir, stage, {k: v for k, v in plain_config.items() if k != "resume"},
-                             inputs) if is_main else None
+        record = StageRecord(run_dir, stage, hashed_settings(config), inputs) if is_main else None
         tracker = tracking.Tracker([])
         try:
             tracker = tracking.start(run.trackers, run.project, run.name, stage, plain_config,

@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from rlhf.config import RunConfig, coerce, load_config
+from rlhf.config import RunConfig, coerce, hashed_settings, load_config
 from rlhf.errors import ConfigError
 from sft.config import SFTStageConfig
 from tests.conftest import REPO
@@ -120,3 +122,13 @@ def test_precision_follows_the_hardware_unless_forced(monkeypatch):
     monkeypatch.setattr(hardware, "detect_device", lambda: "cuda")
     gpu = SFTStageConfig(output_dir="/tmp/x", precision="fp32")  # transformers checks bf16 against real GPUs
     assert gpu.packing and gpu.train_sampling_strategy == "random"
+
+
+def test_the_config_hash_covers_what_changes_a_stage_output_and_not_its_evaluation_only_settings():
+    from pipeline.run import config_hash
+    from reward.config import RewardStageConfig
+
+    base = RewardStageConfig(model="m", preferences="p")
+    assert config_hash(dataclasses.replace(base, calibration_bins=5, gold="", resume=True)) == config_hash(base)
+    assert config_hash(dataclasses.replace(base, learning_rate=1e-3)) != config_hash(base)
+    assert "calibration_bins" not in hashed_settings(base) and "learning_rate" in hashed_settings(base)

@@ -15,6 +15,7 @@ from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from reward.train import main as train_reward, pair_metrics
 from rlhf.config import RunConfig
 from rlhf.errors import DataError
+from rlhf.runs import hash_path
 from rlhf.store import Store
 from tests.conftest import REPO, kill_when_saved
 
@@ -160,9 +161,11 @@ def test_reads_the_store_records_the_export_and_measures_itself_against_the_labe
     report = (run / "reward" / "eval.md").read_text()
     assert "human ceiling" in report and f"{metrics['human_ceiling']:.3f}" in report
 
-    (run / "reward" / "eval.md").unlink()
+    published = hash_path(run / "reward")
     assert cli(["reward", "eval", *args]) == 0  # `rlhf reward eval`: the same held-out split, the same numbers
-    again = (run / "reward" / "eval.md").read_text()
+    assert hash_path(run / "reward") == published  # in its own folder: what PPO, DPO and eval hash stays put
+    again = (run / "reward-eval" / "eval.md").read_text()
+    assert (run / "reward-eval" / "reliability.png").exists() and not (run / ".reward-eval.partial").exists()
     assert f"{metrics['heldout_accuracy']:.3f}" in again
     [gap] = [line.split("|")[2] for line in again.splitlines() if "held-out mean reward gap" in line]
     assert float(gap) == pytest.approx(metrics["heldout_margin"], abs=2e-3)  # scored in other batches
