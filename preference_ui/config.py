@@ -75,6 +75,9 @@ class LabelsConfig:
             raise ValueError(f"temperature must be above 0 for sampling, got {self.temperature}")
         if self.overlap < 1:
             raise ValueError(f"overlap must be at least 1, got {self.overlap}")
+        if not self.simulate_judge and self.min_votes > self.overlap:
+            raise ValueError(f"min_votes ({self.min_votes}) is more than overlap ({self.overlap}): the app gives each "
+                             "comparison to `overlap` labellers, so with people voting the run would wait forever")
         if not 0 <= self.gold_rate <= 1:
             raise ValueError(f"gold_rate must be between 0 and 1, got {self.gold_rate}")
         if self.assignment_timeout <= 0 or self.concurrency < 1:

@@ -48,6 +48,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         (["label", "collect", f"--labels.model={model}", f"--labels.gold={bad_files['gold']}"],
          f"{bad_files['gold']}:2: expected: expected one of"),
         (["label", "collect", f"--labels.model={model}", "--labels.simulate_judge=nosuch:judge"], "nosuch:judge"),
+        (["label", "collect", f"--labels.model={model}", "--labels.simulate_judge=", "--labels.min_votes=4"],
+         "labels: min_votes (4) is more than overlap (3)"),  # people voting: the wait would never end
     ]
     for words, message in cases:
         assert cli([*words, *common]) == 2, words
