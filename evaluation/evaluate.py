@@ -19,6 +19,7 @@ import torch
 from evaluation.config import EvalStageConfig
 from evaluation.metrics import answer_kl, bootstrap_interval, win_rate
 from evaluation.report import write_report
+from preference_ui.stats import stats
 from rlhf import models
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
@@ -116,6 +117,7 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, prompts: list
 
     if config.human:
         queued = queue_human_comparisons(config, run, prompts, texts)
+        add_human_win_rates(results, config, run)
     # 4. the folder (results, answers, plots, report), published whole; the run's report beside the stages
     partial = run_dir.partial_path(STAGE)
     staged = partial / "final"
@@ -166,6 +168,20 @@ def queue_human_comparisons(config: EvalStageConfig, run: RunConfig, prompts: li
           f"`rlhf label serve --batch {config.human_batch}` to label them, `rlhf label stats --batch "
           f"{config.human_batch}` for the human win rates")
     return queued
+
+
+def add_human_win_rates(results: dict, config: EvalStageConfig, run: RunConfig) -> None:
+    """The people's votes so far on the blind comparisons (`rlhf label stats --batch` reads the same), into each
+    policy's results: win rate against the baseline with its interval, and the votes counted (0 before any)."""
+    rates = stats(Store(config.db or None), config.human_batch)["human_win_rates"]
+    for name, result in results.items():
+        if name == BASELINE:
+            continue
+        rate = rates.get(f"{run.name}/{name}")
+        result["human_votes"] = rate["votes"] if rate else 0
+        if rate:
+            result.update(win_rate_human=rate["win_rate"], win_rate_human_low=rate["low"],
+                          win_rate_human_high=rate["high"])
 
 
 def answer(model, tokenizer, messages: list[list[dict]], config: EvalStageConfig, name: str):

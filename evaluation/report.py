@@ -9,7 +9,8 @@ from rlhf.runs import RunDir, atomic_write_text
 
 COLUMNS = [("reward", "reward"), ("win_rate_reward", "win rate vs SFT (reward)"), ("judge", "judge"),
            ("win_rate_judge", "win rate vs SFT (judge)"), ("kl", "KL to SFT"), ("tokens", "tokens"),
-           ("eos_rate", "stop-token rate")]
+           ("eos_rate", "stop-token rate"), ("win_rate_human", "win rate vs SFT (people)"),
+           ("human_votes", "people's votes")]
 TRAINING_CURVES = {"ppo": ("objective/scores", "objective/kl"), "dpo": ("loss", "rewards/margins")}
 
 
@@ -48,7 +49,8 @@ def load_evals(stage_folder: Path) -> list[dict]:
 
 def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageConfig,
                 plots: list[tuple[str, str]]) -> str:
-    shown = [(key, title) for key, title in COLUMNS if any(key in r for r in results.values())]
+    shown = [(key, title) for key, title in COLUMNS
+             if any(key in r for r in results.values()) or (key == "win_rate_human" and config.human)]
     sampling = f"sampled at temperature {config.temperature:g}" if config.temperature else "greedy"
     lines = [f"# Run `{run_dir.name}`: policies against the SFT model", "",
              f"{prompts} held-out prompts from `{config.prompts}`"
@@ -59,7 +61,10 @@ def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageC
              + (f"Judge: `{config.judge}`. " if config.judge else "")
              + f"Win rates count a tie as half, with {config.confidence:.0%} bootstrap "
              f"intervals over prompts. KL: summed over each answer's tokens, the full-vocabulary KL(policy || SFT) "
-             "at each position of the policy's own answer.", "",
+             "at each position of the policy's own answer."
+             + (f" People: blind comparisons with the SFT answer in batch `{config.human_batch}` of the label "
+                "store (a tie or both-bad counts half, normal-approximation 95% intervals over votes); rerun `rlhf "
+                "eval --eval.human` after labelling to bring their votes in." if config.human else ""), "",
              "| policy | " + " | ".join(title for _, title in shown) + " |",
              "|---|" + "---|" * len(shown)]
     for name, result in results.items():
@@ -75,7 +80,7 @@ def cell(result: dict, key: str) -> str:
         return "-"
     if key.startswith("win_rate"):
         return f"{result[key]:.3f} [{result[key + '_low']:.3f}, {result[key + '_high']:.3f}]"
-    return f"{result[key]:.3f}"
+    return str(result[key]) if isinstance(result[key], int) else f"{result[key]:.3f}"
 
 
 def training_curves(path: Path, histories: dict) -> str:

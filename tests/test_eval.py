@@ -131,6 +131,9 @@ def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_r
                f"--eval.baseline={tiny_model_path}", f"--eval.policies=moved={tmp_path / 'moved'}",
                "--eval.reward_model=none", "--eval.human=true", f"--eval.db={db}"]
     assert cli(command) == 0
+    first_report = (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    row = next(line for line in first_report.splitlines() if line.startswith("| moved |"))
+    assert row.endswith("| - | 0 |")  # no votes yet: the people's columns say so
     store = Store(db)
     queued = store.comparisons("eval")
     answers = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "eval" / "answers.jsonl").open()]
@@ -146,5 +149,10 @@ def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_r
     rate = report["human_win_rates"]["tiny/moved"]
     assert rate["votes"] == len(queued) and rate["win_rate"] == pytest.approx((len(queued) - 0.5) / len(queued))
     assert "human win rate of tiny/moved against the baseline" in format_stats(report)
-    assert cli(command) == 0  # a second evaluation does not queue the same batch again
+    assert cli(command) == 0  # a second evaluation does not queue the same batch again, and reads the votes
     assert len(store.comparisons("eval")) == len(queued)
+    row = next(line for line in (tmp_path / "runs" / "tiny" / "report.md").read_text().splitlines()
+               if line.startswith("| moved |"))
+    assert row.endswith(f"| {rate['win_rate']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] | {len(queued)} |")
+    results = json.loads((tmp_path / "runs" / "tiny" / "eval" / "results.json").read_text())["policies"]
+    assert results["moved"]["win_rate_human"] == rate["win_rate"]
