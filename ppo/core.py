@@ -2,7 +2,7 @@
 
 Shapes: a rollout is `[batch, T]` over response tokens (right-padded); `mask` is 1 on real response tokens (up to
 and including the stop token) and 0 after. Everything here is in fp32 and has no model, optimiser or I/O in it, so
-each piece can be checked by hand (tests/test_ppo_core.py holds the checks of ../shared/PPO_NOTES.md).
+each piece can be checked by hand (docs/ppo.md lists the checks; tests/test_ppo_core.py holds them).
 """
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
-"""Health checks on each PPO update's metrics: the signs that a run is going wrong (PPO_NOTES "what goes
-wrong"), each as one readable line. The trainer prints and logs them, and stops on the first with
+"""Health checks on each PPO update's metrics: the signs that a run is going wrong (docs/ppo.md lists the
+checks), each as one readable line. The trainer prints and logs them, and stops on the first with
 `--ppo.stop_on_alert`."""
 
 RATIO_BOUNDS = (0.8, 1.25)    # mean policy ratio outside this: the policy moved too far within one update

@@ -1,9 +1,9 @@
 """Step 1 of a PPO update: answer a batch of prompts with the policy.
 
 Prompts are left-padded so every row's last prompt token sits at the same position, sampling runs with the KV
-cache at `temperature` (top_k 0, top_p 1), and each response is cut after its first stop token (PPO_NOTES items
-1-4). The sampling log-probs come straight from the logits generation saw, divided by the temperature: they are
-the "old" log-probs of the first PPO epoch without another forward pass.
+cache at `temperature` (top_k 0, top_p 1), and each response is cut after its first stop token (docs/ppo.md,
+steps 1-2). The sampling log-probs come straight from the logits generation saw, divided by the temperature:
+they are the "old" log-probs of the first PPO epoch without another forward pass.
 """
 import copy
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""PPO maths against hand-computed values and the checks listed in ../shared/PPO_NOTES.md."""
+"""PPO maths against hand-computed values: the checks docs/ppo.md lists."""
 import math
 
 import pytest
