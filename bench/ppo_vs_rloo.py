@@ -1,11 +1,11 @@
-"""Online RL throughput: our PPO stage against TRL's `RLOOTrainer` (the shared yardstick, `trl_yardstick.py rloo`)
+"""Online RL throughput: our PPO stage against TRL's `RLOOTrainer` (`bench/trl_baselines.py rloo`)
 with the same policy, reward model, prompts, completion length and completions per step, alternating in one call.
 
     python bench/ppo_vs_rloo.py [--model smollm2-135m-instruct] [--rounds 2] [--steps 6] [--batch 8]
                                 [--completion-length 32] [--epochs 1]
 
 The reward model is a fresh one-output head on the policy, saved once and given to both sides; the prompts are the
-yardstick's own ("Write about" + 8 of its words, its seed). TRL's RLOO takes one optimiser step per generation
+baseline's own ("Write about" + 8 of its words, its seed). TRL's RLOO takes one optimiser step per generation
 (num_iterations 1), so ours runs one PPO epoch of one minibatch by default (`--epochs` for more). Each side reports
 the median seconds per step with the first (warm-up) step left out; ours also splits a step into generation and
 update (scoring, reference, values, advantages, optimisation). Prints `name: value` lines and last `ratio: X` =
@@ -21,11 +21,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reward_throughput import REPO, load_yardstick, yardstick_step_seconds  # noqa: E402
+from reward_throughput import REPO, yardstick_step_seconds  # noqa: E402
+from trl_baselines import words  # noqa: E402
 
 
 def write_inputs(a, folder: Path) -> tuple[Path, Path, Path]:
-    """(reward model, training prompts, one eval prompt): the yardstick's prompts and a fresh reward head."""
+    """(reward model, training prompts, one eval prompt): the baseline's prompts and a fresh reward head."""
     from transformers import AutoModelForSequenceClassification
 
     from rlhf import models
@@ -38,7 +39,7 @@ def write_inputs(a, folder: Path) -> tuple[Path, Path, Path]:
     reward.config.pad_token_id = tokenizer.pad_token_id
     reward.save_pretrained(reward_dir)
     tokenizer.save_pretrained(reward_dir)
-    words, rng = load_yardstick().words, random.Random(0)
+    rng = random.Random(0)
     prompts = [{"prompt": [{"role": "user", "content": "Write about " + words(rng, 8)}]} for _ in range(64 * a.batch)]
     prompts_file, eval_file = folder / "prompts.jsonl", folder / "eval.jsonl"
     prompts_file.write_text("".join(json.dumps(row) + "\n" for row in prompts))

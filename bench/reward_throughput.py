@@ -1,15 +1,14 @@
-"""Reward-model training throughput: our reward stage against plain TRL `RewardTrainer` (the shared yardstick,
-`trl_yardstick.py reward`) on the same pairs, batch size and maximum length, alternating in one call.
+"""Reward-model training throughput: our reward stage against plain TRL `RewardTrainer` (`bench/trl_baselines.py
+reward`) on the same pairs, batch size and maximum length, alternating in one call.
 
     python bench/reward_throughput.py [--model smollm2-135m-instruct] [--rounds 2] [--steps 6] [--batch 4]
                                       [--seq 128]
 
-The pairs are the yardstick's own (its word list and seed), written to a file our stage reads. Both sides train in
+The pairs are the baseline's own (its word list and seed), written to a file our stage reads. Both sides train in
 fp32 on the CPU with the same optimiser settings; each reports the median seconds per optimiser step with the first
 (warm-up) step left out. Prints `name: value` lines, pairs/s for each, and last `ratio: X` = ours / TRL.
 """
 import argparse
-import importlib.util
 import json
 import random
 import statistics
@@ -18,24 +17,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trl_baselines import words  # bench/ is this script's folder
+
 REPO = Path(__file__).resolve().parent.parent
-YARDSTICK = REPO.parent / "shared" / "bench" / "trl_yardstick.py"
-
-
-def load_yardstick():
-    spec = importlib.util.spec_from_file_location("trl_yardstick", YARDSTICK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+YARDSTICK = REPO / "bench" / "trl_baselines.py"
 
 
 def yardstick_pairs(batch: int, seq: int) -> list[dict]:
-    """The pairs trl_yardstick.py builds for the reward stage: its words, its seed, its lengths."""
-    module = load_yardstick()
+    """The pairs trl_baselines.py builds for TRL's RewardTrainer: its words, its seed, its lengths."""
     rng = random.Random(0)
-    return [{"prompt": [{"role": "user", "content": module.words(rng, 20)}],
-             "chosen": [{"role": "assistant", "content": module.words(rng, seq // 3)}],
-             "rejected": [{"role": "assistant", "content": module.words(rng, seq // 3)}]}
+    return [{"prompt": [{"role": "user", "content": words(rng, 20)}],
+             "chosen": [{"role": "assistant", "content": words(rng, seq // 3)}],
+             "rejected": [{"role": "assistant", "content": words(rng, seq // 3)}]}
             for _ in range(16 * batch)]
 
 
@@ -53,7 +46,8 @@ def ours(a, pairs_file: Path, out: Path, round_index: int) -> float:
 
 
 def yardstick_step_seconds(*args: str) -> float:
-    """Runs the shared TRL yardstick with `args`; its last output line is JSON with the median step time."""
+    """Runs a plain TRL trainer (bench/trl_baselines.py) with `args`; its last output line is JSON with the
+    median step time."""
     output = subprocess.run([sys.executable, str(YARDSTICK), *args], capture_output=True, text=True,
                             check=True).stdout
     return json.loads(output.strip().splitlines()[-1])["median_step_s"]

@@ -1,6 +1,6 @@
 """SFT throughput: our SFT stage against a plain PyTorch fp32 training loop on the same examples, batch size and
 maximum length, alternating in one call; then TRL's SFTTrainer with its defaults (bf16=True) and with bf16 off,
-through the shared yardstick script.
+through bench/trl_baselines.py.
 
     python bench/sft_throughput.py [--model smollm2-135m-instruct] [--rounds 2] [--steps 6] [--batch 4] [--seq 256]
 
@@ -29,7 +29,7 @@ from sft.config import SFTStageConfig  # noqa: E402
 from sft.train import main as sft_main, tokenize_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-YARDSTICK = REPO.parent / "shared" / "bench" / "trl_yardstick.py"
+YARDSTICK = REPO / "bench" / "trl_baselines.py"
 DATA = "data/sft_demonstrations.jsonl"
 
 
