@@ -36,6 +36,7 @@ system-packages:
 	fi
 
 test: install system-packages
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: install

@@ -105,7 +105,7 @@ def judge_lines(judge: str, result: dict) -> list[str]:
              f"  reward model held-out accuracy {fmt(reward['heldout_accuracy'])} on {reward['heldout_pairs']} pairs; "
              f"labellers' ceiling {fmt(reward['human_ceiling'])} on {reward['ceiling_units']} votes "
              f"(the reward model on those votes: {fmt(reward['model_on_ceiling_units'])})",
-             f"  judge mean: " + ", ".join(f"{name} {policies[name]['judge']:.3f}" for name in ("sft", *POLICIES))]
+             "  judge mean: " + ", ".join(f"{name} {policies[name]['judge']:.3f}" for name in ("sft", *POLICIES))]
     for name in POLICIES:
         policy = policies[name]
         lines.append(f"  {name}: win rate vs SFT {policy['win_rate_judge']:.3f} [{policy['win_rate_judge_low']:.3f}, "
@@ -126,7 +126,7 @@ def summary(results: dict, held_out: str) -> str:
     for judge, result in tuned.items():
         lines += judge_lines(judge, result)
     if held_out in results:
-        lines += [f"== held-out judge (nothing tuned on it) ==", *judge_lines(held_out, results[held_out])]
+        lines += ["== held-out judge (nothing tuned on it) ==", *judge_lines(held_out, results[held_out])]
     lines.append(f"smallest lower bound of the PPO and DPO win-rate intervals: {smallest_lower_bound(results):.3f}")
     lines.append(f"ratio: {ratio(results):.3f}")
     return "\n".join(lines)
@@ -148,7 +148,8 @@ def frontier(args, judge: str, chain: dict, root: Path) -> Path:
         rlhf("dpo", *common, f"--run.name={name}", f"--dpo.model={run / 'sft'}",
              f"--dpo.preferences={run / 'preferences'}", f"--dpo.reward_model={run / 'reward'}", f"--dpo.beta={value}")
         policies.append(f"{name}={root / 'frontier' / name / 'dpo'}")
-    rlhf("eval", *common, "--run.name=compare", f"--eval.baseline={run / 'sft'}", f"--eval.reward_model={run / 'reward'}",
+    rlhf("eval", *common, "--run.name=compare", f"--eval.baseline={run / 'sft'}",
+         f"--eval.reward_model={run / 'reward'}",
          f"--eval.judge={judge}", f"--eval.num_prompts={args.eval_prompts}", f"--eval.policies={','.join(policies)}")
     results = json.loads((root / "frontier" / "compare" / "eval" / "results.json").read_text())["policies"]
     return frontier_plot(root / "frontier.png", results, judge)

@@ -12,7 +12,8 @@ def judge_result(ppo_low: float, dpo_low: float) -> dict:
 
     return {"reward": {"heldout_accuracy": 0.8, "heldout_pairs": 120, "human_ceiling": 0.83, "ceiling_units": 300,
                        "model_on_ceiling_units": 0.79},
-            "prompts": 200, "policies": {"sft": {"judge": 0.4}, "ppo": policy(0.6, ppo_low), "dpo": policy(0.5, dpo_low)},
+            "prompts": 200,
+            "policies": {"sft": {"judge": 0.4}, "ppo": policy(0.6, ppo_low), "dpo": policy(0.5, dpo_low)},
             "stage_seconds": {"sft": 90.0, "reward": None}, "wall_s": 800.0, "output_root": "/tmp/x"}
 
 

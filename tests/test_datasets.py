@@ -29,7 +29,9 @@ def test_seed_data_loads_with_ids_categories_and_no_overlap():
     held_out = load_rows(REPO / "data/eval_prompts.jsonl", "prompt")
     assert len(sft) >= 200 and len(rl) >= 200 and len(held_out) >= 100
     assert {"explain", "summarise", "list", "rewrite", "advise", "code", "arithmetic"} <= {r["category"] for r in sft}
-    texts = lambda rows: {r["prompt"][-1]["content"].strip().lower() for r in rows}
+    def texts(rows):
+        return {r["prompt"][-1]["content"].strip().lower() for r in rows}
+
     assert not texts(rl) & texts(held_out)
     assert all(r["id"].startswith("eval-") for r in held_out)
 

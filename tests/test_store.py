@@ -170,7 +170,8 @@ def test_a_version_1_store_is_upgraded_in_place(store_url):
     columns = {column["name"] for column in inspect(engine).get_columns("assignments")}
     assert {"slot", "swapped", "status"} <= columns
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "3"  # and on to version 3
+        version = connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar()
+        assert version == "3"  # and on to version 3
     engine.dispose()
 
 
