@@ -42,6 +42,34 @@ def load_rows(source, kind: str) -> list[dict]:
     return deduplicate(rows)
 
 
+# No token of the tokenizers we meet spans more characters than this (SmolLM2's longest: 81, a run of spaces), so
+# text past max_length times it cannot reach the tokens a stage keeps.
+CHARS_PER_TOKEN_BOUND = 128
+
+
+def cut_long_texts(rows: list[dict], max_tokens: int | None, source, stage: str) -> list[dict]:
+    """`rows` with every message text longer than `max_tokens` tokens could span cut there, before tokenization
+    (a 10 MB row took 2 GB to tokenize whole, then lost all but its first tokens). The stage truncates, or drops,
+    such rows as it did; it says how many it cut."""
+    if not max_tokens:
+        return rows
+    limit, cut, out = max_tokens * CHARS_PER_TOKEN_BOUND, 0, []
+    for row in rows:
+        if any(len(message["content"]) > limit for value in row.values() if is_messages(value) for message in value):
+            cut += 1
+            row = {key: [{**m, "content": m["content"][:limit]} for m in value] if is_messages(value) else value
+                   for key, value in row.items()}
+        out.append(row)
+    if cut:
+        print(f"[{stage}] {cut} row(s) of {source} hold text longer than max_length ({max_tokens} tokens) can "
+              f"cover: cut at {limit:,} characters before tokenizing", flush=True)
+    return out
+
+
+def is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
+
+
 def check_duplicate_id(source, line, row, rows, first):
     first_line, index = first
     if content_key(rows[index]) != content_key(row):

@@ -20,7 +20,7 @@ from trl import SFTTrainer
 from rlhf import hardware, models, tracking
 from rlhf.batching import LengthGroupedTraining
 from rlhf.config import RunConfig
-from rlhf.datasets import load_rows, split_train_eval
+from rlhf.datasets import cut_long_texts, load_rows, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.generation import generate_responses
 from rlhf.runs import RunDir, atomic_write_json
@@ -32,7 +32,8 @@ STAGE = "sft"
 
 def main(config: SFTStageConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
-    train_rows, eval_rows = split_train_eval(load_rows(config.train_data, "sft"), config.eval_fraction, config.seed)
+    rows = cut_long_texts(load_rows(config.train_data, "sft"), config.max_length, config.train_data, STAGE)
+    train_rows, eval_rows = split_train_eval(rows, config.eval_fraction, config.seed)
     prompts = load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
     model_path = models.resolve(config.model)
     inputs = {"model": model_path, "train_data": config.train_data}

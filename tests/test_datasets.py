@@ -5,7 +5,7 @@ import sys
 import datasets
 import pytest
 
-from rlhf.datasets import deduplicate, load_rows, split_train_eval
+from rlhf.datasets import CHARS_PER_TOKEN_BOUND, cut_long_texts, deduplicate, load_rows, split_train_eval
 from rlhf.errors import DataError
 from tests.conftest import REPO
 
@@ -170,6 +170,24 @@ def test_a_pair_whose_two_answers_are_the_same_is_refused(tmp_path):
                                            "different answers")
     missing = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": None}])
     assert problem(missing, "preference") == f"{missing}:1: rejected: is null"
+
+
+def test_text_past_what_max_length_tokens_can_cover_is_cut_before_tokenizing_and_keeps_the_same_tokens(
+        tiny_tokenizer, capsys):
+    from sft.train import tokenize_conversation
+
+    longest = max(len(tiny_tokenizer.convert_tokens_to_string([token])) for token in tiny_tokenizer.get_vocab())
+    assert longest <= CHARS_PER_TOKEN_BOUND
+    long_answer = "the quick brown fox jumps over the lazy dog " * 5000  # 220,000 characters
+    short = {"id": "s", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    long = {"id": "l", "messages": [{"role": "user", "content": "Tell a story."},
+                                    {"role": "assistant", "content": long_answer}]}
+    kept_short, kept_long = cut_long_texts([short, long], 64, "data.jsonl", "sft")
+    assert kept_short == short and len(kept_long["messages"][1]["content"]) == 64 * CHARS_PER_TOKEN_BOUND
+    assert "[sft] 1 row(s) of data.jsonl hold text longer than max_length (64 tokens)" in capsys.readouterr().out
+    whole = tokenize_conversation(tiny_tokenizer, long["messages"])["input_ids"]
+    assert tokenize_conversation(tiny_tokenizer, kept_long["messages"])["input_ids"][:64] == whole[:64]
+    assert cut_long_texts([long], None, "data.jsonl", "sft") == [long]  # no max_length: nothing cut
 
 
 def test_missing_file_and_unknown_type(tmp_path):
