@@ -25,8 +25,8 @@ class EvalStageConfig:
     human: bool = field(default=False, metadata={
         "help": "Also queue blind baseline-vs-policy comparisons into the label store (`rlhf label stats --batch` "
                 "reports the human win rate)."})
-    db: str = field(default="", metadata={"help": "With human: the label store URL (empty: $RLHF_DB_URL or "
-                                                   "sqlite:///runs/labels.db)."})
+    db: str = field(default="", metadata={"help": "With human: the label store URL (empty: $RLHF_DB_URL, else the "
+                                                   "run's own store, runs/<name>/labels.db)."})
     human_batch: str = field(default="eval", metadata={"help": "With human: the batch the comparisons go into."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
     score_batch_size: int = field(default=8, metadata={

@@ -28,7 +28,7 @@ from rlhf.generation import answer_prompts
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
-from rlhf.store import Store
+from rlhf.store import Store, run_store_url
 from rlhf.stage import running_stage, starting_model
 
 STAGE = "eval"
@@ -144,7 +144,7 @@ def queue_human_comparisons(config: EvalStageConfig, run: RunConfig, prompts: li
     """Blind baseline-vs-policy comparisons in the label store, batch `human_batch`, kind `eval`: each response
     knows which side it is (its sampling record's `eval_role`), labellers see neither name nor side. Prompts whose
     two answers are the same text are not asked. A batch that already holds comparisons is left as it is."""
-    store = Store(config.db or None)
+    store = Store(run_store_url(run.output_root, run.name, config.db or None))
     if store.comparisons(config.human_batch):
         print(f"[{STAGE}] batch '{config.human_batch}' already holds comparisons: nothing queued (name a new one "
               "with --eval.human_batch)")
@@ -173,7 +173,8 @@ def queue_human_comparisons(config: EvalStageConfig, run: RunConfig, prompts: li
 def add_human_win_rates(results: dict, config: EvalStageConfig, run: RunConfig) -> None:
     """The people's votes so far on the blind comparisons (`rlhf label stats --batch` reads the same), into each
     policy's results: win rate against the baseline with its interval, and the votes counted (0 before any)."""
-    rates = stats(Store(config.db or None), config.human_batch)["human_win_rates"]
+    rates = stats(Store(run_store_url(run.output_root, run.name, config.db or None)),
+                  config.human_batch)["human_win_rates"]
     for name, result in results.items():
         if name == BASELINE:
             continue

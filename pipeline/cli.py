@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = commands.add_parser("label", help="preference collection: sample, serve, users, gold, simulate, stats, "
                                                "export")
-    label.add_argument("--db", help="database URL (default: $RLHF_DB_URL or sqlite:///runs/labels.db)")
+    label.add_argument("--db", help="database URL (default: with --config the run's store, runs/NAME/labels.db; "
+                                    "without, $RLHF_DB_URL or sqlite:///runs/labels.db)")
     label_commands = label.add_subparsers(dest="label_command", required=True)
     users = label_commands.add_parser("users", help="add, list, disable or enable labellers and admins")
     users_commands = users.add_subparsers(dest="users_command", required=True)
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                     export):
         # --db is accepted after the subcommand too (`rlhf label serve --db URL`); SUPPRESS keeps an earlier one.
         command.add_argument("--db", default=argparse.SUPPRESS, help="database URL (as `rlhf label --db`)")
+    for command in (add, users_commands.choices["list"], disable, enable, gold, simulate, stats, export):
+        command.add_argument("--config", help="YAML run config: its run's label store (runs/NAME/labels.db, or its "
+                                              "labels.db)")
     label.set_defaults(handler=run_label)
 
     run = commands.add_parser("run", help="every stage in order: sft, labels, reward, ppo, dpo, eval (skips what is "
@@ -196,7 +200,10 @@ def run_label(args, rest) -> int:
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
     gold = load_rows(args.file, "gold") if args.label_command == "gold" else None  # checked before the store opens
-    store = Store(args.db)
+    adds_data = args.label_command == "gold" or getattr(args, "users_command", None) == "add"
+    store = Store(label_store_url(args), create=adds_data)
+    if store.created:
+        print(f"created the label store {store.url}")
     if args.label_command == "gold":
         from preference_ui.gold import import_gold
 
@@ -232,26 +239,39 @@ def run_label(args, rest) -> int:
     return 0
 
 
-def run_label_with_config(args, rest) -> int:
-    """`label sample` and `label serve` read the labels: section of a run config, with overrides."""
+def label_store_url(args) -> str:
+    """--db; else with --config the run's label store; else $RLHF_DB_URL or sqlite:///runs/labels.db."""
     from rlhf.config import RunConfig, load_config
-    from rlhf.store import Store
+    from rlhf.store import database_url, run_store_url
+
+    if args.db or not getattr(args, "config", None):
+        return database_url(args.db)
+    sections = load_config(args.config, [], {"run": RunConfig, "labels": load(LABELS_CONFIG)})
+    return run_store_url(sections["run"].output_root, sections["run"].name, sections["labels"].db or None)
+
+
+def run_label_with_config(args, rest) -> int:
+    """`label sample`, `serve` and `collect` read the labels: section of a run config, with overrides; with a
+    --config, the run's label store unless --db (or the section's db) names another."""
+    from rlhf.config import RunConfig, load_config
+    from rlhf.store import Store, run_store_url
 
     if args.label_command == "sample":  # the short flags are the labels: fields of the same name
         rest = rest + [item for flag, value in (("select", args.select), ("reward_model", args.reward_model),
                                                 ("select_count", args.select_count)) if value is not None
                        for item in (f"--labels.{flag}", str(value))]
     sections = load_config(args.config, rest, {"run": RunConfig, "labels": load(LABELS_CONFIG)})
-    labels = sections["labels"]
-    labels.db = args.db or labels.db
+    labels, run = sections["labels"], sections["run"]
+    labels.db = args.db or (run_store_url(run.output_root, run.name, labels.db or None) if args.config else labels.db)
     if args.label_command in ("sample", "collect"):
-        load(f"preference_ui.{args.label_command}:main")(labels, sections["run"])
+        load(f"preference_ui.{args.label_command}:main")(labels, run)
         return 0
-    from preference_ui.app import serve
+    from preference_ui.app import check_host, serve
 
-    serve(Store(labels.db or None), labels, args.host, args.port, auth=not args.no_auth, local_user=args.user,
-          batch=args.batch, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-          export_root=Path(sections["run"].output_root) / "exports")
+    check_host(args.host, auth=not args.no_auth)
+    serve(Store(labels.db or None, create=False), labels, args.host, args.port, auth=not args.no_auth,
+          local_user=args.user, batch=args.batch, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+          export_root=Path(run.output_root) / "exports")
     return 0
 
 

@@ -15,7 +15,6 @@ are drawn per labeller and comparison and skipped when already cast, and votes s
 `labels.db` (or $RLHF_DB_URL) the run keeps its own store, `runs/<name>/labels.db`.
 """
 import dataclasses
-import os
 import shutil
 import time
 
@@ -30,18 +29,14 @@ from rlhf.judges import load_judge
 from rlhf.label_export import export
 from rlhf.runs import RunDir
 from rlhf.stage import running_stage
-from rlhf.store import Store
+from rlhf.store import Store, run_store_url
 
 STAGE = "preferences"
 
 
-def store_url(config: LabelsConfig, run_dir: RunDir) -> str:
-    return config.db or os.environ.get("RLHF_DB_URL") or f"sqlite:///{(run_dir.path / 'labels.db').resolve()}"
-
-
 def main(config: LabelsConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
-    url = store_url(config, run_dir)
+    url = run_store_url(run.output_root, run.name, config.db or None)
     found = {"model": sample.model_spec(config, run), "prompts": config.prompts}
     # every input read and checked before the stage locks, records or creates anything (the store among them)
     prompts = load_rows(config.prompts, "prompt")

@@ -18,7 +18,8 @@ class LabelsConfig:
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (top_k 0, top_p 1)."})
     batch_size: int = field(default=8, metadata={"help": "Answers generated at once (batched by prompt length)."})
     batch: str = field(default="", metadata={"help": "Name of the comparison batch; empty: the run name."})
-    db: str = field(default="", metadata={"help": "Label store URL; empty: $RLHF_DB_URL or sqlite:///runs/labels.db."})
+    db: str = field(default="", metadata={
+        "help": "Label store URL; empty: $RLHF_DB_URL, else the run's own store, runs/<name>/labels.db."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling and the random a/b order of each pair."})
     precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 for sampling responses."})
     select: str = field(default="all", metadata={

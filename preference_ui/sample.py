@@ -47,6 +47,8 @@ def main(config: LabelsConfig, run: RunConfig, prompts: list[dict] | None = None
     spec, batch = model_spec(config, run), config.batch or run.name
     scorer = reward_model_path(config, run) if config.select == "uncertain" else None
     store = Store(config.db or None)
+    if store.created:
+        print(f"[label sample] created the label store {store.url}")
     if store.comparisons(batch):
         raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --labels.batch")
     candidates = sample_candidates(config, store, prompts, spec)

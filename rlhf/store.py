@@ -188,11 +188,26 @@ def database_url(url: str | None = None) -> str:
     return url or os.environ.get("RLHF_DB_URL") or DEFAULT_URL
 
 
+def run_store_url(output_root, run_name: str, url: str | None = None) -> str:
+    """The label store of a run: `url` when given, else $RLHF_DB_URL (a team's server), else the run's own SQLite
+    file, <output_root>/<name>/labels.db. `rlhf run`, every `rlhf label` command given the run's --config and
+    `rlhf eval --eval.human` use it."""
+    own = (Path(output_root) / run_name / "labels.db").resolve()
+    return url or os.environ.get("RLHF_DB_URL") or f"sqlite:///{own}"
+
+
 class Store:
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, create: bool = True):
+        """`create`: make a SQLite store that does not exist yet (`created` says so); otherwise that is an error
+        (a mistyped --db would be a new, empty store)."""
         self.url = database_url(url)
-        if self.url.startswith("sqlite:///"):
-            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(self.url.removeprefix("sqlite:///")) if self.url.startswith("sqlite:///") else None
+        self.created = path is not None and not path.exists()
+        if self.created and not create:
+            raise StoreError(f"no label store at {path}: `rlhf label sample` or `rlhf run` makes one (check --db "
+                             "and --config)")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         sqlite = self.url.startswith("sqlite")
         self.engine = create_engine(self.url, pool_pre_ping=not sqlite)  # a server may drop idle connections
         if sqlite:

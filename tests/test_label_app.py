@@ -108,8 +108,11 @@ def test_sign_in_can_only_be_switched_off_on_loopback(host, tmp_path, capsys):
     check_host("localhost", auth=False)
 
 
-def test_serve_refuses_an_empty_store_and_no_auth_without_a_user(tmp_path, capsys):
+def test_serve_refuses_a_missing_or_empty_store_and_no_auth_without_a_user(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'l.db'}"
+    assert cli(["label", "serve", "--db", db]) == 2  # a mistyped --db is not a new, empty store
+    assert f"no label store at {tmp_path / 'l.db'}" in capsys.readouterr().err and not (tmp_path / "l.db").exists()
+    Store(db)
     assert cli(["label", "serve", "--db", db]) == 2
     assert "no users yet" in capsys.readouterr().err
     assert cli(["label", "serve", "--db", db, "--no-auth"]) == 2

@@ -194,3 +194,34 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     assert Store(db).authenticate("ann", "s3cret-passphrase").name == "ann"
     assert cli(["label", "--db", db, "users", "enable", "nobody"]) == 2
     assert "no user 'nobody'" in capsys.readouterr().err
+
+
+def test_every_label_command_given_a_run_config_uses_that_runs_own_store(tmp_path, monkeypatch, capsys,
+                                                                          tiny_model_path):
+    import io
+
+    from pipeline.cli import main as cli
+    from tests.conftest import REPO
+
+    monkeypatch.delenv("RLHF_DB_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # where the store without a run config would be: runs/labels.db
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run:\n  name: mine\n  output_root: {tmp_path / 'runs'}\n  tracking: none\n"
+                      f"labels:\n  model: {tiny_model_path}\n  prompts: {REPO / 'data/rl_prompts.jsonl'}\n"
+                      f"  guidelines: {REPO / 'data/guidelines.md'}\n  num_prompts: 3\n  responses_per_prompt: 2\n"
+                      "  max_new_tokens: 6\n")
+    own = tmp_path / "runs" / "mine" / "labels.db"
+    assert cli(["label", "sample", "--config", str(config)]) == 0
+    assert f"created the label store sqlite:///{own}" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\n"))
+    assert cli(["label", "users", "add", "ann", "--config", str(config)]) == 0
+    assert [user.name for user in Store(f"sqlite:///{own}").users()] == ["ann"]
+    assert cli(["label", "stats", "--config", str(config)]) == 0
+    assert len(Store(f"sqlite:///{own}").comparisons()) == 3 and "3 comparisons" in capsys.readouterr().out
+    # serve opens the same store (the shared default is not there: it would refuse that first) and looks the
+    # user up in it
+    assert cli(["label", "serve", "--config", str(config), "--no-auth", "--user", "nobody"]) == 2
+    assert "needs --user NAME, an existing user" in capsys.readouterr().err
+    # without a run config or --db: the shared default, which is not there and is not made by reading it
+    assert cli(["label", "stats"]) == 2
+    assert "no label store at" in capsys.readouterr().err and not (tmp_path / "runs" / "labels.db").exists()
