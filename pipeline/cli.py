@@ -262,7 +262,11 @@ def run_label_with_config(args, rest) -> int:
                        for item in (f"--labels.{flag}", str(value))]
     sections = load_config(args.config, rest, {"run": RunConfig, "labels": load(LABELS_CONFIG)})
     labels, run = sections["labels"], sections["run"]
-    labels.db = args.db or (run_store_url(run.output_root, run.name, labels.db or None) if args.config else labels.db)
+    labels.db = args.db or labels.db
+    # with a run config, sample and serve use the run's store; collect finds that store itself, so its config
+    # (which `rlhf run` hashes to tell what is up to date) stays as written
+    if args.config and args.label_command != "collect":
+        labels.db = run_store_url(run.output_root, run.name, labels.db or None)
     if args.label_command in ("sample", "collect"):
         load(f"preference_ui.{args.label_command}:main")(labels, run)
         return 0
