@@ -116,8 +116,9 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, prompts: list
             for i, (p, m) in enumerate(zip(prompts, messages))]
 
     if config.human:
-        queued = queue_human_comparisons(config, run, prompts, texts)
-        add_human_win_rates(results, config, run)
+        store = Store(run_store_url(run.output_root, run.name, config.db or None))
+        queued = queue_human_comparisons(store, config, run, prompts, texts)
+        add_human_win_rates(results, store, config, run)
     # 4. the folder (results, answers, plots, report), published whole; the run's report beside the stages
     partial = run_dir.partial_path(STAGE)
     staged = partial / "final"
@@ -140,11 +141,11 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, prompts: list
     return metrics
 
 
-def queue_human_comparisons(config: EvalStageConfig, run: RunConfig, prompts: list[dict], texts: dict) -> int:
+def queue_human_comparisons(store: Store, config: EvalStageConfig, run: RunConfig, prompts: list[dict],
+                            texts: dict) -> int:
     """Blind baseline-vs-policy comparisons in the label store, batch `human_batch`, kind `eval`: each response
     knows which side it is (its sampling record's `eval_role`), labellers see neither name nor side. Prompts whose
     two answers are the same text are not asked. A batch that already holds comparisons is left as it is."""
-    store = Store(run_store_url(run.output_root, run.name, config.db or None))
     if store.comparisons(config.human_batch):
         print(f"[{STAGE}] batch '{config.human_batch}' already holds comparisons: nothing queued (name a new one "
               "with --eval.human_batch)")
@@ -170,11 +171,10 @@ def queue_human_comparisons(config: EvalStageConfig, run: RunConfig, prompts: li
     return queued
 
 
-def add_human_win_rates(results: dict, config: EvalStageConfig, run: RunConfig) -> None:
+def add_human_win_rates(results: dict, store: Store, config: EvalStageConfig, run: RunConfig) -> None:
     """The people's votes so far on the blind comparisons (`rlhf label stats --batch` reads the same), into each
     policy's results: win rate against the baseline with its interval, and the votes counted (0 before any)."""
-    rates = stats(Store(run_store_url(run.output_root, run.name, config.db or None)),
-                  config.human_batch)["human_win_rates"]
+    rates = stats(store, config.human_batch)["human_win_rates"]
     for name, result in results.items():
         if name == BASELINE:
             continue

@@ -19,7 +19,6 @@ With `--launcher accelerate` the training stages (sft, reward, ppo, dpo) start u
 `accelerate launch --config_file FILE`; the others run as one process.
 """
 import ctypes
-import json
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 from pipeline.cli import load
 from rlhf.config import RunConfig, hashed_settings, load_config, read_yaml
 from rlhf.errors import UserError
-from rlhf.runs import STAGE_RECORD, RunDir, hash_config, input_hashes
+from rlhf.runs import RunDir, hash_config, input_hashes, read_stage_record
 from rlhf.stage import last_complete_checkpoint
 
 # (stage, config section, its config class, the rlhf words that run it, trains a model)
@@ -65,8 +64,7 @@ def stage_state(run_dir: RunDir, stage: str, config) -> str:
 def made_with(folder: Path, wanted_hash: str) -> bool:
     """The published folder is there and was made with that config (a later attempt killed between publishing
     its folder and recording itself done leaves the earlier done entry beside the later folder)."""
-    record = folder / STAGE_RECORD
-    return record.exists() and json.loads(record.read_text()).get("config_hash") == wanted_hash
+    return read_stage_record(folder).get("config_hash") == wanted_hash
 
 
 def same_work(entry: dict, wanted_hash: str) -> bool:

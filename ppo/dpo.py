@@ -26,7 +26,7 @@ from ppo.dpo_config import DPOStageConfig
 from rlhf import hardware, models, tracking
 from rlhf.batching import LengthGroupedTraining
 from rlhf.config import RunConfig
-from rlhf.datasets import cut_long_texts, load_rows, split_train_eval
+from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import MissingInputError
 from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
@@ -55,8 +55,7 @@ def inputs(config: DPOStageConfig, run: RunConfig) -> dict:
 
 def labelled_pairs(source: str, config: DPOStageConfig) -> list[dict]:
     """The labellers' usable pairs in TRL's conversational preference format, with tie, margin and weight."""
-    rows = cut_long_texts(usable_pairs(source, config.ties, config.weight_by_gold, config.selection), config.max_length,
-                          source, STAGE)
+    rows = usable_pairs(source, config.ties, config.weight_by_gold, config.selection, config.max_length, STAGE)
     return [{"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
              "tie": row["tie"], "weight": row["weight"], "margin": pair_margin(row) if config.use_margin else 0.0}
             for row in rows]

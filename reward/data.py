@@ -3,7 +3,7 @@ bootstrap weights for the ensemble heads and its margin."""
 import json
 
 from rlhf.config import RunConfig
-from rlhf.datasets import cut_long_texts, split_train_eval
+from rlhf.datasets import split_train_eval
 from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
 from rlhf.runs import RunDir
 from rlhf.stage import starting_model
@@ -29,9 +29,7 @@ def split_pairs(pairs: list[dict], config: RewardStageConfig) -> tuple[list[dict
 def training_pairs(source: str, config: RewardStageConfig) -> list[dict]:
     """The pairs the loss sees (rlhf/preference_pairs.py decides which), with bootstrap weights per head."""
     pairs = []
-    rows = cut_long_texts(usable_pairs(source, config.ties, config.weight_by_gold, config.selection), config.max_length,
-                          source, STAGE)
-    for row in rows:
+    for row in usable_pairs(source, config.ties, config.weight_by_gold, config.selection, config.max_length, STAGE):
         pair = {"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
                 "tie": row["tie"], "labeller_votes": row["labeller_votes"],
                 "weight": [row["weight"] * count for count in bootstrap_counts(row["id"], config.ensemble,

@@ -5,7 +5,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from rlhf.datasets import load_rows
+from rlhf.datasets import cut_long_texts, load_rows
 from rlhf.errors import DataError, MissingInputError
 from rlhf.label_export import STRENGTH_MARGIN, export_snapshot, majority, read_manifest as read_export_manifest
 from rlhf.runs import RunDir
@@ -74,10 +74,11 @@ def gold_weighted(row: dict, weights: dict) -> dict:
     return row
 
 
-def usable_pairs(source: str, ties: str, weight_by_gold: bool, selection: str = "all") -> list[dict]:
+def usable_pairs(source: str, ties: str, weight_by_gold: bool, selection: str = "all", max_length: int | None = None,
+                 stage: str = "") -> list[dict]:
     """The rows a preference loss can learn from, each with `weight`: both-bad rows dropped, ties dropped unless
     `ties` is "equal"; with `selection` best_worst, one pair per prompt (best_vs_worst). Refuses a source with no
-    decided pair left."""
+    decided pair left. Text past what `max_length` tokens can cover is cut (rlhf.datasets.cut_long_texts)."""
     rows = load_pairs(source, weight_by_gold)
     usable = [row for row in rows if not row["both_bad"] and (ties == "equal" or not row["tie"])]
     if selection == "best_worst":
@@ -85,7 +86,7 @@ def usable_pairs(source: str, ties: str, weight_by_gold: bool, selection: str = 
     if not any(not row["tie"] for row in usable):
         kept = "both bad" if ties == "equal" else "ties or both bad"
         raise DataError(source, None, "rows", f"no usable pairs: all {len(rows)} rows are {kept}")
-    return usable
+    return cut_long_texts(usable, max_length, source, stage)
 
 
 def best_vs_worst(rows: list[dict]) -> list[dict]:

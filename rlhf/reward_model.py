@@ -5,15 +5,13 @@ sequence in one of two ways (the model's `config.reward_pooling`, saved with it)
 - `answer_mean`: the head read at every token of the answer and averaged. Each answer token then gets its own
   gradient, where the last token must first learn to gather what the answer said; from a few hundred pairs it
   learns word-level preferences far better (docs/benchmarks.md, "Reward pooling")."""
-import json
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from rlhf import models
 from rlhf.errors import ModelError
-from rlhf.runs import STAGE_RECORD
+from rlhf.runs import read_stage_record
 
 POOLINGS = ("last_token", "answer_mean")
 
@@ -78,8 +76,7 @@ def keep_first_layers(model, count: int):
 
 def reward_record(path) -> dict:
     """What the reward stage stored for later stages (heads, scale, ties); empty for any other model folder."""
-    record = Path(path) / STAGE_RECORD
-    return json.loads(record.read_text()).get("reward", {}) if record.exists() else {}
+    return read_stage_record(path).get("reward", {})
 
 
 def reward_heads(path) -> int:

@@ -112,6 +112,12 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def read_stage_record(folder) -> dict:
+    """What a stage wrote into the folder it published (stage.json); empty for any other folder."""
+    record = Path(folder) / STAGE_RECORD
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
 class RunDir:
     def __init__(self, root, name: str):
         if not name or "/" in name or name.startswith("."):
