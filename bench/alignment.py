@@ -62,7 +62,7 @@ def judge_name(judge: str) -> str:
 def run_chain(args, judge: str, root: Path) -> dict:
     """The default chain on one judge in a fresh folder under `root`; the numbers the summary needs."""
     output_root = Path(tempfile.mkdtemp(prefix=f"{judge_name(judge)}-", dir=root))
-    overrides = [f"--labels.simulate_judge={judge}", f"--ppo.judge={judge}", f"--eval.judge={judge}",
+    overrides = [f"--preferences.simulate_judge={judge}", f"--ppo.judge={judge}", f"--eval.judge={judge}",
                  f"--eval.num_prompts={args.eval_prompts}", *(f"--{item}" for item in args.set)]
     print(f"[alignment] {judge}: rlhf run in {output_root}", flush=True)
     wall = rlhf("run", "--config", args.config, f"--run.output_root={output_root}", f"--run.name={RUN_NAME}",

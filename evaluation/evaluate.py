@@ -29,7 +29,7 @@ from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
 from rlhf.store import Store, run_store_url
-from rlhf.stage import running_stage, starting_model
+from rlhf.stage import Inputs, Outcome, Stage, published_model, run_stage, starting_model
 
 STAGE = "eval"
 POLICY_STAGES = ("ppo", "dpo")
@@ -61,28 +61,28 @@ def policy_folders(config: EvalStageConfig, run_dir: RunDir) -> dict[str, str]:
 
 def inputs(config: EvalStageConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
-    found = {BASELINE: starting_model(STAGE, config.baseline, run_dir, field="baseline"),
-             **policy_folders(config, run_dir), "prompts": config.prompts}
+    found = Inputs()
+    found.add(BASELINE, lambda: starting_model(STAGE, config.baseline, run_dir, field="baseline"))
     if config.reward_model != "none":
-        reward = config.reward_model or str(run_dir.stage_path("reward"))
-        if not (Path(reward) / "config.json").exists():
-            raise MissingInputError(f"no reward model at {reward}: run `rlhf reward --config ...` first, or set "
-                                    "--eval.reward_model (none: no reward scores)")
-        found["reward_model"] = reward
-    return found
+        found.add("reward_model", lambda: published_model(run_dir, "reward", "reward model", config.reward_model,
+                                                           "--eval.reward_model (none: no reward scores)"))
+    found.add("policies", lambda: policy_folders(config, run_dir))
+    found.add("prompts", config.prompts)
+    return found.found()
 
 
 def main(config: EvalStageConfig, run: RunConfig) -> dict:
-    found = inputs(config, run)
-    # the prompts and the judge read and checked before the stage writes anything
+    return run_stage(EVAL_STAGE, config, run)
+
+
+def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[dict], object]:
+    """(the prompts, the judge), read and checked."""
     prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
-    judge = load_judge(config.judge) if config.judge else None
-    with running_stage(run, STAGE, config, found) as (record, tracker):
-        return evaluate(config, run, found, prompts, judge, tracker, record)
+    return prompts, load_judge(config.judge) if config.judge else None
 
 
-def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, prompts: list[dict], judge, tracker,
-             record) -> dict:
+def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
+    prompts, judge = checked
     run_dir = RunDir(run.output_root, run.name)
     started = time.time()
     messages = [p["prompt"] for p in prompts]
@@ -132,13 +132,12 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, prompts: list
         metrics["human_comparisons"] = queued
     # The run's copy of the report first: a stage killed after publishing is done and would not write it again.
     atomic_write_text(run_dir.path / "report.md", report.replace("](", "](eval/"))
-    final = record.publish(staged, partial, {"prompts": len(prompts), **metrics}, time.time() - started)
     tracker.log({f"eval/{key}": value for key, value in metrics.items()})
     tracker.log_table("eval_answers", list(rows[0]), [list(row.values()) for row in rows])
-    tracker.log_images({f"eval/{plot.stem}": plot for plot in sorted(final.glob("*.png"))})
-    tracker.log_artifact(f"{run.name}-eval", "report", final)
-    print(headline(results, final))
-    return metrics
+    tracker.log_images({f"eval/{plot.stem}": plot for plot in sorted(staged.glob("*.png"))})
+    print(headline(results))
+    return Outcome({"prompts": len(prompts), **metrics}, staged, partial, time.time() - started,
+                   f"report {run_dir.path / 'report.md'}", artifact="report", returned=metrics)
 
 
 def queue_human_comparisons(store: Store, config: EvalStageConfig, run: RunConfig, prompts: list[dict],
@@ -223,9 +222,13 @@ def policy_results(name: str, answers: list, kls: list[float], rewards: dict, ju
     return result
 
 
-def headline(results: dict, folder: Path) -> str:
-    lines = [f"[{STAGE}] {folder}"]
+def headline(results: dict) -> str:
+    lines = [f"[{STAGE}] {len(results)} policies"]
     for name, result in results.items():
         parts = [f"{key} {value:.3f}" for key, value in result.items() if not key.endswith(("_low", "_high"))]
         lines.append(f"  {name:8} " + ", ".join(parts))
     return "\n".join(lines)
+
+
+EVAL_STAGE = Stage("eval", "policies against the SFT model on held-out prompts, and the run's report", EvalStageConfig,
+                   inputs, check, evaluate)

@@ -6,7 +6,6 @@ the sections they use. Errors in the user's input (data, config, model spec) pri
 import argparse
 import dataclasses
 import errno
-import importlib
 import logging
 import os
 import sys
@@ -18,22 +17,8 @@ from rlhf.errors import UserError
 PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT,
                errno.ENAMETOOLONG}
 
-# stage command -> (help, its config class, its main(config, run)); imported only when the command runs.
-STAGES = {
-    "sft": ("supervised fine-tuning (TRL SFTTrainer)", "sft.config:SFTStageConfig", "sft.train:main"),
-    "reward": ("reward model on the label export (TRL RewardTrainer)", "reward.config:RewardStageConfig",
-               "reward.train:main"),
-    "ppo": ("PPO against the reward model (our trainer on accelerate)", "ppo.config:PPOStageConfig",
-            "ppo.trainer:main"),
-    "dpo": ("DPO on the label export or on-policy pairs (TRL DPOTrainer)", "ppo.dpo_config:DPOStageConfig",
-            "ppo.dpo:main"),
-    "eval": ("policies against the SFT model on held-out prompts, and the run's report",
-             "evaluation.config:EvalStageConfig", "evaluation.evaluate:main"),
-}
-# `rlhf STAGE ACTION`: other things a stage's command does with the same config.
-STAGE_ACTIONS = {"reward": {"eval": ("reward.evaluate:main",
-                                      "evaluates the published reward model again (eval.md and its plots)")}}
-LABELS_CONFIG = "preference_ui.config:LabelsConfig"
+# commands that need no stage module: they start without importing torch and transformers
+LIGHT_COMMANDS = ("label", "models")
 TRL_FIELDS_NOTE = {
     "sft": "--sft.learning_rate, --sft.num_train_epochs, --sft.max_steps, --sft.per_device_train_batch_size, "
            "--sft.gradient_accumulation_steps, --sft.warmup_steps, --sft.lr_scheduler_type, --sft.seed",
@@ -44,9 +29,12 @@ TRL_FIELDS_NOTE = {
 }
 
 
-def load(path: str):
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
+def read_sections(path, overrides: list[str], names: list[str]) -> dict:
+    """The named sections of a run config, with overrides; every section in the file must be a known one."""
+    from pipeline.stages import SECTIONS
+    from rlhf.config import load_config
+
+    return load_config(path, overrides, {name: SECTIONS[name] for name in names}, valid_sections=SECTIONS)
 
 
 def fields_help(section: str, cls) -> str:
@@ -66,22 +54,22 @@ class StageHelp(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="show this help, with every config field, and exit")
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from rlhf.config import RunConfig
+        from pipeline.stages import SECTIONS
 
-        stage = parser.prog.split()[-1]
-        section, config_class = (("labels", LABELS_CONFIG) if stage in ("sample", "serve", "collect")
-                                 else (stage, STAGES[stage][1]))
+        command = parser.prog.split()[-1]
+        section = "preferences" if command in ("sample", "serve") else command
         parser.print_help()
         print(f"\nconfig fields (YAML keys under run: / {section}:, or --section.field value):\n"
-              f"{fields_help('run', RunConfig)}\n{fields_help(section, load(config_class))}")
-        if stage in TRL_FIELDS_NOTE:
-            print(f"  ... and every field of the TRL config it extends, e.g. {TRL_FIELDS_NOTE[stage]}")
+              f"{fields_help('run', SECTIONS['run'])}\n{fields_help(section, SECTIONS[section])}")
+        if section in TRL_FIELDS_NOTE:
+            print(f"  ... and every field of the TRL config it extends, e.g. {TRL_FIELDS_NOTE[section]}")
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="The RLHF pipeline: sft -> labels -> reward -> ppo/dpo "
-                                                              "-> eval. Run `rlhf COMMAND --help` for details.")
+def build_parser(stages=()) -> argparse.ArgumentParser:
+    """The whole command line; `stages` (pipeline.stages.STAGES) adds a command per stage and `rlhf run`."""
+    parser = argparse.ArgumentParser(prog="rlhf", description="The RLHF pipeline: sft -> preferences -> reward -> "
+                                                              "ppo/dpo -> eval. Run `rlhf COMMAND --help` for details.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     models_parser = commands.add_parser("models", help="list or prepare bundled models")
@@ -109,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample = label_commands.add_parser("sample", help="k responses per prompt from a model -> comparisons",
                                        add_help=False)
     sample.add_argument("-h", "--help", action=StageHelp)
-    sample.add_argument("--config", help="YAML run config (its labels: section)")
+    sample.add_argument("--config", help="YAML run config (its preferences: section)")
     sample.add_argument("--select", choices=["all", "uncertain"],
                         help="queue every candidate pair, or those the reward model is least sure about")
     sample.add_argument("--reward-model", help="with --select uncertain: the reward model folder")
     sample.add_argument("--select-count", type=int, help="with --select uncertain: how many comparisons to queue")
     serve = label_commands.add_parser("serve", help="the labelling app in the browser (Gradio)", add_help=False)
     serve.add_argument("-h", "--help", action=StageHelp)
-    serve.add_argument("--config", help="YAML run config (its labels: section: overlap, gold_rate, guidelines, ...)")
+    serve.add_argument("--config", help="YAML run config (its preferences: section: overlap, gold_rate, guidelines, "
+                                        "...)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--batch", help="hand out only this batch (gold items are always mixed in; default: all)")
@@ -125,14 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--user", help="with --no-auth: the existing user everyone acts as")
     serve.add_argument("--ssl-keyfile", help="serve HTTPS with this key (passwords cross the network otherwise)")
     serve.add_argument("--ssl-certfile", help="... and this certificate")
-    collect = label_commands.add_parser("collect", help="sample, vote (simulated or people) and export: the "
-                                                         "preference stage of `rlhf run`", add_help=False)
-    collect.add_argument("-h", "--help", action=StageHelp)
-    collect.add_argument("--config", help="YAML run config (its labels: section)")
     gold = label_commands.add_parser("gold", help="import comparisons with a known answer (attention checks)")
     gold.add_argument("file", help="JSONL/JSON/CSV/Parquet rows: id, prompt, a, b, expected (a|b|tie|both_bad)")
     gold.add_argument("--batch", default="gold", help="batch name for the gold items (default: gold)")
-    simulate = label_commands.add_parser("simulate", help="simulated labellers vote through the store")
+    simulate = label_commands.add_parser("simulate", help="simulated labellers take items from the queue and vote")
     simulate.add_argument("--judge", required=True, help="builtin:readability|length|keywords or module:function")
     simulate.add_argument("--labellers", type=int, default=3, help="how many simulated labellers (sim/<judge>/<i>)")
     simulate.add_argument("--batch", help="only this batch of comparisons (default: all)")
@@ -141,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--tie-margin", type=float, default=0.0, help="score gaps below this are ties")
     simulate.add_argument("--both-bad-floor", type=float, help="both scores below this: both_bad")
     simulate.add_argument("--noise", type=float, default=0.0, help="chance of a uniformly random vote instead")
+    simulate.add_argument("--skip", type=float, default=0.0, help="chance of skipping an item (another labeller "
+                                                                     "gets its slot)")
+    simulate.add_argument("--overlap", type=int, help="labellers each comparison goes to (default: all of them)")
+    simulate.add_argument("--gold-rate", type=float, default=0.0, help="share of items drawn from gold comparisons")
     simulate.add_argument("--seed", type=int, default=0)
     stats = label_commands.add_parser("stats", help="progress, agreement and per-labeller throughput")
     stats.add_argument("--batch", help="only this batch of comparisons (default: all)")
@@ -148,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (refused if it holds a different export)")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
-    for command in (add, users_commands.choices["list"], disable, enable, sample, serve, collect, gold, simulate, stats,
-                    export):
+    for command in (add, users_commands.choices["list"], disable, enable, sample, serve, gold, simulate, stats, export):
         # --db is accepted after the subcommand too (`rlhf label serve --db URL`); SUPPRESS keeps an earlier one.
         command.add_argument("--db", default=argparse.SUPPRESS, help="database URL (as `rlhf label --db`)")
     for command in (add, users_commands.choices["list"], disable, enable, gold, simulate, stats, export):
@@ -157,24 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
                                               "labels.db)")
     label.set_defaults(handler=run_label)
 
-    run = commands.add_parser("run", help="every stage in order: sft, labels, reward, ppo, dpo, eval (skips what is "
-                                          "up to date, resumes what was cut short)")
+    if stages:
+        add_stage_commands(commands, stages)
+    return parser
+
+
+def add_stage_commands(commands, stages) -> None:
+    """`rlhf run`, and `rlhf STAGE` for each stage (with its actions, `rlhf STAGE ACTION`)."""
+    names = ", ".join(stage.name for stage in stages)
+    run = commands.add_parser("run", help=f"every stage in order: {names} (skips what is up to date, resumes what "
+                                          "was cut short)")
     run.add_argument("--config", default="configs/default.yaml", help="YAML run config (default: %(default)s)")
     run.add_argument("--from", dest="start_from", help="rerun this stage and every one after it")
     run.add_argument("--launcher", choices=["python", "accelerate"], default="python",
                      help="how training stages start: one process, or `accelerate launch`")
     run.add_argument("--accelerate_config", help="with --launcher accelerate: configs/accelerate/*.yaml")
     run.set_defaults(handler=run_pipeline)
-
-    for stage, (help_text, _, _) in STAGES.items():
-        actions = "".join(f" `rlhf {stage} {action} --config ...` {what}."
-                          for action, (_, what) in STAGE_ACTIONS.get(stage, {}).items())
-        command = commands.add_parser(stage, help=help_text, add_help=False,
-                                      description=f"{help_text}. Overrides: --section.field value.{actions}")
+    for stage in stages:
+        actions = "".join(f" `rlhf {stage.name} {action} --config ...` {what}."
+                          for action, (_, what) in stage.actions.items())
+        command = commands.add_parser(stage.name, help=stage.help, add_help=False,
+                                      description=f"{stage.help}. Overrides: --section.field value.{actions}")
         command.add_argument("-h", "--help", action=StageHelp)
         command.add_argument("--config", help="YAML run config (configs/default.yaml, configs/tiny.yaml)")
         command.set_defaults(handler=run_stage, stage=stage)
-    return parser
 
 
 def run_models(args, rest) -> int:
@@ -195,7 +189,7 @@ def run_label(args, rest) -> int:
     from rlhf.datasets import load_rows
     from rlhf.store import Store
 
-    if args.label_command in ("sample", "serve", "collect"):
+    if args.label_command in ("sample", "serve"):
         return run_label_with_config(args, rest)
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
@@ -213,8 +207,9 @@ def run_label(args, rest) -> int:
     elif args.label_command == "simulate":
         from preference_ui.simulate import LabellerModel, simulate
 
-        model = LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise)
-        counts = simulate(store, args.judge, args.labellers, model, args.batch, args.seed)
+        model = LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise, args.skip)
+        counts = simulate(store, args.judge, args.labellers, model, args.batch, args.seed, args.overlap,
+                          args.gold_rate)
         print(" ".join(f"{choice}={count}" for choice, count in counts.items()))
     elif args.label_command == "stats":
         from preference_ui.stats import format_stats, stats
@@ -241,39 +236,37 @@ def run_label(args, rest) -> int:
 
 def label_store_url(args) -> str:
     """--db; else with --config the run's label store; else $RLHF_DB_URL or sqlite:///runs/labels.db."""
-    from rlhf.config import RunConfig, load_config
     from rlhf.store import database_url, run_store_url
 
     if args.db or not getattr(args, "config", None):
         return database_url(args.db)
-    sections = load_config(args.config, [], {"run": RunConfig, "labels": load(LABELS_CONFIG)})
-    return run_store_url(sections["run"].output_root, sections["run"].name, sections["labels"].db or None)
+    sections = read_sections(args.config, [], ["run", "preferences"])
+    return run_store_url(sections["run"].output_root, sections["run"].name, sections["preferences"].db or None)
 
 
 def run_label_with_config(args, rest) -> int:
-    """`label sample`, `serve` and `collect` read the labels: section of a run config, with overrides; with a
-    --config, the run's label store unless --db (or the section's db) names another."""
-    from rlhf.config import RunConfig, load_config
+    """`label sample` and `serve` read the preferences: section of a run config, with overrides; with a --config,
+    the run's label store unless --db (or the section's db) names another."""
     from rlhf.store import Store, run_store_url
 
-    if args.label_command == "sample":  # the short flags are the labels: fields of the same name
+    if args.label_command == "sample":  # the short flags are the preferences: fields of the same name
         rest = rest + [item for flag, value in (("select", args.select), ("reward_model", args.reward_model),
                                                 ("select_count", args.select_count)) if value is not None
-                       for item in (f"--labels.{flag}", str(value))]
-    sections = load_config(args.config, rest, {"run": RunConfig, "labels": load(LABELS_CONFIG)})
-    labels, run = sections["labels"], sections["run"]
-    labels.db = args.db or labels.db
-    # with a run config, sample and serve use the run's store; collect finds that store itself, so its config
-    # (which `rlhf run` hashes to tell what is up to date) stays as written
-    if args.config and args.label_command != "collect":
-        labels.db = run_store_url(run.output_root, run.name, labels.db or None)
-    if args.label_command in ("sample", "collect"):
-        load(f"preference_ui.{args.label_command}:main")(labels, run)
+                       for item in (f"--preferences.{flag}", str(value))]
+    sections = read_sections(args.config, rest, ["run", "preferences"])
+    config, run = sections["preferences"], sections["run"]
+    config.db = args.db or config.db
+    if args.config:
+        config.db = run_store_url(run.output_root, run.name, config.db or None)
+    if args.label_command == "sample":
+        from preference_ui.sample import main as sample
+
+        sample(config, run)
         return 0
     from preference_ui.app import check_host, serve
 
     check_host(args.host, auth=not args.no_auth)
-    serve(Store(labels.db or None, create=False), labels, args.host, args.port, auth=not args.no_auth,
+    serve(Store(config.db or None, create=False), config, args.host, args.port, auth=not args.no_auth,
           local_user=args.user, batch=args.batch, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
           export_root=Path(run.output_root) / "exports")
     return 0
@@ -292,17 +285,19 @@ def read_password() -> str:
 
 
 def run_stage(args, rest) -> int:
-    from rlhf.config import RunConfig, load_config
+    from rlhf.stage import run_stage as run_one
 
-    _, config_class, stage_main = STAGES[args.stage]
-    actions = STAGE_ACTIONS.get(args.stage, {})
+    stage = args.stage
     if rest and not rest[0].startswith("-"):
-        if rest[0] not in actions:
-            raise UserError(f"rlhf {args.stage}: unknown action '{rest[0]}'"
-                            + (f" (actions: {', '.join(actions)})" if actions else ""))
-        stage_main, rest = actions[rest[0]][0], rest[1:]
-    sections = load_config(args.config, rest, {"run": RunConfig, args.stage: load(config_class)})
-    load(stage_main)(sections[args.stage], sections["run"])
+        if rest[0] not in stage.actions:
+            raise UserError(f"rlhf {stage.name}: unknown action '{rest[0]}'"
+                            + (f" (actions: {', '.join(stage.actions)})" if stage.actions else ""))
+        action = stage.actions[rest[0]][0]
+        sections = read_sections(args.config, rest[1:], ["run", stage.name])
+        action(sections[stage.name], sections["run"])
+    else:
+        sections = read_sections(args.config, rest, ["run", stage.name])
+        run_one(stage, sections[stage.name], sections["run"])
     close_process_group()
     return 0
 
@@ -330,7 +325,13 @@ def setup_logging() -> None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHT_COMMANDS:
+        parser = build_parser()
+    else:
+        from pipeline.stages import STAGES
+
+        parser = build_parser(STAGES)
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     try:

@@ -3,8 +3,8 @@
     rlhf run [--config configs/default.yaml] [--from STAGE] [--launcher accelerate --accelerate_config FILE]
              [--section.field value ...]
 
-Stages, in order: sft -> preferences (`labels:` section; `rlhf label collect`) -> reward -> ppo -> dpo -> eval.
-A stage takes part when its section is in the config file. Each runs as its own process (the same command a
+Stages, in order (pipeline/stages.py): sft -> preferences -> reward -> ppo -> dpo -> eval. A stage takes part
+when its section is in the config file. Each runs as its own process (the same command a
 person would type, so a stage's log, manifest entry and tracker run are the same either way), one after another:
 
 - a stage whose manifest entry is done, with the same config hash and the same hashes of the inputs it read, and
@@ -25,20 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import load
-from rlhf.config import RunConfig, hashed_settings, load_config, read_yaml
+from pipeline.stages import SECTIONS, STAGES
+from rlhf.config import hashed_settings, load_config, read_yaml
 from rlhf.errors import UserError
 from rlhf.runs import RunDir, hash_config, input_hashes, read_stage_record
 from rlhf.stage import last_complete_checkpoint
-
-# (stage, config section, its config class, the rlhf words that run it, trains a model)
-STAGES = (("sft", "sft", "sft.config:SFTStageConfig", ["sft"], True),
-          ("preferences", "labels", "preference_ui.config:LabelsConfig", ["label", "collect"], False),
-          ("reward", "reward", "reward.config:RewardStageConfig", ["reward"], True),
-          ("ppo", "ppo", "ppo.config:PPOStageConfig", ["ppo"], True),
-          ("dpo", "dpo", "ppo.dpo_config:DPOStageConfig", ["dpo"], True),
-          ("eval", "eval", "evaluation.config:EvalStageConfig", ["eval"], False))
-
 
 class StageFailed(UserError):
     """A stage's process stopped with an error (its own message is above); `rlhf run` exits with its code."""
@@ -92,8 +83,8 @@ def stage_overrides(overrides: list[str], section: str) -> list[str]:
     return kept
 
 
-def command(words: list[str], config_path: str, overrides: list[str], launcher: list[str]) -> list[str]:
-    return launcher + ["-m", "pipeline.cli", *words, "--config", config_path, *overrides]
+def command(stage: str, config_path: str, overrides: list[str], launcher: list[str]) -> list[str]:
+    return launcher + ["-m", "pipeline.cli", stage, "--config", config_path, *overrides]
 
 
 def die_with_parent() -> None:
@@ -106,35 +97,34 @@ def die_with_parent() -> None:
 
 def main(config_path: str, overrides: list[str], start_from: str | None = None, launcher: str = "python",
          accelerate_config: str | None = None) -> int:
-    document = read_yaml(config_path)
-    chosen = [stage for stage in STAGES if stage[1] in document]
-    names = [stage for stage, *_ in chosen] + [section for _, section, *_ in chosen]
-    if start_from and start_from not in names:
-        raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(s for s, *_ in chosen)})")
+    document = read_yaml(config_path, SECTIONS)
+    chosen = [stage for stage in STAGES if stage.name in document]
+    if start_from and start_from not in [stage.name for stage in chosen]:
+        raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(s.name for s in chosen)})")
     if launcher == "accelerate" and not accelerate_config:
         raise UserError("--launcher accelerate needs --accelerate_config FILE (configs/accelerate/*.yaml)")
-    sections = load_config(config_path, overrides, {"run": RunConfig, **{section: load(cls)
-                                                                          for _, section, cls, _, _ in chosen}})
+    sections = load_config(config_path, overrides, {"run": SECTIONS["run"],
+                                                    **{stage.name: stage.config_class for stage in chosen}}, SECTIONS)
     run_dir = RunDir(sections["run"].output_root, sections["run"].name)
     forced, seconds = False, {}
-    for stage, section, _, words, trains in chosen:
-        forced = forced or start_from in (stage, section)
-        state = "fresh" if forced else stage_state(run_dir, stage, sections[section])
+    for stage in chosen:
+        forced = forced or start_from == stage.name
+        state = "fresh" if forced else stage_state(run_dir, stage.name, sections[stage.name])
         if state == "done":
-            print(f"[run] {stage}: up to date, skipped", flush=True)
+            print(f"[run] {stage.name}: up to date, skipped", flush=True)
             continue
-        extra = [f"--{section}.resume=true"] if state == "resume" else []
+        extra = [f"--{stage.name}.resume=true"] if state == "resume" else []
         start = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
-                 if launcher == "accelerate" and trains else [sys.executable])
-        print(f"[run] {stage}: {'resuming' if state == 'resume' else 'running'}", flush=True)
-        argv = command(words, config_path, stage_overrides(overrides, section) + extra, start)
+                 if launcher == "accelerate" and stage.trains else [sys.executable])
+        print(f"[run] {stage.name}: {'resuming' if state == 'resume' else 'running'}", flush=True)
+        argv = command(stage.name, config_path, stage_overrides(overrides, stage.name) + extra, start)
         print(f"[run] $ {' '.join(argv)}", flush=True)
         started = time.time()
         result = subprocess.run(argv, preexec_fn=die_with_parent)
         if result.returncode != 0:
-            raise StageFailed(stage, result.returncode)
-        seconds[stage] = time.time() - started
-        print(f"[run] {stage}: finished in {minutes(seconds[stage])}", flush=True)
+            raise StageFailed(stage.name, result.returncode)
+        seconds[stage.name] = time.time() - started
+        print(f"[run] {stage.name}: finished in {minutes(seconds[stage.name])}", flush=True)
     print(timings(seconds))
     report = run_dir.path / "report.md"
     if report.exists():

@@ -27,13 +27,13 @@ from rlhf import hardware, models, tracking
 from rlhf.batching import LengthGroupedTraining
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
-from rlhf.errors import MissingInputError
 from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
 from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json
-from rlhf.stage import NoCheckpointAtTheEnd, StepTimer, checkpoint_step, resume_point, running_stage, starting_model
+from rlhf.stage import (Inputs, NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step,
+                        last_complete_checkpoint, published_model, run_stage, start_partial, starting_model)
 
 STAGE = "dpo"
 PAIR_COLUMNS = ("margin", "tie", "weight")
@@ -42,15 +42,16 @@ PAIR_COLUMNS = ("margin", "tie", "weight")
 def inputs(config: DPOStageConfig, run: RunConfig) -> dict:
     """What the stage reads, as the manifest records it: the policy, and the pairs' source."""
     run_dir = RunDir(run.output_root, run.name)
-    found = {"model": starting_model(STAGE, config.model, run_dir)}
+    found = Inputs()
+    found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
     if config.pairs == "labels":
-        source, recorded = preference_source(STAGE, config.preferences, config.batch, config.min_votes, run_dir)
-        return {**found, "preferences": source, **recorded}
-    reward = config.reward_model or str(run_dir.stage_path("reward"))
-    if not (Path(reward) / "config.json").exists():
-        raise MissingInputError(f"no reward model at {reward}: run `rlhf reward --config ...` first, or set "
-                                "--dpo.reward_model (or use --dpo.pairs labels)")
-    return {**found, "reward_model": reward, "prompts": config.prompts}
+        found.add("preferences", lambda: preference_source(STAGE, config.preferences, config.batch,
+                                                            config.min_votes, run_dir))
+        return found.found()
+    found.add("reward_model", lambda: published_model(run_dir, "reward", "reward model", config.reward_model,
+                                                       "--dpo.reward_model (or use --dpo.pairs labels)"))
+    found.add("prompts", config.prompts)
+    return found.found()
 
 
 def labelled_pairs(source: str, config: DPOStageConfig) -> list[dict]:
@@ -193,25 +194,23 @@ class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
 
 
 def main(config: DPOStageConfig, run: RunConfig) -> dict:
-    found = inputs(config, run)
-    # the pairs (or the prompts to sample them on) read and checked before the stage writes anything
-    source = (labelled_pairs(found["preferences"], config) if config.pairs == "labels"
-              else load_rows(config.prompts, "prompt")[:config.num_prompts or None])
-    with running_stage(run, STAGE, config, found) as (record, tracker):
-        return train(config, run, found, source, tracker, record)
+    return run_stage(DPO_STAGE, config, run)
 
 
-def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict], tracker, record) -> dict:
+def check(config: DPOStageConfig, run: RunConfig, found: dict) -> list[dict]:
+    """The labelled pairs, or with on-policy pairs the prompts they are sampled on, read and checked."""
+    if config.pairs == "labels":
+        return labelled_pairs(found["preferences"], config)
+    return load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+
+
+def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict], tracker, record) -> Outcome:
     """`source`: the labelled pairs, or with on-policy pairs the prompts they are sampled on."""
-    run_dir = RunDir(run.output_root, run.name)
-    partial = run_dir.partial_path(STAGE)
-    resume_from = resume_point(STAGE, partial, config.resume)
+    partial = RunDir(run.output_root, run.name).partial_path(STAGE)
     if config.process_index == 0:
-        if resume_from:
-            shutil.rmtree(partial / "final", ignore_errors=True)
-        else:  # a fresh start also samples fresh on-policy pairs
-            shutil.rmtree(partial, ignore_errors=True)
+        start_partial(STAGE, partial, config.resume)  # a fresh start also samples fresh on-policy pairs
     PartialState().wait_for_everyone()
+    resume_from = last_complete_checkpoint(partial) if config.resume else None
 
     # 1. pairs, split into train and held out
     pairs = source if config.pairs == "labels" else sampled_pairs(config, found, partial, source)
@@ -247,20 +246,21 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
         metrics.update({key.replace("/", "_"): value for key, value in held_out.items()
                         if key.startswith("eval_") and isinstance(value, float)})
 
-    # 4. publish: a complete folder renamed into place, then the record
+    # 4. the folder to publish
     staged = partial / "final"
     trainer.save_model(str(staged))
+    accuracy = metrics.get("eval_rewards_accuracies")
+    summary = (f"{len(train_pairs)} training pairs from {config.pairs}, train loss {metrics['train_loss']:.4f}, "
+               f"held-out implicit-reward accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}")
     if config.process_index != 0:
-        return metrics
+        return Outcome(metrics, None, partial, train_seconds, summary)
     tokenizer.save_pretrained(str(staged))
     atomic_write_json(staged / "history.json", trainer.state.log_history)  # logged metrics, for plots
     if config.pairs == "on_policy":
         shutil.copyfile(partial / "pairs.jsonl", staged / "pairs.jsonl")
-    final = record.publish(staged, partial, metrics, train_seconds)
     tracker.log({f"train/final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.log_artifact(f"{run.name}-dpo", "model", final)
-    accuracy = metrics.get("eval_rewards_accuracies")
-    print(f"[{STAGE}] done: {final} ({len(train_pairs)} training pairs from {config.pairs}, train loss "
-          f"{metrics['train_loss']:.4f}, held-out implicit-reward accuracy "
-          f"{'n/a' if accuracy is None else f'{accuracy:.3f}'})")
-    return metrics
+    return Outcome(metrics, staged, partial, train_seconds, summary)
+
+
+DPO_STAGE = Stage("dpo", "DPO on the label export or on-policy pairs (TRL DPOTrainer)", DPOStageConfig, inputs, check,
+                  train, trains=True)

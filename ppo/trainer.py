@@ -20,7 +20,6 @@ Advantages are whitened per process, as TRL's PPO did.
 """
 import copy
 import dataclasses
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -40,26 +39,26 @@ from ppo.update import Critic, make_experience, ppo_epochs, recomputed_logprobs,
 from rlhf import models
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
-from rlhf.errors import ConfigError, MissingInputError, UserError
+from rlhf.errors import ConfigError, UserError
 from rlhf.generation import generate_responses
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json
-from rlhf.stage import checkpoint_step, last_complete_checkpoint, resume_point, running_stage, starting_model
+from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, last_complete_checkpoint, published_model, run_stage,
+                        start_partial, starting_model)
 
 STAGE = "ppo"
 
 
 def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
     run_dir = RunDir(run.output_root, run.name)
-    found = {"policy": starting_model(STAGE, config.model, run_dir), "prompts": config.prompts}
-    if config.reward_function:
-        return found
-    reward = config.reward_model or str(run_dir.stage_path("reward"))
-    if not (Path(reward) / "config.json").exists():
-        raise MissingInputError(f"no reward model at {reward}: run `rlhf reward --config ...` first, or set "
-                                "--ppo.reward_model (or --ppo.reward_function)")
-    return {**found, "reward_model": reward}
+    found = Inputs()
+    found.add("policy", lambda: starting_model(STAGE, config.model, run_dir))
+    found.add("prompts", config.prompts)
+    if not config.reward_function:
+        found.add("reward_model", lambda: published_model(run_dir, "reward", "reward model", config.reward_model,
+                                                           "--ppo.reward_model (or --ppo.reward_function)"))
+    return found.found()
 
 
 class StoppedOnAlert(UserError):
@@ -89,10 +88,7 @@ class Scorer:
 
 
 def main(config: PPOStageConfig, run: RunConfig) -> dict:
-    found = inputs(config, run)
-    checked = checked_inputs(config)  # before the stage writes anything: a bad file leaves every folder as it was
-    with running_stage(run, STAGE, config, found) as (record, tracker):
-        return train(config, run, found, checked, tracker, record)
+    return run_stage(PPO_STAGE, config, run)
 
 
 @dataclasses.dataclass
@@ -103,7 +99,7 @@ class CheckedInputs:
     judge: object | None
 
 
-def checked_inputs(config: PPOStageConfig) -> CheckedInputs:
+def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> CheckedInputs:
     """The training and eval prompts, checked row by row, and the judge loaded (a reward function too, only to
     check it: the scorer loads its own)."""
     if config.reward_function:
@@ -163,13 +159,11 @@ def build_models(config: PPOStageConfig, found: dict):
     return policy, tokenizer, reference, critic
 
 
-def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedInputs, tracker, record) -> dict:
+def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedInputs, tracker, record) -> Outcome:
     accelerator = make_accelerator(config)
     partial = RunDir(run.output_root, run.name).partial_path(STAGE)
     if accelerator.is_main_process:
-        if not resume_point(STAGE, partial, config.resume):
-            shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True, exist_ok=True)
+        start_partial(STAGE, partial, config.resume)
     accelerator.wait_for_everyone()
     checkpoint = last_complete_checkpoint(partial) if config.resume else None
     set_seed(config.seed + accelerator.process_index)  # each process samples its own responses
@@ -228,18 +222,17 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         warn(tracker, state.update, [overoptimised], accelerator.is_main_process)
     summary = summarise(state, eval_after, accelerator, config, time.time() - started, checkpoint)
     summary.update({"eval_prompts": len(eval_prompts), "overoptimisation": overoptimised})
-    if accelerator.is_main_process:
-        staged = partial / "final"
-        save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
-        atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
-        atomic_write_json(staged / "evals.json", state.evals)  # proxy and gold at each eval point, for the report
-        final = record.publish(staged, partial, summary, time.time() - started)
-        tracker.log_artifact(f"{run.name}-{STAGE}", "model", final)
-        print(f"[{STAGE}] eval score {summary['eval_score_before']:.3f} -> {summary['eval_score_after']:.3f}"
-              + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")
-              + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})", flush=True)
-    accelerator.wait_for_everyone()
-    return {"history": state.history, "evals": state.evals, **summary}
+    line = (f"eval score {summary['eval_score_before']:.3f} -> {summary['eval_score_after']:.3f}"
+            + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")
+            + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})")
+    returned = {"history": state.history, "evals": state.evals, **summary}
+    if not accelerator.is_main_process:
+        return Outcome(summary, None, partial, time.time() - started, line, returned=returned)
+    staged = partial / "final"
+    save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
+    atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
+    atomic_write_json(staged / "evals.json", state.evals)  # proxy and gold at each eval point, for the report
+    return Outcome(summary, staged, partial, time.time() - started, line, returned=returned)
 
 
 def one_update(accelerator, state: LoopState, policy, reference, critic, optimizer, tokenizer, scorer,
@@ -398,3 +391,7 @@ def save_policy(policy, tokenizer, folder: Path, merged_lora: bool) -> None:
         policy = copy.deepcopy(policy).merge_and_unload()
     policy.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+
+
+PPO_STAGE = Stage("ppo", "PPO against the reward model (our trainer on accelerate)", PPOStageConfig, inputs,
+                  checked_inputs, train, trains=True)

@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 from rlhf.errors import UserError
 from rlhf.schema import PREFERENCE_CHOICES
 from rlhf.store import MAX_NOTE_CHARS, DuplicateVote, Store, StoreError, User
-from preference_ui.config import LabelsConfig
+from preference_ui.config import PreferencesStageConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue
 from preference_ui.render import shown_html
 from preference_ui.signin import ClientAddress, SignInGuard
@@ -76,8 +76,8 @@ def progress_html(user: User, progress: dict) -> str:
 class LabellingApp:
     """The handlers behind the Blocks; each one resolves the signed-in user from the request."""
 
-    def __init__(self, store: Store, config: LabelsConfig, batch: str | None = None, local_user: str | None = None,
-                 export_root: Path = Path("runs/exports")):
+    def __init__(self, store: Store, config: PreferencesStageConfig, batch: str | None = None,
+                 local_user: str | None = None, export_root: Path = Path("runs/exports")):
         self.store, self.local_user, self.export_root = store, local_user, export_root
         self.queue = LabelQueue(store, config.overlap, config.gold_rate, batch, config.assignment_timeout)
         self.batch = batch
@@ -223,7 +223,7 @@ def on_event_loop(handler):
     return run
 
 
-def build_app(store: Store, config: LabelsConfig, batch: str | None = None, local_user: str | None = None,
+def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = None, local_user: str | None = None,
               export_root: Path = Path("runs/exports")) -> gr.Blocks:
     handlers = LabellingApp(store, config, batch, local_user, export_root)
     # With SQLite a labelling event is a few milliseconds of work in this process, done fastest on the event loop
@@ -317,7 +317,7 @@ def check_host(host: str, auth: bool) -> None:
         raise UserError(f"refusing to serve without sign-in on {host}: --no-auth is only allowed on 127.0.0.1")
 
 
-def serve(store: Store, config: LabelsConfig, host: str = "127.0.0.1", port: int = 7860, auth: bool = True,
+def serve(store: Store, config: PreferencesStageConfig, host: str = "127.0.0.1", port: int = 7860, auth: bool = True,
           local_user: str | None = None, batch: str | None = None, ssl_keyfile: str | None = None,
           ssl_certfile: str | None = None, export_root: Path = Path("runs/exports")) -> None:
     check_host(host, auth)

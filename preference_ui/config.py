@@ -1,4 +1,4 @@
-"""`labels:` section of a run config: how candidate responses are sampled into the label store, how the
+"""`preferences:` section of a run config: how candidate responses are sampled into the label store, how the
 labelling app hands them out, and who votes when `rlhf run` collects the labels (simulated labellers or people)."""
 import os
 from dataclasses import dataclass, field
@@ -7,7 +7,7 @@ from rlhf import hardware
 
 
 @dataclass
-class LabelsConfig:
+class PreferencesStageConfig:
     model: str = field(default="", metadata={
         "help": "Model that answers the prompts; empty: this run's SFT output (runs/<name>/sft)."})
     prompts: str = field(default="data/rl_prompts.jsonl", metadata={"help": "Prompts to sample responses for."})
@@ -50,15 +50,19 @@ class LabelsConfig:
     sign_in_workers: int = field(default=1, metadata={
         "help": "Password checks (scrypt) run at once, in threads of their own beside the labelling events."})
 
-    # rlhf run (rlhf label collect): who votes, and what the export keeps
+    # rlhf run (rlhf preferences): who votes, and what the export keeps
     simulate_judge: str = field(default="", metadata={
         "help": "Simulated labellers vote with this judge (builtin:NAME or module:function); empty: people vote "
                 "in the app and the run waits until every comparison has min_votes votes."})
-    simulate_labellers: int = field(default=3, metadata={"help": "How many simulated labellers vote."})
+    simulate_labellers: int = field(default=3, metadata={
+        "help": "How many simulated labellers vote. They take items from the same queue as people: each comparison "
+                "goes to `overlap` of them, gold items are mixed in at `gold_rate`."})
     simulate_temperature: float = field(default=1.0, metadata={
         "help": "Simulated labellers' Bradley-Terry temperature, in judge-score units (0: always the better)."})
     simulate_noise: float = field(default=0.0, metadata={
         "help": "Chance a simulated vote is replaced by a uniformly random one."})
+    simulate_skip: float = field(default=0.0, metadata={
+        "help": "Chance a simulated labeller skips an item (the queue gives its slot to another labeller)."})
     gold: str = field(default="", metadata={"help": "Gold comparisons imported into the store first (empty: none)."})
     min_votes: int = field(default=1, metadata={
         "help": "Votes every comparison needs before the export (the human wait), and the export's minimum."})

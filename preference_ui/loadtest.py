@@ -49,12 +49,12 @@ def prepare_store(url: str, labellers: int, comparisons: int, seed: int = 0) -> 
 
 def start_server(db_url: str, port: int, overlap: int, concurrency: int = 4, log: Path | None = None,
                  output_root: Path | None = None, options: tuple[str, ...] = ()):
-    """`rlhf label serve` in a child process, with more `options` (e.g. --labels.sign_in_lockout 3); returns it
+    """`rlhf label serve` in a child process, with more `options` (e.g. --preferences.sign_in_lockout 3); returns it
     once the port answers (or raises with its output). Admin exports go under `output_root`/exports (default:
     runs/exports)."""
     command = [sys.executable, "-m", "pipeline.cli", "label", "serve", "--db", db_url, "--port", str(port),
-               "--labels.overlap", str(overlap), "--labels.gold_rate", "0", "--labels.concurrency", str(concurrency),
-               *options]
+               "--preferences.overlap", str(overlap), "--preferences.gold_rate", "0",
+               "--preferences.concurrency", str(concurrency), *options]
     if output_root is not None:
         command += ["--run.output_root", str(output_root)]
     output = open(log, "w") if log else subprocess.DEVNULL

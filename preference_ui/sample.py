@@ -19,20 +19,20 @@ from rlhf.generation import generate_responses
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from rlhf.runs import RunDir
 from rlhf.store import Store
-from preference_ui.config import LabelsConfig
+from preference_ui.config import PreferencesStageConfig
 
 
-def model_spec(config: LabelsConfig, run: RunConfig) -> str:
+def model_spec(config: PreferencesStageConfig, run: RunConfig) -> str:
     if config.model:
         return config.model
     sft = RunDir(run.output_root, run.name).stage_path("sft")
     if not (sft / "config.json").exists():
         raise MissingInputError(f"no SFT model at {sft}: run `rlhf sft --config ... --run.name {run.name}` first, "
-                                "or set --labels.model")
+                                "or set --preferences.model")
     return str(sft)
 
 
-def reward_model_path(config: LabelsConfig, run: RunConfig) -> str:
+def reward_model_path(config: PreferencesStageConfig, run: RunConfig) -> str:
     path = config.reward_model or str(RunDir(run.output_root, run.name).stage_path("reward"))
     if not (Path(path) / "config.json").exists():
         raise MissingInputError(f"no reward model at {path}: run `rlhf reward --config ...` first, or pass "
@@ -40,7 +40,7 @@ def reward_model_path(config: LabelsConfig, run: RunConfig) -> str:
     return path
 
 
-def main(config: LabelsConfig, run: RunConfig, prompts: list[dict] | None = None) -> dict:
+def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | None = None) -> dict:
     """`prompts`: the rows of `config.prompts` when the caller has read them already."""
     prompts = load_rows(config.prompts, "prompt") if prompts is None else prompts
     prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
@@ -50,7 +50,7 @@ def main(config: LabelsConfig, run: RunConfig, prompts: list[dict] | None = None
     if store.created:
         print(f"[label sample] created the label store {store.url}")
     if store.comparisons(batch):
-        raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --labels.batch")
+        raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --preferences.batch")
     candidates = sample_candidates(config, store, prompts, spec)
     chosen = select_uncertain(candidates, scorer, config.select_count) if scorer else candidates
     store.add_comparisons([(a, b) for a, b, _ in chosen], batch=batch)
@@ -62,7 +62,7 @@ def main(config: LabelsConfig, run: RunConfig, prompts: list[dict] | None = None
     return summary
 
 
-def sample_candidates(config: LabelsConfig, store: Store, prompts: list[dict], spec: str) -> list[tuple]:
+def sample_candidates(config: PreferencesStageConfig, store: Store, prompts: list[dict], spec: str) -> list[tuple]:
     """Stores k sampled responses per prompt; returns every pair of different answers among them as (a, b, prompt
     messages), a and b in a random order."""
     # Sampling in the hardware's dtype: on a CPU with native bf16 it generates ~1.8 times faster than fp32

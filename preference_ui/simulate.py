@@ -1,4 +1,4 @@
-"""Simulated labellers: automatic judges that vote through the same store API as people.
+"""Simulated labellers: automatic judges that take items from the same labelling queue as people and vote.
 
 A judge is any callable `(prompts: list[str], responses: list[str]) -> list[float]` (higher is better), named
 `builtin:NAME` or `module:function`. A simulated labeller turns the two scores of a comparison into a vote:
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from rlhf.judges import load_judge
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
-from rlhf.store import DuplicateVote, Store
+from preference_ui.queue import LabelQueue, unswap
+from rlhf.store import Store
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class LabellerModel:
     tie_margin: float = 0.0  # score differences below this are ties
     both_bad_floor: float | None = None  # both scores below this: both_bad
     noise: float = 0.0  # probability of replacing the vote by a uniformly random choice
+    skip: float = 0.0  # probability of skipping an item (the queue gives its slot to another labeller)
 
 
 def prefer_a(x: float) -> float:
@@ -48,22 +50,33 @@ def decide(score_a: float, score_b: float, model: LabellerModel, rng: random.Ran
 
 
 def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel, batch: str | None = None,
-             seed: int = 0) -> dict:
-    """Every simulated labeller votes once on every comparison of `batch` it has not voted on yet."""
+             seed: int = 0, overlap: int | None = None, gold_rate: float = 0.0) -> dict:
+    """The simulated labellers take turns taking items from the labelling queue, as people in the app do, until
+    it has nothing left for any of them: each comparison goes to `overlap` of them (default: all), gold items
+    are mixed in at `gold_rate`, and a skipped item's slot goes to another labeller. Each vote is drawn with a
+    generator seeded by labeller and comparison, so it does not depend on the order the items come in; a rerun
+    votes only on what is left. Returns the count of each choice (as stored) and of skips."""
     judge = load_judge(judge_spec)
-    comparisons = store.comparisons(batch)
-    prompts = [c["prompt"][-1]["content"] for c in comparisons]
-    scores_a, scores_b = judge(prompts, [c["a"] for c in comparisons]), judge(prompts, [c["b"] for c in comparisons])
     name = judge_spec.removeprefix("builtin:")
+    users = [store.user(f"sim/{name}/{i}") or store.add_user(f"sim/{name}/{i}", "labeller", secrets.token_hex(16))
+             for i in range(labellers)]
+    queue = LabelQueue(store, overlap or labellers, gold_rate, batch, seed=seed)
     counts = {choice: 0 for choice in VOTE_CHOICES} | {"skipped": 0}
-    for i in range(labellers):
-        user = store.user(f"sim/{name}/{i}") or store.add_user(f"sim/{name}/{i}", "labeller", secrets.token_hex(16))
-        rng = random.Random(f"{seed}:{name}:{i}")
-        for comparison, a, b in zip(comparisons, scores_a, scores_b):
-            choice, strength = decide(a, b, model, rng)
-            try:
-                store.cast_vote(comparison["id"], user, choice, strength)
-                counts[choice] += 1
-            except DuplicateVote:
+    waiting = list(enumerate(users))
+    while waiting:
+        for i, user in list(waiting):
+            item = queue.next_item(user)
+            if item is None:
+                waiting.remove((i, user))
+                continue
+            rng = random.Random(f"{seed}:{name}:{i}:{item.comparison_id}")
+            if rng.random() < model.skip:
+                queue.skip(user, item.comparison_id)
                 counts["skipped"] += 1
+                continue
+            prompt = item.prompt[-1]["content"]
+            left, right = judge([prompt, prompt], [item.left, item.right])
+            choice, strength = decide(left, right, model, rng)
+            queue.vote(user, item.comparison_id, choice, strength)
+            counts[unswap(choice, item.swapped)] += 1
     return counts

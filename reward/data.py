@@ -6,18 +6,21 @@ from rlhf.config import RunConfig
 from rlhf.datasets import split_train_eval
 from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
 from rlhf.runs import RunDir
-from rlhf.stage import starting_model
+from rlhf.stage import Inputs, starting_model
 from reward.config import RewardStageConfig
 from reward.loss import bootstrap_counts
 
 STAGE = "reward"
 
 
-def inputs(config: RewardStageConfig, run: RunConfig) -> tuple[str, str, dict]:
-    """(model path, preference source, what the manifest records about the source)."""
+def inputs(config: RewardStageConfig, run: RunConfig) -> dict:
+    """The starting model, the preference source and what the manifest records about it (its export's hash)."""
     run_dir = RunDir(run.output_root, run.name)
-    preferences, recorded = preference_source(STAGE, config.preferences, config.batch, config.min_votes, run_dir)
-    return starting_model(STAGE, config.model, run_dir), preferences, recorded
+    found = Inputs()
+    found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
+    found.add("preferences", lambda: preference_source(STAGE, config.preferences, config.batch, config.min_votes,
+                                                        run_dir))
+    return found.found()
 
 
 def split_pairs(pairs: list[dict], config: RewardStageConfig) -> tuple[list[dict], list[dict]]:

@@ -228,8 +228,7 @@ def main(config, run: RunConfig) -> dict:
     published = run_dir.stage_path("reward")
     if not (published / "config.json").exists():
         raise MissingInputError(f"no reward model at {published}: run `rlhf reward --config ...` first")
-    _, preferences, _ = inputs(config, run)
-    _, eval_pairs = split_pairs(training_pairs(preferences, config), config)
+    _, eval_pairs = split_pairs(training_pairs(inputs(config, run)["preferences"], config), config)
     tokenizer = reward_tokenizer(str(published))
     model = load_reward_model(str(published), tokenizer)
     staged = run_dir.partial_path(EVAL_FOLDER)

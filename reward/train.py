@@ -8,7 +8,6 @@ and tokenizer to `runs/<name>/reward/`.
 """
 import dataclasses
 import json
-import shutil
 import time
 
 import datasets
@@ -18,10 +17,11 @@ import transformers
 from rlhf import hardware, tracking
 from rlhf.config import RunConfig
 from rlhf.runs import RunDir
-from rlhf.stage import NoCheckpointAtTheEnd, StepTimer, checkpoint_step, resume_point, running_stage
+from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step, run_stage, start_partial
 from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, split_pairs, training_pairs
 from reward.evaluate import evaluate, fmt, log_evaluation
+from reward.evaluate import main as evaluate_again
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
 from reward.probe import answer_index, probe
 from rlhf.reward_model import (answer_start, check_layer_count, keep_first_layers, load_reward_model, reward_tokenizer,
@@ -54,19 +54,21 @@ def longest_sequence(tokenizer, pairs: list[dict], max_length: int | None) -> in
 
 
 def main(config: RewardStageConfig, run: RunConfig) -> dict:
+    return run_stage(REWARD_STAGE, config, run)
+
+
+def check(config: RewardStageConfig, run: RunConfig, found: dict) -> tuple[list, list]:
+    """(train pairs, held-out pairs), read and checked; and the kept layer count against the model's."""
+    check_layer_count(found["model"], config.num_layers)
+    return split_pairs(training_pairs(found["preferences"], config), config)
+
+
+def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
+    train_pairs, eval_pairs = checked
+    model_path = found["model"]
     run_dir = RunDir(run.output_root, run.name)
-    model_path, preferences, recorded = inputs(config, run)
-    train_pairs, eval_pairs = split_pairs(training_pairs(preferences, config), config)
-    check_layer_count(model_path, config.num_layers)
-    with running_stage(run, STAGE, config, {"model": model_path, "preferences": preferences, **recorded}) as (
-            record, tracker):
-        return train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, record)
-
-
-def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, record) -> dict:
     partial = run_dir.partial_path(STAGE)
-    resume_from = resume_point(STAGE, partial, config.resume)
-    shutil.rmtree(partial / "final" if resume_from else partial, ignore_errors=True)
+    resume_from = start_partial(STAGE, partial, config.resume)
 
     # 1. model, data and the hardware decisions
     tokenizer = reward_tokenizer(model_path)
@@ -117,7 +119,7 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
         pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
         metrics["pairs_per_s"] = pairs_per_step / timer.median()
     if config.process_index != 0:
-        return metrics
+        return Outcome(metrics, None, partial, train_seconds, "")
 
     # 3. evaluation (held-out accuracy after training among it) and the reward scale, written into the folder
     #    before it is published
@@ -136,11 +138,13 @@ def train(config, run, run_dir, model_path, train_pairs, eval_pairs, tracker, re
     reward_info = {"heads": config.ensemble, "pooling": config.pooling, "scale": scale, "ties": config.ties,
                    "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}
 
-    # 4. publish: a complete folder renamed into place, then the record
-    final = record.publish(staged, partial, metrics, train_seconds, extra={"reward": reward_info})
     tracker.log({f"train/final_{k}": v for k, v in metrics.items() if k not in report and isinstance(v, (int, float))})
-    tracker.log_artifact(f"{run.name}-reward", "model", final)
-    print(f"[{STAGE}] done: {final} ({len(train_pairs)} pairs, train loss {metrics['train_loss']:.4f}, held-out "
-          f"accuracy {fmt(before['accuracy'])} -> {fmt(metrics['eval_accuracy'])}, human ceiling "
-          f"{fmt(report.get('human_ceiling'))}; report {final / 'eval.md'})")
-    return metrics
+    summary = (f"{len(train_pairs)} pairs, train loss {metrics['train_loss']:.4f}, held-out accuracy "
+               f"{fmt(before['accuracy'])} -> {fmt(metrics['eval_accuracy'])}, human ceiling "
+               f"{fmt(report.get('human_ceiling'))}; report {run_dir.stage_path(STAGE) / 'eval.md'}")
+    return Outcome(metrics, staged, partial, train_seconds, summary, extra={"reward": reward_info})
+
+
+REWARD_STAGE = Stage("reward", "reward model on the label export (TRL RewardTrainer)", RewardStageConfig, inputs, check,
+                     train, trains=True, actions={"eval": (evaluate_again, "evaluates the published reward model "
+                                                                           "again (eval.md and its plots)")})

@@ -24,7 +24,7 @@ import yaml
 
 from rlhf.errors import ConfigError
 
-SECTIONS = ("run", "sft", "labels", "reward", "ppo", "dpo", "eval")
+RENAMED_SECTIONS = {"labels": "preferences"}
 TRACKERS = ("wandb", "trackio", "none")
 
 
@@ -55,10 +55,11 @@ def parse_trackers(text: str) -> list[str]:
     return [] if names == ["none"] else [name for name in names if name != "none"]
 
 
-def load_config(path, overrides: list[str], sections: dict[str, type]) -> dict[str, object]:
+def load_config(path, overrides: list[str], sections: dict[str, type], valid_sections=None) -> dict[str, object]:
     """Builds one dataclass instance per entry of `sections` from the YAML at `path` plus CLI overrides.
-    Sections of other stages in the file are left alone (they are checked when their stage runs)."""
-    document = read_yaml(path) if path else {}
+    Sections of other stages in the file are left alone (they are checked when their stage runs); with
+    `valid_sections` (the `rlhf` command passes pipeline.stages.SECTIONS) any other section name is an error."""
+    document = read_yaml(path, valid_sections) if path else {}
     from_command_line = parse_overrides(overrides, sections)
     built = {}
     for name, cls in sections.items():
@@ -68,7 +69,7 @@ def load_config(path, overrides: list[str], sections: dict[str, type]) -> dict[s
     return built
 
 
-def read_yaml(path) -> dict:
+def read_yaml(path, valid_sections=None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -77,11 +78,13 @@ def read_yaml(path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(document, dict):
-        raise ConfigError(f"{path}: expected sections ({', '.join(SECTIONS)}), got a {type(document).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of sections, got a {type(document).__name__}")
     for name, values in document.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section '{name}'{suggest(name, SECTIONS)}; "
-                              f"valid sections: {', '.join(SECTIONS)}")
+        if name in RENAMED_SECTIONS and valid_sections is not None:
+            raise ConfigError(f"{path}: section '{name}' is now called '{RENAMED_SECTIONS[name]}'")
+        if valid_sections is not None and name not in valid_sections:
+            raise ConfigError(f"{path}: unknown section '{name}'{suggest(name, list(valid_sections))}; "
+                              f"valid sections: {', '.join(valid_sections)}")
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"{path}: section '{name}' must be a mapping of keys to values")
     return document

@@ -184,6 +184,10 @@ def read_csv(path: Path):
     starts on (a lenient parser would swallow the rest of the file into one cell)."""
     text = decode(path, path.read_bytes())
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        reader.fieldnames  # the header read first, so that each row's first line is known below
+    except csv.Error as err:
+        raise DataError(path, 1, "csv", quoting_problem(err)) from None
     while True:
         start = reader.line_num + 1
         try:
@@ -191,13 +195,17 @@ def read_csv(path: Path):
         except StopIteration:
             return
         except csv.Error as err:
-            problem = ("a quoted cell that starts on this line is never closed" if "end of data" in str(err)
-                       else f"bad quoting ({err})")
-            raise DataError(path, start, "csv", problem) from None
+            raise DataError(path, start, "csv", quoting_problem(err)) from None
         if None in record:
             raise DataError(path, reader.line_num, "row", f"has {len(reader.fieldnames) + len(record[None])} "
                                                           f"cells but the header has {len(reader.fieldnames)}")
         yield reader.line_num, {key: csv_value(path, reader.line_num, key, value) for key, value in record.items()}
+
+
+def quoting_problem(err: csv.Error) -> str:
+    if "end of data" in str(err):
+        return "a quoted cell that starts on this line is never closed"
+    return f"bad quoting ({err})"
 
 
 def csv_value(path, line, key, value):

@@ -15,9 +15,10 @@ TIE_POLICIES = ("drop", "equal")
 SELECTIONS = ("all", "best_worst")
 
 
-def preference_source(stage: str, preferences: str, batch: str, min_votes: int, run_dir: RunDir) -> tuple[str, dict]:
-    """(a path to read pairs from, what the manifest records about it). A label store URL is exported first,
-    into runs/<name>/exports/<content hash>; empty means the run's own export, runs/<name>/preferences."""
+def preference_source(stage: str, preferences: str, batch: str, min_votes: int, run_dir: RunDir) -> dict:
+    """{"preferences": a path to read pairs from, and what the manifest records about it}. A label store URL is
+    exported first, into runs/<name>/exports/<content hash>; empty means the run's own export,
+    runs/<name>/preferences."""
     source, recorded = preferences or str(run_dir.stage_path("preferences")), {}
     if "://" in source:
         store = Store(source)
@@ -25,12 +26,12 @@ def preference_source(stage: str, preferences: str, batch: str, min_votes: int, 
         print(f"[{stage}] exported {manifest['rows']} pairs from {store.engine.url} to {folder}")
         source = str(folder)
     elif not Path(source).exists() and not preferences:
-        raise MissingInputError(f"no preference pairs at {source}: run `rlhf label export --out {source}` first, "
-                                f"or set --{stage}.preferences")
+        raise MissingInputError(f"no preference pairs at {source}: run `rlhf preferences --config ...` first, or "
+                                f"set --{stage}.preferences")
     export_manifest = read_export_manifest(source) if Path(source).is_dir() else None
     if export_manifest:
         recorded["export_hash"] = export_manifest["content_hash"]
-    return source, recorded
+    return {"preferences": source, **recorded}
 
 
 def load_pairs(source: str, weight_by_gold: bool) -> list[dict]:

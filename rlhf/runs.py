@@ -18,7 +18,6 @@ from pathlib import Path
 
 from rlhf.errors import UserError
 
-STAGES = ("sft", "preferences", "reward", "ppo", "dpo", "eval")
 MANIFEST = "manifest.json"
 STAGE_RECORD = "stage.json"
 

@@ -240,7 +240,10 @@ def optional_text(row: dict, key: str) -> str | None:
 def gold_comparison(row: dict) -> dict:
     """A comparison with a known answer, mixed into labellers' queues to measure their accuracy."""
     prompt = prompt_row(row)
-    a, b = (check_text(row.get(key), key) for key in ("a", "b"))
+    for key in ("a", "b", "expected"):
+        if row.get(key) is None:
+            raise absent(row, key)
+    a, b = (check_text(row[key], key) for key in ("a", "b"))
     if a == b:
         raise RowProblem("b", "is the same text as 'a'")
     if row.get("expected") not in VOTE_CHOICES:

@@ -1,9 +1,16 @@
-"""What every training stage does around its work: one run of it at a time, its manifest entry, its tracker."""
+"""The stage contract. A stage declares its name (its command, config section, run folder and manifest entry), its
+config class, its inputs, how it reads and checks them, and its work (`Stage`); `run_stage` does the rest in the
+same order for every stage: inputs found (every missing one named at once), input files read and checked, and only
+then the lock, the manifest record, the tracker, the work, publishing, the artifact and the final log line.
+pipeline/stages.py lists the stages in pipeline order for the CLI and `rlhf run`."""
 import contextlib
 import json
+import shutil
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from transformers import TrainerCallback
 
@@ -11,6 +18,111 @@ from rlhf import models, tracking
 from rlhf.config import RunConfig, as_plain_dict, hashed_settings
 from rlhf.errors import MissingInputError
 from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, stage_lock
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a stage's work made: the complete folder to publish (`staged`, inside the working folder `partial`),
+    the metrics its manifest entry and stage.json record, and what `run_stage` returns (the metrics unless
+    given). `staged` is None on processes other than the main one, which publish nothing."""
+
+    metrics: dict
+    staged: Path | None
+    partial: Path
+    seconds: float
+    summary: str  # the final log line: "[stage] done: <folder> (<summary>)"
+    artifact: str = "model"  # its kind in the trackers
+    extra: dict | None = None  # more for stage.json, read by later stages
+    returned: dict | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline. `inputs(config, run)` returns what it reads ({name: path or spec}, as the
+    manifest records them; `Inputs` gathers them), raising MissingInputError that names every missing one;
+    `check(config, run, found)` reads and checks the input files and returns what they hold; `work(config, run,
+    found, checked, tracker, record)` runs with the lock held and returns an Outcome."""
+
+    name: str
+    help: str
+    config_class: type
+    inputs: Callable
+    check: Callable
+    work: Callable
+    trains: bool = False  # started under `accelerate launch` by `rlhf run --launcher accelerate`
+    actions: dict = field(default_factory=dict)  # `rlhf NAME ACTION`: {action: (function(config, run), help)}
+
+
+def run_stage(stage: Stage, config, run: RunConfig) -> dict:
+    """Inputs found and checked before anything is written; then the stage's work under its lock and record, and
+    its folder published whole."""
+    found = stage.inputs(config, run)
+    checked = stage.check(config, run, found)
+    with running_stage(run, stage.name, config, found) as (record, tracker):
+        outcome = stage.work(config, run, found, checked, tracker, record)
+        if record is not None and outcome.staged is not None:
+            final = record.publish(outcome.staged, outcome.partial, outcome.metrics, outcome.seconds, outcome.extra)
+            tracker.log_artifact(f"{run.name}-{stage.name}", outcome.artifact, final)
+            print(f"[{stage.name}] done: {final} ({outcome.summary})", flush=True)
+    wait_for_other_processes()
+    return outcome.metrics if outcome.returned is None else outcome.returned
+
+
+def wait_for_other_processes() -> None:
+    """Under a multi-process launcher, no process leaves before the main one has published."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Inputs:
+    """A stage's inputs as the manifest records them ({name: path or spec}). A lookup that finds its input missing
+    is kept, not raised, so that `found()` names every missing input at once, in the order they were looked up
+    (the stages look them up in pipeline order: the SFT model, the preferences, the reward model, the policies)."""
+
+    def __init__(self):
+        self.gathered: dict = {}
+        self.missing: list[str] = []
+
+    def add(self, name: str, lookup):
+        """`lookup`: the value, or a function that returns it (a dict: several inputs at once) or raises
+        MissingInputError. Returns the value, None when missing."""
+        try:
+            value = lookup() if callable(lookup) else lookup
+        except MissingInputError as err:
+            self.missing.append(str(err))
+            return None
+        if isinstance(value, dict):
+            self.gathered.update(value)
+        else:
+            self.gathered[name] = value
+        return value
+
+    def found(self) -> dict:
+        if len(self.missing) == 1:
+            raise MissingInputError(self.missing[0])
+        if self.missing:
+            raise MissingInputError(f"{len(self.missing)} inputs are missing:\n" +
+                                    "\n".join(f"  - {message}" for message in self.missing))
+        return self.gathered
+
+
+def published_model(run_dir: RunDir, maker: str, what: str, folder: str | None, setting: str) -> str:
+    """`folder` when given, else the run's published `maker` stage; either must hold a model (config.json)."""
+    folder = folder or str(run_dir.stage_path(maker))
+    if not (Path(folder) / "config.json").exists():
+        raise MissingInputError(f"no {what} at {folder}: run `rlhf {maker} --config ...` first, or set {setting}")
+    return folder
+
+
+def start_partial(stage: str, partial: Path, resume: bool) -> str | None:
+    """The stage's working folder made ready (on the main process): with `resume` and a complete checkpoint in
+    it, only the half-written final folder is removed and the checkpoint returned; otherwise it starts empty."""
+    checkpoint = resume_point(stage, partial, resume)
+    shutil.rmtree(partial / "final" if checkpoint else partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    return checkpoint
 
 
 @contextlib.contextmanager

@@ -8,9 +8,7 @@ them again, and publishes the model, tokenizer and chat template to `runs/<name>
 until the stage finishes, so `--sft.resume true` continues a killed run from its last checkpoint.
 """
 import dataclasses
-import shutil
 import time
-from pathlib import Path
 
 import datasets
 import torch
@@ -24,33 +22,35 @@ from rlhf.datasets import cut_long_texts, load_rows, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.generation import generate_responses
 from rlhf.runs import RunDir, atomic_write_json
-from rlhf.stage import NoCheckpointAtTheEnd, checkpoint_step, resume_point, running_stage
+from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, checkpoint_step, run_stage, start_partial
 from sft.config import SFTStageConfig
 
 STAGE = "sft"
 
 
 def main(config: SFTStageConfig, run: RunConfig) -> dict:
-    run_dir = RunDir(run.output_root, run.name)
+    return run_stage(SFT_STAGE, config, run)
+
+
+def inputs(config: SFTStageConfig, run: RunConfig) -> dict:
+    return {"model": models.resolve(config.model), "train_data": config.train_data}
+
+
+def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple[list, list, list]:
+    """(train rows, eval rows, sample prompts), read and checked."""
     rows = cut_long_texts(load_rows(config.train_data, "sft"), config.max_length, config.train_data, STAGE)
     train_rows, eval_rows = split_train_eval(rows, config.eval_fraction, config.seed)
     prompts = load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
-    model_path = models.resolve(config.model)
-    inputs = {"model": model_path, "train_data": config.train_data}
-    with running_stage(run, STAGE, config, inputs) as (record, tracker):
-        return train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record)
+    return train_rows, eval_rows, prompts
 
 
-def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, tracker, record) -> dict:
-    partial = run_dir.partial_path(STAGE)
-    resume_from = resume_point(STAGE, partial, config.resume)
-    if resume_from:
-        shutil.rmtree(partial / "final", ignore_errors=True)  # a final folder the killed run left half-written
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
+def train(config: SFTStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
+    train_rows, eval_rows, prompts = checked
+    partial = RunDir(run.output_root, run.name).partial_path(STAGE)
+    resume_from = start_partial(STAGE, partial, config.resume)
 
     # 1. model, data and the hardware decisions
-    model, tokenizer = models.load_causal_lm(model_path)
+    model, tokenizer = models.load_causal_lm(found["model"])
     train_data = tokenize_rows(train_rows, tokenizer, config.assistant_only_loss)
     eval_data = tokenize_rows(eval_rows, tokenizer, config.assistant_only_loss) if eval_rows else None
     checkpointing = choose_checkpointing(config, model)
@@ -86,25 +86,19 @@ def train(config, run, run_dir, model_path, train_rows, eval_rows, prompts, trac
                "eval_examples": len(eval_rows), "real_tokens": trainer.real_tokens,
                "resumed_from_step": checkpoint_step(resume_from),
                "real_tokens_per_s": trainer.real_tokens / max(train_seconds, 1e-9)}
-    # 5. publish: a complete folder renamed into place, then the record. Every rank saves (sharded weights are
-    # gathered collectively); only the main one writes files and publishes.
+    # 5. the folder to publish. Every rank saves (sharded weights are gathered collectively); only the main one
+    # writes files and publishes.
     staged = partial / "final"
     trainer.save_model(str(staged))
+    summary = (f"train loss {metrics['train_loss']:.4f}, eval loss {fmt(eval_loss_before)} -> {fmt(eval_loss)}, "
+               f"{metrics['real_tokens_per_s']:.0f} tokens/s")
     if config.process_index != 0:
-        return metrics
-    final = publish(run_dir, partial, staged, tokenizer, samples, metrics, record, train_seconds)
-    tracker.log(tracking.namespaced({"final_" + k: v for k, v in metrics.items() if v is not None}))
-    tracker.log_artifact(f"{run.name}-sft", "model", final)
-    print_samples(samples)
-    print(f"[{STAGE}] done: {final} (train loss {metrics['train_loss']:.4f}, eval loss "
-          f"{fmt(eval_loss_before)} -> {fmt(eval_loss)}, {metrics['real_tokens_per_s']:.0f} tokens/s)")
-    return metrics
-
-
-def publish(run_dir, partial, staged, tokenizer, samples, metrics, record, train_seconds) -> Path:
+        return Outcome(metrics, None, partial, train_seconds, summary)
     tokenizer.save_pretrained(str(staged))
     atomic_write_json(staged / "samples.json", samples)
-    return record.publish(staged, partial, metrics, train_seconds)
+    tracker.log(tracking.namespaced({"final_" + k: v for k, v in metrics.items() if v is not None}))
+    print_samples(samples)
+    return Outcome(metrics, staged, partial, train_seconds, summary)
 
 
 def fmt(value) -> str:
@@ -241,3 +235,6 @@ def print_samples(samples: list[dict]) -> None:
         print(f"\n### {sample['id']}: {sample['prompt']}\n--- before ---\n{sample['before']}\n"
               f"--- after ---\n{sample['after']}")
     print()
+
+
+SFT_STAGE = Stage("sft", "supervised fine-tuning (TRL SFTTrainer)", SFTStageConfig, inputs, check, train, trains=True)

@@ -1,11 +1,65 @@
 """Bad input to the commands that read files: one line naming the file, the row and the field, exit 2, and the
-output root as it was (nothing locked, recorded, created or opened; `rlhf ppo`'s own case is in test_ppo_runs)."""
+output root as it was (nothing locked, recorded, created or opened). The corpus, tests/bad_inputs/, is ours: each
+file holds one malformed kind, and expected.json says what the error names (line: field: problem)."""
 import hashlib
 import json
 
 import pytest
 
 from pipeline.cli import main as cli
+from tests.conftest import REPO
+
+CORPUS = REPO / "tests" / "bad_inputs"
+EXPECTED = json.loads((CORPUS / "expected.json").read_text())
+
+
+def corpus(*kinds: str) -> list[str]:
+    """The corpus files of these row kinds, and the malformed files of any kind (bad JSON, empty, ...)."""
+    return sorted(name for name in EXPECTED if name.split("_")[0] in (*kinds, "any"))
+
+
+def commands(model: str, root) -> list[tuple[list[str], list[str]]]:
+    """(the command with FILE where the bad file goes, the corpus files it is given): every command that reads
+    a file, each of its file options."""
+    common = ["--config", "configs/tiny.yaml", f"--run.output_root={root}", "--run.tracking=none"]
+    ppo = ["ppo", *common, f"--ppo.model={model}", "--ppo.reward_function=builtin:length"]
+    return [
+        (["sft", *common, f"--sft.model={model}", "--sft.train_data=FILE"], corpus("sft")),
+        (["sft", *common, f"--sft.model={model}", "--sft.sample_prompts=FILE"], corpus("prompts")),
+        (["preferences", *common, f"--preferences.model={model}", "--preferences.prompts=FILE"], corpus("prompts")),
+        (["preferences", *common, f"--preferences.model={model}", "--preferences.gold=FILE"], corpus("gold")),
+        (["reward", *common, f"--reward.model={model}", "--reward.preferences=FILE"], corpus("pairs")),
+        ([*ppo, "--ppo.prompts=FILE"], corpus("prompts")),
+        ([*ppo, "--ppo.eval_prompts=FILE"], corpus("prompts")),
+        (["dpo", *common, f"--dpo.model={model}", "--dpo.preferences=FILE"], corpus("pairs")),
+        (["dpo", *common, f"--dpo.model={model}", "--dpo.pairs=on_policy", f"--dpo.reward_model={model}",
+          "--dpo.prompts=FILE"], corpus("prompts")),
+        (["eval", *common, f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
+          "--eval.prompts=FILE"], corpus("prompts")),
+        (["label", "sample", *common, f"--preferences.model={model}", "--preferences.prompts=FILE"],
+         corpus("prompts")),
+        (["label", "gold", "FILE", "--db", f"sqlite:///{root / 'labels.db'}"], corpus("gold")),
+    ]
+
+
+def test_the_bad_input_corpus_through_every_command_that_reads_a_file(tmp_path, tiny_model_path, capsys):
+    root = tmp_path / "runs"
+    run = root / "tiny"  # an earlier run of the same name, which a failed attempt must leave as it is
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"run": "tiny", "stages": {"sft": {"status": "done"}}}))
+    (run / "notes.txt").write_text("earlier work")
+    before = tree_digest(root)
+    for command, files in commands(str(tiny_model_path), root):
+        for name in files:
+            path = CORPUS / name
+            words = [word.replace("FILE", str(path)) for word in command]
+            assert cli(words) == 2, words
+            error = capsys.readouterr().err
+            where = f"{path}:" if EXPECTED[name][0].isdigit() else f"{path}: "
+            assert error.startswith(f"error: {where}{EXPECTED[name]}"), (words, error)
+            assert len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+            assert tree_digest(root) == before, words
+    assert {name for _, files in commands("", root) for name in files} == set(EXPECTED)  # every file is used
 
 
 def tree_digest(root) -> dict:
@@ -43,13 +97,13 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
           f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           "--eval.judge=builtin:nonesuch"], "builtin:nonesuch"),
-        (["label", "collect", f"--labels.model={model}", f"--labels.prompts={bad_files['prompts']}"],
+        (["preferences", f"--preferences.model={model}", f"--preferences.prompts={bad_files['prompts']}"],
          f"{bad_files['prompts']}:2: prompt: missing"),
-        (["label", "collect", f"--labels.model={model}", f"--labels.gold={bad_files['gold']}"],
+        (["preferences", f"--preferences.model={model}", f"--preferences.gold={bad_files['gold']}"],
          f"{bad_files['gold']}:2: expected: expected one of"),
-        (["label", "collect", f"--labels.model={model}", "--labels.simulate_judge=nosuch:judge"], "nosuch:judge"),
-        (["label", "collect", f"--labels.model={model}", "--labels.simulate_judge=", "--labels.min_votes=4"],
-         "labels: min_votes (4) is more than overlap (3)"),  # people voting: the wait would never end
+        (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=nosuch:judge"], "nosuch:judge"),
+        (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=", "--preferences.min_votes=4"],
+         "preferences: min_votes (4) is more than overlap (3)"),  # people voting: the wait would never end
     ]
     for words, message in cases:
         assert cli([*words, *common]) == 2, words

@@ -17,8 +17,10 @@ def write(tmp_path, text):
 
 
 def error(path, overrides=()) -> str:
+    from pipeline.stages import SECTIONS as EVERY_SECTION
+
     with pytest.raises(ConfigError) as caught:
-        load_config(path, list(overrides), SECTIONS)
+        load_config(path, list(overrides), SECTIONS, EVERY_SECTION)
     return str(caught.value)
 
 
@@ -34,18 +36,12 @@ def test_yaml_sections_map_onto_the_dataclasses_and_overrides_win(tmp_path):
 
 
 def test_shipped_configs_parse():
-    from evaluation.config import EvalStageConfig
-    from ppo.config import PPOStageConfig
-    from ppo.dpo_config import DPOStageConfig
-    from preference_ui.config import LabelsConfig
-    from reward.config import RewardStageConfig
+    from pipeline.stages import SECTIONS as EVERY_SECTION
 
-    every_section = {**SECTIONS, "labels": LabelsConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig,
-                     "dpo": DPOStageConfig, "eval": EvalStageConfig}
     for name in ("default.yaml", "tiny.yaml"):
-        config = load_config(REPO / "configs" / name, [], every_section)
+        config = load_config(REPO / "configs" / name, [], EVERY_SECTION, EVERY_SECTION)
         assert config["sft"].max_steps > 0 and config["reward"].learning_rate > 0
-        assert config["labels"].simulate_judge and config["ppo"].total_episodes > 0 and config["dpo"].beta > 0
+        assert config["preferences"].simulate_judge and config["ppo"].total_episodes > 0 and config["dpo"].beta > 0
         assert config["eval"].judge == "builtin:length"
 
 
@@ -57,6 +53,7 @@ def test_unknown_key_names_the_close_match_and_the_valid_keys(tmp_path):
 
 def test_unknown_section_and_foreign_overrides_are_refused(tmp_path):
     assert "unknown section 'sfy' (did you mean 'sft'?)" in error(write(tmp_path, "sfy:\n  a: 1\n"))
+    assert "section 'labels' is now called 'preferences'" in error(write(tmp_path, "labels:\n  num_prompts: 1\n"))
     assert error(None, ["--ppo.kl_coef", "1"]) == "--ppo.kl_coef: this command takes only --run.*, --sft.*"
     assert error(None, ["--sft.max_steps"]) == "--sft.max_steps: missing value"
     assert error(None, ["stray"]).startswith("unexpected argument 'stray'")

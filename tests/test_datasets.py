@@ -160,6 +160,10 @@ def test_csv_is_parsed_strictly_and_names_the_line_a_bad_quote_starts_on(tmp_pat
     assert problem(path) == f"{path}:3: csv: a quoted cell that starts on this line is never closed"
     path.write_text('prompt,completion\nHi?,Hello.\nA "quoted" word?,Yes.\n"Say "hi"",No.\n')
     assert problem(path).startswith(f"{path}:4: csv: bad quoting (")
+    path.write_text('prompt,completion\n"Unclosed,quote\nMore?,Yes.\n')  # in the first row, read with the header
+    assert problem(path) == f"{path}:2: csv: a quoted cell that starts on this line is never closed"
+    path.write_text('prompt,"completion\nHi?,Hello.\n')
+    assert problem(path) == f"{path}:1: csv: a quoted cell that starts on this line is never closed"
 
 
 def test_a_pair_whose_two_answers_are_the_same_is_refused(tmp_path):

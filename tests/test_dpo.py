@@ -146,7 +146,7 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):
     assert "rlhf sft" in capsys.readouterr().err
     assert cli(["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}",
                 "--dpo.model=tiny-llama"]) == 2
-    assert "rlhf label export" in capsys.readouterr().err
+    assert "rlhf preferences --config" in capsys.readouterr().err
     assert cli(["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}",
                 "--dpo.model=tiny-llama", "--dpo.pairs=on_policy"]) == 2
     assert "rlhf reward" in capsys.readouterr().err

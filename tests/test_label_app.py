@@ -121,12 +121,12 @@ def test_serve_refuses_a_missing_or_empty_store_and_no_auth_without_a_user(tmp_p
 
 def test_without_sign_in_everyone_acts_as_the_named_user(tmp_path):
     from preference_ui.app import LabellingApp
-    from preference_ui.config import LabelsConfig
+    from preference_ui.config import PreferencesStageConfig
     from rlhf.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'l.db'}")
     store.add_user("ann", "labeller", PASSWORD)
-    assert LabellingApp(store, LabelsConfig(), local_user="ann").user(None).name == "ann"
+    assert LabellingApp(store, PreferencesStageConfig(), local_user="ann").user(None).name == "ann"
 
 
 def test_an_admin_disables_enables_and_adds_accounts_and_disabling_holds_from_the_next_request(server):

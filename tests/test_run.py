@@ -11,9 +11,11 @@ import time
 
 import pytest
 import torch
+import yaml
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
+from rlhf.store import Store
 from tests.conftest import REPO
 
 STAGES = ["sft", "preferences", "reward", "ppo", "dpo", "eval"]
@@ -55,6 +57,14 @@ def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     assert all(manifest[stage]["status"] == "done" for stage in STAGES)
     assert manifest["preferences"]["metrics"]["pairs"] > 0 and (run / "labels.db").exists()
+    # the label commands given the same config use the run's own store
+    config = tmp_path / "tiny-here.yaml"
+    document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    document["run"].update(output_root=str(tmp_path), name="tiny")
+    config.write_text(yaml.safe_dump(document))
+    comparisons = len(Store(f"sqlite:///{run / 'labels.db'}").comparisons())
+    assert f"{comparisons} comparisons" in run_ok([sys.executable, "-m", "pipeline.cli", "label", "stats", "--config",
+                                                   str(config)])
 
     # the report's headline table is the eval stage's numbers, and `rlhf run` prints it last
     results = json.loads((run / "eval" / "results.json").read_text())["policies"]
@@ -133,13 +143,11 @@ def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifact
 
 def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_comparison_has_its_votes(
         tmp_path, tiny_model_path):
-    from rlhf.store import Store
-
     db = f"sqlite:///{tmp_path / 'labels.db'}"
-    command = [sys.executable, "-m", "pipeline.cli", "label", "collect", "--config", "configs/tiny.yaml",
-               f"--run.output_root={tmp_path}", f"--labels.model={tiny_model_path}", f"--labels.db={db}",
-               "--labels.simulate_judge=", "--labels.num_prompts=4", "--labels.max_new_tokens=6",
-               "--labels.poll_seconds=0.2"]
+    command = [sys.executable, "-m", "pipeline.cli", "preferences", "--config", "configs/tiny.yaml",
+               f"--run.output_root={tmp_path}", f"--preferences.model={tiny_model_path}", f"--preferences.db={db}",
+               "--preferences.simulate_judge=", "--preferences.num_prompts=4", "--preferences.max_new_tokens=6",
+               "--preferences.poll_seconds=0.2"]
     store = Store(db)
     people = [store.add_user(name, "labeller", f"password-of-{name}") for name in ("ann", "bob")]
 

@@ -3,7 +3,7 @@ from itertools import combinations
 
 import pytest
 
-from preference_ui.config import LabelsConfig
+from preference_ui.config import PreferencesStageConfig
 from preference_ui.sample import main
 from rlhf.config import RunConfig, load_config
 from rlhf.errors import MissingInputError, UserError
@@ -16,14 +16,14 @@ def config_for(tmp_path, *overrides):
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "category": "chat", "prompt": f"Say something {i}."}) + "\n"
                                for i in range(3)))
     sections = load_config(REPO / "configs/tiny.yaml", [
-        f"--run.output_root={tmp_path / 'runs'}", f"--labels.prompts={prompts}", "--labels.max_new_tokens=6",
-        f"--labels.db=sqlite:///{tmp_path / 'labels.db'}", "--labels.batch_size=2", *overrides],
-        {"run": RunConfig, "labels": LabelsConfig})
-    return sections["labels"], sections["run"]
+        f"--run.output_root={tmp_path / 'runs'}", f"--preferences.prompts={prompts}", "--preferences.max_new_tokens=6",
+        f"--preferences.db=sqlite:///{tmp_path / 'labels.db'}", "--preferences.batch_size=2", *overrides],
+        {"run": RunConfig, "preferences": PreferencesStageConfig})
+    return sections["preferences"], sections["run"]
 
 
 def test_sampling_stores_every_pair_of_k_responses_as_comparisons(tmp_path, tiny_model_path):
-    config, run = config_for(tmp_path, f"--labels.model={tiny_model_path}", "--labels.responses_per_prompt=3")
+    config, run = config_for(tmp_path, f"--preferences.model={tiny_model_path}", "--preferences.responses_per_prompt=3")
     summary = main(config, run)
     assert (summary["prompts"], summary["responses"], summary["comparisons"], summary["batch"]) == (3, 9, 9, "tiny")
     store = Store(config.db)
@@ -47,8 +47,8 @@ def test_sampling_stores_every_pair_of_k_responses_as_comparisons(tmp_path, tiny
 
 def test_the_same_answer_sampled_twice_is_not_compared_with_itself(tmp_path, tiny_model_path):
     # near-greedy sampling: each prompt's 3 answers come out the same text
-    config, run = config_for(tmp_path, f"--labels.model={tiny_model_path}", "--labels.responses_per_prompt=3",
-                             "--labels.temperature=0.001")
+    config, run = config_for(tmp_path, f"--preferences.model={tiny_model_path}", "--preferences.responses_per_prompt=3",
+                             "--preferences.temperature=0.001")
     summary = main(config, run)
     with Store(config.db).session() as session:
         texts = [r.text for r in session.query(Response).order_by(Response.id)]
@@ -61,7 +61,7 @@ def test_sampling_without_a_model_names_the_command_that_makes_one(tmp_path):
     with pytest.raises(MissingInputError, match=r"run `rlhf sft --config \.\.\. --run.name tiny` first"):
         main(config, run)
     with pytest.raises(Exception, match="responses_per_prompt must be at least 2"):
-        config_for(tmp_path, "--labels.responses_per_prompt=1")
+        config_for(tmp_path, "--preferences.responses_per_prompt=1")
 
 
 def test_sample_command_help_and_errors(tmp_path, capsys):
@@ -69,7 +69,7 @@ def test_sample_command_help_and_errors(tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         cli(["label", "sample", "--help"])
-    assert "--labels.responses_per_prompt (default: 2)" in capsys.readouterr().out
+    assert "--preferences.responses_per_prompt (default: 2)" in capsys.readouterr().out
     assert cli(["label", "sample", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}"]) == 2
     assert "no SFT model at" in capsys.readouterr().err
 
@@ -91,8 +91,9 @@ def test_select_uncertain_queues_the_pairs_the_reward_ensemble_disagrees_on(tmp_
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Say something {i}."}) + "\n" for i in range(4)))
     db = f"sqlite:///{tmp_path / 'labels.db'}"
     assert cli(["label", "--db", db, "sample", "--config", "configs/tiny.yaml", "--select", "uncertain",
-                "--reward-model", str(reward_dir), "--select-count", "5", f"--labels.model={tiny_model_path}",
-                f"--labels.prompts={prompts}", "--labels.responses_per_prompt=3", "--labels.max_new_tokens=6",
+                "--reward-model", str(reward_dir), "--select-count", "5", f"--preferences.model={tiny_model_path}",
+                f"--preferences.prompts={prompts}", "--preferences.responses_per_prompt=3",
+                "--preferences.max_new_tokens=6",
                 f"--run.output_root={tmp_path / 'runs'}"]) == 0
     store = Store(db)
     queued = {(c["a"], c["b"]) for c in store.comparisons("tiny")}
@@ -152,7 +153,7 @@ def test_sampling_generates_in_the_configured_precision(tmp_path, tiny_model_pat
         return model, tokenizer
 
     monkeypatch.setattr("preference_ui.sample.models", SimpleNamespace(load_causal_lm=load_and_record))
-    config, run = config_for(tmp_path, f"--labels.model={tiny_model_path}", f"--labels.precision={precision}")
+    config, run = config_for(tmp_path, f"--preferences.model={tiny_model_path}", f"--preferences.precision={precision}")
     with caplog.at_level("INFO"):
         assert main(config, run)["responses"] == 6
     assert loaded == [dtype]

@@ -152,8 +152,8 @@ def sign_in(url: str, name: str, password: str) -> httpx.Response:
 
 
 def test_over_http_failures_lock_the_account_and_the_address_and_are_logged(served):
-    url, log = served("--labels.sign_in_free_failures", "1", "--labels.sign_in_delay", "0.2",
-                      "--labels.sign_in_lockout", "3", "--labels.sign_in_lockout_minutes", "0.05")
+    url, log = served("--preferences.sign_in_free_failures", "1", "--preferences.sign_in_delay", "0.2",
+                      "--preferences.sign_in_lockout", "3", "--preferences.sign_in_lockout_minutes", "0.05")
     assert sign_in(url, "load00", PASSWORD).status_code == 200
     answers = [sign_in(url, "load00", "wrong-password") for _ in range(3)]
     assert [answer.status_code for answer in answers] == [400, 400, 400]
@@ -175,7 +175,7 @@ def test_over_http_failures_lock_the_account_and_the_address_and_are_logged(serv
 
 
 def test_over_http_an_unknown_name_costs_what_a_wrong_password_does(served):
-    url, _ = served("--labels.sign_in_free_failures", "1000", "--labels.sign_in_lockout", "1000")
+    url, _ = served("--preferences.sign_in_free_failures", "1000", "--preferences.sign_in_lockout", "1000")
     known, unknown = [], []
     for n in range(10):
         for times, name in ((known, "load00"), (unknown, f"nobody{n}")):

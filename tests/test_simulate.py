@@ -1,11 +1,12 @@
 import random
 
 import pytest
+from sqlalchemy import select
 
 from preference_ui.simulate import LabellerModel, decide, simulate
 from rlhf.judges import keywords, length, load_judge, readability, sentiment
 from rlhf.errors import UserError
-from rlhf.store import Store
+from rlhf.store import Assignment, Store
 
 SIMPLE = "The cat sat. It was warm. We had tea."
 DENSE = "Notwithstanding considerable institutional heterogeneity, comprehensive administrative reorganisation " \
@@ -81,8 +82,35 @@ def test_noiseless_labellers_follow_the_judge_and_never_vote_twice(tmp_path):
     assert counts["a"] + counts["b"] == 60 and counts["skipped"] == 0
     assert agreement(store) == 1.0
     assert {u.name for u in store.users()} == {"sim/readability/0", "sim/readability/1", "sim/readability/2"}
-    assert simulate(store, "builtin:readability", 3, LabellerModel(temperature=0), batch="b1")["skipped"] == 60
-    assert len(store.votes()) == 60
+    again = simulate(store, "builtin:readability", 3, LabellerModel(temperature=0), batch="b1")
+    assert sum(again.values()) == 0 and len(store.votes()) == 60  # the queue has nothing left for them
+
+
+def test_simulated_labellers_take_their_items_from_the_queue_with_overlap_gold_and_skips(tmp_path):
+    store = store_with_pairs(tmp_path, 30)
+    prompt = store.add_prompt("g", "explain", [{"role": "user", "content": "Gold?"}])
+    for i in range(4):
+        store.add_comparison(store.add_response(prompt, f"{SIMPLE} {i}", "m", {}),
+                             store.add_response(prompt, f"{DENSE} {i}", "m", {}), batch="gold", kind="gold",
+                             expected="a")
+    model = LabellerModel(temperature=0, skip=0.3)
+    counts = simulate(store, "builtin:readability", 4, model, batch="b1", overlap=2, gold_rate=0.2, seed=3)
+    votes, train = store.votes(), {c["id"] for c in store.comparisons("b1")}
+    with store.engine.connect() as connection:
+        skipped = {(row.comparison_id, row.user_id) for row in connection.execute(
+            select(Assignment.comparison_id, Assignment.user_id).where(Assignment.status == "skipped"))}
+    voted = {(vote.comparison_id, vote.user_id) for vote in votes}
+    assert len(voted) == len(votes) and counts["a"] + counts["b"] == len(votes)
+    # a skipped item is never voted on by the labeller who skipped it: the queue gives its slot to another one
+    assert len(skipped) == counts["skipped"] > 0 and not skipped & voted
+    # overlap: each comparison of the batch got 2 votes, or fewer only when every other labeller skipped it
+    for comparison in train:
+        voters = sum(c == comparison for c, _ in voted)
+        skippers = sum(c == comparison for c, _ in skipped)
+        assert voters == 2 or (voters < 2 and voters + skippers == 4), (comparison, voters, skippers)
+    # gold items were mixed in, and a noiseless labeller gets them right
+    gold = [vote for vote in votes if vote.comparison_id not in train]
+    assert gold and all(vote.choice == "a" for vote in gold)
 
 
 @pytest.mark.parametrize("noise", [0.3, 0.6])

@@ -207,7 +207,7 @@ def test_every_label_command_given_a_run_config_uses_that_runs_own_store(tmp_pat
     monkeypatch.chdir(tmp_path)  # where the store without a run config would be: runs/labels.db
     config = tmp_path / "run.yaml"
     config.write_text(f"run:\n  name: mine\n  output_root: {tmp_path / 'runs'}\n  tracking: none\n"
-                      f"labels:\n  model: {tiny_model_path}\n  prompts: {REPO / 'data/rl_prompts.jsonl'}\n"
+                      f"preferences:\n  model: {tiny_model_path}\n  prompts: {REPO / 'data/rl_prompts.jsonl'}\n"
                       f"  guidelines: {REPO / 'data/guidelines.md'}\n  num_prompts: 3\n  responses_per_prompt: 2\n"
                       "  max_new_tokens: 6\n")
     own = tmp_path / "runs" / "mine" / "labels.db"
