@@ -154,7 +154,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--guessers", type=int, default=16, help="password guessers in the last round (0: none)")
     parser.add_argument("--overlap", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=4, help="labels.concurrency of the server")
+    parser.add_argument("--concurrency", type=int, default=4, help="preferences.concurrency of the server")
     parser.add_argument("--db", help="an empty database URL (default: a new SQLite file)")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()

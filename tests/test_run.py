@@ -15,6 +15,7 @@ import yaml
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
+from preference_ui.loadtest import BrowserLikeClient, free_port, item_label, stop_server, wait_for_port
 from rlhf.store import Store
 from tests.conftest import REPO
 
@@ -62,9 +63,21 @@ def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
     document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     document["run"].update(output_root=str(tmp_path), name="tiny")
     config.write_text(yaml.safe_dump(document))
-    comparisons = len(Store(f"sqlite:///{run / 'labels.db'}").comparisons())
-    assert f"{comparisons} comparisons" in run_ok([sys.executable, "-m", "pipeline.cli", "label", "stats", "--config",
-                                                   str(config)])
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+    label = [sys.executable, "-m", "pipeline.cli", "label"]
+    assert f"{len(store.comparisons())} comparisons" in run_ok([*label, "stats", "--config", str(config)])
+    added = subprocess.run([*label, "users", "add", "ann", "--config", str(config)], cwd=REPO, input="ann-passphrase\n",
+                           capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    port = free_port()
+    server = subprocess.Popen([*label, "serve", "--config", str(config), "--port", str(port)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(server, port)
+        _, title, *_ = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase").call("next_item")
+    finally:
+        stop_server(server)
+    assert item_label(title) in {store.item_label(comparison["id"]) for comparison in store.comparisons()}
 
     # the report's headline table is the eval stage's numbers, and `rlhf run` prints it last
     results = json.loads((run / "eval" / "results.json").read_text())["policies"]
