@@ -21,7 +21,7 @@ def preference_source(stage: str, preferences: str, batch: str, min_votes: int, 
     runs/<name>/preferences."""
     source, recorded = preferences or str(run_dir.stage_path("preferences")), {}
     if "://" in source:
-        store = Store(source)
+        store = Store(source, create=False)  # a mistyped URL is an error, not a new empty store
         folder, manifest = export_snapshot(store, run_dir.path / "exports", batch or None, min_votes)
         print(f"[{stage}] exported {manifest['rows']} pairs from {store.engine.url} to {folder}")
         source = str(folder)

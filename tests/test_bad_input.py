@@ -97,6 +97,11 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
           f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           "--eval.judge=builtin:nonesuch"], "builtin:nonesuch"),
+        # a mistyped store URL as the preference source: an error, and no new empty store
+        (["reward", f"--reward.model={model}", f"--reward.preferences=sqlite:///{root / 'nosuch.db'}"],
+         f"no label store at {root / 'nosuch.db'}"),
+        (["dpo", f"--dpo.model={model}", f"--dpo.preferences=sqlite:///{root / 'nosuch.db'}"],
+         f"no label store at {root / 'nosuch.db'}"),
         (["preferences", f"--preferences.model={model}", f"--preferences.prompts={bad_files['prompts']}"],
          f"{bad_files['prompts']}:2: prompt: missing"),
         (["preferences", f"--preferences.model={model}", f"--preferences.gold={bad_files['gold']}"],
