@@ -16,7 +16,6 @@ are drawn per labeller and comparison and the queue hands out only what is left,
 `preferences.db` (or $RLHF_DB_URL) the run keeps its own store, `runs/<name>/labels.db`.
 """
 import dataclasses
-import shutil
 import time
 
 from preference_ui import sample
@@ -29,7 +28,7 @@ from rlhf.datasets import load_rows
 from rlhf.judges import load_judge
 from rlhf.label_export import export
 from rlhf.runs import RunDir
-from rlhf.stage import Inputs, Outcome, Stage, run_stage
+from rlhf.stage import Inputs, Outcome, Stage, run_stage, start_partial
 from rlhf.store import Store, run_store_url
 
 STAGE = "preferences"
@@ -75,8 +74,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     else:
         wait_for_votes(store, batch, config)
     partial = RunDir(run.output_root, run.name).partial_path(STAGE)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    start_partial(STAGE, partial, resume=False)
     manifest = export(store, partial / "final", batch, config.min_votes)
     agreement = stats(store, batch)
     metrics = {"pairs": manifest["rows"], "ties": manifest["ties"], "both_bad": manifest["both_bad"],

@@ -18,6 +18,7 @@ from rlhf.errors import MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from rlhf.runs import RunDir
+from rlhf.stage import published_model
 from rlhf.store import Store
 from preference_ui.config import PreferencesStageConfig
 
@@ -32,20 +33,13 @@ def model_spec(config: PreferencesStageConfig, run: RunConfig) -> str:
     return str(sft)
 
 
-def reward_model_path(config: PreferencesStageConfig, run: RunConfig) -> str:
-    path = config.reward_model or str(RunDir(run.output_root, run.name).stage_path("reward"))
-    if not (Path(path) / "config.json").exists():
-        raise MissingInputError(f"no reward model at {path}: run `rlhf reward --config ...` first, or pass "
-                                "--reward-model DIR")
-    return path
-
-
 def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | None = None) -> dict:
     """`prompts`: the rows of `config.prompts` when the caller has read them already."""
     prompts = load_rows(config.prompts, "prompt") if prompts is None else prompts
     prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
     spec, batch = model_spec(config, run), config.batch or run.name
-    scorer = reward_model_path(config, run) if config.select == "uncertain" else None
+    scorer = (published_model(RunDir(run.output_root, run.name), "reward", "reward model", config.reward_model,
+                              "--reward-model DIR") if config.select == "uncertain" else None)
     store = Store(config.db or None)
     if store.created:
         print(f"[label sample] created the label store {store.url}")

@@ -85,19 +85,18 @@ class Inputs:
         self.gathered: dict = {}
         self.missing: list[str] = []
 
-    def add(self, name: str, lookup):
+    def add(self, name: str, lookup) -> None:
         """`lookup`: the value, or a function that returns it (a dict: several inputs at once) or raises
-        MissingInputError. Returns the value, None when missing."""
+        MissingInputError."""
         try:
             value = lookup() if callable(lookup) else lookup
         except MissingInputError as err:
             self.missing.append(str(err))
-            return None
+            return
         if isinstance(value, dict):
             self.gathered.update(value)
         else:
             self.gathered[name] = value
-        return value
 
     def found(self) -> dict:
         if len(self.missing) == 1:
