@@ -60,7 +60,7 @@ def policy_folders(config: EvalStageConfig, run_dir: RunDir) -> dict[str, str]:
 
 
 def inputs(config: EvalStageConfig, run: RunConfig) -> dict:
-    run_dir = RunDir(run.output_root, run.name)
+    run_dir = run.directory()
     found = Inputs()
     found.add(BASELINE, lambda: starting_model(STAGE, config.baseline, run_dir, field="baseline"))
     if config.reward_model != "none":
@@ -83,7 +83,7 @@ def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[di
 
 def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
     prompts, judge = checked
-    run_dir = RunDir(run.output_root, run.name)
+    run_dir = run.directory()
     started = time.time()
     messages = [p["prompt"] for p in prompts]
     names = [BASELINE] + [name for name in found if name not in (BASELINE, "prompts", "reward_model")]
@@ -131,7 +131,7 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     if config.human:
         metrics["human_comparisons"] = queued
     # The run's copy of the report first: a stage killed after publishing is done and would not write it again.
-    atomic_write_text(run_dir.path / "report.md", report.replace("](", "](eval/"))
+    atomic_write_text(run_dir.path / "report.md", report.replace("](", f"]({run_dir.key(STAGE)}/"))
     tracker.log({f"eval/{key}": value for key, value in metrics.items()})
     tracker.log_table("eval_answers", list(rows[0]), [list(row.values()) for row in rows])
     tracker.log_images({f"eval/{plot.stem}": plot for plot in sorted(staged.glob("*.png"))})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from evaluation.config import EvalStageConfig
 from rlhf.plots import pyplot, save_figure
-from rlhf.runs import RunDir, atomic_write_text
+from rlhf.runs import RunDir, atomic_write_text, read_stage_record
 
 COLUMNS = [("reward", "reward"), ("win_rate_reward", "win rate vs SFT (reward)"), ("judge", "judge"),
            ("win_rate_judge", "win rate vs SFT (judge)"), ("kl", "KL to SFT"), ("tokens", "tokens"),
@@ -33,8 +33,92 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
         plots.append(("PPO: judge (gold) and reward model (proxy) against KL",
                       gold_vs_proxy(folder / "gold_vs_proxy.png", judged_points)))
     text = report_text(results, len(next(iter(per_prompt["kls"].values()))), run_dir, config, plots)
+    if run_dir.round > 1:
+        text += rounds_section(folder, round_rows(run_dir, results))
     atomic_write_text(folder / "report.md", text)
     return text
+
+
+def round_rows(run_dir: RunDir, results: dict) -> list[dict]:
+    """One row per online round so far: its reward model (stage.json metrics) and its policies' eval results (this
+    round's from `results`, earlier rounds' from their eval folders)."""
+    rows = []
+    for round in range(1, run_dir.round + 1):
+        earlier = run_dir.in_round(round)
+        reward = read_stage_record(earlier.stage_path("reward")).get("metrics", {})
+        evaluated = results if round == run_dir.round else load_results(earlier.stage_path("eval"))
+        rows.append({"round": round, "reward": reward, "policies": evaluated})
+    return rows
+
+
+def load_results(eval_folder: Path) -> dict:
+    path = eval_folder / "results.json"
+    return json.loads(path.read_text())["policies"] if path.exists() else {}
+
+
+def rounds_section(folder: Path, rows: list[dict]) -> str:
+    """The per-round table and plot: the reward model on each round's new held-out votes (and the previous round's
+    model on them: how stale it had become), each policy's judge score (else reward), win rate vs SFT and KL."""
+    policies = [name for name in ("ppo", "dpo") if any(name in row["policies"] for row in rows)]
+    kind = "judge" if any("judge" in r for row in rows for r in row["policies"].values()) else "reward"
+    header = ["round", "reward model on the round's new votes", "previous round's model on them"]
+    for name in policies:
+        header += [f"{name} {kind}", f"{name} win rate vs SFT ({kind})", f"{name} KL"]
+    lines = ["", "## Online rounds", "",
+             "Each round after the first labels the previous round's policy's answers to fresh prompts where the "
+             "reward model was least sure, retrains the reward model on every vote so far and continues the "
+             "policies. The reward columns are held-out accuracy on the round's own new votes (round 1: all its "
+             "held-out votes).", "",
+             "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    for row in rows:
+        reward = row["reward"]
+        cells = [str(row["round"]), fmt(reward.get("new_round_accuracy", reward.get("eval_accuracy"))),
+                 fmt(reward.get("previous_model_new_round_accuracy"))]
+        for name in policies:
+            result = row["policies"].get(name, {})
+            cells += [fmt(result.get(kind)), cell(result, f"win_rate_{kind}"), fmt(result.get("kl"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    plot = rounds_plot(folder / "rounds.png", rows, policies, kind)
+    return "\n".join(lines + ["", f"![Online rounds]({Path(plot).name})"]) + "\n"
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def rounds_plot(path: Path, rows: list[dict], policies: list[str], kind: str) -> str:
+    """Left: each policy's win rate vs SFT by round, with its interval; right: the reward model's accuracy on each
+    round's new votes, this round's model against the previous round's."""
+    plt = pyplot()
+
+    figure, (wins, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
+    rounds = [row["round"] for row in rows]
+    for name in policies:
+        points = [(row["round"], row["policies"][name]) for row in rows if f"win_rate_{kind}" in
+                  row["policies"].get(name, {})]
+        if points:
+            x = [r for r, _ in points]
+            y = [p[f"win_rate_{kind}"] for _, p in points]
+            spread = [[v - p[f"win_rate_{kind}_low"] for v, (_, p) in zip(y, points)],
+                      [p[f"win_rate_{kind}_high"] - v for v, (_, p) in zip(y, points)]]
+            wins.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=name)
+    wins.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    wins.set(title=f"win rate vs SFT ({kind})", xlabel="round", xticks=rounds)
+    wins.legend()
+    for key, label in (("new_round_accuracy", "this round's reward model"),
+                       ("previous_model_new_round_accuracy", "previous round's reward model")):
+        points = [(row["round"], row["reward"].get(key, row["reward"].get("eval_accuracy") if row["round"] == 1
+                   and key == "new_round_accuracy" else None)) for row in rows]
+        points = [(r, v) for r, v in points if v is not None]
+        if points:
+            accuracy.plot(*zip(*points), marker="o", label=label)
+    accuracy.set(title="reward model on the round's new held-out votes", xlabel="round", ylabel="accuracy",
+                 xticks=rounds)
+    accuracy.legend()
+    for ax in (wins, accuracy):
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, path)
 
 
 def load_history(stage_folder: Path) -> list[dict]:

@@ -44,6 +44,7 @@ def fields_help(section: str, cls) -> str:
     own = [f for f in dataclasses.fields(cls) if f.name in ours]
     return "\n".join(f"  --{section}.{f.name} (default: {f.default!r})\n      {f.metadata.get('help', '')}"
                      + (" Evaluation only: not in the config hash." if f.metadata.get("hashed") is False else "")
+                     + (" Read by online rounds 2 and later only." if f.metadata.get("later_rounds") else "")
                      for f in own)
 
 
@@ -156,7 +157,8 @@ def add_stage_commands(commands, stages) -> None:
     run = commands.add_parser("run", help=f"every stage in order: {names} (skips what is up to date, resumes what "
                                           "was cut short)")
     run.add_argument("--config", default="configs/default.yaml", help="YAML run config (default: %(default)s)")
-    run.add_argument("--from", dest="start_from", help="rerun this stage and every one after it")
+    run.add_argument("--from", dest="start_from", help="rerun this stage (STAGE, or round-R/STAGE in a later "
+                                                       "online round) and every one after it")
     run.add_argument("--launcher", choices=["python", "accelerate"], default="python",
                      help="how training stages start: one process, or `accelerate launch`")
     run.add_argument("--accelerate_config", help="with --launcher accelerate: configs/accelerate/*.yaml")

@@ -1,11 +1,13 @@
 """`rlhf run`: the whole loop in one command, resumable and incremental.
 
-    rlhf run [--config configs/default.yaml] [--from STAGE] [--launcher accelerate --accelerate_config FILE]
-             [--section.field value ...]
+    rlhf run [--config configs/default.yaml] [--from STAGE | round-R/STAGE] [--launcher accelerate
+             --accelerate_config FILE] [--section.field value ...]
 
 Stages, in order (pipeline/stages.py): sft -> preferences -> reward -> ppo -> dpo -> eval. A stage takes part
-when its section is in the config file. Each runs as its own process (the same command a
-person would type, so a stage's log, manifest entry and tracker run are the same either way), one after another:
+when its section is in the config file. With `run.rounds: N` the chain is round 1, and each later round runs its
+stages again (all but sft) with `--run.round R`, into runs/<name>/round-R/ (docs/online_rounds.md). Each stage
+runs as its own process (the same command a person would type, so a stage's log, manifest entry and tracker run are
+the same either way), one after another:
 
 - a stage whose manifest entry is done, with the same config hash and the same hashes of the inputs it read, and
   whose output is in place, is skipped;
@@ -13,7 +15,11 @@ person would type, so a stage's log, manifest entry and tracker run are the same
   checkpoint;
 - anything else runs from the start, and so does every stage after a rerun one whose output changed (its input
   hashes no longer match);
-- `--from STAGE` reruns that stage and every stage after it from the start.
+- `--from STAGE` (or `--from round-R/STAGE`) reruns that stage and every stage after it, later rounds included,
+  from the start.
+
+The rules hold per round, each round's stage having its own manifest entry (`round-R/STAGE`): a setting changed
+for round R only (a `round-R:` section) reruns round R's stages and what follows, and leaves earlier rounds done.
 
 With `--launcher accelerate` the training stages (sft, reward, ppo, dpo) start under
 `accelerate launch --config_file FILE`; the others run as one process.
@@ -28,7 +34,7 @@ from pathlib import Path
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import hashed_settings, load_config, read_yaml
 from rlhf.errors import UserError
-from rlhf.runs import RunDir, hash_config, input_hashes, read_stage_record
+from rlhf.runs import SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record
 from rlhf.stage import last_complete_checkpoint
 
 class StageFailed(UserError):
@@ -43,7 +49,7 @@ class StageFailed(UserError):
 def stage_state(run_dir: RunDir, stage: str, config) -> str:
     """done (skip), resume (same config and inputs, stopped part-way) or fresh."""
     entry = run_dir.stage_entry(stage) or {}
-    wanted = config_hash(config)
+    wanted = config_hash(config, run_dir.round)
     if entry.get("status") == "done" and same_work(entry, wanted) and made_with(run_dir.stage_path(stage), wanted):
         return "done"
     attempt = entry.get("attempt") or entry  # the last attempt, kept apart when it followed a done one
@@ -64,9 +70,9 @@ def same_work(entry: dict, wanted_hash: str) -> bool:
     return entry.get("config_hash") == wanted_hash and entry.get("input_hashes") == input_hashes(recorded)
 
 
-def config_hash(config) -> str:
+def config_hash(config, round: int = 1) -> str:
     """As the stage itself records it (rlhf.stage.running_stage): its hashed settings only."""
-    return hash_config(hashed_settings(config))
+    return hash_config(hashed_settings(config, round))
 
 
 def stage_overrides(overrides: list[str], section: str) -> list[str]:
@@ -99,37 +105,59 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
          accelerate_config: str | None = None) -> int:
     document = read_yaml(config_path, SECTIONS)
     chosen = [stage for stage in STAGES if stage.name in document]
-    if start_from and start_from not in [stage.name for stage in chosen]:
-        raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(s.name for s in chosen)})")
     if launcher == "accelerate" and not accelerate_config:
         raise UserError("--launcher accelerate needs --accelerate_config FILE (configs/accelerate/*.yaml)")
-    sections = load_config(config_path, overrides, {"run": SECTIONS["run"],
-                                                    **{stage.name: stage.config_class for stage in chosen}}, SECTIONS)
-    run_dir = RunDir(sections["run"].output_root, sections["run"].name)
+    classes = {"run": SECTIONS["run"], **{stage.name: stage.config_class for stage in chosen}}
+    rounds = load_config(config_path, overrides, classes, SECTIONS)["run"].rounds
+    plan = round_plan(chosen, rounds)
+    if start_from and start_from not in [f"{key}" for key, _, _ in plan]:
+        raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(key for key, _, _ in plan)})")
+    # every round's settings built (and so checked) before the first stage starts
+    settings = {round: load_config(config_path, overrides + [f"--run.round={round}"], classes, SECTIONS)
+                for round in range(1, rounds + 1)}
     forced, seconds = False, {}
-    for stage in chosen:
-        forced = forced or start_from == stage.name
+    for key, round, stage in plan:
+        sections = settings[round]
+        run_dir = sections["run"].directory()
+        forced = forced or start_from == key
         state = "fresh" if forced else stage_state(run_dir, stage.name, sections[stage.name])
         if state == "done":
-            print(f"[run] {stage.name}: up to date, skipped", flush=True)
+            print(f"[run] {key}: up to date, skipped", flush=True)
             continue
         extra = [f"--{stage.name}.resume=true"] if state == "resume" else []
+        extra += [f"--run.round={round}"] if round > 1 else []
         start = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
                  if launcher == "accelerate" and stage.trains else [sys.executable])
-        print(f"[run] {stage.name}: {'resuming' if state == 'resume' else 'running'}", flush=True)
+        print(f"[run] {key}: {'resuming' if state == 'resume' else 'running'}", flush=True)
         argv = command(stage.name, config_path, stage_overrides(overrides, stage.name) + extra, start)
         print(f"[run] $ {' '.join(argv)}", flush=True)
         started = time.time()
         result = subprocess.run(argv, preexec_fn=die_with_parent)
         if result.returncode != 0:
-            raise StageFailed(stage.name, result.returncode)
-        seconds[stage.name] = time.time() - started
-        print(f"[run] {stage.name}: finished in {minutes(seconds[stage.name])}", flush=True)
+            raise StageFailed(key, result.returncode)
+        seconds[key] = time.time() - started
+        print(f"[run] {key}: finished in {minutes(seconds[key])}", flush=True)
     print(timings(seconds))
-    report = run_dir.path / "report.md"
+    report = settings[1]["run"].directory().path / "report.md"
     if report.exists():
         print(headline(report.read_text()))
     return 0
+
+
+def round_plan(chosen: list, rounds: int) -> list[tuple[str, int, object]]:
+    """(manifest key, round, stage) in the order `rlhf run` takes them: round 1's stages, then each later round's
+    (all but the SFT model, which every round shares)."""
+    if rounds > 1:
+        needed = [name for name in ("preferences", "reward") if name not in [stage.name for stage in chosen]]
+        if needed or not {"ppo", "dpo"} & {stage.name for stage in chosen}:
+            raise UserError(f"run.rounds {rounds}: online rounds need the preferences and reward sections and a ppo "
+                            f"or dpo section in the config (missing: {', '.join(needed) or 'ppo or dpo'})")
+    plan = []
+    for round in range(1, rounds + 1):
+        for stage in chosen:
+            if round == 1 or stage.name not in SHARED_STAGES:
+                plan.append((RunDir(".", "x", round).key(stage.name), round, stage))
+    return plan
 
 
 def minutes(seconds: float) -> str:

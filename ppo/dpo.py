@@ -31,9 +31,10 @@ from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
 from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
-from rlhf.runs import RunDir, atomic_write_json
+from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step,
-                        last_complete_checkpoint, published_model, run_stage, start_partial, starting_model)
+                        earlier_round_model, last_complete_checkpoint, published_model, run_stage, start_partial,
+                        starting_model)
 
 STAGE = "dpo"
 PAIR_COLUMNS = ("margin", "tie", "weight")
@@ -41,9 +42,12 @@ PAIR_COLUMNS = ("margin", "tie", "weight")
 
 def inputs(config: DPOStageConfig, run: RunConfig) -> dict:
     """What the stage reads, as the manifest records it: the policy, and the pairs' source."""
-    run_dir = RunDir(run.output_root, run.name)
+    run_dir = run.directory()
     found = Inputs()
-    found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
+    if run.round == 1:
+        found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
+    else:  # an online round continues the previous round's DPO policy, which is also its reference (iterative DPO)
+        found.add("model", lambda: earlier_round_model(run_dir, STAGE, "DPO policy"))
     if config.pairs == "labels":
         found.add("preferences", lambda: preference_source(STAGE, config.preferences, config.batch,
                                                             config.min_votes, run_dir))
@@ -206,7 +210,7 @@ def check(config: DPOStageConfig, run: RunConfig, found: dict) -> list[dict]:
 
 def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict], tracker, record) -> Outcome:
     """`source`: the labelled pairs, or with on-policy pairs the prompts they are sampled on."""
-    partial = RunDir(run.output_root, run.name).partial_path(STAGE)
+    partial = run.directory().partial_path(STAGE)
     if config.process_index == 0:
         start_partial(STAGE, partial, config.resume)  # a fresh start also samples fresh on-policy pairs
     PartialState().wait_for_everyone()

@@ -20,6 +20,7 @@ Advantages are whitened per process, as TRL's PPO did.
 """
 import copy
 import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
@@ -43,17 +44,23 @@ from rlhf.errors import ConfigError, UserError
 from rlhf.generation import generate_responses
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
-from rlhf.runs import RunDir, atomic_write_json
-from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, last_complete_checkpoint, published_model, run_stage,
-                        start_partial, starting_model)
+from rlhf.runs import atomic_write_json
+from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, earlier_round_model, last_complete_checkpoint,
+                        published_model, round_seed, run_stage, start_partial, starting_model)
 
 STAGE = "ppo"
+CRITIC, CRITIC_SCALE = "critic", "critic.json"
 
 
 def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
-    run_dir = RunDir(run.output_root, run.name)
+    run_dir = run.directory()
     found = Inputs()
-    found.add("policy", lambda: starting_model(STAGE, config.model, run_dir))
+    if run.round == 1:
+        found.add("policy", lambda: starting_model(STAGE, config.model, run_dir))
+    else:  # an online round continues the previous round's policy and critic, against the same reference
+        found.add("policy", lambda: earlier_round_model(run_dir, STAGE, "PPO policy"))
+        found.add("critic", lambda: earlier_round_model(run_dir, STAGE, "PPO policy") + f"/{CRITIC}")
+        found.add("reference", lambda: starting_model(STAGE, config.model, run_dir))
     found.add("prompts", config.prompts)
     if not config.reward_function:
         found.add("reward_model", lambda: published_model(run_dir, "reward", "reward model", config.reward_model,
@@ -137,36 +144,56 @@ def make_accelerator(config: PPOStageConfig) -> Accelerator:
 
 
 def build_models(config: PPOStageConfig, found: dict):
-    """(policy, tokenizer, reference, critic). With LoRA the reference is None: the policy with its adapter off."""
+    """(policy, tokenizer, reference, critic). The critic starts as the reward model (or, in a later online round,
+    as the previous round's critic). With LoRA the reference is None: the policy with its adapter off; in a later
+    online round the reference is the SFT model, loaded on its own."""
     policy, tokenizer = models.load_causal_lm(found["policy"])
-    reward_model = found.get("reward_model")
-    classifier = AutoModelForSequenceClassification.from_pretrained(  # an ensemble's heads are averaged
-        reward_model or found["policy"], num_labels=reward_heads(reward_model) if reward_model else 1,
-        dtype=torch.float32)
+    critic = load_critic(config, found)
     if config.use_peft:
         from peft import LoraConfig, get_peft_model
 
         policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                                                    target_modules="all-linear", task_type="CAUSAL_LM"))
-        reference = None
+    if "reference" in found:
+        reference = models.load_causal_lm(found["reference"])[0].eval().requires_grad_(False)
     else:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    for model in (policy, reference, classifier):
+        reference = None if config.use_peft else copy.deepcopy(policy).eval().requires_grad_(False)
+    for model in (policy, reference, critic.classifier):
         if model is not None:
             disable_dropout_in_model(model)
-    scale = reward_record(reward_model).get("scale") if reward_model and config.normalize_reward else None
-    critic = Critic(classifier, scale["mean"], scale["std"]) if scale else Critic(classifier)
     return policy, tokenizer, reference, critic
+
+
+def load_critic(config: PPOStageConfig, found: dict) -> Critic:
+    """The previous round's critic with the scale it was trained on; else the reward model (an ensemble's heads
+    averaged) on the normalised scale, or the policy's backbone with a new head under a reward function."""
+    if "critic" in found:
+        classifier = AutoModelForSequenceClassification.from_pretrained(found["critic"], dtype=torch.float32)
+        scale = json.loads((Path(found["critic"]) / CRITIC_SCALE).read_text())
+        return Critic(classifier, scale["mean"], scale["std"])
+    reward_model = found.get("reward_model")
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        reward_model or found["policy"], num_labels=reward_heads(reward_model) if reward_model else 1,
+        dtype=torch.float32)
+    scale = reward_record(reward_model).get("scale") if reward_model and config.normalize_reward else None
+    return Critic(classifier, scale["mean"], scale["std"]) if scale else Critic(classifier)
+
+
+def save_critic(critic: Critic, folder: Path) -> None:
+    """The critic beside the policy (`critic/`), so a later online round continues both."""
+    critic.classifier.save_pretrained(str(folder))
+    atomic_write_json(folder / CRITIC_SCALE, {"mean": critic.mean, "std": critic.std})
 
 
 def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedInputs, tracker, record) -> Outcome:
     accelerator = make_accelerator(config)
-    partial = RunDir(run.output_root, run.name).partial_path(STAGE)
+    partial = run.directory().partial_path(STAGE)
     if accelerator.is_main_process:
         start_partial(STAGE, partial, config.resume)
     accelerator.wait_for_everyone()
     checkpoint = last_complete_checkpoint(partial) if config.resume else None
-    set_seed(config.seed + accelerator.process_index)  # each process samples its own responses
+    seed = round_seed(config.seed, run.round)
+    set_seed(seed + accelerator.process_index)  # each process samples its own responses
 
     policy, tokenizer, reference, critic = build_models(config, found)
     if reference is not None:
@@ -179,7 +206,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     kl_control = (AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon) if config.target_kl
                   else FixedKLController(config.kl_coef))
     # the shuffling generator is seeded alike everywhere: every process sees the same prompt order
-    state = LoopState(torch.Generator().manual_seed(config.seed), kl_control)
+    state = LoopState(torch.Generator().manual_seed(seed), kl_control)
     accelerator.register_for_checkpointing(state)
     if accelerator.is_main_process:
         print(f"[{STAGE}] {config.num_updates} updates of {config.batch_size} episodes on "
@@ -230,6 +257,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         return Outcome(summary, None, partial, time.time() - started, line, returned=returned)
     staged = partial / "final"
     save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
+    save_critic(accelerator.unwrap_model(critic), staged / CRITIC)
     atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
     atomic_write_json(staged / "evals.json", state.evals)  # proxy and gold at each eval point, for the report
     return Outcome(summary, staged, partial, time.time() - started, line, returned=returned)

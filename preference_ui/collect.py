@@ -25,10 +25,10 @@ from preference_ui.simulate import LabellerModel, simulate
 from preference_ui.stats import stats
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
+from rlhf.errors import ConfigError, DataError
 from rlhf.judges import load_judge
 from rlhf.label_export import export
-from rlhf.runs import RunDir
-from rlhf.stage import Inputs, Outcome, Stage, run_stage, start_partial
+from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
 from rlhf.store import Store, run_store_url
 
 STAGE = "preferences"
@@ -39,25 +39,61 @@ def main(config: PreferencesStageConfig, run: RunConfig) -> dict:
 
 
 def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
+    """Round 1: the model that answers (the SFT model). A later online round: the previous round's policy, and
+    its reward model to pick the pairs it is least sure about."""
     found = Inputs()
-    found.add("model", lambda: sample.model_spec(config, run))
+    if run.round == 1:
+        found.add("model", lambda: sample.model_spec(config, run))
+    else:
+        run_dir = run.directory()
+        found.add("model", lambda: earlier_round_model(run_dir, config.round_policy, f"{config.round_policy} policy"))
+        found.add("reward_model", lambda: earlier_round_model(run_dir, "reward", "reward model"))
     found.add("prompts", config.prompts)
     return found.found()
 
 
 def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[list, list | None]:
-    """(the prompts, the gold rows), read and checked, and the simulated labellers' judge loaded: all before the
-    stage creates anything, the store among them."""
-    prompts = load_rows(config.prompts, "prompt")
+    """(the round's prompts, the gold rows), read and checked, and the simulated labellers' judge loaded: all
+    before the stage creates anything, the store among them."""
+    prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round)
     gold = load_rows(config.gold, "gold") if config.gold else None
     if config.simulate_judge:
         load_judge(config.simulate_judge)
     return prompts, gold
 
 
+def round_prompts(rows: list[dict], config: PreferencesStageConfig, round: int) -> list[dict]:
+    """Round 1 takes the first num_prompts prompts (all when 0); each later round the next round_prompts (default
+    num_prompts) after them, so every round's answers are to prompts no earlier round saw."""
+    if round == 1:
+        return rows[:config.num_prompts or None]
+    if not config.num_prompts:
+        raise ConfigError(f"preferences.num_prompts is 0: round 1 takes every prompt of {config.prompts} and leaves "
+                          f"none fresh for round {round}; set num_prompts (and round_prompts)")
+    per_round = config.round_prompts or config.num_prompts
+    start = config.num_prompts + (round - 2) * per_round
+    if len(rows) < start + per_round:
+        raise DataError(config.prompts, None, "rows", f"round {round} takes prompts {start + 1}-{start + per_round} "
+                        f"({per_round} fresh prompts after the {start} earlier rounds took), but the file has "
+                        f"{len(rows)}; lower preferences.round_prompts or run.rounds, or add prompts")
+    return rows[start:start + per_round]
+
+
+def round_settings(config: PreferencesStageConfig, run: RunConfig, found: dict) -> PreferencesStageConfig:
+    """How the stage samples in this round: round 1 as configured; a later round answers with the previous round's
+    policy, keeps the round_budget pairs its reward model is least sure of, draws with the round's seed and
+    stores them in its own batch, `<batch>-round-<r>` (what the app serves and the round's export holds)."""
+    if run.round == 1:
+        return config
+    return dataclasses.replace(config, model=found["model"], select="uncertain", reward_model=found["reward_model"],
+                               select_count=config.round_budget, seed=round_seed(config.seed, run.round),
+                               num_prompts=0, batch=f"{config.batch or run.name}-round-{run.round}")
+
+
 def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
     prompts, gold = checked
     started = time.time()
+    config = round_settings(config, run, found)
     url = run_store_url(run.output_root, run.name, config.db or None)
     store, batch = Store(url), config.batch or run.name
     if store.comparisons(batch):
@@ -73,7 +109,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         print(f"[{STAGE}] simulated votes ({config.simulate_judge}): {counts}")
     else:
         wait_for_votes(store, batch, config)
-    partial = RunDir(run.output_root, run.name).partial_path(STAGE)
+    partial = run.directory().partial_path(STAGE)
     start_partial(STAGE, partial, resume=False)
     manifest = export(store, partial / "final", batch, config.min_votes)
     agreement = stats(store, batch)

@@ -68,6 +68,16 @@ class PreferencesStageConfig:
         "help": "Votes every comparison needs before the export (the human wait), and the export's minimum."})
     poll_seconds: float = field(default=10.0, metadata={"help": "How often the human wait checks the store."})
 
+    # online rounds 2 and later (run.rounds): round 1 is unaffected by these
+    round_policy: str = field(default="ppo", metadata={"later_rounds": True, "help": (
+        "Online rounds 2 and later: whose answers they compare, the previous round's ppo or dpo policy.")})
+    round_prompts: int = field(default=0, metadata={"later_rounds": True, "help": (
+        "Online rounds 2 and later: fresh prompts each round samples, the ones after those earlier rounds took "
+        "from `prompts` (0: num_prompts).")})
+    round_budget: int = field(default=0, metadata={"later_rounds": True, "help": (
+        "Online rounds 2 and later: comparisons labelled each round, the candidate pairs the previous round's "
+        "reward model is least sure about (0: half of the candidates).")})
+
     def __post_init__(self):
         self.hardware = hardware.choose(self.precision)
         if self.simulate_labellers < 1 or self.min_votes < 1 or self.poll_seconds <= 0:
@@ -76,6 +86,10 @@ class PreferencesStageConfig:
             raise ValueError(f"select must be all or uncertain, got '{self.select}'")
         if self.responses_per_prompt < 2:
             raise ValueError(f"responses_per_prompt must be at least 2, got {self.responses_per_prompt}")
+        if self.round_policy not in ("ppo", "dpo"):
+            raise ValueError(f"round_policy must be ppo or dpo, got '{self.round_policy}'")
+        if self.round_prompts < 0 or self.round_budget < 0:
+            raise ValueError("round_prompts and round_budget must be 0 or more")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be above 0 for sampling, got {self.temperature}")
         if self.overlap < 1:

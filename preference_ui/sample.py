@@ -17,7 +17,6 @@ from rlhf.datasets import load_rows
 from rlhf.errors import MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
-from rlhf.runs import RunDir
 from rlhf.stage import published_model
 from rlhf.store import Store
 from preference_ui.config import PreferencesStageConfig
@@ -26,7 +25,7 @@ from preference_ui.config import PreferencesStageConfig
 def model_spec(config: PreferencesStageConfig, run: RunConfig) -> str:
     if config.model:
         return config.model
-    sft = RunDir(run.output_root, run.name).stage_path("sft")
+    sft = run.directory().stage_path("sft")
     if not (sft / "config.json").exists():
         raise MissingInputError(f"no SFT model at {sft}: run `rlhf sft --config ... --run.name {run.name}` first, "
                                 "or set --preferences.model")
@@ -38,7 +37,7 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
     prompts = load_rows(config.prompts, "prompt") if prompts is None else prompts
     prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
     spec, batch = model_spec(config, run), config.batch or run.name
-    scorer = (published_model(RunDir(run.output_root, run.name), "reward", "reward model", config.reward_model,
+    scorer = (published_model(run.directory(), "reward", "reward model", config.reward_model,
                               "--reward-model DIR") if config.select == "uncertain" else None)
     store = Store(config.db or None)
     if store.created:

@@ -68,6 +68,9 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
                 "without gradient checkpointing."})
     eval_fraction: float = field(default=0.1, metadata={
         "help": "Share of pairs held out for accuracy (split by a hash of id and seed)."})
+    round_init: str = field(default="sft", metadata={"later_rounds": True, "help": (
+        "Online rounds 2 and later: the reward model trains on every round's votes starting from the SFT model "
+        "(sft: a new head, fitted by the probe) or from the previous round's reward model (previous: no probe).")})
     # evaluation only: outside the config hash, so changing them retrains nothing (`rlhf reward eval` redoes it)
     gold: str = field(default="data/gold_comparisons.jsonl", metadata={
         "hashed": False, "help": "Comparisons with a known answer for the evaluation's gold accuracy (empty: none)."})
@@ -89,6 +92,8 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
             raise ValueError(f"tie_threshold must be above 0 with ties: equal, got {self.tie_threshold}")
         if self.num_layers < 0:
             raise ValueError(f"num_layers must be 0 (all) or more, got {self.num_layers}")
+        if self.round_init not in ("sft", "previous"):
+            raise ValueError(f"round_init must be sft or previous, got '{self.round_init}'")
         if self.probe_steps < 0 or self.probe_l2 < 0:
             raise ValueError(f"probe_steps and probe_l2 must be 0 or more, got {self.probe_steps} and {self.probe_l2}")
         if self.ensemble < 1 or self.calibration_bins < 1:

@@ -5,8 +5,8 @@ import json
 from rlhf.config import RunConfig
 from rlhf.datasets import split_train_eval
 from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
-from rlhf.runs import RunDir
-from rlhf.stage import Inputs, starting_model
+from rlhf.errors import ConfigError
+from rlhf.stage import Inputs, earlier_round_model, starting_model
 from reward.config import RewardStageConfig
 from reward.loss import bootstrap_counts
 
@@ -14,13 +14,44 @@ STAGE = "reward"
 
 
 def inputs(config: RewardStageConfig, run: RunConfig) -> dict:
-    """The starting model, the preference source and what the manifest records about it (its export's hash)."""
-    run_dir = RunDir(run.output_root, run.name)
+    """The starting model, the preference source and what the manifest records about it (its export's hash). In
+    online round r > 1: every round's export so far (`preferences`, `preferences_round_2`, ...), and the previous
+    round's reward model (to measure how it does on the new round's votes, and to start from with round_init
+    previous)."""
+    run_dir = run.directory()
     found = Inputs()
-    found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
-    found.add("preferences", lambda: preference_source(STAGE, config.preferences, config.batch, config.min_votes,
-                                                        run_dir))
+    if run.round > 1 and config.preferences:
+        raise ConfigError(f"reward.preferences is set, but online round {run.round} trains on every round's own "
+                          "votes (runs/<name>/preferences, round-2/preferences, ...): leave it empty")
+    if run.round > 1 and config.round_init == "previous":
+        found.add("model", lambda: earlier_round_model(run_dir, STAGE, "reward model"))
+    else:
+        found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
+    for round in range(1, run.round + 1):
+        found.add(source_key(round), lambda round=round: {
+            f"{key}{source_key(round)[len('preferences'):]}": value for key, value in preference_source(
+                STAGE, config.preferences, config.batch, config.min_votes, run_dir.in_round(round)).items()})
+    if run.round > 1:
+        found.add("previous_reward_model", lambda: earlier_round_model(run_dir, STAGE, "reward model"))
     return found.found()
+
+
+def source_key(round: int) -> str:
+    """The input that names round `round`'s export: `preferences` (round 1), `preferences_round_2`, ..."""
+    return "preferences" if round == 1 else f"preferences_round_{round}"
+
+
+def round_pairs(found: dict, config: RewardStageConfig, rounds: int) -> tuple[list[dict], list[dict]]:
+    """(train pairs, held-out pairs) of every round's export, each split by prompt on its own and its pairs
+    tagged with their `round`: the held-out pairs of the newest round measure a reward model on answers it has
+    not seen the like of."""
+    train, held_out = [], []
+    for round in range(1, rounds + 1):
+        pairs = [{**pair, "round": round} for pair in training_pairs(found[source_key(round)], config)]
+        round_train, round_held_out = split_pairs(pairs, config)
+        train += round_train
+        held_out += round_held_out
+    return train, held_out
 
 
 def split_pairs(pairs: list[dict], config: RewardStageConfig) -> tuple[list[dict], list[dict]]:

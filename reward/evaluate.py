@@ -27,8 +27,8 @@ from rlhf.config import RunConfig, as_plain_dict
 from rlhf.datasets import load_rows
 from rlhf.errors import MissingInputError
 from rlhf.plots import pyplot, save_figure
-from rlhf.runs import RunDir, atomic_write_text
-from reward.data import inputs, split_pairs, training_pairs
+from rlhf.runs import atomic_write_text
+from reward.data import inputs, round_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score, score_heads
 
 RELIABILITY_PLOT = "reliability.png"
@@ -224,11 +224,11 @@ def main(config, run: RunConfig) -> dict:
     """`rlhf reward eval`: evaluates the published reward model on the same held-out split it was trained with,
     into its own folder `runs/<name>/reward-eval/` (the reward folder is an input of later stages: left as it
     is)."""
-    run_dir = RunDir(run.output_root, run.name)
+    run_dir = run.directory()
     published = run_dir.stage_path("reward")
     if not (published / "config.json").exists():
         raise MissingInputError(f"no reward model at {published}: run `rlhf reward --config ...` first")
-    _, eval_pairs = split_pairs(training_pairs(inputs(config, run)["preferences"], config), config)
+    _, eval_pairs = round_pairs(inputs(config, run), config, run.round)
     tokenizer = reward_tokenizer(str(published))
     model = load_reward_model(str(published), tokenizer)
     staged = run_dir.partial_path(EVAL_FOLDER)
@@ -237,7 +237,7 @@ def main(config, run: RunConfig) -> dict:
     metrics = evaluate(model, tokenizer, eval_pairs, config, staged)
     folder = run_dir.publish(EVAL_FOLDER, staged)
     tracker = tracking.start(run.trackers, run.project, run.name, EVAL_FOLDER, as_plain_dict(config),
-                             run_dir.path / "tracking")
+                             run_dir.path / "tracking", label=run_dir.label(EVAL_FOLDER))
     try:
         log_evaluation(tracker, metrics, folder)
     finally:

@@ -16,10 +16,9 @@ import transformers
 
 from rlhf import hardware, tracking
 from rlhf.config import RunConfig
-from rlhf.runs import RunDir
 from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step, run_stage, start_partial
 from reward.config import RewardStageConfig
-from reward.data import STAGE, inputs, split_pairs, training_pairs
+from reward.data import STAGE, inputs, round_pairs
 from reward.evaluate import evaluate, fmt, log_evaluation
 from reward.evaluate import main as evaluate_again
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
@@ -37,6 +36,15 @@ def pair_metrics(model, tokenizer, pairs: list[dict]) -> dict:
     rejected = score(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
     return {"accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs),
             "margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
+
+
+def new_round_metrics(model, tokenizer, previous: str, pairs: list[dict]) -> dict:
+    """On the newest round's held-out pairs (answers of the policy the previous round trained): this model's
+    accuracy, and the previous round's reward model's, which is how stale it had become."""
+    stale = load_reward_model(previous, reward_tokenizer(previous)).eval()
+    return {"new_round_eval_pairs": len(pairs),
+            "new_round_accuracy": pair_metrics(model, tokenizer, pairs)["accuracy"],
+            "previous_model_new_round_accuracy": pair_metrics(stale, reward_tokenizer(previous), pairs)["accuracy"]}
 
 
 def reward_scale(rewards: torch.Tensor) -> dict:
@@ -60,13 +68,13 @@ def main(config: RewardStageConfig, run: RunConfig) -> dict:
 def check(config: RewardStageConfig, run: RunConfig, found: dict) -> tuple[list, list]:
     """(train pairs, held-out pairs), read and checked; and the kept layer count against the model's."""
     check_layer_count(found["model"], config.num_layers)
-    return split_pairs(training_pairs(found["preferences"], config), config)
+    return round_pairs(found, config, run.round)
 
 
 def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
     train_pairs, eval_pairs = checked
     model_path = found["model"]
-    run_dir = RunDir(run.output_root, run.name)
+    run_dir = run.directory()
     partial = run_dir.partial_path(STAGE)
     resume_from = start_partial(STAGE, partial, config.resume)
 
@@ -94,7 +102,9 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
     train_data = datasets.Dataset.from_list(rows)
 
     # 2. accuracy before, the head fitted alone (not when resuming: the checkpoint holds it), training, accuracy after
-    probed = probe(model, tokenizer, train_pairs, eval_pairs, config) if config.probe_steps and not resume_from else {}
+    continued = run.round > 1 and config.round_init == "previous"  # the head is the previous round's, fitted already
+    probed = (probe(model, tokenizer, train_pairs, eval_pairs, config)
+              if config.probe_steps and not resume_from and not continued else {})
     before = probed.pop("before") if probed else pair_metrics(model, tokenizer, eval_pairs)
     if probed:
         print(f"[{STAGE}] head fitted alone on the frozen model: train accuracy "
@@ -135,6 +145,9 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
                       (heads[chosen[trained:]], heads[rejected[trained:]]))
     log_evaluation(tracker, report, staged)
     metrics.update(report, eval_accuracy=report["heldout_accuracy"], eval_margin=report["heldout_margin"])
+    if run.round > 1:
+        metrics.update(new_round_metrics(trainer.model, tokenizer, found["previous_reward_model"],
+                                         [pair for pair in eval_pairs if pair["round"] == run.round]))
     reward_info = {"heads": config.ensemble, "pooling": config.pooling, "scale": scale, "ties": config.ties,
                    "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}
 

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import ConfigError
+from rlhf.runs import RunDir
 
 RENAMED_SECTIONS = {"labels": "preferences"}
+ROUND_SECTION = re.compile(r"round-[0-9]+")
 TRACKERS = ("wandb", "trackio", "none")
 
 
@@ -39,11 +42,24 @@ class RunConfig:
     project: str = field(default="rlhf", metadata={"help": "wandb and trackio project name."})
     sample_every: int = field(default=0, metadata={
         "help": "Log a table of sample prompts and responses every N steps (0: only before and after)."})
+    rounds: int = field(default=1, metadata={
+        "help": "Online rounds `rlhf run` makes: round 1 is the chain; each later round samples the latest "
+                "policy's answers on fresh prompts, labels those the reward model is least sure of, retrains the "
+                "reward model on all votes so far and continues PPO and DPO (docs/online_rounds.md)."})
+    round: int = field(default=1, metadata={
+        "help": "The online round a stage command works in (`rlhf run` sets it): round r > 1 reads and writes "
+                "runs/<name>/round-<r>/ and the `round-<r>:` section of the config."})
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name must be a plain folder name, got '{self.name}'")
+        if self.rounds < 1 or self.round < 1:
+            raise ValueError(f"rounds and round must be at least 1, got {self.rounds} and {self.round}")
         self.trackers = parse_trackers(self.tracking)
+
+    def directory(self) -> RunDir:
+        """The run's folder, seen from this round."""
+        return RunDir(self.output_root, self.name, self.round)
 
 
 def parse_trackers(text: str) -> list[str]:
@@ -62,11 +78,25 @@ def load_config(path, overrides: list[str], sections: dict[str, type], valid_sec
     document = read_yaml(path, valid_sections) if path else {}
     from_command_line = parse_overrides(overrides, sections)
     built = {}
+    if "run" in sections:
+        built["run"] = build_section(*section_values(document, from_command_line, "run", path, None),
+                                     sections["run"])
+    round_section = f"round-{built['run'].round}" if "run" in built else None
     for name, cls in sections.items():
-        values = {**(document.get(name) or {}), **from_command_line.get(name, {})}
-        where = {key: "command line" if key in from_command_line.get(name, {}) else str(path) for key in values}
-        built[name] = build_section(where, name, cls, values)
+        if name != "run":
+            built[name] = build_section(*section_values(document, from_command_line, name, path, round_section),
+                                        cls)
     return built
+
+
+def section_values(document: dict, from_command_line: dict, name: str, path, round_section: str | None):
+    """(where each key came from, section name, values): the file's section, then the round's own settings for it
+    (a `round-<r>:` section), then the command line."""
+    in_round = ((document.get(round_section) or {}).get(name) or {}) if round_section else {}
+    values = {**(document.get(name) or {}), **in_round, **from_command_line.get(name, {})}
+    where = {key: "command line" if key in from_command_line.get(name, {}) else
+             f"{path} ({round_section})" if key in in_round else str(path) for key in values}
+    return where, name, values
 
 
 def read_yaml(path, valid_sections=None) -> dict:
@@ -80,14 +110,33 @@ def read_yaml(path, valid_sections=None) -> dict:
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got a {type(document).__name__}")
     for name, values in document.items():
+        if ROUND_SECTION.fullmatch(str(name)) and valid_sections is not None:
+            check_round_section(path, name, values, valid_sections)
+            continue
         if name in RENAMED_SECTIONS and valid_sections is not None:
             raise ConfigError(f"{path}: section '{name}' is now called '{RENAMED_SECTIONS[name]}'")
         if valid_sections is not None and name not in valid_sections:
             raise ConfigError(f"{path}: unknown section '{name}'{suggest(name, list(valid_sections))}; "
-                              f"valid sections: {', '.join(valid_sections)}")
+                              f"valid sections: {', '.join(valid_sections)} (and round-2, round-3, ...)")
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"{path}: section '{name}' must be a mapping of keys to values")
     return document
+
+
+def check_round_section(path, name: str, values, valid_sections) -> None:
+    """`round-<r>:` holds stage sections whose settings apply in online round r only (r >= 2)."""
+    if int(name.split("-")[1]) < 2:
+        raise ConfigError(f"{path}: section '{name}': round sections start at round-2 (round 1 is the file's own "
+                          "sections)")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: section '{name}' must be a mapping of stage sections")
+    stages = [section for section in valid_sections if section != "run"]
+    for section, settings in values.items():
+        if section not in stages:
+            raise ConfigError(f"{path}: {name}.{section}: not a stage section{suggest(section, stages)}; a round "
+                              f"section holds {', '.join(stages)}")
+        if settings is not None and not isinstance(settings, dict):
+            raise ConfigError(f"{path}: {name}.{section} must be a mapping of keys to values")
 
 
 def parse_overrides(tokens: list[str], sections: dict[str, type]) -> dict[str, dict]:
@@ -119,7 +168,7 @@ def field_types(cls) -> dict[str, object]:
     return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
 
 
-def build_section(where: dict[str, str], section: str, cls, values: dict):
+def build_section(where: dict[str, str], section: str, values: dict, cls):
     """`where` names, for each key, the file or "command line" it came from, for the error message."""
     types_by_name = field_types(cls)
     kwargs = {}
@@ -221,11 +270,13 @@ def as_plain_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def hashed_settings(config) -> dict:
+def hashed_settings(config, round: int = 1) -> dict:
     """The settings a stage's config hash covers: those that change its outputs. Left out: `resume` (how the stage
-    gets to its result, not the result) and fields marked `metadata={"hashed": False}` (what only the stage's own
-    evaluation reads, which `rlhf reward eval` redoes in its own folder)."""
-    skipped = {"resume"} | {f.name for f in dataclasses.fields(config) if f.metadata.get("hashed") is False}
+    gets to its result, not the result), fields marked `metadata={"hashed": False}` (what only the stage's own
+    evaluation reads, which `rlhf reward eval` redoes in its own folder), and in round 1 the fields marked
+    `metadata={"later_rounds": True}` (read by online rounds 2 and later only: changing them leaves round 1 done)."""
+    skipped = {"resume"} | {f.name for f in dataclasses.fields(config) if f.metadata.get("hashed") is False
+                            or (round == 1 and f.metadata.get("later_rounds"))}
     return {key: value for key, value in as_plain_dict(config).items() if key not in skipped}
 
 

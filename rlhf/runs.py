@@ -1,4 +1,6 @@
 """Run directories: `runs/<name>/<stage>/` for each stage's outputs and `runs/<name>/manifest.json` for the record.
+Online rounds after the first keep their stages in `runs/<name>/round-<r>/<stage>/`, recorded in the manifest as
+`round-<r>/<stage>`; the SFT model is shared by every round (`RunDir.key`).
 
 A stage works in `runs/<name>/.<stage>.partial/` (checkpoints live there, so a killed stage can resume) and
 publishes its finished outputs by renaming a complete folder to `runs/<name>/<stage>/`: a folder under that name
@@ -20,6 +22,7 @@ from rlhf.errors import UserError
 
 MANIFEST = "manifest.json"
 STAGE_RECORD = "stage.json"
+SHARED_STAGES = ("sft",)  # made once, read by every online round
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -61,11 +64,12 @@ def stage_lock(run: "RunDir", stage: str):
     """Held while a stage runs, so a second `rlhf <stage>` on the same run stops at once instead of deleting
     the first one's checkpoints."""
     run.path.mkdir(parents=True, exist_ok=True)
-    with open(run.path / f".{stage}.lock", "w") as handle:
+    with open(run.path / f".{run.label(stage)}.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"stage '{stage}' of run '{run.name}' is already running in another process") from None
+            raise UserError(f"stage '{run.key(stage)}' of run '{run.name}' is already running in another "
+                            "process") from None
         try:
             yield
         finally:
@@ -118,17 +122,32 @@ def read_stage_record(folder) -> dict:
 
 
 class RunDir:
-    def __init__(self, root, name: str):
+    """A run's folder, seen from one online round (1: the first, whose stages sit at the top)."""
+
+    def __init__(self, root, name: str, round: int = 1):
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"run name must be a plain folder name, got '{name}'")
-        self.name = name
+        self.root, self.name, self.round = root, name, round
         self.path = Path(root) / name
 
+    def key(self, stage: str) -> str:
+        """The stage's folder under the run and its manifest entry: `stage` in round 1 (and for the SFT model,
+        which every round shares), else `round-<r>/stage`."""
+        return stage if self.round == 1 or stage in SHARED_STAGES else f"round-{self.round}/{stage}"
+
+    def label(self, stage: str) -> str:
+        """The key as one name (tracked runs, artifacts, locks): `ppo`, `round-2-ppo`."""
+        return self.key(stage).replace("/", "-")
+
+    def in_round(self, round: int) -> "RunDir":
+        return RunDir(self.root, self.name, round)
+
     def stage_path(self, stage: str) -> Path:
-        return self.path / stage
+        return self.path / self.key(stage)
 
     def partial_path(self, stage: str) -> Path:
-        return self.path / f".{stage}.partial"
+        final = self.stage_path(stage)
+        return final.parent / f".{final.name}.partial"
 
     @property
     def manifest_path(self) -> Path:
@@ -140,15 +159,16 @@ class RunDir:
         return json.loads(self.manifest_path.read_text())
 
     def stage_entry(self, stage: str) -> dict | None:
-        return self.read_manifest()["stages"].get(stage)
+        return self.read_manifest()["stages"].get(self.key(stage))
 
     def record(self, stage: str, replace: bool = False, **entry) -> dict:
         """Merges `entry` into the stage's manifest entry, or with `replace` writes it whole (under a lock: stages
         may run side by side)."""
         with file_lock(self.manifest_path):
             manifest = self.read_manifest()
-            merged = entry if replace else {**manifest["stages"].get(stage, {}), **entry}
-            manifest["stages"][stage] = merged
+            key = self.key(stage)
+            merged = entry if replace else {**manifest["stages"].get(key, {}), **entry}
+            manifest["stages"][key] = merged
             manifest["updated"] = now()
             atomic_write_json(self.manifest_path, manifest)
         return merged
@@ -156,12 +176,12 @@ class RunDir:
     def publish(self, stage: str, finished: Path) -> Path:
         """Renames the complete folder `finished` to `runs/<name>/<stage>`, replacing an older one whole."""
         final = self.stage_path(stage)
-        self.path.mkdir(parents=True, exist_ok=True)
-        for leftover in self.path.glob(f".{stage}.old-*"):  # from a publish killed between its two renames
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in final.parent.glob(f".{final.name}.old-*"):  # from a publish killed between its two renames
             shutil.rmtree(leftover, ignore_errors=True)
         old = None
         if final.exists():
-            old = self.path / f".{stage}.old-{int(time.time() * 1000)}"
+            old = final.parent / f".{final.name}.old-{int(time.time() * 1000)}"
             os.replace(final, old)
         os.replace(finished, final)
         if old is not None:
@@ -195,7 +215,9 @@ class StageRecord:
         """Writes `stage.json` (with `extra`, what later stages read) into the complete folder `staged`, renames
         it to `runs/<name>/<stage>`, removes the stage's working folder, and records the stage done."""
         outputs = {"model": self.run.stage_path(self.stage)}
-        atomic_write_json(staged / STAGE_RECORD, {"stage": self.stage, "config_hash": self.config_hash,
+        atomic_write_json(staged / STAGE_RECORD, {"stage": self.stage, "round": self.run.round,
+                                                  "artifact": f"{self.run.name}-{self.run.label(self.stage)}",
+                                                  "config_hash": self.config_hash,
                                                   "input_hashes": self.input_hashes, "metrics": metrics,
                                                   "outputs": {k: str(v) for k, v in outputs.items()},
                                                   **(extra or {})})

@@ -62,7 +62,7 @@ def run_stage(stage: Stage, config, run: RunConfig) -> dict:
         outcome = stage.work(config, run, found, checked, tracker, record)
         if record is not None and outcome.staged is not None:
             final = record.publish(outcome.staged, outcome.partial, outcome.metrics, outcome.seconds, outcome.extra)
-            tracker.log_artifact(f"{run.name}-{stage.name}", outcome.artifact, final)
+            tracker.log_artifact(f"{run.name}-{record.run.label(stage.name)}", outcome.artifact, final)
             print(f"[{stage.name}] done: {final} ({outcome.summary})", flush=True)
     wait_for_other_processes()
     return outcome.metrics if outcome.returned is None else outcome.returned
@@ -115,6 +115,22 @@ def published_model(run_dir: RunDir, maker: str, what: str, folder: str | None, 
     return folder
 
 
+def earlier_round_model(run_dir: RunDir, stage: str, what: str) -> str:
+    """For online round r > 1: the model folder round r-1's `stage` published (its policy, its reward model)."""
+    earlier = run_dir.in_round(run_dir.round - 1)
+    folder = earlier.stage_path(stage)
+    if not (folder / "config.json").exists():
+        raise MissingInputError(f"no {what} at {folder}: round {run_dir.round} continues from round {earlier.round}; "
+                                f"run `rlhf {stage} --config ... --run.round {earlier.round}` first")
+    return str(folder)
+
+
+def round_seed(seed: int, round: int) -> int:
+    """The seed a stage samples with in an online round: the next one each round, so later rounds draw fresh
+    answers and prompt orders, and round 1 draws as a run without rounds."""
+    return seed + round - 1
+
+
 def start_partial(stage: str, partial: Path, resume: bool) -> str | None:
     """The stage's working folder made ready (on the main process): with `resume` and a complete checkpoint in
     it, only the half-written final folder is removed and the checkpoint returned; otherwise it starts empty."""
@@ -129,15 +145,15 @@ def running_stage(run: RunConfig, stage: str, config, inputs: dict):
     """Yields (record, tracker). The main process holds the stage lock and records `running`, then `done` (the
     stage calls record.publish) or `failed` on any error; other processes get no record. The tracker always
     finishes. The config hash covers the settings that change the stage's outputs (rlhf.config.hashed_settings)."""
-    run_dir = RunDir(run.output_root, run.name)
+    run_dir = run.directory()
     is_main = config.process_index == 0
     plain_config = as_plain_dict(config)
     with stage_lock(run_dir, stage) if is_main else contextlib.nullcontext():
-        record = StageRecord(run_dir, stage, hashed_settings(config), inputs) if is_main else None
+        record = StageRecord(run_dir, stage, hashed_settings(config, run.round), inputs) if is_main else None
         tracker = tracking.Tracker([])
         try:
             tracker = tracking.start(run.trackers, run.project, run.name, stage, plain_config,
-                                     run_dir.path / "tracking", is_main)
+                                     run_dir.path / "tracking", is_main, run_dir.label(stage))
             for name, kind, path in used_artifacts(inputs):
                 tracker.use_artifact(name, kind, path)
             yield record, tracker
@@ -158,9 +174,10 @@ def used_artifacts(inputs: dict) -> list[tuple[str, str, str]]:
         folder = Path(str(path))
         record, export = folder / STAGE_RECORD, folder / "export.json"
         if record.is_file():
-            stage = json.loads(record.read_text()).get("stage") or folder.name
+            written = json.loads(record.read_text())
             kind = "dataset" if export.is_file() else "model"
-            used.append((f"{folder.parent.name}-{stage}", kind, str(folder)))
+            used.append((written.get("artifact") or f"{folder.parent.name}-{written.get('stage') or folder.name}",
+                         kind, str(folder)))
         elif export.is_file():
             used.append((f"labels-{json.loads(export.read_text())['content_hash']}", "dataset", str(folder)))
     return used

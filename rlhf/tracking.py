@@ -1,7 +1,8 @@
 """Experiment tracking: wandb, trackio, both, or none, behind one small `Tracker`.
 
 Naming, the same for every stage: one wandb group and one trackio group per run (the run name), one tracked run
-per stage named `<run>-<stage>` with `job_type` = stage, the whole stage config logged. Trainer metrics keep
+per stage named `<run>-<stage>` (online rounds after the first: `<run>-round-<r>-<stage>`) with `job_type` = stage,
+the whole stage config logged. Trainer metrics keep
 TRL's names under `train/` and `eval/` (as transformers' own wandb integration writes them).
 wandb runs online when logged in and offline otherwise (then `wandb sync` uploads later). On non-main ranks,
 and with `tracking: none`, every call is a no-op.
@@ -26,13 +27,13 @@ def wandb_logged_in() -> bool:
 
 
 class WandbBackend:
-    def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path):
+    def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         directory.mkdir(parents=True, exist_ok=True)
         self.wandb, self.online = wandb, mode in ("online", "run")
-        self.run = wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{stage}",
+        self.run = wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{label}",
                               config=config, dir=str(directory), mode=mode, reinit="finish_previous")
         if mode == "offline":
             print(f"wandb: offline (not logged in); upload later with: wandb sync {Path(self.run.dir).parent}",
@@ -69,11 +70,11 @@ class WandbBackend:
 
 
 class TrackioBackend:
-    def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path):
+    def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import trackio
 
         self.trackio = trackio
-        self.run = trackio.init(project=project, name=f"{group}-{stage}", group=group,
+        self.run = trackio.init(project=project, name=f"{group}-{label}", group=group,
                                 config={**config, "job_type": stage}, embed=False)
 
     def log(self, metrics: dict, step: int | None) -> None:
@@ -129,10 +130,13 @@ class Tracker:
 
 
 def start(trackers: list[str], project: str, run_name: str, stage: str, config: dict, directory: Path,
-          is_main: bool = True) -> Tracker:
+          is_main: bool = True, label: str | None = None) -> Tracker:
+    """`label`: the tracked run's name after the run's (`<run>-<label>`), default the stage's; an online round
+    after the first names its stages `round-<r>-<stage>`."""
     if not is_main:
         return Tracker([])
-    backends = [BACKENDS[name](project, run_name, stage, config, Path(directory)) for name in trackers]
+    backends = [BACKENDS[name](project, run_name, stage, config, Path(directory), label or stage)
+                for name in trackers]
     if backends:
         log.info("[%s] tracking with %s (group %s)", stage, ", ".join(trackers), run_name)
     return Tracker(backends)

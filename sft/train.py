@@ -21,7 +21,7 @@ from rlhf.config import RunConfig
 from rlhf.datasets import cut_long_texts, load_rows, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.generation import generate_responses
-from rlhf.runs import RunDir, atomic_write_json
+from rlhf.runs import atomic_write_json
 from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, checkpoint_step, run_stage, start_partial
 from sft.config import SFTStageConfig
 
@@ -46,7 +46,7 @@ def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple[list, li
 
 def train(config: SFTStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
     train_rows, eval_rows, prompts = checked
-    partial = RunDir(run.output_root, run.name).partial_path(STAGE)
+    partial = run.directory().partial_path(STAGE)
     resume_from = start_partial(STAGE, partial, config.resume)
 
     # 1. model, data and the hardware decisions
