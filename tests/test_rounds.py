@@ -1,0 +1,231 @@
+"""Online rounds with the tiny model (`rlhf run --run.rounds 2`): round 2 labels the round-1 policy's answers to
+fresh prompts where the round-1 reward model is least sure, within its budget; its reward model trains on both
+rounds' votes; PPO and DPO continue; a run killed in round 2 reruns to an uninterrupted run's artifacts; a setting
+changed for round 2 leaves round 1 done; and a round labelled by people waits for the app's votes, killed or not."""
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from datasets import load_from_disk
+from safetensors.torch import load_file
+from sqlalchemy import select
+
+from preference_ui.loadtest import BrowserLikeClient, free_port, stop_server, wait_for_port
+from rlhf.reward_model import load_reward_model, reward_tokenizer, score
+from rlhf.runs import hash_path
+from rlhf.store import Prompt, Response, Store
+from tests.conftest import REPO
+from tests.test_run import run_ok
+
+BUDGET = 6  # round 2 labels 6 of the round-1 policy's candidate pairs
+ROUND_1 = ["sft", "preferences", "reward", "ppo", "dpo", "eval"]
+ROUND_2 = [f"round-2/{stage}" for stage in ROUND_1[1:]]
+
+
+def rounds_run(root, name: str, *extra: str, config: str = "configs/tiny.yaml") -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "run", "--config", config, f"--run.output_root={root}",
+            f"--run.name={name}", "--run.rounds=2", f"--preferences.round_budget={BUDGET}", *extra]
+
+
+def actions(stdout: str) -> dict:
+    """{manifest key: what `rlhf run` did with it}, from its first line about each."""
+    found = {}
+    for line in stdout.splitlines():
+        key, _, what = line.removeprefix("[run] ").partition(": ")
+        if line.startswith("[run] ") and key in ROUND_1 + ROUND_2:
+            found.setdefault(key, what)
+    return found
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """An uninterrupted two-round run."""
+    root = tmp_path_factory.mktemp("rounds")
+    printed = run_ok(rounds_run(root, "whole"))
+    return {"root": root, "run": root / "whole", "printed": printed}
+
+
+def test_round_2_labels_the_round_1_policy_where_its_reward_model_is_least_sure_and_trains_on_both_rounds(whole):
+    run, printed = whole["run"], whole["printed"]
+    assert actions(printed) == {key: "running" for key in ROUND_1 + ROUND_2}
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    assert all(manifest[key]["status"] == "done" for key in ROUND_1 + ROUND_2)
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+
+    # round 2's comparisons: the round-1 PPO policy's answers to prompts round 1 never saw, BUDGET of them
+    batch = manifest["round-2/preferences"]["metrics"]["batch"]
+    assert batch.startswith("whole-round-2-")  # its own batch, keyed by what it was drawn from
+    first, second = store.comparisons("whole"), store.comparisons(batch)
+    assert len(second) == BUDGET
+    assert {c["a_model"] for c in second} | {c["b_model"] for c in second} == {str(run / "ppo")}
+    assert not {json.dumps(c["prompt"]) for c in first} & {json.dumps(c["prompt"]) for c in second}
+
+    # ... and they are the candidate pairs the round-1 reward model was least sure about (smallest |gap|)
+    with store.session() as session:
+        answers = session.scalars(select(Response).where(Response.model == str(run / "ppo"))).all()
+        conversations = [session.get(Prompt, answer.prompt_id).messages + [{"role": "assistant",
+                                                                             "content": answer.text}]
+                         for answer in answers]
+    reward = str(run / "reward")
+    tokenizer = reward_tokenizer(reward)
+    scores = dict(zip(answers, score(load_reward_model(reward, tokenizer), tokenizer, conversations)))
+    candidates = [(a, b) for a, b in itertools.combinations(answers, 2) if a.prompt_id == b.prompt_id
+                  and a.text != b.text]
+    gap = {frozenset((a.text, b.text)): abs(scores[a] - scores[b]) for a, b in candidates}
+    chosen = {frozenset((c["a"], c["b"])) for c in second}
+    assert len(gap) > BUDGET and chosen <= set(gap)
+    assert max(gap[pair] for pair in chosen) <= min(gap[pair] for pair in gap if pair not in chosen) + 1e-5
+
+    # round 2's reward model saw both rounds' votes, and measured the round-1 model on round 2's held-out votes
+    entry = manifest["round-2/reward"]
+    assert entry["inputs"]["preferences"] == str(run / "preferences")
+    assert entry["inputs"]["preferences_round_2"] == str(run / "round-2" / "preferences")
+    pairs = manifest["preferences"]["metrics"]["pairs"] + manifest["round-2/preferences"]["metrics"]["pairs"]
+    ties = manifest["preferences"]["metrics"]["ties"] + manifest["round-2/preferences"]["metrics"]["ties"]
+    metrics = entry["metrics"]
+    assert metrics["train_pairs"] + metrics["eval_pairs"] == pairs - ties  # ties are dropped (reward.ties drop)
+    assert metrics["new_round_eval_pairs"] >= 1 and "previous_model_new_round_accuracy" in metrics
+
+    # PPO continues the round-1 policy and critic against the SFT model; DPO continues the round-1 DPO policy
+    assert {k: manifest["round-2/ppo"]["inputs"][k] for k in ("policy", "critic", "reference", "reward_model")} == {
+        "policy": str(run / "ppo"), "critic": str(run / "ppo" / "critic"), "reference": str(run / "sft"),
+        "reward_model": str(run / "round-2" / "reward")}
+    assert manifest["round-2/dpo"]["inputs"]["model"] == str(run / "dpo")
+    assert manifest["round-2/dpo"]["inputs"]["preferences"] == str(run / "round-2" / "preferences")
+
+    # every round evaluated; the run's report ends with the per-round table and plot
+    report = (run / "report.md").read_text()
+    assert "## Online rounds" in report and (run / "round-2" / "eval" / "rounds.png").exists()
+    rows = [line for line in report[report.index("## Online rounds"):].splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["1", "2"]
+    for round, folder in ((1, run / "eval"), (2, run / "round-2" / "eval")):
+        ppo = json.loads((folder / "results.json").read_text())["policies"]["ppo"]
+        assert f"{ppo['win_rate_judge']:.3f} [{ppo['win_rate_judge_low']:.3f}" in rows[round]
+    assert "](round-2/eval/rounds.png)" in report
+
+
+# Where the second run is killed: right after round 2's preferences published, and mid round-2 PPO after a checkpoint
+KILLS = ["round-2/preferences/stage.json", "round-2/.ppo.partial/checkpoint-2/trainer_state.json"]
+
+
+def run_until(command: list[str], trigger, log) -> str:
+    """Starts `rlhf run`, SIGKILLs it as soon as `trigger` exists; returns what it printed."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not trigger.exists():
+            assert process.poll() is None, f"the run ended before {trigger} appeared:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return log.read_text()
+
+
+def test_a_run_killed_in_round_2_reruns_to_the_uninterrupted_runs_artifacts(whole, tmp_path):
+    root = whole["root"]
+    printed = [run_until(rounds_run(root, "killed"), root / "killed" / trigger, tmp_path / f"killed-{i}.log")
+               for i, trigger in enumerate(KILLS)]
+    assert actions(printed[1])["round-2/preferences"] == "up to date, skipped"
+    last = run_ok(rounds_run(root, "killed"))
+    assert actions(last)["round-2/ppo"] == "resuming", last[-3000:]
+    assert all(actions(last)[key] == "up to date, skipped" for key in ROUND_1 + ROUND_2[:2])
+
+    killed, uninterrupted = root / "killed" / "round-2", whole["run"] / "round-2"
+    killed_pairs, whole_pairs = ([{k: v for k, v in row.items() if k != "batch"}
+                                  for row in load_from_disk(str(folder / "preferences"))]
+                                 for folder in (killed, uninterrupted))
+    assert killed_pairs == whole_pairs
+    for stage in ("reward", "ppo", "dpo"):
+        killed_weights = load_file(killed / stage / "model.safetensors")
+        for name, tensor in load_file(uninterrupted / stage / "model.safetensors").items():
+            assert torch.allclose(killed_weights[name], tensor, atol=1e-5), (stage, name)
+    killed_results, whole_results = (json.loads((folder / "eval" / "results.json").read_text())["policies"]
+                                     for folder in (killed, uninterrupted))
+    for policy, result in whole_results.items():
+        for key, value in result.items():
+            if isinstance(value, float):
+                assert killed_results[policy][key] == pytest.approx(value, abs=1e-4), (policy, key)
+
+
+def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_then_finishes(tmp_path):
+    document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    document["round-2"] = {"preferences": {"simulate_judge": "", "poll_seconds": 0.2}}
+    config = tmp_path / "people-in-round-2.yaml"
+    config.write_text(yaml.safe_dump(document))
+    command = rounds_run(tmp_path, "people", config=str(config))
+    log = tmp_path / "run.log"
+
+    def started_run():
+        with log.open("a") as out:
+            return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_for(text: str, process) -> None:
+        deadline = time.time() + 600
+        while text not in log.read_text():
+            assert process.poll() is None, f"the run ended before '{text}':\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.1)
+
+    process = started_run()
+    wait_for("waiting for labellers: 0/6", process)
+    db = f"sqlite:///{tmp_path / 'people' / 'labels.db'}"
+    serve = log.read_text().split(f"rlhf label --db {db} serve --batch ")[1]
+    batch = serve.split()[0].rstrip("`")
+    assert batch.startswith("people-round-2-")  # the round's own batch is what the app is told to hand out
+    Store(db).add_user("ann", "labeller", "ann-passphrase")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", db, "serve", "--batch",
+                               batch, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(server, port)
+        ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")
+        ann.call("next_item")
+        for _ in range(3):
+            ann.call("vote_a", "clear", "", None)
+        process.send_signal(signal.SIGKILL)  # killed while it waits for the other three
+        process.wait()
+        assert not (tmp_path / "people" / "round-2" / "preferences").exists()
+        process = started_run()
+        wait_for("waiting for labellers: 3/6", process)
+        ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")  # back at the app later
+        ann.call("next_item")
+        for _ in range(3):
+            ann.call("vote_b", "clear", "", None)
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        stop_server(server)
+    printed = log.read_text()
+    rerun = printed[printed.rindex("[run] sft: "):]
+    assert actions(rerun) == {**{key: "up to date, skipped" for key in ROUND_1}, **{key: "running" for key in ROUND_2}}
+    entry = json.loads((tmp_path / "people" / "manifest.json").read_text())["stages"]["round-2/preferences"]
+    assert entry["status"] == "done" and entry["metrics"]["votes"] == 6 and entry["metrics"]["batch"] == batch
+
+
+def test_a_setting_changed_for_round_2_reruns_round_2_only_and_leaves_round_1_as_it_was(whole, tmp_path):
+    """Runs last in this file: it changes the uninterrupted run the other tests compare with."""
+    root, run = whole["root"], whole["run"]
+    round_1 = {stage: hash_path(run / stage) for stage in ROUND_1}
+    document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    document["round-2"] = {"ppo": {"learning_rate": 5.0e-4}}
+    config = tmp_path / "round-2-ppo.yaml"
+    config.write_text(yaml.safe_dump(document))
+    # a round-2 section: round 2's PPO and what reads it (its eval) rerun; its DPO and round 1 do not
+    changed = actions(run_ok(rounds_run(root, "whole", config=str(config))))
+    assert [key for key, what in changed.items() if what == "running"] == ["round-2/ppo", "round-2/eval"], changed
+    # a setting read by later rounds only (round 1 does not hash it): every round-2 stage reruns, round 1 does not;
+    # round 2 draws a new batch of 4 (the first one, and its votes, stay in the store)
+    before = json.loads((run / "manifest.json").read_text())["stages"]["round-2/preferences"]["metrics"]["batch"]
+    changed = actions(run_ok(rounds_run(root, "whole", "--preferences.round_budget=4", config=str(config))))
+    assert [key for key, what in changed.items() if what == "running"] == ROUND_2, changed
+    assert {stage: hash_path(run / stage) for stage in ROUND_1} == round_1
+    after = json.loads((run / "manifest.json").read_text())["stages"]["round-2/preferences"]["metrics"]["batch"]
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+    assert after != before and len(store.comparisons(after)) == 4 and len(store.comparisons(before)) == BUDGET
