@@ -34,7 +34,7 @@ from pathlib import Path
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import hashed_settings, load_config, read_yaml
 from rlhf.errors import UserError
-from rlhf.runs import SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record
+from rlhf.runs import SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record, stage_key
 from rlhf.stage import last_complete_checkpoint
 
 class StageFailed(UserError):
@@ -110,7 +110,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
     classes = {"run": SECTIONS["run"], **{stage.name: stage.config_class for stage in chosen}}
     rounds = load_config(config_path, overrides, classes, SECTIONS)["run"].rounds
     plan = round_plan(chosen, rounds)
-    if start_from and start_from not in [f"{key}" for key, _, _ in plan]:
+    if start_from and start_from not in [key for key, _, _ in plan]:
         raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(key for key, _, _ in plan)})")
     # every round's settings built (and so checked) before the first stage starts
     settings = {round: load_config(config_path, overrides + [f"--run.round={round}"], classes, SECTIONS)
@@ -156,7 +156,7 @@ def round_plan(chosen: list, rounds: int) -> list[tuple[str, int, object]]:
     for round in range(1, rounds + 1):
         for stage in chosen:
             if round == 1 or stage.name not in SHARED_STAGES:
-                plan.append((RunDir(".", "x", round).key(stage.name), round, stage))
+                plan.append((stage_key(stage.name, round), round, stage))
     return plan
 
 

@@ -121,6 +121,12 @@ def read_stage_record(folder) -> dict:
     return json.loads(record.read_text()) if record.is_file() else {}
 
 
+def stage_key(stage: str, round: int) -> str:
+    """A stage's folder under the run and its manifest entry: `stage` in round 1 (and for the SFT model, which
+    every round shares), else `round-<r>/stage`."""
+    return stage if round == 1 or stage in SHARED_STAGES else f"round-{round}/{stage}"
+
+
 class RunDir:
     """A run's folder, seen from one online round (1: the first, whose stages sit at the top)."""
 
@@ -131,9 +137,7 @@ class RunDir:
         self.path = Path(root) / name
 
     def key(self, stage: str) -> str:
-        """The stage's folder under the run and its manifest entry: `stage` in round 1 (and for the SFT model,
-        which every round shares), else `round-<r>/stage`."""
-        return stage if self.round == 1 or stage in SHARED_STAGES else f"round-{self.round}/{stage}"
+        return stage_key(stage, self.round)
 
     def label(self, stage: str) -> str:
         """The key as one name (tracked runs, artifacts, locks): `ppo`, `round-2-ppo`."""

@@ -129,3 +129,41 @@ def test_the_config_hash_covers_what_changes_a_stage_output_and_not_its_evaluati
     assert config_hash(dataclasses.replace(base, calibration_bins=5, gold="", resume=True)) == config_hash(base)
     assert config_hash(dataclasses.replace(base, learning_rate=1e-3)) != config_hash(base)
     assert "calibration_bins" not in hashed_settings(base) and "learning_rate" in hashed_settings(base)
+
+
+def test_a_round_section_applies_in_its_round_only_between_the_file_and_the_command_line(tmp_path):
+    from pipeline.stages import SECTIONS as EVERY_SECTION
+
+    path = write(tmp_path, "sft:\n  learning_rate: 2e-5\n  max_steps: 7\nround-2:\n  sft:\n    max_steps: 3\n"
+                           "    warmup_steps: 2\n")
+    first = load_config(path, [], SECTIONS, EVERY_SECTION)
+    second = load_config(path, ["--run.round=2", "--sft.warmup_steps=5"], SECTIONS, EVERY_SECTION)
+    assert (first["sft"].max_steps, first["sft"].warmup_steps) == (7, 0)
+    assert (second["run"].round, second["sft"].learning_rate, second["sft"].max_steps, second["sft"].warmup_steps) \
+        == (2, 2e-5, 3, 5)
+    bad = write(tmp_path, "round-2:\n  sft:\n    max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml \(round-2\): sft.max_stepz: unknown key"):
+        load_config(bad, ["--run.round", "2"], SECTIONS, EVERY_SECTION)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("round-1:\n  sft: {}\n", "round sections start at round-2"),
+    ("round-2:\n  sfft: {}\n", "round-2.sfft: not a stage section (did you mean 'sft'?)"),
+    ("round-2:\n  run: {rounds: 3}\n", "round-2.run: not a stage section"),
+    ("round-2: 3\n", "section 'round-2' must be a mapping of stage sections"),
+    ("round-2:\n  sft: 3\n", "round-2.sft must be a mapping of keys to values"),
+    ("run:\n  rounds: 0\n", "rounds and round must be at least 1"),
+])
+def test_bad_round_settings_are_refused_with_the_file_and_the_section(tmp_path, text, message):
+    assert message in error(write(tmp_path, text))
+
+
+def test_settings_read_by_later_rounds_only_are_outside_round_1s_config_hash():
+    from preference_ui.config import PreferencesStageConfig
+    from reward.config import RewardStageConfig
+
+    for config, field, value in ((PreferencesStageConfig(), "round_budget", 64), (RewardStageConfig(), "round_init",
+                                                                                   "previous")):
+        changed = dataclasses.replace(config, **{field: value})
+        assert hashed_settings(changed, 1) == hashed_settings(config, 1)
+        assert hashed_settings(changed, 2) != hashed_settings(config, 2)

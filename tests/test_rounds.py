@@ -229,3 +229,30 @@ def test_a_setting_changed_for_round_2_reruns_round_2_only_and_leaves_round_1_as
     after = json.loads((run / "manifest.json").read_text())["stages"]["round-2/preferences"]["metrics"]["batch"]
     store = Store(f"sqlite:///{run / 'labels.db'}")
     assert after != before and len(store.comparisons(after)) == 4 and len(store.comparisons(before)) == BUDGET
+
+
+def test_each_round_takes_fresh_prompts_and_a_prompt_file_too_short_for_a_round_is_named():
+    from preference_ui.collect import round_prompts
+    from preference_ui.config import PreferencesStageConfig
+    from rlhf.errors import ConfigError, DataError
+
+    rows = [{"id": str(i)} for i in range(10)]
+    config = PreferencesStageConfig(prompts="p.jsonl", num_prompts=4, round_prompts=3)
+    taken = [[row["id"] for row in round_prompts(rows, config, round)] for round in (1, 2, 3)]
+    assert taken == [["0", "1", "2", "3"], ["4", "5", "6"], ["7", "8", "9"]]
+    with pytest.raises(DataError, match=r"p.jsonl: rows: round 4 takes prompts 11-13 .* but the file has 10"):
+        round_prompts(rows, config, 4)
+    with pytest.raises(ConfigError, match="num_prompts is 0: round 1 takes every prompt"):
+        round_prompts(rows, PreferencesStageConfig(), 2)
+
+
+def test_rlhf_run_refuses_rounds_without_the_stages_a_round_needs(tmp_path):
+    from pipeline.run import main
+    from rlhf.errors import UserError
+
+    document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config = tmp_path / "no-reward.yaml"
+    config.write_text(yaml.safe_dump({name: document[name] for name in ("run", "sft", "preferences", "ppo")}))
+    with pytest.raises(UserError, match="online rounds need the preferences and reward sections .* reward"):
+        main(str(config), [f"--run.output_root={tmp_path}", "--run.rounds=2"])
+    assert not (tmp_path / "tiny").exists()
