@@ -5,15 +5,18 @@ the reward model is least sure), on the same SFT model, judge and seeds, and wit
     python bench/online_rounds.py [--config configs/default.yaml] [--root /tmp/online] [--judges a,b,...]
                                   [--prompts 32] [--episodes 48] [--eval-prompts 100] [--set KEY=VALUE ...]
 
-The SFT model is trained once (`rlhf sft`) and shared by every run. Per judge, both arms run `rlhf run` in their
-own folder: the single round labels all pairs of 4 answers to `--prompts` prompts (B) and trains PPO for
-`--episodes` episodes; the three rounds label all pairs of 4 answers to a third as many prompts, then
-twice B/3 pairs chosen by uncertainty among the answers to fresh prompts, and train PPO for a third of the
-episodes each round (continuing). Both evaluate their final policies on the same `--eval-prompts` held-out
-prompts (the rounds' intermediate evaluations on 16). Prints per judge the labels each arm used and the final
-PPO and DPO judge win rates against SFT with 95% intervals; a policy's gain is its win rate minus 0.5, an arm's
-the mean of its PPO's and DPO's. Last line `ratio: X`, X = the median over judges of the three rounds' gain
-divided by the single round's (a judge on which the single round gained nothing has no ratio and is left out).
+The SFT model is trained once and shared by every run. Per judge, both arms run `rlhf run` in their own folder:
+the single round labels all pairs of 4 answers to `--prompts` prompts (B) and trains PPO for `--episodes`
+episodes; the three rounds label all pairs of 4 answers to a third as many prompts, then twice B/3 pairs chosen by
+uncertainty among the answers to fresh prompts, and train PPO for a third of the episodes each round (continuing).
+Both evaluate their final policies on the same `--eval-prompts` held-out prompts (the rounds' intermediate
+evaluations on 16). Every run goes through `rlhf run`, so the benchmark run again on the same `--root` reruns only
+what changed (with `--set reward.round_init=previous`: rounds 2 and 3 of the three-round arm).
+
+Prints per judge the labels each arm used and the final PPO and DPO judge win rates against SFT with 95%
+intervals; a policy's gain is its win rate minus 0.5, an arm's the mean of its PPO's and DPO's. Last line
+`ratio: X`, X = the median over judges of the three rounds' gain divided by the single round's (a judge on which
+the single round gained nothing has no ratio and is left out).
 """
 import argparse
 import json
@@ -81,10 +84,15 @@ def arm_result(run: Path) -> dict:
     """The labels an arm used (pairs exported, every round) and its last evaluation's policies."""
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     labels = [entry["metrics"]["pairs"] for key, entry in sorted(stages.items()) if key.endswith("preferences")]
-    last = max((key for key in stages if key.endswith("eval")), key=len)
+    last = max((key for key in stages if key.endswith("eval")), key=round_of)
     results = json.loads((run / last / "results.json").read_text())
     return {"labels": labels, "prompts": results["prompts"], "policies": results["policies"],
             "seconds": sum(entry.get("timings", {}).get("total_s", 0.0) for entry in stages.values())}
+
+
+def round_of(key: str) -> int:
+    """The round of a manifest key: `eval` 1, `round-3/eval` 3."""
+    return int(key.split("/")[0].split("-")[1]) if key.startswith("round-") else 1
 
 
 def gain(result: dict) -> float:
@@ -104,7 +112,8 @@ def ratio(results: dict) -> float | None:
 
 
 def judge_lines(judge: str, arms: dict) -> list[str]:
-    lines = [f"judge {judge}: final eval on {arms['single']['prompts']} prompts"]
+    lines = [f"judge {judge}: final eval on {arms['single']['prompts']} prompts (three rounds: "
+             f"{arms['rounds']['prompts']})"]
     for arm, title in (("single", "1 round "), ("rounds", f"{ROUNDS} rounds")):
         result = arms[arm]
         rates = ", ".join(f"{name} {policy_rate(result['policies'][name])}" for name in POLICIES)
@@ -132,8 +141,10 @@ def main(argv=None) -> int:
     started = time.time()
     base = yaml.safe_load((REPO / args.config).read_text())
     extra = [f"--{item}" for item in args.set if not item.startswith("sft.")]
-    print(f"[online] the shared SFT model: rlhf sft in {root / 'shared'}", flush=True)
-    rlhf("sft", "--config", args.config, f"--run.output_root={root}", "--run.name=shared", "--run.tracking=none",
+    shared = root / "shared.yaml"  # through `rlhf run`, so a rerun on the same root finds it up to date
+    shared.write_text(yaml.safe_dump({"run": {**base["run"], "tracking": "none"}, "sft": base["sft"]}))
+    print(f"[online] the shared SFT model: rlhf run --config {shared}", flush=True)
+    rlhf("run", "--config", str(shared), f"--run.output_root={root}", "--run.name=shared",
          *(f"--{item}" for item in args.set if item.startswith(("sft.", "run."))))
     configs = arm_configs(base, str(root / "shared" / "sft"), args.prompts, args.episodes, args.eval_prompts)
     results = {}

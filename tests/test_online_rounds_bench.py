@@ -46,6 +46,7 @@ def test_gain_ratio_and_median_over_judges():
     assert ratio({"a": length, "b": keywords, "c": flat}) == pytest.approx((5 / 3 + 1) / 2)
     assert ratio({"c": flat}) is None
     text = summary({"builtin:length": length, "builtin:flat": flat})
+    assert "judge builtin:length: final eval on 100 prompts (three rounds: 100)" in text
     assert "1 round : 192 labels (192), win rate vs SFT ppo 0.600 [0.500, 0.700], dpo 0.700" in text
     assert "gain ratio: n/a (the single round gained nothing)" in text
     assert text.splitlines()[-1] == "ratio: 1.667"
@@ -54,10 +55,10 @@ def test_gain_ratio_and_median_over_judges():
 def test_arm_result_reads_every_rounds_labels_and_the_last_rounds_eval(tmp_path):
     stages = {"preferences": {"metrics": {"pairs": 66}}, "round-2/preferences": {"metrics": {"pairs": 64}},
               "round-3/preferences": {"metrics": {"pairs": 63}}, "eval": {"timings": {"total_s": 10.0}},
-              "round-3/eval": {"timings": {"total_s": 30.0}}}
+              "round-3/eval": {"timings": {"total_s": 30.0}}, "round-2/eval": {"timings": {"total_s": 12.0}}}
     (tmp_path / "manifest.json").write_text(json.dumps({"stages": stages}))
-    for folder, prompts in (("eval", 16), ("round-3/eval", 100)):
+    for folder, prompts in (("eval", 16), ("round-2/eval", 16), ("round-3/eval", 100)):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "results.json").write_text(json.dumps({"prompts": prompts, "policies": {}}))
     result = arm_result(tmp_path)
-    assert result == {"labels": [66, 64, 63], "prompts": 100, "policies": {}, "seconds": 40.0}
+    assert result == {"labels": [66, 64, 63], "prompts": 100, "policies": {}, "seconds": 52.0}
