@@ -28,8 +28,8 @@ from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, DataError
 from rlhf.judges import load_judge
 from rlhf.label_export import export
-from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
 from rlhf.runs import hash_config, input_hashes
+from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
 from rlhf.store import Store, run_store_url
 
 STAGE = "preferences"

@@ -28,9 +28,7 @@ def inputs(config: RewardStageConfig, run: RunConfig) -> dict:
     else:
         found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
     for round in range(1, run.round + 1):
-        found.add(source_key(round), lambda round=round: {
-            f"{key}{source_key(round)[len('preferences'):]}": value for key, value in preference_source(
-                STAGE, config.preferences, config.batch, config.min_votes, run_dir.in_round(round)).items()})
+        found.add(source_key(round), lambda round=round: round_source(config, run_dir, round))
     if run.round > 1:
         found.add("previous_reward_model", lambda: earlier_round_model(run_dir, STAGE, "reward model"))
     return found.found()
@@ -39,6 +37,14 @@ def inputs(config: RewardStageConfig, run: RunConfig) -> dict:
 def source_key(round: int) -> str:
     """The input that names round `round`'s export: `preferences` (round 1), `preferences_round_2`, ..."""
     return "preferences" if round == 1 else f"preferences_round_{round}"
+
+
+def round_source(config: RewardStageConfig, run_dir, round: int) -> dict:
+    """Round `round`'s export and its hash, named for the round: `preferences` and `export_hash` in round 1,
+    `preferences_round_2` and `export_hash_round_2` in round 2, ..."""
+    suffix = source_key(round).removeprefix("preferences")
+    found = preference_source(STAGE, config.preferences, config.batch, config.min_votes, run_dir.in_round(round))
+    return {f"{key}{suffix}": value for key, value in found.items()}
 
 
 def round_pairs(found: dict, config: RewardStageConfig, rounds: int) -> tuple[list[dict], list[dict]]:

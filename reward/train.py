@@ -41,10 +41,11 @@ def pair_metrics(model, tokenizer, pairs: list[dict]) -> dict:
 def new_round_metrics(model, tokenizer, previous: str, pairs: list[dict]) -> dict:
     """On the newest round's held-out pairs (answers of the policy the previous round trained): this model's
     accuracy, and the previous round's reward model's, which is how stale it had become."""
-    stale = load_reward_model(previous, reward_tokenizer(previous)).eval()
+    stale_tokenizer = reward_tokenizer(previous)
+    stale = load_reward_model(previous, stale_tokenizer).eval()
     return {"new_round_eval_pairs": len(pairs),
             "new_round_accuracy": pair_metrics(model, tokenizer, pairs)["accuracy"],
-            "previous_model_new_round_accuracy": pair_metrics(stale, reward_tokenizer(previous), pairs)["accuracy"]}
+            "previous_model_new_round_accuracy": pair_metrics(stale, stale_tokenizer, pairs)["accuracy"]}
 
 
 def reward_scale(rewards: torch.Tensor) -> dict:
