@@ -40,7 +40,7 @@ from ppo.update import Critic, make_experience, ppo_epochs, recomputed_logprobs,
 from rlhf import models
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
-from rlhf.errors import ConfigError, UserError
+from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
@@ -59,13 +59,23 @@ def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
         found.add("policy", lambda: starting_model(STAGE, config.model, run_dir))
     else:  # an online round continues the previous round's policy and critic, against the same reference
         found.add("policy", lambda: earlier_round_model(run_dir, STAGE, "PPO policy"))
-        found.add("critic", lambda: earlier_round_model(run_dir, STAGE, "PPO policy") + f"/{CRITIC}")
+        found.add("critic", lambda: earlier_critic(run_dir))
         found.add("reference", lambda: starting_model(STAGE, config.model, run_dir))
     found.add("prompts", config.prompts)
     if not config.reward_function:
         found.add("reward_model", lambda: published_model(run_dir, "reward", "reward model", config.reward_model,
                                                            "--ppo.reward_model (or --ppo.reward_function)"))
     return found.found()
+
+
+def earlier_critic(run_dir) -> str:
+    """The previous round's critic, published beside its policy (a missing policy is reported on its own)."""
+    earlier = run_dir.in_round(run_dir.round - 1)
+    policy = earlier.stage_path(STAGE)
+    if (policy / "config.json").exists() and not (policy / CRITIC / CRITIC_SCALE).exists():
+        raise MissingInputError(f"no critic in {policy}: that PPO policy was published before PPO kept its critic; "
+                                f"rerun it with `rlhf run --from {earlier.key(STAGE)} ...`")
+    return str(policy / CRITIC)
 
 
 class StoppedOnAlert(UserError):

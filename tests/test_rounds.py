@@ -256,3 +256,16 @@ def test_rlhf_run_refuses_rounds_without_the_stages_a_round_needs(tmp_path):
     with pytest.raises(UserError, match="online rounds need the preferences and reward sections .* reward"):
         main(str(config), [f"--run.output_root={tmp_path}", "--run.rounds=2"])
     assert not (tmp_path / "tiny").exists()
+
+
+def test_a_ppo_policy_published_without_its_critic_is_named_with_the_command_that_remakes_it(tmp_path):
+    from ppo.trainer import earlier_critic
+    from rlhf.errors import MissingInputError
+    from rlhf.runs import RunDir
+
+    round_3 = RunDir(tmp_path, "r", 3)
+    assert earlier_critic(round_3) == str(tmp_path / "r" / "round-2" / "ppo" / "critic")  # no policy: said apart
+    (tmp_path / "r" / "round-2" / "ppo").mkdir(parents=True)
+    (tmp_path / "r" / "round-2" / "ppo" / "config.json").write_text("{}")
+    with pytest.raises(MissingInputError, match=r"no critic in .*round-2/ppo: .* `rlhf run --from round-2/ppo ...`"):
+        earlier_critic(round_3)
