@@ -118,13 +118,15 @@ def run_until(command: list[str], trigger, log) -> str:
     """Starts `rlhf run`, SIGKILLs it as soon as `trigger` exists; returns what it printed."""
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.time() + 600
-        while not trigger.exists():
-            assert process.poll() is None, f"the run ended before {trigger} appeared:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        try:
+            deadline = time.time() + 600
+            while not trigger.exists():
+                assert process.poll() is None, f"the run ended before {trigger} appeared:\n{log.read_text()[-3000:]}"
+                assert time.time() < deadline
+                time.sleep(0.02)
+        finally:  # at the trigger, or on a failed assertion: no run is left behind
+            process.send_signal(signal.SIGKILL)
+            process.wait()
     return log.read_text()
 
 
@@ -173,35 +175,41 @@ def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_
             assert time.time() < deadline
             time.sleep(0.1)
 
-    process = started_run()
-    wait_for("waiting for labellers: 0/6", process)
-    db = f"sqlite:///{tmp_path / 'people' / 'labels.db'}"
-    serve = log.read_text().split(f"rlhf label --db {db} serve --batch ")[1]
-    batch = serve.split()[0].rstrip("`")
-    assert batch.startswith("people-round-2-")  # the round's own batch is what the app is told to hand out
-    Store(db).add_user("ann", "labeller", "ann-passphrase")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", db, "serve", "--batch",
-                               batch, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)
+    runs = [started_run()]  # the `rlhf run` processes, stopped at the end whatever happens
+    server = None
     try:
+        wait_for("waiting for labellers: 0/6", runs[-1])
+        db = f"sqlite:///{tmp_path / 'people' / 'labels.db'}"
+        serve = log.read_text().split(f"rlhf label --db {db} serve --batch ")[1]
+        batch = serve.split()[0].rstrip("`")
+        assert batch.startswith("people-round-2-")  # the round's own batch is what the app is told to hand out
+        Store(db).add_user("ann", "labeller", "ann-passphrase")
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", db, "serve", "--batch",
+                                   batch, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)
         wait_for_port(server, port)
         ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")
         ann.call("next_item")
         for _ in range(3):
             ann.call("vote_a", "clear", "", None)
-        process.send_signal(signal.SIGKILL)  # killed while it waits for the other three
-        process.wait()
+        runs[-1].send_signal(signal.SIGKILL)  # killed while it waits for the other three
+        runs[-1].wait()
         assert not (tmp_path / "people" / "round-2" / "preferences").exists()
-        process = started_run()
-        wait_for("waiting for labellers: 3/6", process)
+        runs.append(started_run())
+        wait_for("waiting for labellers: 3/6", runs[-1])
         ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")  # back at the app later
         ann.call("next_item")
         for _ in range(3):
             ann.call("vote_b", "clear", "", None)
-        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+        assert runs[-1].wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
-        stop_server(server)
+        for process in runs:  # a failed test leaves no run waiting for votes
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if server is not None:
+            stop_server(server)
     printed = log.read_text()
     rerun = printed[printed.rindex("[run] sft: "):]
     assert actions(rerun) == {**{key: "up to date, skipped" for key in ROUND_1}, **{key: "running" for key in ROUND_2}}
