@@ -21,7 +21,6 @@ the single round gained nothing has no ratio and is left out).
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.alignment import rlhf  # noqa: E402  (the rlhf command in a subprocess, timed)
+
 JUDGES = ("builtin:length", "builtin:keywords")
 POLICIES = ("ppo", "dpo")
 ROUNDS = 3
@@ -48,13 +51,6 @@ def parse_args(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Extra config override for every run, e.g. reward.round_init=previous (repeatable).")
     return parser.parse_args(argv)
-
-
-def rlhf(*words: str) -> float:
-    """Runs the rlhf command line in a subprocess from the repository; returns its wall seconds."""
-    started = time.time()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", *words], cwd=REPO, check=True)
-    return time.time() - started
 
 
 def arm_configs(base: dict, sft: str, prompts: int, episodes: int, eval_prompts: int) -> dict[str, dict]:
