@@ -44,7 +44,7 @@ def fields_help(section: str, cls) -> str:
     own = [f for f in dataclasses.fields(cls) if f.name in ours]
     return "\n".join(f"  --{section}.{f.name} (default: {f.default!r})\n      {f.metadata.get('help', '')}"
                      + (" Evaluation only: not in the config hash." if f.metadata.get("hashed") is False else "")
-                     + (" Read by online rounds 2 and later only." if f.metadata.get("later_rounds") else "")
+                     + (" Not in round 1's config hash." if f.metadata.get("later_rounds") else "")
                      for f in own)
 
 
