@@ -134,7 +134,10 @@ def test_a_run_killed_in_round_2_reruns_to_the_uninterrupted_runs_artifacts(whol
     root = whole["root"]
     printed = [run_until(rounds_run(root, "killed"), root / "killed" / trigger, tmp_path / f"killed-{i}.log")
                for i, trigger in enumerate(KILLS)]
-    assert actions(printed[1])["round-2/preferences"] == "up to date, skipped"
+    # killed after its folder was published: done, or (killed before the manifest said so) run again on the
+    # comparisons and votes already in the store
+    assert (actions(printed[1])["round-2/preferences"] == "up to date, skipped"
+            or f"already sampled: {BUDGET} comparisons" in printed[1]), printed[1][-3000:]
     last = run_ok(rounds_run(root, "killed"))
     assert actions(last)["round-2/ppo"] == "resuming", last[-3000:]
     assert all(actions(last)[key] == "up to date, skipped" for key in ROUND_1 + ROUND_2[:2])
