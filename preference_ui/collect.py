@@ -28,7 +28,7 @@ from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, DataError
 from rlhf.judges import load_judge
 from rlhf.label_export import export
-from rlhf.runs import hash_config, input_hashes
+from rlhf.runs import hash_config
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
 from rlhf.store import Store, run_store_url
 
@@ -84,16 +84,18 @@ SAMPLING_SETTINGS = ("num_prompts", "round_prompts", "responses_per_prompt", "ma
                      "round_budget", "seed", "precision")
 
 
-def round_settings(config: PreferencesStageConfig, run: RunConfig, found: dict) -> PreferencesStageConfig:
+def round_settings(config: PreferencesStageConfig, run: RunConfig, found: dict,
+                   hashes: dict) -> PreferencesStageConfig:
     """How the stage samples in this round: round 1 as configured; a later round answers with the previous round's
     policy, keeps the round_budget pairs its reward model is least sure of, draws with the round's seed and
     stores them in a batch of its own, `<batch>-round-<r>-<key>` (what the app serves and the round's export
-    holds). The key stands for what the comparisons are drawn from (the policy, the reward model, the prompts and
-    the sampling settings): a rerun after a kill finds its batch and the votes already cast, and a round whose
-    policy or sampling changed draws a new batch rather than reusing answers of another policy."""
+    holds). The key stands for what the comparisons are drawn from (the policy, the reward model and the prompts,
+    by their content `hashes`, and the sampling settings): a rerun after a kill finds its batch and the votes
+    already cast, and a round whose policy or sampling changed draws a new batch rather than reusing answers of
+    another policy."""
     if run.round == 1:
         return config
-    drawn_from = {"inputs": input_hashes(found), **{name: getattr(config, name) for name in SAMPLING_SETTINGS}}
+    drawn_from = {"inputs": hashes, **{name: getattr(config, name) for name in SAMPLING_SETTINGS}}
     batch = f"{config.batch or run.name}-round-{run.round}-{hash_config(drawn_from)[:8]}"
     return dataclasses.replace(config, model=found["model"], select="uncertain", reward_model=found["reward_model"],
                                select_count=config.round_budget, seed=round_seed(config.seed, run.round),
@@ -103,7 +105,7 @@ def round_settings(config: PreferencesStageConfig, run: RunConfig, found: dict) 
 def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
     prompts, gold = checked
     started = time.time()
-    config = round_settings(config, run, found)
+    config = round_settings(config, run, found, record.input_hashes)  # the inputs' hashes, as recorded
     url = run_store_url(run.output_root, run.name, config.db or None)
     store, batch = Store(url), config.batch or run.name
     if store.comparisons(batch):
