@@ -68,14 +68,25 @@ def trl(a, model_dir: str, reward_dir: Path) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments(__doc__)
+    p.add_argument("--epochs", type=int, default=1, help="our num_ppo_epochs (RLOO: one pass)")
+    alternate(p.parse_args(), ours, trl, "rloo")
+
+
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options every online-RL comparison with TRL takes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours and TRL's")
     p.add_argument("--steps", type=int, default=6, help="steps (one generation and update each) per run")
     p.add_argument("--batch", type=int, default=8, help="completions per step")
     p.add_argument("--completion-length", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=1, help="our num_ppo_epochs (RLOO: one pass)")
-    a = p.parse_args()
+    return p
+
+
+def alternate(a, ours, trl, yardstick: str) -> None:
+    """`a.rounds` rounds of our run then TRL's on the same inputs, each printed; then the medians, and last the
+    ratio of our episodes/s over TRL's."""
     sys.path.insert(0, str(REPO))
     from rlhf import models
 
@@ -87,14 +98,15 @@ def main():
             ours_runs.append(ours(a, reward_dir, prompts, eval_prompts, Path(tmp) / "runs", round_index))
             trl_s.append(trl(a, model_dir, reward_dir))
             print(f"round {round_index + 1}: ours {ours_runs[-1]['median_step_s']:.3f} s/step "
-                  f"(generate {ours_runs[-1]['median_generate_s']:.3f}), trl rloo {trl_s[-1]:.3f} s/step", flush=True)
+                  f"(generate {ours_runs[-1]['median_generate_s']:.3f}), trl {yardstick} {trl_s[-1]:.3f} s/step",
+                  flush=True)
     ours_step = statistics.median(run["median_step_s"] for run in ours_runs)
     generate_step = statistics.median(run["median_generate_s"] for run in ours_runs)
     trl_step = statistics.median(trl_s)
     print(f"ours_episodes_per_s: {a.batch / ours_step:.3f}")
     print(f"ours_generate_s_per_step: {generate_step:.3f}")
     print(f"ours_update_s_per_step: {ours_step - generate_step:.3f}")
-    print(f"trl_rloo_episodes_per_s: {a.batch / trl_step:.3f}")
+    print(f"trl_{yardstick}_episodes_per_s: {a.batch / trl_step:.3f}")
     print(f"ratio: {trl_step / ours_step:.3f}")
 
 

@@ -4,6 +4,8 @@
     python bench/trl_baselines.py reward --model DIR [--steps 6] [--batch 4] [--seq 128]
     python bench/trl_baselines.py rloo   --model DIR --reward_model DIR [--steps 6] [--batch 8] [--generations 2]
                                          [--completion_length 32]
+    python bench/trl_baselines.py grpo   --model DIR --reward_model DIR [--steps 6] [--batch 8] [--generations 4]
+                                         [--completion_length 32] [--beta 0.0]
 
 Each trains on made-up text (`words`: our own word list, a seeded generator) with TRL's own defaults except where
 an option says otherwise, on the CPU, saving nothing. The last line printed is JSON: `median_step_s` (seconds per
@@ -92,9 +94,21 @@ def reward(a) -> dict:
 
 
 def rloo(a) -> dict:
+    from trl import RLOOConfig, RLOOTrainer
+
+    return online_rl(a, RLOOConfig, RLOOTrainer)
+
+
+def grpo(a) -> dict:
+    from trl import GRPOConfig, GRPOTrainer
+
+    return online_rl(a, GRPOConfig, GRPOTrainer, beta=a.beta)
+
+
+def online_rl(a, config_class, trainer_class, **settings) -> dict:
+    """TRL's RLOO or GRPO trainer against a one-output reward model on "Write about ..." prompts."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from trl import RLOOConfig, RLOOTrainer
 
     rng = random.Random(0)
     rows = [{"prompt": [{"role": "user", "content": "Write about " + words(rng, 8)}]} for _ in range(64 * a.batch)]
@@ -102,26 +116,27 @@ def rloo(a) -> dict:
     reward_tokenizer = AutoTokenizer.from_pretrained(a.reward_model)
     timer = step_timer()
     with tempfile.TemporaryDirectory() as out:
-        config = RLOOConfig(**common_args(a, out), num_generations=a.generations,
-                            max_completion_length=a.completion_length, temperature=0.7)
-        RLOOTrainer(model=a.model, reward_funcs=reward_model, reward_processing_classes=reward_tokenizer, args=config,
-                    train_dataset=Dataset.from_list(rows), callbacks=[timer]).train()
+        config = config_class(**common_args(a, out), num_generations=a.generations,
+                              max_completion_length=a.completion_length, temperature=0.7, **settings)
+        trainer_class(model=a.model, reward_funcs=reward_model, reward_processing_classes=reward_tokenizer,
+                      args=config, train_dataset=Dataset.from_list(rows), callbacks=[timer]).train()
     return {"median_step_s": timer.median()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("trainer", choices=("sft", "reward", "rloo"))
+    p.add_argument("trainer", choices=("sft", "reward", "rloo", "grpo"))
     p.add_argument("--model", required=True, help="a model folder")
-    p.add_argument("--reward_model", help="rloo: a one-output sequence-classification model folder")
+    p.add_argument("--reward_model", help="rloo, grpo: a one-output sequence-classification model folder")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch", type=int, default=4, help="rows per step (rloo: completions per step)")
+    p.add_argument("--batch", type=int, default=4, help="rows per step (rloo, grpo: completions per step)")
     p.add_argument("--seq", type=int, default=128, help="sft, reward: tokens per row, about")
     p.add_argument("--bf16", action="store_true", help="sft: TRL's own default, bf16 mixed precision")
-    p.add_argument("--generations", type=int, default=2, help="rloo: completions per prompt")
-    p.add_argument("--completion_length", type=int, default=32, help="rloo: longest completion")
+    p.add_argument("--generations", type=int, default=2, help="rloo, grpo: completions per prompt")
+    p.add_argument("--completion_length", type=int, default=32, help="rloo, grpo: longest completion")
+    p.add_argument("--beta", type=float, default=0.0, help="grpo: KL coefficient (TRL's default 0: no reference)")
     a = p.parse_args()
-    print(json.dumps({"sft": sft, "reward": reward, "rloo": rloo}[a.trainer](a)))
+    print(json.dumps({"sft": sft, "reward": reward, "rloo": rloo, "grpo": grpo}[a.trainer](a)))
 
 
 if __name__ == "__main__":

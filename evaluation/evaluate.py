@@ -5,7 +5,8 @@
 Every policy, and the baseline, answers the same prompts (greedy by default). Each answer is scored by the reward
 model (normalised by the scale its stage stored, as PPO trains on it) and by the judge; each policy gets its KL to
 the baseline along its own answers, its answer length and stop-token rate, and its win rate against the baseline
-under the reward model and under the judge, with bootstrap intervals over prompts. Writes `runs/<name>/eval/`
+under the reward model and under the judge, with bootstrap intervals over prompts. A judge that checks answers
+against the prompts' reference answers (`builtin:final_number`) also gives each policy its accuracy. Writes `runs/<name>/eval/`
 (results.json, answers.jsonl, plots) and the run's report, `runs/<name>/report.md`.
 """
 import json
@@ -30,6 +31,7 @@ from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
 from rlhf.store import Store, run_store_url
 from rlhf.stage import Inputs, Outcome, Stage, published_model, run_stage, starting_model
+from rlhf.verifiable import check_references, judge_scores
 
 STAGE = "eval"
 POLICY_STAGES = ("ppo", "dpo")
@@ -75,14 +77,16 @@ def main(config: EvalStageConfig, run: RunConfig) -> dict:
     return run_stage(EVAL_STAGE, config, run)
 
 
-def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[dict], object]:
-    """(the prompts, the judge), read and checked."""
+def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[dict], object, list | None]:
+    """(the prompts, the judge, the prompts' reference answers when the judge checks against them), read and
+    checked."""
     prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
-    return prompts, load_judge(config.judge) if config.judge else None
+    return (prompts, load_judge(config.judge) if config.judge else None,
+            check_references(prompts, config.prompts, config.judge))
 
 
 def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
-    prompts, judge = checked
+    prompts, judge, references = checked
     run_dir = run.directory()
     started = time.time()
     messages = [p["prompt"] for p in prompts]
@@ -104,10 +108,14 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     texts = {name: [a.text for a in answers[name]] for name in names}
     rewards = reward_scores(found.get("reward_model"), messages, texts, config.score_batch_size,
                             config.hardware.dtype)
-    judged = {name: judge([m[-1]["content"] for m in messages], texts[name]) for name in names} if judge else {}
+    questions = [m[-1]["content"] for m in messages]
+    judged = {name: judge_scores(judge, questions, texts[name], references) for name in names} if judge else {}
 
-    # 3. per-policy results, win rates against the baseline
+    # 3. per-policy results, win rates against the baseline; a checking judge's mean score is the accuracy
     results = {name: policy_results(name, answers[name], kls[name], rewards, judged, config) for name in names}
+    if references:
+        for name in names:
+            results[name]["accuracy"] = statistics.fmean(judged[name])
     rows = [{"id": p["id"], "prompt": m[-1]["content"],
              **{f"{name}_{key}": value for name in names
                 for key, value in (("answer", texts[name][i]), ("kl", kls[name][i]),

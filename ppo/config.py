@@ -5,12 +5,26 @@ bundled SmolLM2-135M on a CPU; every default is explained beside it.
 import os
 from dataclasses import dataclass, field
 
-from ppo.core import KL_ESTIMATORS
+from ppo.core import GROUP_SCALES, KL_ESTIMATORS
 from rlhf import hardware
+
+
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
 class PPOStageConfig:
+    algorithm: str = field(default="ppo", metadata={
+        "help": "ppo (clipped surrogate, a critic and GAE), or one without a critic: grpo (each answer against its "
+                "prompt's group, normalised; the KL in the loss), rloo (against the mean of the group's other "
+                "answers; the KL in the reward) or reinforce_pp (REINFORCE++: returns whitened over the batch; the "
+                "KL in the reward). docs/ppo.md."})
+    num_generations: int = field(default=4, metadata={
+        "help": "grpo, rloo, reinforce_pp: answers sampled per prompt (G). batch_size counts answers, so an update "
+                "takes batch_size / G prompts. ppo samples one answer per prompt."})
+    scale_rewards: str = field(default="group", metadata={
+        "help": "grpo: divide each group's centred scores by the group's std (group), or not (none, as Dr. GRPO "
+                "argues)."})
     # where things come from
     model: str = field(default="", metadata={
         "help": "Policy to start from (also the frozen reference); empty: this run's SFT output."})
@@ -18,7 +32,9 @@ class PPOStageConfig:
         "help": "Reward model folder (also the critic's starting point); empty: this run's reward output."})
     reward_function: str = field(default="", metadata={
         "help": "Train on a programmatic reward instead of the reward model: builtin:NAME (a judge) or "
-                "module:function taking (prompts, responses) and returning one float per response."})
+                "module:function taking (prompts, responses) and returning one float per response. A verifiable "
+                "reward takes (prompts, responses, references), the prompt rows' `answer` fields: "
+                "builtin:final_number (with data/arithmetic_train.jsonl)."})
     prompts: str = field(default="data/rl_prompts.jsonl", metadata={"help": "Prompts to train on."})
     eval_prompts: str = field(default="data/eval_prompts.jsonl", metadata={
         "help": "Held-out prompts scored before and after training."})
@@ -84,6 +100,18 @@ class PPOStageConfig:
 
     def __post_init__(self):
         self.hardware = hardware.choose(self.precision)
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got '{self.algorithm}'")
+        if self.scale_rewards not in GROUP_SCALES:
+            raise ValueError(f"scale_rewards must be one of {', '.join(GROUP_SCALES)}, got '{self.scale_rewards}'")
+        if self.algorithm in ("grpo", "rloo") and self.num_generations < 2:
+            raise ValueError(f"{self.algorithm} compares answers to the same prompt: num_generations must be at "
+                             f"least 2, got {self.num_generations}")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be at least 1, got {self.num_generations}")
+        if self.batch_size % self.group_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
+                             f"({self.num_generations}): each update answers whole groups")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got '{self.kl_estimator}'")
         if self.temperature <= 0:
@@ -107,6 +135,15 @@ class PPOStageConfig:
     def process_index(self) -> int:
         """This process's rank under torchrun or accelerate launch (0 alone)."""
         return int(os.environ.get("RANK", 0))
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm == "ppo"
+
+    @property
+    def group_size(self) -> int:
+        """Answers per prompt in a batch: num_generations for the critic-free methods, 1 for PPO."""
+        return 1 if self.uses_critic else self.num_generations
 
     @property
     def num_updates(self) -> int:

@@ -118,6 +118,56 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+# --- critic-free advantages ---------------------------------------------------------------------------------------
+# The batch holds groups of `group_size` answers to one prompt, each group's rows contiguous. Sequence-level
+# advantages ([batch]) are spread over a response's tokens by `per_token`.
+
+GROUP_SCALES = ("group", "none")
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, section 4.1.2): each answer's score less its
+    group's mean, divided by the group's standard deviation (Bessel-corrected, plus 1e-4). With scale "none" the
+    division is left out, as Dr. GRPO argues (Liu et al. 2025, arXiv:2503.20783): dividing by the
+    std weights the groups whose answers barely differ, the too easy and the too hard prompts, the most. A group
+    whose answers all score alike gets zero advantage."""
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(GROUP_SCALES)}, got '{scale}'")
+    groups = scores.float().view(-1, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(-1, keepdim=True) + 1e-4)
+    return centred.flatten()
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, arXiv:2402.14740; after Kool et al. 2019): each answer's score
+    less the mean score of the other group_size - 1 answers to its prompt, a baseline that does not depend on the
+    answer itself. Equals group_size / (group_size - 1) times the score less the whole group's mean."""
+    groups = scores.float().view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).flatten()
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, arXiv:2501.03262): per token, the return from that token on, the per-token
+    rewards carrying the KL penalty (`token_rewards`), then whitened over every token of the batch: the batch's
+    mean is the baseline, no critic and no group. [batch, T], padding zeroed."""
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
+    return masked_whiten(returns, mask)
+
+
+def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-level advantage ([batch]) on every token of its response ([batch, T])."""
+    return advantages[:, None] * mask.to(advantages.dtype)
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL term, added to the loss rather than to the reward (Shao et al. 2024, equation 4): the k3 estimate
+    of KL(policy || reference) averaged over the response tokens; its gradient goes through `logprobs`."""
+    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
+
+
 # --- losses -------------------------------------------------------------------------------------------------------
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

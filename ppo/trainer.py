@@ -1,5 +1,7 @@
 """`rlhf ppo`: PPO on the policy, against the reward model (or a programmatic reward), KL-penalised towards the
-frozen starting policy.
+frozen starting policy. With `algorithm` grpo, rloo or reinforce_pp the same loop runs without a critic: each update
+answers batch_size / G prompts G times each, and the advantages come from the answers' scores alone (ppo/update.py,
+`critic_free_experience`).
 
 Each update, top to bottom:
   1. take the next `batch_size` prompts (reshuffled every pass over them);
@@ -47,6 +49,7 @@ from rlhf.reward_model import load_reward_model, reward_heads, reward_record, re
 from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, earlier_round_model, last_complete_checkpoint,
                         published_model, round_seed, run_stage, start_partial, starting_model)
+from rlhf.verifiable import check_references, judge_scores
 
 STAGE = "ppo"
 CRITIC, CRITIC_SCALE = "critic", "critic.json"
@@ -59,7 +62,8 @@ def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
         found.add("policy", lambda: starting_model(STAGE, config.model, run_dir))
     else:  # an online round continues the previous round's policy and critic, against the same reference
         found.add("policy", lambda: earlier_round_model(run_dir, STAGE, "PPO policy"))
-        found.add("critic", lambda: earlier_critic(run_dir))
+        if config.uses_critic:
+            found.add("critic", lambda: earlier_critic(run_dir))
         found.add("reference", lambda: starting_model(STAGE, config.model, run_dir))
     found.add("prompts", config.prompts)
     if not config.reward_function:
@@ -97,9 +101,11 @@ class Scorer:
             if config.normalize_reward and scale:
                 self.mean, self.std = scale["mean"], scale["std"]
 
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[list[dict]], responses: list[str], references: list[str] | None = None
+                 ) -> torch.Tensor:
         if self.function:
-            return torch.tensor(self.function([p[-1]["content"] for p in prompts], responses), dtype=torch.float)
+            texts = [p[-1]["content"] for p in prompts]
+            return torch.tensor(judge_scores(self.function, texts, responses, references), dtype=torch.float)
         conversations = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
         return (torch.tensor(score(self.model, self.tokenizer, conversations)) - self.mean) / self.std
 
@@ -110,10 +116,13 @@ def main(config: PPOStageConfig, run: RunConfig) -> dict:
 
 @dataclasses.dataclass
 class CheckedInputs:
-    """What the stage reads from files and specs, read and checked before it writes anything."""
+    """What the stage reads from files and specs, read and checked before it writes anything. The references are
+    the prompts' reference answers, when the reward function or judge checks answers against them."""
     prompts: list
     eval_prompts: list
     judge: object | None
+    references: list | None = None
+    eval_references: list | None = None
 
 
 def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> CheckedInputs:
@@ -121,10 +130,13 @@ def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> Check
     check it: the scorer loads its own)."""
     if config.reward_function:
         load_judge(config.reward_function)
-    prompts = [row["prompt"] for row in load_rows(config.prompts, "prompt")]
-    eval_prompts = [row["prompt"] for row in load_rows(config.eval_prompts, "prompt")]
-    return CheckedInputs(prompts, eval_prompts[:config.num_eval_prompts or None],
-                         load_judge(config.judge) if config.judge else None)
+    rows = load_rows(config.prompts, "prompt")
+    eval_rows = load_rows(config.eval_prompts, "prompt")[:config.num_eval_prompts or None]
+    eval_references = (check_references(eval_rows, config.eval_prompts, config.reward_function)
+                       or check_references(eval_rows, config.eval_prompts, config.judge))
+    return CheckedInputs([row["prompt"] for row in rows], [row["prompt"] for row in eval_rows],
+                         load_judge(config.judge) if config.judge else None,
+                         check_references(rows, config.prompts, config.reward_function), eval_references)
 
 
 def unsupported_distribution(distributed_type: DistributedType) -> str | None:
@@ -146,19 +158,20 @@ def make_accelerator(config: PPOStageConfig) -> Accelerator:
         raise ConfigError(f"ppo does not run under {accelerator.distributed_type.value}: {why}. Launch PPO with "
                           "configs/accelerate/ddp.yaml (or torchrun); the other stages can use any config")
     share, remainder = divmod(config.batch_size, accelerator.num_processes)
-    if remainder or share % (config.num_mini_batches * config.gradient_accumulation_steps):
+    if remainder or share % (config.num_mini_batches * config.gradient_accumulation_steps) or share % config.group_size:
         raise ConfigError(f"ppo.batch_size {config.batch_size} must split evenly over {accelerator.num_processes} "
                           f"processes, each share into num_mini_batches x gradient_accumulation_steps "
-                          f"({config.num_mini_batches} x {config.gradient_accumulation_steps})")
+                          f"({config.num_mini_batches} x {config.gradient_accumulation_steps}) and into whole groups "
+                          f"of {config.group_size} answers to one prompt")
     return accelerator
 
 
 def build_models(config: PPOStageConfig, found: dict):
     """(policy, tokenizer, reference, critic). The critic starts as the reward model (or, in a later online round,
-    as the previous round's critic). With LoRA the reference is None: the policy with its adapter off; in a later
-    online round the reference is the SFT model, loaded on its own."""
+    as the previous round's critic); the critic-free algorithms have none. With LoRA the reference is None: the
+    policy with its adapter off; in a later online round the reference is the SFT model, loaded on its own."""
     policy, tokenizer = models.load_causal_lm(found["policy"])
-    critic = load_critic(config, found)
+    critic = load_critic(config, found) if config.uses_critic else None
     if config.use_peft:
         from peft import LoraConfig, get_peft_model
 
@@ -168,7 +181,7 @@ def build_models(config: PPOStageConfig, found: dict):
         reference = models.load_causal_lm(found["reference"])[0].eval().requires_grad_(False)
     else:
         reference = None if config.use_peft else copy.deepcopy(policy).eval().requires_grad_(False)
-    for model in (policy, reference, critic.classifier):
+    for model in (policy, reference, critic and critic.classifier):
         if model is not None:
             disable_dropout_in_model(model)
     return policy, tokenizer, reference, critic
@@ -210,36 +223,39 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         reference.to(accelerator.device)
     scorer = Scorer(config, found.get("reward_model"), accelerator.device)
     prompts, eval_prompts, judge = checked.prompts, checked.eval_prompts, checked.judge
-    trainable = [p for model in (policy, critic) for p in model.parameters() if p.requires_grad]
+    trained = [model for model in (policy, critic) if model is not None]
+    trainable = [p for model in trained for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, fused=True)  # one pass over memory
-    policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
+    *trained, optimizer = accelerator.prepare(*trained, optimizer)
+    policy, critic = trained[0], (trained[1] if critic is not None else None)
     kl_control = (AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon) if config.target_kl
                   else FixedKLController(config.kl_coef))
     # the shuffling generator is seeded alike everywhere: every process sees the same prompt order
     state = LoopState(torch.Generator().manual_seed(seed), kl_control)
     accelerator.register_for_checkpointing(state)
     if accelerator.is_main_process:
-        print(f"[{STAGE}] {config.num_updates} updates of {config.batch_size} episodes on "
+        print(f"[{STAGE}] {config.algorithm}: {config.num_updates} updates of {config.batch_size} episodes"
+              f"{f' ({config.group_size} per prompt)' if config.group_size > 1 else ''} on "
               f"{accelerator.num_processes} process(es), {config.hardware.device} "
               f"({accelerator.mixed_precision} mixed precision), LoRA {'on' if config.use_peft else 'off'}", flush=True)
 
     if checkpoint:
         accelerator.load_state(checkpoint)
     else:
-        state.eval_before = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
+        state.eval_before = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
         record_eval(state, state.eval_before)
         tracker.log(state.eval_before, step=0)
     started = time.time()
     while state.update < config.num_updates:
         state.update += 1
         metrics, samples = one_update(accelerator, state, policy, reference, critic, optimizer, tokenizer, scorer,
-                                      prompts, config)
+                                      checked, config)
         state.kl_control.update(metrics["objective/kl"], config.batch_size)
         state.history.append(metrics)
         report(tracker, state.update, metrics, samples, config, accelerator.is_main_process)
         alerts = health_alerts(metrics, config)
         if config.eval_every and state.update % config.eval_every == 0 and state.update < config.num_updates:
-            result = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
+            result = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
             tracker.log(result, step=state.update)
             alerts += [alert for alert in [record_eval(state, result)] if alert]
         if alerts:
@@ -251,8 +267,8 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         if state.update % config.save_steps == 0 and state.update < config.num_updates:
             save_checkpoint(accelerator, partial, state)
 
-    check_in_sync(accelerator, policy, critic)
-    eval_after = evaluate(accelerator, policy, tokenizer, eval_prompts, scorer, judge, config)
+    check_in_sync(accelerator, *[model for model in (policy, critic) if model is not None])
+    eval_after = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
     tracker.log(eval_after, step=state.update)
     overoptimised = record_eval(state, eval_after)
     if overoptimised:
@@ -267,20 +283,27 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         return Outcome(summary, None, partial, time.time() - started, line, returned=returned)
     staged = partial / "final"
     save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
-    save_critic(accelerator.unwrap_model(critic), staged / CRITIC)
+    if critic is not None:
+        save_critic(accelerator.unwrap_model(critic), staged / CRITIC)
     atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
     atomic_write_json(staged / "evals.json", state.evals)  # proxy and gold at each eval point, for the report
     return Outcome(summary, staged, partial, time.time() - started, line, returned=returned)
 
 
 def one_update(accelerator, state: LoopState, policy, reference, critic, optimizer, tokenizer, scorer,
-               prompts: list, config: PPOStageConfig) -> tuple[dict, list[list]]:
-    # 1. prompts: the next global batch (reshuffled every pass), this process's contiguous share of it
-    while len(state.order) < config.batch_size:
+               checked: CheckedInputs, config: PPOStageConfig) -> tuple[dict, list[list]]:
+    prompts = checked.prompts
+    # 1. prompts: the next global batch (reshuffled every pass), each prompt group_size times in a row, this
+    # process's contiguous share of it (whole groups: make_accelerator checks)
+    wanted = config.batch_size // config.group_size
+    while len(state.order) < wanted:
         state.order += torch.randperm(len(prompts), generator=state.generator).tolist()
-    batch, state.order = state.order[:config.batch_size], state.order[config.batch_size:]
+    chosen, state.order = state.order[:wanted], state.order[wanted:]
+    batch = [index for index in chosen for _ in range(config.group_size)]
     share = config.batch_size // accelerator.num_processes
-    local_prompts = [prompts[i] for i in batch[accelerator.process_index * share:][:share]]
+    local = batch[accelerator.process_index * share:][:share]
+    local_prompts = [prompts[i] for i in local]
+    local_references = [checked.references[i] for i in local] if checked.references else None
     unwrapped = accelerator.unwrap_model(policy)
     # 2. rollout
     clock = time.perf_counter()
@@ -290,7 +313,7 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     # 3. scores at the stop token, normalised, minus the missing-EOS penalty
     clock = time.perf_counter()
     responses = [r.strip() for r in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
-    raw_scores = scorer(local_prompts, responses).to(accelerator.device)
+    raw_scores = scorer(local_prompts, responses, local_references).to(accelerator.device)
     scores = penalised_scores(raw_scores, rollout.ended.to(accelerator.device), config.missing_eos_penalty)
     # 4-7. (in half precision, old log-probs from a full forward), reference log-probs, values, rewards with the
     # KL penalty, advantages
@@ -364,17 +387,18 @@ def warn(tracker, update: int, alerts: list[str], is_main: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate(accelerator, policy, tokenizer, eval_prompts: list, scorer, judge, config: PPOStageConfig) -> dict:
+def evaluate(accelerator, policy, tokenizer, checked: CheckedInputs, scorer, config: PPOStageConfig) -> dict:
     """Greedy answers to the eval prompts (on the main process, its result shared with every process), scored
     like training and by the judge (with the judge's standard error over the prompts)."""
     result = {}
+    eval_prompts, judge, references = checked.eval_prompts, checked.judge, checked.eval_references
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(policy)
         with accelerator.autocast():
             answers = generate_responses(model, tokenizer, eval_prompts, config.response_length, batch_size=32)
-        result["eval/score"] = scorer(eval_prompts, answers).mean().item()
+        result["eval/score"] = scorer(eval_prompts, answers, references).mean().item()
         if judge:
-            judged = judge([p[-1]["content"] for p in eval_prompts], answers)
+            judged = judge_scores(judge, [p[-1]["content"] for p in eval_prompts], answers, references)
             result["eval/judge"] = statistics.fmean(judged)
             result["eval/judge_sem"] = statistics.stdev(judged) / len(judged) ** 0.5 if len(judged) > 1 else 0.0
         result["eval/response_words"] = statistics.fmean(len(a.split()) for a in answers)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ppo.core import (entropy_from_logits, gae, kl_estimate, logprobs_from_logits, masked_mean, masked_whiten,
-                      policy_loss, token_rewards, value_loss)
+from ppo.core import (entropy_from_logits, gae, grpo_advantages, kl_estimate, kl_loss, logprobs_from_logits,
+                      masked_mean, masked_whiten, per_token, policy_loss, reinforce_pp_advantages, rloo_advantages,
+                      token_rewards, value_loss)
 from ppo.rollout import Rollout
 from rlhf.reward_model import reward_pooling
 
@@ -123,6 +124,8 @@ class Experience:
     kl: torch.Tensor
     rewards: torch.Tensor
     live_values: torch.Tensor | None = None  # old_values with their graph, for the first minibatch to reuse
+    ref_logprobs: torch.Tensor | None = None  # GRPO: the reference, for the KL term of its loss
+    loss_kl_coef: float = 0.0  # GRPO: that term's weight (the others carry the KL in the reward)
 
 
 @torch.no_grad()
@@ -153,6 +156,8 @@ def reuses_first_values(config) -> bool:
 
 def make_experience(rollout: Rollout, ref_logprobs: torch.Tensor, critic, scores: torch.Tensor, kl_coef: float,
                     config) -> Experience:
+    if critic is None:
+        return critic_free_experience(rollout, ref_logprobs, scores, kl_coef, config)
     mask = rollout.response_mask
     keep_graph = reuses_first_values(config) and torch.is_grad_enabled()
     with torch.set_grad_enabled(keep_graph):
@@ -166,6 +171,26 @@ def make_experience(rollout: Rollout, ref_logprobs: torch.Tensor, critic, scores
     advantages = masked_whiten(advantages, mask)
     return Experience(rollout, rollout.logprobs, values, advantages, returns, kl, rewards,
                       live_values if keep_graph else None)
+
+
+def critic_free_experience(rollout: Rollout, ref_logprobs: torch.Tensor, scores: torch.Tensor, kl_coef: float,
+                           config) -> Experience:
+    """GRPO, RLOO and REINFORCE++: advantages from the scores of the answers alone (ppo/core.py), no values.
+    GRPO compares the raw scores within each prompt's group and puts the KL in its loss; RLOO compares the
+    KL-penalised sequence rewards within the group; REINFORCE++ whitens the KL-penalised returns over the batch."""
+    mask = rollout.response_mask
+    ref_logprobs = ref_logprobs * mask
+    kl = kl_estimate(rollout.logprobs, ref_logprobs, config.kl_estimator) * mask
+    rewards = token_rewards(scores, kl, mask, kl_coef)
+    if config.algorithm == "grpo":
+        advantages = per_token(grpo_advantages(scores, config.group_size, config.scale_rewards), mask)
+    elif config.algorithm == "rloo":
+        advantages = per_token(rloo_advantages(rewards.sum(-1), config.group_size), mask)
+    else:
+        advantages = reinforce_pp_advantages(rewards, mask, config.gamma)
+    zeros = torch.zeros_like(advantages)
+    return Experience(rollout, rollout.logprobs, zeros, advantages, zeros, kl, rewards, ref_logprobs=ref_logprobs,
+                      loss_kl_coef=kl_coef if config.algorithm == "grpo" else 0.0)
 
 
 def ppo_epochs(policy, critic, optimizer, experience: Experience, config, generator: torch.Generator,
@@ -196,17 +221,21 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
 def minibatch_loss(policy, critic, experience: Experience, rows: torch.Tensor, config) -> tuple[torch.Tensor, dict]:
     mask = experience.rollout.response_mask[rows]
     logprobs, entropy = policy_forward(policy, experience.rollout, config.temperature, rows, config.forward_groups)
+    pg_loss, pg_stats = policy_loss(logprobs, experience.old_logprobs[rows], experience.advantages[rows], mask,
+                                    config.cliprange)
+    stats = {"loss/policy_avg": pg_loss.item(), "policy/entropy_avg": masked_mean(entropy, mask).item(),
+             "policy/approxkl_avg": pg_stats["approxkl"].item(), "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
+             "val/ratio": pg_stats["ratio_mean"].item(), "val/ratio_var": pg_stats["ratio_var"].item()}
+    if critic is None:
+        if not experience.loss_kl_coef:
+            return pg_loss, stats
+        kl_term = kl_loss(logprobs, experience.ref_logprobs[rows], mask)
+        return pg_loss + experience.loss_kl_coef * kl_term, {**stats, "loss/kl_avg": kl_term.item()}
     if experience.live_values is not None:  # the first minibatch: every row, the critic not yet stepped
         values, experience.live_values = experience.live_values[rows], None
     else:
         values = critic_forward(critic, experience.rollout, rows, config.forward_groups)
-    pg_loss, pg_stats = policy_loss(logprobs, experience.old_logprobs[rows], experience.advantages[rows], mask,
-                                    config.cliprange)
     vf_loss, vf_stats = value_loss(values, experience.old_values[rows], experience.returns[rows], mask,
                                    config.cliprange_value)
-    stats = {"loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
-             "policy/entropy_avg": masked_mean(entropy, mask).item(),
-             "policy/approxkl_avg": pg_stats["approxkl"].item(), "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
-             "val/clipfrac_avg": vf_stats["vf_clipfrac"].item(), "val/ratio": pg_stats["ratio_mean"].item(),
-             "val/ratio_var": pg_stats["ratio_var"].item()}
+    stats.update({"loss/value_avg": vf_loss.item(), "val/clipfrac_avg": vf_stats["vf_clipfrac"].item()})
     return pg_loss + config.vf_coef * vf_loss, stats

@@ -7,6 +7,7 @@ import re
 from typing import Callable
 
 from rlhf.errors import UserError
+from rlhf.verifiable import final_number
 
 Judge = Callable[[list[str], list[str]], list[float]]
 WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
@@ -62,7 +63,9 @@ def sentiment(prompts: list[str], responses: list[str]) -> list[float]:
     return [10 * lexicon.score(r) / max(len(WORD.findall(r)), 10) for r in responses]
 
 
-BUILTIN_JUDGES = {"readability": readability, "length": length, "keywords": keywords, "sentiment": sentiment}
+# final_number checks each answer against its prompt's reference (rlhf/verifiable.py)
+BUILTIN_JUDGES = {"readability": readability, "length": length, "keywords": keywords, "sentiment": sentiment,
+                  "final_number": final_number}
 
 
 def load_judge(spec: str) -> Judge:

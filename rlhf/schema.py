@@ -149,7 +149,16 @@ def prompt_row(row: dict) -> dict:
     else:
         raise absent(row, "prompt")
     row_id, category = row_identity(row, prompt)
-    return {"id": row_id, "category": category, "prompt": prompt}
+    canonical = {"id": row_id, "category": category, "prompt": prompt}
+    if row.get("answer") is not None:  # a reference answer, for verifiable rewards (rlhf/verifiable.py)
+        canonical["answer"] = reference_answer(row["answer"])
+    return canonical
+
+
+def reference_answer(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
+        raise RowProblem("answer", f"expected a non-empty string or a number, got {value!r}")
+    return str(value)
 
 
 def preference_pair(row: dict) -> dict:

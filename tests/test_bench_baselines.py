@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -14,7 +16,7 @@ def baseline(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_trl_sft_reward_and_rloo_baselines_train_and_time_their_steps(tmp_path, tiny_model_path):
+def test_trl_sft_reward_rloo_and_grpo_baselines_train_and_time_their_steps(tmp_path, tiny_model_path):
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.reward_model import reward_tokenizer
@@ -31,3 +33,19 @@ def test_trl_sft_reward_and_rloo_baselines_train_and_time_their_steps(tmp_path, 
     rloo = baseline("rloo", "--model", model, "--reward_model", str(tmp_path / "reward"), "--steps", "3", "--batch",
                     "4", "--completion_length", "8")
     assert rloo["median_step_s"] > 0
+    grpo = baseline("grpo", "--model", model, "--reward_model", str(tmp_path / "reward"), "--steps", "3", "--batch",
+                    "4", "--generations", "2", "--completion_length", "8", "--beta", "0.04")
+    assert grpo["median_step_s"] > 0
+
+
+def test_grpo_against_trl_runs_both_sides_and_prints_the_ratio(tiny_model_path):
+    result = subprocess.run([sys.executable, "bench/grpo_vs_trl.py", "--model", str(tiny_model_path), "--rounds", "1",
+                             "--steps", "3", "--batch", "4", "--generations", "2", "--completion-length", "8"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("round 1: ours ") and "trl grpo" in lines[0]
+    values = dict(line.split(": ") for line in lines[1:])
+    assert float(values["ratio"]) > 0 and lines[-1].startswith("ratio: ")
+    assert float(values["ours_episodes_per_s"]) / float(values["trl_grpo_episodes_per_s"]) == pytest.approx(
+        float(values["ratio"]), rel=0.01)

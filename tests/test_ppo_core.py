@@ -133,6 +133,18 @@ def test_ppo_config_refuses_inconsistent_settings():
         PPOStageConfig(batch_size=6, num_mini_batches=4)
     with pytest.raises(ValueError, match="target_kl"):
         PPOStageConfig(target_kl=0.0)
+    with pytest.raises(ValueError, match="algorithm must be one of ppo, grpo, rloo, reinforce_pp"):
+        PPOStageConfig(algorithm="a2c")
+    with pytest.raises(ValueError, match="num_generations must be at least 2"):
+        PPOStageConfig(algorithm="rloo", num_generations=1)
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        PPOStageConfig(algorithm="grpo", batch_size=8, num_generations=3)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        PPOStageConfig(algorithm="grpo", scale_rewards="batch")
+    # PPO samples one answer per prompt whatever num_generations says; the others num_generations each
+    assert PPOStageConfig(batch_size=6, num_generations=4).group_size == 1
+    assert PPOStageConfig(algorithm="reinforce_pp", batch_size=8, num_generations=1).group_size == 1
+    assert PPOStageConfig(algorithm="grpo", batch_size=8).group_size == 4
 
 
 def test_health_alerts_fire_on_each_sign_of_trouble_and_not_on_a_healthy_update():
@@ -182,3 +194,73 @@ def test_overoptimisation_alert_fires_when_the_proxy_rises_as_the_gold_falls():
     assert overoptimisation_alert(eval_points(rising_proxy, [0.50, 0.60, 0.55, 0.45, 0.40], sem=0.1)) is None
     assert overoptimisation_alert(eval_points([0.0], [0.5])) is None
     assert overoptimisation_alert([{"update": 0, "kl": 0.0, "eval/score": 0.0}] * 3) is None
+
+
+# --- critic-free advantages (issue 18), by hand on small groups ---------------------------------------------------
+
+def test_grpo_advantages_by_hand_with_and_without_the_std_scaling():
+    from ppo.core import grpo_advantages
+
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 8.0])  # two groups of 4
+    # group 1: mean 2.5, Bessel std sqrt(5/3); group 2: mean 2, std sqrt(48/3) = 4
+    std = math.sqrt(5 / 3)
+    expected = [(-1.5) / (std + 1e-4), (-0.5) / (std + 1e-4), 0.5 / (std + 1e-4), 1.5 / (std + 1e-4),
+                -2 / 4.0001, -2 / 4.0001, -2 / 4.0001, 6 / 4.0001]
+    assert grpo_advantages(scores, 4).tolist() == pytest.approx(expected, rel=1e-5)
+    # Dr. GRPO: centred only
+    assert grpo_advantages(scores, 4, "none").tolist() == pytest.approx([-1.5, -0.5, 0.5, 1.5, -2, -2, -2, 6])
+    with pytest.raises(ValueError, match="scale must be one of group, none"):
+        grpo_advantages(scores, 4, "batch")
+
+
+def test_an_all_equal_group_has_zero_advantage_and_no_nan_in_every_method():
+    from ppo.core import grpo_advantages, reinforce_pp_advantages, rloo_advantages
+
+    equal = torch.tensor([0.7, 0.7, 0.7, 1.0, 1.0, 1.0])  # groups of 3, each all alike
+    for advantages in (grpo_advantages(equal, 3), grpo_advantages(equal, 3, "none"), rloo_advantages(equal, 3)):
+        assert not advantages.isnan().any() and advantages.abs().max() < 1e-4
+    assert grpo_advantages(torch.ones(4), 4).tolist() == [0.0] * 4  # exactly, when the mean is exact
+    rewards, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    rewards[:, -1] = 0.5  # every response the same return: nothing to prefer
+    assert reinforce_pp_advantages(rewards, mask).abs().max() < 1e-4
+    assert not reinforce_pp_advantages(rewards, mask).isnan().any()
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_answers():
+    from ppo.core import rloo_advantages
+
+    scores = torch.tensor([1.0, 2.0, 6.0, 3.0, 3.0, 0.0])  # two groups of 3
+    # 1 - (2 + 6) / 2 = -3; 2 - (1 + 6) / 2 = -1.5; 6 - 1.5 = 4.5; 3 - 1.5 = 1.5 (twice); 0 - 3 = -3
+    assert rloo_advantages(scores, 3).tolist() == pytest.approx([-3.0, -1.5, 4.5, 1.5, 1.5, -3.0])
+    assert rloo_advantages(scores, 3).tolist() == pytest.approx(
+        (3 / 2 * (scores.view(2, 3) - scores.view(2, 3).mean(-1, keepdim=True))).flatten().tolist())
+
+
+def test_reinforce_pp_whitens_the_returns_to_go_over_the_whole_batch():
+    from ppo.core import per_token, reinforce_pp_advantages
+
+    rewards = torch.tensor([[-0.1, -0.1, 1.0], [-0.2, 2.0, 0.0]])  # KL penalty per token, score at the end
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    returns = [0.8, 0.9, 1.0, 1.8, 2.0]  # to go, over the 5 real tokens
+    mean = sum(returns) / 5
+    std = math.sqrt(sum((r - mean) ** 2 for r in returns) / 4)
+    advantages = reinforce_pp_advantages(rewards, mask)
+    assert advantages[mask.bool()].tolist() == pytest.approx([(r - mean) / std for r in returns], rel=1e-4)
+    assert advantages[1, 2] == 0
+    assert per_token(torch.tensor([2.0, -1.0]), mask).tolist() == [[2.0, 2.0, 2.0], [-1.0, -1.0, 0.0]]
+
+
+def test_grpo_kl_loss_is_the_k3_mean_and_pulls_the_policy_towards_the_reference():
+    from ppo.core import kl_loss
+
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref, mask = torch.tensor([[-1.5, -2.0, -9.0]]), torch.tensor([[1, 1, 0]])
+    # k3 at log r = -0.5: e^-0.5 - 1 + 0.5; at 0: 0; the third token is padding
+    expected = (math.exp(-0.5) - 0.5) / 2
+    loss = kl_loss(logprobs, ref, mask)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d/dlogp of (e^(ref - logp) - 1 - (ref - logp)) = 1 - e^(ref - logp) > 0 where the policy is above the
+    # reference: a step against the gradient lowers that log-prob
+    assert logprobs.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 2, rel=1e-6)
+    assert logprobs.grad[0, 1] == 0 and logprobs.grad[0, 2] == 0

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -25,9 +26,15 @@ def stage_entry(tmp_path, name: str) -> dict:
     return json.loads((tmp_path / "runs" / name / "manifest.json").read_text())["stages"]["ppo"]
 
 
-def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_path):
+# GRPO: two answers to each of two prompts per update, no critic
+ALGORITHMS = {"ppo": [], "grpo": ["--ppo.algorithm=grpo", "--ppo.num_generations=2"]}
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_path, algorithm):
     run = ["--ppo.total_episodes=48", "--ppo.batch_size=4", "--ppo.save_steps=3", "--ppo.num_mini_batches=2",
-           "--ppo.target_kl=0.5", "--ppo.horizon=20"]  # the adaptive KL coefficient is part of the state too
+           "--ppo.target_kl=0.5", "--ppo.horizon=20",  # the adaptive KL coefficient is part of the state too
+           *ALGORITHMS[algorithm]]
     command = [sys.executable, "-m", "pipeline.cli", *ppo_args(tmp_path, tiny_model_path, "killed", *run)]
     kill_when_saved(command, tmp_path / "runs" / "killed" / ".ppo.partial" / "checkpoint-3")
     assert not (tmp_path / "runs" / "killed" / "ppo").exists()
@@ -82,12 +89,14 @@ def recording_vowel_share(prompts: list[str], responses: list[str]) -> list[floa
     return vowel_share(prompts, responses)
 
 
-def test_two_processes_split_each_batch_and_share_gradients(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_two_processes_split_each_batch_and_share_gradients(tmp_path, tiny_model_path, algorithm):
     from rlhf.datasets import load_rows
 
     env = {**os.environ, "PPO_TEST_RECORD": str(tmp_path), "OMP_NUM_THREADS": "1"}
     args = ppo_args(tmp_path, tiny_model_path, "ddp", "--ppo.reward_function=tests.test_ppo_runs:recording_vowel_share",
-                    "--ppo.total_episodes=24", "--ppo.batch_size=8", "--ppo.num_mini_batches=2")
+                    "--ppo.total_episodes=24", "--ppo.batch_size=8", "--ppo.num_mini_batches=2",
+                    *ALGORITHMS[algorithm])
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
               f"--master_port={free_port()}"]
     result = subprocess.run([*launch, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
@@ -107,8 +116,11 @@ def test_two_processes_split_each_batch_and_share_gradients(tmp_path, tiny_model
         lines = [json.loads(line) for line in (tmp_path / f"rank-{rank}.jsonl").read_text().splitlines()]
         scored[rank] = [batch for batch in lines if set(batch) <= set(prompts)]  # training batches, not eval
     assert len(scored[0]) == len(scored[1]) == 3
+    group = 2 if algorithm == "grpo" else 1
+    prompts_per_update = 8 // group
     for update in range(3):  # each process answered its own half of the update's batch, in the shared order
-        batch = [prompts[i] for i in order[update * 8:(update + 1) * 8]]
+        chosen = order[update * prompts_per_update:(update + 1) * prompts_per_update]
+        batch = [prompts[i] for i in chosen for _ in range(group)]  # GRPO: each prompt's group on one process
         assert scored[0][update] == batch[:4] and scored[1][update] == batch[4:]
 
 

@@ -1,0 +1,100 @@
+"""Verifiable rewards: an answer checked against its prompt's reference, 1.0 when right and 0.0 when not.
+
+A reward function (or judge) that takes a third argument named `references` is given each prompt row's `answer`
+field (`data/arithmetic_train.jsonl` and `data/arithmetic_eval.jsonl` carry one): `builtin:final_number` here, or
+your own `module:function(prompts, responses, references)`. The others take `(prompts, responses)` as before.
+"""
+import inspect
+import re
+
+from rlhf.errors import DataError, UserError
+
+# a number as people write it: a sign (ASCII or the Unicode minus), digits with optional thousands commas, an
+# optional decimal part; a fraction a/b is read as one number
+NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?:\s*/\s*(\d+))?(?![\d])")
+# where an answer says "this is the result": the number after the last of these is the answer
+MARKERS = re.compile(r"answer\s*(?:is|:|=)|result\s*(?:is|:)|total\s*(?:is|:)|####|\\boxed\{|=", re.IGNORECASE)
+UNITS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+         "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
+         "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19}
+TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+        "ninety": 90}
+NUMBER_WORD = re.compile(r"\b(" + "|".join(TENS) + r")(?:[-\s](" + "|".join(list(UNITS)[1:10]) + r"))?\b|\b("
+                         + "|".join(UNITS) + r")\b", re.IGNORECASE)
+
+
+def numbers_in(text: str) -> list[tuple[int, float]]:
+    """(position, value) of every number in `text` written in digits, in order; only when there is none, of every
+    number in words up to ninety-nine ("one" is too common a word to outrank a digit)."""
+    found = []
+    for match in NUMBER.finditer(text):
+        sign, whole, decimals, denominator = match.groups()
+        value = float(whole.replace(",", "") + (f".{decimals}" if decimals else ""))
+        if denominator and int(denominator):
+            value /= int(denominator)
+        found.append((match.start(), -value if sign else value))
+    if found:
+        return found
+    for match in NUMBER_WORD.finditer(text):
+        tens, unit, alone = (group.lower() if group else None for group in match.groups())
+        found.append((match.start(), float(UNITS[alone] if alone else TENS[tens] + (UNITS[unit] if unit else 0))))
+    return found
+
+
+def final_number_of(text: str) -> float | None:
+    """The number an answer gives as its result: the first after its last marker ("the answer is", "=", "####",
+    "\\boxed{", ...), else its last number; None when it has none. "$1,250.00", "-7", "3/4", "25%" and "forty-two"
+    all read as numbers."""
+    numbers = numbers_in(text)
+    if not numbers:
+        return None
+    markers = list(MARKERS.finditer(text))
+    if markers:
+        after = [value for position, value in numbers if position >= markers[-1].end()]
+        if after:
+            return after[0]
+    return numbers[-1][1]
+
+
+def same_number(found: float | None, reference: str) -> bool:
+    expected = final_number_of(reference)
+    if found is None or expected is None:
+        return False
+    return abs(found - expected) <= 1e-6 * max(1.0, abs(expected))
+
+
+def final_number(prompts: list[str], responses: list[str], references: list[str]) -> list[float]:
+    """1.0 where the response's final number equals the reference's, else 0.0."""
+    return [float(same_number(final_number_of(response), reference))
+            for response, reference in zip(responses, references)]
+
+
+def wants_references(function) -> bool:
+    """Whether a judge or reward function checks answers against references (it has a `references` parameter)."""
+    try:
+        return "references" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_references(rows: list[dict], source, spec: str) -> list[str] | None:
+    """The rows' reference answers when `spec`'s function wants them (None when it does not), every row having one;
+    else a DataError naming the file, the row and the field, before anything is written."""
+    from rlhf.judges import load_judge
+
+    if not spec or not wants_references(load_judge(spec)):
+        return None
+    for row in rows:
+        if row.get("answer") is None:
+            raise DataError(source, None, "answer", f"row '{row['id']}' has no reference answer, and {spec} checks "
+                            "each answer against its prompt's")
+    return [row["answer"] for row in rows]
+
+
+def judge_scores(judge, prompts: list[str], responses: list[str], references: list[str] | None = None) -> list[float]:
+    """The judge's scores, given the references when it checks against them."""
+    if not wants_references(judge):
+        return judge(prompts, responses)
+    if references is None:
+        raise UserError("this judge checks answers against reference answers, and none were given here")
+    return judge(prompts, responses, references)
