@@ -196,6 +196,10 @@ def run_label(args, rest) -> int:
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
     gold = load_rows(args.file, "gold") if args.label_command == "gold" else None  # checked before the store opens
+    if args.label_command == "simulate":
+        from preference_ui.simulate import voting_judge
+
+        voting_judge(args.judge)  # a judge that cannot vote is refused before the store opens
     adds_data = args.label_command == "gold" or getattr(args, "users_command", None) == "add"
     store = Store(label_store_url(args), create=adds_data)
     if store.created:

@@ -21,17 +21,15 @@ import time
 from preference_ui import sample
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.gold import import_gold
-from preference_ui.simulate import LabellerModel, simulate
+from preference_ui.simulate import LabellerModel, simulate, voting_judge
 from preference_ui.stats import stats
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, DataError
-from rlhf.judges import load_judge
 from rlhf.label_export import export
 from rlhf.runs import hash_config
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
 from rlhf.store import Store, run_store_url
-from rlhf.verifiable import wants_references
 
 STAGE = "preferences"
 
@@ -59,9 +57,8 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
     before the stage creates anything, the store among them."""
     prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round)
     gold = load_rows(config.gold, "gold") if config.gold else None
-    if config.simulate_judge and wants_references(load_judge(config.simulate_judge)):
-        raise ConfigError(f"preferences.simulate_judge {config.simulate_judge} checks answers against reference "
-                          "answers; simulated labellers compare two answers with a judge of (prompts, answers)")
+    if config.simulate_judge:
+        voting_judge(config.simulate_judge)
     return prompts, gold
 
 

@@ -11,10 +11,12 @@ import random
 import secrets
 from dataclasses import dataclass
 
+from rlhf.errors import UserError
 from rlhf.judges import load_judge
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
 from preference_ui.queue import LabelQueue, unswap
 from rlhf.store import Store
+from rlhf.verifiable import wants_references
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,16 @@ def decide(score_a: float, score_b: float, model: LabellerModel, rng: random.Ran
     return choice, "clear" if abs(gap) >= 2 * max(model.tie_margin, model.temperature, 1e-9) else "slight"
 
 
+def voting_judge(spec: str):
+    """The judge simulated labellers vote with, loaded: one of (prompts, answers). A judge that checks answers
+    against reference answers cannot say which of two answers is better, so it is refused."""
+    judge = load_judge(spec)
+    if wants_references(judge):
+        raise UserError(f"judge {spec} checks answers against reference answers; simulated labellers compare two "
+                        "answers with a judge of (prompts, answers)")
+    return judge
+
+
 def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel, batch: str | None = None,
              seed: int = 0, overlap: int | None = None, gold_rate: float = 0.0) -> dict:
     """The simulated labellers take turns taking items from the labelling queue, as people in the app do, until
@@ -56,7 +68,7 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
     are mixed in at `gold_rate`, and a skipped item's slot goes to another labeller. Each vote is drawn with a
     generator seeded by labeller and comparison, so it does not depend on the order the items come in; a rerun
     votes only on what is left. Returns the count of each choice (as stored) and of skips."""
-    judge = load_judge(judge_spec)
+    judge = voting_judge(judge_spec)
     name = judge_spec.removeprefix("builtin:")
     users = [store.user(f"sim/{name}/{i}") or store.add_user(f"sim/{name}/{i}", "labeller", secrets.token_hex(16))
              for i in range(labellers)]

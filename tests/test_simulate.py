@@ -130,3 +130,8 @@ def test_simulate_command(tmp_path, capsys):
                 "--temperature", "0"]) == 0
     assert capsys.readouterr().out.split() == ["a=4", "b=4", "tie=0", "both_bad=0", "skipped=0"]
     assert cli(["label", "--db", db, "simulate", "--judge", "builtin:nope"]) == 2
+    # a judge that checks against reference answers cannot vote between two answers: refused before the store opens
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert cli(["label", "--db", fresh, "simulate", "--judge", "builtin:final_number"]) == 2
+    assert "checks answers against reference answers" in capsys.readouterr().err
+    assert not (tmp_path / "fresh.db").exists()
