@@ -6,7 +6,8 @@ Every policy, and the baseline, answers the same prompts (greedy by default). Ea
 model (normalised by the scale its stage stored, as PPO trains on it) and by the judge; each policy gets its KL to
 the baseline along its own answers, its answer length and stop-token rate, and its win rate against the baseline
 under the reward model and under the judge, with bootstrap intervals over prompts. A judge that checks answers
-against the prompts' reference answers (`builtin:final_number`) also gives each policy its accuracy. Writes `runs/<name>/eval/`
+against the prompts' reference answers (`builtin:final_number`) also gives each policy its accuracy. Writes
+`runs/<name>/eval/`
 (results.json, answers.jsonl, plots) and the run's report, `runs/<name>/report.md`.
 """
 import json

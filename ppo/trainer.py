@@ -222,7 +222,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     if reference is not None:
         reference.to(accelerator.device)
     scorer = Scorer(config, found.get("reward_model"), accelerator.device)
-    prompts, eval_prompts, judge = checked.prompts, checked.eval_prompts, checked.judge
+    eval_prompts, judge = checked.eval_prompts, checked.judge
     trained = [model for model in (policy, critic) if model is not None]
     trainable = [p for model in trained for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, fused=True)  # one pass over memory
