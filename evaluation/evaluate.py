@@ -7,8 +7,7 @@ model (normalised by the scale its stage stored, as PPO trains on it) and by the
 the baseline along its own answers, its answer length and stop-token rate, and its win rate against the baseline
 under the reward model and under the judge, with bootstrap intervals over prompts. A judge that checks answers
 against the prompts' reference answers (`builtin:final_number`) also gives each policy its accuracy. Writes
-`runs/<name>/eval/`
-(results.json, answers.jsonl, plots) and the run's report, `runs/<name>/report.md`.
+`runs/<name>/eval/` (results.json, answers.jsonl, plots) and the run's report, `runs/<name>/report.md`.
 """
 import json
 import random
