@@ -11,9 +11,20 @@ time. The held-out judge (the recipes were tuned on the others, nothing on it) i
 `ratio: X`, X = the smallest lower bound of the PPO and DPO judge win-rate intervals over all judges / 0.5 (above
 1.0: every policy beats SFT on every judge with confidence).
 
+`--methods` picks the policies compared with SFT: the chain's ppo and dpo, and the critic-free grpo, rloo and
+reinforce_pp, each trained after the chain from its SFT model against its reward model with the chain's PPO recipe
+(only `ppo.algorithm` changed), then evaluated as the chain's eval was (same prompts, greedy, same SFT answers).
+
 `--frontier` then trains PPO at three `kl_coef` values and DPO at three `beta` values from the first judge's SFT
 model, reward model and labels, evaluates them together and plots judge score against KL for both
 (`frontier.png` in the root).
+
+`--verifiable` measures a verifiable reward instead of the judges: each method of `--methods` (default ppo, grpo,
+rloo, reinforce_pp) trains the bundled model on the arithmetic problems with `configs/arithmetic.yaml`
+(builtin:final_number: 1 when the answer's final number is the reference's), then one greedy eval gives each its
+accuracy on the 80 held-out problems against the untrained model's. Last line: `ratio: X`, X = the smallest lower
+bound of the methods' win-rate intervals against the untrained model (1 for a problem it newly solves, 0.5 for a
+tie) over 0.5.
 """
 import argparse
 import json
@@ -28,14 +39,17 @@ sys.path.insert(0, str(REPO))
 
 JUDGES = ("builtin:length", "builtin:readability", "builtin:keywords", "builtin:sentiment")
 HELD_OUT = "builtin:sentiment"
-POLICIES = ("ppo", "dpo")
+CHAINED = ("ppo", "dpo")  # the policies `rlhf run` trains
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
+VERIFIABLE_CONFIG = "configs/arithmetic.yaml"
 CHAIN = ("sft", "preferences", "reward", "ppo", "dpo", "eval")  # the stages' order in `rlhf run`
 RUN_NAME = "default"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--config", default="", help="Run config (empty: configs/default.yaml, or "
+                        f"{VERIFIABLE_CONFIG} with --verifiable).")
     parser.add_argument("--root", default="", help="Folder for the runs (empty: a new temporary folder).")
     parser.add_argument("--judges", default=",".join(JUDGES), help="Comma-separated judges, one run each.")
     parser.add_argument("--held-out", default=HELD_OUT, help="The judge nothing was tuned on, reported apart.")
@@ -43,9 +57,28 @@ def parse_args(argv=None):
     parser.add_argument("--frontier", action="store_true", help="Also the reward-KL frontier on the first judge.")
     parser.add_argument("--kl-coefs", default="0.02,0.05,0.2", help="PPO kl_coef values of the frontier.")
     parser.add_argument("--betas", default="0.03,0.1,0.3", help="DPO beta values of the frontier.")
+    parser.add_argument("--methods", default="", help="Comma-separated policies compared with SFT, of ppo, dpo, "
+                        "grpo, rloo, reinforce_pp (empty: ppo,dpo; with --verifiable: ppo,grpo,rloo,reinforce_pp).")
+    parser.add_argument("--verifiable", action="store_true", help="The arithmetic task's held-out accuracy instead "
+                        "of the judges.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Extra config override for every run, e.g. ppo.total_episodes=64 (repeatable).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.config = args.config or (VERIFIABLE_CONFIG if args.verifiable else "configs/default.yaml")
+    args.methods = checked_methods(parser, args.methods, args.verifiable)
+    return args
+
+
+def checked_methods(parser, methods: str, verifiable: bool) -> list[str]:
+    """The methods asked for; an unknown one, or dpo on the verifiable task, is a usage error."""
+    known = ("ppo", *CRITIC_FREE) if verifiable else (*CHAINED, *CRITIC_FREE)
+    chosen = methods.split(",") if methods else list(("ppo", *CRITIC_FREE) if verifiable else CHAINED)
+    for method in chosen:
+        if method not in known:
+            why = (": DPO learns from preference pairs, and the verifiable task has reference answers, not votes"
+                   if verifiable and method == "dpo" else "")
+            parser.error(f"--methods: '{method}' is not one of {', '.join(known)}{why}")
+    return chosen
 
 
 def rlhf(*words: str) -> float:
@@ -67,7 +100,59 @@ def run_chain(args, judge: str, root: Path) -> dict:
     print(f"[alignment] {judge}: rlhf run in {output_root}", flush=True)
     wall = rlhf("run", "--config", args.config, f"--run.output_root={output_root}", f"--run.name={RUN_NAME}",
                 *overrides)
-    return {**chain_result(output_root / RUN_NAME), "wall_s": wall, "output_root": str(output_root)}
+    result = {**chain_result(output_root / RUN_NAME), "wall_s": wall, "output_root": str(output_root)}
+    critic_free = [method for method in args.methods if method in CRITIC_FREE]
+    if critic_free:
+        result["policies"], seconds = critic_free_beside_chain(args, judge, output_root, critic_free,
+                                                               result["policies"])
+        result["stage_seconds"].update(seconds)
+        result["wall_s"] += sum(seconds.values())
+    result["policies"] = in_order(result["policies"], args.methods)
+    return result
+
+
+def in_order(policies: dict, methods: list[str]) -> dict:
+    """SFT (the baseline) and the methods asked for, in that order."""
+    return {name: policies[name] for name in ("sft", *methods)}
+
+
+def critic_free_beside_chain(args, judge: str, output_root: Path, methods: list[str],
+                             chain_policies: dict) -> tuple[dict, dict]:
+    """Each critic-free method from the chain's SFT model against its reward model, then evaluated as the chain's
+    eval did (the same prompts, greedy, the same baseline: its SFT and policy numbers stand); (every policy's
+    numbers, each method's wall seconds)."""
+    run = output_root / RUN_NAME
+    folders, seconds = train_algorithms(args, output_root, methods, f"--ppo.model={run / 'sft'}",
+                                        f"--ppo.reward_model={run / 'reward'}", f"--ppo.judge={judge}")
+    results = compare(args, output_root, folders, f"--eval.baseline={run / 'sft'}",
+                      f"--eval.reward_model={run / 'reward'}", f"--eval.judge={judge}",
+                      f"--eval.num_prompts={args.eval_prompts}")
+    return {**chain_policies, **results["policies"]}, seconds
+
+
+def stage(args, name: str, output_root: Path, *words: str) -> float:
+    """`rlhf NAME` on the config in `output_root`, with the `--set` overrides of its own section and of `run`
+    (a stage command takes no others); its wall seconds."""
+    overrides = [f"--{item}" for item in args.set if item.split(".", 1)[0] in (name, "run")]
+    return rlhf(name, "--config", args.config, f"--run.output_root={output_root}", *overrides, *words)
+
+
+def train_algorithms(args, output_root: Path, algorithms: list[str], *words: str) -> tuple[dict, dict]:
+    """`rlhf ppo` once per algorithm, each as its own run named after it; (policy folders, wall seconds)."""
+    folders, seconds = {}, {}
+    for algorithm in algorithms:
+        print(f"[alignment] {algorithm} in {output_root / algorithm}", flush=True)
+        seconds[algorithm] = stage(args, "ppo", output_root, *words, f"--run.name={algorithm}",
+                                   f"--ppo.algorithm={algorithm}")
+        folders[algorithm] = output_root / algorithm / "ppo"
+    return folders, seconds
+
+
+def compare(args, output_root: Path, policies: dict, *overrides: str) -> dict:
+    """One eval of the policies (name: folder) against the baseline, as the run `compare`; its results."""
+    listed = ",".join(f"{name}={folder}" for name, folder in policies.items())
+    stage(args, "eval", output_root, "--run.name=compare", f"--eval.policies={listed}", *overrides)
+    return json.loads((output_root / "compare" / "eval" / "results.json").read_text())
 
 
 def chain_result(run: Path) -> dict:
@@ -88,9 +173,10 @@ def chain_position(stage: str) -> int:
 
 
 def smallest_lower_bound(results: dict) -> float:
-    """The smallest lower bound of the PPO and DPO judge win-rate intervals over every judge's results."""
-    return min(result["policies"][policy]["win_rate_judge_low"] for result in results.values()
-               for policy in POLICIES)
+    """The smallest lower bound of the policies' judge win-rate intervals (against SFT) over every judge's
+    results."""
+    return min(policy["win_rate_judge_low"] for result in results.values()
+               for name, policy in result["policies"].items() if name != "sft")
 
 
 def ratio(results: dict) -> float:
@@ -105,14 +191,17 @@ def judge_lines(judge: str, result: dict) -> list[str]:
              f"  reward model held-out accuracy {fmt(reward['heldout_accuracy'])} on {reward['heldout_pairs']} pairs; "
              f"labellers' ceiling {fmt(reward['human_ceiling'])} on {reward['ceiling_units']} votes "
              f"(the reward model on those votes: {fmt(reward['model_on_ceiling_units'])})",
-             "  judge mean: " + ", ".join(f"{name} {policies[name]['judge']:.3f}" for name in ("sft", *POLICIES))]
-    for name in POLICIES:
-        policy = policies[name]
+             "  judge mean: " + ", ".join(f"{name} {policy['judge']:.3f}" for name, policy in policies.items())]
+    for name, policy in trained(policies).items():
         lines.append(f"  {name}: win rate vs SFT {policy['win_rate_judge']:.3f} [{policy['win_rate_judge_low']:.3f}, "
                      f"{policy['win_rate_judge_high']:.3f}], KL to SFT {policy['kl']:.2f}")
     lines.append("  stage seconds: " + ", ".join(f"{name} {fmt(seconds, '.0f')}"
                                                 for name, seconds in result["stage_seconds"].items()))
     return lines
+
+
+def trained(policies: dict) -> dict:
+    return {name: policy for name, policy in policies.items() if name != "sft"}
 
 
 def fmt(value, spec: str = ".3f") -> str:
@@ -127,7 +216,7 @@ def summary(results: dict, held_out: str) -> str:
         lines += judge_lines(judge, result)
     if held_out in results:
         lines += ["== held-out judge (nothing tuned on it) ==", *judge_lines(held_out, results[held_out])]
-    lines.append(f"smallest lower bound of the PPO and DPO win-rate intervals: {smallest_lower_bound(results):.3f}")
+    lines.append(f"smallest lower bound of the policies' win-rate intervals: {smallest_lower_bound(results):.3f}")
     lines.append(f"ratio: {ratio(results):.3f}")
     return "\n".join(lines)
 
@@ -135,24 +224,22 @@ def summary(results: dict, held_out: str) -> str:
 def frontier(args, judge: str, chain: dict, root: Path) -> Path:
     """PPO at each kl_coef and DPO at each beta from the chain's SFT model, reward model and labels, evaluated
     together on the judge; plots judge score against KL to SFT."""
-    run = Path(chain["output_root"]) / RUN_NAME
-    common = ["--config", args.config, f"--run.output_root={root / 'frontier'}", *(f"--{item}" for item in args.set)]
-    policies = []
+    run, output_root = Path(chain["output_root"]) / RUN_NAME, root / "frontier"
+    policies = {}
     for value in args.kl_coefs.split(","):
         name = f"ppo-kl{value}"
-        rlhf("ppo", *common, f"--run.name={name}", f"--ppo.model={run / 'sft'}", f"--ppo.reward_model={run / 'reward'}",
-             f"--ppo.kl_coef={value}", f"--ppo.judge={judge}")
-        policies.append(f"{name}={root / 'frontier' / name / 'ppo'}")
+        stage(args, "ppo", output_root, f"--run.name={name}", f"--ppo.model={run / 'sft'}",
+              f"--ppo.reward_model={run / 'reward'}", f"--ppo.kl_coef={value}", f"--ppo.judge={judge}")
+        policies[name] = output_root / name / "ppo"
     for value in args.betas.split(","):
         name = f"dpo-beta{value}"
-        rlhf("dpo", *common, f"--run.name={name}", f"--dpo.model={run / 'sft'}",
-             f"--dpo.preferences={run / 'preferences'}", f"--dpo.reward_model={run / 'reward'}", f"--dpo.beta={value}")
-        policies.append(f"{name}={root / 'frontier' / name / 'dpo'}")
-    rlhf("eval", *common, "--run.name=compare", f"--eval.baseline={run / 'sft'}",
-         f"--eval.reward_model={run / 'reward'}",
-         f"--eval.judge={judge}", f"--eval.num_prompts={args.eval_prompts}", f"--eval.policies={','.join(policies)}")
-    results = json.loads((root / "frontier" / "compare" / "eval" / "results.json").read_text())["policies"]
-    return frontier_plot(root / "frontier.png", results, judge)
+        stage(args, "dpo", output_root, f"--run.name={name}", f"--dpo.model={run / 'sft'}",
+              f"--dpo.preferences={run / 'preferences'}", f"--dpo.reward_model={run / 'reward'}", f"--dpo.beta={value}")
+        policies[name] = output_root / name / "dpo"
+    results = compare(args, output_root, policies, f"--eval.baseline={run / 'sft'}",
+                      f"--eval.reward_model={run / 'reward'}", f"--eval.judge={judge}",
+                      f"--eval.num_prompts={args.eval_prompts}")
+    return frontier_plot(root / "frontier.png", results["policies"], judge)
 
 
 def frontier_points(results: dict, family: str) -> list[tuple[float, float, str]]:
@@ -181,10 +268,38 @@ def frontier_plot(path: Path, results: dict, judge: str) -> Path:
     return path
 
 
+def verifiable(args, root: Path) -> dict:
+    """Each method trained on the arithmetic problems, then one greedy eval of them all against the untrained
+    model on the held-out problems."""
+    folders, seconds = train_algorithms(args, root, args.methods)
+    results = compare(args, root, folders)
+    return {"prompts": results["prompts"], "policies": in_order(results["policies"], args.methods),
+            "train_seconds": seconds}
+
+
+def verifiable_summary(result: dict, config: str) -> str:
+    """Accuracy before and after each method, the win-rate intervals, and the ratio line."""
+    policies, before = result["policies"], result["policies"]["sft"]["accuracy"]
+    lines = [f"verifiable task ({config}): {result['prompts']} held-out problems, greedy; accuracy before "
+             f"training {before:.3f}"]
+    for name, policy in trained(policies).items():
+        lines.append(f"  {name}: accuracy {before:.3f} -> {policy['accuracy']:.3f}, win rate vs untrained "
+                     f"{policy['win_rate_judge']:.3f} [{policy['win_rate_judge_low']:.3f}, "
+                     f"{policy['win_rate_judge_high']:.3f}], KL {policy['kl']:.2f}, trained in "
+                     f"{result['train_seconds'][name]:.0f} s")
+    lines.append(f"ratio: {ratio({config: result}):.3f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     root = Path(args.root or tempfile.mkdtemp(prefix="alignment-"))
     root.mkdir(parents=True, exist_ok=True)
+    if args.verifiable:
+        result = verifiable(args, root)
+        (root / "results.json").write_text(json.dumps(result, indent=1))
+        print(verifiable_summary(result, args.config))
+        return 0
     judges = args.judges.split(",")
     results = {}
     for judge in judges:

@@ -1,8 +1,13 @@
-"""bench/alignment.py's summary maths on fixed numbers: the ratio is the smallest lower bound of the PPO and DPO
-judge win-rate intervals over every judge, over 0.5, and the held-out judge is reported apart."""
+"""bench/alignment.py: its summary maths on fixed numbers (the ratio is the smallest lower bound of the compared
+policies' judge win-rate intervals over every judge, over 0.5, and the held-out judge is reported apart), the
+methods it accepts, and real tiny runs of the chain with a critic-free method beside it and of the verifiable
+task."""
+import json
+from pathlib import Path
+
 import pytest
 
-from bench.alignment import chain_result, ratio, smallest_lower_bound, summary
+from bench.alignment import chain_result, main, parse_args, ratio, smallest_lower_bound, summary, verifiable_summary
 
 
 def judge_result(ppo_low: float, dpo_low: float) -> dict:
@@ -36,9 +41,65 @@ def test_summary_reports_the_held_out_judge_apart_and_ends_with_the_ratio():
     assert "judge mean: sft 0.400, ppo 0.600, dpo 0.500" in text and "stage seconds: sft 90, reward -" in text
 
 
-def test_chain_result_reads_a_finished_runs_manifest_and_eval(tmp_path):
-    import json
+def test_critic_free_policies_count_in_the_ratio_and_get_their_own_lines():
+    result = judge_result(0.70, 0.62)
+    result["policies"]["grpo"] = {"judge": 0.55, "win_rate_judge": 0.6, "win_rate_judge_low": 0.52,
+                                  "win_rate_judge_high": 0.68, "kl": 0.9}
+    assert ratio({"builtin:length": result}) == pytest.approx(1.04)
+    text = summary({"builtin:length": result}, "builtin:sentiment")
+    assert "grpo: win rate vs SFT 0.600 [0.520, 0.680], KL to SFT 0.90" in text
+    assert "judge mean: sft 0.400, ppo 0.600, dpo 0.500, grpo 0.550" in text
 
+
+def test_methods_default_per_task_and_unknown_ones_are_refused(capsys):
+    assert parse_args([]).methods == ["ppo", "dpo"] and parse_args([]).config == "configs/default.yaml"
+    verifiable = parse_args(["--verifiable"])
+    assert verifiable.methods == ["ppo", "grpo", "rloo", "reinforce_pp"]
+    assert verifiable.config == "configs/arithmetic.yaml"
+    assert parse_args(["--methods", "dpo,rloo"]).methods == ["dpo", "rloo"]
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--verifiable", "--methods", "grpo,dpo"])
+    assert refused.value.code == 2 and "'dpo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "ppo,reinforce"])
+    assert "'reinforce' is not one of ppo, dpo, grpo, rloo, reinforce_pp" in capsys.readouterr().err
+
+
+def test_verifiable_summary_gives_accuracy_before_and_after_each_method():
+    def policy(accuracy: float, low: float) -> dict:
+        return {"accuracy": accuracy, "win_rate_judge": low + 0.05, "win_rate_judge_low": low,
+                "win_rate_judge_high": low + 0.1, "kl": 3.25}
+
+    result = {"prompts": 80, "policies": {"sft": {"accuracy": 0.175}, "grpo": policy(0.35, 0.55),
+                                          "rloo": policy(0.3, 0.51)},
+              "train_seconds": {"grpo": 250.0, "rloo": 240.4}}
+    lines = verifiable_summary(result, "configs/arithmetic.yaml").splitlines()
+    assert lines[0].endswith("80 held-out problems, greedy; accuracy before training 0.175")
+    assert lines[1] == ("  grpo: accuracy 0.175 -> 0.350, win rate vs untrained 0.600 [0.550, 0.650], KL 3.25, "
+                        "trained in 250 s")
+    assert lines[-1] == "ratio: 1.020"
+
+
+TINY_ARITHMETIC = ["--set", "ppo.model=tiny-llama", "--set", "ppo.reward_function=builtin:final_number",
+                   "--set", "ppo.judge=builtin:final_number", "--set", "ppo.prompts=data/arithmetic_train.jsonl",
+                   "--set", "ppo.eval_prompts=data/arithmetic_eval.jsonl", "--set", "eval.baseline=tiny-llama",
+                   "--set", "eval.reward_model=none", "--set", "eval.judge=builtin:final_number",
+                   "--set", "eval.prompts=data/arithmetic_eval.jsonl"]
+
+
+def test_a_tiny_verifiable_run_trains_each_method_and_compares_them_on_the_held_out_problems(tmp_path, capsys):
+    assert main(["--verifiable", "--config", "configs/tiny.yaml", "--methods", "grpo,reinforce_pp",
+                 "--root", str(tmp_path), *TINY_ARITHMETIC]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert list(result["policies"]) == ["sft", "grpo", "reinforce_pp"]
+    assert all("accuracy" in policy for policy in result["policies"].values())
+    for method in ("grpo", "reinforce_pp"):
+        manifest = json.loads((tmp_path / method / "manifest.json").read_text())
+        assert manifest["stages"]["ppo"]["config"]["algorithm"] == method
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ratio: ")
+
+
+def test_chain_result_reads_a_finished_runs_manifest_and_eval(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "manifest.json").write_text(json.dumps({"stages": {
         "reward": {"metrics": {"heldout_accuracy": 0.75, "heldout_pairs": 40, "human_ceiling": 0.8,
@@ -61,3 +122,16 @@ def test_frontier_draws_each_family_in_order_of_kl_and_writes_the_plot(tmp_path)
     assert frontier_points(results, "dpo") == [(0.9, 0.36, "beta0.3"), (2.0, 0.41, "beta0.1")]
     path = frontier_plot(tmp_path / "frontier.png", results, "builtin:length")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_tiny_chain_with_grpo_beside_it_compares_all_its_policies_as_the_chain_did(tmp_path, capsys):
+    assert main(["--config", "configs/tiny.yaml", "--judges", "builtin:length", "--methods", "ppo,dpo,grpo",
+                 "--root", str(tmp_path), "--eval-prompts", "8"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())["builtin:length"]
+    assert list(result["policies"]) == ["sft", "ppo", "dpo", "grpo"]
+    assert result["prompts"] == 8 and result["stage_seconds"]["grpo"] > 0
+    # GRPO's eval repeats the chain's (same prompts, greedy): the SFT answers' numbers come out the same
+    compared = json.loads((Path(result["output_root"]) / "compare" / "eval" / "results.json").read_text())
+    assert compared["policies"]["sft"] == result["policies"]["sft"]
+    output = capsys.readouterr().out
+    assert "  grpo: win rate vs SFT" in output and output.splitlines()[-1].startswith("ratio: ")

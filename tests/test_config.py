@@ -43,6 +43,10 @@ def test_shipped_configs_parse():
         assert config["sft"].max_steps > 0 and config["reward"].learning_rate > 0
         assert config["preferences"].simulate_judge and config["ppo"].total_episodes > 0 and config["dpo"].beta > 0
         assert config["eval"].judge == "builtin:length"
+    arithmetic = load_config(REPO / "configs" / "arithmetic.yaml", [], EVERY_SECTION, EVERY_SECTION)
+    assert arithmetic["ppo"].reward_function == arithmetic["eval"].judge == "builtin:final_number"
+    assert arithmetic["ppo"].batch_size % arithmetic["ppo"].group_size == 0
+    assert arithmetic["eval"].prompts == arithmetic["ppo"].eval_prompts == "data/arithmetic_eval.jsonl"
 
 
 def test_unknown_key_names_the_close_match_and_the_valid_keys(tmp_path):
