@@ -198,6 +198,11 @@ def load_critic(config: PPOStageConfig, found: dict) -> Critic:
     classifier = AutoModelForSequenceClassification.from_pretrained(
         reward_model or found["policy"], num_labels=reward_heads(reward_model) if reward_model else 1,
         dtype=torch.float32)
+    if not reward_model:
+        # A new head starts at zero. Drawn at random it values states about 1 apart from token to token, against
+        # scores of 0 or 1, and GAE's advantages would be mostly that noise (on the arithmetic task, PPO with a
+        # random head learned nothing in 16 updates, docs/benchmarks.md).
+        torch.nn.init.zeros_(classifier.score.weight)
     scale = reward_record(reward_model).get("scale") if reward_model and config.normalize_reward else None
     return Critic(classifier, scale["mean"], scale["std"]) if scale else Critic(classifier)
 

@@ -127,3 +127,17 @@ def test_prompts_without_reference_answers_stop_a_verifiable_run_before_anything
                 f"--run.output_root={tmp_path / 'runs'}", "--run.tracking=none"]) == 2
     assert "checks answers against reference answers" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_under_a_reward_function_ppos_new_critic_head_values_every_state_at_zero(tiny_model_path):
+    import torch
+
+    from ppo.config import PPOStageConfig
+    from ppo.trainer import load_critic
+
+    config = PPOStageConfig(reward_function="builtin:final_number", precision="fp32")
+    critic = load_critic(config, {"policy": str(tiny_model_path)})
+    tokens = torch.tensor([[5, 9, 13, 2, 7, 11]])
+    values = critic(tokens, torch.ones_like(tokens), torch.arange(6)[None], response_start=3)
+    assert values.shape == (1, 3) and torch.count_nonzero(values) == 0
+    assert critic.classifier.score.weight.requires_grad  # zero to start, still trained
