@@ -13,11 +13,15 @@ A decided pair costs -log sigmoid(d - theta - margin): the margin (from the labe
 With ties dropped theta is 0 and the decided-pair cost is exactly TRL's (the reward trainer's loss, and DPO's
 sigmoid loss). Each pair's cost is multiplied by its weight (1, or its labellers' gold accuracy) and the weighted
 mean is taken.
+
+A k-wise ranking's own likelihood is Plackett-Luce's (`plackett_luce_loss`; rlhf/rankings.py says how ties count).
 """
 import math
 
 import torch
 import torch.nn.functional as F
+
+from rlhf.rankings import check_ranks
 
 
 def log_tie_probability(gap: torch.Tensor, theta: float) -> torch.Tensor:
@@ -56,3 +60,19 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.
     if center_coefficient is not None:
         loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
     return loss
+
+
+def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """-log P(ranking | rewards) under Plackett-Luce, ties by Breslow's approximation (rlhf/rankings.py)."""
+    check_ranks(ranks)
+    ranked = torch.tensor(ranks, device=rewards.device)
+    loss = rewards.new_zeros(())
+    for rank in sorted(set(ranks)):
+        left = rewards[ranked >= rank]  # the answers not placed before this tier
+        loss = loss - (rewards[ranked == rank] - torch.logsumexp(left, dim=0)).sum()
+    return loss
+
+
+def mean_plackett_luce_loss(rewards: list[torch.Tensor], rankings: list[list[int]]) -> torch.Tensor:
+    """The mean over rankings of their Plackett-Luce losses; `rewards[i]` scores the answers of `rankings[i]`."""
+    return torch.stack([plackett_luce_loss(r, ranks) for r, ranks in zip(rewards, rankings)]).mean()

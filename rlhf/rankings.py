@@ -8,16 +8,15 @@ Three readings of a ranking:
   from one read of the prompt. They are not independent observations, so each carries weight 1 / (number of
   pairs) and a ranking counts once in the loss however large k is (InstructGPT trains on all of a ranking's pairs
   as one batch element for the same reason).
-- **Plackett-Luce**: the probability of the whole order under rewards r, choosing the best of the answers left,
-  then the best of the rest, and so on: P = prod_t exp(r_(t)) / sum_{j still left at t} exp(r_j). Tied answers are
-  each chosen against every answer not yet placed (Breslow's approximation), so a tie at the bottom still asks
-  for rewards close together, and without ties this is the exact Plackett-Luce likelihood.
+- **Plackett-Luce** (`rlhf.preference_loss.plackett_luce_loss`): the probability of the whole order under
+  rewards r, choosing the best of the answers left, then the best of the rest, and so on:
+  P = prod_t exp(r_(t)) / sum_{j still left at t} exp(r_j). Tied answers are each chosen against every answer not
+  yet placed (Breslow's approximation), so a tie at the bottom still asks for rewards close together, and without
+  ties this is the exact Plackett-Luce likelihood.
 - **agreement**: Kendall's tau-b between two labellers' rankings of the same answers (ties corrected), averaged
   over every pair of labellers on every item ranked more than once.
 """
 import itertools
-
-import torch
 
 MAX_K = 6
 
@@ -47,22 +46,6 @@ def ranking_pairs(ranks: list[int]) -> list[tuple[int, int, bool]]:
 def pair_weight(ranks: list[int]) -> float:
     """The weight of each of a ranking's pairs: together they count as one observation."""
     return 1.0 / (len(ranks) * (len(ranks) - 1) // 2)
-
-
-def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
-    """-log P(ranking | rewards) under Plackett-Luce, ties by Breslow's approximation (module docstring)."""
-    check_ranks(ranks)
-    ranked = torch.tensor(ranks, device=rewards.device)
-    loss = rewards.new_zeros(())
-    for rank in sorted(set(ranks)):
-        left = rewards[ranked >= rank]  # the answers not placed before this tier
-        loss = loss - (rewards[ranked == rank] - torch.logsumexp(left, dim=0)).sum()
-    return loss
-
-
-def mean_plackett_luce_loss(rewards: list[torch.Tensor], rankings: list[list[int]]) -> torch.Tensor:
-    """The mean over rankings of their Plackett-Luce losses; `rewards[i]` scores the answers of `rankings[i]`."""
-    return torch.stack([plackett_luce_loss(r, ranks) for r, ranks in zip(rewards, rankings)]).mean()
 
 
 def kendall_tau_b(ranks_a: list[int], ranks_b: list[int]) -> float | None:

@@ -5,6 +5,10 @@ The database itself enforces what must never break: one vote per labeller per co
 and the vote vocabulary of `rlhf.schema` (check constraints), so two browser tabs or a retried request cannot
 double-vote whatever the application does. The schema version is stored and checked on open.
 
+A ranking item is a comparison whose labellers order 2 to 6 answers to its prompt instead of picking one of two
+(rlhf/rankings.py): its answers are listed, in the order shown, in `comparison_answers` (the first two are also its
+response a and b), and each labeller's order is one row of `rankings`, one per labeller per item like votes.
+
 Assignments hand comparisons to labellers: each non-gold comparison has `overlap` numbered slots, and a unique
 (comparison, slot) constraint means two labellers racing for the last slot cannot both get it. A skipped or
 expired assignment gives its slot back (slot NULL) but stays, so the same labeller never gets that item again.
@@ -26,9 +30,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhf.errors import UserError
+from rlhf.rankings import MAX_K, check_ranks
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES, VOTE_STRENGTHS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_URL = "sqlite:///runs/labels.db"
 ROLES = ("labeller", "admin")
 KINDS = ("train", "gold", "eval")
@@ -110,6 +115,17 @@ class Comparison(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ComparisonAnswer(Base):
+    """One answer of a ranking item, at its place in the order shown."""
+    __tablename__ = "comparison_answers"
+    __table_args__ = (UniqueConstraint("comparison_id", "position", name="one_answer_per_position"),
+                      UniqueConstraint("comparison_id", "response_id", name="each_answer_once"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+
+
 class Assignment(Base):
     __tablename__ = "assignments"
     __table_args__ = (
@@ -143,6 +159,20 @@ class Vote(Base):
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     swapped: Mapped[bool] = mapped_column(Boolean, default=False)  # whether the UI showed B on the left
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Ranking(Base):
+    """A labeller's order of a ranking item's answers: one rank per answer in the order shown, 1 the best, equal
+    ranks tied."""
+    __tablename__ = "rankings"
+    __table_args__ = (UniqueConstraint("comparison_id", "user_id", name="one_ranking_per_labeller"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    ranks: Mapped[list] = mapped_column(JSON)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -180,8 +210,24 @@ def check_vote(choice: str, strength: str | None, note: str | None) -> None:
         raise StoreError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got '{choice}'")
     if strength not in (*VOTE_STRENGTHS, None):
         raise StoreError(f"strength must be one of {', '.join(VOTE_STRENGTHS)}, got '{strength}'")
+    check_note(note)
+
+
+def check_note(note: str | None) -> None:
     if note and len(note) > MAX_NOTE_CHARS:
         raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
+
+
+def check_ranking(comparison_id: int, ranks: list, answers: int) -> None:
+    """A clear refusal of a ranking that does not order the item's answers."""
+    if not answers:
+        raise StoreError(f"comparison {comparison_id} is pairwise: it takes a vote, not a ranking")
+    try:
+        check_ranks(ranks)
+    except ValueError as err:
+        raise StoreError(f"ranking of comparison {comparison_id}: {err}") from None
+    if len(ranks) != answers:
+        raise StoreError(f"comparison {comparison_id} has {answers} answers to rank, got {len(ranks)} ranks")
 
 
 def database_url(url: str | None = None) -> str:
@@ -234,6 +280,7 @@ class Store:
     def check_schema(self) -> None:
         self.upgrade_from_version_1()
         self.upgrade_from_version_2()
+        self.upgrade_from_version_3()
         Base.metadata.create_all(self.engine)
         with self.transaction() as session:
             version = session.get(Meta, "schema_version")
@@ -297,6 +344,14 @@ class Store:
                 connection.execute(text("SELECT setval(pg_get_serial_sequence('votes', 'id'), "
                                         "(SELECT max(id) FROM votes))"))
             connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="3"))
+
+    def upgrade_from_version_3(self) -> None:
+        """Version 4 adds ranking items: two new tables (made by `create_all`), nothing in the old ones changes."""
+        with self.engine.begin() as connection:
+            if not inspect(connection).has_table("meta"):
+                return
+            if connection.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar() == "3":
+                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="4"))
 
     # users
     def add_user(self, name: str, role: str, password: str) -> User:
@@ -372,11 +427,61 @@ class Store:
                                         kind=kind) for a, b in pairs])
         return len(pairs)
 
+    def add_ranking_item(self, responses: list[Response], batch: str, kind: str = "train") -> Comparison:
+        """An item whose labellers order the answers (2 to MAX_K to one prompt), shown in the order given."""
+        if not 2 <= len(responses) <= MAX_K:
+            raise StoreError(f"a ranking item has 2 to {MAX_K} answers, got {len(responses)}")
+        if len({response.prompt_id for response in responses}) != 1:
+            raise StoreError("a ranking item needs answers to the same prompt")
+        if len({response.id for response in responses}) != len(responses):
+            raise StoreError("a ranking item lists each answer once")
+        if kind not in ("train", "eval"):
+            raise StoreError(f"a ranking item is train or eval, got '{kind}' (gold items are pairwise)")
+        with self.transaction() as session:
+            item = Comparison(prompt_id=responses[0].prompt_id, response_a_id=responses[0].id,
+                              response_b_id=responses[1].id, batch=batch, kind=kind)
+            session.add(item)
+            session.flush()
+            session.add_all([ComparisonAnswer(comparison_id=item.id, position=position, response_id=response.id)
+                             for position, response in enumerate(responses)])
+        return item
+
+    def ranking_answers(self, comparison_id: int) -> list[int]:
+        """A ranking item's response ids in the order shown; [] for a pairwise comparison."""
+        with self.sessions() as session:
+            return list(session.scalars(select(ComparisonAnswer.response_id)
+                                        .where(ComparisonAnswer.comparison_id == comparison_id)
+                                        .order_by(ComparisonAnswer.position)))
+
+    def cast_ranking(self, comparison_id: int, user: User, ranks: list[int], note: str | None = None,
+                     seconds: float | None = None) -> Ranking:
+        check_ranking(comparison_id, ranks, len(self.ranking_answers(comparison_id)))
+        check_note(note)
+        try:
+            with self.transaction() as session:
+                ranking = Ranking(comparison_id=comparison_id, user_id=user.id, ranks=list(ranks), note=note or None,
+                                  seconds=seconds)
+                session.add(ranking)
+            return ranking
+        except IntegrityError as err:
+            if any(ranking.user_id == user.id for ranking in self.rankings(comparison_id)):
+                raise DuplicateVote(f"{user.name} has already ranked comparison {comparison_id}") from None
+            raise StoreError(f"ranking refused by the database: {err.orig}") from None
+
+    def rankings(self, comparison_id: int | None = None) -> list[Ranking]:
+        with self.sessions() as session:
+            query = select(Ranking).order_by(Ranking.id)
+            if comparison_id is not None:
+                query = query.where(Ranking.comparison_id == comparison_id)
+            return list(session.scalars(query))
+
     # votes
     def cast_vote(self, comparison_id: int, user: User, choice: str, strength: str | None = None,
                   note: str | None = None, seconds: float | None = None, swapped: bool = False) -> Vote:
         check_vote(choice, strength, note)
         strength = vote_strength(choice, strength)
+        if self.ranking_answers(comparison_id):
+            raise StoreError(f"comparison {comparison_id} is a ranking item: it takes a ranking, not a vote")
         try:
             with self.transaction() as session:
                 vote = Vote(comparison_id=comparison_id, user_id=user.id, choice=choice, strength=strength,
@@ -401,12 +506,16 @@ class Store:
             return list(session.scalars(query))
 
     def vote_counts(self, batch: str) -> dict[int, int]:
-        """{comparison id: number of votes} for every comparison of the batch, in one query."""
+        """{comparison id: number of votes or rankings} for every comparison of the batch."""
+        counts = {}
         with self.sessions() as session:
-            query = (select(Comparison.id, func.count(Vote.id))
-                     .outerjoin(Vote, Vote.comparison_id == Comparison.id)
-                     .where(Comparison.batch == batch).group_by(Comparison.id))
-            return {comparison_id: count for comparison_id, count in session.execute(query)}
+            for judgement in (Vote, Ranking):
+                query = (select(Comparison.id, func.count(judgement.id))
+                         .outerjoin(judgement, judgement.comparison_id == Comparison.id)
+                         .where(Comparison.batch == batch).group_by(Comparison.id))
+                for comparison_id, count in session.execute(query):
+                    counts[comparison_id] = counts.get(comparison_id, 0) + count
+        return counts
 
     def comparisons(self, batch: str | None = None) -> list[dict]:
         """Each comparison with its prompt messages, both response texts and models (and, for `rlhf eval --human`

@@ -1,13 +1,12 @@
-"""K-wise rankings (rlhf/rankings.py) worked by hand: a ranking to its pairs, the Plackett-Luce loss, Kendall's
-tau-b and the agreement of several labellers' rankings."""
+"""K-wise rankings (rlhf/rankings.py) worked by hand: a ranking to its pairs, the Plackett-Luce loss
+(rlhf/preference_loss.py), Kendall's tau-b and the agreement of several labellers' rankings."""
 import math
 
 import pytest
 import torch
 
-from rlhf.preference_loss import preference_loss
-from rlhf.rankings import (check_ranks, kendall_tau_b, mean_plackett_luce_loss, pair_weight, plackett_luce_loss,
-                           ranking_agreement, ranking_pairs)
+from rlhf.preference_loss import mean_plackett_luce_loss, plackett_luce_loss, preference_loss
+from rlhf.rankings import check_ranks, kendall_tau_b, pair_weight, ranking_agreement, ranking_pairs
 
 
 def test_a_ranking_gives_every_pair_better_first_with_ties_kept_as_ties():

@@ -9,11 +9,11 @@ from rlhf.store import DuplicateVote, Meta, Store, StoreError, Vote, password_ma
 from tests.conftest import database_numbers
 
 
-def comparison_in(store, kind="train", expected=None):
+def comparison_in(store, kind="train", expected=None, batch="b1"):
     prompt = store.add_prompt(f"p{next(database_numbers)}", "explain", [{"role": "user", "content": "Why?"}])
     a = store.add_response(prompt, "Because.", "m", {"temperature": 0.7})
     b = store.add_response(prompt, "No idea.", "m", {"temperature": 0.7})
-    return store.add_comparison(a, b, batch="b1", kind=kind, expected=expected)
+    return store.add_comparison(a, b, batch=batch, kind=kind, expected=expected)
 
 
 def test_passwords_are_salted_kdf_hashes_and_disabled_users_cannot_log_in(store_url):
@@ -132,7 +132,7 @@ def test_a_version_2_store_is_upgraded_clearing_the_strengths_of_ties(store_url)
     upgraded.cast_vote(comparison_in(upgraded).id, users[0], "b")  # new votes number on after the kept ones
     assert [v.id for v in upgraded.votes()] == [1, 2, 3, 4]
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "3"
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "4"
     engine.dispose()
 
 
@@ -153,7 +153,7 @@ def test_a_store_from_another_schema_version_is_refused(store_url):
     store = Store(store_url)
     with store.session() as session, session.begin():
         session.execute(update(Meta).where(Meta.key == "schema_version").values(value="99"))
-    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 3"):
+    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 4"):
         Store(store_url)
 
 
@@ -171,7 +171,77 @@ def test_a_version_1_store_is_upgraded_in_place(store_url):
     assert {"slot", "swapped", "status"} <= columns
     with engine.connect() as connection:
         version = connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar()
-        assert version == "3"  # and on to version 3
+        assert version == "4"  # and on to version 4
+    engine.dispose()
+
+
+def ranking_item_in(store, answers=4, batch="r1"):
+    prompt = store.add_prompt(f"p{next(database_numbers)}", "explain", [{"role": "user", "content": "Why?"}])
+    responses = [store.add_response(prompt, f"Answer {i}.", "m", {"temperature": 0.7}) for i in range(answers)]
+    return store.add_ranking_item(responses, batch=batch), responses
+
+
+def test_a_ranking_item_lists_its_answers_and_takes_one_ranking_per_labeller(store_url):
+    store = Store(store_url)
+    ann, bob = store.add_user("ann", "labeller", "password1"), store.add_user("bob", "labeller", "password1")
+    item, responses = ranking_item_in(store)
+    assert store.ranking_answers(item.id) == [response.id for response in responses]
+    assert (item.response_a_id, item.response_b_id) == (responses[0].id, responses[1].id)
+    ranking = store.cast_ranking(item.id, ann, [2, 1, 3, 3], note="the second is clearest", seconds=12.5)
+    assert (ranking.ranks, ranking.note, ranking.seconds) == ([2, 1, 3, 3], "the second is clearest", 12.5)
+    with pytest.raises(DuplicateVote, match="ann has already ranked"):
+        store.cast_ranking(item.id, ann, [1, 2, 3, 4])
+    store.cast_ranking(item.id, bob, [1, 2, 3, 4])
+    assert [(r.user_id, r.ranks) for r in store.rankings(item.id)] == [(ann.id, [2, 1, 3, 3]), (bob.id, [1, 2, 3, 4])]
+    pairwise = comparison_in(store, batch="r1")
+    store.cast_vote(pairwise.id, ann, "a")
+    assert store.vote_counts("r1") == {item.id: 2, pairwise.id: 1}
+    assert store.ranking_answers(pairwise.id) == []
+
+
+def test_rankings_and_votes_each_go_only_to_their_own_kind_of_item(store_url):
+    store = Store(store_url)
+    ann = store.add_user("ann", "labeller", "password1")
+    item, _ = ranking_item_in(store, answers=3)
+    for ranks, message in (([1, 2], "has 3 answers to rank, got 2 ranks"), ([0, 1, 2], "whole numbers from 1"),
+                           ([1, 2, 3, 4, 5, 6, 7], "2 to 6 answers")):
+        with pytest.raises(StoreError, match=message):
+            store.cast_ranking(item.id, ann, ranks)
+    with pytest.raises(StoreError, match="is a ranking item: it takes a ranking, not a vote"):
+        store.cast_vote(item.id, ann, "a")
+    with pytest.raises(StoreError, match="is pairwise: it takes a vote, not a ranking"):
+        store.cast_ranking(comparison_in(store).id, ann, [1, 2])
+    assert store.rankings() == [] and store.votes() == []
+
+
+def test_a_ranking_item_needs_two_to_six_distinct_answers_to_one_prompt(store_url):
+    store = Store(store_url)
+    _, responses = ranking_item_in(store, answers=6)
+    _, others = ranking_item_in(store, answers=2)
+    for answers, kind, message in ((responses[:1], "train", "2 to 6 answers"),
+                                   ([*responses, others[0]], "train", "2 to 6 answers"),
+                                   ([responses[0], others[0]], "train", "same prompt"),
+                                   ([responses[0], responses[0]], "train", "each answer once"),
+                                   (responses[:3], "gold", "gold items are pairwise")):
+        with pytest.raises(StoreError, match=message):
+            store.add_ranking_item(answers, batch="r1", kind=kind)
+
+
+def test_a_version_3_store_gains_ranking_items_keeping_its_votes(store_url):
+    store = Store(store_url)
+    ann = store.add_user("ann", "labeller", "password1")
+    store.cast_vote(comparison_in(store).id, ann, "b", "slight")
+    engine = create_engine(store_url)
+    with engine.begin() as connection:  # as version 3 left it: no ranking tables
+        connection.execute(text("DROP TABLE rankings"))
+        connection.execute(text("DROP TABLE comparison_answers"))
+        connection.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    upgraded = Store(store_url)
+    assert [(v.choice, v.strength) for v in upgraded.votes()] == [("b", "slight")]
+    item, _ = ranking_item_in(upgraded, answers=2)
+    assert upgraded.cast_ranking(item.id, ann, [2, 1]).ranks == [2, 1]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "4"
     engine.dispose()
 
 
