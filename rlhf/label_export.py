@@ -8,19 +8,27 @@ terms (chosen, rejected, tie, both_bad), so the reward stage can weight labeller
 `export.json` holds each labeller's gold record (answered, correct). Votes are stored in the comparison's own a/b terms
 (the UI undoes its side swap before storing), so aggregation never needs `swapped`.
 
+A ranking item (rlhf/rankings.py) gives one row per pair of its answers, decided like a comparison by its
+labellers' verdicts on that pair as their rankings order it (no strength: margin 0). Such rows carry the item's
+`ranking` id and `pair_weight` 1 / (its number of pairs), so the reward stage counts a ranking once however many
+answers it orders; when an export holds rankings, its pairwise rows carry `ranking` None and `pair_weight` 1.
+
 The export is deterministic: the same votes give the same rows in the same order and the same content hash, kept
 in `export.json` beside the saved dataset. Exporting into a folder that holds a different export is refused.
 """
+import itertools
 import json
 import math
 import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 
 from rlhf.errors import UserError
+from rlhf.rankings import pair_weight
 from rlhf.runs import atomic_write_json, hash_config
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
 from rlhf.store import Store
@@ -30,19 +38,44 @@ MANIFEST = "export.json"
 
 
 def aggregate(comparisons: list[dict], votes: list, names: dict, batch: str | None = None, min_votes: int = 1,
-              kinds=("train",)) -> list[dict]:
-    votes_by_comparison: dict[int, list] = {}
-    for vote in votes:
-        votes_by_comparison.setdefault(vote.comparison_id, []).append(vote)
+              kinds=("train",), rankings: list = ()) -> list[dict]:
+    judgements: dict[int, list] = {}
+    for judgement in (*votes, *rankings):
+        judgements.setdefault(judgement.comparison_id, []).append(judgement)
     rows = []
     for comparison in comparisons:
-        item_votes = votes_by_comparison.get(comparison["id"], [])
-        # two answers of the same text carry no preference, whatever the votes (a store from before `label
-        # sample` stopped comparing them may hold some)
-        if (batch is None or comparison["batch"] == batch) and comparison["kind"] in kinds \
-                and len(item_votes) >= max(1, min_votes) and comparison["a"] != comparison["b"]:
-            rows.append(preference_row(comparison, item_votes, names))
+        item_judgements = judgements.get(comparison["id"], [])
+        if (batch is not None and comparison["batch"] != batch) or comparison["kind"] not in kinds \
+                or len(item_judgements) < max(1, min_votes):
+            continue
+        if comparison.get("answers"):
+            rows += ranking_rows(comparison, item_judgements, names)
+        elif comparison["a"] != comparison["b"]:
+            # two answers of the same text carry no preference, whatever the votes (a store from before `label
+            # sample` stopped comparing them may hold some)
+            rows.append(preference_row(comparison, item_judgements, names))
+    if any("ranking" in row for row in rows):  # one set of columns for every row of the dataset
+        rows = [{**row, "ranking": row.get("ranking"), "pair_weight": row.get("pair_weight", 1.0)} for row in rows]
     return rows
+
+
+def ranking_rows(item: dict, rankings: list, names: dict) -> list[dict]:
+    """A ranking item's rows, one per pair of answers with different texts: each labeller's verdict on the pair
+    is read from their ranking and the majority decides, as for a comparison's votes."""
+    answers, rows = item["answers"], []
+    for i, j in itertools.combinations(range(len(answers)), 2):
+        if answers[i] == answers[j]:
+            continue
+        verdicts = [SimpleNamespace(user_id=ranking.user_id, strength=None,
+                                    choice=pair_choice(ranking.ranks[i], ranking.ranks[j])) for ranking in rankings]
+        pair = {**item, "a": answers[i], "b": answers[j]}
+        rows.append({**preference_row(pair, verdicts, names), "id": f"rank-{item['id']}-{i}-{j}",
+                     "ranking": f"rank-{item['id']}", "pair_weight": pair_weight(len(answers))})
+    return rows
+
+
+def pair_choice(rank_a: int, rank_b: int) -> str:
+    return "a" if rank_a < rank_b else "b" if rank_b < rank_a else "tie"
 
 
 def gold_records(comparisons: list[dict], votes: list, names: dict) -> dict:
@@ -74,7 +107,8 @@ def preference_row(comparison: dict, votes: list, names: dict) -> dict:
                     "tie": "tie", "both_bad": "both_bad"}
     agreeing = [vote for vote in votes if vote.choice == verdict]
     decided = agreeing and verdict in PREFERENCE_CHOICES  # only a preference has a strength, and so a margin
-    margin = sum(STRENGTH_MARGIN[vote.strength] for vote in agreeing) / len(agreeing) if decided else 0.0
+    margin = (sum(STRENGTH_MARGIN.get(vote.strength, 0.0) for vote in agreeing) / len(agreeing)  # a ranking: none
+              if decided else 0.0)
     return {"id": f"cmp-{comparison['id']}", "batch": comparison["batch"], "prompt": comparison["prompt"],
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
@@ -89,14 +123,15 @@ def build_export(store: Store, batch: str | None = None, min_votes: int = 1) -> 
     """The rows and manifest of an export of the store as it is now."""
     comparisons, votes = store.comparisons(), store.votes()  # read once, for the rows and the gold records
     names = {user.id: user.name for user in store.users()}
-    rows = aggregate(comparisons, votes, names, batch, min_votes)
+    rows = aggregate(comparisons, votes, names, batch, min_votes, rankings=store.rankings())
     if not rows:
         raise UserError(f"nothing to export: no comparisons{f' in batch {batch}' if batch else ''} with at least "
                         f"{min_votes} vote(s)")
     gold = gold_records(comparisons, votes, names)
     manifest = {"content_hash": hash_config({"rows": rows, "gold": gold}), "rows": len(rows), "batch": batch,
                 "min_votes": min_votes, "ties": sum(r["tie"] for r in rows),
-                "both_bad": sum(r["both_bad"] for r in rows), "labeller_gold": gold}
+                "both_bad": sum(r["both_bad"] for r in rows),
+                "rankings": len({r["ranking"] for r in rows if r.get("ranking")}), "labeller_gold": gold}
     return rows, manifest
 
 

@@ -37,14 +37,18 @@ def preference_source(stage: str, preferences: str, batch: str, min_votes: int, 
 def load_pairs(source: str, weight_by_gold: bool) -> list[dict]:
     """Every preference row, re-decided by gold-weighted votes when asked, with its loss weight."""
     rows = load_rows(source, "preference")
-    if not weight_by_gold:
-        return [{**row, "weight": 1.0} for row in rows]
-    manifest = read_export_manifest(source) if Path(source).is_dir() else None
-    if not manifest or "labeller_gold" not in manifest:
-        raise DataError(source, None, "labeller_gold", "weight_by_gold needs a label export (rlhf label export), "
-                                                        "whose export.json holds each labeller's gold record")
-    weights = labeller_weights(manifest["labeller_gold"])
-    return [gold_weighted(row, weights) for row in rows]
+    if weight_by_gold:
+        manifest = read_export_manifest(source) if Path(source).is_dir() else None
+        if not manifest or "labeller_gold" not in manifest:
+            raise DataError(source, None, "labeller_gold", "weight_by_gold needs a label export (rlhf label "
+                                                            "export), whose export.json holds each labeller's gold "
+                                                            "record")
+        weights = labeller_weights(manifest["labeller_gold"])
+        rows = [gold_weighted(row, weights) for row in rows]
+    else:
+        rows = [{**row, "weight": 1.0} for row in rows]
+    # the pairs of one ranking share the weight of one observation (rlhf/label_export.py)
+    return [{**row, "weight": row["weight"] * (row.get("pair_weight") or 1.0)} for row in rows]
 
 
 def labeller_weights(gold: dict) -> dict:
@@ -70,7 +74,7 @@ def gold_weighted(row: dict, weights: dict) -> dict:
         row["labeller_votes"], verdict = votes, "chosen"
     agreeing = [vote for vote in votes if vote["verdict"] == verdict]
     if agreeing and verdict == "chosen":
-        row["margin"] = sum(STRENGTH_MARGIN[vote["strength"]] for vote in agreeing) / len(agreeing)
+        row["margin"] = sum(STRENGTH_MARGIN.get(vote["strength"], 0.0) for vote in agreeing) / len(agreeing)
     row["weight"] = sum(weights.get(vote["labeller"], 0.5) for vote in agreeing) / len(votes)
     return row
 

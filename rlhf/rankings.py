@@ -43,9 +43,9 @@ def ranking_pairs(ranks: list[int]) -> list[tuple[int, int, bool]]:
     return pairs
 
 
-def pair_weight(ranks: list[int]) -> float:
-    """The weight of each of a ranking's pairs: together they count as one observation."""
-    return 1.0 / (len(ranks) * (len(ranks) - 1) // 2)
+def pair_weight(answers: int) -> float:
+    """The weight of each pair of a ranking of `answers` answers: together its pairs count as one observation."""
+    return 1.0 / (answers * (answers - 1) // 2)
 
 
 def kendall_tau_b(ranks_a: list[int], ranks_b: list[int]) -> float | None:

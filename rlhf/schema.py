@@ -8,7 +8,9 @@ trainer as they are:
 - preference pair:  {"id", "prompt": [...], "chosen": [assistant], "rejected": [assistant],
                      "tie": bool, "both_bad": bool, "margin": float | None, "labeller": str | None,
                      "labeller_votes": [{"labeller", "verdict": chosen|rejected|tie|both_bad,
-                                         "strength": slight|clear, null for tie and both_bad}]}
+                                         "strength": slight|clear, null for tie and both_bad and
+                                                     for a verdict read from a ranking}],
+                     and for the pairs of a k-wise ranking: "ranking": str | None, "pair_weight": float}
 - gold comparison:  {"id", "category", "prompt": [...], "a": str, "b": str, "expected": one of VOTE_CHOICES}
 
 The functions here turn one raw row (in any of the accepted layouts) into its canonical form, or raise
@@ -181,8 +183,18 @@ def preference_pair(row: dict) -> dict:
             "tie": optional_bool(row, "tie"), "both_bad": optional_bool(row, "both_bad"),
             "margin": optional_number(row, "margin"), "labeller": optional_text(row, "labeller"),
             "labeller_votes": labeller_votes(row.get("labeller_votes"))}
+    if row.get("ranking") is not None or row.get("pair_weight") is not None:  # one pair of a k-wise ranking
+        pair["ranking"], pair["pair_weight"] = optional_text(row, "ranking"), pair_weight(row)
     pair["id"], _ = row_identity(row, [prompt, chosen, rejected])
     return pair
+
+
+def pair_weight(row: dict) -> float:
+    """A ranking's pairs share one observation's weight: 1 / its number of pairs, in (0, 1] (1 when not given)."""
+    weight = optional_number(row, "pair_weight")
+    if weight is not None and not 0 < weight <= 1:
+        raise RowProblem("pair_weight", f"expected a number in (0, 1], got {weight}")
+    return 1.0 if weight is None else weight
 
 
 def labeller_votes(value) -> list[dict]:
@@ -200,10 +212,11 @@ def labeller_votes(value) -> list[dict]:
             raise RowProblem(f"{where}.verdict", f"expected one of {', '.join(PAIR_VERDICTS)}, "
                                                  f"got {vote.get('verdict')!r}")
         preference = vote["verdict"] in ("chosen", "rejected")  # a tie or both_bad has no strength
-        if preference and vote.get("strength", "clear") not in VOTE_STRENGTHS:
-            raise RowProblem(f"{where}.strength", f"expected one of {', '.join(VOTE_STRENGTHS)}")
+        # a verdict read from a ranking has none either (null); one without the key is read as clear
+        if preference and vote.get("strength", "clear") not in (*VOTE_STRENGTHS, None):
+            raise RowProblem(f"{where}.strength", f"expected one of {', '.join(VOTE_STRENGTHS)}, or null")
         votes.append({"labeller": vote["labeller"], "verdict": vote["verdict"],
-                      "strength": (vote.get("strength") or "clear") if preference else None})
+                      "strength": vote.get("strength", "clear") if preference else None})
     return votes
 
 

@@ -519,11 +519,18 @@ class Store:
 
     def comparisons(self, batch: str | None = None) -> list[dict]:
         """Each comparison with its prompt messages, both response texts and models (and, for `rlhf eval --human`
-        comparisons, which side is the baseline and which the policy), oldest first."""
+        comparisons, which side is the baseline and which the policy), oldest first. A ranking item's `answers`
+        are all its answers' texts in the order shown (None for a pairwise comparison)."""
         with self.sessions() as session:
             query = select(Comparison).order_by(Comparison.id)
             if batch is not None:
                 query = query.where(Comparison.batch == batch)
+            answers: dict[int, list[str]] = {}
+            for item_id, answer in session.execute(select(ComparisonAnswer.comparison_id, Response.text)
+                                                  .join(Response, Response.id == ComparisonAnswer.response_id)
+                                                  .order_by(ComparisonAnswer.comparison_id,
+                                                            ComparisonAnswer.position)):
+                answers.setdefault(item_id, []).append(answer)
             rows = []
             for comparison in session.scalars(query):
                 prompt = session.get(Prompt, comparison.prompt_id)
@@ -531,7 +538,8 @@ class Store:
                 rows.append({"id": comparison.id, "batch": comparison.batch, "kind": comparison.kind,
                              "expected": comparison.expected, "prompt": prompt.messages, "a": a.text, "b": b.text,
                              "a_model": a.model, "b_model": b.model,
-                             "a_role": a.sampling.get("eval_role"), "b_role": b.sampling.get("eval_role")})
+                             "a_role": a.sampling.get("eval_role"), "b_role": b.sampling.get("eval_role"),
+                             "answers": answers.get(comparison.id)})
             return rows
 
     def user(self, name: str) -> User | None:

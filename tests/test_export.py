@@ -81,3 +81,38 @@ def test_export_command(tmp_path, capsys):
     assert "1 pairs (0 ties, 0 both bad)" in capsys.readouterr().out
     assert cli(["label", "--db", db, "export", "--out", str(tmp_path / "prefs")]) == 0
     assert capsys.readouterr().out.endswith("unchanged\n")
+
+
+def test_a_ranking_item_exports_one_row_per_pair_and_its_pairs_weigh_one_observation(tmp_path):
+    from rlhf.preference_pairs import load_pairs
+
+    store = store_with_votes(tmp_path, [[("a", "clear")]])
+    prompt = store.add_prompt("ranked", "chat", [{"role": "user", "content": "Rank these?"}])
+    item = store.add_ranking_item([store.add_response(prompt, text, "m", {}) for text in "WXYZ"], batch="b1")
+    for user, ranks in zip(store.users(), ([1, 2, 3, 4], [1, 3, 2, 4], [2, 1, 3, 3])):
+        store.cast_ranking(item.id, user, ranks)
+    manifest = export(store, tmp_path / "out")
+    assert (manifest["rows"], manifest["rankings"]) == (1 + 6, 1)
+    rows = {row["id"]: row for row in load_rows(tmp_path / "out", "preference")}
+    w_x, x_y, y_z = rows[f"rank-{item.id}-0-1"], rows[f"rank-{item.id}-1-2"], rows[f"rank-{item.id}-2-3"]
+    assert w_x["chosen"][0]["content"] == "W" and w_x["margin"] == 0
+    assert [vote["verdict"] for vote in w_x["labeller_votes"]] == ["chosen", "chosen", "rejected"]
+    assert x_y["chosen"][0]["content"] == "X" and x_y["rejected"][0]["content"] == "Y"  # 2 of 3 put X first
+    assert [vote["verdict"] for vote in y_z["labeller_votes"]] == ["chosen", "chosen", "tie"]
+    ranked = [row for row in rows.values() if row["id"].startswith("rank-")]
+    assert {(row["ranking"], round(row["pair_weight"], 6)) for row in ranked} == {(f"rank-{item.id}", 0.166667)}
+    [pairwise] = [row for row in rows.values() if row["id"].startswith("cmp-")]
+    assert (pairwise["ranking"], pairwise["pair_weight"]) == (None, 1.0)
+    weights = {pair["id"]: pair["weight"] for pair in load_pairs(str(tmp_path / "out"), weight_by_gold=False)}
+    assert weights[pairwise["id"]] == 1.0
+    assert sum(weight for id, weight in weights.items() if id.startswith("rank-")) == pytest.approx(1.0)
+
+
+def test_an_export_without_rankings_keeps_its_columns_and_hash(tmp_path):
+    store = store_with_votes(tmp_path, [[("a", "clear")], [("b", "slight")]])
+    manifest = export(store, tmp_path / "out")
+    assert manifest["rankings"] == 0
+    assert all("ranking" not in row and "pair_weight" not in row for row in load_rows(tmp_path / "out", "preference"))
+    import datasets
+
+    assert "pair_weight" not in datasets.load_from_disk(str(tmp_path / "out")).column_names
