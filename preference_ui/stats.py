@@ -3,11 +3,14 @@
 Agreement is measured two ways over comparisons with at least two votes: pairwise agreement (the share of pairs
 of votes on the same item that agree) and Krippendorff's alpha for nominal data, which corrects for the agreement
 expected by chance from how often each choice is used (1: perfect, 0: chance, below 0: systematic disagreement).
+Ranking items are measured by Kendall's tau-b between two labellers' rankings of the same answers, averaged over
+every pair of labellers on every item ranked at least twice (rlhf/rankings.py).
 """
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import permutations
 
+from rlhf.rankings import ranking_agreement
 from rlhf.store import Store
 
 
@@ -48,11 +51,12 @@ class Labels:
     comparisons: dict  # id -> comparison row (store.comparisons())
     votes: list
     names: dict  # user id -> name
+    rankings: list = ()
 
 
 def load_labels(store: Store) -> Labels:
     return Labels({c["id"]: c for c in store.comparisons()}, store.votes(),
-                  {user.id: user.name for user in store.users()})
+                  {user.id: user.name for user in store.users()}, store.rankings())
 
 
 def stats(store: Store, batch: str | None = None) -> dict:
@@ -73,10 +77,17 @@ def summarise(labels: Labels, batch: str | None = None) -> dict:
     for vote in all_votes:
         if all_comparisons[vote.comparison_id]["kind"] == "gold":
             gold_by_user[vote.user_id].append(vote.choice == all_comparisons[vote.comparison_id]["expected"])
+    ranked = defaultdict(list)
+    for ranking in labels.rankings:
+        if ranking.comparison_id in in_batch:
+            ranked[ranking.comparison_id].append(ranking.ranks)
+            by_user[ranking.user_id].append(ranking)  # a ranking is one judgement, as a vote is
     units = [choices for choices in by_item.values() if len(choices) >= 2]
-    return {"batch": batch or "(all)", "comparisons": len(in_batch), "voted": len(by_item), "votes": len(votes),
-            "choices": dict(Counter(vote.choice for vote in votes)),
+    return {"batch": batch or "(all)", "comparisons": len(in_batch), "voted": len(by_item) + len(ranked),
+            "votes": len(votes), "choices": dict(Counter(vote.choice for vote in votes)),
             "krippendorff_alpha": krippendorff_alpha(units), "pairwise_agreement": pairwise_agreement(units),
+            "rankings": sum(map(len, ranked.values())), "ranked_twice": sum(len(r) >= 2 for r in ranked.values()),
+            "kendall_tau": ranking_agreement(list(ranked.values())),
             "human_win_rates": human_win_rates(all_comparisons, votes),
             "labellers": {names[user_id]: labeller_stats(user_votes, gold_by_user[user_id])
                           for user_id, user_votes in sorted(by_user.items(), key=lambda item: names[item[0]])}}
@@ -139,6 +150,9 @@ def format_stats(report: dict) -> str:
              f"{report['votes']} votes {report['choices']}",
              f"agreement: Krippendorff's alpha {number(report['krippendorff_alpha'], '.3f')}, pairwise "
              f"{number(report['pairwise_agreement'], '.3f')}"]
+    if report["rankings"]:
+        lines.append(f"rankings: {report['rankings']}; agreement: Kendall's tau-b "
+                     f"{number(report['kendall_tau'], '.3f')} over {report['ranked_twice']} items ranked twice or more")
     for name, row in report["labellers"].items():
         lines.append(f"  {name:24} {row['votes']:5} votes  {number(row['mean_seconds'], '.1f')} s/vote  "
                      f"gold accuracy {number(row['gold_accuracy'], '.2f')}")

@@ -39,6 +39,24 @@ def test_stats_report_progress_agreement_and_gold_accuracy(tmp_path):
     assert "2/3 comparisons voted" in format_stats(report) and "gold accuracy 1.00" in format_stats(report)
 
 
+def test_stats_cover_rankings_with_kendalls_tau(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    ann, bob, cy = (store.add_user(name, "labeller", "password1") for name in ("ann", "bob", "cy"))
+    prompt = store.add_prompt("p", "chat", [{"role": "user", "content": "Hi?"}])
+    responses = [store.add_response(prompt, text, "m", {}) for text in ("w", "x", "y", "z")]
+    item, once = (store.add_ranking_item(responses, batch="b1") for _ in range(2))
+    store.cast_ranking(item.id, ann, [1, 2, 3, 4], seconds=10.0)
+    store.cast_ranking(item.id, bob, [1, 3, 2, 4], seconds=20.0)  # tau-b with ann: 4 / 6
+    store.cast_ranking(once.id, cy, [4, 3, 2, 1])
+    store.cast_vote(store.add_comparison(*responses[:2], batch="b1").id, ann, "a", seconds=2.0)
+    report = stats(store, "b1")
+    assert (report["comparisons"], report["voted"], report["votes"], report["rankings"]) == (3, 3, 1, 3)
+    assert report["kendall_tau"] == pytest.approx(4 / 6) and report["ranked_twice"] == 1
+    assert report["labellers"]["ann"]["votes"] == 2 and report["labellers"]["ann"]["mean_seconds"] == 6.0
+    assert "rankings: 3; agreement: Kendall's tau-b 0.667 over 1 items ranked twice or more" in format_stats(report)
+    assert "rankings" not in format_stats(stats(store, "none"))
+
+
 def test_stats_command(tmp_path, capsys):
     from pipeline.cli import main as cli
 
