@@ -8,18 +8,21 @@
 - A vote is accepted only for the labeller's own open assignment, and the store's one-vote-per-labeller
   constraint turns a second vote from another tab into `DuplicateVote`.
 - An item left open longer than `timeout` goes back to the pool; its labeller will not get it again.
+- A ranking item (2 to 6 answers, rlhf/rankings.py) is handed out like a comparison; each labeller sees its
+  answers in their own fixed shuffled order (against position bias, as the side swap does for pairs), and the
+  ranking is stored in the item's own order.
 """
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import and_, bindparam, exists, func, insert, null, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from rlhf.store import (Assignment, Comparison, DuplicateVote, Prompt, Response, Store, StoreError, User, Vote,
-                        check_vote, utcnow, vote_strength)
+from rlhf.store import (Assignment, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking, Response, Store,
+                        StoreError, User, Vote, check_note, check_ranking, check_vote, utcnow, vote_strength)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
@@ -28,13 +31,31 @@ PROGRESS_REFRESH = 10.0  # seconds between full counts of a labeller's remaining
 
 @dataclass
 class Item:
-    """A comparison as one labeller sees it: `left`/`right` already in the order shown."""
+    """A comparison as one labeller sees it: `left`/`right` already in the order shown. A ranking item also has
+    all its `answers` in the order shown; `order[i]` is the item's own position of the answer shown i-th."""
     comparison_id: int
     prompt: list[dict]
     left: str
     right: str
     swapped: bool
     kind: str
+    answers: list[str] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+
+
+def shown_order(comparison_id: int, user_id: int, answers: int) -> list[int]:
+    """The order one labeller sees a ranking item's answers in: shuffled, and the same on every reload."""
+    order = list(range(answers))
+    random.Random(f"{comparison_id}:{user_id}").shuffle(order)
+    return order
+
+
+def unshuffle(shown_ranks: list[int], order: list[int]) -> list[int]:
+    """Ranks given to the answers as shown, in the item's own order of its answers."""
+    ranks = [0] * len(order)
+    for shown, position in enumerate(order):
+        ranks[position] = shown_ranks[shown]
+    return ranks
 
 
 class ItemGone(StoreError):
@@ -78,6 +99,12 @@ class Statements:
                               .returning(Assignment.swapped))
         self.new_assignment = insert(Assignment)
         self.new_vote = insert(Vote)
+        self.new_ranking = insert(Ranking)
+        self.ranking_answers = (select(Response.text)
+                                .join(ComparisonAnswer, ComparisonAnswer.response_id == Response.id)
+                                .where(ComparisonAnswer.comparison_id == bindparam("item"))
+                                .order_by(ComparisonAnswer.position))
+        self.is_ranking = select(exists().where(ComparisonAnswer.comparison_id == bindparam("item")))
         # the oldest first, so items are finished before new ones start and agreement can be measured early
         self.train_candidates = (select(Comparison.id, taken).where(open_for_me).order_by(Comparison.id)
                                  .limit(CANDIDATES))
@@ -143,7 +170,7 @@ class LabelQueue:
             assignment = self.assign(user, self.sql.train_candidates)
         if assignment is None and self.gold_rate > 0:
             assignment = self.assign(user, self.sql.gold_candidates)
-        return None if assignment is None else self.item(assignment)
+        return None if assignment is None else self.item(assignment, user)
 
     def gold_chance(self, user: User) -> float:
         """`gold_rate`, or the share of gold among the items the labeller has left when that is larger (as last
@@ -199,10 +226,15 @@ class LabelQueue:
         taken = {slot for (slot,) in self.rows(self.sql.slots, item=comparison_id)}
         return min(set(range(self.overlap)) - taken, default=None)
 
-    def item(self, assignment: Held) -> Item:
+    def item(self, assignment: Held, user: User) -> Item:
         kind, prompt, a_text, b_text = self.rows(self.sql.item, item=assignment.comparison_id)[0]
         left, right = (b_text, a_text) if assignment.swapped else (a_text, b_text)
-        return Item(assignment.comparison_id, prompt, left, right, assignment.swapped, kind)
+        item = Item(assignment.comparison_id, prompt, left, right, assignment.swapped, kind)
+        answers = [text for (text,) in self.rows(self.sql.ranking_answers, item=assignment.comparison_id)]
+        if answers:
+            item.order = shown_order(assignment.comparison_id, user.id, len(answers))
+            item.answers = [answers[position] for position in item.order]
+        return item
 
     # answers
     def vote(self, user: User, comparison_id: int, shown_choice: str, strength: str | None = None,
@@ -211,6 +243,8 @@ class LabelQueue:
         strength belongs to an a or b vote only ("clear" when none is given)."""
         check_vote(shown_choice, strength, note)
         strength = vote_strength(shown_choice, strength)
+        if self.rows(self.sql.is_ranking, item=comparison_id)[0][0]:
+            raise StoreError(f"comparison {comparison_id} is a ranking item: it takes a ranking, not a vote")
         try:
             with self.store.writing() as connection:
                 swapped = self.close(connection, self.sql.close_voted, user, comparison_id)
@@ -220,6 +254,26 @@ class LabelQueue:
                         strength=strength, note=note or None, seconds=seconds, swapped=swapped, created_at=utcnow()))
         except IntegrityError:
             raise DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}") from None
+        if swapped is None:
+            raise self.refusal(user, comparison_id)
+
+    def rank(self, user: User, comparison_id: int, shown_ranks: list[int], note: str | None = None,
+             seconds: float | None = None) -> None:
+        """Stores the ranking of a ranking item's answers as shown to this labeller (1 the best, ties equal), in
+        the item's own order, and closes the assignment."""
+        answers = len(self.rows(self.sql.ranking_answers, item=comparison_id))
+        check_ranking(comparison_id, shown_ranks, answers)
+        check_note(note)
+        ranks = unshuffle(list(shown_ranks), shown_order(comparison_id, user.id, answers))
+        try:
+            with self.store.writing() as connection:
+                swapped = self.close(connection, self.sql.close_voted, user, comparison_id)
+                if swapped is not None:
+                    connection.execute(self.sql.new_ranking, dict(
+                        comparison_id=comparison_id, user_id=user.id, ranks=ranks, note=note or None,
+                        seconds=seconds, created_at=utcnow()))
+        except IntegrityError:
+            raise DuplicateVote(f"{user.name} has already ranked comparison {comparison_id}") from None
         if swapped is None:
             raise self.refusal(user, comparison_id)
 

@@ -213,3 +213,48 @@ def test_gold_import_is_idempotent_and_checks_its_rows(tmp_path):
                      '{"prompt": "3+3?", "a": "6", "b": "7", "expected": "left"}\n')
     with pytest.raises(DataError, match=r"other.jsonl:2: expected: expected one of a, b, tie, both_bad"):
         import_gold(store, str(other), batch="gold2")
+
+
+def add_ranking_items(store, count, answers=4, batch="b1"):
+    made = []
+    for _ in range(count):
+        number = next(database_numbers)
+        prompt = store.add_prompt(f"p{number}", "explain", [{"role": "user", "content": f"Question {number}?"}])
+        responses = [store.add_response(prompt, f"answer {i} to {number}", "m", {}) for i in range(answers)]
+        made.append(store.add_ranking_item(responses, batch=batch))
+    return made
+
+
+def test_a_ranking_item_is_shown_shuffled_per_labeller_and_stored_in_its_own_order(store_url):
+    store = Store(store_url)
+    [item] = add_ranking_items(store, 1, answers=5)
+    queue = LabelQueue(store, overlap=3, gold_rate=0.0, seed=0)
+    shown = {}
+    for user in labellers(store, 3):
+        first = queue.next_item(user)
+        assert first.comparison_id == item.id and queue.next_item(user).answers == first.answers  # a reload
+        assert sorted(text.split()[1] for text in first.answers) == ["0", "1", "2", "3", "4"]
+        shown[user.name] = first
+        # each labeller ranks the answers by the number in their text, whatever order they were shown in
+        queue.rank(user, item.id, [int(text.split()[1]) + 1 for text in first.answers], seconds=9.0)
+    assert len({tuple(one.answers) for one in shown.values()}) > 1  # not everyone sees the same order
+    assert [ranking.ranks for ranking in store.rankings(item.id)] == [[1, 2, 3, 4, 5]] * 3
+    assert queue.next_item(store.user("labeller0")) is None
+    with pytest.raises(DuplicateVote):
+        queue.rank(store.user("labeller0"), item.id, [1, 2, 3, 4, 5])
+
+
+def test_a_ranking_item_takes_no_vote_and_a_bad_ranking_changes_nothing(store_url):
+    store = Store(store_url)
+    [item] = add_ranking_items(store, 1, answers=3)
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0, seed=0)
+    [ann] = labellers(store, 1)
+    assert queue.next_item(ann).answers
+    with pytest.raises(StoreError, match="it takes a ranking, not a vote"):
+        queue.vote(ann, item.id, "a")
+    for ranks in ([1, 2], [1, 2, 0]):
+        with pytest.raises(StoreError):
+            queue.rank(ann, item.id, ranks)
+    assert store.rankings() == [] and queue.next_item(ann).comparison_id == item.id  # still open for a real one
+    queue.rank(ann, item.id, [2, 1, 2])
+    assert len(store.rankings()) == 1
