@@ -5,6 +5,11 @@ A judge is any callable `(prompts: list[str], responses: list[str]) -> list[floa
 both_bad when both fall below a floor, tie when they differ by less than a margin, otherwise a Bradley-Terry draw,
 P(a) = sigmoid((score_a - score_b) / temperature) (temperature 0: always the better one); then, with probability
 `noise`, the vote is replaced by a uniformly random choice. Each labeller is a user named `sim/<judge>/<i>`.
+
+A ranking item's k answers are ordered by a Plackett-Luce draw, the same model for k answers (a Gumbel-max draw:
+each score over the temperature plus Gumbel noise, sorted; temperature 0 sorts by score). Neighbours in that order
+whose scores differ by less than the tie margin share a rank; with probability `noise` the ranking is replaced by a
+uniformly random order.
 """
 import math
 import random
@@ -51,6 +56,23 @@ def decide(score_a: float, score_b: float, model: LabellerModel, rng: random.Ran
     return choice, "clear" if abs(gap) >= 2 * max(model.tie_margin, model.temperature, 1e-9) else "slight"
 
 
+def decide_ranking(scores: list[float], model: LabellerModel, rng: random.Random) -> list[int]:
+    """Ranks of the answers in the order given (1 the best, ties equal) for one ranking item."""
+    if rng.random() < model.noise:
+        order = list(range(len(scores)))
+        rng.shuffle(order)
+    else:
+        keys = [score / model.temperature - math.log(-math.log(rng.random() or 1e-300)) if model.temperature > 0
+                else score for score in scores]
+        order = sorted(range(len(scores)), key=lambda i: -keys[i])
+    ranks, rank = [0] * len(scores), 0
+    for place, answer in enumerate(order):
+        tied = place > 0 and abs(scores[answer] - scores[order[place - 1]]) < max(model.tie_margin, 1e-12)
+        rank = rank if tied else place + 1
+        ranks[answer] = rank
+    return ranks
+
+
 def voting_judge(spec: str):
     """The judge simulated labellers vote with, loaded: one of (prompts, answers). A judge that checks answers
     against reference answers cannot say which of two answers is better, so it is refused."""
@@ -67,7 +89,8 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
     it has nothing left for any of them: each comparison goes to `overlap` of them (default: all), gold items
     are mixed in at `gold_rate`, and a skipped item's slot goes to another labeller. Each vote is drawn with a
     generator seeded by labeller and comparison, so it does not depend on the order the items come in; a rerun
-    votes only on what is left. Returns the count of each choice (as stored) and of skips."""
+    votes only on what is left. Returns the count of each choice (as stored) and of skips (and of rankings, where
+    ranking items were handed out)."""
     judge = voting_judge(judge_spec)
     name = judge_spec.removeprefix("builtin:")
     users = [store.user(f"sim/{name}/{i}") or store.add_user(f"sim/{name}/{i}", "labeller", secrets.token_hex(16))
@@ -87,6 +110,11 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
                 counts["skipped"] += 1
                 continue
             prompt = item.prompt[-1]["content"]
+            if item.answers:
+                queue.rank(user, item.comparison_id,
+                           decide_ranking(judge([prompt] * len(item.answers), item.answers), model, rng))
+                counts["ranked"] = counts.get("ranked", 0) + 1
+                continue
             left, right = judge([prompt, prompt], [item.left, item.right])
             choice, strength = decide(left, right, model, rng)
             queue.vote(user, item.comparison_id, choice, strength)

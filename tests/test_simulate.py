@@ -3,7 +3,7 @@ import random
 import pytest
 from sqlalchemy import select
 
-from preference_ui.simulate import LabellerModel, decide, simulate
+from preference_ui.simulate import LabellerModel, decide, decide_ranking, simulate
 from rlhf.judges import keywords, length, load_judge, readability, sentiment
 from rlhf.errors import UserError
 from rlhf.store import Assignment, Store
@@ -135,3 +135,29 @@ def test_simulate_command(tmp_path, capsys):
     assert cli(["label", "--db", fresh, "simulate", "--judge", "builtin:final_number"]) == 2
     assert "checks answers against reference answers" in capsys.readouterr().err
     assert not (tmp_path / "fresh.db").exists()
+
+
+def test_a_simulated_ranking_sorts_by_score_draws_plackett_luce_and_ties_within_the_margin():
+    rng = random.Random(0)
+    assert decide_ranking([0.2, 0.9, 0.5], LabellerModel(temperature=0), rng) == [3, 1, 2]
+    assert decide_ranking([0.5, 0.5, 0.1], LabellerModel(temperature=0), rng) == [1, 1, 3]
+    assert decide_ranking([1.0, 0.95, 0.2], LabellerModel(temperature=0, tie_margin=0.1), rng) == [1, 1, 3]
+    draws = [decide_ranking([2.0, 1.0, 0.0], LabellerModel(temperature=1.0), rng) for _ in range(4000)]
+    # Plackett-Luce: P(0 > 1 > 2) = e^2 / (e^2 + e + 1) x e / (e + 1) = 0.486
+    in_order = sum(ranks == [1, 2, 3] for ranks in draws) / len(draws)
+    assert in_order == pytest.approx(0.486, abs=0.03)
+    noisy = [decide_ranking([2.0, 1.0, 0.0], LabellerModel(temperature=0, noise=1.0), rng) for _ in range(600)]
+    assert all(sorted(ranks) == [1, 2, 3] for ranks in noisy)
+    assert sum(ranks == [1, 2, 3] for ranks in noisy) / len(noisy) == pytest.approx(1 / 6, abs=0.05)
+
+
+def test_simulated_labellers_rank_ranking_items_through_the_queue(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    for i in range(2):
+        prompt = store.add_prompt(f"r{i}", "explain", [{"role": "user", "content": "Explain tides."}])
+        store.add_ranking_item([store.add_response(prompt, "word " * words, "m", {}) for words in (10, 60, 30, 45)],
+                               batch="b1")
+    counts = simulate(store, "builtin:length", 3, LabellerModel(temperature=0), batch="b1")
+    assert counts["ranked"] == 6 and sum(counts.values()) == 6
+    # the length judge is best at 60 words: 60 > 45 > 30 > 10, in the items' own order of answers
+    assert [ranking.ranks for ranking in store.rankings()] == [[4, 1, 3, 2]] * 6
