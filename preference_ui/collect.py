@@ -127,6 +127,8 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     metrics = {"pairs": manifest["rows"], "ties": manifest["ties"], "both_bad": manifest["both_bad"],
                "votes": agreement["votes"], "krippendorff_alpha": agreement["krippendorff_alpha"],
                "content_hash": manifest["content_hash"], "store": url, "batch": batch}
+    if agreement["rankings"]:
+        metrics.update(rankings=agreement["rankings"], kendall_tau=agreement["kendall_tau"])
     tracker.log({f"labels/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return Outcome(metrics, partial / "final", partial, time.time() - started,
                    f"{manifest['rows']} pairs, {manifest['ties']} ties, {manifest['both_bad']} both bad",

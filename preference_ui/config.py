@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass, field
 
 from rlhf import hardware
+from rlhf.rankings import MAX_K
 
 
 @dataclass
@@ -14,6 +15,10 @@ class PreferencesStageConfig:
     num_prompts: int = field(default=0, metadata={"help": "Use the first N prompts (0: all)."})
     responses_per_prompt: int = field(default=2, metadata={
         "help": "k responses per prompt; every pair of them becomes a comparison (k choose 2)."})
+    feedback: str = field(default="pairwise", metadata={
+        "help": "pairwise: each pair of a prompt's answers is a comparison; ranking: its k answers (k at most 6) "
+                "are one ranking item, which each labeller orders at once (ties allowed), exported as its k choose "
+                "2 pairs weighted as one observation."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest response, in tokens."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (top_k 0, top_p 1)."})
     batch_size: int = field(default=8, metadata={"help": "Answers generated at once (batched by prompt length)."})
@@ -86,6 +91,11 @@ class PreferencesStageConfig:
             raise ValueError(f"select must be all or uncertain, got '{self.select}'")
         if self.responses_per_prompt < 2:
             raise ValueError(f"responses_per_prompt must be at least 2, got {self.responses_per_prompt}")
+        if self.feedback not in ("pairwise", "ranking"):
+            raise ValueError(f"feedback must be pairwise or ranking, got '{self.feedback}'")
+        if self.feedback == "ranking" and (self.responses_per_prompt > MAX_K or self.select != "all"):
+            raise ValueError(f"feedback: ranking orders at most {MAX_K} answers (responses_per_prompt "
+                             f"{self.responses_per_prompt}) and queues them all (select: all, got {self.select})")
         if self.round_policy not in ("ppo", "dpo"):
             raise ValueError(f"round_policy must be ppo or dpo, got '{self.round_policy}'")
         if self.round_prompts < 0 or self.round_budget < 0:

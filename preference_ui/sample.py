@@ -1,7 +1,8 @@
 """`rlhf label sample`: k sampled responses per prompt, stored with their comparisons in a named batch.
 
 Every pair of a prompt's responses is a candidate comparison, its a/b order drawn at random so that position says
-nothing about sampling order. With `select: uncertain` only the candidates a reward model is least sure about are
+nothing about sampling order. With `feedback: ranking` a prompt's different answers are instead one ranking item,
+in a random order. With `select: uncertain` only the candidates a reward model is least sure about are
 queued (active learning): for an ensemble, the largest spread of the reward gap across its heads; for one head,
 the smallest gap. A batch name is used once: sampling into an existing batch is refused.
 """
@@ -44,20 +45,55 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
         print(f"[label sample] created the label store {store.url}")
     if store.comparisons(batch):
         raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --preferences.batch")
-    candidates = sample_candidates(config, store, prompts, spec)
-    chosen = select_uncertain(candidates, scorer, config.select_count) if scorer else candidates
-    store.add_comparisons([(a, b) for a, b, _ in chosen], batch=batch)
+    answers = sample_answers(config, store, prompts, spec)
+    rng = random.Random(config.seed)
+    if config.feedback == "ranking":
+        items = ranking_items(answers, rng)
+        store.add_ranking_items(items, batch=batch)
+        candidates, chosen = items, items
+    else:
+        candidates = pair_candidates(answers, rng)
+        chosen = select_uncertain(candidates, scorer, config.select_count) if scorer else candidates
+        store.add_comparisons([(a, b) for a, b, _ in chosen], batch=batch)
     summary = {"batch": batch, "prompts": len(prompts), "responses": len(prompts) * config.responses_per_prompt,
-               "candidates": len(candidates), "comparisons": len(chosen), "select": config.select, "model": spec,
-               "store": str(store.engine.url)}
-    print(f"[label sample] {summary['comparisons']} comparisons ({config.select} of {len(candidates)} candidates) "
-          f"from {summary['prompts']} prompts in batch '{batch}' ({Path(spec).name})")
+               "candidates": len(candidates), "comparisons": len(chosen), "select": config.select,
+               "feedback": config.feedback, "model": spec, "store": str(store.engine.url)}
+    made = (f"{len(chosen)} ranking items" if config.feedback == "ranking" else
+            f"{len(chosen)} comparisons ({config.select} of {len(candidates)} candidates)")
+    print(f"[label sample] {made} from {summary['prompts']} prompts in batch '{batch}' ({Path(spec).name})")
     return summary
 
 
-def sample_candidates(config: PreferencesStageConfig, store: Store, prompts: list[dict], spec: str) -> list[tuple]:
-    """Stores k sampled responses per prompt; returns every pair of different answers among them as (a, b, prompt
-    messages), a and b in a random order."""
+def pair_candidates(answers: list[tuple], rng: random.Random) -> list[tuple]:
+    """Every pair of different answers to a prompt as (a, b, prompt messages), a and b in a random order."""
+    candidates = []
+    for responses, prompt in answers:
+        for first, second in itertools.combinations(responses, 2):
+            if first.text == second.text:  # the same answer sampled twice: nothing to compare
+                continue
+            a, b = (first, second) if rng.random() < 0.5 else (second, first)
+            candidates.append((a, b, prompt))
+    return candidates
+
+
+def ranking_items(answers: list[tuple], rng: random.Random) -> list[list]:
+    """Each prompt's different answers (the first of any sampled twice), in a random order; a prompt with fewer
+    than two different answers has nothing to rank."""
+    items = []
+    for responses, _ in answers:
+        different, texts = [], set()
+        for response in responses:
+            if response.text not in texts:
+                texts.add(response.text)
+                different.append(response)
+        if len(different) >= 2:
+            rng.shuffle(different)
+            items.append(different)
+    return items
+
+
+def sample_answers(config: PreferencesStageConfig, store: Store, prompts: list[dict], spec: str) -> list[tuple]:
+    """Stores k sampled responses per prompt; returns (the prompt's stored responses, its messages) per prompt."""
     # Sampling in the hardware's dtype: on a CPU with native bf16 it generates ~1.8 times faster than fp32
     # (docs/benchmarks.md, "Generation").
     model, tokenizer = models.load_causal_lm(spec, config.hardware.dtype)
@@ -66,21 +102,16 @@ def sample_candidates(config: PreferencesStageConfig, store: Store, prompts: lis
     torch.manual_seed(config.seed)
     sampling = {"temperature": config.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": config.max_new_tokens,
                 "seed": config.seed}
-    rng = random.Random(config.seed)
     k = config.responses_per_prompt
     texts = generate_responses(model, tokenizer, [p["prompt"] for p in prompts for _ in range(k)],
                                config.max_new_tokens, config.batch_size, do_sample=True,
                                temperature=config.temperature, progress=f"sampling {k} responses per prompt")
-    candidates = []
+    answers = []
     for i, row in enumerate(prompts):
         stored_prompt = store.add_prompt(row["id"], row["category"], row["prompt"])
         responses = [store.add_response(stored_prompt, text, spec, sampling) for text in texts[i * k:(i + 1) * k]]
-        for first, second in itertools.combinations(responses, 2):
-            if first.text == second.text:  # the same answer sampled twice: nothing to compare
-                continue
-            a, b = (first, second) if rng.random() < 0.5 else (second, first)
-            candidates.append((a, b, row["prompt"]))
-    return candidates
+        answers.append((responses, row["prompt"]))
+    return answers
 
 
 def select_uncertain(candidates: list[tuple], reward_model: str, count: int) -> list[tuple]:

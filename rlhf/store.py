@@ -218,6 +218,17 @@ def check_note(note: str | None) -> None:
         raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
 
 
+def check_ranking_item(responses: list, kind: str) -> None:
+    if not 2 <= len(responses) <= MAX_K:
+        raise StoreError(f"a ranking item has 2 to {MAX_K} answers, got {len(responses)}")
+    if len({response.prompt_id for response in responses}) != 1:
+        raise StoreError("a ranking item needs answers to the same prompt")
+    if len({response.id for response in responses}) != len(responses):
+        raise StoreError("a ranking item lists each answer once")
+    if kind not in ("train", "eval"):
+        raise StoreError(f"a ranking item is train or eval, got '{kind}' (gold items are pairwise)")
+
+
 def check_ranking(comparison_id: int, ranks: list, answers: int) -> None:
     """A clear refusal of a ranking that does not order the item's answers."""
     if not answers:
@@ -429,22 +440,23 @@ class Store:
 
     def add_ranking_item(self, responses: list[Response], batch: str, kind: str = "train") -> Comparison:
         """An item whose labellers order the answers (2 to MAX_K to one prompt), shown in the order given."""
-        if not 2 <= len(responses) <= MAX_K:
-            raise StoreError(f"a ranking item has 2 to {MAX_K} answers, got {len(responses)}")
-        if len({response.prompt_id for response in responses}) != 1:
-            raise StoreError("a ranking item needs answers to the same prompt")
-        if len({response.id for response in responses}) != len(responses):
-            raise StoreError("a ranking item lists each answer once")
-        if kind not in ("train", "eval"):
-            raise StoreError(f"a ranking item is train or eval, got '{kind}' (gold items are pairwise)")
+        return self.add_ranking_items([responses], batch, kind)[0]
+
+    def add_ranking_items(self, items: list[list[Response]], batch: str, kind: str = "train") -> list[Comparison]:
+        """Several ranking items in one transaction: a killed sampler leaves all of them or none."""
+        for responses in items:
+            check_ranking_item(responses, kind)
+        added = []
         with self.transaction() as session:
-            item = Comparison(prompt_id=responses[0].prompt_id, response_a_id=responses[0].id,
-                              response_b_id=responses[1].id, batch=batch, kind=kind)
-            session.add(item)
-            session.flush()
-            session.add_all([ComparisonAnswer(comparison_id=item.id, position=position, response_id=response.id)
-                             for position, response in enumerate(responses)])
-        return item
+            for responses in items:
+                item = Comparison(prompt_id=responses[0].prompt_id, response_a_id=responses[0].id,
+                                  response_b_id=responses[1].id, batch=batch, kind=kind)
+                session.add(item)
+                session.flush()
+                session.add_all([ComparisonAnswer(comparison_id=item.id, position=position, response_id=response.id)
+                                 for position, response in enumerate(responses)])
+                added.append(item)
+        return added
 
     def ranking_answers(self, comparison_id: int) -> list[int]:
         """A ranking item's response ids in the order shown; [] for a pairwise comparison."""

@@ -56,6 +56,27 @@ def test_the_same_answer_sampled_twice_is_not_compared_with_itself(tmp_path, tin
     assert summary["comparisons"] == 0 and not Store(config.db).comparisons("tiny")
 
 
+def test_ranking_feedback_makes_one_ranking_item_of_each_prompts_different_answers(tmp_path, tiny_model_path):
+    config, run = config_for(tmp_path, f"--preferences.model={tiny_model_path}", "--preferences.responses_per_prompt=4",
+                             "--preferences.feedback=ranking")
+    summary = main(config, run)
+    assert (summary["comparisons"], summary["feedback"]) == (3, "ranking")
+    store = Store(config.db)
+    items = store.comparisons("tiny")
+    assert all(len(set(item["answers"])) == len(item["answers"]) for item in items)
+    assert sum(len(item["answers"]) for item in items) >= 9  # four samples a prompt, a repeated text only once
+    with store.session() as session:
+        by_id = {response.id: response for response in session.query(Response)}
+    orders = [[by_id[i].id for i in store.ranking_answers(item["id"])] for item in items]
+    assert any(order != sorted(order) for order in orders)  # shown in a random order, not the sampling order
+    assert {by_id[order[0]].prompt_id for order in orders} == {1, 2, 3}
+    for bad, message in ((["--preferences.responses_per_prompt=7"], "at most 6 answers"),
+                         (["--preferences.select=uncertain"], "select: all"),
+                         (["--preferences.feedback=ranked"], "feedback must be pairwise or ranking")):
+        with pytest.raises(Exception, match=message):
+            config_for(tmp_path, "--preferences.feedback=ranking", *bad)
+
+
 def test_sampling_without_a_model_names_the_command_that_makes_one(tmp_path):
     config, run = config_for(tmp_path)
     with pytest.raises(MissingInputError, match=r"run `rlhf sft --config \.\.\. --run.name tiny` first"):
