@@ -79,7 +79,10 @@ class LabellingApp:
     def __init__(self, store: Store, config: PreferencesStageConfig, batch: str | None = None,
                  local_user: str | None = None, export_root: Path = Path("runs/exports")):
         self.store, self.local_user, self.export_root = store, local_user, export_root
-        self.queue = LabelQueue(store, config.overlap, config.gold_rate, batch, config.assignment_timeout)
+        # ranking items (preferences.feedback: ranking) are ranked by simulated labellers only, for now: this app
+        # shows pairs, so its queue never hands one out
+        self.queue = LabelQueue(store, config.overlap, config.gold_rate, batch, config.assignment_timeout,
+                                rankings=False)
         self.batch = batch
 
     def user(self, request: gr.Request) -> User:

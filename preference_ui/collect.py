@@ -55,11 +55,24 @@ def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
 def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[list, list | None]:
     """(the round's prompts, the gold rows), read and checked, and the simulated labellers' judge loaded: all
     before the stage creates anything, the store among them."""
+    check_feedback(config, run)
     prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round)
     gold = load_rows(config.gold, "gold") if config.gold else None
     if config.simulate_judge:
         voting_judge(config.simulate_judge)
     return prompts, gold
+
+
+def check_feedback(config: PreferencesStageConfig, run: RunConfig) -> None:
+    """Ranking items are ranked by simulated labellers, in one round, so far."""
+    if config.feedback != "ranking":
+        return
+    if not config.simulate_judge:
+        raise ConfigError("preferences.feedback ranking needs simulated labellers (preferences.simulate_judge): the "
+                          "labelling app shows pairwise comparisons only, so far")
+    if run.rounds > 1:
+        raise ConfigError(f"preferences.feedback ranking runs one round (run.rounds is {run.rounds}): later rounds "
+                          "queue the pairs the reward model is least sure of, and rankings have no such choice yet")
 
 
 def round_prompts(rows: list[dict], config: PreferencesStageConfig, round: int) -> list[dict]:

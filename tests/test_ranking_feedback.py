@@ -24,3 +24,14 @@ def test_ranking_feedback_from_sampling_to_a_trained_reward_model(tmp_path):
     assert cli(["reward", *common, "--reward.model=tiny-llama"]) == 0
     reward = json.loads((run / "manifest.json").read_text())["stages"]["reward"]["metrics"]
     assert reward["train_pairs"] > 0 and reward["heldout_accuracy"] is not None
+
+
+def test_ranking_feedback_without_simulated_labellers_or_over_rounds_is_refused_before_anything_is_written(
+        tmp_path, capsys):
+    common = ["--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}", "--preferences.model=tiny-llama",
+              "--preferences.feedback=ranking"]
+    assert cli(["preferences", *common, "--preferences.simulate_judge="]) == 2
+    assert "needs simulated labellers (preferences.simulate_judge)" in capsys.readouterr().err
+    assert cli(["preferences", *common, "--run.rounds=2"]) == 2
+    assert "runs one round (run.rounds is 2)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
