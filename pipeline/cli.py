@@ -132,16 +132,26 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     simulate.add_argument("--overlap", type=int, help="labellers each comparison goes to (default: all of them)")
     simulate.add_argument("--gold-rate", type=float, default=0.0, help="share of items drawn from gold comparisons")
     simulate.add_argument("--seed", type=int, default=0)
+    ai = label_commands.add_parser("ai", help="an AI labeller: a local chat model votes by a written constitution")
+    ai.add_argument("--model", default="smollm2-135m-instruct",
+                    help="bundled model name or model folder (default: smollm2-135m-instruct); votes as ai/<name>")
+    ai.add_argument("--constitution", default="data/constitution.md", help="the principles it judges by")
+    ai.add_argument("--batch", help="only this batch of comparisons (default: all)")
+    ai.add_argument("--tie-margin", type=float, default=0.05,
+                    help="P(a better) within this of one half is a tie (both orders averaged)")
+    ai.add_argument("--gold-rate", type=float, default=0.0, help="share of items drawn from gold comparisons")
+    ai.add_argument("--overlap", type=int, default=3, help="labellers each comparison goes to, the AI one of them")
     stats = label_commands.add_parser("stats", help="progress, agreement and per-labeller throughput")
     stats.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export = label_commands.add_parser("export", help="votes -> a saved HF preference dataset (TRL format)")
     export.add_argument("--out", required=True, help="folder to write (refused if it holds a different export)")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
-    for command in (add, users_commands.choices["list"], disable, enable, sample, serve, gold, simulate, stats, export):
+    for command in (add, users_commands.choices["list"], disable, enable, sample, serve, gold, simulate, ai, stats,
+                    export):
         # --db is accepted after the subcommand too (`rlhf label serve --db URL`); SUPPRESS keeps an earlier one.
         command.add_argument("--db", default=argparse.SUPPRESS, help="database URL (as `rlhf label --db`)")
-    for command in (add, users_commands.choices["list"], disable, enable, gold, simulate, stats, export):
+    for command in (add, users_commands.choices["list"], disable, enable, gold, simulate, ai, stats, export):
         command.add_argument("--config", help="YAML run config: its run's label store (runs/NAME/labels.db, or its "
                                               "labels.db)")
     label.set_defaults(handler=run_label)
@@ -200,6 +210,8 @@ def run_label(args, rest) -> int:
         from preference_ui.simulate import voting_judge
 
         voting_judge(args.judge)  # a judge that cannot vote is refused before the store opens
+    if args.label_command == "ai":
+        check_ai_labeller(args)
     adds_data = args.label_command == "gold" or getattr(args, "users_command", None) == "add"
     store = Store(label_store_url(args), create=adds_data)
     if store.created:
@@ -215,6 +227,12 @@ def run_label(args, rest) -> int:
 
         model = LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise, args.skip)
         counts = simulate(store, args.judge, args.labellers, model, args.batch, args.seed, args.overlap,
+                          args.gold_rate)
+        print(" ".join(f"{choice}={count}" for choice, count in counts.items()))
+    elif args.label_command == "ai":
+        from preference_ui.ai_labeller import ai_label
+
+        counts = ai_label(store, args.model, args.constitution, args.batch, args.tie_margin, args.overlap,
                           args.gold_rate)
         print(" ".join(f"{choice}={count}" for choice, count in counts.items()))
     elif args.label_command == "stats":
@@ -238,6 +256,18 @@ def run_label(args, rest) -> int:
         for user in store.users():
             print(f"{user.name:24} {user.role:9} {'disabled' if user.disabled else 'active'}")
     return 0
+
+
+def check_ai_labeller(args) -> None:
+    """The AI labeller's constitution and model exist, and its tie margin is a probability gap: checked before the
+    store opens."""
+    from rlhf import models
+
+    if not Path(args.constitution).is_file():
+        raise UserError(f"no constitution at {args.constitution}: --constitution names a text file of principles")
+    if not 0 <= args.tie_margin < 0.5:
+        raise UserError(f"--tie-margin is a gap in probability from one half: 0 to below 0.5, got {args.tie_margin}")
+    models.resolve(args.model)
 
 
 def label_store_url(args) -> str:

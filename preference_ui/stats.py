@@ -4,7 +4,9 @@ Agreement is measured two ways over comparisons with at least two votes: pairwis
 of votes on the same item that agree) and Krippendorff's alpha for nominal data, which corrects for the agreement
 expected by chance from how often each choice is used (1: perfect, 0: chance, below 0: systematic disagreement).
 Ranking items are measured by Kendall's tau-b between two labellers' rankings of the same answers, averaged over
-every pair of labellers on every item ranked at least twice (rlhf/rankings.py).
+every pair of labellers on every item ranked at least twice (rlhf/rankings.py). Each labeller's agreement with the
+others is the share of their votes that match the majority of the other votes on the same item (a draw counts as a
+tie), over the items someone else voted on too: for an AI labeller (`rlhf label ai`), its agreement with people.
 """
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -69,10 +71,11 @@ def summarise(labels: Labels, batch: str | None = None) -> dict:
     all_comparisons, all_votes, names = labels.comparisons, labels.votes, labels.names
     in_batch = {i for i, c in all_comparisons.items() if batch is None or c["batch"] == batch}
     votes = [vote for vote in all_votes if vote.comparison_id in in_batch]
-    by_item, by_user = defaultdict(list), defaultdict(list)
+    by_item, by_user, item_votes = defaultdict(list), defaultdict(list), defaultdict(list)
     for vote in votes:
         by_item[vote.comparison_id].append(vote.choice)
         by_user[vote.user_id].append(vote)
+        item_votes[vote.comparison_id].append(vote)
     gold_by_user = defaultdict(list)
     for vote in all_votes:
         if all_comparisons[vote.comparison_id]["kind"] == "gold":
@@ -89,8 +92,22 @@ def summarise(labels: Labels, batch: str | None = None) -> dict:
             "rankings": sum(map(len, ranked.values())), "ranked_twice": sum(len(r) >= 2 for r in ranked.values()),
             "kendall_tau": ranking_agreement(list(ranked.values())),
             "human_win_rates": human_win_rates(all_comparisons, votes),
-            "labellers": {names[user_id]: labeller_stats(user_votes, gold_by_user[user_id])
+            "labellers": {names[user_id]: labeller_stats(user_votes, gold_by_user[user_id],
+                                                         agreement_with_others(user_id, item_votes))
                           for user_id, user_votes in sorted(by_user.items(), key=lambda item: names[item[0]])}}
+
+
+def agreement_with_others(user_id: int, item_votes: dict) -> float | None:
+    """The share of the labeller's votes that match the majority of the other votes on the same item."""
+    matches = []
+    for votes in item_votes.values():
+        mine = [vote.choice for vote in votes if vote.user_id == user_id]
+        others = Counter(vote.choice for vote in votes if vote.user_id != user_id)
+        if mine and others:
+            top = max(others.values())
+            leaders = [choice for choice, count in others.items() if count == top]
+            matches.append(mine[0] == (leaders[0] if len(leaders) == 1 else "tie"))
+    return sum(matches) / len(matches) if matches else None
 
 
 def human_win_rates(comparisons: dict, votes: list) -> dict:
@@ -114,11 +131,12 @@ def human_win_rates(comparisons: dict, votes: list) -> dict:
     return rates
 
 
-def labeller_stats(votes: list, gold_correct: list[bool]) -> dict:
+def labeller_stats(votes: list, gold_correct: list[bool], with_others: float | None = None) -> dict:
     seconds = [vote.seconds for vote in votes if vote.seconds is not None]
     return {"votes": len(votes), "mean_seconds": sum(seconds) / len(seconds) if seconds else None,
             "gold_votes": len(gold_correct),
-            "gold_accuracy": sum(gold_correct) / len(gold_correct) if gold_correct else None}
+            "gold_accuracy": sum(gold_correct) / len(gold_correct) if gold_correct else None,
+            "agreement_with_others": with_others}
 
 
 def batch_rows(labels: Labels) -> list[list]:
@@ -155,7 +173,8 @@ def format_stats(report: dict) -> str:
                      f"{number(report['kendall_tau'], '.3f')} over {report['ranked_twice']} items ranked twice or more")
     for name, row in report["labellers"].items():
         lines.append(f"  {name:24} {row['votes']:5} votes  {number(row['mean_seconds'], '.1f')} s/vote  "
-                     f"gold accuracy {number(row['gold_accuracy'], '.2f')}")
+                     f"gold accuracy {number(row['gold_accuracy'], '.2f')}  "
+                     f"agrees with the others {number(row['agreement_with_others'], '.2f')}")
     for policy, row in report["human_win_rates"].items():
         lines.append(f"human win rate of {policy} against the baseline: {row['win_rate']:.3f} "
                      f"[{row['low']:.3f}, {row['high']:.3f}] over {row['votes']} votes")

@@ -34,9 +34,29 @@ def test_stats_report_progress_agreement_and_gold_accuracy(tmp_path):
     report = stats(store, "b1")
     assert (report["comparisons"], report["voted"], report["votes"]) == (3, 2, 4)
     assert report["pairwise_agreement"] == 0.0
-    assert report["labellers"]["ann"] == {"votes": 2, "mean_seconds": 3.0, "gold_votes": 1, "gold_accuracy": 1.0}
-    assert report["labellers"]["bob"] == {"votes": 2, "mean_seconds": 6.0, "gold_votes": 1, "gold_accuracy": 0.0}
+    # ann and bob disagree on both items they share: each agrees with the other on none
+    assert report["labellers"]["ann"] == {"votes": 2, "mean_seconds": 3.0, "gold_votes": 1, "gold_accuracy": 1.0,
+                                          "agreement_with_others": 0.0}
+    assert report["labellers"]["bob"] == {"votes": 2, "mean_seconds": 6.0, "gold_votes": 1, "gold_accuracy": 0.0,
+                                          "agreement_with_others": 0.0}
     assert "2/3 comparisons voted" in format_stats(report) and "gold accuracy 1.00" in format_stats(report)
+
+
+def test_each_labellers_agreement_with_the_others_majority(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    ann, bob, cy, ai = (store.add_user(name, "labeller", "password1") for name in ("ann", "bob", "cy", "ai/m"))
+    prompt = store.add_prompt("p", "chat", [{"role": "user", "content": "Hi?"}])
+    responses = [store.add_response(prompt, text, "m", {}) for text in ("x", "y")]
+    first, second, third = (store.add_comparison(*responses, batch="b1") for _ in range(3))
+    for item, votes in ((first, {ann: "a", bob: "a", cy: "b", ai: "a"}),   # others' majority a for ai
+                        (second, {ann: "b", bob: "a", ai: "b"}),           # others draw a:b, a tie: ai misses
+                        (third, {ai: "a"})):                               # nobody else: not counted
+        for user, choice in votes.items():
+            store.cast_vote(item.id, user, choice)
+    labellers = stats(store, "b1")["labellers"]
+    assert labellers["ai/m"]["agreement_with_others"] == 0.5
+    assert labellers["cy"]["agreement_with_others"] == 0.0 and labellers["ann"]["agreement_with_others"] == 0.5
+    assert "agrees with the others 0.50" in format_stats(stats(store, "b1"))
 
 
 def test_stats_cover_rankings_with_kendalls_tau(tmp_path):

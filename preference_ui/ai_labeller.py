@@ -1,0 +1,77 @@
+"""AI labellers (issue 19): a local chat model, given a written constitution (data/constitution.md), says which of
+two answers follows it better, and votes through the same queue as people, as the user `ai/<model>`.
+
+The model is asked once with the answers in each order ("Answer A" first, then the same pair swapped) and reads
+its next-token probabilities of the letters A and B, renormalised over the two: P(first better) in each order.
+Averaging P(a better) over the two orders removes position bias exactly: the preference of (b, a) is one minus
+that of (a, b), whatever the model's own leaning towards the first or the second letter. The vote is a or b
+when that average is more than `tie_margin` from one half, else a tie; its strength is clear beyond twice the
+margin from one half, else slight.
+"""
+import secrets
+from pathlib import Path
+
+import torch
+
+from preference_ui.queue import LabelQueue, unswap
+from rlhf import models
+from rlhf.schema import VOTE_CHOICES
+from rlhf.store import Store
+
+DEFAULT_CONSTITUTION = "data/constitution.md"
+QUESTION = ("Here is a question and two answers to it.\n\nQuestion:\n{prompt}\n\nAnswer A:\n{first}\n\nAnswer B:\n"
+            "{second}\n\nWhich answer follows the principles better? Reply with the single letter A or B.")
+
+
+def comparison_messages(constitution: str, prompt: str, first: str, second: str) -> list[dict]:
+    return [{"role": "system", "content": constitution},
+            {"role": "user", "content": QUESTION.format(prompt=prompt, first=first, second=second)}]
+
+
+@torch.no_grad()
+def first_better(model, tokenizer, conversations: list[list[dict]]) -> list[float]:
+    """For each conversation, P(A) / (P(A) + P(B)) of the model's next token after the assistant turn opens."""
+    letters = [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in ("A", "B")]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # the next token's logits are then the last position's in every row
+    try:
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        logits = model(**batch).logits[:, -1, letters].float()
+    finally:
+        tokenizer.padding_side = side
+    return torch.softmax(logits, dim=-1)[:, 0].tolist()
+
+
+def prefer_a(model, tokenizer, constitution: str, prompt: str, a: str, b: str) -> float:
+    """P(a is better), averaged over the two orders of showing the answers."""
+    a_first, b_first = first_better(model, tokenizer, [comparison_messages(constitution, prompt, a, b),
+                                                       comparison_messages(constitution, prompt, b, a)])
+    return (a_first + (1 - b_first)) / 2
+
+
+def ai_vote(preference: float, tie_margin: float) -> tuple[str, str | None]:
+    """(choice, strength) from P(a is better)."""
+    lead = preference - 0.5
+    if abs(lead) <= tie_margin:
+        return "tie", None
+    return ("a" if lead > 0 else "b"), ("clear" if abs(lead) > 2 * tie_margin else "slight")
+
+
+def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CONSTITUTION, batch: str | None = None,
+             tie_margin: float = 0.05, overlap: int = 1, gold_rate: float = 0.0, seed: int = 0) -> dict:
+    """The AI labeller takes items from the queue until it has none left for it, and votes on each. Returns the
+    count of each choice (as stored)."""
+    constitution = Path(constitution_path).read_text()
+    model, tokenizer = models.load_causal_lm(model_spec)
+    model.eval()
+    name = f"ai/{Path(models.resolve(model_spec)).name}"
+    user = store.user(name) or store.add_user(name, "labeller", secrets.token_hex(16))
+    queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed, rankings=False)
+    counts = {choice: 0 for choice in VOTE_CHOICES}
+    while (item := queue.next_item(user)) is not None:
+        preference = prefer_a(model, tokenizer, constitution, item.prompt[-1]["content"], item.left, item.right)
+        choice, strength = ai_vote(preference, tie_margin)
+        queue.vote(user, item.comparison_id, choice, strength)
+        counts[unswap(choice, item.swapped)] += 1
+    return counts

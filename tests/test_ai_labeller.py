@@ -1,0 +1,61 @@
+"""The AI labeller (preference_ui/ai_labeller.py) with the tiny model: the both-orders rule, its votes, and its
+place in the labelling queue."""
+import pytest
+
+from preference_ui.ai_labeller import ai_label, ai_vote, comparison_messages, first_better, prefer_a
+from rlhf import models
+from rlhf.store import Store
+
+PROMPT = "Name a colour of the sky."
+
+
+def test_asking_both_orders_removes_position_bias_exactly(tiny_model_path):
+    model, tokenizer = models.load_causal_lm(str(tiny_model_path))
+    constitution = open("data/constitution.md").read()
+    a, b = "Blue, on a clear day.", "Potatoes grow underground."
+    a_first, b_first = first_better(model, tokenizer, [comparison_messages(constitution, PROMPT, a, b),
+                                                       comparison_messages(constitution, PROMPT, b, a)])
+    assert 0 < a_first < 1 and 0 < b_first < 1
+    assert a_first != pytest.approx(1 - b_first, abs=1e-4)  # asked once, the order sways the answer
+    forward, backward = (prefer_a(model, tokenizer, constitution, PROMPT, *pair) for pair in ((a, b), (b, a)))
+    assert forward == pytest.approx((a_first + 1 - b_first) / 2) and forward + backward == pytest.approx(1.0)
+    # one conversation alone scores as it does in a batch with another (left padding)
+    [alone] = first_better(model, tokenizer, [comparison_messages(constitution, PROMPT, a, b)])
+    assert alone == pytest.approx(a_first, abs=1e-5)
+
+
+def test_the_vote_is_a_tie_near_one_half_and_clear_far_from_it():
+    assert ai_vote(0.52, 0.05) == ("tie", None) and ai_vote(0.45, 0.05) == ("tie", None)
+    assert ai_vote(0.58, 0.05) == ("a", "slight") and ai_vote(0.2, 0.05) == ("b", "clear")
+
+
+def test_the_ai_labeller_votes_through_the_queue_under_its_own_account(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    for i in range(3):
+        prompt = store.add_prompt(f"p{i}", "chat", [{"role": "user", "content": f"{PROMPT} {i}"}])
+        store.add_comparison(store.add_response(prompt, f"Blue {i}.", "m", {}),
+                             store.add_response(prompt, f"Grey {i}.", "m", {}), batch="b1")
+    counts = ai_label(store, "tiny-llama", batch="b1", tie_margin=0.0)
+    assert sum(counts.values()) == 3 and counts["tie"] == 0
+    [labeller] = store.users()
+    assert labeller.name == "ai/tiny-llama" and {vote.user_id for vote in store.votes()} == {labeller.id}
+    assert sum(ai_label(store, "tiny-llama", batch="b1").values()) == 0  # nothing left for it
+
+
+def test_label_ai_command_votes_and_refuses_a_missing_constitution_before_the_store_opens(tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    url = f"sqlite:///{tmp_path / 'labels.db'}"
+    store = Store(url)
+    prompt = store.add_prompt("p", "chat", [{"role": "user", "content": PROMPT}])
+    store.add_comparison(store.add_response(prompt, "Blue.", "m", {}), store.add_response(prompt, "Grey.", "m", {}),
+                         batch="b1")
+    before = (tmp_path / "labels.db").read_bytes()
+    assert cli(["label", "ai", "--db", url, "--model", "tiny-llama", "--constitution", str(tmp_path / "none.md")]) == 2
+    assert "no constitution at" in capsys.readouterr().err and (tmp_path / "labels.db").read_bytes() == before
+    assert cli(["label", "ai", "--db", url, "--model", "tiny-llama", "--tie-margin", "0.7"]) == 2
+    assert "--tie-margin is a gap in probability" in capsys.readouterr().err
+    assert cli(["label", "ai", "--db", url, "--model", "tiny-llama", "--batch", "b1"]) == 0
+    printed = dict(part.split("=") for part in capsys.readouterr().out.split())
+    assert sorted(printed) == ["a", "b", "both_bad", "tie"] and sum(map(int, printed.values())) == 1
+    assert len(store.votes()) == 1 and store.votes()[0].user_id == store.user("ai/tiny-llama").id
