@@ -59,3 +59,17 @@ def test_label_ai_command_votes_and_refuses_a_missing_constitution_before_the_st
     printed = dict(part.split("=") for part in capsys.readouterr().out.split())
     assert sorted(printed) == ["a", "b", "both_bad", "tie"] and sum(map(int, printed.values())) == 1
     assert len(store.votes()) == 1 and store.votes()[0].user_id == store.user("ai/tiny-llama").id
+
+
+def test_the_ai_labeller_benchmark_runs_on_the_tiny_model(tmp_path, capsys):
+    import json
+
+    from bench.ai_labeller import main
+
+    assert main(["--model", "tiny-llama", "--answers-model", "tiny-llama", "--prompts", "4",
+                 "--root", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0 <= results["gold_accuracy"] <= 1 and set(results["agreement"]) == {
+        "builtin:length", "builtin:readability", "builtin:keywords", "builtin:sentiment"}
+    lines = capsys.readouterr().out.splitlines()
+    assert "on 12 gold items" in lines[-7] and lines[-1].startswith("ratio: ")
