@@ -5,9 +5,10 @@
 1. sample the run's comparisons into the store (batch `preferences.batch`, default the run name), unless the batch
    already holds them;
 2. import the gold comparisons, when `preferences.gold` names a file;
-3. votes: simulated labellers (`preferences.simulate_judge`) take items from the labelling queue and vote, as
-   people do in the app (overlap, gold items, skips); or the stage waits, showing progress, until every
-   comparison has `preferences.min_votes` votes from people in the app;
+3. votes: an AI labeller (`preferences.ai_judge`), when set, first takes one of each comparison's places; then
+   simulated labellers (`preferences.simulate_judge`) take items from the labelling queue and vote, as people
+   do in the app (overlap, gold items, skips); or the stage waits, showing progress, until every comparison has
+   `preferences.min_votes` votes from people in the app;
 4. export the batch's votes to `runs/<name>/preferences` (TRL's preference format), which the reward and DPO
    stages read.
 
@@ -17,15 +18,18 @@ are drawn per labeller and comparison and the queue hands out only what is left,
 """
 import dataclasses
 import time
+from pathlib import Path
 
 from preference_ui import sample
+from preference_ui.ai_labeller import ai_label
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.gold import import_gold
 from preference_ui.simulate import LabellerModel, simulate, voting_judge
 from preference_ui.stats import stats
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
-from rlhf.errors import ConfigError, DataError
+from rlhf import models
+from rlhf.errors import ConfigError, DataError, MissingInputError
 from rlhf.label_export import export
 from rlhf.runs import hash_config
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
@@ -60,7 +64,16 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
     gold = load_rows(config.gold, "gold") if config.gold else None
     if config.simulate_judge:
         voting_judge(config.simulate_judge)
+    if config.ai_judge:
+        check_ai_judge(config)
     return prompts, gold
+
+
+def check_ai_judge(config: PreferencesStageConfig) -> None:
+    if not Path(config.ai_constitution).is_file():
+        raise MissingInputError(f"no constitution at {config.ai_constitution}: preferences.ai_constitution names a "
+                                "text file of principles")
+    models.resolve(config.ai_judge)
 
 
 def check_feedback(config: PreferencesStageConfig, run: RunConfig) -> None:
@@ -126,6 +139,10 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         sample.main(dataclasses.replace(config, db=url), run, prompts)
     if config.gold:
         import_gold(store, config.gold, rows=gold)
+    if config.ai_judge:
+        counts = ai_label(store, config.ai_judge, config.ai_constitution, batch, config.ai_tie_margin,
+                          config.overlap, config.gold_rate, config.seed)
+        print(f"[{STAGE}] AI labeller votes ({config.ai_judge}): {counts}")
     if config.simulate_judge:
         model = LabellerModel(config.simulate_temperature, 0.0, None, config.simulate_noise, config.simulate_skip)
         counts = simulate(store, config.simulate_judge, config.simulate_labellers, model, batch, config.seed,

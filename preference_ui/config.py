@@ -69,6 +69,13 @@ class PreferencesStageConfig:
         "help": "Chance a simulated vote is replaced by a uniformly random one."})
     simulate_skip: float = field(default=0.0, metadata={
         "help": "Chance a simulated labeller skips an item (the queue gives its slot to another labeller)."})
+    ai_judge: str = field(default="", metadata={
+        "help": "An AI labeller: this chat model (a bundled name or a model folder) votes first, as ai/<model>, by "
+                "ai_constitution, taking one of each comparison's `overlap` places (rlhf label ai); empty: none."})
+    ai_constitution: str = field(default="data/constitution.md", metadata={
+        "help": "With ai_judge: the principles it compares answers by."})
+    ai_tie_margin: float = field(default=0.05, metadata={
+        "help": "With ai_judge: P(a better), both orders averaged, within this of one half is a tie."})
     gold: str = field(default="", metadata={"help": "Gold comparisons imported into the store first (empty: none)."})
     min_votes: int = field(default=1, metadata={
         "help": "Votes every comparison needs before the export (the human wait), and the export's minimum."})
@@ -105,6 +112,9 @@ class PreferencesStageConfig:
             raise ValueError(f"temperature must be above 0 for sampling, got {self.temperature}")
         if self.overlap < 1:
             raise ValueError(f"overlap must be at least 1, got {self.overlap}")
+        if not 0 <= self.ai_tie_margin < 0.5:
+            raise ValueError(f"ai_tie_margin is a gap in probability from one half: 0 to below 0.5, got "
+                             f"{self.ai_tie_margin}")
         if not self.simulate_judge and self.min_votes > self.overlap:
             raise ValueError(f"min_votes ({self.min_votes}) is more than overlap ({self.overlap}): the app gives each "
                              "comparison to `overlap` labellers, so with people voting the run would wait forever")

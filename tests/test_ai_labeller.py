@@ -73,3 +73,20 @@ def test_the_ai_labeller_benchmark_runs_on_the_tiny_model(tmp_path, capsys):
         "builtin:length", "builtin:readability", "builtin:keywords", "builtin:sentiment"}
     lines = capsys.readouterr().out.splitlines()
     assert "on 12 gold items" in lines[-7] and lines[-1].startswith("ratio: ")
+
+
+def test_the_preferences_stage_lets_an_ai_labeller_vote_first_beside_simulated_labellers(tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    common = ["--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}", "--preferences.model=tiny-llama",
+              "--preferences.num_prompts=6", "--preferences.overlap=2", "--preferences.simulate_labellers=2"]
+    assert cli(["preferences", *common, "--preferences.ai_judge=tiny-llama",
+                f"--preferences.ai_constitution={tmp_path / 'none.md'}"]) == 2
+    assert "no constitution at" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    assert cli(["preferences", *common, "--preferences.ai_judge=tiny-llama"]) == 0
+    store = Store(f"sqlite:///{tmp_path / 'tiny' / 'labels.db'}", create=False)
+    items = store.comparisons("tiny")
+    by_user = {user.id: user.name for user in store.users()}
+    voters = [sorted(by_user[vote.user_id].split("/")[0] for vote in store.votes() if vote.comparison_id == item["id"])
+              for item in items]
+    assert voters == [["ai", "sim"]] * len(items)  # the AI takes one of the two places, a simulated labeller the other
