@@ -144,7 +144,9 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     stats = label_commands.add_parser("stats", help="progress, agreement and per-labeller throughput")
     stats.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export = label_commands.add_parser("export", help="votes -> a saved HF preference dataset (TRL format)")
-    export.add_argument("--out", required=True, help="folder to write (refused if it holds a different export)")
+    export.add_argument("--out", help="folder to write (refused if it holds a different export)")
+    export.add_argument("--demonstrations", help="also (or only) write the labellers' written answers as SFT "
+                                                 "demonstrations to this JSONL file")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
     for command in (add, users_commands.choices["list"], disable, enable, sample, serve, gold, simulate, ai, stats,
@@ -206,6 +208,9 @@ def run_label(args, rest) -> int:
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
     gold = load_rows(args.file, "gold") if args.label_command == "gold" else None  # checked before the store opens
+    if args.label_command == "export" and not (args.out or args.demonstrations):
+        raise UserError("rlhf label export needs --out (the preference dataset), --demonstrations (a JSONL file of "
+                        "written answers), or both")
     if args.label_command == "simulate":
         from preference_ui.simulate import voting_judge
 
@@ -240,12 +245,17 @@ def run_label(args, rest) -> int:
 
         print(format_stats(stats(store, args.batch)))
     elif args.label_command == "export":
-        from rlhf.label_export import export
+        from rlhf.label_export import demonstrations, export, write_demonstrations
 
-        manifest = export(store, args.out, args.batch, args.min_votes)
-        state = "unchanged" if manifest.get("unchanged") else "written"
-        print(f"{args.out}: {manifest['rows']} pairs ({manifest['ties']} ties, {manifest['both_bad']} both bad), "
-              f"content hash {manifest['content_hash']}, {state}")
+        written = demonstrations(store, args.batch) if args.demonstrations else None  # checked before any write
+        if args.out:
+            manifest = export(store, args.out, args.batch, args.min_votes)
+            state = "unchanged" if manifest.get("unchanged") else "written"
+            print(f"{args.out}: {manifest['rows']} pairs ({manifest['ties']} ties, {manifest['both_bad']} both bad), "
+                  f"content hash {manifest['content_hash']}, {state}")
+        if args.demonstrations:
+            write_demonstrations(written, args.demonstrations)
+            print(f"{args.demonstrations}: {len(written)} demonstrations written by labellers")
     elif args.users_command == "add":
         store.add_user(args.name, args.role, read_password())
         print(f"added {args.role} {args.name}")

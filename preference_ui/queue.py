@@ -23,7 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from rlhf.store import (Assignment, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking, Response, Store,
-                        StoreError, User, Vote, check_note, check_ranking, check_vote, utcnow, vote_strength)
+                        StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote, check_written,
+                        utcnow, vote_strength)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
@@ -103,6 +104,7 @@ class Statements:
         self.new_assignment = insert(Assignment)
         self.new_vote = insert(Vote)
         self.new_ranking = insert(Ranking)
+        self.new_written = insert(WrittenAnswer)
         self.ranking_answers = (select(Response.text)
                                 .join(ComparisonAnswer, ComparisonAnswer.response_id == Response.id)
                                 .where(ComparisonAnswer.comparison_id == bindparam("item"))
@@ -241,10 +243,12 @@ class LabelQueue:
 
     # answers
     def vote(self, user: User, comparison_id: int, shown_choice: str, strength: str | None = None,
-             note: str | None = None, seconds: float | None = None) -> None:
-        """Stores the vote for the item as shown ("a" = left), undoing the swap, and closes the assignment. A
-        strength belongs to an a or b vote only ("clear" when none is given)."""
+             note: str | None = None, seconds: float | None = None, written: str | None = None) -> None:
+        """Stores the vote for the item as shown ("a" = left), undoing the swap, and closes the assignment; with
+        the answer the labeller wrote, when they wrote one. A strength belongs to an a or b vote only ("clear" when
+        none is given)."""
         check_vote(shown_choice, strength, note)
+        written = check_written(written)
         strength = vote_strength(shown_choice, strength)
         if self.rows(self.sql.is_ranking, item=comparison_id)[0][0]:
             raise StoreError(f"comparison {comparison_id} is a ranking item: it takes a ranking, not a vote")
@@ -255,6 +259,9 @@ class LabelQueue:
                     connection.execute(self.sql.new_vote, dict(
                         comparison_id=comparison_id, user_id=user.id, choice=unswap(shown_choice, swapped),
                         strength=strength, note=note or None, seconds=seconds, swapped=swapped, created_at=utcnow()))
+                    if written:
+                        connection.execute(self.sql.new_written, dict(comparison_id=comparison_id, user_id=user.id,
+                                                                      text=written, created_at=utcnow()))
         except IntegrityError:
             raise DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}") from None
         if swapped is None:

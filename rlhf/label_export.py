@@ -13,6 +13,11 @@ labellers' verdicts on that pair as their rankings order it (no strength: margin
 `ranking` id and `pair_weight` 1 / (its number of pairs), so the reward stage counts a ranking once however many
 answers it orders; when an export holds rankings, its pairwise rows carry `ranking` None and `pair_weight` 1.
 
+An answer a labeller wrote for an item (`written_answers`) becomes a pair that prefers it to the answer the votes
+chose (to both answers after a tie or both-bad verdict), as from that labeller with a clear strength (ids
+`written-<n>-<i>`); `rlhf label export --demonstrations FILE` writes the written answers as SFT demonstrations
+(JSONL `messages`, the item's prompt then the written answer), which `--sft.train_data` takes.
+
 The export is deterministic: the same votes give the same rows in the same order and the same content hash, kept
 in `export.json` beside the saved dataset. Exporting into a folder that holds a different export is refused.
 """
@@ -29,7 +34,7 @@ import datasets
 
 from rlhf.errors import UserError
 from rlhf.rankings import pair_weight
-from rlhf.runs import atomic_write_json, hash_config
+from rlhf.runs import atomic_write_json, atomic_write_text, hash_config
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
 from rlhf.store import Store
 
@@ -38,10 +43,13 @@ MANIFEST = "export.json"
 
 
 def aggregate(comparisons: list[dict], votes: list, names: dict, batch: str | None = None, min_votes: int = 1,
-              kinds=("train",), rankings: list = ()) -> list[dict]:
+              kinds=("train",), rankings: list = (), written: list = ()) -> list[dict]:
     judgements: dict[int, list] = {}
     for judgement in (*votes, *rankings):
         judgements.setdefault(judgement.comparison_id, []).append(judgement)
+    written_for: dict[int, list] = {}
+    for answer in written:
+        written_for.setdefault(answer.comparison_id, []).append(answer)
     rows = []
     for comparison in comparisons:
         item_judgements = judgements.get(comparison["id"], [])
@@ -53,7 +61,10 @@ def aggregate(comparisons: list[dict], votes: list, names: dict, batch: str | No
         elif comparison["a"] != comparison["b"]:
             # two answers of the same text carry no preference, whatever the votes (a store from before `label
             # sample` stopped comparing them may hold some)
-            rows.append(preference_row(comparison, item_judgements, names))
+            row = preference_row(comparison, item_judgements, names)
+            rows.append(row)
+            for answer in written_for.get(comparison["id"], []):
+                rows += written_pairs(row, comparison, answer, names)
     if any("ranking" in row for row in rows):  # one set of columns for every row of the dataset
         rows = [{**row, "ranking": row.get("ranking"), "pair_weight": row.get("pair_weight", 1.0)} for row in rows]
     return rows
@@ -72,6 +83,38 @@ def ranking_rows(item: dict, rankings: list, names: dict) -> list[dict]:
         rows.append({**preference_row(pair, verdicts, names), "id": f"rank-{item['id']}-{i}-{j}",
                      "ranking": f"rank-{item['id']}", "pair_weight": pair_weight(len(answers))})
     return rows
+
+
+def written_pairs(row: dict, comparison: dict, answer, names: dict) -> list[dict]:
+    """Pairs preferring a labeller's written answer to the one the votes chose, or to both answers when the votes
+    chose neither (a tie, both bad); none against an answer of the same text."""
+    decided = not (row["tie"] or row["both_bad"])
+    beaten = [row["chosen"][0]["content"]] if decided else [comparison["a"], comparison["b"]]
+    return [{**row, "id": f"written-{answer.id}-{i}", "chosen": [{"role": "assistant", "content": answer.text}],
+             "rejected": [{"role": "assistant", "content": text}], "tie": False, "both_bad": False, "margin": 1.0,
+             "votes": 1, **{f"votes_{choice}": int(choice == "a") for choice in VOTE_CHOICES}, "agreement": 1.0,
+             "labeller_votes": [{"labeller": names[answer.user_id], "verdict": "chosen", "strength": "clear"}]}
+            for i, text in enumerate(beaten) if text != answer.text]
+
+
+def demonstration_rows(comparisons: list[dict], written: list, batch: str | None = None) -> list[dict]:
+    """Each written answer as an SFT demonstration: the item's prompt, then the written answer."""
+    prompts = {c["id"]: c["prompt"] for c in comparisons if batch is None or c["batch"] == batch}
+    return [{"id": f"written-{answer.id}", "category": "written",
+             "messages": [*prompts[answer.comparison_id], {"role": "assistant", "content": answer.text}]}
+            for answer in written if answer.comparison_id in prompts]
+
+
+def demonstrations(store: Store, batch: str | None = None) -> list[dict]:
+    """The written answers as SFT demonstrations; none is an error."""
+    rows = demonstration_rows(store.comparisons(), store.written_answers(), batch)
+    if not rows:
+        raise UserError(f"no written answers{f' in batch {batch}' if batch else ''} to export as demonstrations")
+    return rows
+
+
+def write_demonstrations(rows: list[dict], out) -> None:
+    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def pair_choice(rank_a: int, rank_b: int) -> str:
@@ -123,7 +166,8 @@ def build_export(store: Store, batch: str | None = None, min_votes: int = 1) -> 
     """The rows and manifest of an export of the store as it is now."""
     comparisons, votes = store.comparisons(), store.votes()  # read once, for the rows and the gold records
     names = {user.id: user.name for user in store.users()}
-    rows = aggregate(comparisons, votes, names, batch, min_votes, rankings=store.rankings())
+    rows = aggregate(comparisons, votes, names, batch, min_votes, rankings=store.rankings(),
+                     written=store.written_answers())
     if not rows:
         raise UserError(f"nothing to export: no comparisons{f' in batch {batch}' if batch else ''} with at least "
                         f"{min_votes} vote(s)")
@@ -131,7 +175,8 @@ def build_export(store: Store, batch: str | None = None, min_votes: int = 1) -> 
     manifest = {"content_hash": hash_config({"rows": rows, "gold": gold}), "rows": len(rows), "batch": batch,
                 "min_votes": min_votes, "ties": sum(r["tie"] for r in rows),
                 "both_bad": sum(r["both_bad"] for r in rows),
-                "rankings": len({r["ranking"] for r in rows if r.get("ranking")}), "labeller_gold": gold}
+                "rankings": len({r["ranking"] for r in rows if r.get("ranking")}),
+                "written": sum(r["id"].startswith("written-") for r in rows), "labeller_gold": gold}
     return rows, manifest
 
 

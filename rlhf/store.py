@@ -8,6 +8,8 @@ double-vote whatever the application does. The schema version is stored and chec
 A ranking item is a comparison whose labellers order 2 to 6 answers to its prompt instead of picking one of two
 (rlhf/rankings.py): its answers are listed, in the order shown, in `comparison_answers` (the first two are also its
 response a and b), and each labeller's order is one row of `rankings`, one per labeller per item like votes.
+A labeller may also write the answer they wanted to an item's prompt (`written_answers`, one per labeller per
+item): the export makes it an SFT demonstration and a pair that prefers it to the answer the votes chose.
 
 Assignments hand comparisons to labellers: each non-gold comparison has `overlap` numbered slots, and a unique
 (comparison, slot) constraint means two labellers racing for the last slot cannot both get it. A skipped or
@@ -39,6 +41,7 @@ ROLES = ("labeller", "admin")
 KINDS = ("train", "gold", "eval")
 ASSIGNMENT_STATES = ("open", "voted", "skipped", "expired")
 MAX_NOTE_CHARS = 2000
+MAX_WRITTEN_CHARS = 8000
 # scrypt parameters (RFC 7914): n=2**14, r=8, p=1 costs ~16 MiB and tens of milliseconds per check.
 SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
 
@@ -176,6 +179,17 @@ class Ranking(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class WrittenAnswer(Base):
+    """The answer a labeller wrote, or edited from one shown, for an item's prompt."""
+    __tablename__ = "written_answers"
+    __table_args__ = (UniqueConstraint("comparison_id", "user_id", name="one_written_answer_per_labeller"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def hash_password(password: str, salt: bytes | None = None) -> str:
     salt = salt or os.urandom(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT)
@@ -216,6 +230,14 @@ def check_vote(choice: str, strength: str | None, note: str | None) -> None:
 def check_note(note: str | None) -> None:
     if note and len(note) > MAX_NOTE_CHARS:
         raise StoreError(f"note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
+
+
+def check_written(text: str | None) -> str | None:
+    """The written answer to store (stripped; None when blank); too long a one is refused."""
+    text = (text or "").strip()
+    if len(text) > MAX_WRITTEN_CHARS:
+        raise StoreError(f"the written answer is {len(text)} characters; the limit is {MAX_WRITTEN_CHARS}")
+    return text or None
 
 
 def check_ranking_item(responses: list, kind: str) -> None:
@@ -357,7 +379,8 @@ class Store:
             connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="3"))
 
     def upgrade_from_version_3(self) -> None:
-        """Version 4 adds ranking items: two new tables (made by `create_all`), nothing in the old ones changes."""
+        """Version 4 adds ranking items and written answers: three new tables (made by `create_all`), nothing in
+        the old ones changes."""
         with self.engine.begin() as connection:
             if not inspect(connection).has_table("meta"):
                 return
@@ -479,6 +502,29 @@ class Store:
             if any(ranking.user_id == user.id for ranking in self.rankings(comparison_id)):
                 raise DuplicateVote(f"{user.name} has already ranked comparison {comparison_id}") from None
             raise StoreError(f"ranking refused by the database: {err.orig}") from None
+
+    def write_answer(self, comparison_id: int, user: User, text: str) -> WrittenAnswer:
+        """Stores the answer a labeller wrote for the item's prompt; a second one from them is DuplicateVote."""
+        text = check_written(text)
+        if text is None:
+            raise StoreError("the written answer is empty")
+        try:
+            with self.transaction() as session:
+                written = WrittenAnswer(comparison_id=comparison_id, user_id=user.id, text=text)
+                session.add(written)
+            return written
+        except IntegrityError as err:
+            if any(w.user_id == user.id for w in self.written_answers(comparison_id)):
+                raise DuplicateVote(f"{user.name} has already written an answer for comparison "
+                                    f"{comparison_id}") from None
+            raise StoreError(f"written answer refused by the database: {err.orig}") from None
+
+    def written_answers(self, comparison_id: int | None = None) -> list[WrittenAnswer]:
+        with self.sessions() as session:
+            query = select(WrittenAnswer).order_by(WrittenAnswer.id)
+            if comparison_id is not None:
+                query = query.where(WrittenAnswer.comparison_id == comparison_id)
+            return list(session.scalars(query))
 
     def rankings(self, comparison_id: int | None = None) -> list[Ranking]:
         with self.sessions() as session:

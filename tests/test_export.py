@@ -116,3 +116,59 @@ def test_an_export_without_rankings_keeps_its_columns_and_hash(tmp_path):
     import datasets
 
     assert "pair_weight" not in datasets.load_from_disk(str(tmp_path / "out")).column_names
+
+
+def test_a_written_answer_becomes_a_demonstration_and_a_pair_over_what_the_votes_chose(tmp_path, capsys):
+    from pipeline.cli import main as cli
+    from preference_ui.queue import LabelQueue
+
+    store = store_with_votes(tmp_path, [[("b", "clear")], [("tie", None)]])
+    decided, tied = store.comparisons()
+    writer = store.add_user("wren", "labeller", "password1")
+    queue = LabelQueue(store, overlap=5, gold_rate=0.0, seed=0)
+    for _ in range(2):
+        item = queue.next_item(writer)
+        queue.vote(writer, item.comparison_id, "a" if item.left == "B0" else "b" if item.right == "B0" else "tie",
+                   written=f"  A better answer to {item.prompt[0]['content']}  ")
+    assert sorted(w.text for w in store.written_answers()) == ["A better answer to Prompt 0?",
+                                                              "A better answer to Prompt 1?"]
+    manifest = export(store, tmp_path / "out")
+    assert (manifest["rows"], manifest["written"]) == (2 + 1 + 2, 3)
+    rows = {row["id"]: row for row in load_rows(tmp_path / "out", "preference")}
+    def written_for(prompt: str) -> list[dict]:
+        return [row for id, row in rows.items()
+                if id.startswith("written-") and row["chosen"][0]["content"] == f"A better answer to {prompt}"]
+
+    [over_b0] = written_for("Prompt 0?")
+    assert over_b0["chosen"][0]["content"] == "A better answer to Prompt 0?"
+    assert over_b0["rejected"][0]["content"] == "B0" and over_b0["margin"] == 1.0  # the votes chose B0
+    assert over_b0["labeller_votes"] == [{"labeller": "wren", "verdict": "chosen", "strength": "clear"}]
+    # after a tie the written answer beats both
+    assert sorted(row["rejected"][0]["content"] for row in written_for("Prompt 1?")) == ["A1", "B1"]
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    demos = tmp_path / "demos.jsonl"
+    assert cli(["label", "--db", db, "export", "--demonstrations", str(demos)]) == 0
+    assert "2 demonstrations written by labellers" in capsys.readouterr().out
+    demonstrations = load_rows(demos, "sft")  # what `--sft.train_data` reads
+    assert {"messages": [{"role": "user", "content": "Prompt 0?"},
+                         {"role": "assistant", "content": "A better answer to Prompt 0?"}]}.items() <= \
+        next(row for row in demonstrations if row["messages"][0]["content"] == "Prompt 0?").items()
+    assert len(demonstrations) == 2
+    assert cli(["label", "--db", db, "export"]) == 2
+    assert cli(["label", "--db", db, "export", "--demonstrations", str(tmp_path / "none.jsonl"), "--batch", "x"]) == 2
+    assert "no written answers in batch x" in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()
+
+
+def test_a_written_answer_too_long_is_refused_with_the_vote(tmp_path):
+    from preference_ui.queue import LabelQueue
+    from rlhf.store import MAX_WRITTEN_CHARS, StoreError
+
+    store = store_with_votes(tmp_path, [[]])
+    writer = store.add_user("wren", "labeller", "password1")
+    queue = LabelQueue(store, overlap=5, gold_rate=0.0, seed=0)
+    item = queue.next_item(writer)
+    with pytest.raises(StoreError, match="the written answer is"):
+        queue.vote(writer, item.comparison_id, "a", written="x" * (MAX_WRITTEN_CHARS + 1))
+    assert store.votes() == [] and store.written_answers() == []
+    queue.vote(writer, item.comparison_id, "a", written="   ")  # blank: no written answer
+    assert len(store.votes()) == 1 and store.written_answers() == []

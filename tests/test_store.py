@@ -233,6 +233,7 @@ def test_a_version_3_store_gains_ranking_items_keeping_its_votes(store_url):
     store.cast_vote(comparison_in(store).id, ann, "b", "slight")
     engine = create_engine(store_url)
     with engine.begin() as connection:  # as version 3 left it: no ranking tables
+        connection.execute(text("DROP TABLE written_answers"))
         connection.execute(text("DROP TABLE rankings"))
         connection.execute(text("DROP TABLE comparison_answers"))
         connection.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
