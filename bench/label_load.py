@@ -74,7 +74,7 @@ def labeller(url: str, name: str, votes: int, claimed: list, latencies: list, er
         for _ in range(votes):
             shown = item_label(title)
             began = time.perf_counter()
-            _, title, _, left, right, _, message, *_ = client.call(good_side(left, right), "clear", "", None)
+            _, title, _, left, right, _, message, *_ = client.call(good_side(left, right), "clear", "", "", None)
             latencies.append(time.perf_counter() - began)
             if message != f"Saved your vote on item {shown}.":
                 raise RuntimeError(f"vote on item {shown} not saved: {message}")

@@ -1,7 +1,8 @@
 """The labelling app: `build_app(store, config) -> gr.Blocks`, served by `rlhf label serve`.
 
 Labellers sign in against the store, see one comparison at a time (sides in random order, models hidden, items
-named by an opaque label), and answer with buttons or the keys 1 2 3 4 s. Admins also get a tab with progress,
+named by an opaque label), and answer with buttons or the keys 1 2 3 4 s; with a vote they may write the answer
+they wanted (a demonstration for SFT, and a pair preferring it, in the export). Admins also get a tab with progress,
 agreement, per-labeller throughput, gold accuracy, the accounts (add, disable, enable) and an export button. Every
 handler looks the user up in the store on each request, so a labeller calling an admin endpoint directly is
 refused just as the hidden tab suggests, and a disabled account is refused from its next request on.
@@ -20,7 +21,7 @@ from starlette.middleware import Middleware
 
 from rlhf.errors import UserError
 from rlhf.schema import PREFERENCE_CHOICES
-from rlhf.store import MAX_NOTE_CHARS, DuplicateVote, Store, StoreError, User
+from rlhf.store import MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Store, StoreError, User
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue
 from preference_ui.render import shown_html
@@ -123,7 +124,7 @@ class LabellingApp:
         return self.show(self.user(request))
 
     def answer(self, choice: str):
-        def handler(strength: str, note: str, state: dict | None, request: gr.Request):
+        def handler(strength: str, note: str, written: str, state: dict | None, request: gr.Request):
             user = self.user(request)
             if not state:
                 return self.show(user, "Nothing was shown to answer; here is your next item.")
@@ -132,7 +133,7 @@ class LabellingApp:
             try:
                 self.queue.vote(user, state["comparison_id"], choice,
                                 (strength or DEFAULT_STRENGTH) if choice in PREFERENCE_CHOICES else None, note or None,
-                                seconds=round(time.time() - state["shown_at"], 2))
+                                seconds=round(time.time() - state["shown_at"], 2), written=written or None)
             except (DuplicateVote, ItemGone):
                 return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (already "
                                        "voted, skipped or timed out). Here is your next item.")
@@ -257,6 +258,11 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
                                     label="How much better? (for A or B; a tie or both bad has no strength)")
                 note = gr.Textbox(label=f"Note (optional, up to {MAX_NOTE_CHARS} characters)", lines=1,
                                   max_length=MAX_NOTE_CHARS, elem_id="note")
+            with gr.Accordion("Write a better answer (optional, sent with your vote)", open=False,
+                              elem_id="write-answer"):
+                written = gr.Textbox(label="The answer you would want to this prompt: it becomes a demonstration "
+                                           "for the next SFT run and is preferred to the answer the votes choose",
+                                     lines=5, max_length=MAX_WRITTEN_CHARS, elem_id="written")
             with gr.Accordion("Guidelines", open=False):
                 gr.Markdown(guidelines_markdown(config.guidelines))
         with gr.Tab("Admin", visible=False) as admin_tab:
@@ -292,8 +298,9 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
         app.load(None, js=SHORTCUTS_JS)
         plain_text.change(None, plain_text, None, js=PLAIN_TEXT_JS)
         for choice, button in buttons.items():
-            button.click(inline(handlers.answer(choice)), [strength, note, state], shown, api_name=f"vote_{choice}",
-                         queue=False).success(lambda: "", None, note, api_visibility="private", queue=False)
+            button.click(inline(handlers.answer(choice)), [strength, note, written, state], shown,
+                         api_name=f"vote_{choice}", queue=False).success(lambda: ("", ""), None, [note, written],
+                                                                         api_visibility="private", queue=False)
         skip.click(inline(handlers.skip), [state], shown, api_name="skip", queue=False)
         gr.Button(visible=False).click(inline(handlers.next_item), None, shown, api_name="next_item", queue=False)
         refresh.click(handlers.admin_stats, None, [summary, batches, labellers], api_name="admin_stats").then(

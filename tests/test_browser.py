@@ -135,6 +135,38 @@ def test_a_strength_belongs_to_one_vote_and_never_to_a_tie(browser, tmp_path):
     assert stored[1][0] == "tie"
 
 
+def test_a_labeller_writes_a_better_answer_with_a_vote_and_the_box_empties_for_the_next_item(browser, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'labels.db'}"
+    store = Store(db_url)
+    store.add_user("dee", "labeller", "dee-password")
+    for n in range(2):
+        prompt = store.add_prompt(f"w-{n}", "test", [{"role": "user", "content": f"What is {n} + 1?"}])
+        store.add_comparison(store.add_response(prompt, f"It is {n + 7}.", "m", {}),
+                             store.add_response(prompt, "Numbers are fun.", "m", {}), batch="b1")
+    server = start_server(db_url, port := free_port(), overlap=1, log=tmp_path / "serve.log")
+    try:
+        page = browser.new_page()
+        sign_in(page, f"http://127.0.0.1:{port}/", "dee", "dee-password")
+        page.wait_for_function(ITEM_SHOWN)
+        prompt = shown(page)["prompt"]
+        page.get_by_text("Write a better answer", exact=False).click()
+        page.click("#written textarea")
+        page.keyboard.type("1 + 1 is 2, so: 2")  # the shortcut keys typed here do not vote
+        page.wait_for_timeout(500)
+        assert "dee: 0 votes" in shown(page)["progress"]
+        page.click("#vote-both-bad")
+        page.wait_for_function("document.querySelector('#progress').innerText.includes('dee: 1 vote ')")
+        page.wait_for_function("document.querySelector('#written textarea').value === ''", timeout=5000)
+        page.close()
+    finally:
+        stop_server(server)
+    [written] = store.written_answers()
+    [vote] = store.votes()
+    assert written.text == "1 + 1 is 2, so: 2" and (vote.choice, written.comparison_id) == ("both_bad",
+                                                                                         vote.comparison_id)
+    assert next(c for c in store.comparisons() if c["id"] == vote.comparison_id)["prompt"][0]["content"] == prompt
+
+
 LONG = "# A long answer\n\nIt has **bold** words, `code` and a [link](https://example.com).\n\n" + "word " * 4000
 HOSTILE = ('<script>window.__xss = 4</script><img src=x onerror="window.__xss = 5"> [run](javascript:window.__xss=6) '
            '[data](data:text/html,<b>x</b>) ![pixel](https://example.com/p.png) ${window.__xss = 7} '

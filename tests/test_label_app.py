@@ -34,7 +34,7 @@ def label(url: str, name: str, votes: int, claimed: dict, errors: list) -> None:
         title, _, left, right, *_ = client.predict(api_name="/next_item")
         for _ in range(votes):
             shown = item_label(title)
-            title, _, left, right, _, message, strength, *_ = client.predict("slight", "",
+            title, _, left, right, _, message, strength, *_ = client.predict("slight", "", "",
                                                                              api_name=f"/{good_side(left, right)}")
             assert message == f"Saved your vote on item {shown}.", message
             assert strength == "clear"  # every item starts from the default strength
@@ -63,8 +63,8 @@ def test_two_tabs_of_one_labeller_show_the_same_item_and_count_one_vote(server):
     first, second = (tab.predict(api_name="/next_item") for tab in tabs)
     assert first[:4] == second[:4]  # same item, same sides
     shown = item_label(first[0])
-    assert tabs[0].predict("clear", "", api_name="/vote_a")[5] == f"Saved your vote on item {shown}."
-    refused = tabs[1].predict("slight", "", api_name="/vote_b")
+    assert tabs[0].predict("clear", "", "", api_name="/vote_a")[5] == f"Saved your vote on item {shown}."
+    refused = tabs[1].predict("slight", "", "", api_name="/vote_b")
     assert refused[5].startswith("Not counted") and item_label(refused[0]) != shown
     report = audit(server["db"], {name: [shown]})
     assert report["lost"] == 0 and report["duplicated"] == 0
@@ -143,12 +143,12 @@ def test_an_admin_disables_enables_and_adds_accounts_and_disabling_holds_from_th
     accounts, result = admin.predict(name, api_name="/disable_user")
     assert result == f"{name} is disabled." and [name, "labeller", "DISABLED"] in accounts["data"]
     with pytest.raises(Exception, match="disabled"):  # the session signed in before is refused at once
-        labeller.predict("clear", "", api_name="/vote_a")
+        labeller.predict("clear", "", "", api_name="/vote_a")
     with pytest.raises(ValueError, match="Could not login"):
         Client(server["url"], auth=(name, PASSWORD), verbose=False, ssl_verify=False)
     accounts, result = admin.predict(name, api_name="/enable_user")
     assert [name, "labeller", "active"] in accounts["data"]
-    assert labeller.predict("clear", "", api_name="/vote_a")[5].startswith("Saved your vote on item ")
+    assert labeller.predict("clear", "", "", api_name="/vote_a")[5].startswith("Saved your vote on item ")
 
     Store(server["db"]).disable_user(name)  # `rlhf label users disable`, from another process, holds as fast
     with pytest.raises(Exception, match="disabled"):

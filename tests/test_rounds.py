@@ -195,7 +195,7 @@ def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_
         ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")
         ann.call("next_item")
         for _ in range(3):
-            ann.call("vote_a", "clear", "", None)
+            ann.call("vote_a", "clear", "", "", None)
         runs[-1].send_signal(signal.SIGKILL)  # killed while it waits for the other three
         runs[-1].wait()
         assert not (tmp_path / "people" / "round-2" / "preferences").exists()
@@ -204,7 +204,7 @@ def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_
         ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")  # back at the app later
         ann.call("next_item")
         for _ in range(3):
-            ann.call("vote_b", "clear", "", None)
+            ann.call("vote_b", "clear", "", "", None)
         assert runs[-1].wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         for process in runs:  # a failed test leaves no run waiting for votes
