@@ -24,7 +24,7 @@ from rlhf.schema import PREFERENCE_CHOICES
 from rlhf.store import MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Store, StoreError, User
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue
-from preference_ui.render import shown_html
+from preference_ui.render import conversation_html, shown_html
 from preference_ui.signin import ClientAddress, SignInGuard
 
 DEFAULT_STRENGTH = "clear"  # shown anew with every item
@@ -53,18 +53,15 @@ CSS = """
   border-radius: var(--radius-md); padding: 0.4em 0.7em; }
 .answer { height: 34vh; }
 .prompt { max-height: 14vh; }
+.conversation { max-height: 28vh; }
+.turn + .turn { border-top: 1px dashed var(--border-color-primary); margin-top: 0.3em; }
+.speaker { font-size: 0.8em; font-weight: bold; opacity: 0.7; }
 .answer pre, .prompt pre { white-space: pre-wrap; }
 .as-text { display: none; margin: 0; font-family: ui-monospace, monospace; }
 body.plain-text .as-markdown { display: none !important; }
 body.plain-text .as-text { display: block !important; }
 """
 PLAIN_TEXT_JS = "(plain) => { document.body.classList.toggle('plain-text', plain); }"
-
-
-def prompt_text(messages: list[dict]) -> str:
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n\n".join(f"[{message['role']}]\n{message['content']}" for message in messages)
 
 
 def progress_html(user: User, progress: dict) -> str:
@@ -112,7 +109,7 @@ class LabellingApp:
                     DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS)
         state = {"comparison_id": item.comparison_id, "label": self.store.item_label(item.comparison_id),
                  "shown_at": time.time()}
-        return (state, f"### Item {state['label']}", shown_html(prompt_text(item.prompt), "prompt"),
+        return (state, f"### Item {state['label']}", conversation_html(item.prompt),
                 shown_html(item.left), shown_html(item.right), progress, message, DEFAULT_STRENGTH,
                 *[gr.Button(interactive=True)] * ANSWER_BUTTONS)
 

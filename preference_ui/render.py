@@ -38,8 +38,23 @@ def visible_controls(text: str) -> str:
     return INVISIBLE.sub(lambda match: f"⟨U+{ord(match.group()):04X}⟩", text)
 
 
-def shown_html(text: str, css_class: str = "answer") -> str:
-    """The text as rendered markdown and as plain text, in one scrolling box."""
+def views(text: str) -> str:
+    """The text as rendered markdown and as plain text (the page shows one)."""
     text = visible_controls(text)
-    return (f'<div class="{css_class}"><div class="as-markdown">{MARKDOWN.render(text)}</div>'
-            f'<pre class="as-text">{html.escape(text)}</pre></div>')
+    return f'<div class="as-markdown">{MARKDOWN.render(text)}</div><pre class="as-text">{html.escape(text)}</pre>'
+
+
+def shown_html(text: str, css_class: str = "answer") -> str:
+    """The text's two views in one scrolling box."""
+    return f'<div class="{css_class}">{views(text)}</div>'
+
+
+def conversation_html(messages: list[dict]) -> str:
+    """A prompt in its scrolling box: one message as its text; with earlier turns, the whole conversation, each
+    turn under its speaker's role (a label of ours, outside the untrusted text), the question answered last."""
+    if len(messages) == 1:
+        return shown_html(messages[0]["content"], "prompt")
+    turns = "".join(f'<div class="turn"><div class="speaker">{html.escape(message["role"].title())}</div>'
+                    f'{views(message["content"])}</div>' for message in messages)
+    return f'<div class="prompt conversation">{turns}</div>'
+

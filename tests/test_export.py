@@ -172,3 +172,17 @@ def test_a_written_answer_too_long_is_refused_with_the_vote(tmp_path):
     assert store.votes() == [] and store.written_answers() == []
     queue.vote(writer, item.comparison_id, "a", written="   ")  # blank: no written answer
     assert len(store.votes()) == 1 and store.written_answers() == []
+
+
+def test_a_prompt_with_earlier_turns_is_exported_as_the_whole_conversation(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    ann = store.add_user("ann", "labeller", "password1")
+    turns = [{"role": "user", "content": "Name a bird."}, {"role": "assistant", "content": "A robin."},
+             {"role": "user", "content": "Another?"}]
+    prompt = store.add_prompt("turns", "chat", turns)
+    item = store.add_comparison(store.add_response(prompt, "A wren.", "m", {}),
+                                store.add_response(prompt, "A robin.", "m", {}), batch="b1")
+    store.cast_vote(item.id, ann, "a", "clear")
+    export(store, tmp_path / "out")
+    [row] = load_rows(tmp_path / "out", "preference")
+    assert row["prompt"] == turns and row["chosen"] == [{"role": "assistant", "content": "A wren."}]
