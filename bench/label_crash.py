@@ -11,7 +11,7 @@ for it, signs in again and asks for its item. Checked afterwards, against the st
 - labellers continue where they were: a labeller whose last shown item was not answered before the kill (no vote
   stored) gets that same item back first.
 
-    .venv/bin/python bench/label_crash.py [--labellers 20] [--comparisons 200] [--overlap 3] [--db URL]
+    .venv/bin/python bench/label_crash.py [--labellers 20] [--comparisons 200] [--overlap 3] [--db URL | --postgres]
 
 Last lines: `lost: X`, then `duplicated: Y` (targets 0 and 0).
 """
@@ -30,7 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from preference_ui.loadtest import (BrowserLikeClient, audit, free_port, good_side, item_label,  # noqa: E402
-                                    prepare_store, start_server, stop_server)
+                                    new_database, prepare_store, scratch_postgres, start_server, stop_server)
 
 EMPTY = "### Nothing left to label"
 
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--kill-after", type=float, default=0.4,
                         help="kill the server once this share of all votes has been accepted")
     parser.add_argument("--db", help="an empty database URL (default: a new SQLite file)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="on a throwaway PostgreSQL server started from Debian's binaries")
     return parser.parse_args(argv)
 
 
@@ -158,7 +160,12 @@ def votes_per_item(db_url: str) -> Counter:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report = crash_run(args)
+    if args.postgres:
+        with scratch_postgres() as server:
+            args.db = new_database(server, "crash")
+            report = crash_run(args)
+    else:
+        report = crash_run(args)
     print(f"{args.labellers} labellers, {args.comparisons} comparisons x overlap {args.overlap} on {report['store']}; "
           f"server killed after {report['accepted_before_kill']} accepted votes and started again")
     print(f"stored {report['stored']} votes, {report['claimed']} seen accepted; {report['comparisons_full']} "

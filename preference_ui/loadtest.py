@@ -6,13 +6,16 @@ interval of `gradio_client`). Every response is made "good <n>" or "poor <n>" at
 simulated labeller votes for the side showing the good one; the audit then checks every stored vote against that
 intent, which catches a side swap not undone as surely as a lost or duplicated vote.
 """
+import contextlib
 import http.client
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -29,6 +32,43 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def scratch_postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 from Debian's binaries, in a temporary folder; yields its URL
+    (without a database name) and removes it afterwards."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not binaries:
+        raise RuntimeError("PostgreSQL binaries not found under /usr/lib/postgresql: apt-get install postgresql "
+                           "(.ci/run does)")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="rlhf-pg-"))
+    root.chmod(0o755)
+    if as_postgres:
+        shutil.chown(root, "postgres", "postgres")
+    port, pg_ctl = free_port(), str(binaries[-1] / "pg_ctl")
+    subprocess.run(as_postgres + [str(binaries[-1] / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U",
+                                  "postgres"], check=True, capture_output=True)
+    subprocess.run(as_postgres + [pg_ctl, "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
+                                  f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(as_postgres + [pg_ctl, "-D", str(root / "data"), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def new_database(server: str, name: str) -> str:
+    """Creates an empty database on the server; its URL."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return f"{server}/{name}"
 
 
 def prepare_store(url: str, labellers: int, comparisons: int, seed: int = 0) -> list[str]:
