@@ -32,6 +32,10 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
     selection: str = field(default="all", metadata={
         "help": "Which labelled pairs to learn from: all, or best_worst (one per prompt: with k answers per prompt "
                 "all compared, the answer that won most against the one that won least)."})
+    ranking_loss: str = field(default="pairs", metadata={
+        "help": "Ranking items' pairs (preferences.feedback: ranking): pairs (each pair's Bradley-Terry loss, the "
+                "item's pairs weighted as one observation), or plackett_luce (one Plackett-Luce likelihood of the "
+                "item's order, read from its pairs' verdicts, per item; needs group_by_prompt)."})
     use_margin: bool = field(default=True, metadata={
         "help": "Pass each pair's margin (from the labellers' strength: slight 0.5, clear 1.0) to the loss."})
     weight_by_gold: bool = field(default=False, metadata={
@@ -88,6 +92,10 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got '{self.selection}'")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
+        if self.ranking_loss not in ("pairs", "plackett_luce"):
+            raise ValueError(f"ranking_loss must be pairs or plackett_luce, got '{self.ranking_loss}'")
+        if self.ranking_loss == "plackett_luce" and not self.group_by_prompt:
+            raise ValueError("ranking_loss plackett_luce needs group_by_prompt: a ranking's answers must share batches")
         if self.ties not in TIE_POLICIES:
             raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got '{self.ties}'")
         if self.ties == "equal" and self.tie_threshold <= 0:

@@ -71,7 +71,7 @@ def training_pairs(source: str, config: RewardStageConfig) -> list[dict]:
     pairs = []
     for row in usable_pairs(source, config.ties, config.weight_by_gold, config.selection, config.max_length, STAGE):
         pair = {"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
-                "tie": row["tie"], "labeller_votes": row["labeller_votes"],
+                "tie": row["tie"], "labeller_votes": row["labeller_votes"], "ranking": row.get("ranking") or "",
                 "weight": [row["weight"] * count for count in bootstrap_counts(row["id"], config.ensemble,
                                                                                config.seed)]}
         if config.use_margin:

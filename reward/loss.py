@@ -23,7 +23,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
-from rlhf.preference_loss import preference_loss
+from rlhf.preference_loss import plackett_luce_loss, preference_loss
 from rlhf.reward_model import pooled_rewards
 
 
@@ -85,6 +85,8 @@ class PreferenceCollator(DataCollatorForPreference):
         batch["weight"] = torch.tensor([example["weight"] for example in examples], dtype=torch.float)
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
+        if "ranking" in examples[0]:
+            batch["ranking"] = torch.tensor([example["ranking"] for example in examples])
         return batch
 
     def whole_sequence_batch(self, examples) -> dict:
@@ -148,6 +150,44 @@ def shared_prefix_rewards(model, batch: dict, pooling: str = "last_token") -> to
                           position_ids=start + torch.arange(suffix_mask.shape[1], device=start.device))
 
 
+def consensus_ranks(answers: list[int], pairs: list[tuple[int, int, bool]]) -> list[int]:
+    """Ranks (1 the best, equal wins tied) of a ranking item's answers from its pairs' verdicts, (better, worse,
+    tied): each answer ranked by its wins, a tie half a win to each."""
+    wins = dict.fromkeys(answers, 0.0)
+    for better, worse, tied in pairs:
+        wins[better] += 0.5 if tied else 1.0
+        wins[worse] += 0.5 if tied else 0.0
+    return [1 + sum(other > wins[answer] for other in wins.values()) for answer in answers]
+
+
+def pairs_and_rankings_loss(rows: torch.Tensor, chosen_row: torch.Tensor, rejected_row: torch.Tensor,
+                            ranking: torch.Tensor, margin, tie: torch.Tensor, weight: torch.Tensor, theta: float,
+                            center_coefficient) -> torch.Tensor:
+    """The batch's loss with ranking items as Plackett-Luce terms: the pairs of no ranking (ranking -1) by the
+    weighted pair loss, each ranking item by one Plackett-Luce likelihood of its consensus order (weight 1),
+    averaged over heads; the two parts in proportion to their weight. A ranking whose pairs a batch boundary cuts
+    counts as its part in each batch."""
+    plain = ranking < 0
+    weight = weight if weight.dim() == 2 else weight[:, None]
+    parts, total = [], rows.new_zeros(())
+    if plain.any():
+        pair_weight = weight[plain].float().mean(-1).sum()
+        pair_loss = preference_loss(rows[chosen_row[plain]], rows[rejected_row[plain]],
+                                    None if margin is None else margin[plain], tie[plain], weight[plain], theta,
+                                    center_coefficient)
+        parts.append(pair_loss * pair_weight)
+        total = total + pair_weight
+    for item in ranking[~plain].unique():
+        mine = (ranking == item).nonzero().flatten().tolist()
+        answers = sorted({chosen_row[i].item() for i in mine} | {rejected_row[i].item() for i in mine})
+        ranks = consensus_ranks(answers, [(chosen_row[i].item(), rejected_row[i].item(), bool(tie[i])) for i in mine])
+        rewards = rows[answers]  # [answers, heads]
+        parts.append(torch.stack([plackett_luce_loss(rewards[:, head], ranks)
+                                  for head in range(rewards.shape[1])]).mean())
+        total = total + 1
+    return torch.stack(parts).sum() / total
+
+
 class PromptGroupSampler(torch.utils.data.Sampler):
     """Pairs in a random order of prompts, the pairs of each prompt one after another (so a batch holds whole
     prompts and runs each of their answers once). The order is fixed by the seed and the epoch (the trainer sets
@@ -189,7 +229,7 @@ class PreferenceRewardTrainer(RewardTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "tie", "weight", "group",
-                                       "answer_start"]
+                                       "answer_start", "ranking"]
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -200,6 +240,7 @@ class PreferenceRewardTrainer(RewardTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         margin, tie, weight = inputs.pop("margin", None), inputs.pop("tie"), inputs.pop("weight")
+        ranking = inputs.pop("ranking", None)
         if "prefix_ids" in inputs:
             rows = shared_prefix_rewards(model, inputs, self.pooling)
         else:
@@ -207,8 +248,12 @@ class PreferenceRewardTrainer(RewardTrainer):
                                   attention_mask=inputs["attention_mask"], use_cache=False)
         chosen, rejected = rows[inputs["chosen_row"]], rows[inputs["rejected_row"]]
         rewards = torch.cat([chosen, rejected])
-        loss = preference_loss(chosen, rejected, margin, tie, weight, self.tie_threshold,
-                               self.args.center_rewards_coefficient)
+        if ranking is not None and (ranking >= 0).any():
+            loss = pairs_and_rankings_loss(rows, inputs["chosen_row"], inputs["rejected_row"], ranking, margin, tie,
+                                           weight, self.tie_threshold, self.args.center_rewards_coefficient)
+        else:
+            loss = preference_loss(chosen, rejected, margin, tie, weight, self.tie_threshold,
+                                   self.args.center_rewards_coefficient)
         with torch.no_grad():
             gap = (chosen - rejected).mean(-1)
             decided = ~tie.to(gap.device)

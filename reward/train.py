@@ -94,6 +94,9 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
                                gradient_checkpointing=checkpointing)
     columns = ["prompt", "chosen", "rejected", "tie", "weight"] + (["margin"] if config.use_margin else [])
     rows = [{k: p[k] for k in columns} for p in train_pairs]
+    if config.ranking_loss == "plackett_luce":  # each ranking item by number, -1 for a pair of its own
+        numbers = {name: i for i, name in enumerate(sorted({p["ranking"] for p in train_pairs} - {""}))}
+        rows = [{**row, "ranking": numbers.get(pair["ranking"], -1)} for row, pair in zip(rows, train_pairs)]
     if config.group_by_prompt:
         rows = [{**row, "group": json.dumps(row["prompt"])} for row in rows]
     if config.pooling == "answer_mean":  # each prompt's answer start, tokenized once per prompt

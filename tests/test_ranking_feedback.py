@@ -24,6 +24,11 @@ def test_ranking_feedback_from_sampling_to_a_trained_reward_model(tmp_path):
     assert cli(["reward", *common, "--reward.model=tiny-llama"]) == 0
     reward = json.loads((run / "manifest.json").read_text())["stages"]["reward"]["metrics"]
     assert reward["train_pairs"] > 0 and reward["heldout_accuracy"] is not None
+    # the same rankings as Plackett-Luce terms, one per item
+    assert cli(["reward", *common, "--run.name=plackett-luce", f"--reward.preferences={run / 'preferences'}",
+                "--reward.model=tiny-llama", "--reward.ranking_loss=plackett_luce", "--reward.ties=equal"]) == 0
+    fitted = json.loads((tmp_path / "plackett-luce" / "manifest.json").read_text())["stages"]["reward"]
+    assert fitted["config"]["ranking_loss"] == "plackett_luce" and fitted["metrics"]["train_loss"] > 0
 
 
 def test_ranking_feedback_without_simulated_labellers_or_over_rounds_is_refused_before_anything_is_written(

@@ -214,3 +214,29 @@ def test_the_reward_trainer_batches_each_prompts_pairs_together_and_runs_each_an
     for batch in batches:  # one prompt per batch: its prefix once, its three answers once for three pairs
         assert len(batch["prefix_ids"]) == 1 and len(batch["suffix_ids"]) == 3
         assert sorted(zip(batch["chosen_row"].tolist(), batch["rejected_row"].tolist())) == [(0, 1), (0, 2), (1, 2)]
+
+
+def test_a_ranking_items_consensus_order_comes_from_its_pairs_wins():
+    from reward.loss import consensus_ranks
+
+    # rows 7 > 8 > 9 from three decided pairs; with 8 and 9 tied, they share the second place
+    assert consensus_ranks([7, 8, 9], [(7, 8, False), (7, 9, False), (8, 9, False)]) == [1, 2, 3]
+    assert consensus_ranks([7, 8, 9], [(7, 8, False), (7, 9, False), (8, 9, True)]) == [1, 2, 2]
+    assert consensus_ranks([7, 8], [(8, 7, False)]) == [2, 1]
+
+
+def test_plackett_luce_terms_for_ranking_items_beside_plain_pairs_by_hand():
+    import math
+
+    import torch
+
+    from reward.loss import pairs_and_rankings_loss
+
+    rows = torch.tensor([[2.0], [1.0], [0.0], [1.0], [0.0]])  # rewards of five answers, one head
+    chosen, rejected = torch.tensor([0, 0, 1, 3]), torch.tensor([1, 2, 2, 4])
+    ranking = torch.tensor([5, 5, 5, -1])  # the first three pairs are one ranking item, the last a plain pair
+    loss = pairs_and_rankings_loss(rows, chosen, rejected, ranking, None, torch.zeros(4, dtype=torch.bool),
+                                   torch.ones(4), 0.0, None)
+    plackett_luce = math.log(math.e ** 2 + math.e + 1) - 2 + math.log(math.e + 1) - 1  # order 0 > 1 > 2
+    bradley_terry = -math.log(1 / (1 + math.exp(-1.0)))  # answer 3 over 4, gap 1
+    assert loss.item() == pytest.approx((plackett_luce + bradley_terry) / 2, abs=1e-5)
