@@ -2,10 +2,13 @@
 
 Labellers sign in against the store, see one comparison at a time (sides in random order, models hidden, items
 named by an opaque label), and answer with buttons or the keys 1 2 3 4 s; with a vote they may write the answer
-they wanted (a demonstration for SFT, and a pair preferring it, in the export). Admins also get a tab with progress,
-agreement, per-labeller throughput, gold accuracy, the accounts (add, disable, enable) and an export button. Every
-handler looks the user up in the store on each request, so a labeller calling an admin endpoint directly is
-refused just as the hidden tab suggests, and a disabled account is refused from its next request on.
+they wanted (a demonstration for SFT, and a pair preferring it, in the export). A ranking item shows its 2 to 6
+answers numbered, and the labeller orders them best first: the keys 1-6 (or a click on an answer's button) add an
+answer to the order, = ties it with the next one, Backspace takes the last one back and Enter sends the ranking.
+Admins also get a tab with progress, agreement, per-labeller throughput, gold accuracy, the accounts (add,
+disable, enable) and an export button. Every handler looks the user up in the store on each request, so a
+labeller calling an admin endpoint directly is refused just as the hidden tab suggests, and a disabled account is
+refused from its next request on.
 
 Model output is untrusted: prompts and responses are shown by `preference_ui.render` (markdown without raw HTML,
 or plain text), each in a box of fixed height with its own scroll bar, so the vote buttons stay in view.
@@ -20,6 +23,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from rlhf.errors import UserError
+from rlhf.rankings import MAX_K, ranks_from_order
 from rlhf.schema import PREFERENCE_CHOICES
 from rlhf.store import MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Store, StoreError, User
 from preference_ui.config import PreferencesStageConfig
@@ -31,19 +35,30 @@ DEFAULT_STRENGTH = "clear"  # shown anew with every item
 BUTTONS = (("a", "A is better  [1]", "vote-a"), ("b", "B is better  [2]", "vote-b"), ("tie", "Tie  [3]", "vote-tie"),
            ("both_bad", "Both bad  [4]", "vote-both-bad"))
 ANSWER_BUTTONS = len(BUTTONS) + 1  # and skip
-# Keys click the buttons; typing in a text box (the note) never votes.
+# Keys click the buttons of the panel on screen (a pair's, or a ranking's); typing in a text box (the note, the
+# order) never votes.
 SHORTCUTS_JS = """
 () => {
-  const keys = {"1": "vote-a", "2": "vote-b", "3": "vote-tie", "4": "vote-both-bad", "s": "skip"};
+  const pairKeys = {"1": "vote-a", "2": "vote-b", "3": "vote-tie", "4": "vote-both-bad", "s": "skip"};
+  const rankingKeys = {"=": "tie-previous", "backspace": "undo-order", "enter": "send-ranking", "s": "skip-ranking"};
+  for (let i = 1; i <= 6; i++) rankingKeys[String(i)] = "pick-" + i;
   document.addEventListener("keydown", (event) => {
     const target = event.target;
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     if (target && (target.tagName === "TEXTAREA" || target.tagName === "INPUT" || target.isContentEditable)) return;
-    const button = keys[event.key.toLowerCase()] && document.getElementById(keys[event.key.toLowerCase()]);
-    if (button && !button.disabled) { event.preventDefault(); button.click(); }
+    const ranking = document.getElementById("send-ranking")?.offsetParent != null;
+    const id = (ranking ? rankingKeys : pairKeys)[event.key.toLowerCase()];
+    const button = id && document.getElementById(id);
+    if (button && !button.disabled && button.offsetParent != null) { event.preventDefault(); button.click(); }
   });
 }
 """
+# The order box, edited in the page: an answer's number appended (after a space, or straight after "=" to tie),
+# "=" after the last number, the last number (with its "=") taken back.
+PICK_JS = ("(order) => (order.trim() === '' ? '' : order.trimEnd().endsWith('=') ? order.trimEnd() : "
+           "order.trimEnd() + ' ') + '{n}'")
+TIE_JS = "(order) => order.trim() === '' || order.trimEnd().endsWith('=') ? order : order.trimEnd() + '='"
+UNDO_JS = "(order) => order.trimEnd().replace(/[=\\s]*[^=\\s]+$/, '')"
 # Answers scroll inside boxes of fixed height, so the buttons below them stay on screen at 1280x720. One view
 # of each text is shown: rendered markdown, or with body.plain-text the text as it is (!important: Gradio adds a
 # copy of each rule under its container's classes, which would outrank a rule on <body>).
@@ -56,6 +71,7 @@ CSS = """
 .conversation { max-height: 28vh; }
 .turn + .turn { border-top: 1px dashed var(--border-color-primary); margin-top: 0.3em; }
 .speaker { font-size: 0.8em; font-weight: bold; opacity: 0.7; }
+.ranked .answer { height: 22vh; }
 .answer pre, .prompt pre { white-space: pre-wrap; }
 .as-text { display: none; margin: 0; font-family: ui-monospace, monospace; }
 body.plain-text .as-markdown { display: none !important; }
@@ -77,10 +93,7 @@ class LabellingApp:
     def __init__(self, store: Store, config: PreferencesStageConfig, batch: str | None = None,
                  local_user: str | None = None, export_root: Path = Path("runs/exports")):
         self.store, self.local_user, self.export_root = store, local_user, export_root
-        # ranking items (preferences.feedback: ranking) are ranked by simulated labellers only, for now: this app
-        # shows pairs, so its queue never hands one out
-        self.queue = LabelQueue(store, config.overlap, config.gold_rate, batch, config.assignment_timeout,
-                                rankings=False)
+        self.queue = LabelQueue(store, config.overlap, config.gold_rate, batch, config.assignment_timeout)
         self.batch = batch
 
     def user(self, request: gr.Request) -> User:
@@ -99,19 +112,28 @@ class LabellingApp:
 
     def show(self, user: User, message: str = "") -> tuple:
         """Outputs of every labelling event: state, item title, prompt, left, right, progress, message, the
-        strength back at its default (a strength picked for one item must not carry over to the next), and
-        whether the five answer buttons are live (not once the queue is empty)."""
+        strength back at its default (a strength picked for one item must not carry over to the next), whether
+        the five answer buttons are live (not once the queue is empty); then which panel shows (a pair's or a
+        ranking's), the ranking's answer boxes (as many shown as it has answers) and its order box, emptied."""
         item: Item | None = self.queue.next_item(user)
         progress = progress_html(user, self.queue.progress(user))
         if item is None:
             done = "Your queue is empty: every item has its votes. Thank you!"
             return (None, "### Nothing left to label", "", "", "", progress, f"{message} {done}".strip(),
-                    DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS)
+                    DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS,
+                    *self.panels(None))
         state = {"comparison_id": item.comparison_id, "label": self.store.item_label(item.comparison_id),
-                 "shown_at": time.time()}
+                 "shown_at": time.time(), "answers": len(item.answers)}
         return (state, f"### Item {state['label']}", conversation_html(item.prompt),
                 shown_html(item.left), shown_html(item.right), progress, message, DEFAULT_STRENGTH,
-                *[gr.Button(interactive=True)] * ANSWER_BUTTONS)
+                *[gr.Button(interactive=True)] * ANSWER_BUTTONS, *self.panels(item))
+
+    @staticmethod
+    def panels(item: Item | None) -> tuple:
+        answers = item.answers if item else []
+        return (gr.Column(visible=not answers), gr.Column(visible=bool(answers)),
+                *[gr.HTML(shown_html(answers[i]) if i < len(answers) else "", visible=i < len(answers))
+                  for i in range(MAX_K)], "")
 
     def load(self, request: gr.Request):
         user = self.user(request)
@@ -139,6 +161,25 @@ class LabellingApp:
             return self.show(user, f"Saved your vote on item {state['label']}.")
         handler.__name__ = f"vote_{choice}"
         return handler
+
+    def rank(self, order: str, note: str, state: dict | None, request: gr.Request):
+        """The ranking typed or clicked as an order of the answers shown, best first."""
+        user = self.user(request)
+        if not state or not state.get("answers"):
+            return self.show(user, "Nothing was shown to rank; here is your next item.")
+        try:
+            ranks = ranks_from_order(order or "", state["answers"])
+        except ValueError as problem:
+            raise gr.Error(f"{problem}: order every answer, best first, = between tied ones") from None
+        try:
+            self.queue.rank(user, state["comparison_id"], ranks, note or None,
+                            seconds=round(time.time() - state["shown_at"], 2))
+        except (DuplicateVote, ItemGone):
+            return self.show(user, f"Not counted: item {state['label']} is no longer yours to rank (already "
+                                   "ranked, skipped or timed out). Here is your next item.")
+        except StoreError as refused:
+            raise gr.Error(str(refused)) from None
+        return self.show(user, f"Saved your ranking of item {state['label']}.")
 
     def skip(self, state: dict | None, request: gr.Request):
         user = self.user(request)
@@ -241,14 +282,34 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
                 gr.Button("Sign out", link="/logout", elem_id="sign-out", size="sm", scale=0, min_width=100,
                           visible=local_user is None)
             prompt = gr.HTML(label="Prompt", show_label=True, container=True, elem_id="prompt")
-            with gr.Row():
-                left = gr.HTML(label="Response A", show_label=True, container=True, elem_id="response-a")
-                right = gr.HTML(label="Response B", show_label=True, container=True, elem_id="response-b")
-            with gr.Row():
-                buttons = {choice: gr.Button(text, elem_id=elem_id,
-                                             variant="primary" if choice in ("a", "b") else "secondary")
-                           for choice, text, elem_id in BUTTONS}
-                skip = gr.Button("Skip  [s]", elem_id="skip", variant="stop")
+            with gr.Column(elem_id="pair-panel") as pair_panel:
+                with gr.Row():
+                    left = gr.HTML(label="Response A", show_label=True, container=True, elem_id="response-a")
+                    right = gr.HTML(label="Response B", show_label=True, container=True, elem_id="response-b")
+                with gr.Row():
+                    buttons = {choice: gr.Button(text, elem_id=elem_id,
+                                                 variant="primary" if choice in ("a", "b") else "secondary")
+                               for choice, text, elem_id in BUTTONS}
+                    skip = gr.Button("Skip  [s]", elem_id="skip", variant="stop")
+            with gr.Column(visible=False, elem_id="ranking-panel", elem_classes="ranked") as ranking_panel:
+                gr.Markdown("Order the answers, best first: press their numbers (or click their buttons), **=** to "
+                            "tie the next one with the last, **Backspace** to take one back, **Enter** to send.")
+                boxes, picks = [], []
+                for row in range(0, MAX_K, 3):
+                    with gr.Row():
+                        for n in range(row + 1, row + 4):
+                            with gr.Column(min_width=200):
+                                boxes.append(gr.HTML(label=f"Answer {n}", show_label=True, container=True,
+                                                     elem_id=f"answer-{n}", visible=False))
+                                picks.append(gr.Button(f"{n}: next best  [{n}]", elem_id=f"pick-{n}", size="sm"))
+                with gr.Row():
+                    order = gr.Textbox(label="Your order, best first (e.g. 3 1=4 2)", elem_id="ranking-order",
+                                       scale=3)
+                    tie_previous = gr.Button("= tie", elem_id="tie-previous", scale=0, min_width=80)
+                    undo = gr.Button("Take back [Backspace]", elem_id="undo-order", scale=0, min_width=160)
+                    send = gr.Button("Send ranking  [Enter]", elem_id="send-ranking", variant="primary", scale=1)
+                    skip_ranking = gr.Button("Skip  [s]", elem_id="skip-ranking", variant="stop", scale=0,
+                                             min_width=100)
             message = gr.Markdown(elem_id="message")
             with gr.Row():
                 strength = gr.Radio(["clear", "slight"], value=DEFAULT_STRENGTH, elem_id="strength",
@@ -290,7 +351,8 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
 
         # Labelling events are a few milliseconds of database work each: they skip Gradio's queue, whose
         # bookkeeping costs more than the work (bench/label_load.py).
-        shown = [state, title, prompt, left, right, progress, message, strength, *buttons.values(), skip]
+        shown = [state, title, prompt, left, right, progress, message, strength, *buttons.values(), skip,
+                 pair_panel, ranking_panel, *boxes, order]
         app.load(inline(handlers.load), None, [*shown, admin_tab], api_name="load", queue=False)
         app.load(None, js=SHORTCUTS_JS)
         plain_text.change(None, plain_text, None, js=PLAIN_TEXT_JS)
@@ -299,6 +361,15 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
                          api_name=f"vote_{choice}", queue=False).success(lambda: ("", ""), None, [note, written],
                                                                          api_visibility="private", queue=False)
         skip.click(inline(handlers.skip), [state], shown, api_name="skip", queue=False)
+        skip_ranking.click(inline(handlers.skip), [state], shown, api_name="skip_ranking", queue=False)
+        for n, pick in enumerate(picks, start=1):
+            pick.click(None, order, order, js=PICK_JS.replace("{n}", str(n)))
+        tie_previous.click(None, order, order, js=TIE_JS)
+        undo.click(None, order, order, js=UNDO_JS)
+        send.click(inline(handlers.rank), [order, note, state], shown, api_name="rank", queue=False).success(
+            lambda: "", None, note, api_visibility="private", queue=False)
+        order.submit(inline(handlers.rank), [order, note, state], shown, api_visibility="private",
+                     queue=False).success(lambda: "", None, note, api_visibility="private", queue=False)
         gr.Button(visible=False).click(inline(handlers.next_item), None, shown, api_name="next_item", queue=False)
         refresh.click(handlers.admin_stats, None, [summary, batches, labellers], api_name="admin_stats").then(
             handlers.admin_users, None, accounts, api_name="admin_users")

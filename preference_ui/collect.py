@@ -77,13 +77,8 @@ def check_ai_judge(config: PreferencesStageConfig) -> None:
 
 
 def check_feedback(config: PreferencesStageConfig, run: RunConfig) -> None:
-    """Ranking items are ranked by simulated labellers, in one round, so far."""
-    if config.feedback != "ranking":
-        return
-    if not config.simulate_judge:
-        raise ConfigError("preferences.feedback ranking needs simulated labellers (preferences.simulate_judge): the "
-                          "labelling app shows pairwise comparisons only, so far")
-    if run.rounds > 1:
+    """Ranking items are collected in one round, so far."""
+    if config.feedback == "ranking" and run.rounds > 1:
         raise ConfigError(f"preferences.feedback ranking runs one round (run.rounds is {run.rounds}): later rounds "
                           "queue the pairs the reward model is least sure of, and rankings have no such choice yet")
 

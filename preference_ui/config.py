@@ -18,8 +18,7 @@ class PreferencesStageConfig:
     feedback: str = field(default="pairwise", metadata={
         "help": "pairwise: each pair of a prompt's answers is a comparison; ranking: its k answers (k at most 6) "
                 "are one ranking item, which each labeller orders at once (ties allowed), exported as its k choose "
-                "2 pairs weighted as one observation. Ranked by simulated labellers only for now: the labelling app "
-                "shows pairs."})
+                "2 pairs weighted as one observation."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest response, in tokens."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (top_k 0, top_p 1)."})
     batch_size: int = field(default=8, metadata={"help": "Answers generated at once (batched by prompt length)."})

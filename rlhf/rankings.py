@@ -70,3 +70,22 @@ def ranking_agreement(units: list[list[list[int]]]) -> float | None:
     taus = [tau for rankings in units for a, b in itertools.combinations(rankings, 2)
             if (tau := kendall_tau_b(a, b)) is not None]
     return sum(taus) / len(taus) if taus else None
+
+
+def ranks_from_order(order: str, answers: int) -> list[int]:
+    """Ranks of the answers shown 1..`answers` from a labeller's order, best first: their numbers separated by
+    spaces, with `=` between tied ones ("3 1=4 2": the third best, the first and fourth tied next, the second
+    last). Every answer must appear once; else ValueError."""
+    tiers = [[part for part in tier.split("=")] for tier in order.replace(",", " ").split()]
+    ranks = [0] * answers
+    for place, tier in enumerate(tiers, start=1):
+        for number in tier:
+            if not number.isdigit() or not 1 <= int(number) <= answers:
+                raise ValueError(f"'{number}' is not an answer's number (1 to {answers})")
+            if ranks[int(number) - 1]:
+                raise ValueError(f"answer {number} is in the order twice")
+            ranks[int(number) - 1] = place
+    missing = [str(i + 1) for i, rank in enumerate(ranks) if not rank]
+    if missing:
+        raise ValueError(f"the order leaves out answer{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    return ranks

@@ -167,6 +167,48 @@ def test_a_labeller_writes_a_better_answer_with_a_vote_and_the_box_empties_for_t
     assert next(c for c in store.comparisons() if c["id"] == vote.comparison_id)["prompt"][0]["content"] == prompt
 
 
+def test_a_labeller_ranks_four_answers_with_the_keyboard_ties_included(browser, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'labels.db'}"
+    store = Store(db_url)
+    store.add_user("eve", "labeller", "eve-password")
+    prompt = store.add_prompt("r-0", "test", [{"role": "user", "content": "Name a season."}])
+    texts = ["Winter.", "Summer, the warm one.", "Autumn.", "Spring."]
+    item = store.add_ranking_item([store.add_response(prompt, text, "m", {}) for text in texts], batch="b1")
+    pair_prompt = store.add_prompt("p-0", "test", [{"role": "user", "content": "Then a month?"}])
+    store.add_comparison(store.add_response(pair_prompt, "May.", "m", {}),
+                         store.add_response(pair_prompt, "Soup.", "m", {}), batch="b1")
+    server = start_server(db_url, port := free_port(), overlap=1, log=tmp_path / "serve.log")
+    try:
+        page = browser.new_page()
+        sign_in(page, f"http://127.0.0.1:{port}/", "eve", "eve-password")
+        page.wait_for_function("document.querySelector('#answer-1 .as-text')?.textContent.length > 0 || "
+                               "document.querySelector('#response-a .as-text')?.textContent.length > 0")
+        if page.locator("#ranking-panel").is_hidden():  # the pair came first: answer it by key to reach the ranking
+            page.click("#prompt")
+            page.keyboard.press("1")
+            page.wait_for_function("document.querySelector('#answer-1 .as-text')?.textContent.length > 0")
+        assert page.locator("#pair-panel").is_hidden() and page.locator("#answer-5").is_hidden()
+        shown = [page.text_content(f"#answer-{n} .as-text") for n in range(1, 5)]
+        assert sorted(shown) == sorted(texts)
+        # best first: Summer, then Spring tied with Winter, then Autumn; a wrong key taken back on the way
+        number = {text: str(shown.index(text) + 1) for text in texts}
+        page.click("#prompt")
+        for key in (number["Summer, the warm one."], number["Autumn."], "Backspace", number["Spring."], "=",
+                    number["Winter."], number["Autumn."]):
+            page.keyboard.press(key)
+        expected = (f"{number['Summer, the warm one.']} {number['Spring.']}={number['Winter.']} "
+                    f"{number['Autumn.']}")
+        page.wait_for_function(f"document.querySelector('#ranking-order textarea, #ranking-order input').value "
+                               f"=== '{expected}'")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('Saved your ranking')")
+        page.close()
+    finally:
+        stop_server(server)
+    [ranking] = store.rankings()
+    assert ranking.comparison_id == item.id and ranking.ranks == [2, 1, 3, 2]  # in the item's own order of answers
+
+
 LONG = "# A long answer\n\nIt has **bold** words, `code` and a [link](https://example.com).\n\n" + "word " * 4000
 HOSTILE = ('<script>window.__xss = 4</script><img src=x onerror="window.__xss = 5"> [run](javascript:window.__xss=6) '
            '[data](data:text/html,<b>x</b>) ![pixel](https://example.com/p.png) ${window.__xss = 7} '

@@ -31,12 +31,9 @@ def test_ranking_feedback_from_sampling_to_a_trained_reward_model(tmp_path):
     assert fitted["config"]["ranking_loss"] == "plackett_luce" and fitted["metrics"]["train_loss"] > 0
 
 
-def test_ranking_feedback_without_simulated_labellers_or_over_rounds_is_refused_before_anything_is_written(
-        tmp_path, capsys):
+def test_ranking_feedback_over_online_rounds_is_refused_before_anything_is_written(tmp_path, capsys):
     common = ["--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}", "--preferences.model=tiny-llama",
               "--preferences.feedback=ranking"]
-    assert cli(["preferences", *common, "--preferences.simulate_judge="]) == 2
-    assert "needs simulated labellers (preferences.simulate_judge)" in capsys.readouterr().err
     assert cli(["preferences", *common, "--run.rounds=2"]) == 2
     assert "runs one round (run.rounds is 2)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

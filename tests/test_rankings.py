@@ -1,12 +1,14 @@
 """K-wise rankings (rlhf/rankings.py) worked by hand: a ranking to its pairs, the Plackett-Luce loss
 (rlhf/preference_loss.py), Kendall's tau-b and the agreement of several labellers' rankings."""
 import math
+import re
 
 import pytest
 import torch
 
 from rlhf.preference_loss import mean_plackett_luce_loss, plackett_luce_loss, preference_loss
-from rlhf.rankings import check_ranks, kendall_tau_b, pair_weight, ranking_agreement, ranking_pairs
+from rlhf.rankings import (check_ranks, kendall_tau_b, pair_weight, ranking_agreement, ranking_pairs,
+                           ranks_from_order)
 
 
 def test_a_ranking_gives_every_pair_better_first_with_ties_kept_as_ties():
@@ -61,3 +63,13 @@ def test_ranking_agreement_averages_tau_over_every_pair_of_labellers_on_items_ra
     three = [[[1, 2, 3], [1, 2, 3], [3, 2, 1]]]  # pairs: 1, -1, -1
     assert ranking_agreement(three) == pytest.approx(-1 / 3)
     assert ranking_agreement([[[1, 2]]]) is None
+
+
+def test_a_typed_order_best_first_with_ties_becomes_ranks_of_the_answers_as_shown():
+    assert ranks_from_order("3 1=4 2", 4) == [2, 3, 1, 2]
+    assert ranks_from_order(" 2, 1 ", 2) == [2, 1] and ranks_from_order("1=2=3", 3) == [1, 1, 1]
+    for order, message in (("1 2", "leaves out answer 3"), ("1 2 2 3", "answer 2 is in the order twice"),
+                           ("1 2 7", "'7' is not an answer's number (1 to 3)"), ("1 = 2 3", "'' is not"),
+                           ("", "leaves out answers 1, 2, 3")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ranks_from_order(order, 3)
