@@ -7,7 +7,12 @@ Averaging P(a better) over the two orders removes position bias exactly: the pre
 that of (a, b), whatever the model's own leaning towards the first or the second letter. The vote is a or b
 when that average is more than `tie_margin` from one half, else a tie; its strength is clear beyond twice the
 margin from one half, else slight.
+
+A ranking item is ordered the same way: every pair of its answers asked in both orders, each answer scored by its
+summed P(better) against the others (a Borda count in probabilities), ranked by that score, with answers less than
+`tie_margin` apart tied.
 """
+import itertools
 import secrets
 from pathlib import Path
 
@@ -58,18 +63,40 @@ def ai_vote(preference: float, tie_margin: float) -> tuple[str, str | None]:
     return ("a" if lead > 0 else "b"), ("clear" if abs(lead) > 2 * tie_margin else "slight")
 
 
+def ai_ranking(model, tokenizer, constitution: str, prompt: str, answers: list[str], tie_margin: float) -> list[int]:
+    """Ranks of the answers (1 the best): each scored by its summed P(better) against the others, both orders
+    asked for every pair; scores less than `tie_margin` apart tied with the one ranked just above."""
+    wins = [0.0] * len(answers)
+    for i, j in itertools.combinations(range(len(answers)), 2):
+        preference = prefer_a(model, tokenizer, constitution, prompt, answers[i], answers[j])
+        wins[i] += preference
+        wins[j] += 1 - preference
+    order = sorted(range(len(answers)), key=lambda i: -wins[i])
+    ranks, rank = [0] * len(answers), 0
+    for place, answer in enumerate(order):
+        tied = place > 0 and wins[order[place - 1]] - wins[answer] < tie_margin
+        rank = rank if tied else place + 1
+        ranks[answer] = rank
+    return ranks
+
+
 def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CONSTITUTION, batch: str | None = None,
              tie_margin: float = 0.05, overlap: int = 1, gold_rate: float = 0.0, seed: int = 0) -> dict:
-    """The AI labeller takes items from the queue until it has none left for it, and votes on each. Returns the
-    count of each choice (as stored)."""
+    """The AI labeller takes items from the queue until it has none left for it, and votes on (or ranks) each.
+    Returns the count of each choice (as stored), and of rankings where there were any."""
     constitution = Path(constitution_path).read_text()
     model, tokenizer = models.load_causal_lm(model_spec)
     model.eval()
     name = f"ai/{Path(models.resolve(model_spec)).name}"
     user = store.user(name) or store.add_user(name, "labeller", secrets.token_hex(16))
-    queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed, rankings=False)
+    queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed)
     counts = {choice: 0 for choice in VOTE_CHOICES}
     while (item := queue.next_item(user)) is not None:
+        if item.answers:
+            queue.rank(user, item.comparison_id, ai_ranking(model, tokenizer, constitution,
+                                                            item.prompt[-1]["content"], item.answers, tie_margin))
+            counts["ranked"] = counts.get("ranked", 0) + 1
+            continue
         preference = prefer_a(model, tokenizer, constitution, item.prompt[-1]["content"], item.left, item.right)
         choice, strength = ai_vote(preference, tie_margin)
         queue.vote(user, item.comparison_id, choice, strength)

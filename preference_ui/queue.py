@@ -10,8 +10,8 @@
 - An item left open longer than `timeout` goes back to the pool; its labeller will not get it again.
 - A ranking item (2 to 6 answers, rlhf/rankings.py) is handed out like a comparison; each labeller sees its
   answers in their own fixed shuffled order (against position bias, as the side swap does for pairs), and the
-  ranking is stored in the item's own order. A queue made with `rankings=False` (for an AI labeller, which
-  compares two answers) hands out no ranking items.
+  ranking is stored in the item's own order. A queue made with `rankings=False` (for a labeller that only
+  compares pairs) hands out no ranking items.
 """
 import random
 import time

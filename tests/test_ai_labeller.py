@@ -90,3 +90,22 @@ def test_the_preferences_stage_lets_an_ai_labeller_vote_first_beside_simulated_l
     voters = [sorted(by_user[vote.user_id].split("/")[0] for vote in store.votes() if vote.comparison_id == item["id"])
               for item in items]
     assert voters == [["ai", "sim"]] * len(items)  # the AI takes one of the two places, a simulated labeller the other
+
+
+def test_the_ai_labeller_ranks_a_ranking_item_by_summed_preferences(tmp_path, tiny_model_path):
+    from preference_ui.ai_labeller import ai_ranking
+
+    model, tokenizer = models.load_causal_lm(str(tiny_model_path))
+    constitution = open("data/constitution.md").read()
+    answers = ["Blue.", "Grey at dusk.", "Potatoes."]
+    ranks = ai_ranking(model, tokenizer, constitution, PROMPT, answers, tie_margin=0.0)
+    wins = [0.0] * 3
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        preference = prefer_a(model, tokenizer, constitution, PROMPT, answers[i], answers[j])
+        wins[i], wins[j] = wins[i] + preference, wins[j] + 1 - preference
+    assert ranks == [1 + sum(other > wins[i] for other in wins) for i in range(3)]
+    assert ai_ranking(model, tokenizer, constitution, PROMPT, answers, tie_margin=3.0) == [1, 1, 1]
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    prompt = store.add_prompt("r", "chat", [{"role": "user", "content": PROMPT}])
+    store.add_ranking_item([store.add_response(prompt, text, "m", {}) for text in answers], batch="b1")
+    assert ai_label(store, "tiny-llama", batch="b1")["ranked"] == 1 and len(store.rankings()) == 1
