@@ -321,6 +321,9 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
                 written = gr.Textbox(label="The answer you would want to this prompt: it becomes a demonstration "
                                            "for the next SFT run and is preferred to the answer the votes choose",
                                      lines=5, max_length=MAX_WRITTEN_CHARS, elem_id="written")
+                with gr.Row():
+                    edit_a = gr.Button("Start from A (to edit it)", elem_id="edit-a", size="sm")
+                    edit_b = gr.Button("Start from B (to edit it)", elem_id="edit-b", size="sm")
             with gr.Accordion("Guidelines", open=False):
                 gr.Markdown(guidelines_markdown(config.guidelines))
         with gr.Tab("Admin", visible=False) as admin_tab:
@@ -365,6 +368,8 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
         for n, pick in enumerate(picks, start=1):
             pick.click(None, order, order, js=PICK_JS.replace("{n}", str(n)))
         tie_previous.click(None, order, order, js=TIE_JS)
+        for button, side in ((edit_a, "response-a"), (edit_b, "response-b")):  # the answer as stored: its plain view
+            button.click(None, None, written, js=f"() => document.querySelector('#{side} .as-text').textContent")
         undo.click(None, order, order, js=UNDO_JS)
         send.click(inline(handlers.rank), [order, note, state], shown, api_name="rank", queue=False).success(
             lambda: "", None, note, api_visibility="private", queue=False)

@@ -150,6 +150,10 @@ def test_a_labeller_writes_a_better_answer_with_a_vote_and_the_box_empties_for_t
         page.wait_for_function(ITEM_SHOWN)
         prompt = shown(page)["prompt"]
         page.get_by_text("Write a better answer", exact=False).click()
+        page.click("#edit-b")  # an answer shown, to edit: its text as stored
+        right = shown(page)["right"]
+        page.wait_for_function(f"document.querySelector('#written textarea').value === {right!r}")
+        page.fill("#written textarea", "")
         page.click("#written textarea")
         page.keyboard.type("1 + 1 is 2, so: 2")  # the shortcut keys typed here do not vote
         page.wait_for_timeout(500)
