@@ -1,6 +1,7 @@
 """How well does an AI labeller (`rlhf label ai`) agree with the gold items and with simulated labellers?
 
-    python bench/ai_labeller.py [--model smollm2-135m-instruct] [--prompts 48] [--answers-model NAME] [--root DIR]
+    python bench/ai_labeller.py [--model smollm2-135m-instruct] [--prompts 48] [--answers-model NAME]
+                                [--tie-margin 0.05] [--root DIR]
 
 In a fresh label store: the 12 gold comparisons (data/gold_comparisons.jsonl), and two answers from the bundled
 model to each of the first `--prompts` RL prompts (`rlhf label sample`). The AI labeller votes on every item by
@@ -28,6 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the AI labeller's model")
     parser.add_argument("--prompts", type=int, default=48, help="RL prompts answered twice")
     parser.add_argument("--answers-model", default="smollm2-135m-instruct", help="the model that answers them")
+    parser.add_argument("--tie-margin", default="0.05", help="the AI labeller's tie margin (rlhf label ai)")
     parser.add_argument("--root", default="", help="folder for the store (empty: a new temporary folder)")
     return parser.parse_args(argv)
 
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
     rlhf("label", "sample", "--config", "configs/default.yaml", "--db", db, "--preferences.batch=bench",
          f"--preferences.model={args.answers_model}", f"--preferences.num_prompts={args.prompts}",
          "--preferences.responses_per_prompt=2", f"--run.output_root={root}")
-    seconds = rlhf("label", "ai", "--db", db, "--model", args.model, "--overlap", "1", "--gold-rate", "0.2")
+    seconds = rlhf("label", "ai", "--db", db, "--model", args.model, "--overlap", "1", "--gold-rate", "0.2",
+                   "--tie-margin", args.tie_margin)
 
     from rlhf.store import Store
 
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
     gold_accuracy = sum(votes[c["id"]] == c["expected"] for c in gold) / len(gold)
     train = [c for c in comparisons if c["kind"] == "train"]
     lean = position_lean(args.model, train, (REPO / "data" / "constitution.md").read_text())
-    lines = [f"AI labeller {args.model}: {len(votes)} votes in {seconds:.0f} s ({root})",
+    lines = [f"AI labeller {args.model} (tie margin {args.tie_margin}): {len(votes)} votes in {seconds:.0f} s "
+             f"({root})",
              f"  gold accuracy {gold_accuracy:.3f} on {len(gold)} gold items",
              f"  ties {sum(votes[c['id']] == 'tie' for c in train)} of {len(train)} sampled pairs; mean P(first "
              f"answer better) over both orders asked {lean:.3f}"]
