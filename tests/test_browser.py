@@ -104,16 +104,23 @@ def test_a_labeller_signs_in_votes_by_keyboard_and_model_output_stays_inert(brow
     page.close()
 
 
+def store_with_pairs(tmp_path, labeller: str, pairs: list[tuple[str, str, str]]) -> tuple[Store, str]:
+    """A store with one labeller (password `<name>-password`) and a comparison per (question, a, b); its URL."""
+    db_url = f"sqlite:///{tmp_path / 'labels.db'}"
+    store = Store(db_url)
+    store.add_user(labeller, "labeller", f"{labeller}-password")
+    for n, (question, a, b) in enumerate(pairs):
+        prompt = store.add_prompt(f"p-{n}", "test", [{"role": "user", "content": question}])
+        store.add_comparison(store.add_response(prompt, a, "m", {}), store.add_response(prompt, b, "m", {}),
+                             batch="b1")
+    return store, db_url
+
+
 def test_a_strength_belongs_to_one_vote_and_never_to_a_tie(browser, tmp_path):
     """Slight for one item, then a tie with slight still picked, then A untouched: stored slight, none, clear (a
     strength once stuck to every later vote, ties included)."""
-    db_url = f"sqlite:///{tmp_path / 'labels.db'}"
-    store = Store(db_url)
-    store.add_user("cat", "labeller", "cat-password")
-    for n in range(3):
-        prompt = store.add_prompt(f"p-{n}", "test", [{"role": "user", "content": f"Question {n}?"}])
-        store.add_comparison(store.add_response(prompt, f"First answer {n}.", "m", {}),
-                             store.add_response(prompt, f"Second answer {n}.", "m", {}), batch="b1")
+    store, db_url = store_with_pairs(tmp_path, "cat", [(f"Question {n}?", f"First answer {n}.",
+                                                        f"Second answer {n}.") for n in range(3)])
     server = start_server(db_url, port := free_port(), overlap=1, log=tmp_path / "serve.log")
     try:
         page = browser.new_page()
@@ -136,13 +143,8 @@ def test_a_strength_belongs_to_one_vote_and_never_to_a_tie(browser, tmp_path):
 
 
 def test_a_labeller_writes_a_better_answer_with_a_vote_and_the_box_empties_for_the_next_item(browser, tmp_path):
-    db_url = f"sqlite:///{tmp_path / 'labels.db'}"
-    store = Store(db_url)
-    store.add_user("dee", "labeller", "dee-password")
-    for n in range(2):
-        prompt = store.add_prompt(f"w-{n}", "test", [{"role": "user", "content": f"What is {n} + 1?"}])
-        store.add_comparison(store.add_response(prompt, f"It is {n + 7}.", "m", {}),
-                             store.add_response(prompt, "Numbers are fun.", "m", {}), batch="b1")
+    store, db_url = store_with_pairs(tmp_path, "dee", [(f"What is {n} + 1?", f"It is {n + 7}.", "Numbers are fun.")
+                                                       for n in range(2)])
     server = start_server(db_url, port := free_port(), overlap=1, log=tmp_path / "serve.log")
     try:
         page = browser.new_page()
@@ -172,15 +174,10 @@ def test_a_labeller_writes_a_better_answer_with_a_vote_and_the_box_empties_for_t
 
 
 def test_a_labeller_ranks_four_answers_with_the_keyboard_ties_included(browser, tmp_path):
-    db_url = f"sqlite:///{tmp_path / 'labels.db'}"
-    store = Store(db_url)
-    store.add_user("eve", "labeller", "eve-password")
+    store, db_url = store_with_pairs(tmp_path, "eve", [("Then a month?", "May.", "Soup.")])
     prompt = store.add_prompt("r-0", "test", [{"role": "user", "content": "Name a season."}])
     texts = ["Winter.", "Summer, the warm one.", "Autumn.", "Spring."]
     item = store.add_ranking_item([store.add_response(prompt, text, "m", {}) for text in texts], batch="b1")
-    pair_prompt = store.add_prompt("p-0", "test", [{"role": "user", "content": "Then a month?"}])
-    store.add_comparison(store.add_response(pair_prompt, "May.", "m", {}),
-                         store.add_response(pair_prompt, "Soup.", "m", {}), batch="b1")
     server = start_server(db_url, port := free_port(), overlap=1, log=tmp_path / "serve.log")
     try:
         page = browser.new_page()
