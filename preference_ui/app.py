@@ -49,7 +49,11 @@ SHORTCUTS_JS = """
     const ranking = document.getElementById("send-ranking")?.offsetParent != null;
     const id = (ranking ? rankingKeys : pairKeys)[event.key.toLowerCase()];
     const button = id && document.getElementById(id);
-    if (button && !button.disabled && button.offsetParent != null) { event.preventDefault(); button.click(); }
+    if (!button || button.disabled) return;
+    // an answer's number counts only for an answer on screen (a ranking has 2 to 6)
+    if (id.startsWith("pick-") && document.getElementById("answer-" + id.slice(5))?.offsetParent == null) return;
+    event.preventDefault();
+    button.click();
   });
 }
 """
@@ -110,30 +114,36 @@ class LabellingApp:
             raise gr.Error("this is for admins only")
         return user
 
-    def show(self, user: User, message: str = "") -> tuple:
+    def show(self, user: User, message: str = "", before: dict | None = None) -> tuple:
         """Outputs of every labelling event: state, item title, prompt, left, right, progress, message, the
         strength back at its default (a strength picked for one item must not carry over to the next), whether
         the five answer buttons are live (not once the queue is empty); then which panel shows (a pair's or a
-        ranking's), the ranking's answer boxes (as many shown as it has answers) and its order box, emptied."""
+        ranking's), the ranking's answer boxes (as many shown as it has answers), and its order box, the note and
+        the written answer, emptied for the next item. (Emptied here, in the event's own outputs: an event chained
+        after it would hold the buttons, and a key pressed as the next item appears would be lost.) When the item
+        answered (`before`, its state) and the next are both pairs, the panels and the ranking's boxes are left as
+        they are: fewer outputs to apply, so the page is ready for the next key sooner."""
         item: Item | None = self.queue.next_item(user)
         progress = progress_html(user, self.queue.progress(user))
         if item is None:
             done = "Your queue is empty: every item has its votes. Thank you!"
             return (None, "### Nothing left to label", "", "", "", progress, f"{message} {done}".strip(),
                     DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS,
-                    *self.panels(None))
+                    *self.panels(None, before))
         state = {"comparison_id": item.comparison_id, "label": self.store.item_label(item.comparison_id),
                  "shown_at": time.time(), "answers": len(item.answers)}
         return (state, f"### Item {state['label']}", conversation_html(item.prompt),
                 shown_html(item.left), shown_html(item.right), progress, message, DEFAULT_STRENGTH,
-                *[gr.Button(interactive=True)] * ANSWER_BUTTONS, *self.panels(item))
+                *[gr.Button(interactive=True)] * ANSWER_BUTTONS, *self.panels(item, before))
 
     @staticmethod
-    def panels(item: Item | None) -> tuple:
+    def panels(item: Item | None, before: dict | None) -> tuple:
         answers = item.answers if item else []
+        if not answers and before is not None and not before.get("answers"):  # a pair after a pair
+            return (*[gr.skip()] * (2 + MAX_K), "", "", "")
         return (gr.Column(visible=not answers), gr.Column(visible=bool(answers)),
                 *[gr.HTML(shown_html(answers[i]) if i < len(answers) else "", visible=i < len(answers))
-                  for i in range(MAX_K)], "")
+                  for i in range(MAX_K)], "", "", "")
 
     def load(self, request: gr.Request):
         user = self.user(request)
@@ -155,10 +165,10 @@ class LabellingApp:
                                 seconds=round(time.time() - state["shown_at"], 2), written=written or None)
             except (DuplicateVote, ItemGone):
                 return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (already "
-                                       "voted, skipped or timed out). Here is your next item.")
+                                       "voted, skipped or timed out). Here is your next item.", state)
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
                 raise gr.Error(str(refused)) from None
-            return self.show(user, f"Saved your vote on item {state['label']}.")
+            return self.show(user, f"Saved your vote on item {state['label']}.", state)
         handler.__name__ = f"vote_{choice}"
         return handler
 
@@ -176,10 +186,10 @@ class LabellingApp:
                             seconds=round(time.time() - state["shown_at"], 2))
         except (DuplicateVote, ItemGone):
             return self.show(user, f"Not counted: item {state['label']} is no longer yours to rank (already "
-                                   "ranked, skipped or timed out). Here is your next item.")
+                                   "ranked, skipped or timed out). Here is your next item.", state)
         except StoreError as refused:
             raise gr.Error(str(refused)) from None
-        return self.show(user, f"Saved your ranking of item {state['label']}.")
+        return self.show(user, f"Saved your ranking of item {state['label']}.", state)
 
     def skip(self, state: dict | None, request: gr.Request):
         user = self.user(request)
@@ -187,8 +197,8 @@ class LabellingApp:
             try:
                 self.queue.skip(user, state["comparison_id"])
             except (DuplicateVote, ItemGone):
-                return self.show(user, f"Not skipped: item {state['label']} is no longer yours.")
-        return self.show(user, "Skipped; someone else will take that item.")
+                return self.show(user, f"Not skipped: item {state['label']} is no longer yours.", state)
+        return self.show(user, "Skipped; someone else will take that item.", state)
 
     def admin_stats(self, request: gr.Request):
         from preference_ui.stats import batch_rows, labeller_rows, load_labels, summarise
@@ -355,14 +365,13 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
         # Labelling events are a few milliseconds of database work each: they skip Gradio's queue, whose
         # bookkeeping costs more than the work (bench/label_load.py).
         shown = [state, title, prompt, left, right, progress, message, strength, *buttons.values(), skip,
-                 pair_panel, ranking_panel, *boxes, order]
+                 pair_panel, ranking_panel, *boxes, order, note, written]
         app.load(inline(handlers.load), None, [*shown, admin_tab], api_name="load", queue=False)
         app.load(None, js=SHORTCUTS_JS)
         plain_text.change(None, plain_text, None, js=PLAIN_TEXT_JS)
         for choice, button in buttons.items():
             button.click(inline(handlers.answer(choice)), [strength, note, written, state], shown,
-                         api_name=f"vote_{choice}", queue=False).success(lambda: ("", ""), None, [note, written],
-                                                                         api_visibility="private", queue=False)
+                         api_name=f"vote_{choice}", queue=False)
         skip.click(inline(handlers.skip), [state], shown, api_name="skip", queue=False)
         skip_ranking.click(inline(handlers.skip), [state], shown, api_name="skip_ranking", queue=False)
         for n, pick in enumerate(picks, start=1):
@@ -371,10 +380,8 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
         for button, side in ((edit_a, "response-a"), (edit_b, "response-b")):  # the answer as stored: its plain view
             button.click(None, None, written, js=f"() => document.querySelector('#{side} .as-text').textContent")
         undo.click(None, order, order, js=UNDO_JS)
-        send.click(inline(handlers.rank), [order, note, state], shown, api_name="rank", queue=False).success(
-            lambda: "", None, note, api_visibility="private", queue=False)
-        order.submit(inline(handlers.rank), [order, note, state], shown, api_visibility="private",
-                     queue=False).success(lambda: "", None, note, api_visibility="private", queue=False)
+        send.click(inline(handlers.rank), [order, note, state], shown, api_name="rank", queue=False)
+        order.submit(inline(handlers.rank), [order, note, state], shown, api_visibility="private", queue=False)
         gr.Button(visible=False).click(inline(handlers.next_item), None, shown, api_name="next_item", queue=False)
         refresh.click(handlers.admin_stats, None, [summary, batches, labellers], api_name="admin_stats").then(
             handlers.admin_users, None, accounts, api_name="admin_users")
