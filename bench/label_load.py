@@ -46,22 +46,29 @@ def serve_bare(port: int, threads: int) -> None:
         return (f'<div class="answer"><div class="as-markdown"><p>{text}</p></div>'
                 f'<pre class="as-text">{text}</pre></div>')
 
-    def shown(number: int, message: str = ""):
+    def shown(number: int, message: str = "", first: bool = False):
+        # after the first item, a pair after a pair: the ranking panel's outputs are left as they are, as ours
+        panels = ((gr.Column(visible=True), gr.Column(visible=False), *[gr.HTML("", visible=False)] * 6) if first
+                  else [gr.skip()] * 8)
         return ({"item": number}, f"### Item {number}", box(f"Question {number}?"), box(f"good {number}"),
                 box(f"poor {number}"), f"<div>{number} votes</div>", message, "clear",
-                *[gr.Button(interactive=True)] * 5)
+                *[gr.Button(interactive=True)] * 5, *panels, "", "", "")
 
-    def vote(strength, note, state):
+    def vote(strength, note, written, state):
         return shown(state["item"] + 1, f"Saved your vote on item {state['item']}.")
 
     with gr.Blocks() as app:
         state = gr.State(None)
-        strength, note = gr.Radio(["clear", "slight"], value="clear"), gr.Textbox()
+        strength, note, written = gr.Radio(["clear", "slight"], value="clear"), gr.Textbox(), gr.Textbox()
+        with gr.Column() as pairs:
+            gr.Markdown()
+        with gr.Column(visible=False) as ranking:
+            boxes = [gr.HTML(visible=False) for _ in range(6)]
         outputs = [state, gr.Markdown(), gr.HTML(), gr.HTML(), gr.HTML(), gr.HTML(), gr.Markdown(), strength,
-                   *[gr.Button() for _ in range(5)]]
-        gr.Button().click(lambda: shown(0), None, outputs, api_name="next_item", queue=False)
+                   *[gr.Button() for _ in range(5)], pairs, ranking, *boxes, gr.Textbox(), note, written]
+        gr.Button().click(lambda: shown(0, first=True), None, outputs, api_name="next_item", queue=False)
         for name in ("vote_a", "vote_b"):
-            gr.Button().click(vote, [strength, note, state], outputs, api_name=name, queue=False)
+            gr.Button().click(vote, [strength, note, written, state], outputs, api_name=name, queue=False)
     app.queue().launch(server_name="127.0.0.1", server_port=port, auth=lambda name, password: password == PASSWORD,
                        quiet=True, max_threads=threads)
 
