@@ -271,13 +271,11 @@ def run_label(args, rest) -> int:
 def check_ai_labeller(args) -> None:
     """The AI labeller's constitution and model exist, and its tie margin is a probability gap: checked before the
     store opens."""
-    from rlhf import models
+    from preference_ui.ai_labeller import check_ai_inputs
 
-    if not Path(args.constitution).is_file():
-        raise UserError(f"no constitution at {args.constitution}: --constitution names a text file of principles")
     if not 0 <= args.tie_margin < 0.5:
         raise UserError(f"--tie-margin is a gap in probability from one half: 0 to below 0.5, got {args.tie_margin}")
-    models.resolve(args.model)
+    check_ai_inputs(args.model, args.constitution)
 
 
 def label_store_url(args) -> str:

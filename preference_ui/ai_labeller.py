@@ -20,6 +20,8 @@ import torch
 
 from preference_ui.queue import LabelQueue, unswap
 from rlhf import models
+from rlhf.errors import MissingInputError
+from rlhf.rankings import ranks_in_order
 from rlhf.schema import VOTE_CHOICES
 from rlhf.store import Store
 
@@ -71,13 +73,15 @@ def ai_ranking(model, tokenizer, constitution: str, prompt: str, answers: list[s
         preference = prefer_a(model, tokenizer, constitution, prompt, answers[i], answers[j])
         wins[i] += preference
         wins[j] += 1 - preference
-    order = sorted(range(len(answers)), key=lambda i: -wins[i])
-    ranks, rank = [0] * len(answers), 0
-    for place, answer in enumerate(order):
-        tied = place > 0 and wins[order[place - 1]] - wins[answer] < tie_margin
-        rank = rank if tied else place + 1
-        ranks[answer] = rank
-    return ranks
+    return ranks_in_order(sorted(range(len(answers)), key=lambda i: -wins[i]), wins, tie_margin)
+
+
+def check_ai_inputs(model_spec: str, constitution_path: str) -> None:
+    """The constitution and the model are there: checked before anything is written."""
+    if not Path(constitution_path).is_file():
+        raise MissingInputError(f"no constitution at {constitution_path}: the AI labeller needs a text file of "
+                                "principles (--constitution, preferences.ai_constitution)")
+    models.resolve(model_spec)
 
 
 def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CONSTITUTION, batch: str | None = None,

@@ -18,18 +18,16 @@ are drawn per labeller and comparison and the queue hands out only what is left,
 """
 import dataclasses
 import time
-from pathlib import Path
 
 from preference_ui import sample
-from preference_ui.ai_labeller import ai_label
+from preference_ui.ai_labeller import ai_label, check_ai_inputs
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.gold import import_gold
 from preference_ui.simulate import LabellerModel, simulate, voting_judge
 from preference_ui.stats import stats
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
-from rlhf import models
-from rlhf.errors import ConfigError, DataError, MissingInputError
+from rlhf.errors import ConfigError, DataError
 from rlhf.label_export import export
 from rlhf.runs import hash_config
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
@@ -65,15 +63,8 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
     if config.simulate_judge:
         voting_judge(config.simulate_judge)
     if config.ai_judge:
-        check_ai_judge(config)
+        check_ai_inputs(config.ai_judge, config.ai_constitution)
     return prompts, gold
-
-
-def check_ai_judge(config: PreferencesStageConfig) -> None:
-    if not Path(config.ai_constitution).is_file():
-        raise MissingInputError(f"no constitution at {config.ai_constitution}: preferences.ai_constitution names a "
-                                "text file of principles")
-    models.resolve(config.ai_judge)
 
 
 def check_feedback(config: PreferencesStageConfig, run: RunConfig) -> None:

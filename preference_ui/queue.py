@@ -10,8 +10,7 @@
 - An item left open longer than `timeout` goes back to the pool; its labeller will not get it again.
 - A ranking item (2 to 6 answers, rlhf/rankings.py) is handed out like a comparison; each labeller sees its
   answers in their own fixed shuffled order (against position bias, as the side swap does for pairs), and the
-  ranking is stored in the item's own order. A queue made with `rankings=False` (for a labeller that only
-  compares pairs) hands out no ranking items.
+  ranking is stored in the item's own order.
 """
 import random
 import time
@@ -77,12 +76,10 @@ class Statements:
     Slot counts and "seen by this labeller" are correlated subqueries on the assignments' unique indexes, so a
     query reads the rows of the comparisons it looks at and not the whole assignments table."""
 
-    def __init__(self, overlap: int, batch: str | None, rankings: bool = True):
+    def __init__(self, overlap: int, batch: str | None):
         user_id = bindparam("labeller")  # `:start`: see LabelQueue.starts
         # this queue's comparisons: its batch (every batch if none) and, always, the gold items
         in_scope = true() if batch is None else or_(Comparison.batch == batch, Comparison.kind == "gold")
-        if not rankings:
-            in_scope = and_(in_scope, ~exists().where(ComparisonAnswer.comparison_id == Comparison.id))
         seen = exists().where(Assignment.comparison_id == Comparison.id, Assignment.user_id == user_id)
         taken = (select(func.count()).where(Assignment.comparison_id == Comparison.id, Assignment.slot.is_not(None))
                  .correlate(Comparison).scalar_subquery())
@@ -144,12 +141,12 @@ class Held:
 
 class LabelQueue:
     def __init__(self, store: Store, overlap: int = 3, gold_rate: float = 0.1, batch: str | None = None,
-                 timeout_minutes: float = 30.0, seed: int | None = None, rankings: bool = True):
+                 timeout_minutes: float = 30.0, seed: int | None = None):
         self.store, self.overlap, self.gold_rate = store, overlap, gold_rate
         self.timeout = timedelta(minutes=timeout_minutes)
         self.rng = random.Random(seed)
         self.last_release = float("-inf")
-        self.sql = Statements(overlap, batch, rankings)
+        self.sql = Statements(overlap, batch)
         # Per labeller, the lowest comparison id that may still be open to them: everything older was full or
         # theirs when last looked at, and stays so until a slot is released (skip, expiry), which resets this.
         # It spares each query from re-reading the finished front of the queue.

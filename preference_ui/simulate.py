@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from rlhf.errors import UserError
 from rlhf.judges import load_judge
+from rlhf.rankings import ranks_in_order
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
 from preference_ui.queue import LabelQueue, unswap
 from rlhf.store import Store
@@ -65,12 +66,7 @@ def decide_ranking(scores: list[float], model: LabellerModel, rng: random.Random
         keys = [score / model.temperature - math.log(-math.log(rng.random() or 1e-300)) if model.temperature > 0
                 else score for score in scores]
         order = sorted(range(len(scores)), key=lambda i: -keys[i])
-    ranks, rank = [0] * len(scores), 0
-    for place, answer in enumerate(order):
-        tied = place > 0 and abs(scores[answer] - scores[order[place - 1]]) < max(model.tie_margin, 1e-12)
-        rank = rank if tied else place + 1
-        ranks[answer] = rank
-    return ranks
+    return ranks_in_order(order, scores, model.tie_margin)
 
 
 def voting_judge(spec: str):

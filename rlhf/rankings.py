@@ -43,6 +43,17 @@ def ranking_pairs(ranks: list[int]) -> list[tuple[int, int, bool]]:
     return pairs
 
 
+def ranks_in_order(order: list[int], scores: list[float], tie_margin: float) -> list[int]:
+    """Ranks (1 the best) of answers placed in `order`, best first: an answer whose score is within `tie_margin` of
+    the one placed just before it shares that one's rank (equal scores always do)."""
+    ranks, rank = [0] * len(order), 0
+    for place, answer in enumerate(order):
+        tied = place > 0 and abs(scores[answer] - scores[order[place - 1]]) < max(tie_margin, 1e-12)
+        rank = rank if tied else place + 1
+        ranks[answer] = rank
+    return ranks
+
+
 def pair_weight(answers: int) -> float:
     """The weight of each pair of a ranking of `answers` answers: together its pairs count as one observation."""
     return 1.0 / (answers * (answers - 1) // 2)

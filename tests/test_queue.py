@@ -258,14 +258,3 @@ def test_a_ranking_item_takes_no_vote_and_a_bad_ranking_changes_nothing(store_ur
     assert store.rankings() == [] and queue.next_item(ann).comparison_id == item.id  # still open for a real one
     queue.rank(ann, item.id, [2, 1, 2])
     assert len(store.rankings()) == 1
-
-
-def test_a_queue_without_rankings_hands_out_only_the_pairwise_comparisons(store_url):
-    store = Store(store_url)
-    add_ranking_items(store, 2)
-    [pair] = add_comparisons(store, 1)
-    queue = LabelQueue(store, overlap=1, gold_rate=0.0, seed=0, rankings=False)
-    [ann] = labellers(store, 1)
-    assert queue.next_item(ann).comparison_id == pair.id and queue.progress(ann)["remaining"] == 1
-    queue.vote(ann, pair.id, "a")
-    assert queue.next_item(ann) is None
