@@ -24,6 +24,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from rlhf.preference_loss import plackett_luce_loss, preference_loss
+from rlhf.rankings import ranks_in_order
 from rlhf.reward_model import pooled_rewards
 
 
@@ -157,7 +158,8 @@ def consensus_ranks(answers: list[int], pairs: list[tuple[int, int, bool]]) -> l
     for better, worse, tied in pairs:
         wins[better] += 0.5 if tied else 1.0
         wins[worse] += 0.5 if tied else 0.0
-    return [1 + sum(other > wins[answer] for other in wins.values()) for answer in answers]
+    scores = [wins[answer] for answer in answers]
+    return ranks_in_order(sorted(range(len(answers)), key=lambda i: -scores[i]), scores, 0.0)
 
 
 def pairs_and_rankings_loss(rows: torch.Tensor, chosen_row: torch.Tensor, rejected_row: torch.Tensor,
