@@ -40,14 +40,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul in `dtype`, the median of `repeats` after a warm-up."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of a square matmul in `dtype` on `device`, the median of `repeats` after a warm-up."""
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     a @ b
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 2 * size ** 3 / statistics.median(times)
 

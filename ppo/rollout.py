@@ -1,16 +1,17 @@
 """Step 1 of a PPO update: answer a batch of prompts with the policy.
 
 Prompts are left-padded so every row's last prompt token sits at the same position, sampling runs with the KV
-cache at `temperature` (top_k 0, top_p 1), and each response is cut after its first stop token (docs/ppo.md,
-steps 1-2). The sampling log-probs come straight from the logits generation saw, divided by the temperature:
-they are the "old" log-probs of the first PPO epoch without another forward pass.
+cache at `temperature` (top_k 0, top_p 1) through our decoding loop (rlhf/decoding.py), and each response ends
+with its first stop token (docs/ppo.md, steps 1-2). The sampling log-probs come straight from the logits the
+sampler saw, divided by the temperature: they are the "old" log-probs of the first PPO epoch without another
+forward pass.
 """
-import copy
 from dataclasses import dataclass
 
 import torch
 
-from ppo.core import logprobs_from_logits, response_mask
+from ppo.core import response_mask
+from rlhf.decoding import decode
 
 
 @dataclass
@@ -39,22 +40,13 @@ def encode_prompts(tokenizer, prompts: list[list[dict]]) -> tuple[torch.Tensor, 
 def generate(policy, tokenizer, prompts: list[list[dict]], response_length: int, temperature: float) -> Rollout:
     query_ids, query_mask = encode_prompts(tokenizer, prompts)
     device = next(policy.parameters()).device
+    query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     was_training = policy.training
     policy.eval()
-    # No stop token during generation: every row runs the full length, so the logits line up with the tokens
-    # and nothing alters the sampling distribution; the stop token is found afterwards, by position.
-    sampling = copy.deepcopy(policy.generation_config)
-    sampling.update(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                    eos_token_id=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                    return_dict_in_generate=True)
     try:
-        output = policy.generate(input_ids=query_ids.to(device), attention_mask=query_mask.to(device),
-                                 generation_config=sampling)
+        decoded = decode(policy, query_ids, query_mask, response_length, tokenizer.eos_token_id,
+                         tokenizer.pad_token_id, temperature=temperature)
     finally:
         policy.train(was_training)
-    response_ids = output.sequences[:, query_ids.shape[1]:]
-    logits = torch.stack(output.logits, dim=1)
-    mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
-    logprobs = logprobs_from_logits(logits, response_ids, temperature) * mask
-    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
-    return Rollout(query_ids.to(device), query_mask.to(device), response_ids, mask, ended, logprobs)
+    mask, ended = response_mask(decoded.tokens, tokenizer.eos_token_id)
+    return Rollout(query_ids, query_mask, decoded.tokens, mask, ended, decoded.logprobs * mask)

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from rlhf.decoding import decode
+
 
 @dataclass
 class Answer:
@@ -18,24 +20,25 @@ def answer_prompts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     """Answers each conversation in `prompts` (lists of messages ending with the user), in their order. Prompts
     are batched by token length, longest first: every row of a batch is left-padded to the batch's longest
     prompt and each pad token costs a full prefill position, so batching like with like saves most of that
-    (in random batches of 64 our prompts were padded to 2.5 times their length). `progress`: a bar's title."""
+    (in random batches of 64 our prompts were padded to 2.5 times their length). Decoded by our loop
+    (rlhf/decoding.py): k copies of one prompt share a prefill, finished rows leave the batch. `progress`: a bar's
+    title."""
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     encoded = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample \
-        else {"do_sample": False}
     answers: list[Answer | None] = [None] * len(prompts)
     try:
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc=progress, unit="batch", disable=not progress):
             rows = order[start:start + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(model.device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    **sampling)
-            for i, row in zip(rows, output[:, batch["input_ids"].shape[1]:]):
+            decoded = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, temperature if do_sample else 1.0,
+                             greedy=not do_sample)
+            for i, row in zip(rows, decoded.tokens):
                 answers[i] = cut_at_stop(row.tolist(), tokenizer)
     finally:
         tokenizer.padding_side = side

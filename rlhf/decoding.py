@@ -1,0 +1,125 @@
+"""Our decoding loop, the fast rollout path: left-padded prompts in, sampled (or greedy) answers and their exact
+log-probabilities out. Measured against `generate` on this CPU (bench/rollout.py, docs/benchmarks.md), it saves:
+
+- the prompt's prefill once per distinct prompt: k answers to one prompt share one prefill, copied k times;
+- a static KV cache written in place (a growing cache concatenates every layer's keys and values at every step,
+  which cost a third of a decoding step here);
+- sampling by inverse CDF from the fp32 softmax (torch.multinomial draws an exponential per vocabulary entry,
+  50 ms a step for 64 rows of a 49k vocabulary, against 5 ms);
+- finished rows: a row that emitted its stop token leaves the batch (its cache rows dropped when a few have
+  finished), instead of decoding padding until the longest answer ends.
+
+Nothing changes what is sampled: each token is drawn from softmax(logits / temperature) of the logits its row's
+forward pass gave, and its log-probability is read from the same fp32 log-softmax, so it equals a recomputation
+at that temperature (tests/test_decoding.py checks tokens against `generate` under greedy decoding, sampling
+frequencies against the tempered softmax, and log-probs against a full forward).
+"""
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import StaticCache
+
+# Finished rows leave the cache once the running rows fall to this share of the cache's rows: dropping them copies
+# the whole cache, so it is done in a few large steps rather than at every finished row.
+COMPACT_BELOW = 0.875
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor    # [rows, max_new_tokens]: each answer, then `pad_id` after its stop token
+    logprobs: torch.Tensor  # [rows, max_new_tokens] fp32: log p(token) under softmax(logits / T); 0 after the stop
+    ended: torch.Tensor     # [rows] bool: the answer emitted its stop token
+    forward_rows: int       # rows summed over the decoding steps' forward passes (what finished rows saved)
+
+
+@torch.no_grad()
+def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, stop_id: int | None,
+           pad_id: int, temperature: float = 1.0, greedy: bool = False,
+           generator: torch.Generator | None = None) -> Decoded:
+    """Answers each left-padded prompt row of `query_ids` (mask 1 on real tokens) with up to `max_new_tokens`
+    tokens, stopping a row at `stop_id` (None: every row runs the full length). Sampled at `temperature`, or the
+    most likely token when `greedy`. The model stays in its mode: callers put it in eval mode."""
+    device = query_ids.device
+    rows, prompt_length = query_ids.shape
+    distinct, copy_of = distinct_rows(query_ids, query_mask)
+    positions = (query_mask.cumsum(-1) - 1).clamp_min(0)
+    cache = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
+    logits = forward(model, cache, query_ids[distinct], query_mask[distinct], positions[distinct])
+    if len(distinct) < rows:
+        select_cache_rows(cache, copy_of)
+        logits = logits[copy_of]
+    attention = torch.zeros(rows, prompt_length + max_new_tokens, dtype=query_mask.dtype, device=device)
+    attention[:, :prompt_length] = query_mask
+    last_position = positions[:, -1]
+    tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, max_new_tokens, device=device)
+    ended = torch.zeros(rows, dtype=torch.bool, device=device)
+    running = torch.arange(rows, device=device)  # the batch row of each cache row
+    in_cache = torch.ones(rows, dtype=torch.bool, device=device)  # cache rows still decoding
+    forward_rows = 0
+    for step in range(max_new_tokens):
+        logp = F.log_softmax(logits.float() / temperature, dim=-1)
+        chosen = logp.argmax(-1) if greedy else inverse_cdf_sample(logp, generator)
+        live = running[in_cache]
+        tokens[live, step] = chosen[in_cache]
+        logprobs[live, step] = logp.gather(-1, chosen[:, None]).squeeze(-1)[in_cache]
+        if stop_id is not None:
+            stopped = in_cache & (chosen == stop_id)
+            ended[running[stopped]] = True
+            in_cache &= ~stopped
+        if step == max_new_tokens - 1 or not in_cache.any():
+            break
+        if in_cache.sum() <= COMPACT_BELOW * len(in_cache):
+            keep = in_cache.nonzero().squeeze(-1)
+            select_cache_rows(cache, keep)
+            running, chosen, last_position = running[keep], chosen[keep], last_position[keep]
+            in_cache = in_cache[keep]
+        attention[running, prompt_length + step] = 1
+        last_position = last_position + 1
+        logits = forward(model, cache, chosen[:, None], attention[running], last_position[:, None])
+        forward_rows += len(running)
+    return Decoded(tokens, logprobs, ended, forward_rows)
+
+
+def inverse_cdf_sample(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from probabilities exp(logp): the first index whose running sum exceeds u * total, u
+    uniform in [0, 1). A token of probability 0 adds nothing to the sum, so it is never the first to exceed."""
+    cdf = logp.exp().cumsum(-1)
+    u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+
+def distinct_rows(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first row of each distinct prompt, for each row the index of its prompt among those): k answers to one
+    prompt need one prefill."""
+    first: dict[tuple, int] = {}
+    copy_of = []
+    for ids, mask in zip(query_ids.tolist(), query_mask.tolist()):
+        key = tuple(i for i, m in zip(ids, mask) if m)
+        copy_of.append(first.setdefault(key, len(first)))
+    firsts = [copy_of.index(k) for k in range(len(first))]
+    device = query_ids.device
+    return torch.tensor(firsts, device=device), torch.tensor(copy_of, device=device)
+
+
+def select_cache_rows(cache: StaticCache, rows: torch.Tensor) -> None:
+    """Keeps (or repeats) the cache's batch rows `rows`, in that order, in every layer."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+        layer.batch_size = len(rows)
+
+
+def forward(model, cache: StaticCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The next-token logits of each row, the cache extended by `ids`."""
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   **{cache_argument(model): cache})
+    return output.logits[:, -1]
+
+
+def cache_argument(model) -> str:
+    """transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
