@@ -37,7 +37,8 @@ def encode_prompts(tokenizer, prompts: list[list[dict]]) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def generate(policy, tokenizer, prompts: list[list[dict]], response_length: int, temperature: float) -> Rollout:
+def generate(policy, tokenizer, prompts: list[list[dict]], response_length: int, temperature: float,
+             row_seeds: list[int] | None = None) -> Rollout:
     query_ids, query_mask = encode_prompts(tokenizer, prompts)
     device = next(policy.parameters()).device
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
@@ -45,7 +46,7 @@ def generate(policy, tokenizer, prompts: list[list[dict]], response_length: int,
     policy.eval()
     try:
         decoded = decode(policy, query_ids, query_mask, response_length, tokenizer.eos_token_id,
-                         tokenizer.pad_token_id, temperature=temperature)
+                         tokenizer.pad_token_id, temperature=temperature, row_seeds=row_seeds)
     finally:
         policy.train(was_training)
     mask, ended = response_mask(decoded.tokens, tokenizer.eos_token_id)

@@ -24,6 +24,7 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
     eval_before: dict = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)
+    seed: int = 0  # the round's seed, for the answers' sampling seeds (set at the start, not checkpointed)
 
     def state_dict(self) -> dict:
         return {"update": self.update, "order": list(self.order), "history": self.history,
@@ -37,14 +38,17 @@ class LoopState:
         self.kl_control.load_state_dict(state["kl_control"])
 
 
-def save_checkpoint(accelerator, partial: Path, state: LoopState) -> Path:
-    """Writes checkpoint-<update> (all processes take part) and keeps the newest KEEP_CHECKPOINTS."""
+def save_checkpoint(accelerator, partial: Path, state: LoopState, shards=None) -> Path:
+    """Writes checkpoint-<update> (all processes take part) and keeps the newest KEEP_CHECKPOINTS. `shards(folder)`
+    writes what accelerate's state leaves out: under FSDP, the models' and optimiser's shards (ppo/sharding.py)."""
     final = partial / f"checkpoint-{state.update}"
     staging = partial / f"checkpoint-{state.update}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    if shards:
+        shards(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # trainer_state.json marks a finished checkpoint, as transformers' checkpoints do (rlhf.stage)

@@ -17,8 +17,8 @@ prompts (greedy), scored by the reward model (or reward function) and the judge:
 the KL reached, with an alert when the proxy rises while the gold falls (over-optimisation).
 
 Under `accelerate launch` or `torchrun` each process answers its own share of every batch; metrics are gathered
-over all episodes and gradients averaged by DDP, so N processes train like one with the same batch_size.
-Advantages are whitened per process, as TRL's PPO did.
+over all episodes and gradients averaged by DDP, or by FSDP2 with the models sharded (ppo/sharding.py), so N
+processes train like one with the same batch_size. Advantages are whitened per process, as TRL's PPO did.
 """
 import copy
 import dataclasses
@@ -37,6 +37,8 @@ from ppo.config import PPOStageConfig
 from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores
 from ppo.health import health_alerts, overoptimisation_alert
 from ppo.rollout import generate
+from ppo.sharding import (every_process_loads, fsdp_version, full_parameters, full_state_dict, is_sharded,
+                          layer_classes, load_shards, save_shards, shard)
 from ppo.state import LoopState, save_checkpoint
 from ppo.update import Critic, make_experience, ppo_epochs, recomputed_logprobs, reference_logprobs
 from rlhf import models
@@ -139,11 +141,11 @@ def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> Check
                          check_references(rows, config.prompts, config.reward_function), eval_references)
 
 
-def unsupported_distribution(distributed_type: DistributedType) -> str | None:
-    """Why PPO cannot run under this kind of distribution (None: it can). Generation needs every parameter of
-    the policy on every process, and one optimiser spans policy and critic: plain data parallelism only."""
-    if distributed_type == DistributedType.FSDP:
-        return "FSDP shards the parameters, and generation would need them all gathered on every process"
+def unsupported_distribution(distributed_type: DistributedType, use_peft: bool = False) -> str | None:
+    """Why PPO cannot run under this kind of distribution (None: it can). DDP and FSDP2 (ppo/sharding.py) run;
+    DeepSpeed engines hold one model each, while one optimiser spans policy and critic."""
+    if distributed_type == DistributedType.FSDP and use_peft:
+        return "LoRA adapters are not sharded here: run LoRA under DDP, or full fine-tuning under FSDP"
     if distributed_type == DistributedType.DEEPSPEED:
         return ("DeepSpeed engines hold one model each, while PPO's optimiser spans the policy and the critic (and "
                 "ZeRO-3 shards the parameters generation needs)")
@@ -153,10 +155,14 @@ def unsupported_distribution(distributed_type: DistributedType) -> str | None:
 def make_accelerator(config: PPOStageConfig) -> Accelerator:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(config.hardware.dtype, "no")
     accelerator = Accelerator(cpu=config.hardware.device == "cpu", mixed_precision=precision)
-    why = unsupported_distribution(accelerator.distributed_type)
+    distribution = DistributedType.FSDP if is_sharded(accelerator) else accelerator.distributed_type
+    why = unsupported_distribution(distribution, config.use_peft)
     if why:
-        raise ConfigError(f"ppo does not run under {accelerator.distributed_type.value}: {why}. Launch PPO with "
-                          "configs/accelerate/ddp.yaml (or torchrun); the other stages can use any config")
+        raise ConfigError(f"ppo does not run under {distribution.value}: {why}. Launch PPO with "
+                          "configs/accelerate/ddp.yaml or fsdp.yaml (or torchrun); the other stages can use any config")
+    if is_sharded(accelerator) and fsdp_version(accelerator) != 2:
+        raise ConfigError("ppo shards with FSDP 2 (fully_shard): set fsdp_version: 2 in the accelerate config, as "
+                          "configs/accelerate/fsdp.yaml does")
     share, remainder = divmod(config.batch_size, accelerator.num_processes)
     if remainder or share % (config.num_mini_batches * config.gradient_accumulation_steps) or share % config.group_size:
         raise ConfigError(f"ppo.batch_size {config.batch_size} must split evenly over {accelerator.num_processes} "
@@ -207,9 +213,12 @@ def load_critic(config: PPOStageConfig, found: dict) -> Critic:
     return Critic(classifier, scale["mean"], scale["std"]) if scale else Critic(classifier)
 
 
-def save_critic(critic: Critic, folder: Path) -> None:
-    """The critic beside the policy (`critic/`), so a later online round continues both."""
-    critic.classifier.save_pretrained(str(folder))
+def save_critic(critic: Critic, folder: Path, weights: dict | None = None) -> None:
+    """The critic beside the policy (`critic/`), so a later online round continues both. `weights`: the critic's
+    full state dict under FSDP (its keys start with `classifier.`)."""
+    if weights is not None:
+        weights = {key.removeprefix("classifier."): value for key, value in weights.items()}
+    critic.classifier.save_pretrained(str(folder), state_dict=weights)
     atomic_write_json(folder / CRITIC_SCALE, {"mean": critic.mean, "std": critic.std})
 
 
@@ -221,22 +230,29 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     accelerator.wait_for_everyone()
     checkpoint = last_complete_checkpoint(partial) if config.resume else None
     seed = round_seed(config.seed, run.round)
-    set_seed(seed + accelerator.process_index)  # each process samples its own responses
+    set_seed(seed + accelerator.process_index)  # answers draw from their own seeds (one_update), not from these
 
-    policy, tokenizer, reference, critic = build_models(config, found)
-    if reference is not None:
+    sharded = is_sharded(accelerator)
+    with every_process_loads():
+        policy, tokenizer, reference, critic = build_models(config, found)
+    if sharded:
+        policy, reference, critic = (model and shard(model.to(accelerator.device), layer_classes(model), accelerator)
+                                     for model in (policy, reference, critic))
+    elif reference is not None:
         reference.to(accelerator.device)
     scorer = Scorer(config, found.get("reward_model"), accelerator.device)
     eval_prompts, judge = checked.eval_prompts, checked.judge
     trained = [model for model in (policy, critic) if model is not None]
     trainable = [p for model in trained for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, fused=True)  # one pass over memory
-    *trained, optimizer = accelerator.prepare(*trained, optimizer)
-    policy, critic = trained[0], (trained[1] if critic is not None else None)
+    # fused: one pass over memory (not over sharded parameters)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, fused=not sharded)
+    if not sharded:
+        *trained, optimizer = accelerator.prepare(*trained, optimizer)
+        policy, critic = trained[0], (trained[1] if critic is not None else None)
     kl_control = (AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon) if config.target_kl
                   else FixedKLController(config.kl_coef))
     # the shuffling generator is seeded alike everywhere: every process sees the same prompt order
-    state = LoopState(torch.Generator().manual_seed(seed), kl_control)
+    state = LoopState(torch.Generator().manual_seed(seed), kl_control, seed=seed)
     accelerator.register_for_checkpointing(state)
     if accelerator.is_main_process:
         print(f"[{STAGE}] {config.algorithm}: {config.num_updates} updates of {config.batch_size} episodes"
@@ -246,6 +262,8 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
 
     if checkpoint:
         accelerator.load_state(checkpoint)
+        if sharded:
+            load_shards(Path(checkpoint), policy, critic, optimizer)
     else:
         state.eval_before = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
         record_eval(state, state.eval_before)
@@ -266,13 +284,14 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         if alerts:
             warn(tracker, state.update, alerts, accelerator.is_main_process)
         if alerts and config.stop_on_alert:
-            save_checkpoint(accelerator, partial, state)
+            save_checkpoint(accelerator, partial, state, shards(sharded, policy, critic, optimizer))
             raise StoppedOnAlert(f"ppo stopped at update {state.update} (--ppo.stop_on_alert): {alerts[0]}; "
                                  f"the checkpoint in {partial} can be inspected or resumed with --ppo.resume")
         if state.update % config.save_steps == 0 and state.update < config.num_updates:
-            save_checkpoint(accelerator, partial, state)
+            save_checkpoint(accelerator, partial, state, shards(sharded, policy, critic, optimizer))
 
-    check_in_sync(accelerator, *[model for model in (policy, critic) if model is not None])
+    if not sharded:  # sharded parameters are one copy by construction
+        check_in_sync(accelerator, *[model for model in (policy, critic) if model is not None])
     eval_after = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
     tracker.log(eval_after, step=state.update)
     overoptimised = record_eval(state, eval_after)
@@ -284,12 +303,15 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
             + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")
             + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})")
     returned = {"history": state.history, "evals": state.evals, **summary}
+    # under FSDP every process takes part in gathering the full weights; the main process writes them
+    policy_weights, critic_weights = (full_state_dict(model) if sharded and model is not None else None
+                                      for model in (policy, critic))
     if not accelerator.is_main_process:
         return Outcome(summary, None, partial, time.time() - started, line, returned=returned)
     staged = partial / "final"
-    save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft)
+    save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft, policy_weights)
     if critic is not None:
-        save_critic(accelerator.unwrap_model(critic), staged / CRITIC)
+        save_critic(accelerator.unwrap_model(critic), staged / CRITIC, critic_weights)
     atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
     atomic_write_json(staged / "evals.json", state.evals)  # proxy and gold at each eval point, for the report
     return Outcome(summary, staged, partial, time.time() - started, line, returned=returned)
@@ -310,10 +332,13 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     local_prompts = [prompts[i] for i in local]
     local_references = [checked.references[i] for i in local] if checked.references else None
     unwrapped = accelerator.unwrap_model(policy)
-    # 2. rollout
+    # 2. rollout; each answer drawn with its own seed (round, update, row in the global batch), so the rollouts do
+    # not depend on how many processes share the batch
     clock = time.perf_counter()
-    with accelerator.autocast():
-        rollout = generate(unwrapped, tokenizer, local_prompts, config.response_length, config.temperature)
+    first_row = accelerator.process_index * share
+    seeds = [row_seed(state.seed, state.update, first_row + row) for row in range(len(local_prompts))]
+    with accelerator.autocast(), full_parameters(unwrapped):
+        rollout = generate(unwrapped, tokenizer, local_prompts, config.response_length, config.temperature, seeds)
     generate_seconds = time.perf_counter() - clock
     # 3. scores at the stop token, normalised, minus the missing-EOS penalty
     clock = time.perf_counter()
@@ -397,16 +422,17 @@ def evaluate(accelerator, policy, tokenizer, checked: CheckedInputs, scorer, con
     like training and by the judge (with the judge's standard error over the prompts)."""
     result = {}
     eval_prompts, judge, references = checked.eval_prompts, checked.judge, checked.eval_references
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(policy)
-        with accelerator.autocast():
-            answers = generate_responses(model, tokenizer, eval_prompts, config.response_length, batch_size=32)
-        result["eval/score"] = scorer(eval_prompts, answers, references).mean().item()
-        if judge:
-            judged = judge_scores(judge, [p[-1]["content"] for p in eval_prompts], answers, references)
-            result["eval/judge"] = statistics.fmean(judged)
-            result["eval/judge_sem"] = statistics.stdev(judged) / len(judged) ** 0.5 if len(judged) > 1 else 0.0
-        result["eval/response_words"] = statistics.fmean(len(a.split()) for a in answers)
+    model = accelerator.unwrap_model(policy)
+    with full_parameters(model):  # under FSDP every process gathers the weights; the main process answers
+        if accelerator.is_main_process:
+            with accelerator.autocast():
+                answers = generate_responses(model, tokenizer, eval_prompts, config.response_length, batch_size=32)
+            result["eval/score"] = scorer(eval_prompts, answers, references).mean().item()
+            if judge:
+                judged = judge_scores(judge, [p[-1]["content"] for p in eval_prompts], answers, references)
+                result["eval/judge"] = statistics.fmean(judged)
+                result["eval/judge_sem"] = statistics.stdev(judged) / len(judged) ** 0.5 if len(judged) > 1 else 0.0
+            result["eval/response_words"] = statistics.fmean(len(a.split()) for a in answers)
     return broadcast_object_list([result])[0]
 
 
@@ -418,6 +444,16 @@ def record_eval(state: LoopState, result: dict) -> str | None:
 
 
 @torch.no_grad()
+def row_seed(seed: int, update: int, row: int) -> int:
+    """The sampling seed of one answer: its round's seed, the update and its row in the global batch."""
+    return (seed * 1_000_003 + update) * 100_003 + row
+
+
+def shards(sharded: bool, policy, critic, optimizer):
+    """What a checkpoint writes beside accelerate's state under FSDP: the models' and optimiser's shards."""
+    return (lambda folder: save_shards(folder, policy, critic, optimizer)) if sharded else None
+
+
 def check_in_sync(accelerator, *models) -> None:
     """Every process must end with the same weights (DDP averages the gradients); a difference means the
     processes trained apart, and the published model would be one process's alone."""
@@ -452,11 +488,12 @@ def summarise(state: LoopState, eval_after: dict, accelerator, config: PPOStageC
     return summary
 
 
-def save_policy(policy, tokenizer, folder: Path, merged_lora: bool) -> None:
-    """The trained policy as a plain model: LoRA adapters are merged into a copy of the weights."""
+def save_policy(policy, tokenizer, folder: Path, merged_lora: bool, weights: dict | None = None) -> None:
+    """The trained policy as a plain model: LoRA adapters are merged into a copy of the weights. `weights`: the
+    full state dict, gathered from the shards under FSDP."""
     if merged_lora:
         policy = copy.deepcopy(policy).merge_and_unload()
-    policy.save_pretrained(str(folder))
+    policy.save_pretrained(str(folder), state_dict=weights)
     tokenizer.save_pretrained(str(folder))
 
 

@@ -209,6 +209,7 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
             for micro_start in range(start, start + minibatch, micro):
                 rows = order[micro_start:micro_start + micro]
                 loss, micro_stats = minibatch_loss(policy, critic, experience, rows, config)
+                loss = loss * token_share(experience.rollout.response_mask[rows], accelerator)
                 accelerator.backward(loss / config.gradient_accumulation_steps)
                 stats.append(micro_stats)
             accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -216,6 +217,16 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
             optimizer.zero_grad()
             history.append({key: sum(s[key] for s in stats) / len(stats) for key in stats[0]})
     return history
+
+
+def token_share(mask: torch.Tensor, accelerator) -> torch.Tensor:
+    """This process's real tokens over the mean over processes. The losses are means over a process's tokens and
+    the processes' gradients are averaged: weighted by this share, every token of the global minibatch counts
+    alike, as in one process (1 there, and wherever the processes hold as many tokens)."""
+    tokens = mask.sum().float()
+    if accelerator.num_processes == 1:
+        return torch.ones((), device=tokens.device)
+    return tokens / accelerator.reduce(tokens.clone(), reduction="mean").clamp_min(1)
 
 
 def minibatch_loss(policy, critic, experience: Experience, rows: torch.Tensor, config) -> tuple[torch.Tensor, dict]:

@@ -36,11 +36,12 @@ class Decoded:
 
 @torch.no_grad()
 def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, stop_id: int | None,
-           pad_id: int, temperature: float = 1.0, greedy: bool = False,
-           generator: torch.Generator | None = None) -> Decoded:
+           pad_id: int, temperature: float = 1.0, greedy: bool = False, row_seeds: list[int] | None = None) -> Decoded:
     """Answers each left-padded prompt row of `query_ids` (mask 1 on real tokens) with up to `max_new_tokens`
     tokens, stopping a row at `stop_id` (None: every row runs the full length). Sampled at `temperature`, or the
-    most likely token when `greedy`. The model stays in its mode: callers put it in eval mode."""
+    most likely token when `greedy`. `row_seeds`: one seed per row, so that a row's answer does not depend on the
+    rows beside it (else torch's global generator draws). The model stays in its mode: callers put it in eval
+    mode."""
     device = query_ids.device
     rows, prompt_length = query_ids.shape
     distinct, copy_of = distinct_rows(query_ids, query_mask)
@@ -59,9 +60,12 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     running = torch.arange(rows, device=device)  # the batch row of each cache row
     in_cache = torch.ones(rows, dtype=torch.bool, device=device)  # cache rows still decoding
     forward_rows = 0
+    uniforms = None if row_seeds is None else torch.stack(
+        [torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(seed)) for seed in row_seeds]).to(device)
     for step in range(max_new_tokens):
         logp = F.log_softmax(logits.float() / temperature, dim=-1)
-        chosen = logp.argmax(-1) if greedy else inverse_cdf_sample(logp, generator)
+        chosen = logp.argmax(-1) if greedy else inverse_cdf_sample(logp, None if uniforms is None
+                                                                   else uniforms[running, step])
         live = running[in_cache]
         tokens[live, step] = chosen[in_cache]
         logprobs[live, step] = logp.gather(-1, chosen[:, None]).squeeze(-1)[in_cache]
@@ -83,11 +87,14 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     return Decoded(tokens, logprobs, ended, forward_rows)
 
 
-def inverse_cdf_sample(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def inverse_cdf_sample(logp: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from probabilities exp(logp): the first index whose running sum exceeds u * total, u
-    uniform in [0, 1). A token of probability 0 adds nothing to the sum, so it is never the first to exceed."""
+    uniform in [0, 1) (`uniforms`, one per row, or drawn here). A token of probability 0 adds nothing to the sum,
+    so it is never the first to exceed."""
     cdf = logp.exp().cumsum(-1)
-    u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(len(cdf), device=cdf.device)
+    u = uniforms[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 

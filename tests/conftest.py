@@ -55,16 +55,23 @@ def store_url(request, tmp_path):
     return new_database(request.getfixturevalue("postgres_server"), f"labels_{next(database_numbers)}")
 
 
-def kill_when_saved(command: list[str], checkpoint: Path, timeout: float = 300) -> None:
-    """Runs a stage command and SIGKILLs it as soon as `checkpoint` has finished saving."""
+def kill_when_saved(command: list[str], checkpoint: Path, timeout: float = 300, env: dict | None = None) -> None:
+    """Runs a stage command and SIGKILLs it (with any processes it started) as soon as `checkpoint` has finished
+    saving."""
     import signal
     import time
 
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import psutil
+
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + timeout
     while not (checkpoint / "trainer_state.json").exists() and process.poll() is None:
         assert time.time() < deadline
         time.sleep(0.05)
     assert process.poll() is None, "the run finished before it could be killed"
+    workers = psutil.Process(process.pid).children(recursive=True)  # a launcher's workers (torchrun's own session)
     process.send_signal(signal.SIGKILL)
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
     process.wait()
+    psutil.wait_procs(workers, timeout=30)

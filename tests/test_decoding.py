@@ -59,7 +59,7 @@ def test_greedy_tokens_equal_generate_with_shared_prefills_and_early_stops(tiny_
 def test_the_inverse_cdf_sampler_follows_the_probabilities_and_never_draws_a_zero():
     probabilities = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.2])
     logp = probabilities.log().expand(20000, -1)
-    drawn = inverse_cdf_sample(logp, torch.Generator().manual_seed(0))
+    drawn = inverse_cdf_sample(logp, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
     frequencies = torch.bincount(drawn, minlength=5).float() / len(drawn)
     assert frequencies[1] == 0 and frequencies[3] == 0
     assert (frequencies - probabilities).abs().max() < 0.015

@@ -164,14 +164,14 @@ def test_health_alerts_fire_on_each_sign_of_trouble_and_not_on_a_healthy_update(
         assert len(alerts) == 1 and words.split()[-1] in alerts[0], (words, alerts)
 
 
-def test_ppo_refuses_sharded_or_deepspeed_distribution_and_takes_data_parallel():
+def test_ppo_takes_data_parallel_and_fsdp_and_refuses_deepspeed_and_sharded_lora():
     from accelerate.utils import DistributedType
 
     from ppo.trainer import unsupported_distribution
 
-    for refused in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        assert "generation" in unsupported_distribution(refused) or "engine" in unsupported_distribution(refused)
-    for taken in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+    assert "engine" in unsupported_distribution(DistributedType.DEEPSPEED)
+    assert "LoRA" in unsupported_distribution(DistributedType.FSDP, use_peft=True)
+    for taken in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
         assert unsupported_distribution(taken) is None
 
 
