@@ -18,7 +18,8 @@ def test_the_gpu_check_refuses_a_machine_without_cuda_and_writes_nothing(tmp_pat
 def test_the_figures_gather_the_parts_and_the_rollout_lines(tmp_path, tiny_model_path):
     rollout = subprocess.run([sys.executable, "bench/rollout.py", "--model", str(tiny_model_path), "--prompts", "2",
                               "--k", "2", "--batch", "4", "--batch-ppo", "2", "--group", "2", "--tokens", "4",
-                              "--rounds", "1", "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                              "--rounds", "1", "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
     assert rollout.returncode == 0, rollout.stderr[-2000:]
     (tmp_path / "rollout.log").write_text(rollout.stdout)
     (tmp_path / "parts.jsonl").write_text('{"part": "rollout", "exit": 0, "seconds": 3}\n'
