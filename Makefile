@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/reward_throughput.py
 	$(BIN)/python bench/ppo_vs_rloo.py
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/rollout.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
