@@ -445,8 +445,9 @@ def record_eval(state: LoopState, result: dict) -> str | None:
 
 @torch.no_grad()
 def row_seed(seed: int, update: int, row: int) -> int:
-    """The sampling seed of one answer: its round's seed, the update and its row in the global batch."""
-    return (seed * 1_000_003 + update) * 100_003 + row
+    """The sampling seed of one answer: its round's seed, the update and its row in the global batch (within the
+    generators' 64 bits)."""
+    return ((seed * 1_000_003 + update) * 100_003 + row) % 2 ** 63
 
 
 def shards(sharded: bool, policy, critic, optimizer):

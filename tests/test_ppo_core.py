@@ -264,3 +264,12 @@ def test_grpo_kl_loss_is_the_k3_mean_and_pulls_the_policy_towards_the_reference(
     # reference: a step against the gradient lowers that log-prob
     assert logprobs.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 2, rel=1e-6)
     assert logprobs.grad[0, 1] == 0 and logprobs.grad[0, 2] == 0
+
+
+def test_each_answer_has_its_own_sampling_seed_within_64_bits():
+    from ppo.trainer import row_seed
+
+    seeds = {row_seed(seed, update, row) for seed in (0, 42, 2 ** 32) for update in range(1, 9) for row in range(64)}
+    assert len(seeds) == 3 * 8 * 64 and all(0 <= s < 2 ** 63 for s in seeds)
+    for s in (row_seed(2 ** 62, 10 ** 6, 10 ** 5), row_seed(42, 3, 7)):
+        torch.Generator().manual_seed(s)  # takes it
