@@ -21,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from rlhf.errors import ConfigError
+
 SHARDED = "sharded"  # the checkpoint's folder of model and optimiser shards
 
 
@@ -75,8 +77,8 @@ def layer_classes(model: torch.nn.Module) -> set[str]:
     model and any model inside it (the critic holds a sequence classifier)."""
     classes = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or [])}
     if not classes:
-        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules): it cannot be "
-                         "sharded by layer")
+        raise ConfigError(f"{type(model).__name__} names no decoder layer class (_no_split_modules): it cannot be "
+                          "sharded by layer; run PPO on it with configs/accelerate/ddp.yaml")
     return classes
 
 

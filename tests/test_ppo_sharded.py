@@ -76,3 +76,18 @@ def test_ppo_with_its_critic_sharded_publishes_both_as_plain_models(tmp_path, ti
     assert set(policy) == set(start) and max((policy[k] - start[k]).abs().max().item() for k in start) > 1e-4
     critic = AutoModelForSequenceClassification.from_pretrained(published / "critic").state_dict()
     assert torch.count_nonzero(critic["score.weight"]) > 0  # the new head (zero at the start) was trained
+
+
+def test_the_shards_follow_the_decoder_layers_and_a_model_without_them_is_refused(tiny_model_path):
+    import pytest
+
+    from ppo.sharding import layer_classes
+    from ppo.update import Critic
+    from rlhf import models
+    from rlhf.errors import ConfigError
+
+    policy, _ = models.load_causal_lm(str(tiny_model_path))
+    assert layer_classes(policy) == {"LlamaDecoderLayer"}
+    assert layer_classes(Critic(policy)) == {"LlamaDecoderLayer"}  # found inside the module that holds the model
+    with pytest.raises(ConfigError, match="no decoder layer class"):
+        layer_classes(torch.nn.Linear(2, 2))
