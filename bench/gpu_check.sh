@@ -6,8 +6,8 @@
 # 1. bench/rollout.py on the GPU: our decoding loop against plain `generate`, at GPU batch sizes;
 # 2. the default chain (`rlhf run`, configs/default.yaml) in bf16 with sizes raised for the GPU: 8 times the SFT
 #    steps and PPO episodes, 4 times the prompts labelled and evaluated;
-# 3. FSDP2 PPO on 2 processes against 1 (tests/test_ppo_sharded.py: gloo on the CPU, since one GPU cannot host two
-#    NCCL ranks).
+# 3. PPO sharded (FSDP2, ZeRO-3) on 2 processes against 1 (tests/test_ppo_sharded.py: gloo on the CPU, since one
+#    GPU cannot host two NCCL ranks).
 # Each part writes its log to OUT; OUT/figures.json gathers the figures (ratios, stage seconds, win rates), to be
 # recorded in docs/benchmarks.md. A part that fails is marked failed there and the others still run.
 set -uo pipefail

@@ -101,7 +101,12 @@ def full_parameters(model: torch.nn.Module):
 def full_state_dict(model: torch.nn.Module) -> dict:
     """The whole model's state dict on every process, on the CPU (every process must call it). A parameter tied
     to another (the LM head to the embeddings) is kept under its first name only, as save_pretrained expects."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return without_tied_copies(model, get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+
+
+def without_tied_copies(model: torch.nn.Module, state: dict) -> dict:
+    """`state` with each parameter tied to another (the LM head to the embeddings) under its first name only."""
     first_name = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         if first_name.setdefault(id(parameter), name) != name:

@@ -17,14 +17,18 @@ prompts (greedy), scored by the reward model (or reward function) and the judge:
 the KL reached, with an alert when the proxy rises while the gold falls (over-optimisation).
 
 Under `accelerate launch` or `torchrun` each process answers its own share of every batch; metrics are gathered
-over all episodes and gradients averaged by DDP, or by FSDP2 with the models sharded (ppo/sharding.py), so N
-processes train like one with the same batch_size. Advantages are whitened per process, as TRL's PPO did.
+over all episodes and gradients averaged by DDP, or with the models sharded by FSDP2 (ppo/sharding.py) or DeepSpeed
+ZeRO-3 (ppo/zero3.py); answers are drawn from per-answer seeds and each process's loss is weighted by its share of
+the tokens, so N processes train like one with the same batch_size. Advantages are whitened per process, as TRL's
+PPO did.
 """
 import copy
 import dataclasses
+import functools
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +44,9 @@ from ppo.rollout import generate
 from ppo.sharding import (every_process_loads, fsdp_version, full_parameters, full_state_dict, is_sharded,
                           layer_classes, load_shards, save_shards, shard)
 from ppo.state import LoopState, save_checkpoint
+from ppo.zero3 import (Part, engines, gathered_policy, is_zero3, load_partitions, loaded_whole, save_partitions,
+                       uses_deepspeed, zero_stage)
+from ppo.zero3 import full_state_dict as zero3_state_dict
 from ppo.update import Critic, make_experience, ppo_epochs, recomputed_logprobs, reference_logprobs
 from rlhf import models
 from rlhf.config import RunConfig
@@ -141,25 +148,28 @@ def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> Check
                          check_references(rows, config.prompts, config.reward_function), eval_references)
 
 
-def unsupported_distribution(distributed_type: DistributedType, use_peft: bool = False) -> str | None:
-    """Why PPO cannot run under this kind of distribution (None: it can). DDP and FSDP2 (ppo/sharding.py) run;
-    DeepSpeed engines hold one model each, while one optimiser spans policy and critic."""
-    if distributed_type == DistributedType.FSDP and use_peft:
-        return "LoRA adapters are not sharded here: run LoRA under DDP, or full fine-tuning under FSDP"
-    if distributed_type == DistributedType.DEEPSPEED:
-        return ("DeepSpeed engines hold one model each, while PPO's optimiser spans the policy and the critic (and "
-                "ZeRO-3 shards the parameters generation needs)")
+def unsupported_distribution(distributed_type: DistributedType, use_peft: bool = False,
+                             zero_stage: int | None = None) -> str | None:
+    """Why PPO cannot run under this kind of distribution (None: it can). DDP, FSDP2 (ppo/sharding.py) and
+    DeepSpeed ZeRO-3 (ppo/zero3.py) run; LoRA runs under DDP only."""
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and use_peft:
+        return "LoRA adapters are not sharded here: run LoRA under DDP, or full fine-tuning sharded"
+    if distributed_type == DistributedType.DEEPSPEED and zero_stage != 3:
+        return (f"PPO runs DeepSpeed at ZeRO stage 3 only (not {zero_stage}): stages 1 and 2 keep every parameter "
+                "on every process, as DDP does")
     return None
 
 
 def make_accelerator(config: PPOStageConfig) -> Accelerator:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(config.hardware.dtype, "no")
     accelerator = Accelerator(cpu=config.hardware.device == "cpu", mixed_precision=precision)
-    distribution = DistributedType.FSDP if is_sharded(accelerator) else accelerator.distributed_type
-    why = unsupported_distribution(distribution, config.use_peft)
+    distribution = (DistributedType.FSDP if is_sharded(accelerator) else DistributedType.DEEPSPEED
+                    if uses_deepspeed(accelerator) else accelerator.distributed_type)
+    why = unsupported_distribution(distribution, config.use_peft, zero_stage(accelerator))
     if why:
         raise ConfigError(f"ppo does not run under {distribution.value}: {why}. Launch PPO with "
-                          "configs/accelerate/ddp.yaml or fsdp.yaml (or torchrun); the other stages can use any config")
+                          "configs/accelerate/ddp.yaml, fsdp.yaml or zero3.yaml (or torchrun); the other stages can "
+                          "use any config")
     if is_sharded(accelerator) and fsdp_version(accelerator) != 2:
         raise ConfigError("ppo shards with FSDP 2 (fully_shard): set fsdp_version: 2 in the accelerate config, as "
                           "configs/accelerate/fsdp.yaml does")
@@ -232,21 +242,26 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     seed = round_seed(config.seed, run.round)
     set_seed(seed + accelerator.process_index)  # answers draw from their own seeds (one_update), not from these
 
-    sharded = is_sharded(accelerator)
-    with every_process_loads():
+    sharded, zero3 = is_sharded(accelerator), is_zero3(accelerator)
+    with every_process_loads(), loaded_whole(accelerator):
         policy, tokenizer, reference, critic = build_models(config, found)
     if sharded:
         policy, reference, critic = (model and shard(model.to(accelerator.device), layer_classes(model), accelerator)
                                      for model in (policy, reference, critic))
-    elif reference is not None:
+    elif reference is not None and not zero3:
         reference.to(accelerator.device)
     scorer = Scorer(config, found.get("reward_model"), accelerator.device)
     eval_prompts, judge = checked.eval_prompts, checked.judge
-    trained = [model for model in (policy, critic) if model is not None]
-    trainable = [p for model in trained for p in model.parameters() if p.requires_grad]
     # fused: one pass over memory (not over sharded parameters)
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, fused=not sharded)
-    if not sharded:
+    make_optimizer = functools.partial(torch.optim.AdamW, lr=config.learning_rate, eps=1e-5,
+                                       fused=not (sharded or zero3))
+    if zero3:
+        optimizer, reference = engines(policy, critic, reference, make_optimizer, config, accelerator)
+        policy, critic = Part(optimizer, "policy"), (Part(optimizer, "critic") if critic is not None else None)
+    else:
+        trained = [model for model in (policy, critic) if model is not None]
+        optimizer = make_optimizer([p for model in trained for p in model.parameters() if p.requires_grad])
+    if not (sharded or zero3):
         *trained, optimizer = accelerator.prepare(*trained, optimizer)
         policy, critic = trained[0], (trained[1] if critic is not None else None)
     kl_control = (AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon) if config.target_kl
@@ -264,6 +279,8 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         accelerator.load_state(checkpoint)
         if sharded:
             load_shards(Path(checkpoint), policy, critic, optimizer)
+        if zero3:
+            load_partitions(Path(checkpoint), optimizer)
     else:
         state.eval_before = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
         record_eval(state, state.eval_before)
@@ -290,7 +307,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         if state.update % config.save_steps == 0 and state.update < config.num_updates:
             save_checkpoint(accelerator, partial, state, shards(sharded, policy, critic, optimizer))
 
-    if not sharded:  # sharded parameters are one copy by construction
+    if not (sharded or zero3):  # sharded parameters are one copy by construction
         check_in_sync(accelerator, *[model for model in (policy, critic) if model is not None])
     eval_after = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
     tracker.log(eval_after, step=state.update)
@@ -304,14 +321,14 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
             + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})")
     returned = {"history": state.history, "evals": state.evals, **summary}
     # under FSDP every process takes part in gathering the full weights; the main process writes them
-    policy_weights, critic_weights = (full_state_dict(model) if sharded and model is not None else None
-                                      for model in (policy, critic))
+    policy_weights, critic_weights = (None if model is None else full_state_dict(model) if sharded
+                                      else zero3_state_dict(model) if zero3 else None for model in (policy, critic))
     if not accelerator.is_main_process:
         return Outcome(summary, None, partial, time.time() - started, line, returned=returned)
     staged = partial / "final"
-    save_policy(accelerator.unwrap_model(policy), tokenizer, staged, config.use_peft, policy_weights)
+    save_policy(module_of(policy, accelerator), tokenizer, staged, config.use_peft, policy_weights)
     if critic is not None:
-        save_critic(accelerator.unwrap_model(critic), staged / CRITIC, critic_weights)
+        save_critic(module_of(critic, accelerator), staged / CRITIC, critic_weights)
     atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
     atomic_write_json(staged / "evals.json", state.evals)  # proxy and gold at each eval point, for the report
     return Outcome(summary, staged, partial, time.time() - started, line, returned=returned)
@@ -331,14 +348,15 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     local = batch[accelerator.process_index * share:][:share]
     local_prompts = [prompts[i] for i in local]
     local_references = [checked.references[i] for i in local] if checked.references else None
-    unwrapped = accelerator.unwrap_model(policy)
+    # forwards outside the update: through the engine under ZeRO-3, else without DDP's gradient sync
+    forwards = policy if isinstance(policy, Part) else accelerator.unwrap_model(policy)
     # 2. rollout; each answer drawn with its own seed (round, update, row in the global batch), so the rollouts do
     # not depend on how many processes share the batch
     clock = time.perf_counter()
     first_row = accelerator.process_index * share
     seeds = [row_seed(state.seed, state.update, first_row + row) for row in range(len(local_prompts))]
-    with accelerator.autocast(), full_parameters(unwrapped):
-        rollout = generate(unwrapped, tokenizer, local_prompts, config.response_length, config.temperature, seeds)
+    with accelerator.autocast(), whole_policy(policy, accelerator) as model:
+        rollout = generate(model, tokenizer, local_prompts, config.response_length, config.temperature, seeds)
     generate_seconds = time.perf_counter() - clock
     # 3. scores at the stop token, normalised, minus the missing-EOS penalty
     clock = time.perf_counter()
@@ -350,8 +368,8 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     with accelerator.autocast():
         if accelerator.mixed_precision != "no":
             rollout = dataclasses.replace(rollout, logprobs=recomputed_logprobs(
-                unwrapped, rollout, config.temperature, config.forward_groups))
-        ref_logprobs = reference_logprobs(unwrapped, reference, rollout, config.temperature, config.forward_groups)
+                forwards, rollout, config.temperature, config.forward_groups))
+        ref_logprobs = reference_logprobs(forwards, reference, rollout, config.temperature, config.forward_groups)
         experience = make_experience(rollout, ref_logprobs, critic, scores,
                                      state.kl_control.value, config)
     # 8. PPO epochs
@@ -422,8 +440,7 @@ def evaluate(accelerator, policy, tokenizer, checked: CheckedInputs, scorer, con
     like training and by the judge (with the judge's standard error over the prompts)."""
     result = {}
     eval_prompts, judge, references = checked.eval_prompts, checked.judge, checked.eval_references
-    model = accelerator.unwrap_model(policy)
-    with full_parameters(model):  # under FSDP every process gathers the weights; the main process answers
+    with whole_policy(policy, accelerator) as model:  # sharded, every process gathers; the main process answers
         if accelerator.is_main_process:
             with accelerator.autocast():
                 answers = generate_responses(model, tokenizer, eval_prompts, config.response_length, batch_size=32)
@@ -444,6 +461,23 @@ def record_eval(state: LoopState, result: dict) -> str | None:
 
 
 @torch.no_grad()
+@contextmanager
+def whole_policy(policy, accelerator):
+    """The policy module with all its weights on this process: gathered from the shards under FSDP2 or ZeRO-3 (every
+    process must enter), as it is under DDP."""
+    if isinstance(policy, Part):
+        with gathered_policy(policy) as module:
+            yield module
+    else:
+        module = accelerator.unwrap_model(policy)
+        with full_parameters(module):
+            yield module
+
+
+def module_of(model, accelerator):
+    return model.module if isinstance(model, Part) else accelerator.unwrap_model(model)
+
+
 def row_seed(seed: int, update: int, row: int) -> int:
     """The sampling seed of one answer: its round's seed, the update and its row in the global batch (within the
     generators' 64 bits)."""
@@ -451,7 +485,10 @@ def row_seed(seed: int, update: int, row: int) -> int:
 
 
 def shards(sharded: bool, policy, critic, optimizer):
-    """What a checkpoint writes beside accelerate's state under FSDP: the models' and optimiser's shards."""
+    """What a checkpoint writes beside accelerate's state when it holds no model: under FSDP the models' and
+    optimiser's shards, under ZeRO-3 the engine's partitions."""
+    if isinstance(policy, Part):
+        return lambda folder: save_partitions(folder, optimizer)
     return (lambda folder: save_shards(folder, policy, critic, optimizer)) if sharded else None
 
 

@@ -13,6 +13,7 @@ from ppo.core import (entropy_from_logits, gae, grpo_advantages, kl_estimate, kl
                       masked_mean, masked_whiten, per_token, policy_loss, reinforce_pp_advantages, rloo_advantages,
                       token_rewards, value_loss)
 from ppo.rollout import Rollout
+from ppo.zero3 import is_engine
 from rlhf.reward_model import reward_pooling
 
 
@@ -200,7 +201,8 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
     batch = experience.rollout.response_ids.shape[0]
     minibatch = batch // config.num_mini_batches
     micro = minibatch // config.gradient_accumulation_steps
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    engine = is_engine(optimizer)  # DeepSpeed's engine scales, accumulates, clips and steps itself
+    parameters = [] if engine else [p for group in optimizer.param_groups for p in group["params"]]
     history = []
     for _ in range(config.num_ppo_epochs):
         order = torch.randperm(batch, generator=generator)
@@ -210,11 +212,16 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
                 rows = order[micro_start:micro_start + micro]
                 loss, micro_stats = minibatch_loss(policy, critic, experience, rows, config)
                 loss = loss * token_share(experience.rollout.response_mask[rows], accelerator)
-                accelerator.backward(loss / config.gradient_accumulation_steps)
+                if engine:
+                    optimizer.backward(loss)
+                    optimizer.step()  # an optimiser step at the last micro-batch of each minibatch
+                else:
+                    accelerator.backward(loss / config.gradient_accumulation_steps)
                 stats.append(micro_stats)
-            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+            if not engine:
+                accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
             history.append({key: sum(s[key] for s in stats) / len(stats) for key in stats[0]})
     return history
 

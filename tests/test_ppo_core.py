@@ -164,13 +164,16 @@ def test_health_alerts_fire_on_each_sign_of_trouble_and_not_on_a_healthy_update(
         assert len(alerts) == 1 and words.split()[-1] in alerts[0], (words, alerts)
 
 
-def test_ppo_takes_data_parallel_and_fsdp_and_refuses_deepspeed_and_sharded_lora():
+def test_ppo_takes_data_parallel_fsdp_and_zero3_and_refuses_zero1_2_and_sharded_lora():
     from accelerate.utils import DistributedType
 
     from ppo.trainer import unsupported_distribution
 
-    assert "engine" in unsupported_distribution(DistributedType.DEEPSPEED)
-    assert "LoRA" in unsupported_distribution(DistributedType.FSDP, use_peft=True)
+    for stage in (None, 1, 2):
+        assert "stage 3 only" in unsupported_distribution(DistributedType.DEEPSPEED, zero_stage=stage)
+    assert unsupported_distribution(DistributedType.DEEPSPEED, zero_stage=3) is None
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        assert "LoRA" in unsupported_distribution(sharded, use_peft=True, zero_stage=3)
     for taken in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
         assert unsupported_distribution(taken) is None
 

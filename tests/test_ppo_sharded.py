@@ -1,11 +1,12 @@
-"""PPO under FSDP2 (ppo/sharding.py) as 2 CPU processes (gloo), with the settings configs/accelerate/fsdp.yaml
-gives. Each answer is sampled with its own seed (round, update, row), so
-the rollouts do not depend on the number of processes, and sharded training must give the parameters one
-process gives over the same global batches.
+"""PPO sharded over 2 CPU processes (gloo): under FSDP2 (ppo/sharding.py) and under DeepSpeed ZeRO-3
+(ppo/zero3.py), with the settings configs/accelerate/fsdp.yaml and zero3.yaml give. Each answer is sampled with its
+own seed (round, update, row), so the rollouts do not depend on the number of processes, and sharded training must
+give the parameters one process gives over the same global batches.
 
 Tolerance: after 6 updates in fp32 the killed and resumed sharded run's parameters lie within 1e-5 of the one-process
-run's (measured 3e-7, against steps that moved them by 2e-2): the processes sum gradients in another order, and a
-rounding difference that flipped one sampled token would show as far more."""
+run's (measured 3e-7 under FSDP2, against steps that moved them by 2e-2): the processes sum gradients in another
+order, and a rounding difference that flipped one sampled token would show as far more."""
+import pytest
 import os
 import subprocess
 import sys
@@ -13,7 +14,6 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cli import main as cli
 from preference_ui.loadtest import free_port
 from tests.conftest import REPO, kill_when_saved
 from tests.test_ppo_runs import ppo_args, stage_entry
@@ -23,15 +23,24 @@ from tests.test_ppo_runs import ppo_args, stage_entry
 # equal one process up to rounding.
 GRPO = ["--ppo.algorithm=grpo", "--ppo.num_generations=2", "--ppo.total_episodes=48", "--ppo.batch_size=8",
         "--ppo.save_steps=3", "--ppo.precision=fp32", "--ppo.learning_rate=1e-3"]
-# what `accelerate launch --config_file configs/accelerate/fsdp.yaml` puts in the environment; on CPUs it starts
-# one process (several need mpirun), so torchrun starts the two, as README says
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
-       "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_RESHARD_AFTER_FORWARD": "true",
-       "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+# what `accelerate launch --config_file configs/accelerate/{fsdp,zero3}.yaml` puts in the environment; on CPUs it
+# starts one process (several need mpirun), so torchrun starts the two, as README says
+SHARDINGS = {
+    "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+              "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+              "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
+    "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+              "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true", "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"},
+}
+CHECKPOINT_FILES = {"fsdp2": ("sharded", "*.distcp"), "zero3": ("zero3", "*/zero_pp_rank_*_model_states.pt")}
+
+
+def environment(sharding: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **SHARDINGS[sharding]}
 
 
 def sharded(*args: str) -> list[str]:
-    """2 processes on the CPU under FSDP2."""
+    """2 processes on the CPU."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", "-m", "pipeline.cli", *args]
 
@@ -42,19 +51,27 @@ def largest_difference(folder_a, folder_b, name: str = "model.safetensors") -> f
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_fsdp2_on_two_processes_trains_as_one_process_and_resumes_exactly(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("sharding", list(SHARDINGS))
+def test_two_sharded_processes_train_as_one_process_and_resume_exactly(tmp_path, tiny_model_path, sharding):
     command = sharded(*ppo_args(tmp_path, tiny_model_path, "sharded", *GRPO))
-    kill_when_saved(command, tmp_path / "runs" / "sharded" / ".ppo.partial" / "checkpoint-3", env=ENV)
+    env = environment(sharding)
+    kill_when_saved(command, tmp_path / "runs" / "sharded" / ".ppo.partial" / "checkpoint-3", env=env)
     checkpoint = tmp_path / "runs" / "sharded" / ".ppo.partial" / "checkpoint-3"
-    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2  # one file of shards per process
-    resumed = subprocess.run(command + ["--ppo.resume=true"], cwd=REPO, env=ENV, capture_output=True, text=True,
+    folder, pattern = CHECKPOINT_FILES[sharding]
+    assert len(list((checkpoint / folder).glob(pattern))) == 2  # one file of shards per process
+    assert not (checkpoint / "model.safetensors").exists()  # no whole copy of the model
+    resumed = subprocess.run(command + ["--ppo.resume=true"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert stage_entry(tmp_path, "sharded")["metrics"]["processes"] == 2
     assert stage_entry(tmp_path, "sharded")["metrics"]["resumed_from_update"] == 3
 
-    assert cli(ppo_args(tmp_path, tiny_model_path, "one", *GRPO)) == 0
+    # one process on its own: in this pytest process accelerate's state may already hold another precision
+    alone = subprocess.run([sys.executable, "-m", "pipeline.cli", *ppo_args(tmp_path, tiny_model_path, "one", *GRPO)],
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=900)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-3000:]
     runs = tmp_path / "runs"
     assert largest_difference(runs / "sharded" / "ppo", runs / "one" / "ppo") < 1e-5
     assert largest_difference(runs / "one" / "ppo", tiny_model_path) > 1e-3  # both trained: not the start twice
@@ -63,12 +80,14 @@ def test_fsdp2_on_two_processes_trains_as_one_process_and_resumes_exactly(tmp_pa
         assert abs(sharded_metrics[key] - one[key]) < 1e-5, key
 
 
-def test_ppo_with_its_critic_sharded_publishes_both_as_plain_models(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("sharding", list(SHARDINGS))
+def test_ppo_with_its_critic_sharded_publishes_both_as_plain_models(tmp_path, tiny_model_path, sharding):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     args = ppo_args(tmp_path, tiny_model_path, "critic", "--ppo.total_episodes=16", "--ppo.batch_size=8",
                     "--ppo.precision=fp32")
-    result = subprocess.run(sharded(*args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(sharded(*args), cwd=REPO, env=environment(sharding), capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     published = tmp_path / "runs" / "critic" / "ppo"
     policy = AutoModelForCausalLM.from_pretrained(published).state_dict()
@@ -79,8 +98,6 @@ def test_ppo_with_its_critic_sharded_publishes_both_as_plain_models(tmp_path, ti
 
 
 def test_the_shards_follow_the_decoder_layers_and_a_model_without_them_is_refused(tiny_model_path):
-    import pytest
-
     from ppo.sharding import layer_classes
     from ppo.update import Critic
     from rlhf import models
@@ -91,3 +108,12 @@ def test_the_shards_follow_the_decoder_layers_and_a_model_without_them_is_refuse
     assert layer_classes(Critic(policy)) == {"LlamaDecoderLayer"}  # found inside the module that holds the model
     with pytest.raises(ConfigError, match="no decoder layer class"):
         layer_classes(torch.nn.Linear(2, 2))
+
+
+def test_deepspeed_below_stage_3_stops_ppo_with_exit_2_before_anything_is_written(tmp_path, tiny_model_path):
+    env = {**environment("zero3"), "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    result = subprocess.run(sharded(*ppo_args(tmp_path, tiny_model_path, "zero2")), cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "ZeRO stage 3 only (not 2)" in result.stdout + result.stderr
+    assert not (tmp_path / "runs" / "zero2" / "ppo").exists()
+    assert not (tmp_path / "runs" / "zero2" / ".ppo.partial").exists()
