@@ -122,11 +122,17 @@ def gathered_policy(policy: Part):
 
 
 def full_state_dict(part: Part) -> dict:
-    """The part's whole state dict, on the CPU, on every process (every process must call it)."""
+    """The part's whole state dict, on the CPU, on every process (every process must call it). Trained parameters
+    come from the optimiser's fp32 master copies: in bf16 the engine's module holds rounded ones."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     with deepspeed.zero.GatheredParameters(list(part.module.parameters())):
         state = {name: tensor.detach().cpu().clone() for name, tensor in part.module.state_dict().items()}
+    for name, parameter in part.module.named_parameters():
+        master = safe_get_full_fp32_param(parameter)
+        if master is not None:
+            state[name] = master.detach().cpu().clone()
     return without_tied_copies(part.module, state)
 
 
