@@ -40,7 +40,8 @@ class LoopState:
 
 def save_checkpoint(accelerator, partial: Path, state: LoopState, shards=None) -> Path:
     """Writes checkpoint-<update> (all processes take part) and keeps the newest KEEP_CHECKPOINTS. `shards(folder)`
-    writes what accelerate's state leaves out: under FSDP, the models' and optimiser's shards (ppo/sharding.py)."""
+    writes what accelerate's state leaves out: under FSDP the models' and optimiser's shards (ppo/sharding.py),
+    under ZeRO-3 the engine's partitions (ppo/zero3.py)."""
     final = partial / f"checkpoint-{state.update}"
     staging = partial / f"checkpoint-{state.update}.tmp"
     if accelerator.is_main_process:

@@ -225,7 +225,7 @@ def load_critic(config: PPOStageConfig, found: dict) -> Critic:
 
 def save_critic(critic: Critic, folder: Path, weights: dict | None = None) -> None:
     """The critic beside the policy (`critic/`), so a later online round continues both. `weights`: the critic's
-    full state dict under FSDP (its keys start with `classifier.`)."""
+    full state dict when sharded (its keys start with `classifier.`)."""
     if weights is not None:
         weights = {key.removeprefix("classifier."): value for key, value in weights.items()}
     critic.classifier.save_pretrained(str(folder), state_dict=weights)
@@ -320,7 +320,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
             + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")
             + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})")
     returned = {"history": state.history, "evals": state.evals, **summary}
-    # under FSDP every process takes part in gathering the full weights; the main process writes them
+    # sharded (FSDP2, ZeRO-3), every process takes part in gathering the full weights; the main process writes them
     policy_weights, critic_weights = (None if model is None else full_state_dict(model) if sharded
                                       else zero3_state_dict(model) if zero3 else None for model in (policy, critic))
     if not accelerator.is_main_process:
@@ -528,7 +528,7 @@ def summarise(state: LoopState, eval_after: dict, accelerator, config: PPOStageC
 
 def save_policy(policy, tokenizer, folder: Path, merged_lora: bool, weights: dict | None = None) -> None:
     """The trained policy as a plain model: LoRA adapters are merged into a copy of the weights. `weights`: the
-    full state dict, gathered from the shards under FSDP."""
+    full state dict, gathered from the shards (FSDP2, ZeRO-3)."""
     if merged_lora:
         policy = copy.deepcopy(policy).merge_and_unload()
     policy.save_pretrained(str(folder), state_dict=weights)
