@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         for name, value in medians.items():
             totals[name] += value
         print(f"{workload}_rows: {sum(len(chat) for chat in chats)}  {workload}_generate_s: "
-              f"{medians['generate']:.3f}  {workload}_ours_s: {medians['ours']:.3f}  {workload}_ratio: "
+              f"{medians['generate']:.4f}  {workload}_ours_s: {medians['ours']:.4f}  {workload}_ratio: "
               f"{medians['generate'] / medians['ours']:.3f}", flush=True)
     print(f"ratio: {totals['generate'] / totals['ours']:.3f}")
     return 0
