@@ -12,6 +12,7 @@ it. A held-out share of the pairs measures the implicit reward's accuracy. Publi
 """
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -21,15 +22,17 @@ import torch
 from accelerate import PartialState
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import pad
 
 from ppo.dpo_config import DPOStageConfig
 from rlhf import hardware, models, tracking
-from rlhf.batching import LengthGroupedTraining
+from rlhf.batching import LengthGroupedTraining, PromptGroupSampler, longest_sequence, unique_rows
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
+from rlhf.decoding import cache_argument
 from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
-from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
+from rlhf.preference_pairs import answer_text, pair_margin, preference_source, usable_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step,
@@ -119,23 +122,77 @@ def sampled_pairs(config: DPOStageConfig, found: dict, partial: Path, prompts: l
         return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def distinct_rows(inputs: dict) -> tuple[dict, torch.Tensor]:
+    """The batch's distinct sequences (tokens and masks), each once, and the position of every row among them."""
+    names = ("input_ids", "attention_mask", "completion_mask")
+    key = torch.cat([inputs[name] for name in names], dim=1)
+    distinct, row_of = torch.unique(key, dim=0, return_inverse=True)
+    first = torch.full((len(distinct),), len(key), device=key.device).scatter_reduce(
+        0, row_of, torch.arange(len(key), device=key.device), "amin")
+    return {name: inputs[name][first] for name in names}, row_of
+
+
+def shared_prompt_logps(model, batch: dict) -> torch.Tensor:
+    """Summed log-probabilities of each answer row of a shared-prompt batch (see PairCollator): the prompts run
+    once, left-padded, and each answer on a copy of its prompt's keys and values. An answer's first token is
+    predicted by its prompt's last position, the others by the answer's own positions."""
+    prefix_mask, owner = batch["prefix_mask"], batch["suffix_prefix"]
+    prefix = model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask,
+                   position_ids=(prefix_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
+    cache = prefix.past_key_values
+    cache.batch_select_indices(owner)
+    suffix_ids, suffix_mask = batch["suffix_ids"], batch["suffix_mask"]
+    start = prefix_mask.sum(-1)[owner][:, None]
+    suffix = model(input_ids=suffix_ids, use_cache=True, **{cache_argument(model): cache},
+                   attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=-1),
+                   position_ids=start + torch.arange(suffix_ids.shape[1], device=start.device))
+    logits = torch.cat([prefix.logits[owner], suffix.logits[:, :-1]], dim=1)
+    logps = logits.float().log_softmax(-1).gather(-1, suffix_ids[..., None]).squeeze(-1)
+    return (logps * suffix_mask).sum(-1)
+
+
 @dataclasses.dataclass
 class PairCollator(DataCollatorForPreference):
-    """TRL's collator (chosen rows, then rejected rows) plus each pair's margin, tie flag and weight."""
+    """TRL's collator (chosen rows, then rejected rows) plus each pair's margin, tie flag and weight. With
+    `share_prompt`, a batch of prompt groups (examples with a `group`) whose rows all fit in `max_length` is
+    split instead: each distinct prompt once (left-padded), each distinct answer once (right-padded) with the
+    prompt it continues, and the answer row of each pair's chosen and rejected answer."""
+
+    share_prompt: bool = False
 
     def torch_call(self, examples):
-        batch = super().torch_call(examples)
+        shared = self.share_prompt and all("group" in e for e in examples) and all(
+            len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) <= (self.max_length or 1e9)
+            for e in examples)
+        batch = self.shared_prompt_batch(examples) if shared else super().torch_call(examples)
         batch["margin"] = torch.tensor([float(e["margin"]) for e in examples])
         batch["tie"] = torch.tensor([bool(e["tie"]) for e in examples])
         batch["weight"] = torch.tensor([float(e["weight"]) for e in examples])
         return batch
 
+    def shared_prompt_batch(self, examples) -> dict:
+        prompts, prompt_of = unique_rows([tuple(e["prompt_ids"]) for e in examples])
+        answers, answer_of = unique_rows([(prompt_of[i], tuple(e[side])) for i, e in enumerate(examples)
+                                          for side in ("chosen_ids", "rejected_ids")])
+        return {"prefix_ids": pad([torch.tensor(p) for p in prompts], padding_value=self.pad_token_id,
+                                  padding_side="left"),
+                "prefix_mask": pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0,
+                                   padding_side="left"),
+                "suffix_ids": pad([torch.tensor(a) for _, a in answers], padding_value=self.pad_token_id,
+                                  padding_side="right"),
+                "suffix_mask": pad([torch.ones(len(a), dtype=torch.long) for _, a in answers], padding_value=0,
+                                   padding_side="right"),
+                "suffix_prefix": torch.tensor([prompt for prompt, _ in answers]),
+                "chosen_row": torch.tensor(answer_of[0::2]), "rejected_row": torch.tensor(answer_of[1::2])}
+
 
 class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
     """TRL's DPOTrainer whose sigmoid loss is the Bradley-Terry likelihood of rlhf/preference_loss.py on the
     implicit rewards beta x (log pi - log pi_ref): ties, margins and weights reach it. Without ties or margins and
-    with equal weights it is TRL's loss (a test checks it). Other loss types are TRL's own. Pairs of similar
-    length share a batch (`train_sampling_strategy: length_grouped`)."""
+    with equal weights it is TRL's loss (a test checks it). Other loss types are TRL's own. Each distinct sequence
+    of a batch runs once, so pairs that share an answer (k answers to a prompt, all their pairs, batched by prompt:
+    a `group` column) share its forward pass. Otherwise pairs of similar length share a batch
+    (`train_sampling_strategy: length_grouped`)."""
 
     def __init__(self, *args, tie_threshold: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -143,13 +200,19 @@ class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(self._signature_columns) + list(PAIR_COLUMNS)
+        self._signature_columns = list(self._signature_columns) + list(PAIR_COLUMNS) + ["group"]
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if "group" in dataset.column_names:
+            return PromptGroupSampler(dataset["group"], self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     def _compute_loss(self, model, inputs, return_outputs):
         pair = {name: inputs.pop(name) for name in PAIR_COLUMNS if name in inputs}
         if not self.args.pair_loss or return_outputs:
             return super()._compute_loss(model, inputs, return_outputs)
-        chosen_logps, rejected_logps = self.sequence_logps(model, inputs)
+        chosen_logps, rejected_logps = self.answer_logps(model, inputs)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -167,20 +230,33 @@ class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
         return [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected in
                 zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
-    def compute_ref_log_probs(self, model, inputs):
-        """TRL's, given only what the model takes (also used to precompute the reference over the dataset)."""
-        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in PAIR_COLUMNS})
+    def answer_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probabilities of each pair's chosen and rejected answer under `model`, each distinct
+        sequence of the batch run once."""
+        if "prefix_ids" in inputs:
+            logps = shared_prompt_logps(model, inputs)
+            return logps[inputs["chosen_row"]], logps[inputs["rejected_row"]]
+        rows, row_of = distinct_rows(inputs)
+        return self.sequence_logps(model, rows)[row_of].chunk(2)
 
-    def sequence_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probabilities of each answer under `model` (TRL's fused LM head: no full logits), chosen
-        rows first in the batch."""
+    def compute_ref_log_probs(self, model, inputs):
+        """The reference's (chosen, rejected) log-probabilities, each distinct sequence run once: TRL's helper on
+        whole sequences (it halves its rows into chosen and rejected: ours are the distinct rows, rejoined), ours
+        on shared-prompt batches. Also used to precompute the reference over the dataset."""
+        if "prefix_ids" in inputs:
+            with torch.no_grad(), self.accelerator.autocast():
+                return self.answer_logps(model, inputs)
+        rows, row_of = distinct_rows(inputs)
+        return torch.cat(super().compute_ref_log_probs(model, rows))[row_of].chunk(2)
+
+    def sequence_logps(self, model, inputs) -> torch.Tensor:
+        """Summed log-probabilities of each row's answer under `model` (TRL's fused LM head: no full logits)."""
         mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(mask == 0, -100)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
                         use_cache=False, fused_lm_head=True)
         shifted = mask[:, 1:]
-        logps = (outputs.log_probs[:, -shifted.shape[1]:] * shifted).sum(-1)
-        return logps.chunk(2)
+        return (outputs.log_probs[:, -shifted.shape[1]:] * shifted).sum(-1)
 
     def record_metrics(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, tie) -> None:
         """TRL's DPO metric names; accuracy over decided pairs only (a tie has no right order)."""
@@ -195,6 +271,20 @@ class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
                   "logps/chosen": gather(chosen_logps).mean(), "logps/rejected": gather(rejected_logps).mean()}
         for name, value in values.items():
             self._metrics[mode][name].append(value.item())
+
+
+def sequences_per_step(config: DPOStageConfig, train_pairs: list[dict]) -> int:
+    """Sequences a training step runs: both answers of each pair, or with prompt batches each distinct answer
+    once (the mean number of distinct answers a pair brings, plus one prompt's answers for a prompt a batch's edge
+    cuts)."""
+    pairs = config.per_device_train_batch_size
+    if not config.prompt_batches:
+        return 2 * pairs
+    answers: dict[str, set] = {}
+    for pair in train_pairs:
+        answers.setdefault(pair["group"], set()).update({answer_text(pair, "chosen"), answer_text(pair, "rejected")})
+    per_pair = sum(len(group) for group in answers.values()) / len(train_pairs)
+    return min(2 * pairs, math.ceil(per_pair * pairs) + max(len(group) for group in answers.values()))
 
 
 def main(config: DPOStageConfig, run: RunConfig) -> dict:
@@ -218,21 +308,27 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
 
     # 1. pairs, split into train and held out
     pairs = source if config.pairs == "labels" else sampled_pairs(config, found, partial, source)
-    train_pairs, eval_pairs = split_train_eval(pairs, config.eval_fraction, config.seed)
-    columns = ["prompt", "chosen", "rejected", *PAIR_COLUMNS]
+    if config.prompt_batches:  # a prompt's pairs are held out together, and batched together
+        pairs = [{**pair, "group": json.dumps(pair["prompt"])} for pair in pairs]
+    train_pairs, eval_pairs = split_train_eval(pairs, config.eval_fraction, config.seed,
+                                               group=(lambda pair: pair["group"]) if config.prompt_batches else None)
+    columns = ["prompt", "chosen", "rejected", *PAIR_COLUMNS] + (["group"] if config.prompt_batches else [])
     train_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])
     eval_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in eval_pairs]) if eval_pairs else None
 
     # 2. model (the reference is a frozen copy made by TRL) and the hardware decisions
     model, tokenizer = models.load_causal_lm(found["model"])
+    tokens_per_step = (sequences_per_step(config, train_pairs) *
+                       longest_sequence(tokenizer, train_pairs, config.max_length))
     checkpointing = (bool(config.gradient_checkpointing) if not config.gradient_checkpointing_auto else
-                     hardware.needs_gradient_checkpointing(model, 2 * config.per_device_train_batch_size *
-                                                           (config.max_length or 1024), config.hardware.device))
+                     hardware.needs_gradient_checkpointing(model, tokens_per_step, config.hardware.device))
     hardware.log_decision(STAGE, config.hardware, checkpointing)
     args = dataclasses.replace(config, output_dir=str(partial), report_to="none", gradient_checkpointing=checkpointing)
     timer = StepTimer()
     collator = PairCollator(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length,
-                            truncation_mode=config.truncation_mode, pad_to_multiple_of=config.pad_to_multiple_of)
+                            truncation_mode=config.truncation_mode, pad_to_multiple_of=config.pad_to_multiple_of,
+                            share_prompt=(config.share_prompt and config.prompt_batches and not checkpointing
+                                          and config.world_size == 1))
     trainer = PairDPOTrainer(model=model, args=args, data_collator=collator, train_dataset=train_data,
                              eval_dataset=eval_data, processing_class=tokenizer,
                              callbacks=[tracking.TrackingCallback(tracker), timer, NoCheckpointAtTheEnd()],

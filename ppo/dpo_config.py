@@ -39,6 +39,15 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
     selection: str = field(default="all", metadata={
         "help": "Which labelled pairs to learn from: all, or best_worst (one per prompt: with k answers per prompt "
                 "all compared, the answer that won most against the one that won least)."})
+    group_by_prompt: bool = field(default=True, metadata={
+        "help": "With selection all: a batch holds whole prompts (their pairs one after another, prompts in random "
+                "order) and runs each distinct answer once for all its pairs, as the reward stage does: k answers "
+                "with all their pairs cost k sequences per prompt, not k(k - 1). The held-out pairs are then whole "
+                "prompts too. Off, or with one pair per prompt: pairs of similar length share a batch."})
+    share_prompt: bool = field(default=True, metadata={
+        "help": "With prompt batches: each prompt runs once per batch and its answers on its cached keys and "
+                "values, as in the reward stage (the same loss from fewer tokens: a prompt is often longer than its "
+                "answers). Used in single-process runs without gradient checkpointing."})
     use_margin: bool = field(default=False, metadata={
         "help": "Pass each pair's margin (labellers' strength: slight 0.5, clear 1.0) to the loss, which then asks "
                 "for an implicit-reward gap (beta x log-ratio difference) that wide. Off by default: with beta 0.1 "
@@ -88,6 +97,14 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
         if self.loss_type != ["sigmoid"] and (self.ties == "equal" or self.use_margin or self.weight_by_gold):
             raise ValueError(f"ties: equal, use_margin and weight_by_gold need loss_type sigmoid (the "
                              f"Bradley-Terry loss they extend), got {self.loss_type}")
+        if self.ld_alpha is not None and self.pair_loss:
+            raise ValueError("ld_alpha (length-desensitised DPO) needs a loss_type other than sigmoid: our sigmoid "
+                             "loss sums each answer's log-probabilities whole")
+
+    @property
+    def prompt_batches(self) -> bool:
+        """Batches of whole prompts: only the labellers' pairs with every pair kept have several pairs a prompt."""
+        return self.group_by_prompt and self.pairs == "labels" and self.selection == "all"
 
     @property
     def pair_loss(self) -> bool:

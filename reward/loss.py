@@ -23,6 +23,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
+from rlhf.batching import PromptGroupSampler, unique_rows
 from rlhf.preference_loss import plackett_luce_loss, preference_loss
 from rlhf.rankings import ranks_in_order
 from rlhf.reward_model import pooled_rewards
@@ -56,13 +57,6 @@ def shared_length(group: list[dict]) -> int:
     (`answer_start`: an answer-mean reward reads every answer token, so none may run in the shared part)."""
     shared = common_prefix([s for example in group for s in pair_ids(example)])
     return min([shared] + [example["answer_start"] for example in group if example.get("answer_start")])
-
-
-def unique_rows(sequences: list[tuple]) -> tuple[list[tuple], list[int]]:
-    """(the distinct sequences in first-seen order, each input's row among them)."""
-    rows: dict[tuple, int] = {}
-    index = [rows.setdefault(s, len(rows)) for s in sequences]
-    return list(rows), index
 
 
 @dataclass
@@ -188,29 +182,6 @@ def pairs_and_rankings_loss(rows: torch.Tensor, chosen_row: torch.Tensor, reject
                                   for head in range(rewards.shape[1])]).mean())
         total = total + 1
     return torch.stack(parts).sum() / total
-
-
-class PromptGroupSampler(torch.utils.data.Sampler):
-    """Pairs in a random order of prompts, the pairs of each prompt one after another (so a batch holds whole
-    prompts and runs each of their answers once). The order is fixed by the seed and the epoch (the trainer sets
-    it), so a run resumed in any epoch sees the batches an uninterrupted one would."""
-
-    def __init__(self, groups: list[str], seed: int):
-        members: dict[str, list[int]] = {}
-        for index, group in enumerate(groups):
-            members.setdefault(group, []).append(index)
-        self.members, self.seed, self.epoch = list(members.values()), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return sum(len(m) for m in self.members)
-
-    def __iter__(self):
-        order = self.members[:]
-        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        return iter([index for group in order for index in group])
 
 
 class PreferenceRewardTrainer(RewardTrainer):

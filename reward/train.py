@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from rlhf import hardware, tracking
+from rlhf.batching import longest_sequence
 from rlhf.config import RunConfig
 from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step, run_stage, start_partial
 from reward.config import RewardStageConfig
@@ -53,13 +54,6 @@ def reward_scale(rewards: torch.Tensor) -> dict:
     model, so PPO can normalise its scores to mean 0 and std 1 on what its starting policy writes."""
     std = rewards.std().item() if len(rewards) > 1 else 1.0
     return {"mean": rewards.mean().item(), "std": std if std > 0 else 1.0, "samples": len(rewards)}
-
-
-def longest_sequence(tokenizer, pairs: list[dict], max_length: int | None) -> int:
-    """Tokens in the longest prompt + answer (at most max_length): a batch is padded to its longest row."""
-    longest = max(len(tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=True)["input_ids"])
-                  for p in pairs for side in ("chosen", "rejected"))
-    return min(longest, max_length or longest)
 
 
 def main(config: RewardStageConfig, run: RunConfig) -> dict:

@@ -1,11 +1,17 @@
-"""Training batches of rows of similar length, for the trainers that pad each batch to its longest row (SFT, DPO).
+"""Training batches: rows of similar length, for the trainers that pad each batch to its longest row (SFT, DPO).
 
 Random batches of our prompts and answers are a quarter to a half padding (prompts run from 40 to 160 tokens, the
 SFT demonstrations from 71 to 340), and a padded token costs as much as a real one. `LengthGroupedBatches` sorts
 the rows by length, cuts them into batches and shuffles the order of the batches: each epoch still sees every row
 once, with far less padding. transformers' own `group_by_length` sampler sorts longest first and never shuffles the
 order of a small dataset's batches, so a short run would train on the longest rows only.
+
+`PromptGroupSampler` batches by prompt instead, for the trainers that run each distinct answer of a batch once
+(reward, DPO): with k answers to a prompt and all their pairs, a batch of whole prompts runs k sequences per prompt
+instead of k(k - 1).
 """
+import random
+
 import torch
 from torch.utils.data import Sampler
 
@@ -37,6 +43,43 @@ class LengthGroupedBatches(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+
+class PromptGroupSampler(torch.utils.data.Sampler):
+    """Pairs in a random order of prompts, the pairs of each prompt one after another (so a batch holds whole
+    prompts and runs each of their answers once). The order is fixed by the seed and the epoch (the trainer sets
+    it), so a run resumed in any epoch sees the batches an uninterrupted one would."""
+
+    def __init__(self, groups: list[str], seed: int):
+        members: dict[str, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        self.members, self.seed, self.epoch = list(members.values()), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return sum(len(m) for m in self.members)
+
+    def __iter__(self):
+        order = self.members[:]
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return iter([index for group in order for index in group])
+
+
+def longest_sequence(tokenizer, pairs: list[dict], max_length: int | None) -> int:
+    """Tokens in the longest prompt + answer (at most max_length): a batch is padded to its longest row."""
+    longest = max(len(tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=True)["input_ids"])
+                  for p in pairs for side in ("chosen", "rejected"))
+    return min(longest, max_length or longest)
+
+
+def unique_rows(sequences: list[tuple]) -> tuple[list[tuple], list[int]]:
+    """(the distinct sequences in first-seen order, each input's row among them)."""
+    rows: dict[tuple, int] = {}
+    index = [rows.setdefault(s, len(rows)) for s in sequences]
+    return list(rows), index
 
 
 LENGTH_GROUPED = "length_grouped"

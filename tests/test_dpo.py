@@ -23,8 +23,8 @@ from tests.test_reward import write_pairs
 def tiny_trainer(tmp_path, tiny_model_path, pairs: list[dict], **overrides) -> PairDPOTrainer:
     import datasets
 
-    config = DPOStageConfig(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
-                            max_length=64, seed=0, **overrides)
+    config = DPOStageConfig(**{"output_dir": str(tmp_path / "out"), "report_to": "none",
+                               "per_device_train_batch_size": 4, "max_length": 64, "seed": 0, **overrides})
     model, tokenizer = load_causal_lm(str(tiny_model_path))
     collator = PairCollator(pad_token_id=tokenizer.pad_token_id, max_length=64)
     trainer = PairDPOTrainer(model=model, args=config, data_collator=collator, processing_class=tokenizer,
@@ -168,3 +168,59 @@ def test_pairs_of_similar_length_share_a_batch(tmp_path, tiny_model_path):
     assert widths == [short, long]
     mixed = tiny_trainer(tmp_path, tiny_model_path, pairs, train_sampling_strategy="random")
     assert sorted(batch["input_ids"].shape[1] for batch in mixed.get_train_dataloader()) == [long, long]
+
+
+def all_pairs_of(prompts: int, answers: int) -> list[dict]:
+    """Every pair of `answers` answers to each of `prompts` prompts, the longer answer chosen, grouped by prompt."""
+    pairs = []
+    for p in range(prompts):
+        texts = [f"Answer {p}" + " indeed" * a for a in range(answers)]
+        prompt = [{"role": "user", "content": f"Question {p}?"}]
+        pairs += [{"prompt": prompt, "chosen": [{"role": "assistant", "content": texts[j]}],
+                   "rejected": [{"role": "assistant", "content": texts[i]}], "margin": 0.0, "tie": False,
+                   "weight": 1.0, "group": json.dumps(prompt)} for i in range(answers) for j in range(i + 1, answers)]
+    return pairs
+
+
+def test_prompt_batches_run_each_answer_once_for_all_its_pairs(tmp_path, tiny_model_path):
+    """4 answers to each of 3 prompts, all 6 pairs: a batch of 12 pairs holds two whole prompts and runs 8
+    sequences (not 24) through the policy and 8 through the reference, with the loss of running every pair."""
+    trainer = moved(tiny_trainer(tmp_path, tiny_model_path, all_pairs_of(3, 4), per_device_train_batch_size=12,
+                                 beta=0.5))
+    batches = list(trainer.get_train_dataloader())
+    assert [len(batch["tie"]) for batch in batches] == [12, 6]
+    for batch in batches:  # whole prompts: 4 distinct answers for each prompt's 6 pairs
+        assert len(batch["input_ids"].unique(dim=0)) == 4 * len(batch["tie"]) // 6
+    rows_run = []
+    for model in (trainer.model, trainer.ref_model):
+        model.register_forward_pre_hook(lambda _, args, kwargs: rows_run.append(len(kwargs["input_ids"])),
+                                        with_kwargs=True)
+    ours = trainer.compute_loss(trainer.model, dict(batches[0]))
+    assert rows_run == [8, 8]  # the policy, then the reference
+    rows_run.clear()
+    trls = DPOTrainer._compute_loss(trainer, trainer.model, {k: v for k, v in batches[0].items()
+                                                             if k not in ("margin", "tie", "weight")}, False)
+    assert rows_run == [24, 24]  # TRL's loss runs both rows of every pair
+    assert abs(ours.item() - 0.6931) > 0.01
+    assert ours.item() == pytest.approx(trls.item(), rel=1e-4)
+
+
+def test_shared_prompt_batches_run_each_prompt_once_with_the_same_loss_and_gradients(tmp_path, tiny_model_path):
+    """The same 12 pairs (two prompts, 4 answers each): split into 2 prompt rows and 8 answer rows on their cached
+    keys and values, they give the loss and the gradients of running every pair's whole sequences."""
+    whole = moved(tiny_trainer(tmp_path, tiny_model_path, all_pairs_of(3, 4), per_device_train_batch_size=12,
+                               beta=0.5))
+    shared = moved(tiny_trainer(tmp_path, tiny_model_path, all_pairs_of(3, 4), per_device_train_batch_size=12,
+                                beta=0.5))
+    shared.data_collator.share_prompt = True
+    split = first_batch(shared)
+    assert split["prefix_ids"].shape[0] == 2 and split["suffix_ids"].shape[0] == 8
+    ours = shared.compute_loss(shared.model, dict(split))
+    trls = DPOTrainer._compute_loss(whole, whole.model, {k: v for k, v in first_batch(whole).items()
+                                                         if k not in ("margin", "tie", "weight")}, False)
+    assert abs(ours.item() - 0.6931) > 0.01
+    assert ours.item() == pytest.approx(trls.item(), rel=1e-4)
+    ours.backward()
+    trls.backward()
+    for (name, mine), theirs in zip(shared.model.named_parameters(), whole.model.parameters()):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-3, atol=1e-6), name
