@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import DPOTrainer
 
 from pipeline.cli import main as cli
-from ppo.dpo import PairCollator, PairDPOTrainer
+from ppo.dpo import PairCollator, PairDPOTrainer, sequences_per_step
 from ppo.dpo_config import DPOStageConfig
 from rlhf.models import load_causal_lm
 from rlhf.reward_model import reward_tokenizer
@@ -152,6 +152,8 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):
     assert "rlhf reward" in capsys.readouterr().err
     assert cli(["dpo", "--config", "configs/tiny.yaml", "--dpo.loss_type=ipo", "--dpo.use_margin=true"]) == 2
     assert "loss_type sigmoid" in capsys.readouterr().err
+    assert cli(["dpo", "--config", "configs/tiny.yaml", "--dpo.ld_alpha=0.5"]) == 2
+    assert "ld_alpha" in capsys.readouterr().err
 
 
 def test_pairs_of_similar_length_share_a_batch(tmp_path, tiny_model_path):
@@ -224,3 +226,12 @@ def test_shared_prompt_batches_run_each_prompt_once_with_the_same_loss_and_gradi
     trls.backward()
     for (name, mine), theirs in zip(shared.model.named_parameters(), whole.model.parameters()):
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_the_memory_estimate_counts_the_sequences_a_step_runs(tmp_path):
+    """Batches of 12 pairs: 24 sequences one pair at a time; by prompt (4 answers, 6 pairs each), 8 answers for
+    the two whole prompts a batch holds plus 4 for a prompt a batch's edge cuts."""
+    pairs = all_pairs_of(3, 4)
+    by_pair = DPOStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=12, selection="best_worst")
+    by_prompt = DPOStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=12)
+    assert sequences_per_step(by_pair, pairs) == 24 and sequences_per_step(by_prompt, pairs) == 12
