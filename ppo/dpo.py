@@ -161,14 +161,17 @@ class PairCollator(DataCollatorForPreference):
     share_prompt: bool = False
 
     def torch_call(self, examples):
-        shared = self.share_prompt and all("group" in e for e in examples) and all(
-            len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) <= (self.max_length or 1e9)
-            for e in examples)
-        batch = self.shared_prompt_batch(examples) if shared else super().torch_call(examples)
+        batch = self.shared_prompt_batch(examples) if self.shares_prompts(examples) else super().torch_call(examples)
         batch["margin"] = torch.tensor([float(e["margin"]) for e in examples])
         batch["tie"] = torch.tensor([bool(e["tie"]) for e in examples])
         batch["weight"] = torch.tensor([float(e["weight"]) for e in examples])
         return batch
+
+    def shares_prompts(self, examples) -> bool:
+        """Only prompt groups whose rows max_length does not cut."""
+        longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+        return (self.share_prompt and all("group" in e for e in examples)
+                and (self.max_length is None or longest <= self.max_length))
 
     def shared_prompt_batch(self, examples) -> dict:
         prompts, prompt_of = unique_rows([tuple(e["prompt_ids"]) for e in examples])

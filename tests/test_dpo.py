@@ -226,6 +226,8 @@ def test_shared_prompt_batches_run_each_prompt_once_with_the_same_loss_and_gradi
     trls.backward()
     for (name, mine), theirs in zip(shared.model.named_parameters(), whole.model.parameters()):
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-3, atol=1e-6), name
+    shared.data_collator.max_length = 12  # rows max_length cuts go whole, cut as TRL cuts them
+    assert "prefix_ids" not in first_batch(shared) and first_batch(shared)["input_ids"].shape[1] == 12
 
 
 def test_the_memory_estimate_counts_the_sequences_a_step_runs(tmp_path):
