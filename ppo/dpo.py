@@ -26,10 +26,9 @@ from trl.trainer.utils import pad
 
 from ppo.dpo_config import DPOStageConfig
 from rlhf import hardware, models, tracking
-from rlhf.batching import LengthGroupedTraining, PromptGroupSampler, longest_sequence, unique_rows
+from rlhf.batching import LengthGroupedTraining, PromptGroupSampler, longest_sequence, shared_prefix_inputs, unique_rows
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
-from rlhf.decoding import cache_argument
 from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
 from rlhf.preference_pairs import answer_text, pair_margin, preference_source, usable_pairs
@@ -136,17 +135,10 @@ def shared_prompt_logps(model, batch: dict) -> torch.Tensor:
     """Summed log-probabilities of each answer row of a shared-prompt batch (see PairCollator): the prompts run
     once, left-padded, and each answer on a copy of its prompt's keys and values. An answer's first token is
     predicted by its prompt's last position, the others by the answer's own positions."""
-    prefix_mask, owner = batch["prefix_mask"], batch["suffix_prefix"]
-    prefix = model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask,
-                   position_ids=(prefix_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
-    cache = prefix.past_key_values
-    cache.batch_select_indices(owner)
+    prefix, suffix_inputs = shared_prefix_inputs(model, batch, logits_to_keep=1)
+    suffix = model(**suffix_inputs)
     suffix_ids, suffix_mask = batch["suffix_ids"], batch["suffix_mask"]
-    start = prefix_mask.sum(-1)[owner][:, None]
-    suffix = model(input_ids=suffix_ids, use_cache=True, **{cache_argument(model): cache},
-                   attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=-1),
-                   position_ids=start + torch.arange(suffix_ids.shape[1], device=start.device))
-    logits = torch.cat([prefix.logits[owner], suffix.logits[:, :-1]], dim=1)
+    logits = torch.cat([prefix.logits[batch["suffix_prefix"]], suffix.logits[:, :-1]], dim=1)
     logps = logits.float().log_softmax(-1).gather(-1, suffix_ids[..., None]).squeeze(-1)
     return (logps * suffix_mask).sum(-1)
 

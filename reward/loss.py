@@ -23,7 +23,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
-from rlhf.batching import PromptGroupSampler, unique_rows
+from rlhf.batching import PromptGroupSampler, shared_prefix_inputs, unique_rows
 from rlhf.preference_loss import plackett_luce_loss, preference_loss
 from rlhf.rankings import ranks_in_order
 from rlhf.reward_model import pooled_rewards
@@ -132,17 +132,8 @@ def prompt_groups(examples: list[dict]) -> list[list[int]]:
 
 def shared_prefix_rewards(model, batch: dict, pooling: str = "last_token") -> torch.Tensor:
     """[answer rows, heads] rewards from a shared-prefix batch (see PreferenceCollator)."""
-    prefix_mask = batch["prefix_mask"]
-    positions = (prefix_mask.cumsum(-1) - 1).clamp_min(0)
-    cache = model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask, position_ids=positions,
-                  use_cache=True).past_key_values
-    owner = batch["suffix_prefix"]
-    cache.batch_select_indices(owner)  # each answer row on a copy of its prompt's keys and values
-    suffix_mask = batch["suffix_mask"]
-    start = prefix_mask.sum(-1)[owner][:, None]
-    return pooled_rewards(model, pooling, batch["answer_mask"], input_ids=batch["suffix_ids"], past_key_values=cache,
-                          use_cache=True, attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=-1),
-                          position_ids=start + torch.arange(suffix_mask.shape[1], device=start.device))
+    _, suffix_inputs = shared_prefix_inputs(model, batch)
+    return pooled_rewards(model, pooling, batch["answer_mask"], **suffix_inputs)
 
 
 def consensus_ranks(answers: list[int], pairs: list[tuple[int, int, bool]]) -> list[int]:

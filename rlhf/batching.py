@@ -15,6 +15,8 @@ import random
 import torch
 from torch.utils.data import Sampler
 
+from rlhf.decoding import cache_argument
+
 
 class LengthGroupedBatches(Sampler[int]):
     """Row indices, one batch after another: rows sorted by length (equal lengths in random order), cut into
@@ -80,6 +82,21 @@ def unique_rows(sequences: list[tuple]) -> tuple[list[tuple], list[int]]:
     rows: dict[tuple, int] = {}
     index = [rows.setdefault(s, len(rows)) for s in sequences]
     return list(rows), index
+
+
+def shared_prefix_inputs(model, batch: dict, **prefix_kwargs) -> tuple:
+    """Runs each prompt of a shared-prefix batch once (`prefix_ids`, left-padded) and returns its output with the
+    inputs that run each answer row (`suffix_ids`, right-padded, `suffix_prefix` its prompt) on a copy of its
+    prompt's keys and values."""
+    prefix_mask, owner = batch["prefix_mask"], batch["suffix_prefix"]
+    prefix = model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask,
+                   position_ids=(prefix_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, **prefix_kwargs)
+    cache = prefix.past_key_values
+    cache.batch_select_indices(owner)
+    suffix_mask, start = batch["suffix_mask"], prefix_mask.sum(-1)[owner][:, None]
+    return prefix, {"input_ids": batch["suffix_ids"], "use_cache": True, cache_argument(model): cache,
+                    "attention_mask": torch.cat([prefix_mask[owner], suffix_mask], dim=-1),
+                    "position_ids": start + torch.arange(suffix_mask.shape[1], device=start.device)}
 
 
 LENGTH_GROUPED = "length_grouped"
