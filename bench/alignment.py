@@ -37,6 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from preference_ui.simulate import voting_judge  # noqa: E402
+from rlhf.errors import UserError  # noqa: E402
+
 JUDGES = ("builtin:length", "builtin:readability", "builtin:keywords", "builtin:sentiment")
 HELD_OUT = "builtin:sentiment"
 CHAINED = ("ppo", "dpo")  # the policies `rlhf run` trains
@@ -51,7 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="", help="Run config (empty: configs/default.yaml, or "
                         f"{VERIFIABLE_CONFIG} with --verifiable).")
     parser.add_argument("--root", default="", help="Folder for the runs (empty: a new temporary folder).")
-    parser.add_argument("--judges", default=",".join(JUDGES), help="Comma-separated judges, one run each.")
+    parser.add_argument("--judges", default=",".join(JUDGES), help="Comma-separated judges (builtin:NAME or "
+                        "module:function), one run each.")
     parser.add_argument("--held-out", default=HELD_OUT, help="The judge nothing was tuned on, reported apart.")
     parser.add_argument("--eval-prompts", type=int, default=200, help="Held-out prompts eval scores.")
     parser.add_argument("--frontier", action="store_true", help="Also the reward-KL frontier on the first judge.")
@@ -66,7 +70,19 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.config = args.config or (VERIFIABLE_CONFIG if args.verifiable else "configs/default.yaml")
     args.methods = checked_methods(parser, args.methods, args.verifiable)
+    if not args.verifiable:
+        checked_judges(parser, args.judges)
     return args
+
+
+def checked_judges(parser, judges: str) -> None:
+    """Every judge loads as the simulated labellers will load it, before any chain starts: a mistyped judge is a
+    usage error now, not a failed preferences stage after an SFT run."""
+    for judge in judges.split(","):
+        try:
+            voting_judge(judge)
+        except UserError as err:
+            parser.error(f"--judges: {err}")
 
 
 def checked_methods(parser, methods: str, verifiable: bool) -> list[str]:

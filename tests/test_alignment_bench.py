@@ -65,6 +65,15 @@ def test_methods_default_per_task_and_unknown_ones_are_refused(capsys):
     assert "'reinforce' is not one of ppo, dpo, grpo, rloo, reinforce_pp" in capsys.readouterr().err
 
 
+def test_a_mistyped_judge_is_refused_before_any_chain_starts(tmp_path, capsys):
+    assert parse_args(["--judges", "builtin:length,rlhf.judges:keywords"]).judges
+    with pytest.raises(SystemExit) as refused:
+        main(["--root", str(tmp_path / "runs"), "--judges", "builtin:length,sentiment"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "--judges: judge 'sentiment'" in err and "builtin:NAME" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_verifiable_summary_gives_accuracy_before_and_after_each_method():
     def policy(accuracy: float, low: float) -> dict:
         return {"accuracy": accuracy, "win_rate_judge": low + 0.05, "win_rate_judge_low": low,
