@@ -6,8 +6,11 @@ and dtype, in one call. Three workloads, as the default run generates:
 - group: a GRPO / RLOO rollout, `--group` answers to each of `--batch-ppo / --group` prompts;
 - ppo: a PPO rollout, `--batch-ppo` distinct prompts.
 
-    python bench/rollout.py [--model smollm2-135m-instruct] [--prompts 16] [--k 4] [--batch 64] [--batch-ppo 8]
-                            [--group 4] [--tokens 48] [--temperature 0.7] [--rounds 2] [--dtype auto]
+The sizes default to configs/default.yaml's (preferences.responses_per_prompt, preferences.batch_size,
+ppo.batch_size, ppo.num_generations, ppo.response_length, ppo.temperature), so the workloads follow the default run.
+
+    python bench/rollout.py [--model smollm2-135m-instruct] [--prompts 16] [--k K] [--batch B] [--batch-ppo B]
+                            [--group G] [--tokens T] [--temperature T] [--rounds 2] [--dtype auto]
 
 Both sample at the temperature with no top-k or top-p and stop a row at the stop token (`generate` stops when
 every row has). Tokens are counted through each answer's stop token. The limit line is this CPU's matmul rate
@@ -28,23 +31,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from generation import matmul_flops  # noqa: E402  (bench/generation.py)
 
+from ppo.config import PPOStageConfig  # noqa: E402
 from ppo.rollout import encode_prompts  # noqa: E402
+from preference_ui.config import PreferencesStageConfig  # noqa: E402
 from rlhf import models  # noqa: E402
 from rlhf.datasets import load_rows  # noqa: E402
 from rlhf.decoding import decode  # noqa: E402
 from rlhf import hardware  # noqa: E402
+from rlhf.config import load_config  # noqa: E402
+
+
+def default_sizes() -> dict:
+    """The default run's generation sizes, read from configs/default.yaml (missing keys: the stages' defaults)."""
+    config = load_config("configs/default.yaml", [], {"preferences": PreferencesStageConfig, "ppo": PPOStageConfig})
+    preferences, ppo = config["preferences"], config["ppo"]
+    return {"k": preferences.responses_per_prompt, "batch": preferences.batch_size, "batch_ppo": ppo.batch_size,
+            "group": ppo.num_generations, "tokens": ppo.response_length, "temperature": ppo.temperature}
 
 
 def parse_args(argv=None):
+    sizes = default_sizes()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=16, help="Prompts from data/rl_prompts.jsonl (sampling).")
-    parser.add_argument("--k", type=int, default=4, help="Sampled answers per prompt (sampling).")
-    parser.add_argument("--batch", type=int, default=64, help="Rows per generation batch (sampling).")
-    parser.add_argument("--batch-ppo", type=int, default=8, help="Rows per rollout (group and ppo).")
-    parser.add_argument("--group", type=int, default=4, help="Answers per prompt in the group rollout.")
-    parser.add_argument("--tokens", type=int, default=48, help="Longest answer, in tokens.")
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--k", type=int, default=sizes["k"], help="Sampled answers per prompt (sampling).")
+    parser.add_argument("--batch", type=int, default=sizes["batch"], help="Rows per generation batch (sampling).")
+    parser.add_argument("--batch-ppo", type=int, default=sizes["batch_ppo"], help="Rows per rollout (group and ppo).")
+    parser.add_argument("--group", type=int, default=sizes["group"], help="Answers per prompt in the group rollout.")
+    parser.add_argument("--tokens", type=int, default=sizes["tokens"], help="Longest answer, in tokens.")
+    parser.add_argument("--temperature", type=float, default=sizes["temperature"])
     parser.add_argument("--rounds", type=int, default=2, help="Timed rounds per side (after a warm-up).")
     parser.add_argument("--dtype", default="auto", help="auto (the hardware's), bf16 or fp32.")
     return parser.parse_args(argv)
