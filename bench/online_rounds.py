@@ -3,7 +3,7 @@ against three rounds of about B/3 (`run.rounds: 3`: rounds 2 and 3 label the lat
 the reward model is least sure), on the same SFT model, judge and seeds, and with the same PPO episodes in total.
 
     python bench/online_rounds.py [--config configs/default.yaml] [--root /tmp/online] [--judges a,b,...]
-                                  [--prompts 32] [--episodes 48] [--eval-prompts 100] [--set KEY=VALUE ...]
+                                  [--prompts 32] [--episodes 96] [--eval-prompts 100] [--set KEY=VALUE ...]
 
 The SFT model is trained once and shared by every run. Per judge, both arms run `rlhf run` in their own folder:
 the single round labels all pairs of 4 answers to `--prompts` prompts (B) and trains PPO for `--episodes`
@@ -46,7 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--root", default="", help="Folder for the runs (empty: a new temporary folder).")
     parser.add_argument("--judges", default=",".join(JUDGES), help="Comma-separated judges, both arms each.")
     parser.add_argument("--prompts", type=int, default=32, help="The single round's prompts: B = 6 pairs each.")
-    parser.add_argument("--episodes", type=int, default=48, help="PPO episodes in total, in either arm.")
+    # 96: 6 updates of the default's 16 answers (2 a round), the updates and forward-backward tokens of the recorded
+    # runs (48 episodes in two passes of 8, the default until the fourteenth session); 48 would now give 1 a round
+    parser.add_argument("--episodes", type=int, default=96, help="PPO episodes in total, in either arm.")
     parser.add_argument("--eval-prompts", type=int, default=100, help="Held-out prompts of the final evaluation.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Extra config override for every run, e.g. reward.round_init=previous (repeatable).")
