@@ -54,12 +54,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=16, help="Prompts from data/rl_prompts.jsonl (sampling).")
-    parser.add_argument("--k", type=int, default=sizes["k"], help="Sampled answers per prompt (sampling).")
-    parser.add_argument("--batch", type=int, default=sizes["batch"], help="Rows per generation batch (sampling).")
-    parser.add_argument("--batch-ppo", type=int, default=sizes["batch_ppo"], help="Rows per rollout (group and ppo).")
-    parser.add_argument("--group", type=int, default=sizes["group"], help="Answers per prompt in the group rollout.")
-    parser.add_argument("--tokens", type=int, default=sizes["tokens"], help="Longest answer, in tokens.")
-    parser.add_argument("--temperature", type=float, default=sizes["temperature"])
+    from_the_default_run = {"--k": ("k", int, "Sampled answers per prompt (sampling)."),
+                            "--batch": ("batch", int, "Rows per generation batch (sampling)."),
+                            "--batch-ppo": ("batch_ppo", int, "Rows per rollout (group and ppo)."),
+                            "--group": ("group", int, "Answers per prompt in the group rollout."),
+                            "--tokens": ("tokens", int, "Longest answer, in tokens."),
+                            "--temperature": ("temperature", float, "Sampling temperature.")}
+    for flag, (key, kind, text) in from_the_default_run.items():
+        parser.add_argument(flag, type=kind, default=sizes[key], help=f"{text} %(default)s: the default run's.")
     parser.add_argument("--rounds", type=int, default=2, help="Timed rounds per side (after a warm-up).")
     parser.add_argument("--dtype", default="auto", help="auto (the hardware's), bf16 or fp32.")
     return parser.parse_args(argv)
