@@ -159,69 +159,8 @@ def test_a_run_killed_in_round_2_reruns_to_the_uninterrupted_runs_artifacts(whol
                 assert killed_results[policy][key] == pytest.approx(value, abs=1e-4), (policy, key)
 
 
-def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_then_finishes(tmp_path):
-    document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    document["round-2"] = {"preferences": {"simulate_judge": "", "poll_seconds": 0.2}}
-    config = tmp_path / "people-in-round-2.yaml"
-    config.write_text(yaml.safe_dump(document))
-    command = rounds_run(tmp_path, "people", config=str(config))
-    log = tmp_path / "run.log"
-
-    def started_run():
-        with log.open("a") as out:
-            return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_for(text: str, process) -> None:
-        deadline = time.time() + 600
-        while text not in log.read_text():
-            assert process.poll() is None, f"the run ended before '{text}':\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline
-            time.sleep(0.1)
-
-    runs = [started_run()]  # the `rlhf run` processes, stopped at the end whatever happens
-    server = None
-    try:
-        wait_for("waiting for labellers: 0/6", runs[-1])
-        db = f"sqlite:///{tmp_path / 'people' / 'labels.db'}"
-        serve = log.read_text().split(f"rlhf label --db {db} serve --batch ")[1]
-        batch = serve.split()[0].rstrip("`")
-        assert batch.startswith("people-round-2-")  # the round's own batch is what the app is told to hand out
-        Store(db).add_user("ann", "labeller", "ann-passphrase")
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", db, "serve", "--batch",
-                                   batch, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT)
-        wait_for_port(server, port)
-        ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")
-        ann.call("next_item")
-        for _ in range(3):
-            ann.call("vote_a", "clear", "", "", None)
-        runs[-1].send_signal(signal.SIGKILL)  # killed while it waits for the other three
-        runs[-1].wait()
-        assert not (tmp_path / "people" / "round-2" / "preferences").exists()
-        runs.append(started_run())
-        wait_for("waiting for labellers: 3/6", runs[-1])
-        ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")  # back at the app later
-        ann.call("next_item")
-        for _ in range(3):
-            ann.call("vote_b", "clear", "", "", None)
-        assert runs[-1].wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        for process in runs:  # a failed test leaves no run waiting for votes
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        if server is not None:
-            stop_server(server)
-    printed = log.read_text()
-    rerun = printed[printed.rindex("[run] sft: "):]
-    assert actions(rerun) == {**{key: "up to date, skipped" for key in ROUND_1}, **{key: "running" for key in ROUND_2}}
-    entry = json.loads((tmp_path / "people" / "manifest.json").read_text())["stages"]["round-2/preferences"]
-    assert entry["status"] == "done" and entry["metrics"]["votes"] == 6 and entry["metrics"]["batch"] == batch
-
-
 def test_a_setting_changed_for_round_2_reruns_round_2_only_and_leaves_round_1_as_it_was(whole, tmp_path):
-    """Runs last in this file: it changes the uninterrupted run the other tests compare with."""
+    """After the killed run's test: it changes the uninterrupted run that test compares with."""
     root, run = whole["root"], whole["run"]
     round_1 = {stage: hash_path(run / stage) for stage in ROUND_1}
     document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
@@ -240,6 +179,71 @@ def test_a_setting_changed_for_round_2_reruns_round_2_only_and_leaves_round_1_as
     after = json.loads((run / "manifest.json").read_text())["stages"]["round-2/preferences"]["metrics"]["batch"]
     store = Store(f"sqlite:///{run / 'labels.db'}")
     assert after != before and len(store.comparisons(after)) == 4 and len(store.comparisons(before)) == BUDGET
+
+
+def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_then_finishes(whole, tmp_path):
+    """After the setting-changed test, on the uninterrupted run's round 1: round 2, now labelled by people in a
+    batch of their own, reruns and waits for their votes."""
+    run = whole["run"]
+    document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    document["round-2"] = {"preferences": {"simulate_judge": "", "poll_seconds": 0.2, "batch": "people"}}
+    config = tmp_path / "people-in-round-2.yaml"
+    config.write_text(yaml.safe_dump(document))
+    command = rounds_run(whole["root"], "whole", config=str(config))
+    published = hash_path(run / "round-2" / "preferences")  # by the simulated labellers, before this test
+    log = tmp_path / "run.log"
+
+    def started_run():
+        with log.open("a") as out:
+            return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_for(text: str, process) -> None:
+        deadline = time.time() + 600
+        while text not in log.read_text():
+            assert process.poll() is None, f"the run ended before '{text}':\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.1)
+
+    runs = [started_run()]  # the `rlhf run` processes, stopped at the end whatever happens
+    server = None
+    try:
+        wait_for("waiting for labellers: 0/6", runs[-1])
+        db = f"sqlite:///{run / 'labels.db'}"
+        serve = log.read_text().split(f"rlhf label --db {db} serve --batch ")[1]
+        batch = serve.split()[0].rstrip("`")
+        assert batch.startswith("people-round-2-")  # the round's own batch is what the app is told to hand out
+        Store(db).add_user("ann", "labeller", "ann-passphrase")
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "label", "--db", db, "serve", "--batch",
+                                   batch, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)
+        wait_for_port(server, port)
+        ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")
+        ann.call("next_item")
+        for _ in range(3):
+            ann.call("vote_a", "clear", "", "", None)
+        runs[-1].send_signal(signal.SIGKILL)  # killed while it waits for the other three
+        runs[-1].wait()
+        assert hash_path(run / "round-2" / "preferences") == published  # the killed attempt overwrote nothing
+        runs.append(started_run())
+        wait_for("waiting for labellers: 3/6", runs[-1])
+        ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")  # back at the app later
+        ann.call("next_item")
+        for _ in range(3):
+            ann.call("vote_b", "clear", "", "", None)
+        assert runs[-1].wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        for process in runs:  # a failed test leaves no run waiting for votes
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if server is not None:
+            stop_server(server)
+    printed = log.read_text()
+    rerun = printed[printed.rindex("[run] sft: "):]
+    assert actions(rerun) == {**{key: "up to date, skipped" for key in ROUND_1}, **{key: "running" for key in ROUND_2}}
+    entry = json.loads((run / "manifest.json").read_text())["stages"]["round-2/preferences"]
+    assert entry["status"] == "done" and entry["metrics"]["votes"] == 6 and entry["metrics"]["batch"] == batch
 
 
 def test_each_round_takes_fresh_prompts_and_a_prompt_file_too_short_for_a_round_is_named():

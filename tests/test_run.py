@@ -43,12 +43,20 @@ def actions(stdout: str) -> dict:
     return found
 
 
-def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
-    trackio = tmp_path / "trackio"  # the first run tracks to a trackio folder of its own; tracking is no input
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """An uninterrupted run, tracked to a trackio folder of its own (tracking is no input: the killed runs, which
+    track nothing, must still end with its artifacts)."""
+    root = tmp_path_factory.mktemp("run")
+    trackio = root / "trackio"
     env = {**os.environ, "TRACKIO_DIR": str(trackio), "HF_HUB_OFFLINE": "1"}
-    first = run_ok(rlhf_run(tmp_path, "tiny", "--run.tracking", "trackio"), env)
+    printed = run_ok(rlhf_run(root, "tiny", "--run.tracking", "trackio"), env)
+    return {"root": root, "run": root / "tiny", "printed": printed, "trackio": trackio}
+
+
+def test_a_tiny_run_end_to_end_tracks_every_stage_and_its_store_serves_the_label_app(whole, tmp_path):
+    first, run, trackio = whole["printed"], whole["run"], whole["trackio"]
     assert actions(first) == {stage: "running" for stage in STAGES}
-    run = tmp_path / "tiny"
     [database] = list(trackio.rglob("*.db"))
     with sqlite3.connect(database) as db:
         runs = {name for (name,) in db.execute("select distinct run_name from metrics")}
@@ -61,7 +69,7 @@ def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
     # the label commands given the same config use the run's own store
     config = tmp_path / "tiny-here.yaml"
     document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    document["run"].update(output_root=str(tmp_path), name="tiny")
+    document["run"].update(output_root=str(whole["root"]), name="tiny")
     config.write_text(yaml.safe_dump(document))
     store = Store(f"sqlite:///{run / 'labels.db'}")
     label = [sys.executable, "-m", "pipeline.cli", "label"]
@@ -91,15 +99,6 @@ def test_a_tiny_run_end_to_end_then_reruns_only_what_changed(tmp_path):
     timings = first[first.index("[run] wall time of the stages run now:"):].splitlines()[1:len(STAGES) + 2]
     assert [line.split()[0] for line in timings] == STAGES + ["total"]
 
-    rerun = run_ok(rlhf_run(tmp_path, "tiny"))
-    assert actions(rerun) == {stage: "up to date, skipped" for stage in STAGES}
-    assert "[run] every stage was up to date" in rerun
-    # a new reward learning rate: the reward model changes, so PPO and eval (which read it) rerun; DPO does not
-    changed = actions(run_ok(rlhf_run(tmp_path, "tiny", "--reward.learning_rate", "1e-3")))
-    assert [s for s in STAGES if changed[s] == "running"] == ["reward", "ppo", "eval"], changed
-    forced = actions(run_ok(rlhf_run(tmp_path, "tiny", "--reward.learning_rate", "1e-3", "--from", "dpo")))
-    assert [s for s in STAGES if forced[s] == "running"] == ["dpo", "eval"], forced
-
 
 # Where a run is killed, in order: each file's appearance under the run folder triggers a SIGKILL of `rlhf run`
 # (its stage process dies with it), then the run is started again. Mid-stage after a checkpoint, while sampling
@@ -123,7 +122,7 @@ def run_until(root, name: str, trigger, log) -> str:
     return log.read_text()
 
 
-def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifacts(tmp_path):
+def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifacts(whole, tmp_path):
     printed = [run_until(tmp_path, "killed", tmp_path / "killed" / trigger, tmp_path / f"killed-{i}.log")
                for i, trigger in enumerate(KILLS)]
     # each training stage killed after its checkpoint resumes from it in the next run
@@ -133,25 +132,38 @@ def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifact
     last = actions(run_ok(rlhf_run(tmp_path, "killed")))
     assert last == {**{stage: "up to date, skipped" for stage in STAGES[:-1]}, "eval": "running"}
 
-    run_ok(rlhf_run(tmp_path, "whole"))
     # the same votes on the same answers (each run names its batch after itself)
+    killed, uninterrupted = tmp_path / "killed", whole["run"]
     killed_pairs, whole_pairs = ([{k: v for k, v in row.items() if k != "batch"}
-                                  for row in load_from_disk(str(tmp_path / name / "preferences"))]
-                                 for name in ("killed", "whole"))
+                                  for row in load_from_disk(str(folder / "preferences"))]
+                                 for folder in (killed, uninterrupted))
     assert killed_pairs == whole_pairs
     for stage in ("sft", "reward", "ppo", "dpo"):
-        killed_weights = load_file(tmp_path / "killed" / stage / "model.safetensors")
-        for name, tensor in load_file(tmp_path / "whole" / stage / "model.safetensors").items():
+        killed_weights = load_file(killed / stage / "model.safetensors")
+        for name, tensor in load_file(uninterrupted / stage / "model.safetensors").items():
             assert torch.allclose(killed_weights[name], tensor, atol=1e-5), (stage, name)
-    killed_results, whole_results = (json.loads((tmp_path / name / "eval" / "results.json").read_text())["policies"]
-                                     for name in ("killed", "whole"))
+    killed_results, whole_results = (json.loads((folder / "eval" / "results.json").read_text())["policies"]
+                                     for folder in (killed, uninterrupted))
     for policy, result in whole_results.items():
         for key, value in result.items():
             if isinstance(value, float):
                 assert killed_results[policy][key] == pytest.approx(value, abs=1e-4), (policy, key)
-    killed_tables, whole_tables = ([line for line in (tmp_path / name / "report.md").read_text().splitlines()
-                                    if line.startswith("|")] for name in ("killed", "whole"))
+    killed_tables, whole_tables = ([line for line in (folder / "report.md").read_text().splitlines()
+                                    if line.startswith("|")] for folder in (killed, uninterrupted))
     assert killed_tables == whole_tables
+
+
+def test_a_rerun_skips_what_is_up_to_date_and_a_change_reruns_only_what_depends_on_it(whole):
+    """After the killed run's test: it changes the uninterrupted run that test compares with."""
+    root = whole["root"]
+    rerun = run_ok(rlhf_run(root, "tiny"))
+    assert actions(rerun) == {stage: "up to date, skipped" for stage in STAGES}
+    assert "[run] every stage was up to date" in rerun
+    # a new reward learning rate: the reward model changes, so PPO and eval (which read it) rerun; DPO does not
+    changed = actions(run_ok(rlhf_run(root, "tiny", "--reward.learning_rate", "1e-3")))
+    assert [s for s in STAGES if changed[s] == "running"] == ["reward", "ppo", "eval"], changed
+    forced = actions(run_ok(rlhf_run(root, "tiny", "--reward.learning_rate", "1e-3", "--from", "dpo")))
+    assert [s for s in STAGES if forced[s] == "running"] == ["dpo", "eval"], forced
 
 
 def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_comparison_has_its_votes(
