@@ -51,8 +51,21 @@ def largest_difference(folder_a, folder_b, name: str = "model.safetensors") -> f
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_path):
+    """The GRPO run on one process that both shardings must repeat (its root). In its own process: in this pytest
+    process accelerate's state may already hold another precision."""
+    root = tmp_path_factory.mktemp("one-process")
+    alone = subprocess.run([sys.executable, "-m", "pipeline.cli", *ppo_args(root, tiny_model_path, "one", *GRPO)],
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=900)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-3000:]
+    return root
+
+
 @pytest.mark.parametrize("sharding", list(SHARDINGS))
-def test_two_sharded_processes_train_as_one_process_and_resume_exactly(tmp_path, tiny_model_path, sharding):
+def test_two_sharded_processes_train_as_one_process_and_resume_exactly(tmp_path, tiny_model_path, sharding,
+                                                                       one_process):
     command = sharded(*ppo_args(tmp_path, tiny_model_path, "sharded", *GRPO))
     env = environment(sharding)
     kill_when_saved(command, tmp_path / "runs" / "sharded" / ".ppo.partial" / "checkpoint-3", env=env)
@@ -67,15 +80,10 @@ def test_two_sharded_processes_train_as_one_process_and_resume_exactly(tmp_path,
     assert stage_entry(tmp_path, "sharded")["metrics"]["processes"] == 2
     assert stage_entry(tmp_path, "sharded")["metrics"]["resumed_from_update"] == 3
 
-    # one process on its own: in this pytest process accelerate's state may already hold another precision
-    alone = subprocess.run([sys.executable, "-m", "pipeline.cli", *ppo_args(tmp_path, tiny_model_path, "one", *GRPO)],
-                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                           timeout=900)
-    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-3000:]
-    runs = tmp_path / "runs"
-    assert largest_difference(runs / "sharded" / "ppo", runs / "one" / "ppo") < 1e-5
-    assert largest_difference(runs / "one" / "ppo", tiny_model_path) > 1e-3  # both trained: not the start twice
-    sharded_metrics, one = stage_entry(tmp_path, "sharded")["metrics"], stage_entry(tmp_path, "one")["metrics"]
+    one_ppo = one_process / "runs" / "one" / "ppo"
+    assert largest_difference(tmp_path / "runs" / "sharded" / "ppo", one_ppo) < 1e-5
+    assert largest_difference(one_ppo, tiny_model_path) > 1e-3  # both trained: not the start twice
+    sharded_metrics, one = stage_entry(tmp_path, "sharded")["metrics"], stage_entry(one_process, "one")["metrics"]
     for key in ("start_score", "end_score", "final_kl", "eval_score_after"):
         assert abs(sharded_metrics[key] - one[key]) < 1e-5, key
 
