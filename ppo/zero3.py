@@ -8,6 +8,7 @@ Generation runs with the policy's parameters gathered once and the engine's hook
 under FSDP2: each process decodes its rows alone. Checkpoints are DeepSpeed's partitioned ones (`zero3/`).
 """
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def engines(policy, critic, reference, optimizer_class, config, accelerator):
     """(engine over policy and critic with its optimiser, engine over the reference or None)."""
     import deepspeed
 
+    # DeepSpeed gathers and scatters every layer through collectives torch now deprecates, and torch warns at each
+    # call (about 16 warnings an update): they name DeepSpeed's code, not the user's, and bury the step log
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            "deprecated", FutureWarning)
     trained = Trained(policy, critic)
     optimizer = optimizer_class([p for p in trained.parameters() if p.requires_grad])
     engine, *_ = deepspeed.initialize(model=trained, optimizer=optimizer,
