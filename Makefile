@@ -37,7 +37,7 @@ system-packages:
 
 test: install system-packages
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 bench: install
 	$(BIN)/python bench/sft_throughput.py
