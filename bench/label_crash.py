@@ -17,6 +17,7 @@ Last lines: `lost: X`, then `duplicated: Y` (targets 0 and 0).
 """
 import argparse
 import http.client
+import shutil
 import signal
 import sys
 import tempfile
@@ -89,9 +90,9 @@ class Labeller:
         return True
 
 
-def crash_run(args) -> dict:
-    """The run described in the module docstring; its audit."""
-    root = Path(tempfile.mkdtemp(prefix="label-crash-"))
+def crash_run(args, root: Path) -> dict:
+    """The run described in the module docstring, with its servers' logs (and the SQLite store) in `root`; its
+    audit."""
     db_url = args.db or f"sqlite:///{root / 'labels.db'}"
     names = prepare_store(db_url, args.labellers, args.comparisons)
     port = free_port()
@@ -160,12 +161,13 @@ def votes_per_item(db_url: str) -> Counter:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="label-crash-"))
     if args.postgres:
         with scratch_postgres() as server:
             args.db = new_database(server, "crash")
-            report = crash_run(args)
+            report = crash_run(args, root)
     else:
-        report = crash_run(args)
+        report = crash_run(args, root)
     print(f"{args.labellers} labellers, {args.comparisons} comparisons x overlap {args.overlap} on {report['store']}; "
           f"server killed after {report['accepted_before_kill']} accepted votes and started again")
     print(f"stored {report['stored']} votes, {report['claimed']} seen accepted; {report['comparisons_full']} "
@@ -177,6 +179,10 @@ def main(argv=None) -> int:
     print(f"duplicated: {report['duplicated']}")
     healthy = (report["lost"] == report["duplicated"] == report["wrong_side"] == report["not_resumed"]
                == report["unfinished"] == 0 and report["max_labellers_per_item"] <= args.overlap)
+    if healthy:
+        shutil.rmtree(root)
+    else:
+        print(f"the servers' logs are kept in {root}", file=sys.stderr)
     return 0 if healthy else 1
 
 

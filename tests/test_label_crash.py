@@ -4,9 +4,9 @@ it left open."""
 from bench.label_crash import crash_run, parse_args
 
 
-def test_a_server_killed_mid_load_loses_and_duplicates_no_vote(store_url):
+def test_a_server_killed_mid_load_loses_and_duplicates_no_vote(store_url, tmp_path):
     report = crash_run(parse_args(["--labellers", "6", "--comparisons", "40", "--overlap", "2", "--kill-after",
-                                   "0.3", "--db", store_url]))
+                                   "0.3", "--db", store_url]), tmp_path)
     assert report["accepted_before_kill"] >= 24 and report["claimed"] >= 40  # the kill came mid-load
     assert (report["lost"], report["duplicated"], report["wrong_side"]) == (0, 0, 0)
     assert report["max_labellers_per_item"] <= 2 and report["comparisons_full"] == 40
