@@ -1,35 +1,35 @@
 """Health checks on each PPO update's metrics: the signs that a run is going wrong (docs/ppo.md lists the
-checks), each as one readable line. The trainer prints and logs them, and stops on the first with
-`--ppo.stop_on_alert`."""
+checks), each as one readable line named by its check. The trainer logs every update's count, prints each check's
+first alert (and how often each fired, at the end), and stops on the first with `--ppo.stop_on_alert`."""
 
 RATIO_BOUNDS = (0.8, 1.25)    # mean policy ratio outside this: the policy moved too far within one update
 CLIPFRAC_LIMIT = 0.3          # more clipped tokens than this: the learning rate or the epochs are too high
 
 
-def health_alerts(metrics: dict, config) -> list[str]:
-    """Alerts for one update's metrics (TRL's names), given the stage config's bounds."""
-    alerts = []
+def health_alerts(metrics: dict, config) -> dict[str, str]:
+    """{check: alert} for one update's metrics (TRL's names), given the stage config's bounds."""
+    alerts = {}
     kl = metrics["objective/kl"]
     if kl > config.kl_alert:
-        alerts.append(f"KL to the reference is {kl:.2f} nats per response, past the bound {config.kl_alert:g} "
-                      "(kl_alert): raise kl_coef or lower the learning rate")
+        alerts["KL"] = (f"KL to the reference is {kl:.2f} nats per response, past the bound {config.kl_alert:g} "
+                        "(kl_alert): raise kl_coef or lower the learning rate")
     ratio = metrics["val/ratio"]
     if not RATIO_BOUNDS[0] <= ratio <= RATIO_BOUNDS[1]:
-        alerts.append(f"mean policy ratio {ratio:.3f} is outside [{RATIO_BOUNDS[0]}, {RATIO_BOUNDS[1]}]: the "
-                      "policy moves too far per update; lower the learning rate or num_ppo_epochs")
+        alerts["policy ratio"] = (f"mean policy ratio {ratio:.3f} is outside [{RATIO_BOUNDS[0]}, {RATIO_BOUNDS[1]}]: "
+                                  "the policy moves too far per update; lower the learning rate or num_ppo_epochs")
     clipfrac = metrics["policy/clipfrac_avg"]
     if clipfrac > CLIPFRAC_LIMIT:
-        alerts.append(f"clip fraction {clipfrac:.2f} is above {CLIPFRAC_LIMIT}: lower the learning rate or "
-                      "num_ppo_epochs")
+        alerts["clip fraction"] = (f"clip fraction {clipfrac:.2f} is above {CLIPFRAC_LIMIT}: lower the learning "
+                                   "rate or num_ppo_epochs")
     ended = metrics["val/num_eos_tokens"] / metrics["episodes_per_update"]
     if ended < 0.5:
-        alerts.append(f"only {ended:.0%} of responses emit the stop token within {config.response_length} tokens: "
-                      "raise response_length or missing_eos_penalty")
+        alerts["stop token"] = (f"only {ended:.0%} of responses emit the stop token within {config.response_length} "
+                                "tokens: raise response_length or missing_eos_penalty")
     length = metrics["val/response_length"]
     if length <= 1.0:
-        alerts.append(f"responses collapsed to {length:.1f} tokens: the policy learned to stop at once")
+        alerts["collapsed"] = f"responses collapsed to {length:.1f} tokens: the policy learned to stop at once"
     elif metrics["val/min_response_length"] >= config.response_length:
-        alerts.append(f"every response runs to the maximum of {config.response_length} tokens")
+        alerts["maximum length"] = f"every response runs to the maximum of {config.response_length} tokens"
     return alerts
 
 

@@ -22,6 +22,7 @@ ZeRO-3 (ppo/zero3.py); answers are drawn from per-answer seeds and each process'
 the tokens, so N processes train like one with the same batch_size. Advantages are whitened per process, as TRL's
 PPO did.
 """
+import collections
 import copy
 import dataclasses
 import functools
@@ -61,6 +62,7 @@ from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, earlier_round_m
 from rlhf.verifiable import check_references, judge_scores
 
 STAGE = "ppo"
+OVEROPTIMISATION = "over-optimisation"  # the alert raised at eval points, beside the per-update checks
 CRITIC, CRITIC_SCALE = "critic", "critic.json"
 
 
@@ -286,6 +288,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         record_eval(state, state.eval_before)
         tracker.log(state.eval_before, step=0)
     started = time.time()
+    printed = set()  # the checks whose alert this process has printed
     while state.update < config.num_updates:
         state.update += 1
         metrics, samples = one_update(accelerator, state, policy, reference, critic, optimizer, tokenizer, scorer,
@@ -297,12 +300,15 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         if config.eval_every and state.update % config.eval_every == 0 and state.update < config.num_updates:
             result = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
             tracker.log(result, step=state.update)
-            alerts += [alert for alert in [record_eval(state, result)] if alert]
+            overoptimised = record_eval(state, result)
+            if overoptimised:
+                alerts[OVEROPTIMISATION] = overoptimised
         if alerts:
-            warn(tracker, state.update, alerts, accelerator.is_main_process)
+            warn(tracker, state.update, alerts, printed, accelerator.is_main_process)
         if alerts and config.stop_on_alert:
             save_checkpoint(accelerator, partial, state, shards(sharded, policy, critic, optimizer))
-            raise StoppedOnAlert(f"ppo stopped at update {state.update} (--ppo.stop_on_alert): {alerts[0]}; "
+            raise StoppedOnAlert(f"ppo stopped at update {state.update} (--ppo.stop_on_alert): "
+                                 f"{next(iter(alerts.values()))}; "
                                  f"the checkpoint in {partial} can be inspected or resumed with --ppo.resume")
         if state.update % config.save_steps == 0 and state.update < config.num_updates:
             save_checkpoint(accelerator, partial, state, shards(sharded, policy, critic, optimizer))
@@ -313,7 +319,9 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     tracker.log(eval_after, step=state.update)
     overoptimised = record_eval(state, eval_after)
     if overoptimised:
-        warn(tracker, state.update, [overoptimised], accelerator.is_main_process)
+        warn(tracker, state.update, {OVEROPTIMISATION: overoptimised}, printed, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        print_alert_counts(state.history, config)
     summary = summarise(state, eval_after, accelerator, config, time.time() - started, checkpoint)
     summary.update({"eval_prompts": len(eval_prompts), "overoptimisation": overoptimised})
     line = (f"eval score {summary['eval_score_before']:.3f} -> {summary['eval_score_after']:.3f}"
@@ -427,11 +435,25 @@ def report(tracker, update: int, metrics: dict, samples: list[list], config: PPO
                   flush=True)
 
 
-def warn(tracker, update: int, alerts: list[str], is_main: bool) -> None:
+def warn(tracker, update: int, alerts: dict[str, str], printed: set, is_main: bool) -> None:
+    """Logs the update's count of alerts. Prints each check's alert the first time it fires, and over-optimisation
+    every time: an alert that holds for the whole run (a default run cuts its answers on purpose) would otherwise
+    print at every update and bury the step log."""
     tracker.log({"health/alerts": len(alerts)}, step=update)
     if is_main:
-        for alert in alerts:
-            print(f"[{STAGE}] ALERT at update {update}: {alert}", flush=True)
+        for check, alert in alerts.items():
+            if check not in printed or check == OVEROPTIMISATION:
+                repeats = "" if check == OVEROPTIMISATION else " (its repeats are counted at the end, not printed)"
+                print(f"[{STAGE}] ALERT at update {update}: {alert}{repeats}", flush=True)
+        printed.update(alerts)
+
+
+def print_alert_counts(history: list[dict], config: PPOStageConfig) -> None:
+    """How many updates each health check fired at (the repeats `warn` did not print)."""
+    fired = collections.Counter(check for metrics in history for check in health_alerts(metrics, config))
+    if fired:
+        counts = ", ".join(f"{check} in {count} of {len(history)} updates" for check, count in fired.items())
+        print(f"[{STAGE}] health alerts: {counts}", flush=True)
 
 
 @torch.no_grad()

@@ -154,14 +154,17 @@ def test_health_alerts_fire_on_each_sign_of_trouble_and_not_on_a_healthy_update(
     config = PPOStageConfig(response_length=32, kl_alert=5.0)
     healthy = {"objective/kl": 1.0, "val/ratio": 1.01, "policy/clipfrac_avg": 0.05, "val/num_eos_tokens": 7,
                "episodes_per_update": 8, "val/response_length": 20.0, "val/min_response_length": 9.0}
-    assert health_alerts(healthy, config) == []
-    troubles = {"KL to the reference": {"objective/kl": 6.0}, "policy ratio": {"val/ratio": 1.3},
-                "ratio 0.7": {"val/ratio": 0.7}, "clip fraction": {"policy/clipfrac_avg": 0.4},
-                "stop token": {"val/num_eos_tokens": 3}, "collapsed": {"val/response_length": 1.0},
-                "maximum": {"val/min_response_length": 32.0}}
-    for words, change in troubles.items():
+    assert health_alerts(healthy, config) == {}
+    troubles = {("KL", "KL to the reference"): {"objective/kl": 6.0},
+                ("policy ratio", "mean policy ratio 1.300"): {"val/ratio": 1.3},
+                ("policy ratio", "mean policy ratio 0.700"): {"val/ratio": 0.7},
+                ("clip fraction", "clip fraction 0.40"): {"policy/clipfrac_avg": 0.4},
+                ("stop token", "only 38% of responses emit the stop token"): {"val/num_eos_tokens": 3},
+                ("collapsed", "collapsed to 1.0 tokens"): {"val/response_length": 1.0},
+                ("maximum length", "maximum of 32 tokens"): {"val/min_response_length": 32.0}}
+    for (check, words), change in troubles.items():
         alerts = health_alerts({**healthy, **change}, config)
-        assert len(alerts) == 1 and words.split()[-1] in alerts[0], (words, alerts)
+        assert list(alerts) == [check] and words in alerts[check], (words, alerts)
 
 
 def test_ppo_takes_data_parallel_fsdp_and_zero3_and_refuses_zero1_2_and_sharded_lora():

@@ -1,5 +1,6 @@
 """`rlhf ppo` on the tiny model with a programmatic reward: the reward rises and the policy is published."""
 import json
+import re
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ def vowel_share(prompts: list[str], responses: list[str]) -> list[float]:
     return scores
 
 
-def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tiny_model_path):
+def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tiny_model_path, capsys):
     # no KL penalty (kl_coef 0): the test is about the loop learning at all; the KL maths have their own tests
     args = ["ppo", "--config", "configs/tiny.yaml", "--ppo.model", str(tiny_model_path),
             "--ppo.reward_function", "tests.test_ppo_trainer:vowel_share", "--ppo.total_episodes", "320",
@@ -40,6 +41,11 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
     assert [point["update"] for point in evals] == [0, 8, 16, 20]
     assert evals[0]["kl"] == 0 and evals[-1]["eval/score"] == metrics["eval_score_after"]
     assert all({"eval/score", "eval/judge", "eval/judge_sem"} <= set(point) for point in evals)
+    # 12 tokens are too few for the tiny model's stop token: the alert prints once, its repeats are counted
+    printed = capsys.readouterr().out
+    assert printed.count("emit the stop token") == 1, printed[-3000:]
+    counts = re.search(r"health alerts: .*stop token in (\d+) of 20 updates", printed)
+    assert counts and int(counts[1]) > 1 and metrics["alerts"] >= int(counts[1]), printed[-3000:]
 
 
 def test_ppo_scores_with_a_reward_model_normalised_by_its_scale(tmp_path, tiny_model_path):
