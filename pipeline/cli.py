@@ -363,7 +363,8 @@ def run_pipeline(args, rest) -> int:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "torch"):
+    # accelerate logs each file of a checkpoint (seven lines for PPO's); the stages print one line of their own
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "torch", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

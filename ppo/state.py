@@ -59,5 +59,6 @@ def save_checkpoint(accelerator, partial: Path, state: LoopState, shards=None) -
         names = [p.name.split("-")[1] for p in partial.glob("checkpoint-*")]
         for old in sorted(int(n) for n in names if n.isdigit())[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(partial / f"checkpoint-{old}", ignore_errors=True)
+        print(f"[ppo] checkpoint saved: {final}", flush=True)
     accelerator.wait_for_everyone()
     return final

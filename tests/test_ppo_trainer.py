@@ -46,6 +46,7 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
     assert printed.count("emit the stop token") == 1, printed[-3000:]
     counts = re.search(r"health alerts: .*stop token in (\d+) of 20 updates", printed)
     assert counts and int(counts[1]) > 1 and metrics["alerts"] >= int(counts[1]), printed[-3000:]
+    assert printed.count("[ppo] checkpoint saved: ") == 9  # one line each (configs/tiny.yaml: save_steps 2)
 
 
 def test_ppo_scores_with_a_reward_model_normalised_by_its_scale(tmp_path, tiny_model_path):
