@@ -33,8 +33,11 @@ class WandbBackend:
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         directory.mkdir(parents=True, exist_ok=True)
         self.wandb, self.online = wandb, mode in ("online", "run")
+        # offline, wandb's closing summary and history (some 30 lines a stage) are left out: the stage prints its
+        # own results, and the line below says how to upload the run
         self.run = wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{label}",
-                              config=config, dir=str(directory), mode=mode, reinit="finish_previous")
+                              config=config, dir=str(directory), mode=mode, reinit="finish_previous",
+                              settings=wandb.Settings(quiet=mode == "offline"))
         if mode == "offline":
             print(f"wandb: offline (not logged in); upload later with: wandb sync {Path(self.run.dir).parent}",
                   flush=True)
