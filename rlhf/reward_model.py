@@ -6,12 +6,17 @@ sequence in one of two ways (the model's `config.reward_pooling`, saved with it)
   gradient, where the last token must first learn to gather what the answer said; from a few hundred pairs it
   learns word-level preferences far better (docs/benchmarks.md, "Reward pooling")."""
 
+import contextlib
+import logging
+
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from rlhf import models
 from rlhf.errors import ModelError
 from rlhf.runs import read_stage_record
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("last_token", "answer_mean")
 
@@ -40,7 +45,18 @@ def load_reward_model(path: str, tokenizer, heads: int = 1, dtype=torch.float32,
     """A sequence classifier with `heads` outputs (1, or an ensemble) on the model at `path`. A published reward
     model keeps its own number of heads and pooling; a new one pools as `pooling` says (default last_token)."""
     heads = reward_record(path).get("heads", heads)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=heads, dtype=dtype)
+    new_head = not any(name.endswith("ForSequenceClassification")
+                       for name in AutoConfig.from_pretrained(path).architectures or [])
+    # A new score head on a language model (its LM head dropped) is how a reward model starts: transformers'
+    # 7-line load report saying so is left out then, and anything else it would report is said in one line
+    with without_load_report() if new_head else contextlib.nullcontext():
+        model, loaded = AutoModelForSequenceClassification.from_pretrained(path, num_labels=heads, dtype=dtype,
+                                                                           output_loading_info=True)
+    missing = sorted(key for key in loaded["missing_keys"] if not key.startswith("score."))
+    unused = sorted(key for key in loaded["unexpected_keys"] if not key.startswith("lm_head."))
+    if new_head and (missing or unused):
+        log.warning("%s: weights missing from the checkpoint (newly initialised): %s; in it but unused: %s",
+                    path, ", ".join(missing) or "none", ", ".join(unused) or "none")
     if pooling:
         model.config.reward_pooling = pooling
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -72,6 +88,19 @@ def keep_first_layers(model, count: int):
     model.config.num_hidden_layers = count
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = model.config.layer_types[:count]
+
+
+@contextlib.contextmanager
+def without_load_report():
+    def not_a_load_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(not_a_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_a_load_report)
 
 
 def reward_record(path) -> dict:

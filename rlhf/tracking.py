@@ -7,6 +7,8 @@ TRL's names under `train/` and `eval/` (as transformers' own wandb integration w
 wandb runs online when logged in and offline otherwise (then `wandb sync` uploads later). On non-main ranks,
 and with `tracking: none`, every call is a no-op.
 """
+import contextlib
+import io
 import logging
 import netrc
 import os
@@ -33,11 +35,11 @@ class WandbBackend:
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         directory.mkdir(parents=True, exist_ok=True)
         self.wandb, self.online = wandb, mode in ("online", "run")
-        # offline, wandb's closing summary and history (some 30 lines a stage) are left out: the stage prints its
-        # own results, and the line below says how to upload the run
+        # offline, wandb's banner and closing summary and history (some 35 lines a stage) are left out: the stage
+        # prints its own results, and the line below says where the run is and how to upload it
         self.run = wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{label}",
                               config=config, dir=str(directory), mode=mode, reinit="finish_previous",
-                              settings=wandb.Settings(quiet=mode == "offline"))
+                              settings=wandb.Settings(silent=mode == "offline"))
         if mode == "offline":
             print(f"wandb: offline (not logged in); upload later with: wandb sync {Path(self.run.dir).parent}",
                   flush=True)
@@ -72,13 +74,25 @@ class WandbBackend:
         self.run.finish()
 
 
+LOCAL_TRACKIO = "* Trackio metrics logged to:"
+
+
 class TrackioBackend:
     def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import trackio
 
-        self.trackio = trackio
-        self.run = trackio.init(project=project, name=f"{group}-{label}", group=group,
-                                config={**config, "job_type": stage}, embed=False)
+        self.trackio, self.project = trackio, project
+        with contextlib.redirect_stdout(io.StringIO()) as banner:
+            self.run = trackio.init(project=project, name=f"{group}-{label}", group=group,
+                                    config={**config, "job_type": stage}, embed=False)
+        self.local = LOCAL_TRACKIO in banner.getvalue()
+        # trackio's banner is 8 lines at every stage; logging locally, one line says where and how to look.
+        # Anything else it says (a Space, a server) is passed on as it is.
+        if self.local:
+            print(f"trackio: recorded in {trackio.utils.TRACKIO_DIR}; dashboard with: trackio show --project {project}",
+                  flush=True)
+        else:
+            print(banner.getvalue(), end="", flush=True)
 
     def log(self, metrics: dict, step: int | None) -> None:
         self.trackio.log(metrics, step=step)
@@ -96,7 +110,8 @@ class TrackioBackend:
         pass
 
     def finish(self) -> None:
-        self.trackio.finish()
+        with contextlib.redirect_stdout(io.StringIO()) if self.local else contextlib.nullcontext():
+            self.trackio.finish()
 
 
 BACKENDS = {"wandb": WandbBackend, "trackio": TrackioBackend}

@@ -1,12 +1,13 @@
 """The reward stage on the tiny model: it learns separable pairs (from a file or straight from the store), trains
 ties and ensembles, evaluates itself, resumes after a kill, and refuses bad input with exit 2."""
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main as cli
 from reward.config import RewardStageConfig
@@ -273,3 +274,22 @@ def test_training_and_reward_eval_log_their_plots_to_the_tracker_as_images(tmp_p
     assert "reward_eval/reliability" in dump and "reward_eval/reward_distribution" in dump
     images = list((tmp_path / "trackio").rglob("*.png"))
     assert len(images) == 4 and all(image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
+
+
+def test_a_new_score_head_loads_without_transformers_load_report_and_other_surprises_are_named(
+        tiny_model_path, tmp_path, capfd, caplog):
+    tokenizer = reward_tokenizer(str(tiny_model_path))
+    load_reward_model(str(tiny_model_path), tokenizer)  # a language model: its new score head is expected
+    said = capfd.readouterr()
+    assert "LOAD REPORT" not in said.out + said.err and not caplog.records
+    # the same model with a weight the classifier has no use for, and one layer norm gone
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_path, changed)
+    weights = load_file(changed / "model.safetensors")
+    weights["extra.weight"] = torch.zeros(2)
+    del weights["model.norm.weight"]
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    load_reward_model(str(changed), tokenizer)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{changed}: weights missing from the checkpoint (newly initialised): model.norm.weight; in it but unused: "
+        "extra.weight"]

@@ -44,8 +44,13 @@ def test_wandb_goes_offline_without_login_and_trackio_records_locally(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "WANDB run1 sft run1-sft USES ['run0-preferences']" in result.stdout
-    assert "offline (not logged in); upload later with: wandb sync" in result.stdout + result.stderr
-    assert "Run summary" not in result.stdout + result.stderr  # wandb's closing tables: quiet offline
+    # one line each from wandb (offline) and trackio (local), not their banners and closing tables
+    said = result.stdout + result.stderr
+    [offline_run] = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    assert [line for line in said.splitlines() if line.startswith(("wandb:", "*"))] == [
+        f"wandb: offline (not logged in); upload later with: wandb sync {offline_run.relative_to(tmp_path)}"]
+    assert f"trackio: recorded in {tmp_path / 'trackio'}; dashboard with: trackio show --project rlhf-test" in said
+    assert "Run summary" not in said and "Trackio project initialized" not in said
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     [image] = list((tmp_path / "wb" / "wandb").glob("offline-run-*/files/media/images/eval/curve_*.png"))
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
