@@ -98,8 +98,10 @@ def written_pairs(row: dict, comparison: dict, answer, names: dict) -> list[dict
 
 
 def demonstration_rows(comparisons: list[dict], written: list, batch: str | None = None) -> list[dict]:
-    """Each written answer as an SFT demonstration: the item's prompt, then the written answer."""
-    prompts = {c["id"]: c["prompt"] for c in comparisons if batch is None or c["batch"] == batch}
+    """Each written answer to a training item as an SFT demonstration: the item's prompt, then the written answer.
+    Answers written on gold or eval items stay in the store: their prompts must not become training data."""
+    prompts = {c["id"]: c["prompt"] for c in comparisons
+               if c["kind"] == "train" and (batch is None or c["batch"] == batch)}
     return [{"id": f"written-{answer.id}", "category": "written",
              "messages": [*prompts[answer.comparison_id], {"role": "assistant", "content": answer.text}]}
             for answer in written if answer.comparison_id in prompts]

@@ -132,6 +132,15 @@ def test_a_written_answer_becomes_a_demonstration_and_a_pair_over_what_the_votes
                    written=f"  A better answer to {item.prompt[0]['content']}  ")
     assert sorted(w.text for w in store.written_answers()) == ["A better answer to Prompt 0?",
                                                               "A better answer to Prompt 1?"]
+    # answers written on a gold item and a held-out eval item become neither demonstrations nor pairs
+    for kind, expected in (("gold", "a"), ("eval", None)):
+        prompt = store.add_prompt(f"{kind}-1", "chat", [{"role": "user", "content": f"A {kind} prompt?"}])
+        store.add_comparison(store.add_response(prompt, "X", "m", {}), store.add_response(prompt, "Y", "m", {}),
+                             batch=kind, kind=kind, expected=expected)
+    for batch in ("gold", "eval"):
+        item = LabelQueue(store, overlap=5, gold_rate=1.0, seed=0, batch=batch).next_item(writer)
+        queue.vote(writer, item.comparison_id, "a", written=f"A better answer to {item.prompt[0]['content']}")
+    assert len(store.written_answers()) == 4
     manifest = export(store, tmp_path / "out")
     assert (manifest["rows"], manifest["written"]) == (2 + 1 + 2, 3)
     rows = {row["id"]: row for row in load_rows(tmp_path / "out", "preference")}
