@@ -29,7 +29,7 @@ from rlhf.generation import answer_prompts
 from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
-from rlhf.store import Store, run_store_url
+from rlhf.store import Store, StoreError, run_store_url
 from rlhf.stage import Inputs, Outcome, Stage, published_model, run_stage, starting_model
 from rlhf.verifiable import check_references, judge_scores
 
@@ -81,8 +81,20 @@ def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[di
     """(the prompts, the judge, the prompts' reference answers when the judge checks against them), read and
     checked."""
     prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    if config.human:
+        check_prompts_for_people(config, run, prompts)
     return (prompts, load_judge(config.judge) if config.judge else None,
             check_references(prompts, config.prompts, config.judge))
+
+
+def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: list[dict]) -> None:
+    """The label store must not hold these prompts' ids with other text (`--eval.human` files the blind
+    comparisons under them)."""
+    try:
+        store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
+    except StoreError:
+        return  # no label store yet
+    store.check_prompt_ids({p["id"]: p["prompt"] for p in prompts}, config.prompts)
 
 
 def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
@@ -159,7 +171,7 @@ def queue_human_comparisons(store: Store, config: EvalStageConfig, run: RunConfi
         return 0
     rng = random.Random(config.seed)
     sampling = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
-    queued = 0
+    pairs = []
     for i, prompt in enumerate(prompts):
         stored = store.add_prompt(prompt["id"], prompt.get("category") or "eval", prompt["prompt"])
         baseline = store.add_response(stored, texts[BASELINE][i], f"{run.name}/{BASELINE}",
@@ -169,9 +181,9 @@ def queue_human_comparisons(store: Store, config: EvalStageConfig, run: RunConfi
                 continue
             policy = store.add_response(stored, texts[name][i], f"{run.name}/{name}",
                                         {**sampling, "eval_role": "policy"})
-            first, second = (baseline, policy) if rng.random() < 0.5 else (policy, baseline)
-            store.add_comparison(first, second, batch=config.human_batch, kind="eval")
-            queued += 1
+            pairs.append((baseline, policy) if rng.random() < 0.5 else (policy, baseline))
+    # in one transaction: a killed stage leaves none of them, and its rerun queues them all
+    queued = store.add_comparisons(pairs, batch=config.human_batch, kind="eval")
     print(f"[{STAGE}] queued {queued} blind comparisons in batch '{config.human_batch}' of {store.engine.url}: "
           f"`rlhf label serve --batch {config.human_batch}` to label them, `rlhf label stats --batch "
           f"{config.human_batch}` for the human win rates")

@@ -26,9 +26,12 @@ def import_gold(store: Store, source: str, batch: str = "gold", rows: list[dict]
             return {"batch": batch, "items": len(existing), "unchanged": True}
         raise UserError(f"batch '{batch}' already holds different comparisons; import {source} under another "
                         "--batch")
+    store.check_prompt_ids({f"{batch}/{row['id']}": row["prompt"] for row in rows}, source)
+    pairs = []
     for row in rows:
         prompt = store.add_prompt(f"{batch}/{row['id']}", row["category"], row["prompt"])
-        a = store.add_response(prompt, row["a"], GOLD_MODEL, {})
-        b = store.add_response(prompt, row["b"], GOLD_MODEL, {})
-        store.add_comparison(a, b, batch=batch, kind="gold", expected=row["expected"])
+        pairs.append((store.add_response(prompt, row["a"], GOLD_MODEL, {}),
+                      store.add_response(prompt, row["b"], GOLD_MODEL, {})))
+    # the comparisons in one transaction: a killed import leaves none, and the next one starts afresh
+    store.add_comparisons(pairs, batch=batch, kind="gold", expected=[row["expected"] for row in rows])
     return {"batch": batch, "items": len(rows), "unchanged": False}

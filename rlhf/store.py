@@ -31,7 +31,7 @@ from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, Foreign
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from rlhf.errors import UserError
+from rlhf.errors import DataError, UserError
 from rlhf.rankings import MAX_K, check_ranks
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES, VOTE_STRENGTHS
 
@@ -427,12 +427,27 @@ class Store:
 
     # items to compare
     def add_prompt(self, external_id: str, category: str, messages: list[dict]) -> Prompt:
+        """The prompt of this id, stored once; an id the store holds with other text is refused (answers to the
+        new text would be shown and exported under the old one)."""
         with self.transaction() as session:
             prompt = session.scalar(select(Prompt).where(Prompt.external_id == external_id))
             if prompt is None:
                 prompt = Prompt(external_id=external_id, category=category, messages=messages)
                 session.add(prompt)
+            elif prompt.messages != messages:
+                raise StoreError(f"prompt id '{external_id}' is in the label store with other text")
         return prompt
+
+    def check_prompt_ids(self, prompts: dict[str, list[dict]], source) -> None:
+        """Refuses, before anything is stored, prompts ({id: messages}) whose ids the store holds with other text:
+        a DataError naming `source`, the file they come from."""
+        with self.sessions() as session:
+            stored = session.execute(select(Prompt.external_id, Prompt.messages)
+                                     .where(Prompt.external_id.in_(list(prompts))))
+            clashes = sorted(external_id for external_id, messages in stored if messages != prompts[external_id])
+        if clashes:
+            raise DataError(source, None, "id", f"{len(clashes)} prompt id(s) are in the label store {self.url} "
+                            f"with other text (first: '{clashes[0]}'): give these prompts ids of their own")
 
     def add_response(self, prompt: Prompt, text: str, model: str, sampling: dict) -> Response:
         with self.transaction() as session:
@@ -452,13 +467,18 @@ class Store:
             session.add(comparison)
         return comparison
 
-    def add_comparisons(self, pairs: list[tuple[Response, Response]], batch: str, kind: str = "train") -> int:
-        """Several comparisons in one transaction: a killed sampler leaves all of them or none."""
+    def add_comparisons(self, pairs: list[tuple[Response, Response]], batch: str, kind: str = "train",
+                        expected: list[str] | None = None) -> int:
+        """Several comparisons in one transaction: a killed sampler leaves all of them or none. `expected`: the
+        gold comparisons' expected answers, one per pair."""
         if any(a.prompt_id != b.prompt_id for a, b in pairs):
             raise StoreError("a comparison needs two responses to the same prompt")
+        if (kind == "gold") != (expected is not None):
+            raise StoreError("gold comparisons, and only they, carry the expected answer")
+        expected = expected or [None] * len(pairs)
         with self.transaction() as session:
             session.add_all([Comparison(prompt_id=a.prompt_id, response_a_id=a.id, response_b_id=b.id, batch=batch,
-                                        kind=kind) for a, b in pairs])
+                                        kind=kind, expected=answer) for (a, b), answer in zip(pairs, expected)])
         return len(pairs)
 
     def add_ranking_item(self, responses: list[Response], batch: str, kind: str = "train") -> Comparison:

@@ -156,3 +156,38 @@ def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_r
     assert row.endswith(f"| {rate['win_rate']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] | {len(queued)} |")
     results = json.loads((tmp_path / "runs" / "tiny" / "eval" / "results.json").read_text())["policies"]
     assert results["moved"]["win_rate_human"] == rate["win_rate"]
+
+
+def test_blind_comparisons_for_people_are_queued_all_or_none_under_prompts_the_store_does_not_clash_with(
+        tmp_path, monkeypatch):
+    from evaluation.config import EvalStageConfig
+    from evaluation.evaluate import check_prompts_for_people, queue_human_comparisons
+    from rlhf.config import RunConfig
+    from rlhf.errors import DataError
+    from rlhf.store import Store
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    config, run = EvalStageConfig(human=True, db=db), RunConfig(name="r", output_root=str(tmp_path))
+    prompts = [{"id": f"eval-{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}]} for i in range(4)]
+    texts = {"sft": [f"old answer {i}" for i in range(4)], "ppo": [f"new answer {i}" for i in range(4)]}
+    check_prompts_for_people(config, run, prompts)  # no store yet: nothing to clash with, and none made
+    assert not (tmp_path / "labels.db").exists()
+    store = Store(db)
+    add_response, calls = store.add_response, []
+
+    def killed_at_the_fifth(*args):
+        calls.append(args)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return add_response(*args)
+
+    monkeypatch.setattr(store, "add_response", killed_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        queue_human_comparisons(store, config, run, prompts, texts)
+    assert store.comparisons("eval") == []  # the rerun does not find a batch cut short and leave it so
+    monkeypatch.setattr(store, "add_response", add_response)
+    assert queue_human_comparisons(store, config, run, prompts, texts) == 4
+    assert len(store.comparisons("eval")) == 4
+    other = [{**prompts[0], "prompt": [{"role": "user", "content": "Another question?"}]}]
+    with pytest.raises(DataError, match=r"id: 1 prompt id\(s\) are in the label store .* \(first: 'eval-0'\)"):
+        check_prompts_for_people(config, run, other)

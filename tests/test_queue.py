@@ -215,6 +215,25 @@ def test_gold_import_is_idempotent_and_checks_its_rows(tmp_path):
         import_gold(store, str(other), batch="gold2")
 
 
+def test_a_gold_import_cut_short_leaves_no_gold_items_and_the_next_one_imports_them_all(tmp_path, monkeypatch):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    add_response, calls = store.add_response, []
+
+    def killed_at_the_fifth(*args):
+        calls.append(args)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as a killed `rlhf run` would stop it
+        return add_response(*args)
+
+    monkeypatch.setattr(store, "add_response", killed_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        import_gold(store, "data/gold_comparisons.jsonl")
+    assert store.comparisons("gold") == []
+    monkeypatch.setattr(store, "add_response", add_response)
+    assert import_gold(store, "data/gold_comparisons.jsonl") == {"batch": "gold", "items": 12, "unchanged": False}
+    assert len(store.comparisons("gold")) == 12
+
+
 def add_ranking_items(store, count, answers=4, batch="b1"):
     made = []
     for _ in range(count):

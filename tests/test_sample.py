@@ -179,3 +179,20 @@ def test_sampling_generates_in_the_configured_precision(tmp_path, tiny_model_pat
         assert main(config, run)["responses"] == 6
     assert loaded == [dtype]
     assert f"[label sample] device=cpu dtype={dtype} (precision={precision} set in config)" in caplog.text
+
+
+def test_prompts_whose_ids_the_store_holds_with_other_text_are_refused_before_sampling(tmp_path, tiny_model_path):
+    from rlhf.errors import DataError
+    from rlhf.store import StoreError
+
+    config, run = config_for(tmp_path, f"--preferences.model={tiny_model_path}")
+    store = Store(config.db)
+    stored = store.add_prompt("q1", "chat", [{"role": "user", "content": "Another question."}])
+    assert store.add_prompt("q1", "chat", [{"role": "user", "content": "Another question."}]).id == stored.id
+    with pytest.raises(StoreError, match="prompt id 'q1' is in the label store with other text"):
+        store.add_prompt("q1", "chat", [{"role": "user", "content": "Say something 1."}])
+    with pytest.raises(DataError, match=rf"{tmp_path / 'prompts.jsonl'}: id: 1 prompt id\(s\) are in the label "
+                                        r"store .* with other text \(first: 'q1'\)"):
+        main(config, run)  # the answers would have been shown and exported under "Another question."
+    with store.session() as session:
+        assert session.query(Response).count() == 0 and session.query(Prompt).count() == 1
