@@ -301,6 +301,18 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
                                                  variant="primary" if choice in ("a", "b") else "secondary")
                                for choice, text, elem_id in BUTTONS}
                     skip = gr.Button("Skip  [s]", elem_id="skip", variant="stop")
+                # a pair's own: a ranking has no strength, and no written answer to prefer over its order
+                strength = gr.Radio(["clear", "slight"], value=DEFAULT_STRENGTH, elem_id="strength",
+                                    label="How much better? (for A or B; a tie or both bad has no strength)")
+                with gr.Accordion("Write a better answer (optional, sent with your vote)", open=False,
+                                  elem_id="write-answer"):
+                    written = gr.Textbox(label="The answer you would want to this prompt: it becomes a "
+                                               "demonstration for the next SFT run and is preferred to the answer "
+                                               "the votes choose", lines=5, max_length=MAX_WRITTEN_CHARS,
+                                         elem_id="written")
+                    with gr.Row():
+                        edit_a = gr.Button("Start from A (to edit it)", elem_id="edit-a", size="sm")
+                        edit_b = gr.Button("Start from B (to edit it)", elem_id="edit-b", size="sm")
             with gr.Column(visible=False, elem_id="ranking-panel", elem_classes="ranked") as ranking_panel:
                 gr.Markdown("Order the answers, best first: press their numbers (or click their buttons), **=** to "
                             "tie the next one with the last, **Backspace** to take one back, **Enter** to send.")
@@ -321,19 +333,8 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
                     skip_ranking = gr.Button("Skip  [s]", elem_id="skip-ranking", variant="stop", scale=0,
                                              min_width=100)
             message = gr.Markdown(elem_id="message")
-            with gr.Row():
-                strength = gr.Radio(["clear", "slight"], value=DEFAULT_STRENGTH, elem_id="strength",
-                                    label="How much better? (for A or B; a tie or both bad has no strength)")
-                note = gr.Textbox(label=f"Note (optional, up to {MAX_NOTE_CHARS} characters)", lines=1,
-                                  max_length=MAX_NOTE_CHARS, elem_id="note")
-            with gr.Accordion("Write a better answer (optional, sent with your vote)", open=False,
-                              elem_id="write-answer"):
-                written = gr.Textbox(label="The answer you would want to this prompt: it becomes a demonstration "
-                                           "for the next SFT run and is preferred to the answer the votes choose",
-                                     lines=5, max_length=MAX_WRITTEN_CHARS, elem_id="written")
-                with gr.Row():
-                    edit_a = gr.Button("Start from A (to edit it)", elem_id="edit-a", size="sm")
-                    edit_b = gr.Button("Start from B (to edit it)", elem_id="edit-b", size="sm")
+            note = gr.Textbox(label=f"Note (optional, up to {MAX_NOTE_CHARS} characters)", lines=1,
+                              max_length=MAX_NOTE_CHARS, elem_id="note")
             with gr.Accordion("Guidelines", open=False):
                 gr.Markdown(guidelines_markdown(config.guidelines))
         with gr.Tab("Admin", visible=False) as admin_tab:

@@ -189,6 +189,8 @@ def test_a_labeller_ranks_four_answers_with_the_keyboard_ties_included(browser, 
             page.keyboard.press("1")
             page.wait_for_function("document.querySelector('#answer-1 .as-text')?.textContent.length > 0")
         assert page.locator("#pair-panel").is_hidden() and page.locator("#answer-5").is_hidden()
+        # a pair's strength and written answer are not offered: a ranking would drop them
+        assert page.locator("#strength").is_hidden() and page.locator("#write-answer").is_hidden()
         shown = [page.text_content(f"#answer-{n} .as-text") for n in range(1, 5)]
         assert sorted(shown) == sorted(texts)
         # best first: Summer, then Spring tied with Winter, then Autumn; a wrong key taken back on the way
