@@ -166,10 +166,13 @@ def preference_row(comparison: dict, votes: list, names: dict) -> dict:
 
 def build_export(store: Store, batch: str | None = None, min_votes: int = 1) -> tuple[list[dict], dict]:
     """The rows and manifest of an export of the store as it is now."""
-    comparisons, votes = store.comparisons(), store.votes()  # read once, for the rows and the gold records
+    # Labellers may be voting meanwhile. Read in this order, so that what one read finds the later ones have: a
+    # written answer is committed with its vote, and a vote, ranking or written answer comes from a stored user.
+    comparisons = store.comparisons()
+    written, rankings = store.written_answers(), store.rankings()
+    votes = store.votes()  # read once, for the rows and the gold records
     names = {user.id: user.name for user in store.users()}
-    rows = aggregate(comparisons, votes, names, batch, min_votes, rankings=store.rankings(),
-                     written=store.written_answers())
+    rows = aggregate(comparisons, votes, names, batch, min_votes, rankings=rankings, written=written)
     if not rows:
         raise UserError(f"nothing to export: no comparisons{f' in batch {batch}' if batch else ''} with at least "
                         f"{min_votes} vote(s)")

@@ -195,3 +195,29 @@ def test_a_prompt_with_earlier_turns_is_exported_as_the_whole_conversation(tmp_p
     export(store, tmp_path / "out")
     [row] = load_rows(tmp_path / "out", "preference")
     assert row["prompt"] == turns and row["chosen"] == [{"role": "assistant", "content": "A wren."}]
+
+
+@pytest.mark.parametrize("read", ["comparisons", "written_answers", "rankings", "votes", "users"])
+def test_an_export_read_while_a_labeller_votes_with_a_written_answer_stays_whole(tmp_path, monkeypatch, read):
+    """Whichever of the export's reads a new labeller's vote (with a written answer) lands after, the export
+    neither fails nor holds the written answer without its vote."""
+    from preference_ui.queue import LabelQueue
+    from rlhf.label_export import build_export
+
+    store = store_with_votes(tmp_path, [[("a", "clear")]])
+    [comparison] = store.comparisons()
+    original = getattr(store, read)
+
+    def then_a_vote_lands(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not store.user("late"):
+            late = store.add_user("late", "labeller", "password1")
+            queue = LabelQueue(store, overlap=5, gold_rate=0.0, seed=0)
+            queue.vote(late, queue.next_item(late).comparison_id, "a", "clear", written="A better answer.")
+        return result
+
+    monkeypatch.setattr(store, read, then_a_vote_lands)
+    rows, _ = build_export(store)
+    by_id = {row["id"]: row for row in rows}
+    if any(id.startswith("written-") for id in by_id):
+        assert by_id[f"cmp-{comparison['id']}"]["votes"] == 2
