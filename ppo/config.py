@@ -92,8 +92,9 @@ class PPOStageConfig:
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "Seeds sampling, shuffling and the critic head."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N updates."})
-    sample_every: int = field(default=5, metadata={"help": "A table of sample answers every N updates."})
-    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N updates."})
+    sample_every: int = field(default=5, metadata={"help": "A table of sample answers every N updates (0: none)."})
+    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N updates (0: none; a killed run then "
+                                                          "starts again)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint."})
     kl_alert: float = field(default=10.0, metadata={"help": "Alert when the mean KL per response passes this."})
     stop_on_alert: bool = field(default=False, metadata={"help": "Stop the run at the first health alert."})
@@ -124,6 +125,9 @@ class PPOStageConfig:
             raise ValueError(f"target_kl must be above 0, got {self.target_kl}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be 0 (before and after only) or more, got {self.eval_every}")
+        if min(self.save_steps, self.sample_every) < 0:
+            raise ValueError(f"save_steps and sample_every must be 0 (none) or more, got {self.save_steps} and "
+                             f"{self.sample_every}")
         if self.num_eval_prompts < 0:
             raise ValueError(f"num_eval_prompts must be 0 (all) or more, got {self.num_eval_prompts}")
         if min(self.total_episodes, self.batch_size, self.num_ppo_epochs, self.response_length,

@@ -44,10 +44,18 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total=None) -> torch.Tensor:
     """(values - mean) / std over the masked entries; with shift_mean False the mean is added back. Padding
-    comes out as 0."""
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    comes out as 0. `total`: sums a tensor over every process, so that the mean and std are the whole batch's
+    (None: this process's rows are the batch)."""
+    if total is None:
+        mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        mask = mask.to(values.dtype)
+        count = total(mask.sum())
+        mean = total((values * mask).sum()) / count.clamp_min(1)
+        variance = total(((values - mean) ** 2 * mask).sum()) / count.clamp_min(1)
+        variance = variance * count / (count - 1) if count > 1 else variance
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -149,12 +157,13 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups - others).flatten()
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                            total=None) -> torch.Tensor:
     """REINFORCE++ (Hu 2025, arXiv:2501.03262): per token, the return from that token on, the per-token
-    rewards carrying the KL penalty (`token_rewards`), then whitened over every token of the batch: the batch's
-    mean is the baseline, no critic and no group. [batch, T], padding zeroed."""
+    rewards carrying the KL penalty (`token_rewards`), then whitened over every token of the batch (`total`: as
+    in masked_whiten): the batch's mean is the baseline, no critic and no group. [batch, T], padding zeroed."""
     returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
-    return masked_whiten(returns, mask)
+    return masked_whiten(returns, mask, total=total)
 
 
 def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ the KL reached, with an alert when the proxy rises while the gold falls (over-op
 Under `accelerate launch` or `torchrun` each process answers its own share of every batch; metrics are gathered
 over all episodes and gradients averaged by DDP, or with the models sharded by FSDP2 (ppo/sharding.py) or DeepSpeed
 ZeRO-3 (ppo/zero3.py); answers are drawn from per-answer seeds and each process's loss is weighted by its share of
-the tokens, so N processes train like one with the same batch_size. Advantages are whitened per process, as TRL's
-PPO did.
+the tokens, and advantages are whitened over every process's tokens (TRL's PPO whitened per process), so N
+processes train like one with the same batch_size.
 """
 import collections
 import copy
@@ -310,7 +310,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
             raise StoppedOnAlert(f"ppo stopped at update {state.update} (--ppo.stop_on_alert): "
                                  f"{next(iter(alerts.values()))}; "
                                  f"the checkpoint in {partial} can be inspected or resumed with --ppo.resume")
-        if state.update % config.save_steps == 0 and state.update < config.num_updates:
+        if config.save_steps and state.update % config.save_steps == 0 and state.update < config.num_updates:
             save_checkpoint(accelerator, partial, state, shards(sharded, policy, critic, optimizer))
 
     if not (sharded or zero3):  # sharded parameters are one copy by construction
@@ -378,8 +378,8 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
             rollout = dataclasses.replace(rollout, logprobs=recomputed_logprobs(
                 forwards, rollout, config.temperature, config.forward_groups))
         ref_logprobs = reference_logprobs(forwards, reference, rollout, config.temperature, config.forward_groups)
-        experience = make_experience(rollout, ref_logprobs, critic, scores,
-                                     state.kl_control.value, config)
+        experience = make_experience(rollout, ref_logprobs, critic, scores, state.kl_control.value, config,
+                                     total=summed_over_processes(accelerator))
     # 8. PPO epochs
     stats = ppo_epochs(policy, critic, optimizer, experience, config, state.generator, accelerator)
     update_seconds = time.perf_counter() - clock
@@ -475,6 +475,13 @@ def evaluate(accelerator, policy, tokenizer, checked: CheckedInputs, scorer, con
     return broadcast_object_list([result])[0]
 
 
+def summed_over_processes(accelerator):
+    """A tensor summed over every process (None for one process: nothing to sum)."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda tensor: accelerator.reduce(tensor.detach(), reduction="sum")
+
+
 def record_eval(state: LoopState, result: dict) -> str | None:
     """Adds an eval point at the KL of the latest update (0 before training); the over-optimisation alert, if due."""
     kl = state.history[-1]["objective/kl"] if state.history else 0.0
@@ -482,18 +489,18 @@ def record_eval(state: LoopState, result: dict) -> str | None:
     return overoptimisation_alert(state.evals)
 
 
-@torch.no_grad()
 @contextmanager
 def whole_policy(policy, accelerator):
-    """The policy module with all its weights on this process: gathered from the shards under FSDP2 or ZeRO-3 (every
-    process must enter), as it is under DDP."""
-    if isinstance(policy, Part):
-        with gathered_policy(policy) as module:
-            yield module
-    else:
-        module = accelerator.unwrap_model(policy)
-        with full_parameters(module):
-            yield module
+    """The policy module with all its weights on this process, for answering without gradients: gathered from the
+    shards under FSDP2 or ZeRO-3 (every process must enter), as it is under DDP."""
+    with torch.no_grad():
+        if isinstance(policy, Part):
+            with gathered_policy(policy) as module:
+                yield module
+        else:
+            module = accelerator.unwrap_model(policy)
+            with full_parameters(module):
+                yield module
 
 
 def module_of(model, accelerator):

@@ -156,9 +156,11 @@ def reuses_first_values(config) -> bool:
 
 
 def make_experience(rollout: Rollout, ref_logprobs: torch.Tensor, critic, scores: torch.Tensor, kl_coef: float,
-                    config) -> Experience:
+                    config, total=None) -> Experience:
+    """`total`: sums a tensor over every process (masked_whiten), so that advantages are whitened over the whole
+    batch and N processes train as one."""
     if critic is None:
-        return critic_free_experience(rollout, ref_logprobs, scores, kl_coef, config)
+        return critic_free_experience(rollout, ref_logprobs, scores, kl_coef, config, total)
     mask = rollout.response_mask
     keep_graph = reuses_first_values(config) and torch.is_grad_enabled()
     with torch.set_grad_enabled(keep_graph):
@@ -167,15 +169,15 @@ def make_experience(rollout: Rollout, ref_logprobs: torch.Tensor, critic, scores
     kl = kl_estimate(rollout.logprobs, ref_logprobs * mask, config.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, kl_coef)
     if config.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, total=total)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
-    advantages = masked_whiten(advantages, mask)
+    advantages = masked_whiten(advantages, mask, total=total)
     return Experience(rollout, rollout.logprobs, values, advantages, returns, kl, rewards,
                       live_values if keep_graph else None)
 
 
 def critic_free_experience(rollout: Rollout, ref_logprobs: torch.Tensor, scores: torch.Tensor, kl_coef: float,
-                           config) -> Experience:
+                           config, total=None) -> Experience:
     """GRPO, RLOO and REINFORCE++: advantages from the scores of the answers alone (ppo/core.py), no values.
     GRPO compares the raw scores within each prompt's group and puts the KL in its loss; RLOO compares the
     KL-penalised sequence rewards within the group; REINFORCE++ whitens the KL-penalised returns over the batch."""
@@ -188,7 +190,7 @@ def critic_free_experience(rollout: Rollout, ref_logprobs: torch.Tensor, scores:
     elif config.algorithm == "rloo":
         advantages = per_token(rloo_advantages(rewards.sum(-1), config.group_size), mask)
     else:
-        advantages = reinforce_pp_advantages(rewards, mask, config.gamma)
+        advantages = reinforce_pp_advantages(rewards, mask, config.gamma, total)
     zeros = torch.zeros_like(advantages)
     return Experience(rollout, rollout.logprobs, zeros, advantages, zeros, kl, rewards, ref_logprobs=ref_logprobs,
                       loss_kl_coef=kl_coef if config.algorithm == "grpo" else 0.0)

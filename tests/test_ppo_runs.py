@@ -124,13 +124,35 @@ def test_two_processes_split_each_batch_and_share_gradients(tmp_path, tiny_model
         assert scored[0][update] == batch[:4] and scored[1][update] == batch[4:]
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "reinforce_pp"])
+def test_advantages_are_whitened_over_every_process_so_two_processes_train_as_one(tmp_path, tiny_model_path,
+                                                                                  algorithm):
+    """PPO and REINFORCE++ whiten their advantages over the whole batch's tokens (REINFORCE++'s baseline is the
+    batch's mean): 2 processes under DDP end where one process with the same batch does. Before, each process
+    whitened its own half."""
+    extra = ["--ppo.total_episodes=16", "--ppo.batch_size=8", "--ppo.precision=fp32", "--ppo.learning_rate=1e-3",
+             f"--ppo.algorithm={algorithm}", "--ppo.eval_every=0", "--ppo.save_steps=0"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+              f"--master_port={free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, start in (("two", launch), ("one", [sys.executable])):
+        result = subprocess.run([*start, "-m", "pipeline.cli", *ppo_args(tmp_path, tiny_model_path, name, *extra)],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    two, one = (load_file(tmp_path / "runs" / name / "ppo" / "model.safetensors") for name in ("two", "one"))
+    start = load_file(tiny_model_path / "model.safetensors")
+    assert max((one[k] - start[k]).abs().max().item() for k in start) > 1e-4  # trained, not the start twice
+    assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-5
+
+
 def test_a_bad_prompts_file_or_judge_stops_ppo_with_exit_2_before_anything_is_written(tmp_path, tiny_model_path,
                                                                                        capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "Tell me about rain."}\n{"id": "b"}\n')
     for setting, message in ((f"--ppo.prompts={bad}", f"{bad}:2: prompt"),
                              (f"--ppo.eval_prompts={bad}", f"{bad}:2: prompt"),
-                             ("--ppo.judge=builtin:nonesuch", "builtin:nonesuch")):
+                             ("--ppo.judge=builtin:nonesuch", "builtin:nonesuch"),
+                             ("--ppo.save_steps=-1", "save_steps and sample_every must be 0 (none) or more")):
         assert cli(ppo_args(tmp_path, tiny_model_path, "bad", setting)) == 2, setting
         assert message in capsys.readouterr().err, setting
         assert not (tmp_path / "runs").exists(), setting
