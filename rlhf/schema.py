@@ -18,6 +18,7 @@ The functions here turn one raw row (in any of the accepted layouts) into its ca
 """
 import hashlib
 import json
+import math
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_CATEGORY = "general"
@@ -183,6 +184,8 @@ def preference_pair(row: dict) -> dict:
             "tie": optional_bool(row, "tie"), "both_bad": optional_bool(row, "both_bad"),
             "margin": optional_number(row, "margin"), "labeller": optional_text(row, "labeller"),
             "labeller_votes": labeller_votes(row.get("labeller_votes"))}
+    if pair["tie"] and pair["both_bad"]:
+        raise RowProblem("both_bad", "a pair is a tie or both bad, not both: 'tie' is true as well")
     if row.get("ranking") is not None or row.get("pair_weight") is not None:  # one pair of a k-wise ranking
         pair["ranking"], pair["pair_weight"] = optional_text(row, "ranking"), pair_weight(row)
     pair["id"], _ = row_identity(row, [prompt, chosen, rejected])
@@ -247,6 +250,8 @@ def optional_number(row: dict, key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RowProblem(key, f"expected a number, got {type_name(value)}")
+    if not math.isfinite(value):  # JSON readers take NaN and Infinity: one would poison a loss
+        raise RowProblem(key, f"expected a finite number, got {value}")
     return float(value)
 
 
