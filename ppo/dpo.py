@@ -178,7 +178,10 @@ class PairCollator(DataCollatorForPreference):
                 "suffix_mask": pad([torch.ones(len(a), dtype=torch.long) for _, a in answers], padding_value=0,
                                    padding_side="right"),
                 "suffix_prefix": torch.tensor([prompt for prompt, _ in answers]),
-                "chosen_row": torch.tensor(answer_of[0::2]), "rejected_row": torch.tensor(answer_of[1::2])}
+                "chosen_row": torch.tensor(answer_of[0::2]), "rejected_row": torch.tensor(answer_of[1::2]),
+                # reference log-probs precomputed over the dataset (`precompute_ref_log_probs`), per pair
+                **{key: torch.tensor([e[key] for e in examples]) for key in ("ref_chosen_logps", "ref_rejected_logps")
+                   if key in examples[0]}}
 
 
 class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
@@ -254,18 +257,20 @@ class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
         return (outputs.log_probs[:, -shifted.shape[1]:] * shifted).sum(-1)
 
     def record_metrics(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, tie) -> None:
-        """TRL's DPO metric names; accuracy over decided pairs only (a tie has no right order)."""
+        """TRL's DPO metric names; accuracy over decided pairs only (a tie has no right order): each decided pair's
+        0 or 1 is kept, so that the logged mean is over the pairs, not over batches (one of ties only would count
+        as 0)."""
         mode = "train" if self.model.training else "eval"
         decided = ~tie.to(chosen_rewards.device) if tie is not None else torch.ones_like(chosen_rewards).bool()
         gather = self.accelerator.gather
-        right = gather(((chosen_rewards > rejected_rewards) & decided).float()).sum()
-        counted = gather(decided.float()).sum()
+        right = gather((chosen_rewards > rejected_rewards).float())[gather(decided.float()).bool()]
         values = {"rewards/chosen": gather(chosen_rewards).mean(), "rewards/rejected": gather(rejected_rewards).mean(),
                   "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
-                  "rewards/accuracies": right / counted.clamp_min(1),
                   "logps/chosen": gather(chosen_logps).mean(), "logps/rejected": gather(rejected_logps).mean()}
         for name, value in values.items():
             self._metrics[mode][name].append(value.item())
+        if len(right):
+            self._metrics[mode]["rewards/accuracies"].extend(right.tolist())
 
 
 def sequences_per_step(config: DPOStageConfig, train_pairs: list[dict]) -> int:

@@ -84,7 +84,15 @@ def test_margins_ask_for_a_wider_gap_and_ties_for_none(tmp_path, tiny_model_path
     tied = trainer.compute_loss(trainer.model, {**batch, "tie": torch.ones(4, dtype=torch.bool)})
     sigmoid = torch.sigmoid(torch.tensor(1.0)).item()
     assert tied.item() == pytest.approx(-torch.log(torch.tensor(2 * sigmoid - 1)).item(), abs=3e-4)
-    assert trainer._metrics["train"]["rewards/accuracies"][-1] == 0.0  # ties are not counted as right or wrong
+    # ties are not counted as right or wrong: the logged accuracy is over the decided pairs of every batch (a batch
+    # of ties only once counted as 0, and batches equally whatever their decided pairs)
+    trainer._metrics["train"].clear()
+    zeros, ones = torch.zeros(2), torch.ones(2)
+    trainer.record_metrics(ones, zeros, zeros, zeros, torch.tensor([False, False]))  # both right
+    trainer.record_metrics(zeros, ones, zeros, zeros, torch.tensor([True, True]))  # ties
+    trainer.record_metrics(ones, zeros, zeros, zeros, torch.tensor([False, True]))  # one right, one tie
+    accuracies = trainer._metrics["train"]["rewards/accuracies"]
+    assert accuracies == [1.0, 1.0, 1.0]
 
 
 def dpo_command(tmp_path, tiny_model_path, name: str, *extra: str) -> list[str]:
@@ -226,6 +234,13 @@ def test_shared_prompt_batches_run_each_prompt_once_with_the_same_loss_and_gradi
     trls.backward()
     for (name, mine), theirs in zip(shared.model.named_parameters(), whole.model.parameters()):
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-3, atol=1e-6), name
+    # reference log-probs precomputed over the dataset reach the shared batches too
+    precomputed = moved(tiny_trainer(tmp_path, tiny_model_path, all_pairs_of(3, 4), per_device_train_batch_size=12,
+                                     beta=0.5, precompute_ref_log_probs=True))
+    precomputed.data_collator.share_prompt = True
+    batch = first_batch(precomputed)
+    assert "prefix_ids" in batch and "ref_chosen_logps" in batch
+    assert precomputed.compute_loss(precomputed.model, dict(batch)).item() == pytest.approx(ours.item(), rel=1e-4)
     shared.data_collator.max_length = 12  # rows max_length cuts go whole, cut as TRL cuts them
     assert "prefix_ids" not in first_batch(shared) and first_batch(shared)["input_ids"].shape[1] == 12
 
