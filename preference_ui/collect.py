@@ -31,7 +31,7 @@ from rlhf.errors import ConfigError, DataError
 from rlhf.label_export import export
 from rlhf.runs import hash_config
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
-from rlhf.store import Store, run_store_url
+from rlhf.store import Store, check_database_url, run_store_url
 
 STAGE = "preferences"
 
@@ -58,6 +58,7 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
     """(the round's prompts, the gold rows), read and checked, and the simulated labellers' judge loaded: all
     before the stage creates anything, the store among them."""
     check_feedback(config, run)
+    check_database_url(run_store_url(run.output_root, run.name, config.db or None))
     prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round)
     gold = load_rows(config.gold, "gold") if config.gold else None
     if config.simulate_judge:

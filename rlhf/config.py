@@ -201,7 +201,7 @@ def coerce(value, annotation):
     if origin in (typing.Union, types.UnionType):
         return coerce_union(value, args)
     if annotation is typing.Any or annotation is object:
-        return yaml.safe_load(value) if isinstance(value, str) else value
+        return yaml_value(value) if isinstance(value, str) else value
     if annotation is bool:
         return coerce_bool(value)
     if annotation in (int, float):
@@ -209,6 +209,8 @@ def coerce(value, annotation):
     if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
         if isinstance(value, (dict, list)):
             raise ValueError(f"expected a string, got {type(value).__name__}")
+        if value is None:  # a YAML key left empty: not the text "None"
+            raise ValueError("expected a string, got nothing (an empty or null value; write '' for none)")
         return value if isinstance(value, (str, enum.Enum)) else str(value)
     if origin in (list, tuple) or annotation in (list, tuple):
         return coerce_list(value, args)
@@ -255,9 +257,16 @@ def coerce_number(value, kind):
         raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
 
+def yaml_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as problem:
+        raise ValueError(f"not a YAML value ({' '.join(str(problem).split())}): {text!r}") from None
+
+
 def coerce_list(value, args):
     if isinstance(value, str):
-        value = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
+        value = yaml_value(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"expected a list, got {type(value).__name__}")
     return [coerce(item, args[0]) if args else item for item in value]

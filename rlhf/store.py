@@ -28,7 +28,8 @@ from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint, create_engine, event, func, inspect, select, text, update)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhf.errors import DataError, UserError
@@ -267,6 +268,15 @@ def database_url(url: str | None = None) -> str:
     return url or os.environ.get("RLHF_DB_URL") or DEFAULT_URL
 
 
+def check_database_url(url: str) -> None:
+    """Refuses, before anything is written, a label store URL that is not a database URL."""
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise StoreError(f"label store '{url}': not a database URL (sqlite:///PATH or "
+                         "postgresql+psycopg://USER@HOST/DATABASE)") from None
+
+
 def run_store_url(output_root, run_name: str, url: str | None = None) -> str:
     """The label store of a run: `url` when given, else $RLHF_DB_URL (a team's server), else the run's own SQLite
     file, <output_root>/<name>/labels.db. `rlhf run`, every `rlhf label` command given the run's --config and
@@ -280,6 +290,7 @@ class Store:
         """`create`: make a SQLite store that does not exist yet (`created` says so); otherwise that is an error
         (a mistyped --db would be a new, empty store)."""
         self.url = database_url(url)
+        check_database_url(self.url)
         path = Path(self.url.removeprefix("sqlite:///")) if self.url.startswith("sqlite:///") else None
         self.created = path is not None and not path.exists()
         if self.created and not create:

@@ -109,6 +109,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=nosuch:judge"], "nosuch:judge"),
         (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=", "--preferences.min_votes=4"],
          "preferences: min_votes (4) is more than overlap (3)"),  # people voting: the wait would never end
+        (["preferences", f"--preferences.model={model}", "--preferences.db=postgres//typo"],
+         "label store 'postgres//typo': not a database URL"),  # was a traceback, and a manifest entry and locks
     ]
     for words, message in cases:
         assert cli([*words, *common]) == 2, words
@@ -117,6 +119,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         assert len(error.strip().splitlines()) == 1, error
         assert tree_digest(root) == before, words
 
+    assert cli(["label", "--db", "foo", "stats"]) == 2
+    assert capsys.readouterr().err.startswith("error: label store 'foo': not a database URL")
     store = root / "labels.db"
     assert cli(["label", "gold", str(bad_files["gold"]), "--db", f"sqlite:///{store}"]) == 2
     assert f"{bad_files['gold']}:2: expected" in capsys.readouterr().err

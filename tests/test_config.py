@@ -69,6 +69,12 @@ def test_bad_values_name_the_field(tmp_path):
     assert "tracking: unknown tracker(s) tensorboard" in error(None, ["--run.tracking", "tensorboard"])
     assert "not valid YAML" in error(write(tmp_path, "sft: [unclosed\n"))
     assert error(tmp_path / "none.yaml") == f"{tmp_path / 'none.yaml'}: config file not found"
+    # a text key left empty is not the text "None"; a list with an unclosed bracket is not a traceback
+    empty = write(tmp_path, "sft:\n  model:\n")
+    assert error(empty) == f"{empty}: sft.model: expected a string, got nothing (an empty or null value; write '' " \
+        "for none)"
+    with pytest.raises(ValueError, match=r"^not a YAML value \(.*\): '\[sigmoid'$"):
+        coerce("[sigmoid", list[str])  # e.g. --dpo.loss_type '[sigmoid'
 
 
 def test_errors_say_whether_the_file_or_the_command_line_is_wrong(tmp_path):
