@@ -27,7 +27,7 @@ from preference_ui.simulate import LabellerModel, simulate, voting_judge
 from preference_ui.stats import stats
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import ConfigError, DataError, UserError
 from rlhf.label_export import export
 from rlhf.runs import hash_config
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
@@ -94,6 +94,7 @@ def round_prompts(rows: list[dict], config: PreferencesStageConfig, round: int) 
 
 SAMPLING_SETTINGS = ("num_prompts", "round_prompts", "responses_per_prompt", "max_new_tokens", "temperature",
                      "round_budget", "seed", "precision")
+ROUND_1_SAMPLING_SETTINGS = tuple(name for name in SAMPLING_SETTINGS if not name.startswith("round_"))
 
 
 def round_settings(config: PreferencesStageConfig, run: RunConfig, found: dict,
@@ -120,10 +121,13 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     config = round_settings(config, run, found, record.input_hashes)  # the inputs' hashes, as recorded
     url = run_store_url(run.output_root, run.name, config.db or None)
     store, batch = Store(url), config.batch or run.name
+    settings = SAMPLING_SETTINGS if run.round > 1 else ROUND_1_SAMPLING_SETTINGS
+    drawn_from = hash_config({"inputs": record.input_hashes, **{name: getattr(config, name) for name in settings}})[:8]
     if store.comparisons(batch):
+        check_same_draw(store, batch, drawn_from)
         print(f"[{STAGE}] batch '{batch}' already sampled: {len(store.comparisons(batch))} comparisons")
     else:
-        sample.main(dataclasses.replace(config, db=url), run, prompts)
+        sample.main(dataclasses.replace(config, db=url), run, prompts, drawn_from=drawn_from)
     if config.gold:
         import_gold(store, config.gold, rows=gold)
     if config.ai_judge:
@@ -150,6 +154,16 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     return Outcome(metrics, partial / "final", partial, time.time() - started,
                    f"{manifest['rows']} pairs, {manifest['ties']} ties, {manifest['both_bad']} both bad",
                    artifact="dataset")
+
+
+def check_same_draw(store: Store, batch: str, drawn_from: str) -> None:
+    """A rerun reuses its batch (and the votes cast) only when the batch was drawn from the same model, prompts and
+    sampling settings: otherwise the stage would publish the old model's answers as this one's. (A later round's
+    batch name holds the key already; round 1's is the run name.) Batches from before the key was stored pass."""
+    stored = store.batch_drawn_from(batch)
+    if stored is not None and stored != drawn_from:
+        raise UserError(f"batch '{batch}' in {store.url} holds answers drawn from another model, prompts or sampling "
+                        f"settings (key {stored}, now {drawn_from}): label a new batch with --preferences.batch NAME")
 
 
 def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> None:

@@ -606,6 +606,13 @@ class Store:
                     counts[comparison_id] = counts.get(comparison_id, 0) + count
         return counts
 
+    def batch_drawn_from(self, batch: str) -> str | None:
+        """The key the batch's answers were sampled under (`rlhf label sample`'s `drawn_from`), if stored."""
+        with self.sessions() as session:
+            first = session.scalar(select(Comparison).where(Comparison.batch == batch).order_by(Comparison.id))
+            answer = session.get(Response, first.response_a_id) if first else None
+            return answer.sampling.get("drawn_from") if answer is not None else None
+
     def comparisons(self, batch: str | None = None) -> list[dict]:
         """Each comparison with its prompt messages, both response texts and models (and, for `rlhf eval --human`
         comparisons, which side is the baseline and which the policy), oldest first. A ranking item's `answers`

@@ -196,3 +196,21 @@ def test_prompts_whose_ids_the_store_holds_with_other_text_are_refused_before_sa
         main(config, run)  # the answers would have been shown and exported under "Another question."
     with store.session() as session:
         assert session.query(Response).count() == 0 and session.query(Prompt).count() == 1
+
+
+def test_a_rerun_reuses_its_batch_only_when_drawn_from_the_same_model_prompts_and_settings(tmp_path, capsys):
+    """Round 1's batch is named after the run: a rerun after a change must not publish the old answers as new."""
+    from pipeline.cli import main as cli
+    from rlhf.runs import hash_path
+
+    common = ["preferences", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}",
+              "--preferences.model=tiny-llama", "--preferences.num_prompts=6"]
+    assert cli(common) == 0
+    published = tmp_path / "tiny" / "preferences"
+    before = hash_path(published)
+    assert cli([*common, "--preferences.temperature=0.3"]) == 2
+    assert "batch 'tiny' in sqlite:///" in capsys.readouterr().err
+    assert hash_path(published) == before
+    assert cli(common) == 0  # the same draw: the batch and its votes are reused
+    assert "batch 'tiny' already sampled: 6 comparisons" in capsys.readouterr().out
+    assert cli([*common, "--preferences.temperature=0.3", "--preferences.batch=cooler"]) == 0
