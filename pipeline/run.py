@@ -46,16 +46,28 @@ class StageFailed(UserError):
         self.exit_code = code if code > 0 else 1
 
 
-def stage_state(run_dir: RunDir, stage: str, config) -> str:
-    """done (skip), resume (same config and inputs, stopped part-way) or fresh."""
+def stage_state(run_dir: RunDir, stage: str, config, inputs_now: dict | None = None) -> str:
+    """done (skip), resume (same config and inputs, stopped part-way) or fresh. `inputs_now`: what the stage would
+    read now (`current_inputs`), when known."""
     entry = run_dir.stage_entry(stage) or {}
     wanted = config_hash(config, run_dir.round)
-    if entry.get("status") == "done" and same_work(entry, wanted) and made_with(run_dir.stage_path(stage), wanted):
+    if entry.get("status") == "done" and same_work(entry, wanted, inputs_now) \
+            and made_with(run_dir.stage_path(stage), wanted):
         return "done"
     attempt = entry.get("attempt") or entry  # the last attempt, kept apart when it followed a done one
-    if attempt and same_work(attempt, wanted) and last_complete_checkpoint(run_dir.partial_path(stage)):
+    if attempt and same_work(attempt, wanted, inputs_now) and last_complete_checkpoint(run_dir.partial_path(stage)):
         return "resume"
     return "fresh"
+
+
+def current_inputs(stage, config, run) -> dict | None:
+    """The inputs the stage would look up now ({name: path}), as its manifest entry records them: an eval that
+    finds a policy published since, or a preference source that is a label store holding new votes (a new export
+    snapshot), is not up to date. None when an input cannot be found: the stage says which when it runs."""
+    try:
+        return {name: str(value) for name, value in stage.inputs(config, run).items()}
+    except UserError:
+        return None
 
 
 def made_with(folder: Path, wanted_hash: str) -> bool:
@@ -64,10 +76,12 @@ def made_with(folder: Path, wanted_hash: str) -> bool:
     return read_stage_record(folder).get("config_hash") == wanted_hash
 
 
-def same_work(entry: dict, wanted_hash: str) -> bool:
-    """The entry's config is the one wanted, and the files it read are as they were."""
+def same_work(entry: dict, wanted_hash: str, inputs_now: dict | None = None) -> bool:
+    """The entry's config is the one wanted, it read the inputs the stage would read now (when known), and the
+    files it read are as they were."""
     recorded = entry.get("inputs", {})
-    return entry.get("config_hash") == wanted_hash and entry.get("input_hashes") == input_hashes(recorded)
+    return (entry.get("config_hash") == wanted_hash and (inputs_now is None or inputs_now == recorded)
+            and entry.get("input_hashes") == input_hashes(recorded))
 
 
 def config_hash(config, round: int = 1) -> str:
@@ -120,7 +134,8 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         sections = settings[round]
         run_dir = sections["run"].directory()
         forced = forced or start_from == key
-        state = "fresh" if forced else stage_state(run_dir, stage.name, sections[stage.name])
+        state = "fresh" if forced else stage_state(run_dir, stage.name, sections[stage.name],
+                                                   current_inputs(stage, sections[stage.name], sections["run"]))
         if state == "done":
             print(f"[run] {key}: up to date, skipped", flush=True)
             continue

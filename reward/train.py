@@ -116,11 +116,16 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
                                          and config.world_size == 1),
         callbacks=[tracking.TrackingCallback(tracker), timer, NoCheckpointAtTheEnd()],
         tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0, pooling=config.pooling)
+    trained_pairs = len(trainer.train_dataset)  # TRL leaves out pairs longer than max_length: said, and counted
+    if trained_pairs < len(rows):
+        print(f"[{STAGE}] {len(rows) - trained_pairs} of {len(rows)} training pairs are longer than max_length "
+              f"({config.max_length} tokens) and were left out")
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - started
     metrics = {"train_loss": result.training_loss, "eval_accuracy_before": before["accuracy"],
-               "eval_margin_before": before["margin"], "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+               "eval_margin_before": before["margin"], "train_pairs": trained_pairs,
+               "long_pairs_left_out": len(rows) - trained_pairs, "eval_pairs": len(eval_pairs),
                "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
                "median_step_s": timer.median(), **probed}
     if timer.median():
@@ -150,7 +155,7 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
                    "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}
 
     tracker.log({f"train/final_{k}": v for k, v in metrics.items() if k not in report and isinstance(v, (int, float))})
-    summary = (f"{len(train_pairs)} pairs, train loss {metrics['train_loss']:.4f}, held-out accuracy "
+    summary = (f"{trained_pairs} pairs, train loss {metrics['train_loss']:.4f}, held-out accuracy "
                f"{fmt(before['accuracy'])} -> {fmt(metrics['eval_accuracy'])}, human ceiling "
                f"{fmt(report.get('human_ceiling'))}; report {run_dir.stage_path(STAGE) / 'eval.md'}")
     return Outcome(metrics, staged, partial, train_seconds, summary, extra={"reward": reward_info})

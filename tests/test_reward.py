@@ -293,3 +293,17 @@ def test_a_new_score_head_loads_without_transformers_load_report_and_other_surpr
     assert [record.getMessage() for record in caplog.records] == [
         f"{changed}: weights missing from the checkpoint (newly initialised): model.norm.weight; in it but unused: "
         "extra.weight"]
+
+
+def test_pairs_longer_than_max_length_are_left_out_out_loud_and_not_counted(tmp_path, tiny_model_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs, 12)
+    with open(pairs, "a") as out:  # one pair far past max_length (64 tokens)
+        out.write(json.dumps({"id": "long", "prompt": "Tell me a long story.", "chosen": "Once upon a time " * 40,
+                              "rejected": "No."}) + "\n")
+    config = RewardStageConfig(model=str(tiny_model_path), preferences=str(pairs), eval_fraction=0.0, max_steps=2,
+                               per_device_train_batch_size=4, save_steps=100, seed=0, max_length=64, probe_steps=0)
+    metrics = train_reward(config, RunConfig(name="rm", output_root=str(tmp_path / "runs"), tracking="none"))
+    assert (metrics["train_pairs"], metrics["long_pairs_left_out"]) == (12, 1)
+    assert "[reward] 1 of 13 training pairs are longer than max_length (64 tokens) and were left out" in \
+        capsys.readouterr().out

@@ -133,3 +133,27 @@ def test_run_names_are_plain_folder_names(tmp_path):
     for bad in ("", "a/b", ".hidden"):
         with pytest.raises(ValueError):
             RunDir(tmp_path, bad)
+
+
+def test_an_eval_is_not_up_to_date_once_a_policy_it_would_read_is_published(tmp_path):
+    """`rlhf run` compares what a stage would read now with what it read: a dpo section added to the config
+    publishes a policy the finished eval (which reads every policy there is) never saw, so the eval reruns."""
+    from pipeline.run import current_inputs, stage_state
+    from pipeline.stages import BY_NAME, SECTIONS
+    from rlhf.config import hashed_settings, load_config
+
+    sections = load_config("configs/tiny.yaml", [f"--run.output_root={tmp_path}"], SECTIONS, SECTIONS)
+    run, config, eval_stage = sections["run"], sections["eval"], BY_NAME["eval"]
+    run_dir = run.directory()
+    for stage in ("sft", "reward", "ppo"):
+        run_dir.stage_path(stage).mkdir(parents=True)
+        (run_dir.stage_path(stage) / "config.json").write_text("{}")
+    record = StageRecord(run_dir, "eval", hashed_settings(config, 1), eval_stage.inputs(config, run))
+    staged = run_dir.partial_path("eval") / "final"
+    staged.mkdir(parents=True)
+    record.publish(staged, run_dir.partial_path("eval"), {}, 0.0)
+    assert stage_state(run_dir, "eval", config, current_inputs(eval_stage, config, run)) == "done"
+    run_dir.stage_path("dpo").mkdir()
+    (run_dir.stage_path("dpo") / "config.json").write_text("{}")
+    assert stage_state(run_dir, "eval", config) == "done"  # the files it read are as they were
+    assert stage_state(run_dir, "eval", config, current_inputs(eval_stage, config, run)) == "fresh"
