@@ -34,8 +34,9 @@ from pathlib import Path
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import hashed_settings, load_config, read_yaml
 from rlhf.errors import UserError
-from rlhf.runs import SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record, stage_key
-from rlhf.stage import last_complete_checkpoint
+from rlhf.runs import (SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record, stage_key,
+                        work_key)
+from rlhf.stage import last_complete_checkpoint, partial_work_key
 
 class StageFailed(UserError):
     """A stage's process stopped with an error (its own message is above); `rlhf run` exits with its code."""
@@ -55,8 +56,10 @@ def stage_state(run_dir: RunDir, stage: str, config, inputs_now: dict | None = N
             and made_with(run_dir.stage_path(stage), wanted):
         return "done"
     attempt = entry.get("attempt") or entry  # the last attempt, kept apart when it followed a done one
-    if attempt and same_work(attempt, wanted, inputs_now) and last_complete_checkpoint(run_dir.partial_path(stage)):
-        return "resume"
+    partial = run_dir.partial_path(stage)
+    if attempt and same_work(attempt, wanted, inputs_now) and last_complete_checkpoint(partial) \
+            and partial_work_key(partial) in (None, work_key(wanted, attempt.get("input_hashes", {}))):
+        return "resume"  # (an attempt that failed before starting its work leaves an earlier attempt's checkpoints)
     return "fresh"
 
 

@@ -302,7 +302,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
     """`source`: the labelled pairs, or with on-policy pairs the prompts they are sampled on."""
     partial = run.directory().partial_path(STAGE)
     if config.process_index == 0:
-        start_partial(STAGE, partial, config.resume)  # a fresh start also samples fresh on-policy pairs
+        start_partial(STAGE, partial, config.resume, record)  # a fresh start also samples fresh on-policy pairs
     PartialState().wait_for_everyone()
     resume_from = last_complete_checkpoint(partial) if config.resume else None
 

@@ -238,7 +238,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     accelerator = make_accelerator(config)
     partial = run.directory().partial_path(STAGE)
     if accelerator.is_main_process:
-        start_partial(STAGE, partial, config.resume)
+        start_partial(STAGE, partial, config.resume, record)
     accelerator.wait_for_everyone()
     checkpoint = last_complete_checkpoint(partial) if config.resume else None
     seed = round_seed(config.seed, run.round)

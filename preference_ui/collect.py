@@ -142,7 +142,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     else:
         wait_for_votes(store, batch, config)
     partial = run.directory().partial_path(STAGE)
-    start_partial(STAGE, partial, resume=False)
+    start_partial(STAGE, partial, resume=False, record=record)
     manifest = export(store, partial / "final", batch, config.min_votes)
     agreement = stats(store, batch)
     metrics = {"pairs": manifest["rows"], "ties": manifest["ties"], "both_bad": manifest["both_bad"],

@@ -71,7 +71,7 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
     model_path = found["model"]
     run_dir = run.directory()
     partial = run_dir.partial_path(STAGE)
-    resume_from = start_partial(STAGE, partial, config.resume)
+    resume_from = start_partial(STAGE, partial, config.resume, record)
 
     # 1. model, data and the hardware decisions
     tokenizer = reward_tokenizer(model_path)

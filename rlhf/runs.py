@@ -93,6 +93,11 @@ def hash_path(path) -> str:
     return digest.hexdigest()[:16]
 
 
+def work_key(config_hash: str, hashes: dict) -> str:
+    """One key for a stage's config and the hashes of the inputs it read: what its checkpoints were made from."""
+    return hash_config({"config": config_hash, "inputs": hashes})
+
+
 def input_hashes(inputs: dict) -> dict:
     """Content hashes of a stage's inputs that are paths on this machine; other values (a hub id) as they are."""
     return {name: hash_path(path) if Path(path).exists() else str(path) for name, path in inputs.items()}
@@ -203,6 +208,7 @@ class StageRecord:
         self.config_hash = hash_config(config)
         self.inputs = inputs
         self.input_hashes = input_hashes(inputs)
+        self.work_key = work_key(self.config_hash, self.input_hashes)
         self.started = time.time()
         self.attempt = {"status": "running", "config_hash": self.config_hash, "input_hashes": self.input_hashes,
                         "inputs": {k: str(v) for k, v in inputs.items()}, "code_version": code_version(),

@@ -131,13 +131,25 @@ def round_seed(seed: int, round: int) -> int:
     return seed + round - 1
 
 
-def start_partial(stage: str, partial: Path, resume: bool) -> str | None:
+WORK_KEY = "work_key"  # in a stage's working folder: the config and inputs its checkpoints were made from
+
+
+def start_partial(stage: str, partial: Path, resume: bool, record: StageRecord | None = None) -> str | None:
     """The stage's working folder made ready (on the main process): with `resume` and a complete checkpoint in
-    it, only the half-written final folder is removed and the checkpoint returned; otherwise it starts empty."""
+    it, only the half-written final folder is removed and the checkpoint returned; otherwise it starts empty, with
+    the attempt's work key (`record`: its config and inputs) in it, for `rlhf run` to resume only that work."""
     checkpoint = resume_point(stage, partial, resume)
     shutil.rmtree(partial / "final" if checkpoint else partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
+    if record is not None and not checkpoint:
+        (partial / WORK_KEY).write_text(record.work_key)
     return checkpoint
+
+
+def partial_work_key(partial: Path) -> str | None:
+    """The work key of the checkpoints in a stage's working folder (None if it has none: made before keys were)."""
+    path = partial / WORK_KEY
+    return path.read_text() if path.is_file() else None
 
 
 @contextlib.contextmanager

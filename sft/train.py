@@ -47,7 +47,7 @@ def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple[list, li
 def train(config: SFTStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
     train_rows, eval_rows, prompts = checked
     partial = run.directory().partial_path(STAGE)
-    resume_from = start_partial(STAGE, partial, config.resume)
+    resume_from = start_partial(STAGE, partial, config.resume, record)
 
     # 1. model, data and the hardware decisions
     model, tokenizer = models.load_causal_lm(found["model"])

@@ -74,6 +74,7 @@ class LearningRate:
 
 def test_a_failed_attempt_leaves_a_done_record_as_it_was_and_rlhf_run_resumes_that_attempt(tmp_path):
     from pipeline.run import stage_state
+    from rlhf.stage import WORK_KEY, partial_work_key, start_partial
 
     data = tmp_path / "data.jsonl"
     data.write_text("{}\n")
@@ -96,8 +97,18 @@ def test_a_failed_attempt_leaves_a_done_record_as_it_was_and_rlhf_run_resumes_th
     (run.partial_path("sft") / "checkpoint-3" / "trainer_state.json").write_text("{}")
     assert stage_state(run, "sft", LearningRate(2)) == "resume"
     assert stage_state(run, "sft", LearningRate(3)) == "fresh"
+    # checkpoints keep the work key of the attempt that made them: an attempt that failed before starting its work
+    # (so before clearing the folder) does not resume an earlier attempt's checkpoints as its own
+    start_partial("sft", run.partial_path("sft"), resume=True, record=second)  # resuming: the key stays as it was
+    assert partial_work_key(run.partial_path("sft")) is None
+    (run.partial_path("sft") / WORK_KEY).write_text(first.work_key)  # lr 1's checkpoints
+    assert stage_state(run, "sft", LearningRate(2)) == "fresh"
+    (run.partial_path("sft") / WORK_KEY).write_text(second.work_key)
+    assert stage_state(run, "sft", LearningRate(2)) == "resume"
 
     third = StageRecord(run, "sft", {"lr": 2}, {"train_data": data})
+    start_partial("sft", run.partial_path("sft"), resume=False, record=third)  # a fresh start keeps its own key
+    assert partial_work_key(run.partial_path("sft")) == third.work_key == second.work_key
     staged.mkdir()
     (staged / "stage.json").write_text(json.dumps({"config_hash": hash_config({"lr": 2})}))
     run.publish("sft", staged)  # killed here, before the attempt recorded itself done: the folder is lr 2's
