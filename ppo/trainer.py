@@ -134,6 +134,7 @@ class CheckedInputs:
     judge: object | None
     references: list | None = None
     eval_references: list | None = None
+    accelerator: object | None = None
 
 
 def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> CheckedInputs:
@@ -145,9 +146,12 @@ def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> Check
     eval_rows = load_rows(config.eval_prompts, "prompt")[:config.num_eval_prompts or None]
     eval_references = (check_references(eval_rows, config.eval_prompts, config.reward_function)
                        or check_references(eval_rows, config.eval_prompts, config.judge))
-    return CheckedInputs([row["prompt"] for row in rows], [row["prompt"] for row in eval_rows],
-                         load_judge(config.judge) if config.judge else None,
-                         check_references(rows, config.prompts, config.reward_function), eval_references)
+    judge = load_judge(config.judge) if config.judge else None
+    references = check_references(rows, config.prompts, config.reward_function)
+    # the launch (a distribution PPO cannot run under, a batch that does not split over the processes) is checked
+    # last, with the files read: a refusal leaves the run's manifest as it was
+    return CheckedInputs([row["prompt"] for row in rows], [row["prompt"] for row in eval_rows], judge, references,
+                         eval_references, make_accelerator(config))
 
 
 def unsupported_distribution(distributed_type: DistributedType, use_peft: bool = False,
@@ -235,7 +239,7 @@ def save_critic(critic: Critic, folder: Path, weights: dict | None = None) -> No
 
 
 def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedInputs, tracker, record) -> Outcome:
-    accelerator = make_accelerator(config)
+    accelerator = checked.accelerator
     partial = run.directory().partial_path(STAGE)
     if accelerator.is_main_process:
         start_partial(STAGE, partial, config.resume, record)
