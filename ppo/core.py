@@ -27,35 +27,35 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 # --- masked statistics --------------------------------------------------------------------------------------------
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def this_process(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                total=this_process) -> torch.Tensor:
+    """`total` (with no `dim`): sums a tensor over every process, for the mean of the whole batch."""
     mask = mask.to(values.dtype)
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp_min(1)
+        return total((values * mask).sum()) / total(mask.sum()).clamp_min(1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp_min(1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance over the masked entries (Bessel-corrected unless `unbiased` is False)."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    count = mask.sum()
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, total=this_process) -> torch.Tensor:
+    """Variance over the masked entries (Bessel-corrected unless `unbiased` is False); `total` as in masked_mean."""
+    mean = masked_mean(values, mask, total=total)
+    variance = masked_mean((values - mean) ** 2, mask, total=total)
+    count = total(mask.to(values.dtype).sum())
     if unbiased and count > 1:
         variance = variance * count / (count - 1)
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total=None) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  total=this_process) -> torch.Tensor:
     """(values - mean) / std over the masked entries; with shift_mean False the mean is added back. Padding
     comes out as 0. `total`: sums a tensor over every process, so that the mean and std are the whole batch's
-    (None: this process's rows are the batch)."""
-    if total is None:
-        mean, variance = masked_mean(values, mask), masked_var(values, mask)
-    else:
-        mask = mask.to(values.dtype)
-        count = total(mask.sum())
-        mean = total((values * mask).sum()) / count.clamp_min(1)
-        variance = total(((values - mean) ** 2 * mask).sum()) / count.clamp_min(1)
-        variance = variance * count / (count - 1) if count > 1 else variance
+    (by default this process's rows are the batch)."""
+    mean, variance = masked_mean(values, mask, total=total), masked_var(values, mask, total=total)
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -158,7 +158,7 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                            total=None) -> torch.Tensor:
+                            total=this_process) -> torch.Tensor:
     """REINFORCE++ (Hu 2025, arXiv:2501.03262): per token, the return from that token on, the per-token
     rewards carrying the KL penalty (`token_rewards`), then whitened over every token of the batch (`total`: as
     in masked_whiten): the batch's mean is the baseline, no critic and no group. [batch, T], padding zeroed."""

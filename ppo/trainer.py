@@ -39,7 +39,7 @@ from transformers import AutoModelForSequenceClassification
 from trl.trainer.utils import disable_dropout_in_model
 
 from ppo.config import PPOStageConfig
-from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores
+from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores, this_process
 from ppo.health import health_alerts, overoptimisation_alert
 from ppo.rollout import generate
 from ppo.sharding import (every_process_loads, fsdp_version, full_parameters, full_state_dict, is_sharded,
@@ -480,9 +480,9 @@ def evaluate(accelerator, policy, tokenizer, checked: CheckedInputs, scorer, con
 
 
 def summed_over_processes(accelerator):
-    """A tensor summed over every process (None for one process: nothing to sum)."""
+    """A tensor summed over every process (as it is, for one process)."""
     if accelerator.num_processes == 1:
-        return None
+        return this_process
     return lambda tensor: accelerator.reduce(tensor.detach(), reduction="sum")
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ppo.core import (entropy_from_logits, gae, grpo_advantages, kl_estimate, kl_loss, logprobs_from_logits,
                       masked_mean, masked_whiten, per_token, policy_loss, reinforce_pp_advantages, rloo_advantages,
-                      token_rewards, value_loss)
+                      this_process, token_rewards, value_loss)
 from ppo.rollout import Rollout
 from ppo.zero3 import is_engine
 from rlhf.reward_model import reward_pooling
@@ -156,7 +156,7 @@ def reuses_first_values(config) -> bool:
 
 
 def make_experience(rollout: Rollout, ref_logprobs: torch.Tensor, critic, scores: torch.Tensor, kl_coef: float,
-                    config, total=None) -> Experience:
+                    config, total=this_process) -> Experience:
     """`total`: sums a tensor over every process (masked_whiten), so that advantages are whitened over the whole
     batch and N processes train as one."""
     if critic is None:
@@ -177,7 +177,7 @@ def make_experience(rollout: Rollout, ref_logprobs: torch.Tensor, critic, scores
 
 
 def critic_free_experience(rollout: Rollout, ref_logprobs: torch.Tensor, scores: torch.Tensor, kl_coef: float,
-                           config, total=None) -> Experience:
+                           config, total=this_process) -> Experience:
     """GRPO, RLOO and REINFORCE++: advantages from the scores of the answers alone (ppo/core.py), no values.
     GRPO compares the raw scores within each prompt's group and puts the KL in its loss; RLOO compares the
     KL-penalised sequence rewards within the group; REINFORCE++ whitens the KL-penalised returns over the batch."""

@@ -81,7 +81,7 @@ class TrackioBackend:
     def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import trackio
 
-        self.trackio, self.project = trackio, project
+        self.trackio = trackio
         with contextlib.redirect_stdout(io.StringIO()) as banner:
             self.run = trackio.init(project=project, name=f"{group}-{label}", group=group,
                                     config={**config, "job_type": stage}, embed=False)
