@@ -1,18 +1,24 @@
 """Where a preference-trained stage's pairs come from (a label export, a preference file, or the label store itself,
 exported first), and the rules the reward and DPO stages share: gold-weighted votes, and which rows are usable
 (both-bad rows say nothing about order; ties are dropped or kept as "equal")."""
+import atexit
 import json
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 from rlhf.datasets import cut_long_texts, load_rows
 from rlhf.errors import DataError, MissingInputError
-from rlhf.label_export import STRENGTH_MARGIN, export_snapshot, majority, read_manifest as read_export_manifest
+from rlhf.label_export import STRENGTH_MARGIN, build_export, majority, read_manifest as read_export_manifest, \
+    write_export
 from rlhf.runs import RunDir
 from rlhf.store import Store
 
 TIE_POLICIES = ("drop", "equal")
 SELECTIONS = ("all", "best_worst")
+# {runs/<name>/exports/<hash>: the same export written outside the run folder}, until the stage starts
+PENDING_EXPORTS: dict[str, Path] = {}
 
 
 def preference_source(stage: str, preferences: str, batch: str, min_votes: int, run_dir: RunDir) -> dict:
@@ -22,23 +28,55 @@ def preference_source(stage: str, preferences: str, batch: str, min_votes: int, 
     source, recorded = preferences or str(run_dir.stage_path("preferences")), {}
     if "://" in source:
         store = Store(source, create=False)  # a mistyped URL is an error, not a new empty store
-        folder, manifest = export_snapshot(store, run_dir.path / "exports", batch or None, min_votes)
-        print(f"[{stage}] exported {manifest['rows']} pairs from {store.engine.url} to {folder}")
-        source = str(folder)
+        source = str(store_export(stage, store, run_dir.path / "exports", batch or None, min_votes))
     elif not Path(source).exists() and not preferences:
         raise MissingInputError(f"no preference pairs at {source}: run `rlhf preferences --config ...` first, or "
                                 f"set --{stage}.preferences")
-    export_manifest = read_export_manifest(source) if Path(source).is_dir() else None
+    export_manifest = read_export_manifest(readable(source)) if Path(readable(source)).is_dir() else None
     if export_manifest:
         recorded["export_hash"] = export_manifest["content_hash"]
     return {"preferences": source, **recorded}
 
 
+def store_export(stage: str, store: Store, exports: Path, batch: str | None, min_votes: int) -> Path:
+    """The folder `exports/<content hash>` that the store's votes export to. A new export is written outside the
+    run folder first, so that a stage stopped by another input leaves the run folder as it was;
+    `publish_pending_exports` moves it in once the stage holds its lock."""
+    rows, manifest = build_export(store, batch, min_votes)
+    folder = exports / manifest["content_hash"]
+    if not folder.exists() and str(folder) not in PENDING_EXPORTS:
+        outside = Path(tempfile.mkdtemp(prefix="rlhf-export-"))
+        atexit.register(shutil.rmtree, outside, True)
+        write_export(rows, manifest, outside / folder.name)
+        PENDING_EXPORTS[str(folder)] = outside / folder.name
+    print(f"[{stage}] exported {manifest['rows']} pairs from {store.engine.url} to {folder}")
+    return folder
+
+
+def readable(source: str) -> str:
+    """Where a preference source's files are now: its export written outside the run folder until published."""
+    return str(PENDING_EXPORTS.get(str(source), source))
+
+
+def publish_pending_exports() -> None:
+    """Moves the store exports that this process's stage found into the run folder (with its lock held)."""
+    for folder, outside in list(PENDING_EXPORTS.items()):
+        if not Path(folder).exists():
+            Path(folder).parent.mkdir(parents=True, exist_ok=True)
+            landing = Path(tempfile.mkdtemp(dir=Path(folder).parent, prefix=f".{Path(folder).name}."))
+            try:
+                shutil.copytree(outside, landing, dirs_exist_ok=True)
+                landing.rename(folder)
+            finally:
+                shutil.rmtree(landing, ignore_errors=True)
+        del PENDING_EXPORTS[folder]
+
+
 def load_pairs(source: str, weight_by_gold: bool) -> list[dict]:
     """Every preference row, re-decided by gold-weighted votes when asked, with its loss weight."""
-    rows = load_rows(source, "preference")
+    rows = load_rows(readable(source), "preference")
     if weight_by_gold:
-        manifest = read_export_manifest(source) if Path(source).is_dir() else None
+        manifest = read_export_manifest(readable(source)) if Path(readable(source)).is_dir() else None
         if not manifest or "labeller_gold" not in manifest:
             raise DataError(source, None, "labeller_gold", "weight_by_gold needs a label export (rlhf label "
                                                             "export), whose export.json holds each labeller's gold "

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from rlhf import models, tracking
 from rlhf.config import RunConfig, as_plain_dict, hashed_settings
 from rlhf.errors import MissingInputError
+from rlhf.preference_pairs import publish_pending_exports
 from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, stage_lock
 
 
@@ -154,13 +155,16 @@ def partial_work_key(partial: Path) -> str | None:
 
 @contextlib.contextmanager
 def running_stage(run: RunConfig, stage: str, config, inputs: dict):
-    """Yields (record, tracker). The main process holds the stage lock and records `running`, then `done` (the
+    """Yields (record, tracker). The main process holds the stage lock, moves in the label-store exports the
+    stage's inputs made (rlhf.preference_pairs) and records `running`, then `done` (the
     stage calls record.publish) or `failed` on any error; other processes get no record. The tracker always
     finishes. The config hash covers the settings that change the stage's outputs (rlhf.config.hashed_settings)."""
     run_dir = run.directory()
     is_main = config.process_index == 0
     plain_config = as_plain_dict(config)
     with stage_lock(run_dir, stage) if is_main else contextlib.nullcontext():
+        if is_main:
+            publish_pending_exports()
         record = StageRecord(run_dir, stage, hashed_settings(config, run.round), inputs) if is_main else None
         tracker = tracking.Tracker([])
         try:

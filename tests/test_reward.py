@@ -149,6 +149,8 @@ def test_reads_the_store_records_the_export_and_measures_itself_against_the_labe
             "--reward.eval_fraction", "0.3", "--reward.max_steps", "25", "--reward.learning_rate", "2e-3",
             "--reward.max_length", "64", "--reward.save_steps", "100", "--run.name", "fromstore",
             "--run.output_root", str(tmp_path / "runs"), "--run.tracking", "none"]
+    assert cli(["reward", *args[2:]]) == 2  # no --reward.model and no SFT model: the run folder is not made
+    assert not (tmp_path / "runs").exists()
     assert cli(["reward", *args]) == 0
     run = tmp_path / "runs" / "fromstore"
     [export] = list((run / "exports").iterdir())
