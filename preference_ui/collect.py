@@ -17,6 +17,7 @@ are drawn per labeller and comparison and the queue hands out only what is left,
 `preferences.db` (or $RLHF_DB_URL) the run keeps its own store, `runs/<name>/labels.db`.
 """
 import dataclasses
+import os
 import time
 
 from preference_ui import sample
@@ -31,7 +32,7 @@ from rlhf.errors import ConfigError, DataError, UserError
 from rlhf.label_export import export
 from rlhf.runs import hash_config
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
-from rlhf.store import Store, check_database_url, run_store_url
+from rlhf.store import Store, check_database_url, run_store_url, shown_url
 
 STAGE = "preferences"
 
@@ -42,7 +43,8 @@ def main(config: PreferencesStageConfig, run: RunConfig) -> dict:
 
 def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
     """Round 1: the model that answers (the SFT model). A later online round: the previous round's policy, and
-    its reward model to pick the pairs it is least sure about."""
+    its reward model to pick the pairs it is least sure about. Then the prompts, the gold file, and the label
+    store when it is not the run's own (its URL, password hidden)."""
     found = Inputs()
     if run.round == 1:
         found.add("model", lambda: sample.model_spec(config, run))
@@ -51,6 +53,10 @@ def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
         found.add("model", lambda: earlier_round_model(run_dir, config.round_policy, f"{config.round_policy} policy"))
         found.add("reward_model", lambda: earlier_round_model(run_dir, "reward", "reward model"))
     found.add("prompts", config.prompts)
+    if config.gold:
+        found.add("gold", config.gold)
+    if config.db or os.environ.get("RLHF_DB_URL"):  # the run's own store goes with its folder: not recorded
+        found.add("store", shown_url(config.db or os.environ["RLHF_DB_URL"]))
     return found.found()
 
 
@@ -97,6 +103,11 @@ SAMPLING_SETTINGS = ("num_prompts", "round_prompts", "responses_per_prompt", "ma
 ROUND_1_SAMPLING_SETTINGS = tuple(name for name in SAMPLING_SETTINGS if not name.startswith("round_"))
 
 
+def sampled_from(hashes: dict) -> dict:
+    """The hashes of the inputs the answers are drawn from (not the gold file or the store they go to)."""
+    return {name: value for name, value in hashes.items() if name in ("model", "reward_model", "prompts")}
+
+
 def round_settings(config: PreferencesStageConfig, run: RunConfig, found: dict,
                    hashes: dict) -> PreferencesStageConfig:
     """How the stage samples in this round: round 1 as configured; a later round answers with the previous round's
@@ -108,7 +119,7 @@ def round_settings(config: PreferencesStageConfig, run: RunConfig, found: dict,
     another policy."""
     if run.round == 1:
         return config
-    drawn_from = {"inputs": hashes, **{name: getattr(config, name) for name in SAMPLING_SETTINGS}}
+    drawn_from = {"inputs": sampled_from(hashes), **{name: getattr(config, name) for name in SAMPLING_SETTINGS}}
     batch = f"{config.batch or run.name}-round-{run.round}-{hash_config(drawn_from)[:8]}"
     return dataclasses.replace(config, model=found["model"], select="uncertain", reward_model=found["reward_model"],
                                select_count=config.round_budget, seed=round_seed(config.seed, run.round),
@@ -122,7 +133,8 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     url = run_store_url(run.output_root, run.name, config.db or None)
     store, batch = Store(url), config.batch or run.name
     settings = SAMPLING_SETTINGS if run.round > 1 else ROUND_1_SAMPLING_SETTINGS
-    drawn_from = hash_config({"inputs": record.input_hashes, **{name: getattr(config, name) for name in settings}})[:8]
+    drawn_from = hash_config({"inputs": sampled_from(record.input_hashes),
+                              **{name: getattr(config, name) for name in settings}})[:8]
     if store.comparisons(batch):
         check_same_draw(store, batch, drawn_from)
         print(f"[{STAGE}] batch '{batch}' already sampled: {len(store.comparisons(batch))} comparisons")
@@ -147,7 +159,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     agreement = stats(store, batch)
     metrics = {"pairs": manifest["rows"], "ties": manifest["ties"], "both_bad": manifest["both_bad"],
                "votes": agreement["votes"], "krippendorff_alpha": agreement["krippendorff_alpha"],
-               "content_hash": manifest["content_hash"], "store": url, "batch": batch}
+               "content_hash": manifest["content_hash"], "store": shown_url(url), "batch": batch}
     if agreement["rankings"]:
         metrics.update(rankings=agreement["rankings"], kendall_tau=agreement["kendall_tau"])
     tracker.log({f"labels/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})

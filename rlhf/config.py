@@ -130,11 +130,11 @@ def check_round_section(path, name: str, values, valid_sections) -> None:
                           "sections)")
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: section '{name}' must be a mapping of stage sections")
-    stages = [section for section in valid_sections if section != "run"]
+    stages = [section for section in valid_sections if section not in ("run", "sft")]  # SFT runs once, in round 1
     for section, settings in values.items():
         if section not in stages:
-            raise ConfigError(f"{path}: {name}.{section}: not a stage section{suggest(section, stages)}; a round "
-                              f"section holds {', '.join(stages)}")
+            raise ConfigError(f"{path}: {name}.{section}: not a stage of online rounds{suggest(section, stages)}; a "
+                              f"round section holds {', '.join(stages)} (sft runs once, in round 1)")
         if settings is not None and not isinstance(settings, dict):
             raise ConfigError(f"{path}: {name}.{section} must be a mapping of keys to values")
 

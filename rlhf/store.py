@@ -277,6 +277,14 @@ def check_database_url(url: str) -> None:
                          "postgresql+psycopg://USER@HOST/DATABASE)") from None
 
 
+def shown_url(url: str) -> str:
+    """A label store URL as manifests and logs show it: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def run_store_url(output_root, run_name: str, url: str | None = None) -> str:
     """The label store of a run: `url` when given, else $RLHF_DB_URL (a team's server), else the run's own SQLite
     file, <output_root>/<name>/labels.db. `rlhf run`, every `rlhf label` command given the run's --config and

@@ -33,7 +33,8 @@ def main(config: SFTStageConfig, run: RunConfig) -> dict:
 
 
 def inputs(config: SFTStageConfig, run: RunConfig) -> dict:
-    return {"model": models.resolve(config.model), "train_data": config.train_data}
+    samples = {"sample_prompts": config.sample_prompts} if config.sample_prompts else {}
+    return {"model": models.resolve(config.model), "train_data": config.train_data, **samples}
 
 
 def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple[list, list, list]:

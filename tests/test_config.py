@@ -143,25 +143,29 @@ def test_the_config_hash_covers_what_changes_a_stage_output_and_not_its_evaluati
 
 def test_a_round_section_applies_in_its_round_only_between_the_file_and_the_command_line(tmp_path):
     from pipeline.stages import SECTIONS as EVERY_SECTION
+    from reward.config import RewardStageConfig
 
-    path = write(tmp_path, "sft:\n  learning_rate: 2e-5\n  max_steps: 7\nround-2:\n  sft:\n    max_steps: 3\n"
+    sections = {"run": RunConfig, "reward": RewardStageConfig}
+    path = write(tmp_path, "reward:\n  learning_rate: 2e-5\n  max_steps: 7\nround-2:\n  reward:\n    max_steps: 3\n"
                            "    warmup_steps: 2\n")
-    first = load_config(path, [], SECTIONS, EVERY_SECTION)
-    second = load_config(path, ["--run.round=2", "--sft.warmup_steps=5"], SECTIONS, EVERY_SECTION)
-    assert (first["sft"].max_steps, first["sft"].warmup_steps) == (7, 0)
-    assert (second["run"].round, second["sft"].learning_rate, second["sft"].max_steps, second["sft"].warmup_steps) \
-        == (2, 2e-5, 3, 5)
-    bad = write(tmp_path, "round-2:\n  sft:\n    max_stepz: 3\n")
-    with pytest.raises(ConfigError, match=r"c.yaml \(round-2\): sft.max_stepz: unknown key"):
-        load_config(bad, ["--run.round", "2"], SECTIONS, EVERY_SECTION)
+    first = load_config(path, [], sections, EVERY_SECTION)
+    second = load_config(path, ["--run.round=2", "--reward.warmup_steps=5"], sections, EVERY_SECTION)
+    assert (first["reward"].max_steps, first["reward"].warmup_steps) == (7, 0)
+    assert (second["run"].round, second["reward"].learning_rate, second["reward"].max_steps,
+            second["reward"].warmup_steps) == (2, 2e-5, 3, 5)
+    bad = write(tmp_path, "round-2:\n  reward:\n    max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml \(round-2\): reward.max_stepz: unknown key"):
+        load_config(bad, ["--run.round", "2"], sections, EVERY_SECTION)
 
 
 @pytest.mark.parametrize("text, message", [
-    ("round-1:\n  sft: {}\n", "round sections start at round-2"),
-    ("round-2:\n  sfft: {}\n", "round-2.sfft: not a stage section (did you mean 'sft'?)"),
-    ("round-2:\n  run: {rounds: 3}\n", "round-2.run: not a stage section"),
+    ("round-1:\n  reward: {}\n", "round sections start at round-2"),
+    ("round-2:\n  rewrad: {}\n", "round-2.rewrad: not a stage of online rounds (did you mean 'reward'?)"),
+    ("round-2:\n  run: {rounds: 3}\n", "round-2.run: not a stage of online rounds"),
+    ("round-2:\n  sft: {max_steps: 3}\n", "round-2.sft: not a stage of online rounds; a round section holds "
+                                           "preferences, reward, ppo, dpo, eval (sft runs once, in round 1)"),
     ("round-2: 3\n", "section 'round-2' must be a mapping of stage sections"),
-    ("round-2:\n  sft: 3\n", "round-2.sft must be a mapping of keys to values"),
+    ("round-2:\n  reward: 3\n", "round-2.reward must be a mapping of keys to values"),
     ("run:\n  rounds: 0\n", "rounds and round must be at least 1"),
 ])
 def test_bad_round_settings_are_refused_with_the_file_and_the_section(tmp_path, text, message):

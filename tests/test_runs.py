@@ -168,3 +168,43 @@ def test_an_eval_is_not_up_to_date_once_a_policy_it_would_read_is_published(tmp_
     (run_dir.stage_path("dpo") / "config.json").write_text("{}")
     assert stage_state(run_dir, "eval", config) == "done"  # the files it read are as they were
     assert stage_state(run_dir, "eval", config, current_inputs(eval_stage, config, run)) == "fresh"
+
+
+def test_the_gold_file_the_team_store_and_sfts_sample_prompts_are_inputs_so_changing_them_reruns(tmp_path,
+                                                                                                monkeypatch):
+    """What a stage reads besides its config is recorded with its content hash: `rlhf run` reruns the preferences
+    stage when its gold file changes or $RLHF_DB_URL names another store (the run's own store goes with its folder
+    and is not recorded), and SFT when its sample prompts change."""
+    from pipeline.run import current_inputs, stage_state
+    from pipeline.stages import BY_NAME, SECTIONS
+    from rlhf.config import hashed_settings, load_config
+
+    monkeypatch.delenv("RLHF_DB_URL", raising=False)
+    gold, samples = tmp_path / "gold.jsonl", tmp_path / "samples.jsonl"
+    gold.write_text('{"prompt": "Hi?", "a": "Hello.", "b": "Go away.", "expected": "a"}\n')
+    samples.write_text('{"prompt": "Hi?"}\n')
+    sections = load_config("configs/tiny.yaml", [f"--run.output_root={tmp_path}", f"--preferences.gold={gold}",
+                                                 f"--sft.sample_prompts={samples}"], SECTIONS, SECTIONS)
+    run, preferences, sft = sections["run"], sections["preferences"], sections["sft"]
+    run_dir = run.directory()
+    for stage, config in (("sft", sft), ("preferences", preferences)):  # SFT publishes the model preferences reads
+        inputs = BY_NAME[stage].inputs(config, run)
+        record = StageRecord(run_dir, stage, hashed_settings(config, 1), inputs)
+        staged = run_dir.partial_path(stage) / "final"
+        staged.mkdir(parents=True)
+        (staged / "config.json").write_text("{}")
+        record.publish(staged, run_dir.partial_path(stage), {}, 0.0)
+    assert "store" not in inputs and BY_NAME["sft"].inputs(sft, run)["sample_prompts"] == str(samples)
+
+    def state(stage: str, config) -> str:
+        return stage_state(run_dir, stage, config, current_inputs(BY_NAME[stage], config, run))
+
+    assert state("preferences", preferences) == state("sft", sft) == "done"
+    gold.write_text(gold.read_text().replace("Go away.", "No."))
+    samples.write_text('{"prompt": "Hello?"}\n')
+    assert state("preferences", preferences) == state("sft", sft) == "fresh"
+    gold.write_text(gold.read_text().replace("No.", "Go away."))
+    assert state("preferences", preferences) == "done"
+    monkeypatch.setenv("RLHF_DB_URL", "postgresql+psycopg://ann:secret@db.example/labels")
+    assert BY_NAME["preferences"].inputs(preferences, run)["store"] == "postgresql+psycopg://ann:***@db.example/labels"
+    assert state("preferences", preferences) == "fresh"
