@@ -7,6 +7,8 @@ publishes its finished outputs by renaming a complete folder to `runs/<name>/<st
 is always whole. Every JSON file here is written to a temporary file and renamed into place.
 """
 import contextlib
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -183,11 +185,15 @@ class RunDir:
         return merged
 
     def publish(self, stage: str, finished: Path) -> Path:
-        """Renames the complete folder `finished` to `runs/<name>/<stage>`, replacing an older one whole."""
+        """Renames the complete folder `finished` to `runs/<name>/<stage>`, replacing an older one whole: in one
+        step where the system can exchange two folders (Linux), else by two renames."""
         final = self.stage_path(stage)
         final.parent.mkdir(parents=True, exist_ok=True)
         for leftover in final.parent.glob(f".{final.name}.old-*"):  # from a publish killed between its two renames
             shutil.rmtree(leftover, ignore_errors=True)
+        if final.exists() and exchange_folders(finished, final):
+            shutil.rmtree(finished, ignore_errors=True)  # it holds the older folder now
+            return final
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{int(time.time() * 1000)}"
@@ -196,6 +202,21 @@ class RunDir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def exchange_folders(first: Path, second: Path) -> bool:
+    """Swaps two folders at once (renameat2 with RENAME_EXCHANGE): a reader, or a kill, finds one or the other,
+    never neither. False where the C library or the filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_current_folder, rename_exchange = -100, 2
+    if renameat2(at_current_folder, os.fsencode(first), at_current_folder, os.fsencode(second), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(second))
 
 
 class StageRecord:

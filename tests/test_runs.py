@@ -32,6 +32,21 @@ def test_publish_swaps_in_a_complete_folder(tmp_path):
     assert sorted(p.name for p in run.path.iterdir()) == ["sft"]
 
 
+def test_publish_over_a_published_folder_exchanges_the_two_in_one_step(tmp_path, monkeypatch):
+    """Linux exchanges two folders at once: no moment (where a kill would leave it) without the stage folder,
+    so publishing over one never renames it aside."""
+    run = RunDir(tmp_path, "r")
+    for version in ("old", "new"):
+        staged = tmp_path / f"staged-{version}"
+        staged.mkdir()
+        (staged / "weights").write_text(version)
+        if version == "new":
+            monkeypatch.setattr(os, "replace", lambda *args: pytest.fail("renamed aside"))
+        run.publish("sft", staged)
+    assert (run.stage_path("sft") / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"] and sorted(p.name for p in run.path.iterdir()) == ["sft"]
+
+
 def record_many(root, stage):
     run = RunDir(root, "r")
     for i in range(15):
