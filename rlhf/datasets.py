@@ -18,7 +18,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # CSV cells are text; these columns hold JSON (lists of messages) or typed values when they look like it.
 CSV_JSON_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
 CSV_BOOL_COLUMNS = ("tie", "both_bad")
-CSV_NUMBER_COLUMNS = ("margin",)
+CSV_NUMBER_COLUMNS = ("margin", "pair_weight")
 
 
 def load_rows(source, kind: str) -> list[dict]:

@@ -188,7 +188,8 @@ def preference_pair(row: dict) -> dict:
         raise RowProblem("both_bad", "a pair is a tie or both bad, not both: 'tie' is true as well")
     if row.get("ranking") is not None or row.get("pair_weight") is not None:  # one pair of a k-wise ranking
         pair["ranking"], pair["pair_weight"] = optional_text(row, "ranking"), pair_weight(row)
-    pair["id"], _ = row_identity(row, [prompt, chosen, rejected])
+    # without an id, a pair is named by its texts and its labeller: one row per vote is how some sets come
+    pair["id"], _ = row_identity(row, [prompt, chosen, rejected] + ([pair["labeller"]] if pair["labeller"] else []))
     return pair
 
 

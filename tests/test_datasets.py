@@ -214,6 +214,24 @@ def test_duplicates_are_removed_and_conflicting_ids_refused(tmp_path):
     assert len(deduplicate([{"id": "x", "messages": CHAT}, {"id": "y", "messages": CHAT}])) == 1
 
 
+def test_one_preference_row_per_vote_keeps_each_labellers_vote_and_csv_numbers_are_numbers(tmp_path):
+    """Without ids, the same pair voted on by two labellers is two rows (the same labeller twice is one), and
+    CSV cells of margin and pair_weight are read as numbers."""
+    vote = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}
+    path = write_jsonl(tmp_path / "votes.jsonl", [{**vote, "labeller": "ann"}, {**vote, "labeller": "bob"},
+                                                  {**vote, "labeller": "ann"}, vote])
+    assert [row["labeller"] for row in load_rows(path, "preference")] == ["ann", "bob", None]
+    path = write_jsonl(tmp_path / "conflict.jsonl", [{**vote, "labeller": "ann"}, {**vote, "labeller": "ann",
+                                                                                    "margin": 2.0}])
+    assert problem(path, "preference").startswith(f"{path}:2: id: duplicate id")
+    path = tmp_path / "ranked.csv"
+    path.write_text("prompt,chosen,rejected,margin,ranking,pair_weight\nHi?,Hello.,Go away.,1.5,r1,0.5\n")
+    [row] = load_rows(path, "preference")
+    assert (row["margin"], row["pair_weight"]) == (1.5, 0.5)
+    path.write_text("prompt,chosen,rejected,ranking,pair_weight\nHi?,Hello.,Go away.,r1,half\n")
+    assert problem(path, "preference") == f"{path}:2: pair_weight: expected a number, got 'half'"
+
+
 def test_split_is_deterministic_independent_of_order_and_disjoint():
     rows = [{"id": f"r{i}", "messages": CHAT} for i in range(50)]
     train, held_out = split_train_eval(rows, 0.2, seed=3)
