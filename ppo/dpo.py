@@ -29,6 +29,7 @@ from rlhf import hardware, models, tracking
 from rlhf.batching import LengthGroupedTraining, PromptGroupSampler, longest_sequence, shared_prefix_inputs, unique_rows
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
+from rlhf.errors import DataError
 from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
 from rlhf.preference_pairs import answer_text, pair_margin, preference_source, usable_pairs
@@ -294,7 +295,12 @@ def main(config: DPOStageConfig, run: RunConfig) -> dict:
 def check(config: DPOStageConfig, run: RunConfig, found: dict) -> list[dict]:
     """The labelled pairs, or with on-policy pairs the prompts they are sampled on, read and checked."""
     if config.pairs == "labels":
-        return labelled_pairs(found["preferences"], config)
+        pairs = labelled_pairs(found["preferences"], config)
+        if not config.pair_loss and any(pair["weight"] != 1.0 for pair in pairs):
+            raise DataError(found["preferences"], None, "pair_weight",
+                            f"the pairs of a ranking weigh less than one vote each, which loss_type "
+                            f"{','.join(config.loss_type)} leaves out (it is TRL's loss): use loss_type sigmoid")
+        return pairs
     return load_rows(config.prompts, "prompt")[:config.num_prompts or None]
 
 
@@ -328,7 +334,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
     collator = PairCollator(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length,
                             truncation_mode=config.truncation_mode, pad_to_multiple_of=config.pad_to_multiple_of,
                             share_prompt=(config.share_prompt and config.prompt_batches and not checkpointing
-                                          and config.world_size == 1))
+                                          and config.world_size == 1 and config.pair_loss))  # TRL's losses: whole rows
     trainer = PairDPOTrainer(model=model, args=args, data_collator=collator, train_dataset=train_data,
                              eval_dataset=eval_data, processing_class=tokenizer,
                              callbacks=[tracking.TrackingCallback(tracker), timer, NoCheckpointAtTheEnd()],

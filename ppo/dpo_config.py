@@ -47,7 +47,7 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
     share_prompt: bool = field(default=True, metadata={
         "help": "With prompt batches: each prompt runs once per batch and its answers on its cached keys and "
                 "values, as in the reward stage (the same loss from fewer tokens: a prompt is often longer than its "
-                "answers). Used in single-process runs without gradient checkpointing."})
+                "answers). Used in single-process runs without gradient checkpointing, with loss_type sigmoid."})
     use_margin: bool = field(default=False, metadata={
         "help": "Pass each pair's margin (labellers' strength: slight 0.5, clear 1.0) to the loss, which then asks "
                 "for an implicit-reward gap (beta x log-ratio difference) that wide. Off by default: with beta 0.1 "

@@ -164,6 +164,26 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):
     assert "ld_alpha" in capsys.readouterr().err
 
 
+def test_trls_other_losses_train_on_labelled_prompt_groups_and_refuse_ranking_weights(tmp_path, capsys):
+    """loss_type ipo on labelled pairs batched by prompt (tiny.yaml) trains on whole rows (the shared-prompt batch
+    feeds our sigmoid loss only); the pairs of a ranking, which weigh less than one vote, are refused for it."""
+    ranked = tmp_path / "ranked.jsonl"  # a ranking of three answers: three pairs of weight 1/3
+    pairs = (("Hello!", "Hi."), ("Hello!", "Go."), ("Hi.", "Go."))
+    ranked.write_text("".join(json.dumps({"prompt": "Hi?", "chosen": chosen, "rejected": rejected, "ranking": "r1",
+                                          "pair_weight": 1 / 3}) + "\n" for chosen, rejected in pairs))
+    args = ["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}", "--dpo.model=tiny-llama",
+            "--dpo.loss_type=ipo"]
+    assert cli([*args, f"--dpo.preferences={ranked}"]) == 2
+    assert f"{ranked}: pair_weight: the pairs of a ranking weigh less than one vote each" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n"
+                             for prompt in ("Hi?", "Bye?") for chosen, rejected in pairs))
+    assert cli([*args, f"--dpo.preferences={plain}"]) == 0
+    entry = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["stages"]["dpo"]
+    assert entry["status"] == "done" and entry["metrics"]["train_pairs"] == 3
+
+
 def test_pairs_of_similar_length_share_a_batch(tmp_path, tiny_model_path):
     """length_grouped (the default): the 4 short pairs make one batch and the 4 long ones the other, each padded
     to its own longest row; random batches mix them and pad both to the longest."""
