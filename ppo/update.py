@@ -5,6 +5,7 @@ The critic is a sequence classifier (initialised from the reward model) read at 
 backbone's hidden states through its score head give one value per token (`Critic`, a module of its own so that
 DDP sees its forward). Gradients go through `accelerator.backward`, so they are averaged over processes.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -212,13 +213,15 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
             stats = []
             for micro_start in range(start, start + minibatch, micro):
                 rows = order[micro_start:micro_start + micro]
-                loss, micro_stats = minibatch_loss(policy, critic, experience, rows, config)
-                loss = loss * token_share(experience.rollout.response_mask[rows], accelerator)
-                if engine:
-                    optimizer.backward(loss)
-                    optimizer.step()  # an optimiser step at the last micro-batch of each minibatch
-                else:
-                    accelerator.backward(loss / config.gradient_accumulation_steps)
+                last = micro_start + micro >= start + minibatch
+                with contextlib.nullcontext() if engine or last else kept_local(accelerator, policy, critic):
+                    loss, micro_stats = minibatch_loss(policy, critic, experience, rows, config)
+                    loss = loss * token_share(experience.rollout.response_mask[rows], accelerator)
+                    if engine:
+                        optimizer.backward(loss)
+                        optimizer.step()  # an optimiser step at the last micro-batch of each minibatch
+                    else:
+                        accelerator.backward(loss / config.gradient_accumulation_steps)
                 stats.append(micro_stats)
             if not engine:
                 accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -226,6 +229,16 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
                 optimizer.zero_grad()
             history.append({key: sum(s[key] for s in stats) / len(stats) for key in stats[0]})
     return history
+
+
+def kept_local(accelerator, policy, critic) -> contextlib.ExitStack:
+    """Gradients of a micro-batch before a minibatch's last stay on this process (DDP's no_sync, entered before the
+    forward): the last one's backward averages the sum once, not at every micro-batch."""
+    stack = contextlib.ExitStack()
+    for model in (policy, critic):
+        if model is not None:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
 
 
 def token_share(mask: torch.Tensor, accelerator) -> torch.Tensor:

@@ -96,7 +96,7 @@ def test_two_processes_split_each_batch_and_share_gradients(tmp_path, tiny_model
     env = {**os.environ, "PPO_TEST_RECORD": str(tmp_path), "OMP_NUM_THREADS": "1"}
     args = ppo_args(tmp_path, tiny_model_path, "ddp", "--ppo.reward_function=tests.test_ppo_runs:recording_vowel_share",
                     "--ppo.total_episodes=24", "--ppo.batch_size=8", "--ppo.num_mini_batches=2",
-                    *ALGORITHMS[algorithm])
+                    "--ppo.gradient_accumulation_steps=2", *ALGORITHMS[algorithm])  # no_sync but at the last
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
               f"--master_port={free_port()}"]
     result = subprocess.run([*launch, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
