@@ -339,12 +339,17 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
                              eval_dataset=eval_data, processing_class=tokenizer,
                              callbacks=[tracking.TrackingCallback(tracker), timer, NoCheckpointAtTheEnd()],
                              tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0)
+    long_pairs = sum(length > (config.max_length or length) for length in trainer.row_lengths(trainer.train_dataset))
+    if long_pairs:  # cut as TRL does, where the reward stage (TRL's RewardTrainer) leaves them out: said either way
+        print(f"[{STAGE}] {long_pairs} of {len(train_pairs)} training pairs are longer than max_length "
+              f"({config.max_length} tokens) and are cut ({config.truncation_mode})")
 
     # 3. train, then the held-out pairs
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - started
-    metrics = {"train_loss": result.training_loss, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+    metrics = {"train_loss": result.training_loss, "train_pairs": len(train_pairs), "long_pairs_cut": long_pairs,
+               "eval_pairs": len(eval_pairs),
                "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
                "median_step_s": timer.median(), "pairs_source": config.pairs}
     if eval_data is not None:
