@@ -30,8 +30,8 @@ from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
 from rlhf.store import Store, StoreError, run_store_url
-from rlhf.stage import Inputs, Outcome, Stage, published_model, run_stage, starting_model
-from rlhf.verifiable import check_references, judge_scores
+from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, starting_model
+from rlhf.verifiable import check_references, judge_scores, probe_judge
 
 STAGE = "eval"
 POLICY_STAGES = ("ppo", "dpo")
@@ -50,6 +50,9 @@ def policy_folders(config: EvalStageConfig, run_dir: RunDir) -> dict[str, str]:
     found = {}
     for item in config.policies.split(","):
         name, _, folder = item.strip().partition("=")
+        if name in found or name in (BASELINE, "reward_model", "prompts"):  # the names of the other inputs
+            raise ConfigError(f"eval.policies: '{name}' " + ("is named twice" if name in found else
+                                                             "names another input (sft, reward_model, prompts)"))
         if not folder and name not in POLICY_STAGES:
             raise ConfigError(f"eval.policies: '{name}' is neither a policy stage ({', '.join(POLICY_STAGES)}) "
                               "nor NAME=FOLDER")
@@ -66,8 +69,8 @@ def inputs(config: EvalStageConfig, run: RunConfig) -> dict:
     found = Inputs()
     found.add(BASELINE, lambda: starting_model(STAGE, config.baseline, run_dir, field="baseline"))
     if config.reward_model != "none":
-        found.add("reward_model", lambda: published_model(run_dir, "reward", "reward model", config.reward_model,
-                                                           "--eval.reward_model (none: no reward scores)"))
+        found.add("reward_model", lambda: published_reward_model(run_dir, config.reward_model,
+                                                                 "--eval.reward_model (none: no reward scores)"))
     found.add("policies", lambda: policy_folders(config, run_dir))
     found.add("prompts", config.prompts)
     return found.found()
@@ -83,8 +86,11 @@ def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[di
     prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
     if config.human:
         check_prompts_for_people(config, run, prompts)
-    return (prompts, load_judge(config.judge) if config.judge else None,
-            check_references(prompts, config.prompts, config.judge))
+    judge = load_judge(config.judge) if config.judge else None
+    references = check_references(prompts, config.prompts, config.judge)
+    if judge:
+        probe_judge(judge, prompts[0]["prompt"][-1]["content"], references[0] if references else None)
+    return prompts, judge, references
 
 
 def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: list[dict]) -> None:

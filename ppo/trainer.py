@@ -58,8 +58,8 @@ from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
 from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, earlier_round_model, last_complete_checkpoint,
-                        published_model, round_seed, run_stage, start_partial, starting_model)
-from rlhf.verifiable import check_references, judge_scores
+                        published_reward_model, round_seed, run_stage, start_partial, starting_model)
+from rlhf.verifiable import check_references, judge_scores, probe_judge
 
 STAGE = "ppo"
 OVEROPTIMISATION = "over-optimisation"  # the alert raised at eval points, beside the per-update checks
@@ -78,8 +78,8 @@ def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
         found.add("reference", lambda: starting_model(STAGE, config.model, run_dir))
     found.add("prompts", config.prompts)
     if not config.reward_function:
-        found.add("reward_model", lambda: published_model(run_dir, "reward", "reward model", config.reward_model,
-                                                           "--ppo.reward_model (or --ppo.reward_function)"))
+        found.add("reward_model", lambda: published_reward_model(run_dir, config.reward_model,
+                                                                 "--ppo.reward_model (or --ppo.reward_function)"))
     return found.found()
 
 
@@ -140,14 +140,17 @@ class CheckedInputs:
 def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> CheckedInputs:
     """The training and eval prompts, checked row by row, and the judge loaded (a reward function too, only to
     check it: the scorer loads its own)."""
-    if config.reward_function:
-        load_judge(config.reward_function)
     rows = load_rows(config.prompts, "prompt")
     eval_rows = load_rows(config.eval_prompts, "prompt")[:config.num_eval_prompts or None]
     eval_references = (check_references(eval_rows, config.eval_prompts, config.reward_function)
                        or check_references(eval_rows, config.eval_prompts, config.judge))
     judge = load_judge(config.judge) if config.judge else None
     references = check_references(rows, config.prompts, config.reward_function)
+    if config.reward_function:
+        probe_judge(load_judge(config.reward_function), rows[0]["prompt"][-1]["content"],
+                    references[0] if references else None)
+    if judge:
+        probe_judge(judge, eval_rows[0]["prompt"][-1]["content"], eval_references[0] if eval_references else None)
     # the launch (a distribution PPO cannot run under, a batch that does not split over the processes) is checked
     # last, with the files read: a refusal leaves the run's manifest as it was
     return CheckedInputs([row["prompt"] for row in rows], [row["prompt"] for row in eval_rows], judge, references,

@@ -22,7 +22,7 @@ from rlhf.rankings import ranks_in_order
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
 from preference_ui.queue import LabelQueue, unswap
 from rlhf.store import Store
-from rlhf.verifiable import wants_references
+from rlhf.verifiable import checked_scores, probe_judge, wants_references
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,12 @@ def voting_judge(spec: str):
     if wants_references(judge):
         raise UserError(f"judge {spec} checks answers against reference answers; simulated labellers compare two "
                         "answers with a judge of (prompts, answers)")
+    probe_judge(judge, "Hello?")
     return judge
+
+
+def judged(judge, prompt: str, answers: list[str]) -> list[float]:
+    return checked_scores(judge, judge([prompt] * len(answers), answers), len(answers))
 
 
 def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel, batch: str | None = None,
@@ -108,10 +113,10 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
             prompt = item.prompt[-1]["content"]
             if item.answers:
                 queue.rank(user, item.comparison_id,
-                           decide_ranking(judge([prompt] * len(item.answers), item.answers), model, rng))
+                           decide_ranking(judged(judge, prompt, item.answers), model, rng))
                 counts["ranked"] = counts.get("ranked", 0) + 1
                 continue
-            left, right = judge([prompt, prompt], [item.left, item.right])
+            left, right = judged(judge, prompt, [item.left, item.right])
             choice, strength = decide(left, right, model, rng)
             queue.vote(user, item.comparison_id, choice, strength)
             counts[unswap(choice, item.swapped)] += 1

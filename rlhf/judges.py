@@ -76,6 +76,9 @@ def load_judge(spec: str) -> Judge:
         return BUILTIN_JUDGES[name]
     module, _, function = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module), function)
+        judge = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError, ValueError) as err:
         raise UserError(f"judge '{spec}': cannot load ({err}); use builtin:NAME or module:function") from None
+    if not callable(judge):
+        raise UserError(f"judge '{spec}': a {type(judge).__name__}, not a function of (prompts, answers)")
+    return judge

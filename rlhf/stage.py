@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from rlhf import models, tracking
 from rlhf.config import RunConfig, as_plain_dict, hashed_settings
-from rlhf.errors import MissingInputError
+from rlhf.errors import MissingInputError, ModelError
 from rlhf.preference_pairs import publish_pending_exports
 from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, stage_lock
 
@@ -113,6 +113,18 @@ def published_model(run_dir: RunDir, maker: str, what: str, folder: str | None, 
     folder = folder or str(run_dir.stage_path(maker))
     if not (Path(folder) / "config.json").exists():
         raise MissingInputError(f"no {what} at {folder}: run `rlhf {maker} --config ...` first, or set {setting}")
+    return folder
+
+
+def published_reward_model(run_dir: RunDir, folder: str | None, setting: str) -> str:
+    """`folder` when given, else the run's reward model: a sequence classifier (a language model given here would
+    score with a new, random head)."""
+    folder = published_model(run_dir, "reward", "reward model", folder, setting)
+    architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ModelError(f"{folder}: not a reward model (its config.json names {', '.join(architectures) or 'no'} "
+                         f"architecture, not a sequence classifier: its score head would be random); set "
+                         f"{setting.split(' ')[0]} to a reward stage's folder, runs/<name>/reward")
     return folder
 
 

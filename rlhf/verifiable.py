@@ -5,6 +5,7 @@ field (`data/arithmetic_train.jsonl` and `data/arithmetic_eval.jsonl` carry one)
 your own `module:function(prompts, responses, references)`. The others take `(prompts, responses)` as before.
 """
 import inspect
+import math
 import re
 
 from rlhf.errors import DataError, UserError
@@ -94,7 +95,29 @@ def check_references(rows: list[dict], source, spec: str) -> list[str] | None:
 def judge_scores(judge, prompts: list[str], responses: list[str], references: list[str] | None = None) -> list[float]:
     """The judge's scores, given the references when it checks against them."""
     if not wants_references(judge):
-        return judge(prompts, responses)
+        return checked_scores(judge, judge(prompts, responses), len(responses))
     if references is None:
         raise UserError("this judge checks answers against reference answers, and none were given here")
-    return judge(prompts, responses, references)
+    return checked_scores(judge, judge(prompts, responses, references), len(responses))
+
+
+def probe_judge(judge, prompt: str, reference: str | None = None) -> None:
+    """Scores one made-up answer, so that a judge that returns no list of finite numbers stops a stage before it
+    writes anything rather than after its answers are generated."""
+    judge_scores(judge, [prompt], ["A short made-up answer: 42."], None if reference is None else [reference])
+
+
+def checked_scores(judge, scores, answers: int) -> list[float]:
+    """A judge's scores as floats, one finite number per answer; else an error naming the judge (a short list
+    would pair scores with the wrong answers, a NaN would lose every comparison)."""
+    name = f"{getattr(judge, '__module__', '?')}:{getattr(judge, '__qualname__', type(judge).__name__)}"
+    try:
+        values = [float(score) for score in scores]
+    except (TypeError, ValueError) as err:
+        raise UserError(f"judge {name} returned {type(scores).__name__}, not a list of numbers ({err})") from None
+    if len(values) != answers:
+        raise UserError(f"judge {name} returned {len(values)} scores for {answers} answers")
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise UserError(f"judge {name} scored answer {i + 1} of {answers} {value}: scores must be finite numbers")
+    return values

@@ -29,6 +29,22 @@ def tiny_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_reward_path(tmp_path_factory, tiny_model_path) -> Path:
+    """The tiny model with a new score head, saved as a reward model (untrained, it still scores every answer
+    differently)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.reward_model import reward_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-reward")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(folder)
+    reward_tokenizer(str(tiny_model_path)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_path):
     from rlhf.models import load_tokenizer
 

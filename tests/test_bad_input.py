@@ -13,12 +13,23 @@ CORPUS = REPO / "tests" / "bad_inputs"
 EXPECTED = json.loads((CORPUS / "expected.json").read_text())
 
 
+NOT_A_JUDGE = 3.14
+
+
+def one_score_short(prompts, answers):
+    return [1.0] * (len(answers) - 1)
+
+
+def not_a_number(prompts, answers):
+    return [float("nan")] * len(answers)
+
+
 def corpus(*kinds: str) -> list[str]:
     """The corpus files of these row kinds, and the malformed files of any kind (bad JSON, empty, ...)."""
     return sorted(name for name in EXPECTED if name.split("_")[0] in (*kinds, "any"))
 
 
-def commands(model: str, root) -> list[tuple[list[str], list[str]]]:
+def commands(model: str, root, reward: str = "") -> list[tuple[list[str], list[str]]]:
     """(the command with FILE where the bad file goes, the corpus files it is given): every command that reads
     a file, each of its file options."""
     common = ["--config", "configs/tiny.yaml", f"--run.output_root={root}", "--run.tracking=none"]
@@ -32,7 +43,7 @@ def commands(model: str, root) -> list[tuple[list[str], list[str]]]:
         ([*ppo, "--ppo.prompts=FILE"], corpus("prompts")),
         ([*ppo, "--ppo.eval_prompts=FILE"], corpus("prompts")),
         (["dpo", *common, f"--dpo.model={model}", "--dpo.preferences=FILE"], corpus("pairs")),
-        (["dpo", *common, f"--dpo.model={model}", "--dpo.pairs=on_policy", f"--dpo.reward_model={model}",
+        (["dpo", *common, f"--dpo.model={model}", "--dpo.pairs=on_policy", f"--dpo.reward_model={reward}",
           "--dpo.prompts=FILE"], corpus("prompts")),
         (["eval", *common, f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           "--eval.prompts=FILE"], corpus("prompts")),
@@ -42,14 +53,15 @@ def commands(model: str, root) -> list[tuple[list[str], list[str]]]:
     ]
 
 
-def test_the_bad_input_corpus_through_every_command_that_reads_a_file(tmp_path, tiny_model_path, capsys):
+def test_the_bad_input_corpus_through_every_command_that_reads_a_file(tmp_path, tiny_model_path, tiny_reward_path,
+                                                                    capsys):
     root = tmp_path / "runs"
     run = root / "tiny"  # an earlier run of the same name, which a failed attempt must leave as it is
     run.mkdir(parents=True)
     (run / "manifest.json").write_text(json.dumps({"run": "tiny", "stages": {"sft": {"status": "done"}}}))
     (run / "notes.txt").write_text("earlier work")
     before = tree_digest(root)
-    for command, files in commands(str(tiny_model_path), root):
+    for command, files in commands(str(tiny_model_path), root, str(tiny_reward_path)):
         for name in files:
             path = CORPUS / name
             words = [word.replace("FILE", str(path)) for word in command]
@@ -97,6 +109,25 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
           f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           "--eval.judge=builtin:nonesuch"], "builtin:nonesuch"),
+        # a language model given as the reward model would score with a new, random head
+        (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", f"--eval.reward_model={model}"],
+         f"{model}: not a reward model (its config.json names LlamaForCausalLM architecture"),
+        (["ppo", f"--ppo.model={model}", f"--ppo.reward_model={model}"], f"{model}: not a reward model"),
+        # a judge that is no function, or that returns too few scores or NaN, stops before any answer is generated
+        (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
+          "--eval.judge=tests.test_bad_input:NOT_A_JUDGE"], "judge 'tests.test_bad_input:NOT_A_JUDGE': a float"),
+        (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
+          "--eval.judge=tests.test_bad_input:one_score_short"],
+         "judge tests.test_bad_input:one_score_short returned 0 scores for 1 answers"),
+        (["ppo", f"--ppo.model={model}", "--ppo.reward_function=tests.test_bad_input:not_a_number"],
+         "judge tests.test_bad_input:not_a_number scored answer 1 of 1 nan: scores must be finite numbers"),
+        (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=tests.test_bad_input:not_a_number"],
+         "judge tests.test_bad_input:not_a_number scored answer 1 of 1 nan"),
+        # a policy named as another input would stand in for it
+        (["eval", f"--eval.baseline={model}", f"--eval.policies=sft={model}", "--eval.reward_model=none"],
+         "eval.policies: 'sft' names another input (sft, reward_model, prompts)"),
+        (["eval", f"--eval.baseline={model}", f"--eval.policies=a={model},a={model}", "--eval.reward_model=none"],
+         "eval.policies: 'a' is named twice"),
         # a mistyped store URL as the preference source: an error, and no new empty store
         (["reward", f"--reward.model={model}", f"--reward.preferences=sqlite:///{root / 'nosuch.db'}"],
          f"no label store at {root / 'nosuch.db'}"),
