@@ -30,7 +30,7 @@ from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, DataError, UserError
 from rlhf.label_export import export
-from rlhf.runs import hash_config
+from rlhf.runs import hash_config, read_stage_record
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
 from rlhf.store import Store, check_database_url, run_store_url, shown_url
 
@@ -61,17 +61,19 @@ def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
 
 
 def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[list, list | None]:
-    """(the round's prompts, the gold rows), read and checked, and the simulated labellers' judge loaded: all
+    """(the round's prompts, the gold rows, how many of the file's prompts the rounds so far have taken), read and
+    checked, and the simulated labellers' judge loaded: all
     before the stage creates anything, the store among them."""
     check_feedback(config, run)
     check_database_url(run_store_url(run.output_root, run.name, config.db or None))
-    prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round)
+    taken = prompts_taken_before(run, config)
+    prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round, taken)
     gold = load_rows(config.gold, "gold") if config.gold else None
     if config.simulate_judge:
         voting_judge(config.simulate_judge)
     if config.ai_judge:
         check_ai_inputs(config.ai_judge, config.ai_constitution)
-    return prompts, gold
+    return prompts, gold, taken + len(prompts)
 
 
 def check_feedback(config: PreferencesStageConfig, run: RunConfig) -> None:
@@ -81,21 +83,33 @@ def check_feedback(config: PreferencesStageConfig, run: RunConfig) -> None:
                           "queue the pairs the reward model is least sure of, and rankings have no such choice yet")
 
 
-def round_prompts(rows: list[dict], config: PreferencesStageConfig, round: int) -> list[dict]:
+def prompts_taken_before(run: RunConfig, config: PreferencesStageConfig) -> int:
+    """How many of the file's prompts the rounds before this one took, as the previous round's stage recorded it
+    (a round's settings may differ from the next one's). Without that record (a run from before it was kept, or
+    that round not run): num_prompts and this round's round_prompts for each round between."""
+    if run.round == 1:
+        return 0
+    previous = read_stage_record(run.directory().in_round(run.round - 1).stage_path(STAGE))
+    if "prompts_taken" in previous:
+        return previous["prompts_taken"]
+    return config.num_prompts + (run.round - 2) * (config.round_prompts or config.num_prompts)
+
+
+def round_prompts(rows: list[dict], config: PreferencesStageConfig, round: int, taken: int = 0) -> list[dict]:
     """Round 1 takes the first num_prompts prompts (all when 0); each later round the next round_prompts (default
-    num_prompts) after them, so every round's answers are to prompts no earlier round saw."""
+    num_prompts) after the `taken` that earlier rounds took, so every round's answers are to prompts no earlier
+    round saw."""
     if round == 1:
         return rows[:config.num_prompts or None]
     if not config.num_prompts:
         raise ConfigError(f"preferences.num_prompts is 0: round 1 takes every prompt of {config.prompts} and leaves "
                           f"none fresh for round {round}; set num_prompts (and round_prompts)")
     per_round = config.round_prompts or config.num_prompts
-    start = config.num_prompts + (round - 2) * per_round
-    if len(rows) < start + per_round:
-        raise DataError(config.prompts, None, "rows", f"round {round} takes prompts {start + 1}-{start + per_round} "
-                        f"({per_round} fresh prompts after the {start} earlier rounds took), but the file has "
+    if len(rows) < taken + per_round:
+        raise DataError(config.prompts, None, "rows", f"round {round} takes prompts {taken + 1}-{taken + per_round} "
+                        f"({per_round} fresh prompts after the {taken} earlier rounds took), but the file has "
                         f"{len(rows)}; lower preferences.round_prompts or run.rounds, or add prompts")
-    return rows[start:start + per_round]
+    return rows[taken:taken + per_round]
 
 
 SAMPLING_SETTINGS = ("num_prompts", "round_prompts", "responses_per_prompt", "max_new_tokens", "temperature",
@@ -127,7 +141,7 @@ def round_settings(config: PreferencesStageConfig, run: RunConfig, found: dict,
 
 
 def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
-    prompts, gold = checked
+    prompts, gold, prompts_taken = checked
     started = time.time()
     config = round_settings(config, run, found, record.input_hashes)  # the inputs' hashes, as recorded
     url = run_store_url(run.output_root, run.name, config.db or None)
@@ -165,7 +179,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     tracker.log({f"labels/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return Outcome(metrics, partial / "final", partial, time.time() - started,
                    f"{manifest['rows']} pairs, {manifest['ties']} ties, {manifest['both_bad']} both bad",
-                   artifact="dataset")
+                   artifact="dataset", extra={"prompts_taken": prompts_taken})
 
 
 def check_same_draw(store: Store, batch: str, drawn_from: str) -> None:

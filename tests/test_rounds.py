@@ -247,17 +247,27 @@ def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_
     assert entry["status"] == "done" and entry["metrics"]["votes"] == 6 and entry["metrics"]["batch"] == batch
 
 
-def test_each_round_takes_fresh_prompts_and_a_prompt_file_too_short_for_a_round_is_named():
-    from preference_ui.collect import round_prompts
+def test_each_round_takes_fresh_prompts_and_a_prompt_file_too_short_for_a_round_is_named(tmp_path):
+    """A round starts after the prompts the previous round's stage recorded as taken, so a round-R section that
+    changes round_prompts never hands a later round prompts an earlier one saw."""
+    from preference_ui.collect import prompts_taken_before, round_prompts
     from preference_ui.config import PreferencesStageConfig
+    from rlhf.config import RunConfig
     from rlhf.errors import ConfigError, DataError
+    from rlhf.runs import STAGE_RECORD
 
-    rows = [{"id": str(i)} for i in range(10)]
+    rows = [{"id": str(i)} for i in range(12)]
     config = PreferencesStageConfig(prompts="p.jsonl", num_prompts=4, round_prompts=3)
-    taken = [[row["id"] for row in round_prompts(rows, config, round)] for round in (1, 2, 3)]
-    assert taken == [["0", "1", "2", "3"], ["4", "5", "6"], ["7", "8", "9"]]
-    with pytest.raises(DataError, match=r"p.jsonl: rows: round 4 takes prompts 11-13 .* but the file has 10"):
-        round_prompts(rows, config, 4)
+    runs = {round: RunConfig(name="r", output_root=str(tmp_path), round=round) for round in (1, 2, 3, 4)}
+    assert [prompts_taken_before(runs[round], config) for round in (1, 2, 3)] == [0, 4, 7]  # nothing recorded yet
+    round_2 = runs[2].directory().stage_path("preferences")
+    round_2.mkdir(parents=True)
+    (round_2 / STAGE_RECORD).write_text('{"prompts_taken": 9}')  # round 2 took 5 (its own round_prompts)
+    taken = [[row["id"] for row in round_prompts(rows, config, round, prompts_taken_before(runs[round], config))]
+             for round in (1, 2, 3)]
+    assert taken == [["0", "1", "2", "3"], ["4", "5", "6"], ["9", "10", "11"]]
+    with pytest.raises(DataError, match=r"p.jsonl: rows: round 4 takes prompts 13-15 .* but the file has 12"):
+        round_prompts(rows, config, 4, 12)
     with pytest.raises(ConfigError, match="num_prompts is 0: round 1 takes every prompt"):
         round_prompts(rows, PreferencesStageConfig(), 2)
 
