@@ -36,8 +36,8 @@ from rlhf.preference_pairs import answer_text, pair_margin, preference_source, u
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step,
-                        earlier_round_model, last_complete_checkpoint, published_reward_model, run_stage, start_partial,
-                        starting_model)
+                        earlier_round_model, last_complete_checkpoint, published_reward_model,
+                        refuse_fixed_reward_model, run_stage, start_partial, starting_model)
 
 STAGE = "dpo"
 PAIR_COLUMNS = ("margin", "tie", "weight")
@@ -55,6 +55,7 @@ def inputs(config: DPOStageConfig, run: RunConfig) -> dict:
         found.add("preferences", lambda: preference_source(STAGE, config.preferences, config.batch,
                                                             config.min_votes, run_dir))
         return found.found()
+    refuse_fixed_reward_model(STAGE, config.reward_model, run.round)
     found.add("reward_model", lambda: published_reward_model(run_dir, config.reward_model,
                                                              "--dpo.reward_model (or use --dpo.pairs labels)"))
     found.add("prompts", config.prompts)

@@ -58,7 +58,8 @@ from rlhf.judges import load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
 from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, earlier_round_model, last_complete_checkpoint,
-                        published_reward_model, round_seed, run_stage, start_partial, starting_model)
+                        published_reward_model, refuse_fixed_reward_model, round_seed, run_stage, start_partial,
+                        starting_model)
 from rlhf.verifiable import check_references, judge_scores, probe_judge
 
 STAGE = "ppo"
@@ -69,6 +70,7 @@ CRITIC, CRITIC_SCALE = "critic", "critic.json"
 def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
     run_dir = run.directory()
     found = Inputs()
+    refuse_fixed_reward_model(STAGE, config.reward_model, run.round)
     if run.round == 1:
         found.add("policy", lambda: starting_model(STAGE, config.model, run_dir))
     else:  # an online round continues the previous round's policy and critic, against the same reference

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from rlhf import models, tracking
 from rlhf.config import RunConfig, as_plain_dict, hashed_settings
-from rlhf.errors import MissingInputError, ModelError
+from rlhf.errors import ConfigError, MissingInputError, ModelError
 from rlhf.preference_pairs import publish_pending_exports
 from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, stage_lock
 
@@ -126,6 +126,13 @@ def published_reward_model(run_dir: RunDir, folder: str | None, setting: str) ->
                          f"architecture, not a sequence classifier: its score head would be random); set "
                          f"{setting.split(' ')[0]} to a reward stage's folder, runs/<name>/reward")
     return folder
+
+
+def refuse_fixed_reward_model(stage: str, reward_model: str, round: int) -> None:
+    """An online round's policy learns from that round's reward model, trained on every round's votes so far."""
+    if reward_model and round > 1:
+        raise ConfigError(f"{stage}.reward_model is set, but online round {round} trains against its own reward "
+                          f"model (runs/<name>/round-{round}/reward): leave it empty")
 
 
 def earlier_round_model(run_dir: RunDir, stage: str, what: str) -> str:

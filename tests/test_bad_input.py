@@ -121,8 +121,14 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
          "judge tests.test_bad_input:one_score_short returned 0 scores for 1 answers"),
         (["ppo", f"--ppo.model={model}", "--ppo.reward_function=tests.test_bad_input:not_a_number"],
          "judge tests.test_bad_input:not_a_number scored answer 1 of 1 nan: scores must be finite numbers"),
-        (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=tests.test_bad_input:not_a_number"],
+        (["preferences", f"--preferences.model={model}",
+          "--preferences.simulate_judge=tests.test_bad_input:not_a_number"],
          "judge tests.test_bad_input:not_a_number scored answer 1 of 1 nan"),
+        # a later online round learns from its own round's reward model
+        (["ppo", f"--ppo.model={model}", f"--ppo.reward_model={model}", "--run.round=2"],
+         "ppo.reward_model is set, but online round 2 trains against its own reward model"),
+        (["dpo", f"--dpo.model={model}", "--dpo.pairs=on_policy", f"--dpo.reward_model={model}", "--run.round=3"],
+         "dpo.reward_model is set, but online round 3 trains against its own reward model"),
         # a policy named as another input would stand in for it
         (["eval", f"--eval.baseline={model}", f"--eval.policies=sft={model}", "--eval.reward_model=none"],
          "eval.policies: 'sft' names another input (sft, reward_model, prompts)"),
