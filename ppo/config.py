@@ -123,6 +123,12 @@ class PPOStageConfig:
                              f"{self.gradient_accumulation_steps})")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be above 0, got {self.target_kl}")
+        if self.kl_coef < 0 or (self.target_kl is not None and self.kl_coef == 0):
+            raise ValueError(f"kl_coef must be 0 or more, and above 0 with target_kl (the controller scales it: from "
+                             f"0 it stays 0), got {self.kl_coef}")
+        if self.whiten_rewards and self.algorithm != "ppo":
+            raise ValueError(f"whiten_rewards whitens PPO's per-token rewards before GAE; {self.algorithm} has no GAE "
+                             "and would ignore it")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be 0 (before and after only) or more, got {self.eval_every}")
         if min(self.save_steps, self.sample_every) < 0:

@@ -133,6 +133,12 @@ def test_ppo_config_refuses_inconsistent_settings():
         PPOStageConfig(batch_size=6, num_mini_batches=4)
     with pytest.raises(ValueError, match="target_kl"):
         PPOStageConfig(target_kl=0.0)
+    with pytest.raises(ValueError, match="kl_coef must be 0 or more, and above 0 with target_kl"):
+        PPOStageConfig(kl_coef=0.0, target_kl=6.0)
+    with pytest.raises(ValueError, match="kl_coef must be 0 or more"):
+        PPOStageConfig(kl_coef=-0.1)
+    with pytest.raises(ValueError, match="whiten_rewards whitens PPO's per-token rewards before GAE; grpo"):
+        PPOStageConfig(algorithm="grpo", whiten_rewards=True)
     with pytest.raises(ValueError, match="algorithm must be one of ppo, grpo, rloo, reinforce_pp"):
         PPOStageConfig(algorithm="a2c")
     with pytest.raises(ValueError, match="num_generations must be at least 2"):
