@@ -19,6 +19,7 @@ The functions here turn one raw row (in any of the accepted layouts) into its ca
 import hashlib
 import json
 import math
+from decimal import Decimal
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_CATEGORY = "general"
@@ -159,9 +160,11 @@ def prompt_row(row: dict) -> dict:
 
 
 def reference_answer(value) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
-        raise RowProblem("answer", f"expected a non-empty string or a number, got {value!r}")
-    return str(value)
+    if (isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == ""
+            or isinstance(value, float) and not math.isfinite(value)):
+        raise RowProblem("answer", f"expected a non-empty string or a finite number, got {value!r}")
+    # a number in plain digits: the answer checker reads "1e-05" as the number 5
+    return format(Decimal(repr(value)), "f") if isinstance(value, float) else str(value)
 
 
 def preference_pair(row: dict) -> dict:

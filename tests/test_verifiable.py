@@ -81,14 +81,19 @@ def recompute(category: str, question: str) -> int:
 def test_a_prompt_row_keeps_its_reference_answer_and_refuses_an_empty_one(tmp_path):
     from rlhf.datasets import load_rows
     from rlhf.errors import DataError
+    from rlhf.verifiable import final_number
 
     good = tmp_path / "good.jsonl"
-    good.write_text('{"id": "a", "prompt": "2 + 2?", "answer": 4}\n{"id": "b", "prompt": "Hi"}\n')
+    good.write_text('{"id": "a", "prompt": "2 + 2?", "answer": 4}\n{"id": "b", "prompt": "Hi"}\n'
+                    '{"id": "c", "prompt": "1 / 100000?", "answer": 1e-05}\n{"id": "d", "prompt": "10^16?", '
+                    '"answer": 1e16}\n')
     rows = load_rows(good, "prompt")
     assert rows[0]["answer"] == "4" and "answer" not in rows[1]
+    assert (rows[2]["answer"], rows[3]["answer"]) == ("0.00001", "10000000000000000")  # not "1e-05", read as 5
+    assert final_number(["?"] * 2, ["It is 0.00001.", "It is 5."], [rows[2]["answer"]] * 2) == [1.0, 0.0]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "2 + 2?", "answer": ""}\n')
-    with pytest.raises(DataError, match=f"{bad}:1: answer: expected a non-empty string or a number"):
+    with pytest.raises(DataError, match=f"{bad}:1: answer: expected a non-empty string or a finite number"):
         load_rows(bad, "prompt")
 
 
