@@ -138,7 +138,7 @@ def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageC
     sampling = f"sampled at temperature {config.temperature:g}" if config.temperature else "greedy"
     lines = [f"# Run `{run_dir.name}`: policies against the SFT model", "",
              f"{prompts} held-out prompts from `{config.prompts}`"
-             f"{f' (the first {config.num_prompts})' if config.num_prompts else ''}; answers {sampling}, at most "
+             f"{f' (the first {prompts})' if config.num_prompts == prompts else ''}; answers {sampling}, at most "
              f"{config.max_new_tokens} tokens. "
              + ("Reward: the reward model, normalised by the scale it stored (0 is the SFT samples' mean). "
                 if any("reward" in r for r in results.values()) else "")

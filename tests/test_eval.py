@@ -11,6 +11,7 @@ from evaluation.metrics import answer_kl, bootstrap_interval, kl_per_position, w
 from pipeline.cli import main as cli
 from rlhf.models import load_causal_lm
 from rlhf.reward_model import reward_tokenizer
+from tests.conftest import REPO
 
 
 def test_win_rate_counts_ties_as_half_and_its_interval_narrows_with_more_prompts():
@@ -77,8 +78,11 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     reward_dir = tmp_path / "reward"
     AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(reward_dir)
     reward_tokenizer(str(tiny_model_path)).save_pretrained(reward_dir)
+    prompts = tmp_path / "eight.jsonl"  # fewer than num_prompts asks for: the report says 8, not "the first 500"
+    prompts.write_text("".join((REPO / "data" / "eval_prompts.jsonl").read_text().splitlines(keepends=True)[:8]))
     assert cli(["eval", *common, f"--eval.baseline={tiny_model_path}", f"--eval.reward_model={reward_dir}",
-                f"--eval.policies=ppo,same={tiny_model_path}"]) == 0
+                f"--eval.policies=ppo,same={tiny_model_path}", f"--eval.prompts={prompts}",
+                "--eval.num_prompts=500"]) == 0
 
     run = runs / "ev"
     results = json.loads((run / "eval" / "results.json").read_text())
@@ -92,6 +96,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     assert metrics["ppo/kl"] == ppo["kl"] and metrics["ppo/win_rate_reward"] == ppo["win_rate_reward"]
 
     report = (run / "report.md").read_text()
+    assert f"8 held-out prompts from `{prompts}`; answers greedy" in report
     row = next(line for line in report.splitlines() if line.startswith("| ppo |"))
     assert f"{ppo['reward']:.3f}" in row and f"{ppo['kl']:.3f}" in row
     assert (f"{ppo['win_rate_judge']:.3f} [{ppo['win_rate_judge_low']:.3f}, "
