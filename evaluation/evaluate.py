@@ -26,7 +26,7 @@ from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, MissingInputError
 from rlhf.generation import answer_prompts
-from rlhf.judges import load_judge
+from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
 from rlhf.store import Store, StoreError, run_store_url
@@ -50,9 +50,10 @@ def policy_folders(config: EvalStageConfig, run_dir: RunDir) -> dict[str, str]:
     found = {}
     for item in config.policies.split(","):
         name, _, folder = item.strip().partition("=")
-        if name in found or name in (BASELINE, "reward_model", "prompts"):  # the names of the other inputs
+        if name in found or name in (BASELINE, "reward_model", "prompts", "judge"):  # the names of the other inputs
             raise ConfigError(f"eval.policies: '{name}' " + ("is named twice" if name in found else
-                                                             "names another input (sft, reward_model, prompts)"))
+                                                             "names another input (sft, reward_model, prompts, "
+                                                             "judge)"))
         if not folder and name not in POLICY_STAGES:
             raise ConfigError(f"eval.policies: '{name}' is neither a policy stage ({', '.join(POLICY_STAGES)}) "
                               "nor NAME=FOLDER")
@@ -73,6 +74,7 @@ def inputs(config: EvalStageConfig, run: RunConfig) -> dict:
                                                                  "--eval.reward_model (none: no reward scores)"))
     found.add("policies", lambda: policy_folders(config, run_dir))
     found.add("prompts", config.prompts)
+    found.add("judges", judge_sources(judge=config.judge))
     return found.found()
 
 

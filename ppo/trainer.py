@@ -54,7 +54,7 @@ from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import generate_responses
-from rlhf.judges import load_judge
+from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
 from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, earlier_round_model, last_complete_checkpoint,
@@ -79,6 +79,7 @@ def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
             found.add("critic", lambda: earlier_critic(run_dir))
         found.add("reference", lambda: starting_model(STAGE, config.model, run_dir))
     found.add("prompts", config.prompts)
+    found.add("judges", judge_sources(reward_function=config.reward_function, judge=config.judge))
     if not config.reward_function:
         found.add("reward_model", lambda: published_reward_model(run_dir, config.reward_model,
                                                                  "--ppo.reward_model (or --ppo.reward_function)"))

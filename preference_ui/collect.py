@@ -29,6 +29,7 @@ from preference_ui.stats import stats
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, DataError, UserError
+from rlhf.judges import judge_sources
 from rlhf.label_export import export
 from rlhf.runs import hash_config, read_stage_record
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
@@ -53,6 +54,7 @@ def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
         found.add("model", lambda: earlier_round_model(run_dir, config.round_policy, f"{config.round_policy} policy"))
         found.add("reward_model", lambda: earlier_round_model(run_dir, "reward", "reward model"))
     found.add("prompts", config.prompts)
+    found.add("judges", judge_sources(simulate_judge=config.simulate_judge))
     if config.gold:
         found.add("gold", config.gold)
     if config.db or os.environ.get("RLHF_DB_URL"):  # the run's own store goes with its folder: not recorded

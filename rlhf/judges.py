@@ -3,7 +3,9 @@ better), named `builtin:NAME` or `module:function`. Simulated labellers vote wit
 programmatic reward, and evaluation scores policies with them."""
 import functools
 import importlib
+import importlib.util
 import re
+from pathlib import Path
 from typing import Callable
 
 from rlhf.errors import UserError
@@ -82,3 +84,19 @@ def load_judge(spec: str) -> Judge:
     if not callable(judge):
         raise UserError(f"judge '{spec}': a {type(judge).__name__}, not a function of (prompts, answers)")
     return judge
+
+
+def judge_sources(**specs: str) -> dict[str, str]:
+    """{name: the file of its module} for the `module:function` judges among `specs` (empty and built-in ones
+    left out): a stage records them as inputs, so that editing a judge's code reruns what it scored."""
+    sources = {}
+    for name, spec in specs.items():
+        if not spec or spec.startswith("builtin:"):
+            continue
+        try:
+            found = importlib.util.find_spec(spec.partition(":")[0])
+        except (ImportError, ValueError):
+            continue  # the stage's check names it
+        if found is not None and found.origin and Path(found.origin).is_file():
+            sources[name] = found.origin
+    return sources

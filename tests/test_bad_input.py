@@ -131,7 +131,7 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
          "dpo.reward_model is set, but online round 3 trains against its own reward model"),
         # a policy named as another input would stand in for it
         (["eval", f"--eval.baseline={model}", f"--eval.policies=sft={model}", "--eval.reward_model=none"],
-         "eval.policies: 'sft' names another input (sft, reward_model, prompts)"),
+         "eval.policies: 'sft' names another input (sft, reward_model, prompts, judge)"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=a={model},a={model}", "--eval.reward_model=none"],
          "eval.policies: 'a' is named twice"),
         # a mistyped store URL as the preference source: an error, and no new empty store

@@ -171,9 +171,10 @@ def test_an_eval_is_not_up_to_date_once_a_policy_it_would_read_is_published(tmp_
     sections = load_config("configs/tiny.yaml", [f"--run.output_root={tmp_path}"], SECTIONS, SECTIONS)
     run, config, eval_stage = sections["run"], sections["eval"], BY_NAME["eval"]
     run_dir = run.directory()
-    for stage in ("sft", "reward", "ppo"):
+    for stage, model in (("sft", "LlamaForCausalLM"), ("reward", "LlamaForSequenceClassification"),
+                         ("ppo", "LlamaForCausalLM")):
         run_dir.stage_path(stage).mkdir(parents=True)
-        (run_dir.stage_path(stage) / "config.json").write_text("{}")
+        (run_dir.stage_path(stage) / "config.json").write_text(json.dumps({"architectures": [model]}))
     record = StageRecord(run_dir, "eval", hashed_settings(config, 1), eval_stage.inputs(config, run))
     staged = run_dir.partial_path("eval") / "final"
     staged.mkdir(parents=True)
@@ -223,3 +224,29 @@ def test_the_gold_file_the_team_store_and_sfts_sample_prompts_are_inputs_so_chan
     monkeypatch.setenv("RLHF_DB_URL", "postgresql+psycopg://ann:secret@db.example/labels")
     assert BY_NAME["preferences"].inputs(preferences, run)["store"] == "postgresql+psycopg://ann:***@db.example/labels"
     assert state("preferences", preferences) == "fresh"
+
+
+def test_an_eval_scored_by_a_users_judge_reruns_once_the_judges_code_changes(tmp_path, monkeypatch):
+    """A `module:function` judge's file is one of the eval's inputs (built-in judges are the project's code)."""
+    from pipeline.run import current_inputs, stage_state
+    from pipeline.stages import BY_NAME, SECTIONS
+    from rlhf.config import hashed_settings, load_config
+
+    (tmp_path / "my_judge.py").write_text("def polite(prompts, answers):\n    return [0.0] * len(answers)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sections = load_config("configs/tiny.yaml", [f"--run.output_root={tmp_path}", "--eval.judge=my_judge:polite",
+                                                 "--eval.reward_model=none"], SECTIONS, SECTIONS)
+    run, config, eval_stage = sections["run"], sections["eval"], BY_NAME["eval"]
+    run_dir = run.directory()
+    for stage in ("sft", "ppo"):
+        run_dir.stage_path(stage).mkdir(parents=True)
+        (run_dir.stage_path(stage) / "config.json").write_text("{}")
+    inputs = eval_stage.inputs(config, run)
+    assert inputs["judge"] == str(tmp_path / "my_judge.py") and set(inputs) == {"sft", "ppo", "prompts", "judge"}
+    record = StageRecord(run_dir, "eval", hashed_settings(config, 1), inputs)
+    staged = run_dir.partial_path("eval") / "final"
+    staged.mkdir(parents=True)
+    record.publish(staged, run_dir.partial_path("eval"), {}, 0.0)
+    assert stage_state(run_dir, "eval", config, current_inputs(eval_stage, config, run)) == "done"
+    (tmp_path / "my_judge.py").write_text("def polite(prompts, answers):\n    return [1.0] * len(answers)\n")
+    assert stage_state(run_dir, "eval", config, current_inputs(eval_stage, config, run)) == "fresh"
