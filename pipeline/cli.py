@@ -211,10 +211,7 @@ def run_label(args, rest) -> int:
     if args.label_command == "export" and not (args.out or args.demonstrations):
         raise UserError("rlhf label export needs --out (the preference dataset), --demonstrations (a JSONL file of "
                         "written answers), or both")
-    if args.label_command == "simulate":
-        from preference_ui.simulate import voting_judge
-
-        voting_judge(args.judge)  # a judge that cannot vote is refused before the store opens
+    labellers = simulated_labellers(args) if args.label_command == "simulate" else None
     if args.label_command == "ai":
         check_ai_labeller(args)
     adds_data = args.label_command == "gold" or getattr(args, "users_command", None) == "add"
@@ -228,10 +225,9 @@ def run_label(args, rest) -> int:
         print(f"batch '{summary['batch']}': {summary['items']} gold comparisons"
               f"{' (already imported)' if summary['unchanged'] else ''}")
     elif args.label_command == "simulate":
-        from preference_ui.simulate import LabellerModel, simulate
+        from preference_ui.simulate import simulate
 
-        model = LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise, args.skip)
-        counts = simulate(store, args.judge, args.labellers, model, args.batch, args.seed, args.overlap,
+        counts = simulate(store, args.judge, args.labellers, labellers, args.batch, args.seed, args.overlap,
                           args.gold_rate)
         print(" ".join(f"{choice}={count}" for choice, count in counts.items()))
     elif args.label_command == "ai":
@@ -266,6 +262,20 @@ def run_label(args, rest) -> int:
         for user in store.users():
             print(f"{user.name:24} {user.role:9} {'disabled' if user.disabled else 'active'}")
     return 0
+
+
+def simulated_labellers(args):
+    """How `label simulate`'s labellers vote, every flag and the judge checked before the store opens."""
+    from preference_ui.simulate import LabellerModel, voting_judge
+
+    voting_judge(args.judge)  # a judge that cannot vote is refused
+    if args.labellers < 1 or (args.overlap is not None and args.overlap < 1) or not 0 <= args.gold_rate <= 1:
+        raise UserError(f"--labellers and --overlap must be at least 1 and --gold-rate between 0 and 1, got "
+                        f"{args.labellers}, {args.overlap} and {args.gold_rate}")
+    try:
+        return LabellerModel(args.temperature, args.tie_margin, args.both_bad_floor, args.noise, args.skip)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def check_ai_labeller(args) -> None:

@@ -94,6 +94,9 @@ class PreferencesStageConfig:
         self.hardware = hardware.choose(self.precision)
         if self.simulate_labellers < 1 or self.min_votes < 1 or self.poll_seconds <= 0:
             raise ValueError("simulate_labellers and min_votes must be at least 1, poll_seconds above 0")
+        from preference_ui.simulate import LabellerModel
+
+        LabellerModel(self.simulate_temperature, 0.0, None, self.simulate_noise, self.simulate_skip)  # checks them
         if self.select not in ("all", "uncertain"):
             raise ValueError(f"select must be all or uncertain, got '{self.select}'")
         if self.responses_per_prompt < 2:

@@ -33,6 +33,14 @@ class LabellerModel:
     noise: float = 0.0  # probability of replacing the vote by a uniformly random choice
     skip: float = 0.0  # probability of skipping an item (the queue gives its slot to another labeller)
 
+    def __post_init__(self):
+        if self.temperature < 0 or self.tie_margin < 0:
+            raise ValueError(f"the simulated labellers' temperature and tie margin must be 0 or more (a negative "
+                             f"temperature reverses every vote), got {self.temperature} and {self.tie_margin}")
+        if not (0 <= self.noise <= 1 and 0 <= self.skip < 1):
+            raise ValueError(f"the simulated labellers' noise must be between 0 and 1 and their skip rate from 0 to "
+                             f"below 1, got {self.noise} and {self.skip}")
+
 
 def prefer_a(x: float) -> float:
     """sigmoid(x) without overflow: a gap of many temperatures (Flesch points at temperature 0.05) is certain."""

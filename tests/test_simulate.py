@@ -135,6 +135,18 @@ def test_simulate_command(tmp_path, capsys):
     assert cli(["label", "--db", fresh, "simulate", "--judge", "builtin:final_number"]) == 2
     assert "checks answers against reference answers" in capsys.readouterr().err
     assert not (tmp_path / "fresh.db").exists()
+    for flags, message in ((["--temperature", "-0.001"], "a negative temperature reverses every vote"),
+                           (["--labellers", "0"], "--labellers and --overlap must be at least 1"),
+                           (["--overlap", "0"], "--labellers and --overlap must be at least 1"),
+                           (["--gold-rate", "5"], "--gold-rate between 0 and 1"),
+                           (["--skip", "1"], "skip rate from 0 to below 1")):
+        assert cli(["label", "--db", db, "simulate", "--judge", "builtin:length", *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert cli(["label", "--db", db, "stats"]) == 0 and "comparisons voted, 8 votes" in capsys.readouterr().out
+    from preference_ui.config import PreferencesStageConfig
+
+    with pytest.raises(ValueError, match="a negative temperature reverses every vote"):  # the stage's settings too
+        PreferencesStageConfig(simulate_temperature=-1.0)
 
 
 def test_a_simulated_ranking_sorts_by_score_draws_plackett_luce_and_ties_within_the_margin():
