@@ -201,7 +201,7 @@ def run_models(args, rest) -> int:
 
 def run_label(args, rest) -> int:
     from rlhf.datasets import load_rows
-    from rlhf.store import Store
+    from rlhf.store import Store, check_new_user
 
     if args.label_command in ("sample", "serve"):
         return run_label_with_config(args, rest)
@@ -214,8 +214,11 @@ def run_label(args, rest) -> int:
     labellers = simulated_labellers(args) if args.label_command == "simulate" else None
     if args.label_command == "ai":
         check_ai_labeller(args)
-    adds_data = args.label_command == "gold" or getattr(args, "users_command", None) == "add"
-    store = Store(label_store_url(args), create=adds_data)
+    adds_user = getattr(args, "users_command", None) == "add"
+    password = read_password() if adds_user else None
+    if adds_user:
+        check_new_user(args.name, args.role, password)  # before a new store is made for it
+    store = Store(label_store_url(args), create=args.label_command == "gold" or adds_user)
     if store.created:
         print(f"created the label store {store.url}")
     if args.label_command == "gold":
@@ -253,7 +256,7 @@ def run_label(args, rest) -> int:
             write_demonstrations(written, args.demonstrations)
             print(f"{args.demonstrations}: {len(written)} demonstrations written by labellers")
     elif args.users_command == "add":
-        store.add_user(args.name, args.role, read_password())
+        store.add_user(args.name, args.role, password)
         print(f"added {args.role} {args.name}")
     elif args.users_command in ("disable", "enable"):
         store.set_disabled(args.name, args.users_command == "disable")

@@ -285,6 +285,13 @@ def shown_url(url: str) -> str:
         return url
 
 
+def check_new_user(name: str, role: str, password: str) -> None:
+    if role not in ROLES:
+        raise StoreError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
+    if not name.strip() or len(password) < 8:
+        raise StoreError("a user needs a name and a password of at least 8 characters")
+
+
 def run_store_url(output_root, run_name: str, url: str | None = None) -> str:
     """The label store of a run: `url` when given, else $RLHF_DB_URL (a team's server), else the run's own SQLite
     file, <output_root>/<name>/labels.db. `rlhf run`, every `rlhf label` command given the run's --config and
@@ -408,10 +415,7 @@ class Store:
 
     # users
     def add_user(self, name: str, role: str, password: str) -> User:
-        if role not in ROLES:
-            raise StoreError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
-        if not name.strip() or len(password) < 8:
-            raise StoreError("a user needs a name and a password of at least 8 characters")
+        check_new_user(name, role, password)
         try:
             with self.transaction() as session:
                 user = User(name=name, role=role, password_hash=hash_password(password))

@@ -42,6 +42,9 @@ class SFTStageConfig(TrainingStageDefaults, trl.SFTConfig):
         hardware.configure_training_args(self)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.num_samples < 0 or self.sample_max_new_tokens < 1:
+            raise ValueError(f"num_samples must be 0 (none) or more and sample_max_new_tokens at least 1, got "
+                             f"{self.num_samples} and {self.sample_max_new_tokens}")
         if self.eval_fraction == 0 and self.eval_strategy != "no":
             raise ValueError(f"eval_strategy={self.eval_strategy} needs held-out data: set eval_fraction above 0")
         if self.packing is None:

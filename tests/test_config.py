@@ -67,6 +67,9 @@ def test_bad_values_name_the_field(tmp_path):
     assert error(None, ["--sft.max_steps", "many"]) == "command line: sft.max_steps: expected an integer, got 'many'"
     assert error(None, ["--sft.packing", "maybe"]) == "command line: sft.packing: expected true or false, got 'maybe'"
     assert "tracking: unknown tracker(s) tensorboard" in error(None, ["--run.tracking", "tensorboard"])
+    for setting in ("--sft.num_samples", "--sft.sample_max_new_tokens"):  # -1 answered 319 prompts, or crashed
+        assert "num_samples must be 0 (none) or more and sample_max_new_tokens at least 1" in error(None, [setting,
+                                                                                                           "-1"])
     assert "not valid YAML" in error(write(tmp_path, "sft: [unclosed\n"))
     assert error(tmp_path / "none.yaml") == f"{tmp_path / 'none.yaml'}: config file not found"
     # a text key left empty is not the text "None"; a list with an unclosed bracket is not a traceback

@@ -252,6 +252,10 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     from pipeline.cli import main as cli
 
     db = f"sqlite:///{tmp_path / 'labels.db'}"
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert cli(["label", "--db", db, "users", "add", "ann", "--role", "admin"]) == 2
+    assert "password of at least 8 characters" in capsys.readouterr().err
+    assert not (tmp_path / "labels.db").exists()  # refused before a store was made for the user
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\n"))
     assert cli(["label", "--db", db, "users", "add", "ann", "--role", "admin"]) == 0
     assert cli(["label", "--db", db, "users", "disable", "ann"]) == 0
