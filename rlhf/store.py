@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint, create_engine, event, func, inspect, select, text, update)
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhf.errors import DataError, UserError
@@ -314,14 +314,18 @@ class Store:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         sqlite = self.url.startswith("sqlite")
-        self.engine = create_engine(self.url, pool_pre_ping=not sqlite)  # a server may drop idle connections
-        if sqlite:
-            event.listen(self.engine, "connect", sqlite_pragmas)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # SQLite has one writer at a time; a writer that finds the lock taken sleeps in growing steps (up to
-        # 100 ms). Queueing this process's writers on a lock instead keeps a busy app's latency flat.
-        self.write_lock = threading.Lock() if sqlite else contextlib.nullcontext()
-        self.check_schema()
+        try:
+            self.engine = create_engine(self.url, pool_pre_ping=not sqlite)  # a server may drop idle connections
+            if sqlite:
+                event.listen(self.engine, "connect", sqlite_pragmas)
+            self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+            # SQLite has one writer at a time; a writer that finds the lock taken sleeps in growing steps (up to
+            # 100 ms). Queueing this process's writers on a lock instead keeps a busy app's latency flat.
+            self.write_lock = threading.Lock() if sqlite else contextlib.nullcontext()
+            self.check_schema()
+        except (OperationalError, NoSuchModuleError, ImportError) as err:  # no server, no driver, not a file
+            cause = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            raise StoreError(f"label store {shown_url(self.url)}: cannot open it ({cause})") from None
 
     @contextlib.contextmanager
     def transaction(self):

@@ -158,6 +158,13 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
 
     assert cli(["label", "--db", "foo", "stats"]) == 2
     assert capsys.readouterr().err.startswith("error: label store 'foo': not a database URL")
+    for url, cause in ((f"sqlite:///{run}", "unable to open database file"),  # a folder
+                       ("postgresql+psycopg://ann:secret@127.0.0.1:1/labels", "Connection refused"),
+                       ("mysql://ann@127.0.0.1/labels", "No module named")):  # no driver installed
+        assert cli(["label", "--db", url, "stats"]) == 2, url
+        error = capsys.readouterr().err
+        assert error.startswith("error: label store ") and "cannot open it" in error and cause in error, error
+        assert len(error.strip().splitlines()) == 1 and "secret" not in error, error
     store = root / "labels.db"
     assert cli(["label", "gold", str(bad_files["gold"]), "--db", f"sqlite:///{store}"]) == 2
     assert f"{bad_files['gold']}:2: expected" in capsys.readouterr().err
