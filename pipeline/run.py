@@ -124,6 +124,11 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
     chosen = [stage for stage in STAGES if stage.name in document]
     if launcher == "accelerate" and not accelerate_config:
         raise UserError("--launcher accelerate needs --accelerate_config FILE (configs/accelerate/*.yaml)")
+    if accelerate_config and not Path(accelerate_config).is_file():
+        raise UserError(f"{accelerate_config}: no such file (--accelerate_config)")
+    if any(token.split("=")[0] == "--run.round" for token in overrides):
+        raise UserError("rlhf run sets --run.round for each round itself: give --run.rounds N, or --from "
+                        "round-R/STAGE to start at a round")
     classes = {"run": SECTIONS["run"], **{stage.name: stage.config_class for stage in chosen}}
     rounds = load_config(config_path, overrides, classes, SECTIONS)["run"].rounds
     plan = round_plan(chosen, rounds)

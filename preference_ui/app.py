@@ -412,6 +412,11 @@ def serve(store: Store, config: PreferencesStageConfig, host: str = "127.0.0.1",
           local_user: str | None = None, batch: str | None = None, ssl_keyfile: str | None = None,
           ssl_certfile: str | None = None, export_root: Path = Path("runs/exports")) -> None:
     check_host(host, auth)
+    if bool(ssl_keyfile) != bool(ssl_certfile):
+        raise UserError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    for path in (ssl_keyfile, ssl_certfile):
+        if path and not Path(path).is_file():
+            raise UserError(f"{path}: no such file (--ssl-keyfile / --ssl-certfile)")
     if not auth and (local_user is None or store.user(local_user) is None):
         raise UserError("--no-auth needs --user NAME, an existing user everyone on this machine will act as")
     if auth and not store.users():

@@ -232,6 +232,17 @@ def test_the_accelerate_launcher_starts_training_stages_under_accelerate_launch(
     assert refused.returncode == 2 and "--accelerate_config FILE" in refused.stderr
 
 
+def test_rlhf_run_refuses_a_missing_accelerate_config_and_a_round_of_its_own_before_any_stage(tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    common = ["run", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}"]
+    assert cli([*common, "--launcher", "accelerate", "--accelerate_config", str(tmp_path / "nope.yaml")]) == 2
+    assert f"{tmp_path / 'nope.yaml'}: no such file (--accelerate_config)" in capsys.readouterr().err
+    assert cli([*common, "--run.round", "2"]) == 2  # every stage, SFT too, would have run as round 2
+    assert "rlhf run sets --run.round for each round itself" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stage_times_read_in_minutes_and_whole_seconds():
     from pipeline.run import minutes
 

@@ -269,6 +269,13 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     assert Store(db).authenticate("ann", "s3cret-passphrase").name == "ann"
     assert cli(["label", "--db", db, "users", "enable", "nobody"]) == 2
     assert "no user 'nobody'" in capsys.readouterr().err
+    key = tmp_path / "key.pem"
+    key.write_text("not read: the certificate is missing")
+    assert cli(["label", "--db", db, "serve", "--ssl-keyfile", str(key)]) == 2
+    assert "HTTPS needs both --ssl-keyfile and --ssl-certfile" in capsys.readouterr().err
+    assert cli(["label", "--db", db, "serve", "--ssl-keyfile", str(key), "--ssl-certfile",
+                str(tmp_path / "no.pem")]) == 2
+    assert f"{tmp_path / 'no.pem'}: no such file" in capsys.readouterr().err
 
 
 def test_every_label_command_given_a_run_config_uses_that_runs_own_store(tmp_path, monkeypatch, capsys,
