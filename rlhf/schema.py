@@ -77,6 +77,7 @@ def check_message(message, where: str) -> dict:
         raise RowProblem(f"{where}.role", f"'{message['role']}' is not one of {', '.join(ROLES)}")
     if not message["content"].strip():
         raise RowProblem(f"{where}.content", "is empty")
+    check_unicode(message["content"], f"{where}.content")
     return {"role": message["role"], "content": message["content"]}
 
 
@@ -95,7 +96,16 @@ def check_text(value, field: str) -> str:
         raise RowProblem(field, f"expected a string, got {type_name(value)}")
     if not value.strip():
         raise RowProblem(field, "is empty")
+    check_unicode(value, field)
     return value
+
+
+def check_unicode(text: str, field: str) -> None:
+    """JSON readers accept an escaped lone surrogate ("\\ud800"), which no UTF-8 text can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowProblem(field, f"holds a lone surrogate at character {err.start + 1}: not Unicode text") from None
 
 
 def as_turns(value, field: str, role: str) -> list[dict]:
