@@ -190,8 +190,8 @@ def build_section(where: dict[str, str], section: str, values: dict, cls):
         raise ConfigError(f"{source}: {section}: {err}") from None
 
 
-def suggest(name: str, valid) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=3)
+def suggest(name, valid) -> str:
+    close = difflib.get_close_matches(str(name), [str(option) for option in valid], n=3)  # YAML keys may be numbers
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
@@ -211,12 +211,15 @@ def coerce(value, annotation):
             raise ValueError(f"expected a string, got {type(value).__name__}")
         if value is None:  # a YAML key left empty: not the text "None"
             raise ValueError("expected a string, got nothing (an empty or null value; write '' for none)")
+        if isinstance(value, bool):  # YAML reads yes, no, on and off as booleans
+            raise ValueError(f"expected a string, got {str(value).lower()} (YAML reads yes/no/on/off as true/false: "
+                             "quote it)")
         return value if isinstance(value, (str, enum.Enum)) else str(value)
     if origin in (list, tuple) or annotation in (list, tuple):
         return coerce_list(value, args)
     if origin is dict or annotation is dict:
         if isinstance(value, str) and value.strip().startswith("{"):
-            return json.loads(value)
+            value = yaml_value(value)  # JSON or YAML's {key: value}
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {type(value).__name__}")
         return value
@@ -226,6 +229,8 @@ def coerce(value, annotation):
 def coerce_union(value, args):
     if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
         return None
+    if bool in args and (isinstance(value, bool) or isinstance(value, str) and value.lower() in ("true", "false")):
+        return coerce_bool(value)  # `str | bool`: "false" is false, not the text
     errors = []
     for arg in (a for a in args if a is not type(None)):
         try:

@@ -78,6 +78,13 @@ def test_bad_values_name_the_field(tmp_path):
         "for none)"
     with pytest.raises(ValueError, match=r"^not a YAML value \(.*\): '\[sigmoid'$"):
         coerce("[sigmoid", list[str])  # e.g. --dpo.loss_type '[sigmoid'
+    off = write(tmp_path, "run:\n  project: off\n")  # YAML's off is false: not the text "False"
+    assert error(off) == f"{off}: run.project: expected a string, got false (YAML reads yes/no/on/off as " \
+        "true/false: quote it)"
+    numbered = write(tmp_path, "sft:\n  5: 2\n")  # a number as a key: named, not a TypeError
+    assert error(numbered).startswith(f"{numbered}: sft.5: unknown key")
+    assert coerce("false", str | bool) is False and coerce("no", str | bool) == "no"  # was the text "false"
+    assert coerce("{min_lr: 0.001}", dict | str) == {"min_lr": 0.001}  # YAML's flow mapping, as lists are read
 
 
 def test_errors_say_whether_the_file_or_the_command_line_is_wrong(tmp_path):
