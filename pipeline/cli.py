@@ -221,6 +221,8 @@ def run_label(args, rest) -> int:
     store = Store(label_store_url(args), create=args.label_command == "gold" or adds_user)
     if store.created:
         print(f"created the label store {store.url}")
+    if args.label_command in ("simulate", "ai", "stats", "export"):
+        store.check_batch(args.batch)
     if args.label_command == "gold":
         from preference_ui.gold import import_gold
 

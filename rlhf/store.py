@@ -622,6 +622,16 @@ class Store:
                     counts[comparison_id] = counts.get(comparison_id, 0) + count
         return counts
 
+    def batches(self) -> list[str]:
+        with self.sessions() as session:
+            return sorted(session.scalars(select(Comparison.batch).distinct()))
+
+    def check_batch(self, batch: str | None) -> None:
+        """A batch named on the command line must be in the store (a mistyped one would read as empty)."""
+        if batch is not None and batch not in self.batches():
+            raise StoreError(f"no batch '{batch}' in {shown_url(self.url)}; its batches: "
+                             f"{', '.join(self.batches()) or 'none yet'}")
+
     def batch_drawn_from(self, batch: str) -> str | None:
         """The key the batch's answers were sampled under (`rlhf label sample`'s `drawn_from`), if stored."""
         with self.sessions() as session:

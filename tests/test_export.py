@@ -164,8 +164,9 @@ def test_a_written_answer_becomes_a_demonstration_and_a_pair_over_what_the_votes
         next(row for row in demonstrations if row["messages"][0]["content"] == "Prompt 0?").items()
     assert len(demonstrations) == 2
     assert cli(["label", "--db", db, "export"]) == 2
-    assert cli(["label", "--db", db, "export", "--demonstrations", str(tmp_path / "none.jsonl"), "--batch", "x"]) == 2
-    assert "no written answers in batch x" in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()
+    assert cli(["label", "--db", db, "export", "--demonstrations", str(tmp_path / "none.jsonl"), "--batch",
+                "gold"]) == 2
+    assert "no written answers in batch gold" in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()
 
 
 def test_a_written_answer_too_long_is_refused_with_the_vote(tmp_path):

@@ -143,6 +143,9 @@ def test_simulate_command(tmp_path, capsys):
         assert cli(["label", "--db", db, "simulate", "--judge", "builtin:length", *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
     assert cli(["label", "--db", db, "stats"]) == 0 and "comparisons voted, 8 votes" in capsys.readouterr().out
+    for command in (["stats"], ["export", "--out", str(tmp_path / "out")], ["simulate", "--judge", "builtin:length"]):
+        assert cli(["label", "--db", db, *command, "--batch", "b2"]) == 2, command  # mistyped: read as empty
+        assert "no batch 'b2' in sqlite:///" in capsys.readouterr().err and not (tmp_path / "out").exists()
     from preference_ui.config import PreferencesStageConfig
 
     with pytest.raises(ValueError, match="a negative temperature reverses every vote"):  # the stage's settings too
