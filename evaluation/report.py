@@ -147,8 +147,9 @@ def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageC
              f"intervals over prompts. KL: summed over each answer's tokens, the full-vocabulary KL(policy || SFT) "
              "at each position of the policy's own answer."
              + (f" People: blind comparisons with the SFT answer in batch `{config.human_batch}` of the label "
-                "store (a tie or both-bad counts half, normal-approximation 95% intervals over votes); rerun `rlhf "
-                "eval --eval.human` after labelling to bring their votes in." if config.human else ""), "",
+                "store, asked only where the two answers differ (identical answers count as ties in the other "
+                "columns); a tie or both-bad counts half, Wilson 95% intervals over votes. Rerun `rlhf eval "
+                "--eval.human` after labelling to bring their votes in." if config.human else ""), "",
              "| policy | " + " | ".join(title for _, title in shown) + " |",
              "|---|" + "---|" * len(shown)]
     for name, result in results.items():

@@ -112,7 +112,8 @@ def agreement_with_others(user_id: int, item_votes: dict) -> float | None:
 
 def human_win_rates(comparisons: dict, votes: list) -> dict:
     """For blind policy-vs-baseline comparisons (`rlhf eval --human`): per policy model, the share of votes
-    preferring its answer (a tie or both-bad counts half), with a normal-approximation 95% interval."""
+    preferring its answer (a tie or both-bad counts half), with a Wilson 95% interval (the normal approximation's
+    shrinks to nothing at a rate of 0 or 1: [1, 1] after one vote)."""
     outcomes = defaultdict(list)
     for vote in votes:
         comparison = comparisons[vote.comparison_id]
@@ -125,10 +126,15 @@ def human_win_rates(comparisons: dict, votes: list) -> dict:
     rates = {}
     for policy, values in sorted(outcomes.items()):
         rate = sum(values) / len(values)
-        half_width = 1.96 * (rate * (1 - rate) / len(values)) ** 0.5
-        rates[policy] = {"votes": len(values), "win_rate": rate, "low": max(0.0, rate - half_width),
-                         "high": min(1.0, rate + half_width)}
+        low, high = wilson_interval(rate, len(values))
+        rates[policy] = {"votes": len(values), "win_rate": rate, "low": low, "high": high}
     return rates
+
+
+def wilson_interval(rate: float, count: int, z: float = 1.96) -> tuple[float, float]:
+    centre = (rate + z * z / (2 * count)) / (1 + z * z / count)
+    half_width = z / (1 + z * z / count) * (rate * (1 - rate) / count + z * z / (4 * count * count)) ** 0.5
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
 def labeller_stats(votes: list, gold_correct: list[bool], with_others: float | None = None) -> dict:

@@ -24,6 +24,13 @@ def test_win_rate_counts_ties_as_half_and_its_interval_narrows_with_more_prompts
     assert (many[1] - many[0]) / 2 == pytest.approx(0.049, abs=0.01)
 
 
+def test_the_human_win_rates_wilson_interval_stays_open_after_one_vote():
+    from preference_ui.stats import wilson_interval
+
+    assert wilson_interval(1.0, 1) == pytest.approx((0.2065, 1.0), abs=1e-4)  # the normal approximation: [1, 1]
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+
+
 def test_kl_per_position_by_hand():
     p = torch.tensor([0.7, 0.2, 0.1])
     q = torch.tensor([0.4, 0.4, 0.2])
