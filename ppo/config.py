@@ -47,7 +47,9 @@ class PPOStageConfig:
                 "model (proxy) as KL grows; 0: only before and after training."})
 
     # rollout
-    total_episodes: int = field(default=256, metadata={"help": "Prompts answered over the whole run."})
+    total_episodes: int = field(default=256, metadata={
+        "help": "Answers sampled over the whole run (PPO: one a prompt; the group methods: num_generations a "
+                "prompt)."})
     batch_size: int = field(default=8, metadata={"help": "Episodes per rollout (one PPO update each)."})
     response_length: int = field(default=32, metadata={"help": "Longest response, in tokens."})
     temperature: float = field(default=0.7, metadata={

@@ -57,7 +57,8 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
         candidates, chosen = items, items
     else:
         candidates = pair_candidates(answers, rng)
-        chosen = select_uncertain(candidates, scorer, config.select_count) if scorer else candidates
+        chosen = select_uncertain(candidates, scorer, config.select_count, config.hardware.device) if scorer \
+            else candidates
         store.add_comparisons([(a, b) for a, b, _ in chosen], batch=batch)
     summary = {"batch": batch, "prompts": len(prompts), "responses": len(prompts) * config.responses_per_prompt,
                "candidates": len(candidates), "comparisons": len(chosen), "select": config.select,
@@ -119,10 +120,10 @@ def sample_answers(config: PreferencesStageConfig, store: Store, prompts: list[d
     return answers
 
 
-def select_uncertain(candidates: list[tuple], reward_model: str, count: int) -> list[tuple]:
+def select_uncertain(candidates: list[tuple], reward_model: str, count: int, device: str = "cpu") -> list[tuple]:
     """The `count` candidates (default half) the reward model is least sure about, in their original order."""
     tokenizer = reward_tokenizer(reward_model)
-    model = load_reward_model(reward_model, tokenizer)
+    model = load_reward_model(reward_model, tokenizer).to(device).eval()  # fp32 scores, on the GPU when there
     conversations = {response.id: prompt + [{"role": "assistant", "content": response.text}]
                      for a, b, prompt in candidates for response in (a, b)}
     rewards = dict(zip(conversations, score_heads(model, tokenizer, list(conversations.values()))))
