@@ -36,6 +36,7 @@ from rlhf.verifiable import check_references, judge_scores, probe_judge
 STAGE = "eval"
 POLICY_STAGES = ("ppo", "dpo")
 BASELINE = "sft"
+OTHER_INPUTS = (BASELINE, "reward_model", "prompts", "judge")  # the inputs beside the policies, by name
 
 
 def policy_folders(config: EvalStageConfig, run_dir: RunDir) -> dict[str, str]:
@@ -50,10 +51,9 @@ def policy_folders(config: EvalStageConfig, run_dir: RunDir) -> dict[str, str]:
     found = {}
     for item in config.policies.split(","):
         name, _, folder = item.strip().partition("=")
-        if name in found or name in (BASELINE, "reward_model", "prompts", "judge"):  # the names of the other inputs
+        if name in found or name in OTHER_INPUTS:
             raise ConfigError(f"eval.policies: '{name}' " + ("is named twice" if name in found else
-                                                             "names another input (sft, reward_model, prompts, "
-                                                             "judge)"))
+                                                             f"names another input ({', '.join(OTHER_INPUTS)})"))
         if not folder and name not in POLICY_STAGES:
             raise ConfigError(f"eval.policies: '{name}' is neither a policy stage ({', '.join(POLICY_STAGES)}) "
                               "nor NAME=FOLDER")
@@ -110,7 +110,7 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     run_dir = run.directory()
     started = time.time()
     messages = [p["prompt"] for p in prompts]
-    names = [BASELINE] + [name for name in found if name not in (BASELINE, "prompts", "reward_model")]
+    names = [BASELINE] + [name for name in found if name not in OTHER_INPUTS]
 
     # 1. answers, and each policy's KL to the baseline along its own answers
     baseline, tokenizer = models.load_causal_lm(found[BASELINE], config.hardware.dtype)

@@ -24,6 +24,10 @@ def test_win_rate_counts_ties_as_half_and_its_interval_narrows_with_more_prompts
     assert (many[1] - many[0]) / 2 == pytest.approx(0.049, abs=0.01)
 
 
+def words(prompts: list[str], answers: list[str]) -> list[float]:
+    return [float(len(answer.split())) for answer in answers]
+
+
 def test_the_human_win_rates_wilson_interval_stays_open_after_one_vote():
     from preference_ui.stats import wilson_interval
 
@@ -89,7 +93,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     prompts.write_text("".join((REPO / "data" / "eval_prompts.jsonl").read_text().splitlines(keepends=True)[:8]))
     assert cli(["eval", *common, f"--eval.baseline={tiny_model_path}", f"--eval.reward_model={reward_dir}",
                 f"--eval.policies=ppo,same={tiny_model_path}", f"--eval.prompts={prompts}",
-                "--eval.num_prompts=500"]) == 0
+                "--eval.num_prompts=500", "--eval.judge=tests.test_eval:words"]) == 0  # a user's judge, by its file
 
     run = runs / "ev"
     results = json.loads((run / "eval" / "results.json").read_text())
