@@ -393,6 +393,8 @@ def setup_logging() -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if os.getcwd() not in sys.path:  # `module:function` judges are found from the working folder, as with python -m
+        sys.path.insert(0, os.getcwd())
     if argv and argv[0] in LIGHT_COMMANDS:
         parser = build_parser()
     else:

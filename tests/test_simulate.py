@@ -152,6 +152,21 @@ def test_simulate_command(tmp_path, capsys):
         PreferencesStageConfig(simulate_temperature=-1.0)
 
 
+def test_the_rlhf_command_finds_a_users_judge_in_the_working_folder(tmp_path):
+    """As `python -m pipeline.cli` does: the console script's own folder, not the working one, heads sys.path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store_with_pairs(tmp_path, 4)
+    (tmp_path / "my_judge.py").write_text("def longer(prompts, answers):\n    return [len(a) for a in answers]\n")
+    result = subprocess.run([str(Path(sys.executable).parent / "rlhf"), "label", "--db",
+                             f"sqlite:///{tmp_path / 'labels.db'}", "simulate", "--judge", "my_judge:longer",
+                             "--temperature", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "skipped=0"
+
+
 def test_a_simulated_ranking_sorts_by_score_draws_plackett_luce_and_ties_within_the_margin():
     rng = random.Random(0)
     assert decide_ranking([0.2, 0.9, 0.5], LabellerModel(temperature=0), rng) == [3, 1, 2]
