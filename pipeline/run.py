@@ -34,9 +34,9 @@ from pathlib import Path
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import hashed_settings, load_config, read_yaml
 from rlhf.errors import UserError
-from rlhf.runs import (SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record, stage_key,
+from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record, stage_key,
                         work_key)
-from rlhf.stage import last_complete_checkpoint, partial_work_key
+from rlhf.stage import last_complete_checkpoint, partial_work_key, refuse_fixed_reward_model
 
 class StageFailed(UserError):
     """A stage's process stopped with an error (its own message is above); `rlhf run` exits with its code."""
@@ -83,6 +83,8 @@ def same_work(entry: dict, wanted_hash: str, inputs_now: dict | None = None) -> 
     """The entry's config is the one wanted, it read the inputs the stage would read now (when known), and the
     files it read are as they were."""
     recorded = entry.get("inputs", {})
+    if inputs_now is not None and entry.get("inputs_version", 1) < INPUTS_VERSION:
+        inputs_now = {name: path for name, path in inputs_now.items() if name in recorded}  # made by older code
     return (entry.get("config_hash") == wanted_hash and (inputs_now is None or inputs_now == recorded)
             and entry.get("input_hashes") == input_hashes(recorded))
 
@@ -137,6 +139,10 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
     # every round's settings built (and so checked) before the first stage starts
     settings = {round: load_config(config_path, overrides + [f"--run.round={round}"], classes, SECTIONS)
                 for round in range(1, rounds + 1)}
+    for round in range(2, rounds + 1):  # a later round's PPO (and on-policy DPO) learn from its own reward model
+        for name in ("ppo", "dpo"):
+            if name in settings[round] and getattr(settings[round][name], "pairs", "on_policy") == "on_policy":
+                refuse_fixed_reward_model(name, settings[round][name].reward_model, round)
     forced, seconds = False, {}
     for key, round, stage in plan:
         sections = settings[round]

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import ConfigError
-from rlhf.runs import RunDir
+from rlhf.runs import RunDir, check_run_name
 
 RENAMED_SECTIONS = {"labels": "preferences"}
 ROUND_SECTION = re.compile(r"round-[0-9]+")
@@ -51,8 +51,7 @@ class RunConfig:
                 "runs/<name>/round-<r>/ and the `round-<r>:` section of the config."})
 
     def __post_init__(self):
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"name must be a plain folder name, got '{self.name}'")
+        check_run_name(self.name)
         if self.rounds < 1 or self.round < 1:
             raise ValueError(f"rounds and round must be at least 1, got {self.rounds} and {self.round}")
         self.trackers = parse_trackers(self.tracking)
@@ -219,7 +218,10 @@ def coerce(value, annotation):
         return coerce_list(value, args)
     if origin is dict or annotation is dict:
         if isinstance(value, str) and value.strip().startswith("{"):
-            value = yaml_value(value)  # JSON or YAML's {key: value}
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:  # YAML's {key: value} (which reads 1e-6 as text: JSON first)
+                value = yaml_value(value)
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {type(value).__name__}")
         return value

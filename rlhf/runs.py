@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -134,12 +135,23 @@ def stage_key(stage: str, round: int) -> str:
     return stage if round == 1 or stage in SHARED_STAGES else f"round-{round}/{stage}"
 
 
+# 2: stages record their gold file, label store and judges' code too (an entry of 1 recorded fewer inputs)
+INPUTS_VERSION = 2
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: str) -> None:
+    """A folder name that is also a valid tracker artifact name (`<run>-<stage>`: wandb refuses spaces, ':', '+')."""
+    if not RUN_NAME.fullmatch(name or ""):
+        raise ValueError(f"name must be a plain folder name (letters, digits, '.', '_', '-'; not starting with "
+                         f"'.'), got '{name}'")
+
+
 class RunDir:
     """A run's folder, seen from one online round (1: the first, whose stages sit at the top)."""
 
     def __init__(self, root, name: str, round: int = 1):
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"run name must be a plain folder name, got '{name}'")
+        check_run_name(name)
         self.root, self.name, self.round = root, name, round
         self.path = Path(root) / name
 
@@ -232,7 +244,8 @@ class StageRecord:
         self.work_key = work_key(self.config_hash, self.input_hashes)
         self.started = time.time()
         self.attempt = {"status": "running", "config_hash": self.config_hash, "input_hashes": self.input_hashes,
-                        "inputs": {k: str(v) for k, v in inputs.items()}, "code_version": code_version(),
+                        "inputs": {k: str(v) for k, v in inputs.items()}, "inputs_version": INPUTS_VERSION,
+                        "code_version": code_version(),
                         "started": now(), "config": config}
         self.record_attempt(self.attempt)
 

@@ -33,8 +33,7 @@ def main(config: SFTStageConfig, run: RunConfig) -> dict:
 
 
 def inputs(config: SFTStageConfig, run: RunConfig) -> dict:
-    samples = {"sample_prompts": config.sample_prompts} if config.sample_prompts else {}
-    return {"model": models.resolve(config.model), "train_data": config.train_data, **samples}
+    return {"model": models.resolve(config.model), "train_data": config.train_data}
 
 
 def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple[list, list, list]:

@@ -85,6 +85,7 @@ def test_bad_values_name_the_field(tmp_path):
     assert error(numbered).startswith(f"{numbered}: sft.5: unknown key")
     assert coerce("false", str | bool) is False and coerce("no", str | bool) == "no"  # was the text "false"
     assert coerce("{min_lr: 0.001}", dict | str) == {"min_lr": 0.001}  # YAML's flow mapping, as lists are read
+    assert coerce('{"min_lr": 1e-6}', dict | str) == {"min_lr": 1e-6}  # JSON first: YAML reads 1e-6 as text
 
 
 def test_errors_say_whether_the_file_or_the_command_line_is_wrong(tmp_path):
@@ -94,7 +95,8 @@ def test_errors_say_whether_the_file_or_the_command_line_is_wrong(tmp_path):
         f"{path} with command-line overrides: sft: eval_fraction must be in [0, 1), got 1.0"
     assert "eval_strategy=steps needs held-out data" in error(None, ["--sft.eval_strategy", "steps",
                                                                       "--sft.eval_fraction", "0"])
-    assert error(None, ["--run.name", "a/b"]) == "command line: run: name must be a plain folder name, got 'a/b'"
+    assert error(None, ["--run.name", "a/b"]) == "command line: run: name must be a plain folder name (letters, " \
+        "digits, '.', '_', '-'; not starting with '.'), got 'a/b'"
 
 
 def test_bad_input_on_the_command_line_exits_2(capsys):
@@ -102,7 +104,8 @@ def test_bad_input_on_the_command_line_exits_2(capsys):
 
     assert cli(["sft", "--config", "configs/tiny.yaml", "--run.name", "../x"]) == 2
     assert capsys.readouterr().err == ("error: configs/tiny.yaml with command-line overrides: run: name must be a "
-                                       "plain folder name, got '../x'\n")
+                                       "plain folder name (letters, digits, '.', '_', '-'; not starting with "
+                                       "'.'), got '../x'\n")
 
 
 def test_stage_help_lists_our_fields(capsys):

@@ -232,7 +232,8 @@ def test_the_accelerate_launcher_starts_training_stages_under_accelerate_launch(
     assert refused.returncode == 2 and "--accelerate_config FILE" in refused.stderr
 
 
-def test_rlhf_run_refuses_a_missing_accelerate_config_and_a_round_of_its_own_before_any_stage(tmp_path, capsys):
+def test_rlhf_run_refuses_a_missing_accelerate_config_a_round_of_its_own_and_a_fixed_reward_model_at_once(
+        tmp_path, capsys):
     from pipeline.cli import main as cli
 
     common = ["run", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}"]
@@ -240,6 +241,9 @@ def test_rlhf_run_refuses_a_missing_accelerate_config_and_a_round_of_its_own_bef
     assert f"{tmp_path / 'nope.yaml'}: no such file (--accelerate_config)" in capsys.readouterr().err
     assert cli([*common, "--run.round", "2"]) == 2  # every stage, SFT too, would have run as round 2
     assert "rlhf run sets --run.round for each round itself" in capsys.readouterr().err
+    assert cli([*common, "--run.rounds", "2", "--ppo.reward_model", str(tmp_path)]) == 2  # not after round 1
+    assert "ppo.reward_model is set, but online round 2 trains against its own reward model" in \
+        capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -156,7 +156,7 @@ def test_a_second_process_cannot_run_the_same_stage_of_the_same_run(tmp_path):
 
 
 def test_run_names_are_plain_folder_names(tmp_path):
-    for bad in ("", "a/b", ".hidden"):
+    for bad in ("", "a/b", ".hidden", "my run", "exp:1", "r+1"):  # the last three: no tracker artifact name
         with pytest.raises(ValueError):
             RunDir(tmp_path, bad)
 
@@ -186,21 +186,20 @@ def test_an_eval_is_not_up_to_date_once_a_policy_it_would_read_is_published(tmp_
     assert stage_state(run_dir, "eval", config, current_inputs(eval_stage, config, run)) == "fresh"
 
 
-def test_the_gold_file_the_team_store_and_sfts_sample_prompts_are_inputs_so_changing_them_reruns(tmp_path,
-                                                                                                monkeypatch):
+def test_the_gold_file_and_a_team_store_are_inputs_so_changing_them_reruns_the_preferences_stage(tmp_path,
+                                                                                                   monkeypatch):
     """What a stage reads besides its config is recorded with its content hash: `rlhf run` reruns the preferences
     stage when its gold file changes or $RLHF_DB_URL names another store (the run's own store goes with its folder
-    and is not recorded), and SFT when its sample prompts change."""
+    and is not recorded). A stage recorded by older code, with fewer inputs, is compared on those it recorded."""
     from pipeline.run import current_inputs, stage_state
     from pipeline.stages import BY_NAME, SECTIONS
     from rlhf.config import hashed_settings, load_config
 
     monkeypatch.delenv("RLHF_DB_URL", raising=False)
-    gold, samples = tmp_path / "gold.jsonl", tmp_path / "samples.jsonl"
+    gold = tmp_path / "gold.jsonl"
     gold.write_text('{"prompt": "Hi?", "a": "Hello.", "b": "Go away.", "expected": "a"}\n')
-    samples.write_text('{"prompt": "Hi?"}\n')
-    sections = load_config("configs/tiny.yaml", [f"--run.output_root={tmp_path}", f"--preferences.gold={gold}",
-                                                 f"--sft.sample_prompts={samples}"], SECTIONS, SECTIONS)
+    sections = load_config("configs/tiny.yaml", [f"--run.output_root={tmp_path}", f"--preferences.gold={gold}"],
+                           SECTIONS, SECTIONS)
     run, preferences, sft = sections["run"], sections["preferences"], sections["sft"]
     run_dir = run.directory()
     for stage, config in (("sft", sft), ("preferences", preferences)):  # SFT publishes the model preferences reads
@@ -210,20 +209,26 @@ def test_the_gold_file_the_team_store_and_sfts_sample_prompts_are_inputs_so_chan
         staged.mkdir(parents=True)
         (staged / "config.json").write_text("{}")
         record.publish(staged, run_dir.partial_path(stage), {}, 0.0)
-    assert "store" not in inputs and BY_NAME["sft"].inputs(sft, run)["sample_prompts"] == str(samples)
+    assert inputs["gold"] == str(gold) and "store" not in inputs
 
-    def state(stage: str, config) -> str:
-        return stage_state(run_dir, stage, config, current_inputs(BY_NAME[stage], config, run))
+    def state() -> str:
+        return stage_state(run_dir, "preferences", preferences, current_inputs(BY_NAME["preferences"], preferences,
+                                                                               run))
 
-    assert state("preferences", preferences) == state("sft", sft) == "done"
+    assert state() == "done"
     gold.write_text(gold.read_text().replace("Go away.", "No."))
-    samples.write_text('{"prompt": "Hello?"}\n')
-    assert state("preferences", preferences) == state("sft", sft) == "fresh"
+    assert state() == "fresh"
     gold.write_text(gold.read_text().replace("No.", "Go away."))
-    assert state("preferences", preferences) == "done"
+    assert state() == "done"
     monkeypatch.setenv("RLHF_DB_URL", "postgresql+psycopg://ann:secret@db.example/labels")
     assert BY_NAME["preferences"].inputs(preferences, run)["store"] == "postgresql+psycopg://ann:***@db.example/labels"
-    assert state("preferences", preferences) == "fresh"
+    assert state() == "fresh"
+    manifest = json.loads((run_dir.path / "manifest.json").read_text())
+    entry = manifest["stages"]["preferences"]
+    del entry["inputs_version"], entry["inputs"]["gold"], entry["input_hashes"]["gold"]  # as the older code wrote it
+    (run_dir.path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.delenv("RLHF_DB_URL")
+    assert state() == "done"  # not rerun (with every stage after it) for the inputs it did not record
 
 
 def test_an_eval_scored_by_a_users_judge_reruns_once_the_judges_code_changes(tmp_path, monkeypatch):
