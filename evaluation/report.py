@@ -28,7 +28,8 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
                       reward_vs_kl(folder / "reward_vs_kl.png", results, per_prompt["kls"], per_prompt[kind],
                                    histories.get("ppo"), label)))
         plots.append(("Score distributions", score_distributions(folder / "score_distribution.png", per_prompt)))
-    judged_points = [point for point in load_evals(run_dir.stage_path("ppo")) if "eval/judge" in point]
+    judged_points = [point for point in load_evals(run_dir.stage_path("ppo"))  # a later round's start: KL unknown
+                     if "eval/judge" in point and point["kl"] is not None]
     if len(judged_points) > 1:
         plots.append(("PPO: judge (gold) and reward model (proxy) against KL",
                       gold_vs_proxy(folder / "gold_vs_proxy.png", judged_points)))

@@ -295,7 +295,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
             load_partitions(Path(checkpoint), optimizer)
     else:
         state.eval_before = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
-        record_eval(state, state.eval_before)
+        record_eval(state, state.eval_before, 0.0 if run.round == 1 else None)
         tracker.log(state.eval_before, step=0)
     started = time.time()
     printed = set()  # the checks whose alert this process has printed
@@ -394,7 +394,8 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     stats = ppo_epochs(policy, critic, optimizer, experience, config, state.generator, accelerator)
     update_seconds = time.perf_counter() - clock
     metrics = update_metrics(accelerator, experience, scores, raw_scores, stats, state, config)
-    metrics.update({"timing/generate": generate_seconds, "timing/update": update_seconds})
+    metrics.update({"timing/generate": generate_seconds, "timing/update": update_seconds,
+                    "eps": config.batch_size / (generate_seconds + update_seconds)})  # episodes a second, as TRL
     kl = experience.kl.sum(-1)
     samples = [[p[-1]["content"], r, round(s, 4), round(k, 4)]
                for p, r, s, k in zip(local_prompts, responses, scores.tolist(), kl.tolist())]
@@ -421,7 +422,7 @@ def update_metrics(accelerator, experience, scores, raw_scores, stats: list[dict
             "val/num_eos_tokens": int(ended.sum().item()), "val/response_length": length.mean().item(),
             "val/min_response_length": length.min().item(), "val/advantage_avg": advantage.mean().item(),
             **dict(zip(keys, averaged.tolist())), "kl_coef": kl_coef, "episodes_per_update": config.batch_size,
-            "eps": state.update * config.batch_size}
+            "episode": state.update * config.batch_size}
 
 
 def masked_row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -492,9 +493,10 @@ def summed_over_processes(accelerator):
     return lambda tensor: accelerator.reduce(tensor.detach(), reduction="sum")
 
 
-def record_eval(state: LoopState, result: dict) -> str | None:
-    """Adds an eval point at the KL of the latest update (0 before training); the over-optimisation alert, if due."""
-    kl = state.history[-1]["objective/kl"] if state.history else 0.0
+def record_eval(state: LoopState, result: dict, kl_before: float | None = 0.0) -> str | None:
+    """Adds an eval point at the KL of the latest update (before training, `kl_before`: 0 in round 1, unknown in a
+    later round, whose policy has moved from the reference already); the over-optimisation alert, if due."""
+    kl = state.history[-1]["objective/kl"] if state.history else kl_before
     state.evals.append({"update": state.update, "kl": kl, **result})
     return overoptimisation_alert(state.evals)
 

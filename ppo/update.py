@@ -14,6 +14,7 @@ from ppo.core import (entropy_from_logits, gae, grpo_advantages, kl_estimate, kl
                       masked_mean, masked_whiten, per_token, policy_loss, reinforce_pp_advantages, rloo_advantages,
                       this_process, token_rewards, value_loss)
 from ppo.rollout import Rollout
+from ppo.sharding import is_sharded
 from ppo.zero3 import is_engine
 from rlhf.reward_model import reward_pooling
 
@@ -233,8 +234,11 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
 
 def kept_local(accelerator, policy, critic) -> contextlib.ExitStack:
     """Gradients of a micro-batch before a minibatch's last stay on this process (DDP's no_sync, entered before the
-    forward): the last one's backward averages the sum once, not at every micro-batch."""
+    forward): the last one's backward averages the sum once, not at every micro-batch. Sharded (FSDP2), every
+    micro-batch reduce-scatters: held back, the gradients would stay whole on every process."""
     stack = contextlib.ExitStack()
+    if is_sharded(accelerator):
+        return stack
     for model in (policy, critic):
         if model is not None:
             stack.enter_context(accelerator.no_sync(model))

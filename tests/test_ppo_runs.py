@@ -114,7 +114,8 @@ def test_two_processes_split_each_batch_and_share_gradients(tmp_path, tiny_model
     scored = {}
     for rank in (0, 1):
         lines = [json.loads(line) for line in (tmp_path / f"rank-{rank}.jsonl").read_text().splitlines()]
-        scored[rank] = [batch for batch in lines if set(batch) <= set(prompts)]  # training batches, not eval
+        # training batches, not eval; the first line is the made-up answer each process scores before it starts
+        scored[rank] = [batch for batch in lines[1:] if set(batch) <= set(prompts)]
     assert len(scored[0]) == len(scored[1]) == 3
     group = 2 if algorithm == "grpo" else 1
     prompts_per_update = 8 // group

@@ -93,7 +93,7 @@ def test_ppo_with_its_critic_sharded_publishes_both_as_plain_models(tmp_path, ti
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     args = ppo_args(tmp_path, tiny_model_path, "critic", "--ppo.total_episodes=16", "--ppo.batch_size=8",
-                    "--ppo.precision=fp32", "--ppo.gradient_accumulation_steps=2")  # FSDP2: no gradient sync but last
+                    "--ppo.precision=fp32", "--ppo.gradient_accumulation_steps=2")  # accumulated, sharded
     result = subprocess.run(sharded(*args), cwd=REPO, env=environment(sharding), capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

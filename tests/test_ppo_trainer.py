@@ -102,3 +102,5 @@ def test_in_half_precision_the_first_rollout_has_no_kl_to_its_identical_referenc
     first, second = result["history"]
     assert first["objective/kl"] == 0
     assert second["objective/kl"] != 0  # the policy has moved since
+    assert (first["episode"], second["episode"]) == (8, 16)  # TRL's names: `episode` counts, `eps` is a rate
+    assert second["eps"] == pytest.approx(8 / (second["timing/generate"] + second["timing/update"]))
