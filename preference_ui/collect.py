@@ -62,7 +62,7 @@ def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
     return found.found()
 
 
-def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[list, list | None]:
+def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[list, list | None, int]:
     """(the round's prompts, the gold rows, how many of the file's prompts the rounds so far have taken), read and
     checked, and the simulated labellers' judge loaded: all
     before the stage creates anything, the store among them."""

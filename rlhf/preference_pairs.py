@@ -17,58 +17,62 @@ from rlhf.store import Store
 
 TIE_POLICIES = ("drop", "equal")
 SELECTIONS = ("all", "best_worst")
-# {runs/<name>/exports/<hash>: the same export written outside the run folder}, until the stage starts
-PENDING_EXPORTS: dict[str, Path] = {}
+# A label store's export that is not in the run folder yet: {runs/<name>/exports/<hash>: (rows, manifest)}, and
+# where it was written outside the run folder for reading before the stage starts (only when read)
+PENDING_EXPORTS: dict[str, tuple[list[dict], dict]] = {}
+READABLE_COPIES: dict[str, Path] = {}
 
 
 def preference_source(stage: str, preferences: str, batch: str, min_votes: int, run_dir: RunDir) -> dict:
     """{"preferences": a path to read pairs from, and what the manifest records about it}. A label store URL is
     exported first, into runs/<name>/exports/<content hash>; empty means the run's own export,
     runs/<name>/preferences."""
-    source, recorded = preferences or str(run_dir.stage_path("preferences")), {}
+    source = preferences or str(run_dir.stage_path("preferences"))
     if "://" in source:
         store = Store(source, create=False)  # a mistyped URL is an error, not a new empty store
-        source = str(store_export(stage, store, run_dir.path / "exports", batch or None, min_votes))
-    elif not Path(source).exists() and not preferences:
+        folder, content_hash = store_export(stage, store, run_dir.path / "exports", batch or None, min_votes)
+        return {"preferences": str(folder), "export_hash": content_hash}
+    if not Path(source).exists() and not preferences:
         raise MissingInputError(f"no preference pairs at {source}: run `rlhf preferences --config ...` first, or "
                                 f"set --{stage}.preferences")
-    export_manifest = read_export_manifest(readable(source)) if Path(readable(source)).is_dir() else None
-    if export_manifest:
-        recorded["export_hash"] = export_manifest["content_hash"]
-    return {"preferences": source, **recorded}
+    export_manifest = read_export_manifest(source) if Path(source).is_dir() else None
+    return {"preferences": source, **({"export_hash": export_manifest["content_hash"]} if export_manifest else {})}
 
 
-def store_export(stage: str, store: Store, exports: Path, batch: str | None, min_votes: int) -> Path:
-    """The folder `exports/<content hash>` that the store's votes export to. A new export is written outside the
-    run folder first, so that a stage stopped by another input leaves the run folder as it was;
-    `publish_pending_exports` moves it in once the stage holds its lock."""
+def store_export(stage: str, store: Store, exports: Path, batch: str | None, min_votes: int) -> tuple[Path, str]:
+    """(the folder `exports/<content hash>` that the store's votes export to, the hash). A new export is kept in
+    memory, so that a stage stopped by another input leaves the run folder as it was: `publish_pending_exports`
+    writes it there once the stage holds its lock."""
     rows, manifest = build_export(store, batch, min_votes)
     folder = exports / manifest["content_hash"]
-    if not folder.exists() and str(folder) not in PENDING_EXPORTS:
-        outside = Path(tempfile.mkdtemp(prefix="rlhf-export-"))
-        atexit.register(shutil.rmtree, outside, True)
-        write_export(rows, manifest, outside / folder.name)
-        PENDING_EXPORTS[str(folder)] = outside / folder.name
+    if not folder.exists():
+        PENDING_EXPORTS[str(folder)] = rows, manifest
     print(f"[{stage}] exported {manifest['rows']} pairs from {store.engine.url} to {folder}")
-    return folder
+    return folder, manifest["content_hash"]
 
 
 def readable(source: str) -> str:
-    """Where a preference source's files are now: its export written outside the run folder until published."""
-    return str(PENDING_EXPORTS.get(str(source), source))
+    """Where a preference source's files are now: an export not yet in the run folder is written outside it the
+    first time it is read (the stage's checks, and processes other than the main one, read it there)."""
+    source = str(source)
+    if source not in PENDING_EXPORTS:
+        return source
+    if source not in READABLE_COPIES:
+        outside = Path(tempfile.mkdtemp(prefix="rlhf-export-"))
+        atexit.register(shutil.rmtree, outside, True)
+        write_export(*PENDING_EXPORTS[source], outside / Path(source).name)
+        READABLE_COPIES[source] = outside / Path(source).name
+    return str(READABLE_COPIES[source])
 
 
 def publish_pending_exports() -> None:
-    """Moves the store exports that this process's stage found into the run folder (with its lock held)."""
-    for folder, outside in list(PENDING_EXPORTS.items()):
-        if not Path(folder).exists():
-            Path(folder).parent.mkdir(parents=True, exist_ok=True)
-            landing = Path(tempfile.mkdtemp(dir=Path(folder).parent, prefix=f".{Path(folder).name}."))
-            try:
-                shutil.copytree(outside, landing, dirs_exist_ok=True)
-                landing.rename(folder)
-            finally:
-                shutil.rmtree(landing, ignore_errors=True)
+    """Writes the store exports this process's stage found into the run folder (with its lock held)."""
+    for folder, (rows, manifest) in list(PENDING_EXPORTS.items()):
+        try:
+            write_export(rows, manifest, Path(folder))  # a folder of the same hash already there is kept
+        except OSError:
+            if not Path(folder).is_dir():  # else another stage, under its own lock, wrote the same export first
+                raise
         del PENDING_EXPORTS[folder]
 
 

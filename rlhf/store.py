@@ -628,9 +628,10 @@ class Store:
 
     def check_batch(self, batch: str | None) -> None:
         """A batch named on the command line must be in the store (a mistyped one would read as empty)."""
-        if batch is not None and batch not in self.batches():
+        batches = self.batches()
+        if batch is not None and batch not in batches:
             raise StoreError(f"no batch '{batch}' in {shown_url(self.url)}; its batches: "
-                             f"{', '.join(self.batches()) or 'none yet'}")
+                             f"{', '.join(batches) or 'none yet'}")
 
     def batch_drawn_from(self, batch: str) -> str | None:
         """The key the batch's answers were sampled under (`rlhf label sample`'s `drawn_from`), if stored."""

@@ -110,7 +110,11 @@ def probe_judge(judge, prompt: str, reference: str | None = None) -> None:
 def checked_scores(judge, scores, answers: int) -> list[float]:
     """A judge's scores as floats, one finite number per answer; else an error naming the judge (a short list
     would pair scores with the wrong answers, a NaN would lose every comparison)."""
-    name = f"{getattr(judge, '__module__', '?')}:{getattr(judge, '__qualname__', type(judge).__name__)}"
+    from rlhf.judges import BUILTIN_JUDGES
+
+    builtin = [name for name, function in BUILTIN_JUDGES.items() if function is judge]
+    name = (f"builtin:{builtin[0]}" if builtin else
+            f"{getattr(judge, '__module__', '?')}:{getattr(judge, '__qualname__', type(judge).__name__)}")
     try:
         values = [float(score) for score in scores]
     except (TypeError, ValueError) as err:
