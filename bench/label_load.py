@@ -216,8 +216,8 @@ def main() -> int:
               f"{codes.get(400, 0)} checked, {codes.get(429, 0)} throttled, {codes.get(200, 0)} signed in, other "
               f"{sum(count for code, count in codes.items() if code not in (200, 400, 429))}")
         print(f"guessing_p95_ms: {1000 * percentile(guessed['latencies'], 0.95):.0f}")
-    print(f"ratio: {ours_rate / bare_rate:.3f}")
     print(f"p95_ms: {1000 * percentile(ours_latencies, 0.95):.0f}")
+    print(f"ratio: {ours_rate / bare_rate:.3f}")  # the last line, as every benchmark's
     broken_in = args.guessers and guessed["guesses"].get(200, 0)
     return 1 if errors or broken_in or report["lost"] or report["duplicated"] or report["wrong_side"] else 0
 

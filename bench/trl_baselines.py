@@ -1,10 +1,10 @@
 """Plain TRL trainers, as a user would call them, timed: the yardsticks our stage benchmarks compare against.
 
-    python bench/trl_baselines.py sft    --model DIR [--steps 3] [--batch 4] [--seq 256] [--bf16]
+    python bench/trl_baselines.py sft    --model DIR [--steps 6] [--batch 4] [--seq 128] [--bf16]
     python bench/trl_baselines.py reward --model DIR [--steps 6] [--batch 4] [--seq 128]
-    python bench/trl_baselines.py rloo   --model DIR --reward_model DIR [--steps 6] [--batch 8] [--generations 2]
+    python bench/trl_baselines.py rloo   --model DIR --reward_model DIR [--steps 6] [--batch 4] [--generations 2]
                                          [--completion_length 32]
-    python bench/trl_baselines.py grpo   --model DIR --reward_model DIR [--steps 6] [--batch 8] [--generations 4]
+    python bench/trl_baselines.py grpo   --model DIR --reward_model DIR [--steps 6] [--batch 4] [--generations 2]
                                          [--completion_length 32] [--beta 0.0]
 
 Each trains on made-up text (`words`: our own word list, a seeded generator) with TRL's own defaults except where
