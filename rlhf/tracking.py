@@ -74,9 +74,6 @@ class WandbBackend:
         self.run.finish()
 
 
-LOCAL_TRACKIO = "* Trackio metrics logged to:"
-
-
 class TrackioBackend:
     def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import trackio
@@ -85,9 +82,9 @@ class TrackioBackend:
         with contextlib.redirect_stdout(io.StringIO()) as banner:
             self.run = trackio.init(project=project, name=f"{group}-{label}", group=group,
                                     config={**config, "job_type": stage}, embed=False)
-        self.local = LOCAL_TRACKIO in banner.getvalue()
-        # trackio's banner is 8 lines at every stage; logging locally, one line says where and how to look.
-        # Anything else it says (a Space, a server) is passed on as it is.
+        self.local = not (os.environ.get("TRACKIO_SPACE_ID") or os.environ.get("TRACKIO_SERVER_URL"))
+        # trackio's banner is up to 8 lines a stage; logging locally, one line says where and how to look.
+        # Logging to a Space or a server, what it says is passed on as it is.
         if self.local:
             print(f"trackio: recorded in {trackio.utils.TRACKIO_DIR}; dashboard with: trackio show --project {project}",
                   flush=True)

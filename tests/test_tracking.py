@@ -33,6 +33,7 @@ tracker.use_artifact("run0-preferences", "dataset", Path("."))  # offline: named
 run = tracker.backends[0].run
 print("WANDB", run.group, run.job_type, run.name, "USES", list(run.summary["uses"]))
 tracker.finish()
+tracking.start(["trackio"], "rlhf-test", "run1", "reward", {}, Path("wb")).finish()  # a second stage, one process
 """
 
 
@@ -49,7 +50,8 @@ def test_wandb_goes_offline_without_login_and_trackio_records_locally(tmp_path):
     [offline_run] = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     assert [line for line in said.splitlines() if line.startswith(("wandb:", "*"))] == [
         f"wandb: offline (not logged in); upload later with: wandb sync {offline_run.relative_to(tmp_path)}"]
-    assert f"trackio: recorded in {tmp_path / 'trackio'}; dashboard with: trackio show --project rlhf-test" in said
+    assert said.count(f"trackio: recorded in {tmp_path / 'trackio'}; dashboard with: trackio show --project "
+                      "rlhf-test") == 2
     assert "Run summary" not in said and "Trackio project initialized" not in said
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     [image] = list((tmp_path / "wb" / "wandb").glob("offline-run-*/files/media/images/eval/curve_*.png"))
