@@ -31,8 +31,10 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
     judged_points = [point for point in load_evals(run_dir.stage_path("ppo"))  # a later round's start: KL unknown
                      if "eval/judge" in point and point["kl"] is not None]
     if len(judged_points) > 1:
-        plots.append(("PPO: judge (gold) and reward model (proxy) against KL",
-                      gold_vs_proxy(folder / "gold_vs_proxy.png", judged_points)))
+        trained_on = read_stage_record(run_dir.stage_path("ppo")).get("input_hashes", {})
+        proxy = "reward model" if "reward_model" in trained_on else "reward function"  # what PPO maximised
+        plots.append((f"PPO: judge (gold) and {proxy} (proxy) against KL",
+                      gold_vs_proxy(folder / "gold_vs_proxy.png", judged_points, proxy)))
     text = report_text(results, len(next(iter(per_prompt["kls"].values()))), run_dir, config, plots)
     if run_dir.round > 1:
         text += rounds_section(folder, round_rows(run_dir, results))
@@ -217,17 +219,19 @@ def score_distributions(path: Path, per_prompt: dict) -> str:
     return save_figure(figure, path)
 
 
-def gold_vs_proxy(path: Path, points: list[dict]) -> str:
-    """PPO's judged eval points: the reward model's score (left axis) and the judge's (right axis, with standard
-    errors) against the KL reached. A proxy still rising while the gold turns down is over-optimisation."""
+def gold_vs_proxy(path: Path, points: list[dict], proxy: str = "reward model") -> str:
+    """PPO's judged eval points: the score it maximised, its `proxy` (left axis), and the judge's (right axis,
+    with standard errors) against the KL reached. A proxy still rising while the gold turns down is
+    over-optimisation."""
     plt = pyplot()
 
     kls = [point["kl"] for point in points]
     figure, proxy_axis = plt.subplots(figsize=(6.5, 4.5))
     proxy_axis.plot(kls, [point["eval/score"] for point in points], marker="o", color="tab:blue",
-                    label="reward model (proxy)")
+                    label=f"{proxy} (proxy)")
     proxy_axis.set_xlabel("KL to SFT at the eval point (nats per sampled response)")
-    proxy_axis.set_ylabel("reward model score (normalised)", color="tab:blue")
+    proxy_axis.set_ylabel(f"{proxy} score" + (" (normalised)" if proxy == "reward model" else ""),
+                          color="tab:blue")
     gold_axis = proxy_axis.twinx()
     gold_axis.errorbar(kls, [point["eval/judge"] for point in points],
                        yerr=[point.get("eval/judge_sem", 0.0) for point in points], marker="s", color="tab:orange",

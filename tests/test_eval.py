@@ -108,6 +108,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
 
     report = (run / "report.md").read_text()
     assert f"8 held-out prompts from `{prompts}`; answers greedy" in report
+    assert "## PPO: judge (gold) and reward function (proxy) against KL" in report  # PPO maximised builtin:length
     row = next(line for line in report.splitlines() if line.startswith("| ppo |"))
     assert f"{ppo['reward']:.3f}" in row and f"{ppo['kl']:.3f}" in row
     assert (f"{ppo['win_rate_judge']:.3f} [{ppo['win_rate_judge_low']:.3f}, "
