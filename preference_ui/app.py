@@ -25,7 +25,7 @@ from starlette.middleware import Middleware
 from rlhf.errors import UserError
 from rlhf.rankings import MAX_K, ranks_from_order
 from rlhf.schema import PREFERENCE_CHOICES
-from rlhf.store import MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Store, StoreError, User
+from rlhf.store import MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Store, StoreError, User, shown_url
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue
 from preference_ui.render import conversation_html, shown_html
@@ -430,7 +430,7 @@ def serve(store: Store, config: PreferencesStageConfig, host: str = "127.0.0.1",
                           log=lambda line: print(f"[label serve] {line}", flush=True))
     app = build_app(store, config, batch, local_user, export_root)
     app.queue(default_concurrency_limit=config.concurrency)
-    print(f"[label serve] {store.engine.url.render_as_string(hide_password=True)} on http://{host}:{port}"
+    print(f"[label serve] {shown_url(store.url)} on http://{host}:{port}"
           f" ({'sign-in required' if auth else 'no sign-in, acting as ' + local_user})", flush=True)
     app.launch(server_name=host, server_port=port, auth=guard.sign_in if auth else None, css=CSS, show_error=True,
                auth_message="Sign in with the account your admin made for you.", ssl_keyfile=ssl_keyfile,

@@ -191,13 +191,6 @@ def export(store: Store, out, batch: str | None = None, min_votes: int = 1) -> d
     return write_export(rows, manifest, Path(out))
 
 
-def export_snapshot(store: Store, root, batch: str | None = None, min_votes: int = 1) -> tuple[Path, dict]:
-    """Exports into `root/<content hash>`, so every distinct state of the votes gets its own folder."""
-    rows, manifest = build_export(store, batch, min_votes)
-    out = Path(root) / manifest["content_hash"]
-    return out, write_export(rows, manifest, out)
-
-
 def read_manifest(folder) -> dict | None:
     path = Path(folder) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None

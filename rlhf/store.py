@@ -350,7 +350,7 @@ class Store:
             if version is None:
                 session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
             elif version.value != str(SCHEMA_VERSION):
-                raise StoreError(f"{self.engine.url.render_as_string(hide_password=True)}: label store schema "
+                raise StoreError(f"{shown_url(self.url)}: label store schema "
                                  f"version {version.value}, this code reads version {SCHEMA_VERSION}")
         self.label_key = self.item_label_key()
 

@@ -110,18 +110,24 @@ def probe_judge(judge, prompt: str, reference: str | None = None) -> None:
 def checked_scores(judge, scores, answers: int) -> list[float]:
     """A judge's scores as floats, one finite number per answer; else an error naming the judge (a short list
     would pair scores with the wrong answers, a NaN would lose every comparison)."""
-    from rlhf.judges import BUILTIN_JUDGES
-
-    builtin = [name for name, function in BUILTIN_JUDGES.items() if function is judge]
-    name = (f"builtin:{builtin[0]}" if builtin else
-            f"{getattr(judge, '__module__', '?')}:{getattr(judge, '__qualname__', type(judge).__name__)}")
     try:
         values = [float(score) for score in scores]
     except (TypeError, ValueError) as err:
-        raise UserError(f"judge {name} returned {type(scores).__name__}, not a list of numbers ({err})") from None
+        raise UserError(f"judge {judge_name(judge)} returned {type(scores).__name__}, not a list of numbers "
+                        f"({err})") from None
     if len(values) != answers:
-        raise UserError(f"judge {name} returned {len(values)} scores for {answers} answers")
+        raise UserError(f"judge {judge_name(judge)} returned {len(values)} scores for {answers} answers")
     for i, value in enumerate(values):
         if not math.isfinite(value):
-            raise UserError(f"judge {name} scored answer {i + 1} of {answers} {value}: scores must be finite numbers")
+            raise UserError(f"judge {judge_name(judge)} scored answer {i + 1} of {answers} {value}: scores must be "
+                            "finite numbers")
     return values
+
+
+def judge_name(judge) -> str:
+    """As the user named it: builtin:NAME or module:function."""
+    from rlhf.judges import BUILTIN_JUDGES
+
+    builtin = [name for name, function in BUILTIN_JUDGES.items() if function is judge]
+    return (f"builtin:{builtin[0]}" if builtin else
+            f"{getattr(judge, '__module__', '?')}:{getattr(judge, '__qualname__', type(judge).__name__)}")
