@@ -7,9 +7,9 @@ from evaluation.config import EvalStageConfig
 from rlhf.plots import pyplot, save_figure
 from rlhf.runs import RunDir, atomic_write_text, read_stage_record
 
-COLUMNS = [("reward", "reward"), ("win_rate_reward", "win rate vs SFT (reward)"), ("judge", "judge"),
-           ("win_rate_judge", "win rate vs SFT (judge)"), ("kl", "KL to SFT"), ("tokens", "tokens"),
-           ("eos_rate", "stop-token rate"), ("win_rate_human", "win rate vs SFT (people)"),
+COLUMNS = [("reward", "reward"), ("win_rate_reward", "win rate vs {against} (reward)"), ("judge", "judge"),
+           ("win_rate_judge", "win rate vs {against} (judge)"), ("kl", "KL to {against}"), ("tokens", "tokens"),
+           ("eos_rate", "stop-token rate"), ("win_rate_human", "win rate vs {against} (people)"),
            ("human_votes", "people's votes")]
 TRAINING_CURVES = {"ppo": ("objective/scores", "objective/kl"), "dpo": ("loss", "rewards/margins")}
 
@@ -22,11 +22,12 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
     if histories:
         plots.append(("Training curves", training_curves(folder / "training_curves.png", histories)))
     kind = "rewards" if per_prompt["rewards"] else "judged" if per_prompt["judged"] else None
+    against = compared_against(config)
     if kind:
         label = "reward (normalised)" if kind == "rewards" else f"judge ({config.judge})"
-        plots.append((f"{label.capitalize()} against KL to SFT",
+        plots.append((f"{label.capitalize()} against KL to {against}",
                       reward_vs_kl(folder / "reward_vs_kl.png", results, per_prompt["kls"], per_prompt[kind],
-                                   histories.get("ppo"), label)))
+                                   histories.get("ppo") if against == "SFT" else None, label, against)))
         plots.append(("Score distributions", score_distributions(folder / "score_distribution.png", per_prompt)))
     judged_points = [point for point in load_evals(run_dir.stage_path("ppo"))  # a later round's start: KL unknown
                      if "eval/judge" in point and point["kl"] is not None]
@@ -37,7 +38,7 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
                       gold_vs_proxy(folder / "gold_vs_proxy.png", judged_points, proxy)))
     text = report_text(results, len(next(iter(per_prompt["kls"].values()))), run_dir, config, plots)
     if run_dir.round > 1:
-        text += rounds_section(folder, round_rows(run_dir, results))
+        text += rounds_section(folder, round_rows(run_dir, results), against)
     atomic_write_text(folder / "report.md", text)
     return text
 
@@ -59,14 +60,20 @@ def load_results(eval_folder: Path) -> dict:
     return json.loads(path.read_text())["policies"] if path.exists() else {}
 
 
-def rounds_section(folder: Path, rows: list[dict]) -> str:
+def compared_against(config: EvalStageConfig) -> str:
+    """What the report's columns compare with: the run's SFT model, unless eval.baseline names another model."""
+    return "baseline" if config.baseline else "SFT"
+
+
+def rounds_section(folder: Path, rows: list[dict], against: str = "SFT") -> str:
     """The per-round table and plot: the reward model on each round's new held-out votes (and the previous round's
-    model on them: how stale it had become), each policy's judge score (else reward), win rate vs SFT and KL."""
+    model on them: how stale it had become), each policy's judge score (else reward), win rate vs `against` and
+    KL."""
     policies = [name for name in ("ppo", "dpo") if any(name in row["policies"] for row in rows)]
     kind = "judge" if any("judge" in r for row in rows for r in row["policies"].values()) else "reward"
     header = ["round", "reward model on the round's new votes", "previous round's model on them"]
     for name in policies:
-        header += [f"{name} {kind}", f"{name} win rate vs SFT ({kind})", f"{name} KL"]
+        header += [f"{name} {kind}", f"{name} win rate vs {against} ({kind})", f"{name} KL"]
     lines = ["", "## Online rounds", "",
              "Each round after the first labels the previous round's policy's answers to fresh prompts where the "
              "reward model was least sure, retrains the reward model on every vote so far and continues the "
@@ -81,7 +88,7 @@ def rounds_section(folder: Path, rows: list[dict]) -> str:
             result = row["policies"].get(name, {})
             cells += [fmt(result.get(kind)), cell(result, f"win_rate_{kind}"), fmt(result.get("kl"))]
         lines.append("| " + " | ".join(cells) + " |")
-    plot = rounds_plot(folder / "rounds.png", rows, policies, kind)
+    plot = rounds_plot(folder / "rounds.png", rows, policies, kind, against)
     return "\n".join(lines + ["", f"![Online rounds]({Path(plot).name})"]) + "\n"
 
 
@@ -89,8 +96,8 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def rounds_plot(path: Path, rows: list[dict], policies: list[str], kind: str) -> str:
-    """Left: each policy's win rate vs SFT by round, with its interval; right: the reward model's accuracy on each
+def rounds_plot(path: Path, rows: list[dict], policies: list[str], kind: str, against: str = "SFT") -> str:
+    """Left: each policy's win rate vs `against` by round, with its interval; right: the reward model's accuracy on each
     round's new votes, this round's model against the previous round's."""
     plt = pyplot()
 
@@ -106,7 +113,7 @@ def rounds_plot(path: Path, rows: list[dict], policies: list[str], kind: str) ->
                       [p[f"win_rate_{kind}_high"] - v for v, (_, p) in zip(y, points)]]
             wins.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=name)
     wins.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    wins.set(title=f"win rate vs SFT ({kind})", xlabel="round", xticks=rounds)
+    wins.set(title=f"win rate vs {against} ({kind})", xlabel="round", xticks=rounds)
     wins.legend()
     for key, label in (("new_round_accuracy", "this round's reward model"),
                        ("previous_model_new_round_accuracy", "previous round's reward model")):
@@ -136,10 +143,12 @@ def load_evals(stage_folder: Path) -> list[dict]:
 
 def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageConfig,
                 plots: list[tuple[str, str]]) -> str:
-    shown = [(key, title) for key, title in COLUMNS
+    against = compared_against(config)
+    shown = [(key, title.format(against=against)) for key, title in COLUMNS
              if any(key in r for r in results.values()) or (key == "win_rate_human" and config.human)]
     sampling = f"sampled at temperature {config.temperature:g}" if config.temperature else "greedy"
-    lines = [f"# Run `{run_dir.name}`: policies against the SFT model", "",
+    heading = "the SFT model" if against == "SFT" else f"the baseline `{config.baseline}`"
+    lines = [f"# Run `{run_dir.name}`: policies against {heading}", "",
              f"{prompts} held-out prompts from `{config.prompts}`"
              f"{f' (the first {prompts})' if config.num_prompts == prompts else ''}; answers {sampling}, at most "
              f"{config.max_new_tokens} tokens. "
@@ -147,9 +156,9 @@ def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageC
                 if any("reward" in r for r in results.values()) else "")
              + (f"Judge: `{config.judge}`. " if config.judge else "")
              + f"Win rates count a tie as half, with {config.confidence:.0%} bootstrap "
-             f"intervals over prompts. KL: summed over each answer's tokens, the full-vocabulary KL(policy || SFT) "
-             "at each position of the policy's own answer."
-             + (f" People: blind comparisons with the SFT answer in batch `{config.human_batch}` of the label "
+             f"intervals over prompts. KL: summed over each answer's tokens, the full-vocabulary KL(policy || "
+             f"{against}) at each position of the policy's own answer."
+             + (f" People: blind comparisons with the {against} answer in batch `{config.human_batch}` of the label "
                 "store, asked only where the two answers differ (identical answers count as ties in the other "
                 "columns); a tie or both-bad counts half, Wilson 95% intervals over votes. Rerun `rlhf eval "
                 "--eval.human` after labelling to bring their votes in." if config.human else ""), "",
@@ -157,7 +166,8 @@ def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageC
              "|---|" + "---|" * len(shown)]
     for name, result in results.items():
         cells = [cell(result, key) for key, _ in shown]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        shown_name = f"baseline (`{config.baseline}`)" if name == "sft" and against != "SFT" else name
+        lines.append(f"| {shown_name} | " + " | ".join(cells) + " |")
     for title, path in plots:
         lines += ["", f"## {title}", "", f"![{title}]({Path(path).name})"]
     return "\n".join(lines) + "\n"
@@ -188,7 +198,7 @@ def training_curves(path: Path, histories: dict) -> str:
 
 
 def reward_vs_kl(path: Path, results: dict, kls: dict, scores: dict, ppo_history: list[dict] | None,
-                 label: str) -> str:
+                 label: str, against: str = "SFT") -> str:
     plt = pyplot()
 
     figure, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -198,7 +208,7 @@ def reward_vs_kl(path: Path, results: dict, kls: dict, scores: dict, ppo_history
     if ppo_history and label.startswith("reward"):
         ax.plot([m["objective/kl"] for m in ppo_history], [m["objective/raw_scores"] for m in ppo_history],
                 alpha=0.5, label="ppo during training (sampled answers)")
-    ax.set_xlabel("KL to SFT (nats per answer)")
+    ax.set_xlabel(f"KL to {against} (nats per answer)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -108,6 +108,10 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
 
     report = (run / "report.md").read_text()
     assert f"8 held-out prompts from `{prompts}`; answers greedy" in report
+    # compared with the model eval.baseline names, not the run's SFT model: the report says so
+    assert f"policies against the baseline `{tiny_model_path}`" in report and "vs SFT" not in report
+    assert "KL(policy || baseline)" in report and "KL to SFT" not in report
+    assert "| win rate vs baseline (judge) |" in report and f"| baseline (`{tiny_model_path}`) |" in report
     assert "## PPO: judge (gold) and reward function (proxy) against KL" in report  # PPO maximised builtin:length
     row = next(line for line in report.splitlines() if line.startswith("| ppo |"))
     assert f"{ppo['reward']:.3f}" in row and f"{ppo['kl']:.3f}" in row
