@@ -159,6 +159,9 @@ def start_partial(stage: str, partial: Path, resume: bool, record: StageRecord |
     it, only the half-written final folder is removed and the checkpoint returned; otherwise it starts empty, with
     the attempt's work key (`record`: its config and inputs) in it, for `rlhf run` to resume only that work."""
     checkpoint = resume_point(stage, partial, resume)
+    if checkpoint and record is not None and partial_work_key(partial) not in (None, record.work_key):
+        print(f"[{stage}] --{stage}.resume: {checkpoint} was made with other settings or inputs than this "
+              f"attempt's; continuing from it as asked (without --{stage}.resume the stage starts afresh)")
     shutil.rmtree(partial / "final" if checkpoint else partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
     if record is not None and not checkpoint:

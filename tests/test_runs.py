@@ -87,7 +87,7 @@ class LearningRate:
     resume: bool = False
 
 
-def test_a_failed_attempt_leaves_a_done_record_as_it_was_and_rlhf_run_resumes_that_attempt(tmp_path):
+def test_a_failed_attempt_leaves_a_done_record_as_it_was_and_rlhf_run_resumes_that_attempt(tmp_path, capsys):
     from pipeline.run import stage_state
     from rlhf.stage import WORK_KEY, partial_work_key, start_partial
 
@@ -118,6 +118,11 @@ def test_a_failed_attempt_leaves_a_done_record_as_it_was_and_rlhf_run_resumes_th
     assert partial_work_key(run.partial_path("sft")) is None
     (run.partial_path("sft") / WORK_KEY).write_text(first.work_key)  # lr 1's checkpoints
     assert stage_state(run, "sft", LearningRate(2)) == "fresh"
+    capsys.readouterr()
+    start_partial("sft", run.partial_path("sft"), resume=True, record=second)  # asked to resume them: said so
+    assert "checkpoint-3 was made with other settings or inputs" in capsys.readouterr().out
+    start_partial("sft", run.partial_path("sft"), resume=True, record=first)
+    assert "other settings" not in capsys.readouterr().out
     (run.partial_path("sft") / WORK_KEY).write_text(second.work_key)
     assert stage_state(run, "sft", LearningRate(2)) == "resume"
 
