@@ -87,6 +87,8 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
             raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got '{self.ties}'")
         if self.ties == "equal" and self.tie_threshold <= 0:
             raise ValueError(f"tie_threshold must be above 0 with ties: equal, got {self.tie_threshold}")
+        if self.ties == "equal" and self.selection == "best_worst":
+            raise ValueError("ties: equal needs selection: all (best_worst keeps one decided pair per prompt, no tie)")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.temperature <= 0 or self.max_new_tokens < 1 or self.num_prompts < 0:

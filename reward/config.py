@@ -100,6 +100,8 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
             raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got '{self.ties}'")
         if self.ties == "equal" and self.tie_threshold <= 0:
             raise ValueError(f"tie_threshold must be above 0 with ties: equal, got {self.tie_threshold}")
+        if self.ties == "equal" and self.selection == "best_worst":
+            raise ValueError("ties: equal needs selection: all (best_worst keeps one decided pair per prompt, no tie)")
         if self.num_layers < 0:
             raise ValueError(f"num_layers must be 0 (all) or more, got {self.num_layers}")
         if self.round_init not in ("sft", "previous"):

@@ -152,18 +152,18 @@ def pairs_and_rankings_loss(rows: torch.Tensor, chosen_row: torch.Tensor, reject
                             center_coefficient) -> torch.Tensor:
     """The batch's loss with ranking items as Plackett-Luce terms: the pairs of no ranking (ranking -1) by the
     weighted pair loss, each ranking item by one Plackett-Luce likelihood of its consensus order (weight 1),
-    averaged over heads; the two parts in proportion to their weight. A ranking whose pairs a batch boundary cuts
-    counts as its part in each batch."""
+    averaged over heads; the mean over the batch's items (a plain pair or a ranking). A ranking whose pairs a batch
+    boundary cuts counts as its part in each batch."""
     plain = ranking < 0
     weight = weight if weight.dim() == 2 else weight[:, None]
-    parts, total = [], rows.new_zeros(())
+    parts, total = [], 0
     if plain.any():
-        pair_weight = weight[plain].float().mean(-1).sum()
+        plain_pairs = int(plain.sum())
         pair_loss = preference_loss(rows[chosen_row[plain]], rows[rejected_row[plain]],
                                     None if margin is None else margin[plain], tie[plain], weight[plain], theta,
                                     center_coefficient)
-        parts.append(pair_loss * pair_weight)
-        total = total + pair_weight
+        parts.append(pair_loss * plain_pairs)
+        total += plain_pairs
     for item in ranking[~plain].unique():
         mine = (ranking == item).nonzero().flatten().tolist()
         answers = sorted({chosen_row[i].item() for i in mine} | {rejected_row[i].item() for i in mine})

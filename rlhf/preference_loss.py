@@ -11,8 +11,9 @@ Bradley-Terry model with ties):
 A decided pair costs -log sigmoid(d - theta - margin): the margin (from the labellers' strength, as in TRL's
 `margin` column) asks for a wider gap when the labellers were sure. A tie costs -log P(tie), smallest at d = 0.
 With ties dropped theta is 0 and the decided-pair cost is exactly TRL's (the reward trainer's loss, and DPO's
-sigmoid loss). Each pair's cost is multiplied by its weight (1, or its labellers' gold accuracy) and the weighted
-mean is taken.
+sigmoid loss). Each pair's cost is multiplied by its weight (1, a ranking's share of one vote, or its labellers'
+gold accuracy) and the mean over the batch's pairs is taken. The weights are scaled to a mean of 1 over the data set
+(rlhf.preference_pairs.usable_pairs), not over each batch: a batch of one ranking's pairs still weighs as one vote.
 
 A k-wise ranking's own likelihood is Plackett-Luce's (`plackett_luce_loss`; rlhf/rankings.py says how ties count).
 """
@@ -45,8 +46,8 @@ def pair_losses(gap: torch.Tensor, margin: torch.Tensor, tie: torch.Tensor, thet
 def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
                     tie: torch.Tensor | None = None, weight: torch.Tensor | None = None, theta: float = 0.0,
                     center_coefficient: float | None = None) -> torch.Tensor:
-    """Weighted mean pair loss. `chosen` and `rejected` are [pairs] or [pairs, heads]; `weight` is [pairs] or
-    [pairs, heads] (bootstrap counts per head); the result is averaged over heads."""
+    """The mean over pairs of each pair's weighted loss. `chosen` and `rejected` are [pairs] or [pairs, heads];
+    `weight` is [pairs] or [pairs, heads] (bootstrap counts per head); the result is averaged over heads."""
     if chosen.dim() == 1:
         chosen, rejected = chosen[:, None], rejected[:, None]
     pairs = chosen.shape[0]
@@ -55,7 +56,7 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.
     weight = torch.ones(pairs) if weight is None else weight
     weight = (weight if weight.dim() == 2 else weight[:, None]).to(chosen)
     losses = pair_losses(chosen - rejected, margin.to(chosen)[:, None], tie.to(chosen.device)[:, None], theta)
-    per_head = (losses * weight).sum(0) / weight.sum(0).clamp_min(1e-8)
+    per_head = (losses * weight).sum(0) / pairs
     loss = per_head.mean()
     if center_coefficient is not None:
         loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()

@@ -4,6 +4,7 @@ exported first), and the rules the reward and DPO stages share: gold-weighted vo
 import atexit
 import json
 import shutil
+import statistics
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -125,15 +126,27 @@ def usable_pairs(source: str, ties: str, weight_by_gold: bool, selection: str = 
                  stage: str = "") -> list[dict]:
     """The rows a preference loss can learn from, each with `weight`: both-bad rows dropped, ties dropped unless
     `ties` is "equal"; with `selection` best_worst, one pair per prompt (best_vs_worst). Refuses a source with no
-    decided pair left. Text past what `max_length` tokens can cover is cut (rlhf.datasets.cut_long_texts)."""
+    decided pair left. Text past what `max_length` tokens can cover is cut (rlhf.datasets.cut_long_texts). The
+    weights are scaled to a mean of 1 over the rows kept (all 1 when they are equal), so that the losses' mean over
+    a batch (rlhf.preference_loss) keeps each pair's weight relative to the whole data set."""
     rows = load_pairs(source, weight_by_gold)
     usable = [row for row in rows if not row["both_bad"] and (ties == "equal" or not row["tie"])]
     if selection == "best_worst":
         usable = best_vs_worst(usable)
     if not any(not row["tie"] for row in usable):
-        kept = "both bad" if ties == "equal" else "ties or both bad"
-        raise DataError(source, None, "rows", f"no usable pairs: all {len(rows)} rows are {kept}")
-    return cut_long_texts(usable, max_length, source, stage)
+        both_bad = sum(row["both_bad"] for row in rows)
+        tied = sum(row["tie"] and not row["both_bad"] for row in rows)
+        raise DataError(source, None, "rows", f"no decided pair to learn from: of its {len(rows)} rows {tied} are "
+                                              f"ties and {both_bad} both bad")
+    return cut_long_texts(weights_of_mean_one(usable), max_length, source, stage)
+
+
+def weights_of_mean_one(rows: list[dict]) -> list[dict]:
+    weights = [row["weight"] for row in rows]
+    if max(weights) == min(weights):
+        return [{**row, "weight": 1.0} for row in rows]
+    mean = statistics.fmean(weights)
+    return [{**row, "weight": row["weight"] / mean} for row in rows]
 
 
 def best_vs_worst(rows: list[dict]) -> list[dict]:

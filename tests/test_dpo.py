@@ -162,16 +162,19 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):
     assert "loss_type sigmoid" in capsys.readouterr().err
     assert cli(["dpo", "--config", "configs/tiny.yaml", "--dpo.ld_alpha=0.5"]) == 2
     assert "ld_alpha" in capsys.readouterr().err
+    assert cli(["dpo", "--config", "configs/tiny.yaml", "--dpo.ties=equal", "--dpo.selection=best_worst"]) == 2
+    assert "ties: equal needs selection: all" in capsys.readouterr().err
 
 
 def test_trls_other_losses_train_on_labelled_prompt_groups_and_refuse_ranking_weights(tmp_path, capsys):
     """loss_type ipo on labelled pairs batched by prompt (tiny.yaml) trains on whole rows (the shared-prompt batch
-    feeds our sigmoid loss only); the pairs of a ranking, which weigh less than one vote, are refused for it. Pairs
-    longer than max_length are cut, and the stage says how many."""
+    feeds our sigmoid loss only); the pairs of a ranking, which weigh less than a plain pair's vote, are refused for
+    it. Pairs longer than max_length are cut, and the stage says how many."""
     ranked = tmp_path / "ranked.jsonl"  # a ranking of three answers: three pairs of weight 1/3
     pairs = (("Hello!", "Hi."), ("Hello!", "Go."), ("Hi.", "Go."))
     ranked.write_text("".join(json.dumps({"prompt": "Hi?", "chosen": chosen, "rejected": rejected, "ranking": "r1",
-                                          "pair_weight": 1 / 3}) + "\n" for chosen, rejected in pairs))
+                                          "pair_weight": 1 / 3}) + "\n" for chosen, rejected in pairs)
+                      + json.dumps({"prompt": "Bye?", "chosen": "Bye!", "rejected": "No."}) + "\n")  # one whole vote
     args = ["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}", "--dpo.model=tiny-llama",
             "--dpo.loss_type=ipo"]
     assert cli([*args, f"--dpo.preferences={ranked}"]) == 2

@@ -41,8 +41,19 @@ def test_usable_pairs_count_all_pairs_or_one_per_prompt(tmp_path):
     assert chosen_and_rejected(best) == [("P", "A", "C"), ("Q", "X", "Y")]  # without the tie: A 1, C 0, D 0
     only_ties = tmp_path / "ties.jsonl"
     only_ties.write_text(json.dumps(pair("R", "M", "N", tie=True)) + "\n")
-    with pytest.raises(DataError, match="no usable pairs"):
-        usable_pairs(str(only_ties), "equal", False, "best_worst")
+    with pytest.raises(DataError, match="no decided pair to learn from: of its 1 rows 1 are ties and 0 both bad"):
+        usable_pairs(str(only_ties), "equal", False, "all")
+
+
+def test_usable_pairs_scale_the_weights_to_a_mean_of_one_over_the_rows_kept(tmp_path):
+    source = tmp_path / "pairs.jsonl"
+    rows = [{**pair("P", "A", "B"), "pair_weight": 1 / 3}, {**pair("P", "A", "C"), "pair_weight": 1 / 3},
+            {**pair("Q", "X", "Y"), "pair_weight": 1.0}, pair("R", "M", "N", tie=True)]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    weights = [row["weight"] for row in usable_pairs(str(source), "drop", False, "all")]
+    assert weights == pytest.approx([0.6, 0.6, 1.8])  # 1/3 : 1/3 : 1 with a mean of 1 (the tie dropped)
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))  # one ranking's pairs alone
+    assert [row["weight"] for row in usable_pairs(str(source), "drop", False, "all")] == [1.0, 1.0]
 
 
 def test_on_policy_pairs_take_the_reward_models_best_and_worst_of_k():

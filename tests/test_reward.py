@@ -111,11 +111,14 @@ def test_padding_with_eos_is_replaced_by_a_spare_special_token(tiny_model_path):
 def test_only_ties_and_both_bad_rows_stop_with_exit_2(tmp_path, tiny_model_path, capsys):
     path = tmp_path / "ties.jsonl"
     write_pairs(path, 3, tie=True)
-    with pytest.raises(DataError, match="no usable pairs: all 3 rows are ties or both bad"):
+    with pytest.raises(DataError, match="no decided pair to learn from: of its 3 rows 3 are ties and 0 both bad"):
         training_pairs(str(path), RewardStageConfig())
     code = cli(["reward", "--reward.model", str(tiny_model_path), "--reward.preferences", str(path),
                 "--run.output_root", str(tmp_path / "runs"), "--run.tracking", "none"])
-    assert code == 2 and "no usable pairs" in capsys.readouterr().err
+    assert code == 2 and "no decided pair to learn from" in capsys.readouterr().err
+    # ties kept as ties, but one pair per prompt (the best against the worst) keeps no tie: refused
+    assert cli(["reward", "--reward.ties=equal", "--reward.selection=best_worst"]) == 2
+    assert "ties: equal needs selection: all" in capsys.readouterr().err
 
 
 def store_with_votes(tmp_path, count: int) -> str:

@@ -57,16 +57,20 @@ def test_mixed_batch_with_ties_margins_and_theta():
 
 def test_weights_and_heads():
     chosen, rejected = torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.0])
+    # the mean over the batch's pairs of weight x loss: weights keep their meaning from batch to batch (a batch of
+    # one ranking's pairs, each a sixth of a vote, weighs a sixth of a batch of whole votes)
     first = -math.log(sigmoid(1.0))
-    assert preference_loss(chosen, rejected, weight=torch.tensor([1.0, 0.0])).item() == pytest.approx(first)
+    assert preference_loss(chosen, rejected, weight=torch.tensor([1.0, 0.0])).item() == pytest.approx(first / 2)
     second = -math.log(sigmoid(-1.0))
-    weighted = (0.9 * first + 0.3 * second) / 1.2
+    weighted = (0.9 * first + 0.3 * second) / 2
     assert preference_loss(chosen, rejected, weight=torch.tensor([0.9, 0.3])).item() == pytest.approx(weighted)
+    sixth = preference_loss(chosen, rejected, weight=torch.full((2,), 1 / 6)).item()
+    assert sixth == pytest.approx(preference_loss(chosen, rejected).item() / 6)
     # two heads: head 0 sees only pair 0, head 1 both pairs twice; the loss is the mean of the two heads' losses
     heads_chosen, heads_rejected = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.zeros(2, 2)
     counts = torch.tensor([[1.0, 2.0], [0.0, 2.0]])
-    head0 = -math.log(sigmoid(1.0))
-    head1 = -(math.log(sigmoid(2.0)) + math.log(sigmoid(0.5))) / 2
+    head0 = -math.log(sigmoid(1.0)) / 2
+    head1 = -(math.log(sigmoid(2.0)) + math.log(sigmoid(0.5)))
     assert preference_loss(heads_chosen, heads_rejected, weight=counts).item() == pytest.approx((head0 + head1) / 2)
     centred = preference_loss(chosen, rejected, center_coefficient=0.1).item()
     assert centred == pytest.approx((first + second) / 2 + 0.1 * (1 + 1) / 2)
@@ -102,7 +106,7 @@ def test_ties_and_margins_from_the_collated_batch_reach_the_trainers_loss():
     loss = trainer.compute_loss(trainer.model, batch)
     decided = -math.log(sigmoid(3 - 1 - 1.0 - 0.5))  # gap 2, theta 1, margin 0.5
     tied = -math.log(sigmoid(1.0) - sigmoid(-1.0))  # gap 0
-    assert loss.item() == pytest.approx((decided + 2 * tied) / 3, rel=1e-5)
+    assert loss.item() == pytest.approx((decided + 2 * tied) / 2, rel=1e-5)  # the mean over 2 pairs of weight x loss
     assert trainer._metrics["train"]["accuracy"] == [1.0]
 
 
