@@ -146,7 +146,8 @@ def store_with_votes(tmp_path, count: int) -> str:
     return url
 
 
-def test_reads_the_store_records_the_export_and_measures_itself_against_the_labellers(tmp_path, tiny_model_path):
+def test_reads_the_store_records_the_export_and_measures_itself_against_the_labellers(tmp_path, tiny_model_path,
+                                                                                      capsys):
     url = store_with_votes(tmp_path, 40)
     args = ["--reward.model", str(tiny_model_path), "--reward.preferences", url, "--reward.weight_by_gold", "true",
             "--reward.eval_fraction", "0.3", "--reward.max_steps", "25", "--reward.learning_rate", "2e-3",
@@ -176,6 +177,19 @@ def test_reads_the_store_records_the_export_and_measures_itself_against_the_labe
     [gap] = [line.split("|")[2] for line in again.splitlines() if "held-out mean reward gap" in line]
     assert float(gap) == pytest.approx(metrics["heldout_margin"], abs=2e-3)  # scored in other batches
     assert cli(["reward", "evaluate", *args]) == 2
+    # another held-out share, or new votes in the store, would evaluate on pairs the model was trained on: refused
+    evaluated = hash_path(run / "reward-eval")
+    capsys.readouterr()
+    assert cli(["reward", "eval", *args, "--reward.eval_fraction", "0.5"]) == 2
+    assert "was trained with other settings or on other pairs" in capsys.readouterr().err
+    store = Store(url)
+    prompt = store.add_prompt("new", "chat", [{"role": "user", "content": "A new question?"}])
+    comparison = store.add_comparison(store.add_response(prompt, POLITE.format(i=99), "m", {}),
+                                      store.add_response(prompt, RUDE.format(i=99), "m", {}), batch="b1")
+    store.cast_vote(comparison.id, store.user("sim0"), "a", "clear")
+    assert cli(["reward", "eval", *args]) == 2
+    assert "was trained with other settings or on other pairs" in capsys.readouterr().err
+    assert hash_path(run / "reward-eval") == evaluated and len(list((run / "exports").iterdir())) == 1
 
 
 def test_ties_trained_as_equal_and_an_ensemble_of_heads(tmp_path, tiny_model_path):
