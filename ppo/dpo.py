@@ -242,10 +242,13 @@ class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """The reference's (chosen, rejected) log-probabilities, each distinct sequence run once: TRL's helper on
         whole sequences (it halves its rows into chosen and rejected: ours are the distinct rows, rejoined), ours
-        on shared-prompt batches. Also used to precompute the reference over the dataset."""
+        on shared-prompt batches. Also used to precompute the reference over the dataset. With ld_alpha TRL's
+        helper reads each chosen row beside its rejected one: every row is kept."""
         if "prefix_ids" in inputs:
             with torch.no_grad(), self.accelerator.autocast():
                 return self.answer_logps(model, inputs)
+        if self.ld_alpha is not None:
+            return super().compute_ref_log_probs(model, inputs)
         rows, row_of = distinct_rows(inputs)
         return torch.cat(super().compute_ref_log_probs(model, rows))[row_of].chunk(2)
 

@@ -102,6 +102,10 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
         if self.ld_alpha is not None and self.pair_loss:
             raise ValueError("ld_alpha (length-desensitised DPO) needs a loss_type other than sigmoid: our sigmoid "
                              "loss sums each answer's log-probabilities whole")
+        if self.pair_loss and (self.f_divergence_type != "reverse_kl" or self.use_weighting
+                               or self.loss_weights not in (None, [1.0])):
+            raise ValueError("f_divergence_type, use_weighting and loss_weights are TRL's own loss's: our sigmoid "
+                             "loss (loss_type sigmoid) is plain DPO's reverse KL, one term, unweighted by length")
 
     @property
     def prompt_batches(self) -> bool:

@@ -70,6 +70,19 @@ def test_without_ties_margins_or_weights_the_pair_loss_is_trls_sigmoid_loss(tmp_
         ours.item(), rel=1e-4)
 
 
+def test_length_desensitised_reference_log_probs_keep_each_chosen_row_beside_its_rejected_one(tmp_path,
+                                                                                                tiny_model_path):
+    """ld_alpha: TRL's reference helper pairs row i with row i + n, so rows two pairs share are not merged."""
+    pairs = conversational_pairs(4)
+    for pair in pairs[1:3]:
+        pair["chosen"] = pairs[0]["chosen"]  # three pairs share one chosen answer
+    trainer = tiny_trainer(tmp_path, tiny_model_path, pairs, loss_type=["ipo"], ld_alpha=0.5)
+    batch = first_batch(trainer)
+    ours = trainer.compute_ref_log_probs(trainer.model, dict(batch))
+    trls = DPOTrainer.compute_ref_log_probs(trainer, trainer.model, dict(batch))
+    assert all(torch.allclose(a, b) for a, b in zip(ours, trls)) and ours[0].shape == (4,)
+
+
 def test_margins_ask_for_a_wider_gap_and_ties_for_none(tmp_path, tiny_model_path):
     trainer = tiny_trainer(tmp_path, tiny_model_path, conversational_pairs(4, margin=1.0))
     batch = first_batch(trainer)
@@ -164,6 +177,9 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):
     assert "ld_alpha" in capsys.readouterr().err
     assert cli(["dpo", "--config", "configs/tiny.yaml", "--dpo.ties=equal", "--dpo.selection=best_worst"]) == 2
     assert "ties: equal needs selection: all" in capsys.readouterr().err
+    for setting in ("--dpo.f_divergence_type=js_divergence", "--dpo.use_weighting=true", "--dpo.loss_weights=[0.5]"):
+        assert cli(["dpo", "--config", "configs/tiny.yaml", setting]) == 2  # TRL's loss only: ours would ignore it
+        assert "are TRL's own loss's" in capsys.readouterr().err
 
 
 def test_trls_other_losses_train_on_labelled_prompt_groups_and_refuse_ranking_weights(tmp_path, capsys):
