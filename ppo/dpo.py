@@ -344,17 +344,24 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
                              eval_dataset=eval_data, processing_class=tokenizer,
                              callbacks=[tracking.TrackingCallback(tracker), timer, NoCheckpointAtTheEnd()],
                              tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0)
+    left_out = {"train": len(train_pairs) - len(trainer.train_dataset),
+                "held-out": len(eval_pairs) - (len(trainer.eval_dataset) if eval_pairs else 0)}
+    for kind, count in left_out.items():  # TRL drops a pair whose prompt alone fills max_length
+        if count:
+            print(f"[{STAGE}] {count} {kind} pairs have a prompt of max_length ({config.max_length} tokens) or "
+                  "more and are left out")
     long_pairs = sum(length > (config.max_length or length) for length in trainer.row_lengths(trainer.train_dataset))
     if long_pairs:  # cut as TRL does, where the reward stage (TRL's RewardTrainer) leaves them out: said either way
-        print(f"[{STAGE}] {long_pairs} of {len(train_pairs)} training pairs are longer than max_length "
+        print(f"[{STAGE}] {long_pairs} of {len(trainer.train_dataset)} training pairs are longer than max_length "
               f"({config.max_length} tokens) and are cut ({config.truncation_mode})")
 
     # 3. train, then the held-out pairs
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - started
-    metrics = {"train_loss": result.training_loss, "train_pairs": len(train_pairs), "long_pairs_cut": long_pairs,
-               "eval_pairs": len(eval_pairs),
+    metrics = {"train_loss": result.training_loss, "train_pairs": len(trainer.train_dataset),
+               "long_pairs_cut": long_pairs, "long_prompts_left_out": sum(left_out.values()),
+               "eval_pairs": len(eval_pairs) - left_out["held-out"],
                "global_step": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
                "median_step_s": timer.median(), "pairs_source": config.pairs}
     if eval_data is not None:
@@ -366,7 +373,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
     staged = partial / "final"
     trainer.save_model(str(staged))
     accuracy = metrics.get("eval_rewards_accuracies")
-    summary = (f"{len(train_pairs)} training pairs from {config.pairs}, train loss {metrics['train_loss']:.4f}, "
+    summary = (f"{len(trainer.train_dataset)} training pairs from {config.pairs}, train loss {metrics['train_loss']:.4f}, "
                f"held-out implicit-reward accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}")
     if config.process_index != 0:
         return Outcome(metrics, None, partial, train_seconds, summary)

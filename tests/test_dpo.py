@@ -185,7 +185,8 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):
 def test_trls_other_losses_train_on_labelled_prompt_groups_and_refuse_ranking_weights(tmp_path, capsys):
     """loss_type ipo on labelled pairs batched by prompt (tiny.yaml) trains on whole rows (the shared-prompt batch
     feeds our sigmoid loss only); the pairs of a ranking, which weigh less than a plain pair's vote, are refused for
-    it. Pairs longer than max_length are cut, and the stage says how many."""
+    it. Pairs longer than max_length are cut, those whose prompt alone fills it left out (TRL's), and the stage says
+    how many."""
     ranked = tmp_path / "ranked.jsonl"  # a ranking of three answers: three pairs of weight 1/3
     pairs = (("Hello!", "Hi."), ("Hello!", "Go."), ("Hi.", "Go."))
     ranked.write_text("".join(json.dumps({"prompt": "Hi?", "chosen": chosen, "rejected": rejected, "ranking": "r1",
@@ -198,12 +199,14 @@ def test_trls_other_losses_train_on_labelled_prompt_groups_and_refuse_ranking_we
     assert not (tmp_path / "runs").exists()
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n"
-                             for prompt in ("Hi?", "Bye?") for chosen, rejected in pairs))
+                             for prompt in ("Hi?", "Bye?", "Why? " * 20) for chosen, rejected in pairs))
     assert cli([*args, f"--dpo.preferences={plain}", "--dpo.max_length=16"]) == 0
     entry = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["stages"]["dpo"]
     assert entry["status"] == "done" and entry["metrics"]["train_pairs"] == entry["metrics"]["long_pairs_cut"] == 3
-    assert "[dpo] 3 of 3 training pairs are longer than max_length (16 tokens) and are cut (keep_start)" in \
-        capsys.readouterr().out
+    assert entry["metrics"]["long_prompts_left_out"] == 3  # TRL drops the pairs of the prompt that fills max_length
+    out = capsys.readouterr().out
+    assert "[dpo] 3 train pairs have a prompt of max_length (16 tokens) or more and are left out" in out
+    assert "[dpo] 3 of 3 training pairs are longer than max_length (16 tokens) and are cut (keep_start)" in out
 
 
 def test_pairs_of_similar_length_share_a_batch(tmp_path, tiny_model_path):
