@@ -104,6 +104,10 @@ def on_policy_pairs(config: DPOStageConfig, model_path: str, reward_path: str, p
     conversations = [p["prompt"] + [{"role": "assistant", "content": a}]
                      for p, a in zip((p for p in prompts for _ in range(k)), answers)]
     pairs = best_and_worst(prompts, answers, score(reward, reward_tok, conversations), k)
+    if not pairs:
+        raise DataError(config.prompts, None, "prompt", f"no on-policy pair: the reward model scored every prompt's "
+                                                        f"{k} answers alike (or they were identical); raise "
+                                                        "num_prompts, responses_per_prompt or temperature")
     print(f"[{STAGE}] {len(pairs)} on-policy pairs (best and worst of {k}) from {len(prompts)} prompts, ordered by "
           f"{reward_path}")
     return pairs

@@ -126,7 +126,8 @@ def test_dpo_learns_separable_pairs_and_publishes_the_policy(tmp_path, tiny_mode
     assert "export_hash" not in entry["inputs"] and entry["inputs"]["preferences"].endswith("pairs.jsonl")
 
 
-def test_on_policy_pairs_are_sampled_from_the_policy_and_ordered_by_the_reward_model(tmp_path, tiny_model_path):
+def test_on_policy_pairs_are_sampled_from_the_policy_and_ordered_by_the_reward_model(tmp_path, tiny_model_path,
+                                                                                     capsys):
     reward_dir = tmp_path / "reward"  # an untrained reward head still gives every answer its own score
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(reward_dir)
@@ -140,7 +141,14 @@ def test_on_policy_pairs_are_sampled_from_the_policy_and_ordered_by_the_reward_m
     assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
     assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
     metrics = json.loads((published / "stage.json").read_text())["metrics"]
-    assert metrics["pairs_source"] == "on_policy" and metrics["train_pairs"] == len(pairs)
+    assert metrics["pairs_source"] == "on_policy"
+    assert metrics["train_pairs"] + metrics["long_prompts_left_out"] == len(pairs)  # (prompts that fill max_length)
+    # near-greedy sampling: each prompt's answers are one text, no pair: said so, exit 2, no pairs file written
+    assert cli(["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}", "--run.name=same",
+                f"--dpo.model={tiny_model_path}", "--dpo.pairs=on_policy", f"--dpo.reward_model={reward_dir}",
+                "--dpo.temperature=1e-6", "--dpo.num_prompts=4", "--dpo.responses_per_prompt=2"]) == 2
+    assert "no on-policy pair" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "same" / ".dpo.partial" / "pairs.jsonl").exists()
 
 
 def test_a_killed_dpo_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_path):
