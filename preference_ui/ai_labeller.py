@@ -93,7 +93,7 @@ def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CON
     model.eval()
     name = f"ai/{Path(models.resolve(model_spec)).name}"
     user = store.user(name) or store.add_user(name, "labeller", secrets.token_hex(16))
-    queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed)
+    queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed, expires_others=False)
     counts = {choice: 0 for choice in VOTE_CHOICES}
     while (item := queue.next_item(user)) is not None:
         if item.answers:

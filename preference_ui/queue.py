@@ -141,9 +141,12 @@ class Held:
 
 class LabelQueue:
     def __init__(self, store: Store, overlap: int = 3, gold_rate: float = 0.1, batch: str | None = None,
-                 timeout_minutes: float = 30.0, seed: int | None = None):
+                 timeout_minutes: float = 30.0, seed: int | None = None, expires_others: bool = True):
+        """`expires_others`: the app's queue (which knows the configured timeout) expires anyone's stale items;
+        a simulated or AI labeller's queue only its own labellers' (people's items are the app's to expire)."""
         self.store, self.overlap, self.gold_rate = store, overlap, gold_rate
         self.timeout = timedelta(minutes=timeout_minutes)
+        self.expires_others, self.served = expires_others, set()
         self.rng = random.Random(seed)
         self.last_release = float("-inf")
         self.sql = Statements(overlap, batch)
@@ -164,6 +167,7 @@ class LabelQueue:
     # handing out items
     def next_item(self, user: User) -> Item | None:
         """The labeller's open item, or a newly assigned one; None when nothing is left for them."""
+        self.served.add(user.id)
         self.release_stale()
         assignment = self.held(self.sql.open_assignment, labeller=user.id)
         if assignment is None and self.rng.random() < self.gold_chance(user):
@@ -188,10 +192,11 @@ class LabelQueue:
         if time.monotonic() - self.last_release < 60:
             return
         self.last_release = time.monotonic()
+        stale = update(Assignment).where(Assignment.status == "open", Assignment.created_at < utcnow() - self.timeout)
+        if not self.expires_others:
+            stale = stale.where(Assignment.user_id.in_(self.served))
         with self.store.writing() as connection:
-            connection.execute(update(Assignment)
-                            .where(Assignment.status == "open", Assignment.created_at < utcnow() - self.timeout)
-                            .values(status="expired", slot=None))
+            connection.execute(stale.values(status="expired", slot=None))
         self.starts.clear()
 
     def assign(self, user: User, candidates_query) -> Held | None:

@@ -104,7 +104,7 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
     name = judge_spec.removeprefix("builtin:")
     users = [store.user(f"sim/{name}/{i}") or store.add_user(f"sim/{name}/{i}", "labeller", secrets.token_hex(16))
              for i in range(labellers)]
-    queue = LabelQueue(store, overlap or labellers, gold_rate, batch, seed=seed)
+    queue = LabelQueue(store, overlap or labellers, gold_rate, batch, seed=seed, expires_others=False)
     counts = {choice: 0 for choice in VOTE_CHOICES} | {"skipped": 0}
     waiting = list(enumerate(users))
     while waiting:

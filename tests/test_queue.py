@@ -135,6 +135,29 @@ def test_an_item_left_open_past_the_timeout_goes_back_to_the_pool(store_url):
     assert [(vote.user_id, vote.choice) for vote in store.votes()] == [(bob.id, unswap("b", bobs.swapped))]
 
 
+
+def test_a_simulated_labellers_queue_expires_only_its_own_labellers_items(store_url):
+    """The app's timeout is its own setting: another process's queue (simulated or AI labellers, built with the
+    default timeout) leaves a person's open item alone."""
+    store = Store(store_url)
+    add_comparisons(store, 2)
+    person, sim = labellers(store, 2)
+    app = LabelQueue(store, overlap=1, gold_rate=0.0, timeout_minutes=120)
+    item = app.next_item(person)
+    with store.transaction() as session:
+        session.execute(update(Assignment).values(created_at=utcnow() - timedelta(minutes=45)))
+    simulated = LabelQueue(store, overlap=1, gold_rate=0.0, expires_others=False)  # 30 minutes
+    assert simulated.next_item(sim).comparison_id != item.comparison_id
+    app.vote(person, item.comparison_id, "a")  # still theirs
+    with store.transaction() as session:
+        session.execute(update(Assignment).values(created_at=utcnow() - timedelta(minutes=45)))
+    simulated.last_release = float("-inf")
+    simulated.next_item(sim)  # its own labeller's stale item: expired
+    with store.transaction() as session:
+        states = dict(session.execute(select(Assignment.user_id, Assignment.status)).all())
+    assert states == {person.id: "voted", sim.id: "expired"}
+
+
 def test_gold_items_are_mixed_in_for_everyone_and_never_use_up_the_overlap(store_url):
     store = Store(store_url)
     add_comparisons(store, 40, batch="b1")
