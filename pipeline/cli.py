@@ -325,7 +325,9 @@ def run_label_with_config(args, rest) -> int:
     from preference_ui.app import check_host, serve
 
     check_host(args.host, auth=not args.no_auth)
-    serve(Store(config.db or None, create=False), config, args.host, args.port, auth=not args.no_auth,
+    store = Store(config.db or None, create=False)
+    store.check_batch(args.batch)  # a mistyped batch would hand out only gold items, using them up
+    serve(store, config, args.host, args.port, auth=not args.no_auth,
           local_user=args.user, batch=args.batch, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
           export_root=Path(run.output_root) / "exports")
     return 0

@@ -190,8 +190,9 @@ def check_same_draw(store: Store, batch: str, drawn_from: str) -> None:
     batch name holds the key already; round 1's is the run name.) Batches from before the key was stored pass."""
     stored = store.batch_drawn_from(batch)
     if stored is not None and stored != drawn_from:
-        raise UserError(f"batch '{batch}' in {store.url} holds answers drawn from another model, prompts or sampling "
-                        f"settings (key {stored}, now {drawn_from}): label a new batch with --preferences.batch NAME")
+        raise UserError(f"batch '{batch}' in {shown_url(store.url)} holds answers drawn from another model, prompts "
+                        f"or sampling settings (key {stored}, now {drawn_from}): label a new batch with "
+                        "--preferences.batch NAME")
 
 
 def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> None:
@@ -204,7 +205,7 @@ def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> 
             return
         if done != shown:
             print(f"[{STAGE}] waiting for labellers: {done}/{len(counts)} comparisons have {config.min_votes} "
-                  f"vote(s). Serve them with `rlhf label --db {store.url} serve --batch {batch}` (default "
+                  f"vote(s). Serve them with `rlhf label --db {shown_url(store.url)} serve --batch {batch}` (default "
                   "http://127.0.0.1:7860)", flush=True)
             shown = done
         time.sleep(config.poll_seconds)

@@ -276,6 +276,8 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     assert cli(["label", "--db", db, "serve", "--ssl-keyfile", str(key), "--ssl-certfile",
                 str(tmp_path / "no.pem")]) == 2
     assert f"{tmp_path / 'no.pem'}: no such file" in capsys.readouterr().err
+    assert cli(["label", "--db", db, "serve", "--batch", "typo"]) == 2  # would hand out gold items only
+    assert "no batch 'typo' in" in capsys.readouterr().err
 
 
 def test_every_label_command_given_a_run_config_uses_that_runs_own_store(tmp_path, monkeypatch, capsys,
