@@ -57,8 +57,11 @@ class Labels:
 
 
 def load_labels(store: Store) -> Labels:
-    return Labels({c["id"]: c for c in store.comparisons()}, store.votes(),
-                  {user.id: user.name for user in store.users()}, store.rankings())
+    """Votes and rankings first, then the comparisons and users they refer to: labelling goes on between the reads,
+    and a comparison or user never goes away, so every vote read finds its comparison and labeller."""
+    votes, rankings = store.votes(), store.rankings()
+    return Labels({c["id"]: c for c in store.comparisons()}, votes, {user.id: user.name for user in store.users()},
+                  rankings)
 
 
 def stats(store: Store, batch: str | None = None) -> dict:
