@@ -290,6 +290,9 @@ def check_ai_labeller(args) -> None:
 
     if not 0 <= args.tie_margin < 0.5:
         raise UserError(f"--tie-margin is a gap in probability from one half: 0 to below 0.5, got {args.tie_margin}")
+    if args.overlap < 1 or not 0 <= args.gold_rate <= 1:
+        raise UserError(f"--overlap must be at least 1 and --gold-rate between 0 and 1, got {args.overlap} and "
+                        f"{args.gold_rate}")
     check_ai_inputs(args.model, args.constitution)
 
 

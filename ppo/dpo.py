@@ -377,7 +377,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
     staged = partial / "final"
     trainer.save_model(str(staged))
     accuracy = metrics.get("eval_rewards_accuracies")
-    summary = (f"{len(trainer.train_dataset)} training pairs from {config.pairs}, train loss {metrics['train_loss']:.4f}, "
+    summary = (f"{metrics['train_pairs']} training pairs from {config.pairs}, train loss {metrics['train_loss']:.4f}, "
                f"held-out implicit-reward accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}")
     if config.process_index != 0:
         return Outcome(metrics, None, partial, train_seconds, summary)

@@ -13,7 +13,6 @@ summed P(better) against the others (a Borda count in probabilities), ranked by 
 `tie_margin` apart tied.
 """
 import itertools
-import secrets
 from pathlib import Path
 
 import torch
@@ -89,10 +88,9 @@ def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CON
     """The AI labeller takes items from the queue until it has none left for it, and votes on (or ranks) each.
     Returns the count of each choice (as stored), and of rankings where there were any."""
     constitution = Path(constitution_path).read_text()
+    user = store.machine_labeller(f"ai/{Path(models.resolve(model_spec)).name}")
     model, tokenizer = models.load_causal_lm(model_spec)
     model.eval()
-    name = f"ai/{Path(models.resolve(model_spec)).name}"
-    user = store.user(name) or store.add_user(name, "labeller", secrets.token_hex(16))
     queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed, expires_others=False)
     counts = {choice: 0 for choice in VOTE_CHOICES}
     while (item := queue.next_item(user)) is not None:

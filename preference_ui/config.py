@@ -108,8 +108,8 @@ class PreferencesStageConfig:
                              f"{self.responses_per_prompt}) and queues them all (select: all, got {self.select})")
         if self.round_policy not in ("ppo", "dpo"):
             raise ValueError(f"round_policy must be ppo or dpo, got '{self.round_policy}'")
-        if self.round_prompts < 0 or self.round_budget < 0:
-            raise ValueError("round_prompts and round_budget must be 0 or more")
+        if self.round_prompts < 0 or self.round_budget < 0 or self.num_prompts < 0 or self.select_count < 0:
+            raise ValueError("num_prompts, select_count, round_prompts and round_budget must be 0 or more")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be above 0 for sampling, got {self.temperature}")
         if self.overlap < 1:

@@ -13,7 +13,6 @@ uniformly random order.
 """
 import math
 import random
-import secrets
 from dataclasses import dataclass
 
 from rlhf.errors import UserError
@@ -102,8 +101,7 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
     ranking items were handed out)."""
     judge = voting_judge(judge_spec)
     name = judge_spec.removeprefix("builtin:")
-    users = [store.user(f"sim/{name}/{i}") or store.add_user(f"sim/{name}/{i}", "labeller", secrets.token_hex(16))
-             for i in range(labellers)]
+    users = [store.machine_labeller(f"sim/{name}/{i}") for i in range(labellers)]
     queue = LabelQueue(store, overlap or labellers, gold_rate, batch, seed=seed, expires_others=False)
     counts = {choice: 0 for choice in VOTE_CHOICES} | {"skipped": 0}
     waiting = list(enumerate(users))

@@ -669,6 +669,14 @@ class Store:
         with self.sessions() as session:
             return session.scalar(select(User).where(User.name == name))
 
+    def machine_labeller(self, name: str) -> User:
+        """A simulated or AI labeller's account, made on first use; one an admin has disabled votes no more."""
+        user = self.user(name)
+        if user is not None and user.disabled:
+            raise StoreError(f"labeller '{name}' is disabled in {shown_url(self.url)}: `rlhf label users enable "
+                             f"{name}` lets it vote again")
+        return user or self.add_user(name, "labeller", secrets.token_hex(16))
+
     def session(self) -> Session:
         return self.sessions()
 

@@ -55,10 +55,19 @@ def test_label_ai_command_votes_and_refuses_a_missing_constitution_before_the_st
     assert "no constitution at" in capsys.readouterr().err and (tmp_path / "labels.db").read_bytes() == before
     assert cli(["label", "ai", "--db", url, "--model", "tiny-llama", "--tie-margin", "0.7"]) == 2
     assert "--tie-margin is a gap in probability" in capsys.readouterr().err
+    assert cli(["label", "ai", "--db", url, "--model", "tiny-llama", "--overlap", "0"]) == 2  # it would vote gold only
+    assert "--overlap must be at least 1" in capsys.readouterr().err
+    assert cli(["label", "ai", "--db", url, "--model", "tiny-llama", "--gold-rate", "1.5"]) == 2
+    assert (tmp_path / "labels.db").read_bytes() == before
     assert cli(["label", "ai", "--db", url, "--model", "tiny-llama", "--batch", "b1"]) == 0
     printed = dict(part.split("=") for part in capsys.readouterr().out.split())
     assert sorted(printed) == ["a", "b", "both_bad", "tie"] and sum(map(int, printed.values())) == 1
     assert len(store.votes()) == 1 and store.votes()[0].user_id == store.user("ai/tiny-llama").id
+    store.set_disabled("ai/tiny-llama", True)  # an admin stopped it: it votes no more
+    store.add_comparison(store.add_response(prompt, "Red.", "m", {}), store.add_response(prompt, "Tan.", "m", {}),
+                         batch="b1")
+    assert cli(["label", "ai", "--db", url, "--model", "tiny-llama", "--batch", "b1"]) == 2
+    assert "labeller 'ai/tiny-llama' is disabled" in capsys.readouterr().err and len(store.votes()) == 1
 
 
 def test_the_ai_labeller_benchmark_runs_on_the_tiny_model(tmp_path, capsys):

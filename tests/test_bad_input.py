@@ -148,6 +148,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
          "preferences: min_votes (4) is more than overlap (3)"),  # people voting: the wait would never end
         (["preferences", f"--preferences.model={model}", "--preferences.db=postgres//typo"],
          "label store 'postgres//typo': not a database URL"),  # was a traceback, and a manifest entry and locks
+        (["preferences", f"--preferences.model={model}", "--preferences.select_count=-5"],
+         "num_prompts, select_count, round_prompts and round_budget must be 0 or more"),  # kept all but 5
     ]
     for words, message in cases:
         assert cli([*words, *common]) == 2, words
