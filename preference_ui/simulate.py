@@ -123,7 +123,8 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
                 counts["ranked"] = counts.get("ranked", 0) + 1
                 continue
             left, right = judged(judge, prompt, [item.left, item.right])
-            choice, strength = decide(left, right, model, rng)
-            queue.vote(user, item.comparison_id, choice, strength)
-            counts[unswap(choice, item.swapped)] += 1
+            # decided in the comparison's own a/b order: the side the queue happened to show A on changes nothing
+            choice, strength = decide(*((right, left) if item.swapped else (left, right)), model, rng)
+            queue.vote(user, item.comparison_id, unswap(choice, item.swapped), strength)  # (its own inverse)
+            counts[choice] += 1
     return counts
