@@ -29,7 +29,7 @@ from rlhf.generation import answer_prompts
 from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
-from rlhf.store import Store, StoreError, run_store_url
+from rlhf.store import Store, StoreError, check_prompt_widths, run_store_url
 from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, starting_model
 from rlhf.verifiable import check_references, judge_scores, probe_judge
 
@@ -97,12 +97,14 @@ def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[di
 
 def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: list[dict]) -> None:
     """The label store must not hold these prompts' ids with other text (`--eval.human` files the blind
-    comparisons under them)."""
+    comparisons under them), nor can they be wider than its columns."""
+    categories = [p.get("category") or "eval" for p in prompts]
+    check_prompt_widths([p["id"] for p in prompts], categories, config.prompts)
     try:
         store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
     except StoreError:
         return  # no label store yet
-    store.check_prompt_ids({p["id"]: p["prompt"] for p in prompts}, config.prompts)
+    store.check_prompt_ids({p["id"]: p["prompt"] for p in prompts}, config.prompts, categories)
 
 
 def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:

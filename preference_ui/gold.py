@@ -26,7 +26,8 @@ def import_gold(store: Store, source: str, batch: str = "gold", rows: list[dict]
             return {"batch": batch, "items": len(existing), "unchanged": True}
         raise UserError(f"batch '{batch}' already holds different comparisons; import {source} under another "
                         "--batch")
-    store.check_prompt_ids({f"{batch}/{row['id']}": row["prompt"] for row in rows}, source)
+    store.check_prompt_ids({f"{batch}/{row['id']}": row["prompt"] for row in rows}, source,
+                           [row["category"] for row in rows])
     pairs = []
     for row in rows:
         prompt = store.add_prompt(f"{batch}/{row['id']}", row["category"], row["prompt"])

@@ -19,7 +19,7 @@ from rlhf.errors import MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from rlhf.stage import published_model
-from rlhf.store import Store
+from rlhf.store import Store, check_prompt_widths
 from preference_ui.config import PreferencesStageConfig
 
 
@@ -40,6 +40,7 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
     it when a rerun finds its batch)."""
     prompts = load_rows(config.prompts, "prompt") if prompts is None else prompts
     prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
+    check_prompt_widths([row["id"] for row in prompts], [row["category"] for row in prompts], config.prompts)
     spec, batch = model_spec(config, run), config.batch or run.name
     scorer = (published_model(run.directory(), "reward", "reward model", config.reward_model,
                               "--reward-model DIR") if config.select == "uncertain" else None)
@@ -48,7 +49,8 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
         print(f"[label sample] created the label store {store.url}")
     if store.comparisons(batch):
         raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --preferences.batch")
-    store.check_prompt_ids({row["id"]: row["prompt"] for row in prompts}, config.prompts)
+    store.check_prompt_ids({row["id"]: row["prompt"] for row in prompts}, config.prompts,
+                           [row["category"] for row in prompts])
     answers = sample_answers(config, store, prompts, spec, drawn_from)
     rng = random.Random(config.seed)
     if config.feedback == "ranking":

@@ -55,6 +55,9 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+PROMPT_ID_WIDTH, CATEGORY_WIDTH, USER_NAME_WIDTH = 128, 64, 128  # characters
+
+
 class StoreError(UserError):
     """A store that cannot be opened or a request it refuses."""
 
@@ -77,7 +80,7 @@ class User(Base):
     __tablename__ = "users"
     __table_args__ = (CheckConstraint(f"role IN ({quoted(ROLES)})", name="user_role"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(USER_NAME_WIDTH), unique=True)
     role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str] = mapped_column(String(256))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -87,8 +90,8 @@ class User(Base):
 class Prompt(Base):
     __tablename__ = "prompts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    external_id: Mapped[str] = mapped_column(String(128), unique=True)
-    category: Mapped[str] = mapped_column(String(64))
+    external_id: Mapped[str] = mapped_column(String(PROMPT_ID_WIDTH), unique=True)
+    category: Mapped[str] = mapped_column(String(CATEGORY_WIDTH))
     messages: Mapped[list] = mapped_column(JSON)
 
 
@@ -285,11 +288,22 @@ def shown_url(url: str) -> str:
         return url
 
 
+def check_prompt_widths(ids, categories, source) -> None:
+    """Prompt ids and categories the store's columns can hold (PostgreSQL enforces the widths; SQLite does not)."""
+    for field, values, width in (("id", ids, PROMPT_ID_WIDTH), ("category", categories, CATEGORY_WIDTH)):
+        for value in values:
+            if len(value) > width:
+                raise DataError(source, None, field, f"'{value[:40]}...' is {len(value)} characters, more than the "
+                                                     f"label store holds ({width})")
+
+
 def check_new_user(name: str, role: str, password: str) -> None:
     if role not in ROLES:
         raise StoreError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
     if not name.strip() or len(password) < 8:
         raise StoreError("a user needs a name and a password of at least 8 characters")
+    if len(name) > USER_NAME_WIDTH:
+        raise StoreError(f"a user name holds at most {USER_NAME_WIDTH} characters, got {len(name)}")
 
 
 def run_store_url(output_root, run_name: str, url: str | None = None) -> str:
@@ -465,9 +479,11 @@ class Store:
                 raise StoreError(f"prompt id '{external_id}' is in the label store with other text")
         return prompt
 
-    def check_prompt_ids(self, prompts: dict[str, list[dict]], source) -> None:
-        """Refuses, before anything is stored, prompts ({id: messages}) whose ids the store holds with other text:
-        a DataError naming `source`, the file they come from."""
+    def check_prompt_ids(self, prompts: dict[str, list[dict]], source, categories: list[str] = ()) -> None:
+        """Refuses, before anything is stored, prompts ({id: messages}) whose ids the store holds with other text,
+        or ids and `categories` wider than the store's columns (PostgreSQL enforces the widths): a DataError naming
+        `source`, the file they come from."""
+        check_prompt_widths(prompts, categories, source)
         with self.sessions() as session:
             stored = session.execute(select(Prompt.external_id, Prompt.messages)
                                      .where(Prompt.external_id.in_(list(prompts))))

@@ -102,7 +102,15 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
     before = tree_digest(root)
     common = ["--config", "configs/tiny.yaml", f"--run.output_root={root}", "--run.tracking=none"]
     model = str(tiny_model_path)
+    wide = tmp_path / "wide.jsonl"  # wider than the label store's columns (PostgreSQL would refuse it mid-stage)
+    wide.write_text(json.dumps({"id": "p" * 200, "prompt": "Hi?"}) + "\n")
+    wide_category = tmp_path / "wide_category.jsonl"
+    wide_category.write_text(json.dumps({"id": "p1", "prompt": "Hi?", "category": "c" * 65}) + "\n")
     cases = [
+        (["preferences", f"--preferences.model={model}", f"--preferences.prompts={wide}"],
+         f"{wide}: id: '{'p' * 40}...' is 200 characters, more than the label store holds (128)"),
+        (["label", "sample", f"--preferences.model={model}", f"--preferences.prompts={wide_category}"],
+         f"{wide_category}: category: '{'c' * 40}...' is 65 characters"),
         (["dpo", f"--dpo.model={model}", f"--dpo.preferences={bad_files['pairs']}"],
          f"{bad_files['pairs']}:2: rejected: is the same answer as 'chosen'"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",

@@ -257,6 +257,9 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     assert "password of at least 8 characters" in capsys.readouterr().err
     assert not (tmp_path / "labels.db").exists()  # refused before a store was made for the user
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\n"))
+    assert cli(["label", "--db", db, "users", "add", "a" * 129]) == 2  # wider than the store's column
+    assert "a user name holds at most 128 characters" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\n"))
     assert cli(["label", "--db", db, "users", "add", "ann", "--role", "admin"]) == 0
     assert cli(["label", "--db", db, "users", "disable", "ann"]) == 0
     assert cli(["label", "--db", db, "users", "list"]) == 0
