@@ -125,6 +125,12 @@ class PPOStageConfig:
                              f"{self.gradient_accumulation_steps})")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be above 0, got {self.target_kl}")
+        if self.target_kl is not None and self.horizon < self.batch_size:
+            raise ValueError(f"horizon ({self.horizon}) must be at least batch_size ({self.batch_size}): the "
+                             "controller moves kl_coef by up to 20% x batch_size / horizon an update, and past 100% "
+                             "it would turn the KL penalty into a bonus")
+        if self.logging_steps < 1:
+            raise ValueError(f"logging_steps must be at least 1, got {self.logging_steps}")
         if self.kl_coef < 0 or (self.target_kl is not None and self.kl_coef == 0):
             raise ValueError(f"kl_coef must be 0 or more, and above 0 with target_kl (the controller scales it: from "
                              f"0 it stays 0), got {self.kl_coef}")

@@ -137,6 +137,10 @@ def test_ppo_config_refuses_inconsistent_settings():
         PPOStageConfig(kl_coef=0.0, target_kl=6.0)
     with pytest.raises(ValueError, match="kl_coef must be 0 or more"):
         PPOStageConfig(kl_coef=-0.1)
+    with pytest.raises(ValueError, match=r"horizon \(4\) must be at least batch_size \(8\)"):
+        PPOStageConfig(batch_size=8, target_kl=6.0, horizon=4)  # kl_coef 0.05 -> -0.03 after one update at KL 0
+    with pytest.raises(ValueError, match="logging_steps must be at least 1"):
+        PPOStageConfig(logging_steps=0)
     with pytest.raises(ValueError, match="whiten_rewards whitens PPO's per-token rewards before GAE; grpo"):
         PPOStageConfig(algorithm="grpo", whiten_rewards=True)
     with pytest.raises(ValueError, match="algorithm must be one of ppo, grpo, rloo, reinforce_pp"):
