@@ -173,8 +173,10 @@ def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """GRPO's KL term, added to the loss rather than to the reward (Shao et al. 2024, equation 4): the k3 estimate
-    of KL(policy || reference) averaged over the response tokens; its gradient goes through `logprobs`."""
-    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
+    of KL(policy || reference) averaged over the response tokens; its gradient goes through `logprobs`. Padding is
+    left out before the estimate: exp of a padded position's log-ratio can overflow, and inf x 0 is NaN."""
+    live = mask.bool()
+    return masked_mean(kl_estimate(logprobs.where(live, 0.0), ref_logprobs.where(live, 0.0), "k3"), mask)
 
 
 # --- losses -------------------------------------------------------------------------------------------------------

@@ -280,6 +280,12 @@ def test_grpo_kl_loss_is_the_k3_mean_and_pulls_the_policy_towards_the_reference(
     # reference: a step against the gradient lowers that log-prob
     assert logprobs.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 2, rel=1e-6)
     assert logprobs.grad[0, 1] == 0 and logprobs.grad[0, 2] == 0
+    # a padded position whose log-probs are far apart (the reference's zeroed, the policy's not): exp overflows
+    # there, and the loss and its gradient stay finite
+    far = torch.tensor([[-1.0, -95.0]], requires_grad=True)
+    loss = kl_loss(far, torch.tensor([[-1.5, 0.0]]), torch.tensor([[1, 0]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(math.exp(-0.5) - 0.5, rel=1e-6) and torch.isfinite(far.grad).all()
 
 
 def test_each_answer_has_its_own_sampling_seed_within_64_bits():
