@@ -298,7 +298,8 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         record_eval(state, state.eval_before, 0.0 if run.round == 1 else None)
         tracker.log(state.eval_before, step=0)
     started = time.time()
-    printed = set()  # the checks whose alert this process has printed
+    # the checks whose alert was printed: those that fired before (a resumed run does not print them again)
+    printed = {check for metrics in state.history for check in health_alerts(metrics, config)}
     while state.update < config.num_updates:
         state.update += 1
         metrics, samples = one_update(accelerator, state, policy, reference, critic, optimizer, tokenizer, scorer,
@@ -313,8 +314,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
             overoptimised = record_eval(state, result)
             if overoptimised:
                 alerts[OVEROPTIMISATION] = overoptimised
-        if alerts:
-            warn(tracker, state.update, alerts, printed, accelerator.is_main_process)
+        warn(tracker, state.update, alerts, printed, accelerator.is_main_process)  # logs the count, 0 included
         if alerts and config.stop_on_alert:
             save_checkpoint(accelerator, partial, state, shards(sharded, policy, critic, optimizer))
             raise StoppedOnAlert(f"ppo stopped at update {state.update} (--ppo.stop_on_alert): "

@@ -41,6 +41,8 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
     resumed = subprocess.run(command + ["--ppo.resume=true"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
+    # the stop-token alert fired before the kill (8 tokens are too few for the tiny model): not printed again
+    assert "ALERT at update" not in resumed.stdout and "stop token in" in resumed.stdout
     assert cli(ppo_args(tmp_path, tiny_model_path, "whole", *run)) == 0
 
     killed, whole = stage_entry(tmp_path, "killed")["metrics"], stage_entry(tmp_path, "whole")["metrics"]
@@ -80,6 +82,32 @@ def test_stop_on_alert_stops_with_a_checkpoint(tmp_path, tiny_model_path, capsys
     assert "ALERT at update 1" in out.out and "emit the stop token" in out.out + out.err
     assert stage_entry(tmp_path, "alert")["status"] == "failed"
     assert (tmp_path / "runs" / "alert" / ".ppo.partial" / "checkpoint-1" / "trainer_state.json").exists()
+
+
+class RecordingBackend:
+    """A tracker backend that keeps what is logged."""
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, metrics: dict, step=None) -> None:
+        self.logged.append((step, metrics))
+
+    def ignore(self, *args) -> None:
+        pass
+
+    log_table = log_images = log_artifact = use_artifact = finish = ignore
+
+
+def test_the_alert_count_is_logged_at_every_update_clean_ones_as_0(tmp_path, tiny_model_path, monkeypatch):
+    from rlhf import tracking
+
+    backend = RecordingBackend()
+    monkeypatch.setattr(tracking, "start", lambda *args, **kwargs: tracking.Tracker([backend]))
+    monkeypatch.setattr("ppo.trainer.health_alerts", lambda metrics, config: {})  # every update clean
+    assert cli(ppo_args(tmp_path, tiny_model_path, "clean", "--ppo.total_episodes=12", "--ppo.batch_size=4")) == 0
+    counts = [(step, metrics["health/alerts"]) for step, metrics in backend.logged if "health/alerts" in metrics]
+    assert counts == [(1, 0), (2, 0), (3, 0)]
 
 
 def recording_vowel_share(prompts: list[str], responses: list[str]) -> list[float]:
