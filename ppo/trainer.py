@@ -470,7 +470,8 @@ def print_alert_counts(history: list[dict], config: PPOStageConfig) -> None:
 @torch.no_grad()
 def evaluate(accelerator, policy, tokenizer, checked: CheckedInputs, scorer, config: PPOStageConfig) -> dict:
     """Greedy answers to the eval prompts (on the main process, its result shared with every process), scored
-    like training and by the judge (with the judge's standard error over the prompts)."""
+    like training (without missing_eos_penalty, a training signal) and by the judge (with the judge's standard
+    error over the prompts)."""
     result = {}
     eval_prompts, judge, references = checked.eval_prompts, checked.judge, checked.eval_references
     with whole_policy(policy, accelerator) as model:  # sharded, every process gathers; the main process answers
@@ -494,8 +495,9 @@ def summed_over_processes(accelerator):
 
 
 def record_eval(state: LoopState, result: dict, kl_before: float | None = 0.0) -> str | None:
-    """Adds an eval point at the KL of the latest update (before training, `kl_before`: 0 in round 1, unknown in a
-    later round, whose policy has moved from the reference already); the over-optimisation alert, if due."""
+    """Adds an eval point at the KL of the latest update's rollout, sampled just before its optimiser step (so one
+    step behind the policy evaluated; before training, `kl_before`: 0 in round 1, unknown in a later round, whose
+    policy has moved from the reference already); the over-optimisation alert, if due."""
     kl = state.history[-1]["objective/kl"] if state.history else kl_before
     state.evals.append({"update": state.update, "kl": kl, **result})
     return overoptimisation_alert(state.evals)
