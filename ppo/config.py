@@ -2,6 +2,7 @@
 former `PPOConfig` (and so its dashboards and papers) wherever a name existed there. Defaults are sized for the
 bundled SmolLM2-135M on a CPU; every default is explained beside it.
 """
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -49,7 +50,7 @@ class PPOStageConfig:
     # rollout
     total_episodes: int = field(default=256, metadata={
         "help": "Answers sampled over the whole run (PPO: one a prompt; the group methods: num_generations a "
-                "prompt)."})
+                "prompt), rounded up to whole batches."})
     batch_size: int = field(default=8, metadata={"help": "Episodes per rollout (one PPO update each)."})
     response_length: int = field(default=32, metadata={"help": "Longest response, in tokens."})
     temperature: float = field(default=0.7, metadata={
@@ -165,4 +166,5 @@ class PPOStageConfig:
 
     @property
     def num_updates(self) -> int:
-        return max(1, self.total_episodes // self.batch_size)
+        """Rounded up, as TRL does: every episode asked for is trained on (the last batch is a whole one)."""
+        return max(1, math.ceil(self.total_episodes / self.batch_size))

@@ -127,6 +127,7 @@ def test_ppo_config_refuses_inconsistent_settings():
     from ppo.config import PPOStageConfig
 
     assert PPOStageConfig(total_episodes=64, batch_size=8).num_updates == 8
+    assert PPOStageConfig(total_episodes=20, batch_size=8).num_updates == 3  # rounded up, as TRL does
     with pytest.raises(ValueError, match="kl_estimator"):
         PPOStageConfig(kl_estimator="k2")
     with pytest.raises(ValueError, match="must divide"):
