@@ -91,6 +91,12 @@ def progress_html(user: User, progress: dict) -> str:
     return f'<div>{html.escape(line)}</div><progress value="{done}" max="{max(done + left, 1)}"></progress>'
 
 
+def opaque(refused: StoreError, state: dict) -> str:
+    """The store's refusal as a labeller may read it: the item by its label, not its database id (gold items are
+    stored first: a low id would give them away)."""
+    return str(refused).replace(f"comparison {state['comparison_id']}", f"item {state['label']}")
+
+
 class LabellingApp:
     """The handlers behind the Blocks; each one resolves the signed-in user from the request."""
 
@@ -129,12 +135,25 @@ class LabellingApp:
             done = "Your queue is empty: every item has its votes. Thank you!"
             return (None, "### Nothing left to label", "", "", "", progress, f"{message} {done}".strip(),
                     DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS,
-                    *self.panels(None, before))
+                    *self.panels(None, before), "")
         state = {"comparison_id": item.comparison_id, "label": self.store.item_label(item.comparison_id),
-                 "shown_at": time.time(), "answers": len(item.answers)}
+                 "shown_at": time.time(), "answers": len(item.answers), "user_id": user.id}
         return (state, f"### Item {state['label']}", conversation_html(item.prompt),
                 shown_html(item.left), shown_html(item.right), progress, message, DEFAULT_STRENGTH,
-                *[gr.Button(interactive=True)] * ANSWER_BUTTONS, *self.panels(item, before))
+                *[gr.Button(interactive=True)] * ANSWER_BUTTONS, *self.panels(item, before), state["label"])
+
+    def not_on_the_page(self, user: User, state: dict, page_label: str) -> tuple | None:
+        """The next item shown instead of counting an answer the page did not give to `state`'s item: a second key
+        pressed before the page showed the item it answers (the page still held the item before, `page_label`;
+        empty from API callers, who do not say), or an item shown to another account (another tab signed in as
+        someone else since: its side swap and answer order are that account's)."""
+        if state.get("user_id") != user.id:
+            return self.show(user, f"Not counted: this page showed another account's item; you are signed in as "
+                                   f"{user.name}. Here is your next item.")
+        if page_label and page_label != state["label"]:
+            return self.show(user, f"Not counted: item {state['label']} was not on the page yet when you answered. "
+                                   "Here it is.", state)
+        return None
 
     @staticmethod
     def panels(item: Item | None, before: dict | None) -> tuple:
@@ -153,10 +172,13 @@ class LabellingApp:
         return self.show(self.user(request))
 
     def answer(self, choice: str):
-        def handler(strength: str, note: str, written: str, state: dict | None, request: gr.Request):
+        def handler(strength: str, note: str, written: str, page_label: str, state: dict | None,
+                    request: gr.Request):
             user = self.user(request)
             if not state:
                 return self.show(user, "Nothing was shown to answer; here is your next item.")
+            if refused := self.not_on_the_page(user, state, page_label):
+                return refused
             if note and len(note) > MAX_NOTE_CHARS:
                 raise gr.Error(f"the note is {len(note)} characters; the limit is {MAX_NOTE_CHARS}")
             try:
@@ -167,16 +189,18 @@ class LabellingApp:
                 return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (already "
                                        "voted, skipped or timed out). Here is your next item.", state)
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
-                raise gr.Error(str(refused)) from None
+                raise gr.Error(opaque(refused, state)) from None
             return self.show(user, f"Saved your vote on item {state['label']}.", state)
         handler.__name__ = f"vote_{choice}"
         return handler
 
-    def rank(self, order: str, note: str, state: dict | None, request: gr.Request):
+    def rank(self, order: str, note: str, page_label: str, state: dict | None, request: gr.Request):
         """The ranking typed or clicked as an order of the answers shown, best first."""
         user = self.user(request)
         if not state or not state.get("answers"):
             return self.show(user, "Nothing was shown to rank; here is your next item.")
+        if refused := self.not_on_the_page(user, state, page_label):
+            return refused
         try:
             ranks = ranks_from_order(order or "", state["answers"])
         except ValueError as problem:
@@ -188,11 +212,13 @@ class LabellingApp:
             return self.show(user, f"Not counted: item {state['label']} is no longer yours to rank (already "
                                    "ranked, skipped or timed out). Here is your next item.", state)
         except StoreError as refused:
-            raise gr.Error(str(refused)) from None
+            raise gr.Error(opaque(refused, state)) from None
         return self.show(user, f"Saved your ranking of item {state['label']}.", state)
 
-    def skip(self, state: dict | None, request: gr.Request):
+    def skip(self, page_label: str, state: dict | None, request: gr.Request):
         user = self.user(request)
+        if state and (refused := self.not_on_the_page(user, state, page_label)):
+            return refused
         if state:
             try:
                 self.queue.skip(user, state["comparison_id"])
@@ -365,24 +391,27 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
 
         # Labelling events are a few milliseconds of database work each: they skip Gradio's queue, whose
         # bookkeeping costs more than the work (bench/label_load.py).
+        # the label of the item on the page, sent with every answer: the server's state may already hold the next
+        page_label = gr.Textbox(visible=False, value="")
         shown = [state, title, prompt, left, right, progress, message, strength, *buttons.values(), skip,
-                 pair_panel, ranking_panel, *boxes, order, note, written]
+                 pair_panel, ranking_panel, *boxes, order, note, written, page_label]
         app.load(inline(handlers.load), None, [*shown, admin_tab], api_name="load", queue=False)
         app.load(None, js=SHORTCUTS_JS)
         plain_text.change(None, plain_text, None, js=PLAIN_TEXT_JS)
         for choice, button in buttons.items():
-            button.click(inline(handlers.answer(choice)), [strength, note, written, state], shown,
+            button.click(inline(handlers.answer(choice)), [strength, note, written, page_label, state], shown,
                          api_name=f"vote_{choice}", queue=False)
-        skip.click(inline(handlers.skip), [state], shown, api_name="skip", queue=False)
-        skip_ranking.click(inline(handlers.skip), [state], shown, api_name="skip_ranking", queue=False)
+        skip.click(inline(handlers.skip), [page_label, state], shown, api_name="skip", queue=False)
+        skip_ranking.click(inline(handlers.skip), [page_label, state], shown, api_name="skip_ranking", queue=False)
         for n, pick in enumerate(picks, start=1):
             pick.click(None, order, order, js=PICK_JS.replace("{n}", str(n)))
         tie_previous.click(None, order, order, js=TIE_JS)
         for button, side in ((edit_a, "response-a"), (edit_b, "response-b")):  # the answer as stored: its plain view
-            button.click(None, None, written, js=f"() => document.querySelector('#{side} .as-text').textContent")
+            button.click(None, None, written, js=f"() => document.querySelector('#{side} .as-text').dataset.raw")
         undo.click(None, order, order, js=UNDO_JS)
-        send.click(inline(handlers.rank), [order, note, state], shown, api_name="rank", queue=False)
-        order.submit(inline(handlers.rank), [order, note, state], shown, api_visibility="private", queue=False)
+        send.click(inline(handlers.rank), [order, note, page_label, state], shown, api_name="rank", queue=False)
+        order.submit(inline(handlers.rank), [order, note, page_label, state], shown, api_visibility="private",
+                     queue=False)
         gr.Button(visible=False).click(inline(handlers.next_item), None, shown, api_name="next_item", queue=False)
         refresh.click(handlers.admin_stats, None, [summary, batches, labellers], api_name="admin_stats").then(
             handlers.admin_users, None, accounts, api_name="admin_users")
@@ -432,7 +461,7 @@ def serve(store: Store, config: PreferencesStageConfig, host: str = "127.0.0.1",
     app.queue(default_concurrency_limit=config.concurrency)
     print(f"[label serve] {shown_url(store.url)} on http://{host}:{port}"
           f" ({'sign-in required' if auth else 'no sign-in, acting as ' + local_user})", flush=True)
-    app.launch(server_name=host, server_port=port, auth=guard.sign_in if auth else None, css=CSS, show_error=True,
+    app.launch(server_name=host, server_port=port, auth=guard.sign_in if auth else None, css=CSS, show_error=False,
                auth_message="Sign in with the account your admin made for you.", ssl_keyfile=ssl_keyfile,
                ssl_certfile=ssl_certfile, quiet=True, footer_links=[],
                max_threads=config.concurrency,

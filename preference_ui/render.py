@@ -39,9 +39,11 @@ def visible_controls(text: str) -> str:
 
 
 def views(text: str) -> str:
-    """The text as rendered markdown and as plain text (the page shows one)."""
-    text = visible_controls(text)
-    return f'<div class="as-markdown">{MARKDOWN.render(text)}</div><pre class="as-text">{html.escape(text)}</pre>'
+    """The text as rendered markdown and as plain text (the page shows one); the plain view keeps the text as
+    stored in `data-raw`, for "Start from A/B" to copy (its shown form names invisible characters)."""
+    shown = visible_controls(text)
+    return (f'<div class="as-markdown">{MARKDOWN.render(shown)}</div>'
+            f'<pre class="as-text" data-raw="{html.escape(text, quote=True)}">{html.escape(shown)}</pre>')
 
 
 def shown_html(text: str, css_class: str = "answer") -> str:

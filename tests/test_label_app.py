@@ -70,6 +70,39 @@ def test_two_tabs_of_one_labeller_show_the_same_item_and_count_one_vote(server):
     assert report["lost"] == 0 and report["duplicated"] == 0
 
 
+def test_an_answer_counts_only_for_the_item_on_its_page_and_for_the_account_it_was_shown_to(server, tmp_path):
+    """A second key pressed before the page shows the next item sends the label of the item before: not counted,
+    the item shown (with the browser's hidden page label; API callers may leave it empty). A page whose item was
+    shown to another account (signed in as someone else in another tab since) counts nothing either."""
+    from types import SimpleNamespace
+
+    from preference_ui.app import LabellingApp
+    from preference_ui.config import PreferencesStageConfig
+
+    tab = Client(server["url"], auth=(server["names"][3], PASSWORD), verbose=False, ssl_verify=False)
+    shown = item_label(tab.predict(api_name="/next_item")[0])
+    refused = tab.predict("clear", "", "", "00000000", api_name="/vote_a")  # the page still showed item 00000000
+    assert refused[5] == f"Not counted: item {shown} was not on the page yet when you answered. Here it is."
+    assert item_label(refused[0]) == shown and refused[-1] == shown  # the page's label now that item's
+    assert tab.predict("clear", "", "", shown, api_name="/vote_a")[5] == f"Saved your vote on item {shown}."
+    assert audit(server["db"], {server["names"][3]: [shown]})["lost"] == 0
+
+    store = Store(f"sqlite:///{tmp_path / 'accounts.db'}")
+    for name in ("ann", "bob"):
+        store.add_user(name, "labeller", PASSWORD)
+    prompt = store.add_prompt("p", "chat", [{"role": "user", "content": "Hi?"}])
+    store.add_comparison(store.add_response(prompt, "x", "m", {}), store.add_response(prompt, "y", "m", {}), batch="b")
+    handlers = LabellingApp(store, PreferencesStageConfig())
+    anns = handlers.show(store.user("ann"))[0]  # ann's page; bob signs in in another tab, the cookie is his now
+    after = handlers.answer("a")("clear", "", "", anns["label"], anns, SimpleNamespace(username="bob"))
+    assert after[6].startswith("Not counted: this page showed another account's item") and not store.votes()
+    # a refusal names the item by its label, never by its database id (gold items, stored first, have low ids)
+    [ranked] = store.add_ranking_items([[store.add_response(prompt, text, "m", {}) for text in "uvw"]], batch="b")
+    bobs = {**handlers.show(store.user("bob"))[0], "comparison_id": ranked.id, "label": "RANKED01"}
+    with pytest.raises(Exception, match="item RANKED01 is a ranking item: it takes a ranking, not a vote"):
+        handlers.answer("a")("clear", "", "", "RANKED01", bobs, SimpleNamespace(username="bob"))
+
+
 def test_wrong_passwords_and_anonymous_visitors_are_refused(server):
     with pytest.raises(ValueError, match="Could not login"):
         Client(server["url"], auth=(server["names"][0], "not-the-password"), verbose=False, ssl_verify=False)
