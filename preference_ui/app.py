@@ -45,7 +45,9 @@ SHORTCUTS_JS = """
   document.addEventListener("keydown", (event) => {
     const target = event.target;
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
-    if (target && (target.tagName === "TEXTAREA" || target.tagName === "INPUT" || target.isContentEditable)) return;
+    const typing = target && (target.tagName === "TEXTAREA" || target.isContentEditable ||
+                              (target.tagName === "INPUT" && !["radio", "checkbox", "button"].includes(target.type)));
+    if (typing) return;  // keys typed into a box; a strength picked with the mouse leaves the keys working
     const ranking = document.getElementById("send-ranking")?.offsetParent != null;
     const id = (ranking ? rankingKeys : pairKeys)[event.key.toLowerCase()];
     const button = id && document.getElementById(id);
@@ -124,13 +126,15 @@ class LabellingApp:
         """Outputs of every labelling event: state, item title, prompt, left, right, progress, message, the
         strength back at its default (a strength picked for one item must not carry over to the next), whether
         the five answer buttons are live (not once the queue is empty); then which panel shows (a pair's or a
-        ranking's), the ranking's answer boxes (as many shown as it has answers), and its order box, the note and
-        the written answer, emptied for the next item. (Emptied here, in the event's own outputs: an event chained
-        after it would hold the buttons, and a key pressed as the next item appears would be lost.) When the item
-        answered (`before`, its state) and the next are both pairs, the panels and the ranking's boxes are left as
-        they are: fewer outputs to apply, so the page is ready for the next key sooner."""
+        ranking's), the ranking's answer boxes and their pick buttons (as many shown as it has answers), and its
+        order box, the note and the written answer, emptied for the next item. (Emptied here, in the event's own
+        outputs: an event chained after it would hold the buttons, and a key pressed as the next item appears would
+        be lost.) Last, the item's label, which the page sends back with its answer. When the item answered
+        (`before`, its state) and the next are both pairs, the panels and the ranking's boxes are left as they are:
+        fewer outputs to apply, so the page is ready for the next key sooner."""
         item: Item | None = self.queue.next_item(user)
-        progress = progress_html(user, self.queue.progress(user))
+        counted = self.queue.progress(user)  # its remaining count may be seconds old: none once the queue says so
+        progress = progress_html(user, counted if item else {**counted, "remaining": 0})
         if item is None:
             done = "Your queue is empty: every item has its votes. Thank you!"
             return (None, "### Nothing left to label", "", "", "", progress, f"{message} {done}".strip(),
@@ -159,10 +163,11 @@ class LabellingApp:
     def panels(item: Item | None, before: dict | None) -> tuple:
         answers = item.answers if item else []
         if not answers and before is not None and not before.get("answers"):  # a pair after a pair
-            return (*[gr.skip()] * (2 + MAX_K), "", "", "")
+            return (*[gr.skip()] * (2 + 2 * MAX_K), "", "", "")
         return (gr.Column(visible=not answers), gr.Column(visible=bool(answers)),
                 *[gr.HTML(shown_html(answers[i]) if i < len(answers) else "", visible=i < len(answers))
-                  for i in range(MAX_K)], "", "", "")
+                  for i in range(MAX_K)],
+                *[gr.Button(visible=i < len(answers)) for i in range(MAX_K)], "", "", "")
 
     def load(self, request: gr.Request):
         user = self.user(request)
@@ -232,7 +237,8 @@ class LabellingApp:
         self.admin(request)
         labels = load_labels(self.store)
         report = summarise(labels, self.batch)
-        summary = (f"**{report['votes']} votes** on {report['voted']}/{report['comparisons']} comparisons · "
+        rankings = f" and {report['rankings']} rankings" if report["rankings"] else ""
+        summary = (f"**{report['votes']} votes{rankings}** on {report['voted']}/{report['comparisons']} comparisons · "
                    f"Krippendorff's alpha {fmt(report['krippendorff_alpha'])} · pairwise agreement "
                    f"{fmt(report['pairwise_agreement'])}")
         return summary, batch_rows(labels), labeller_rows(report)
@@ -366,9 +372,11 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
         with gr.Tab("Admin", visible=False) as admin_tab:
             refresh = gr.Button("Refresh statistics")
             summary = gr.Markdown()
-            batches = gr.Dataframe(headers=["batch", "comparisons", "voted", "votes", "alpha", "pairwise"],
+            batches = gr.Dataframe(headers=["batch", "comparisons", "voted", "votes and rankings", "alpha",
+                                            "pairwise"],
                                    label="Progress per batch", interactive=False)
-            labellers = gr.Dataframe(headers=["labeller", "votes", "s/vote", "gold votes", "gold accuracy"],
+            labellers = gr.Dataframe(headers=["labeller", "votes and rankings", "s each", "gold votes",
+                                              "gold accuracy"],
                                      label="Labellers (gold accuracy over every gold item)", interactive=False)
             with gr.Row():
                 export_name = gr.Textbox(label=f"Export folder name (under {export_root}/)")
@@ -394,7 +402,7 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
         # the label of the item on the page, sent with every answer: the server's state may already hold the next
         page_label = gr.Textbox(visible=False, value="")
         shown = [state, title, prompt, left, right, progress, message, strength, *buttons.values(), skip,
-                 pair_panel, ranking_panel, *boxes, order, note, written, page_label]
+                 pair_panel, ranking_panel, *boxes, *picks, order, note, written, page_label]
         app.load(inline(handlers.load), None, [*shown, admin_tab], api_name="load", queue=False)
         app.load(None, js=SHORTCUTS_JS)
         plain_text.change(None, plain_text, None, js=PLAIN_TEXT_JS)

@@ -149,17 +149,18 @@ def labeller_stats(votes: list, gold_correct: list[bool], with_others: float | N
 
 
 def batch_rows(labels: Labels) -> list[list]:
-    """One row per batch for the admin tab: [batch, comparisons, voted, votes, alpha, pairwise agreement]."""
+    """One row per batch for the admin tab: [batch, comparisons, voted, votes and rankings, alpha, pairwise
+    agreement] (a ranking counts one, as in the labellers' rows)."""
     rows = []
     for batch in sorted({c["batch"] for c in labels.comparisons.values()}):
         report = summarise(labels, batch)
-        rows.append([batch, report["comparisons"], report["voted"], report["votes"],
+        rows.append([batch, report["comparisons"], report["voted"], report["votes"] + report["rankings"],
                      rounded(report["krippendorff_alpha"]), rounded(report["pairwise_agreement"])])
     return rows
 
 
 def labeller_rows(report: dict) -> list[list]:
-    """[labeller, votes, mean seconds per vote, gold votes, gold accuracy] for the admin tab."""
+    """[labeller, votes and rankings, mean seconds per one, gold votes, gold accuracy] for the admin tab."""
     return [[name, row["votes"], rounded(row["mean_seconds"], 1), row["gold_votes"], rounded(row["gold_accuracy"])]
             for name, row in report["labellers"].items()]
 

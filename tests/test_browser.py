@@ -118,7 +118,8 @@ def store_with_pairs(tmp_path, labeller: str, pairs: list[tuple[str, str, str]])
 
 def test_a_strength_belongs_to_one_vote_and_never_to_a_tie(browser, tmp_path):
     """Slight for one item, then a tie with slight still picked, then A untouched: stored slight, none, clear (a
-    strength once stuck to every later vote, ties included)."""
+    strength once stuck to every later vote, ties included). The tie is voted by key right after the mouse picked
+    the strength: the keys work with the radio button focused."""
     store, db_url = store_with_pairs(tmp_path, "cat", [(f"Question {n}?", f"First answer {n}.",
                                                         f"Second answer {n}.") for n in range(3)])
     server = start_server(db_url, port := free_port(), overlap=1, log=tmp_path / "serve.log")
@@ -127,10 +128,13 @@ def test_a_strength_belongs_to_one_vote_and_never_to_a_tie(browser, tmp_path):
         sign_in(page, f"http://127.0.0.1:{port}/", "cat", "cat-password")
         page.wait_for_function(ITEM_SHOWN)
         strength = page.locator("#strength")
-        for votes, button, pick_slight in ((1, "#vote-a", True), (2, "#vote-tie", True), (3, "#vote-a", False)):
+        for votes, button, pick_slight in ((1, "#vote-a", True), (2, "3", True), (3, "#vote-a", False)):
             if pick_slight:
                 strength.get_by_label("slight").check()
-            page.click(button)
+            if button.startswith("#"):
+                page.click(button)
+            else:
+                page.keyboard.press(button)
             page.wait_for_function(f"document.querySelector('#progress').innerText.includes('cat: {votes} vote')")
             assert strength.get_by_label("clear").is_checked()  # back to the default for the next item
         page.close()
@@ -192,6 +196,7 @@ def test_a_labeller_ranks_four_answers_with_the_keyboard_ties_included(browser, 
             page.keyboard.press("1")
             page.wait_for_function("document.querySelector('#answer-1 .as-text')?.textContent.length > 0")
         assert page.locator("#pair-panel").is_hidden() and page.locator("#answer-5").is_hidden()
+        assert page.locator("#pick-4").is_visible() and page.locator("#pick-5").is_hidden()  # 4 answers, 4 picks
         # a pair's strength and written answer are not offered: a ranking would drop them
         assert page.locator("#strength").is_hidden() and page.locator("#write-answer").is_hidden()
         shown = [page.text_content(f"#answer-{n} .as-text") for n in range(1, 5)]

@@ -103,6 +103,21 @@ def test_an_answer_counts_only_for_the_item_on_its_page_and_for_the_account_it_w
         handlers.answer("a")("clear", "", "", "RANKED01", bobs, SimpleNamespace(username="bob"))
 
 
+def test_an_empty_queue_shows_nothing_left_even_while_the_remaining_count_is_seconds_old(tmp_path):
+    from preference_ui.app import LabellingApp
+    from preference_ui.config import PreferencesStageConfig
+
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    ann, bob = (store.add_user(name, "labeller", PASSWORD) for name in ("ann", "bob"))
+    prompt = store.add_prompt("p", "chat", [{"role": "user", "content": "Hi?"}])
+    store.add_comparison(store.add_response(prompt, "x", "m", {}), store.add_response(prompt, "y", "m", {}), batch="b")
+    handlers = LabellingApp(store, PreferencesStageConfig(overlap=1))
+    assert handlers.queue.progress(bob)["remaining"] == 1  # counted now, kept for a few seconds
+    assert handlers.show(ann)[0] is not None  # ann takes the one slot
+    empty = handlers.show(bob)
+    assert empty[1] == "### Nothing left to label" and "bob: 0 votes · 0 left in your queue" in empty[5]
+
+
 def test_wrong_passwords_and_anonymous_visitors_are_refused(server):
     with pytest.raises(ValueError, match="Could not login"):
         Client(server["url"], auth=(server["names"][0], "not-the-password"), verbose=False, ssl_verify=False)

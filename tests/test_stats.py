@@ -1,6 +1,7 @@
 import pytest
 
-from preference_ui.stats import format_stats, krippendorff_alpha, pairwise_agreement, stats
+from preference_ui.stats import (batch_rows, format_stats, krippendorff_alpha, load_labels, pairwise_agreement,
+                                 stats)
 from rlhf.store import Store
 
 
@@ -98,6 +99,8 @@ def test_stats_cover_rankings_with_kendalls_tau(tmp_path):
     assert report["labellers"]["ann"]["votes"] == 2 and report["labellers"]["ann"]["mean_seconds"] == 6.0
     assert "rankings: 3; agreement: Kendall's tau-b 0.667 over 1 items ranked twice or more" in format_stats(report)
     assert "rankings" not in format_stats(stats(store, "none"))
+    # the admin tab's batch row counts a ranking as one, as the labellers' rows do: 1 vote and 3 rankings
+    assert batch_rows(load_labels(store)) == [["b1", 3, 3, 4, None, None]]
 
 
 def test_stats_command(tmp_path, capsys):
