@@ -30,7 +30,7 @@ from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
 from rlhf.store import Store, StoreError, check_prompt_widths, run_store_url
-from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, starting_model
+from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, start_partial, starting_model
 from rlhf.verifiable import check_references, judge_scores, probe_judge
 
 STAGE = "eval"
@@ -152,7 +152,8 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     # 4. the folder (results, answers, plots, report), published whole; the run's report beside the stages
     partial = run_dir.partial_path(STAGE)
     staged = partial / "final"
-    staged.mkdir(parents=True, exist_ok=True)
+    start_partial(STAGE, partial, resume=False)  # a killed attempt's files (plots this one may not draw) removed
+    staged.mkdir()
     atomic_write_json(staged / "results.json", {"prompts": len(prompts), "policies": results})
     atomic_write_text(staged / "answers.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     report = write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged})

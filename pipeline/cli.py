@@ -19,6 +19,7 @@ PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENO
 
 # commands that need no stage module: they start without importing torch and transformers
 LIGHT_COMMANDS = ("label", "models")
+STAGE_OF_A_RUN = "RLHF_STAGE_OF_A_RUN"  # set for the stages rlhf run starts, and so for their launchers' children
 TRL_FIELDS_NOTE = {
     "sft": "--sft.learning_rate, --sft.num_train_epochs, --sft.max_steps, --sft.per_device_train_batch_size, "
            "--sft.gradient_accumulation_steps, --sft.warmup_steps, --sft.lr_scheduler_type, --sft.seed",
@@ -407,6 +408,10 @@ def main(argv=None) -> int:
 
         parser = build_parser(STAGES)
     args, rest = parser.parse_known_args(argv)
+    if os.environ.get(STAGE_OF_A_RUN) and argv and argv[0] not in LIGHT_COMMANDS:
+        from pipeline.run import die_with_parent  # started by rlhf run, perhaps through a launcher: die with it
+
+        die_with_parent()
     setup_logging()
     try:
         return args.handler(args, rest)

@@ -25,17 +25,19 @@ With `--launcher accelerate` the training stages (sft, reward, ppo, dpo) start u
 `accelerate launch --config_file FILE`; the others run as one process.
 """
 import ctypes
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pipeline.cli import STAGE_OF_A_RUN
 from pipeline.stages import SECTIONS, STAGES
-from rlhf.config import hashed_settings, load_config, read_yaml
-from rlhf.errors import UserError
-from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record, stage_key,
-                        work_key)
+from rlhf.config import ROUND_SECTION, hashed_settings, load_config, read_yaml
+from rlhf.errors import ConfigError, UserError
+from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, atomic_write_text, hash_config, input_hashes,
+                        read_stage_record, stage_key, work_key)
 from rlhf.stage import last_complete_checkpoint, partial_work_key, refuse_fixed_reward_model
 
 class StageFailed(UserError):
@@ -113,7 +115,9 @@ def command(stage: str, config_path: str, overrides: list[str], launcher: list[s
 
 
 def die_with_parent() -> None:
-    """In the child: SIGKILL when the parent dies, so a killed `rlhf run` leaves no stage running on (Linux)."""
+    """In the child: SIGKILL when the parent dies, so a killed `rlhf run` leaves no stage running on (Linux). A
+    stage under `accelerate launch` is the launcher's child: it asks for the same itself (pipeline.cli), so the
+    kill passes down the chain (the setting is not inherited across fork)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -133,6 +137,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
                         "round-R/STAGE to start at a round")
     classes = {"run": SECTIONS["run"], **{stage.name: stage.config_class for stage in chosen}}
     rounds = load_config(config_path, overrides, classes, SECTIONS)["run"].rounds
+    check_round_sections(config_path, document, rounds)
     plan = round_plan(chosen, rounds)
     if start_from and start_from not in [key for key, _, _ in plan]:
         raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(key for key, _, _ in plan)})")
@@ -153,7 +158,8 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         if state == "done":
             print(f"[run] {key}: up to date, skipped", flush=True)
             continue
-        extra = [f"--{stage.name}.resume=true"] if state == "resume" else []
+        # rlhf run decides: a `resume: true` in the config would continue another attempt's checkpoints
+        extra = [f"--{stage.name}.resume={str(state == 'resume').lower()}"] if stage.trains else []
         extra += [f"--run.round={round}"] if round > 1 else []
         start = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
                  if launcher == "accelerate" and stage.trains else [sys.executable])
@@ -161,16 +167,41 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         argv = command(stage.name, config_path, stage_overrides(overrides, stage.name) + extra, start)
         print(f"[run] $ {' '.join(argv)}", flush=True)
         started = time.time()
-        result = subprocess.run(argv, preexec_fn=die_with_parent)
+        result = subprocess.run(argv, preexec_fn=die_with_parent, env={**os.environ, STAGE_OF_A_RUN: "1"})
         if result.returncode != 0:
             raise StageFailed(key, result.returncode)
         seconds[key] = time.time() - started
         print(f"[run] {key}: finished in {minutes(seconds[key])}", flush=True)
     print(timings(seconds))
-    report = settings[1]["run"].directory().path / "report.md"
-    if report.exists():
-        print(headline(report.read_text()))
+    report = run_report(settings[max(settings)]["run"].directory())
+    if report is not None:
+        print(headline(report))
     return 0
+
+
+def check_round_sections(config_path: str, document: dict, rounds: int) -> None:
+    """A `round-R:` section must be used: R within run.rounds, and each stage in it a stage the run has."""
+    for name, sections in document.items():
+        if not ROUND_SECTION.fullmatch(str(name)):
+            continue
+        if int(name.split("-")[1]) > rounds:
+            raise ConfigError(f"{config_path}: section '{name}': the run has {rounds} round(s) (run.rounds), so "
+                              "its settings would never be used")
+        for stage in sections or {}:
+            if stage not in document:
+                raise ConfigError(f"{config_path}: {name}.{stage}: the run has no '{stage}' section, so no round "
+                                  "runs that stage")
+
+
+def run_report(run_dir: RunDir) -> str | None:
+    """The run's report.md, written again from the published eval's own (an eval attempt killed before it
+    published leaves its report.md beside the published eval, which a later `rlhf run` finds up to date)."""
+    published = run_dir.stage_path("eval") / "report.md"
+    if not published.exists():
+        return None
+    text = published.read_text()
+    atomic_write_text(run_dir.path / "report.md", text.replace("](", f"]({run_dir.key('eval')}/"))
+    return text
 
 
 def round_plan(chosen: list, rounds: int) -> list[tuple[str, int, object]]:

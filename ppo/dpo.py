@@ -36,8 +36,8 @@ from rlhf.preference_pairs import answer_text, pair_margin, preference_source, u
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step,
-                        earlier_round_model, last_complete_checkpoint, published_reward_model,
-                        refuse_fixed_reward_model, run_stage, start_partial, starting_model)
+                        earlier_round_model, published_reward_model,
+                        refuse_fixed_reward_model, run_stage, started_everywhere, starting_model)
 
 STAGE = "dpo"
 PAIR_COLUMNS = ("margin", "tie", "weight")
@@ -316,10 +316,8 @@ def check(config: DPOStageConfig, run: RunConfig, found: dict) -> list[dict]:
 def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict], tracker, record) -> Outcome:
     """`source`: the labelled pairs, or with on-policy pairs the prompts they are sampled on."""
     partial = run.directory().partial_path(STAGE)
-    if config.process_index == 0:
-        start_partial(STAGE, partial, config.resume, record)  # a fresh start also samples fresh on-policy pairs
-    PartialState().wait_for_everyone()
-    resume_from = last_complete_checkpoint(partial) if config.resume else None
+    # a fresh start also samples fresh on-policy pairs
+    resume_from = started_everywhere(STAGE, partial, config.resume, record, config.process_index == 0)
 
     # 1. pairs, split into train and held out
     pairs = source if config.pairs == "labels" else sampled_pairs(config, found, partial, source)

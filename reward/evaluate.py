@@ -27,7 +27,7 @@ from rlhf.config import RunConfig, as_plain_dict
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, MissingInputError
 from rlhf.plots import pyplot, save_figure
-from rlhf.runs import atomic_write_text
+from rlhf.runs import atomic_write_text, stage_lock
 from reward.data import inputs, round_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score, score_heads
 
@@ -224,26 +224,28 @@ def main(config, run: RunConfig) -> dict:
     """`rlhf reward eval`: evaluates the published reward model on the same held-out split it was trained with,
     into its own folder `runs/<name>/reward-eval/` (the reward folder is an input of later stages: left as it
     is)."""
-    from pipeline.run import config_hash, same_work  # (pipeline.run imports the stages)
+    from pipeline.run import config_hash, made_with, same_work  # (pipeline.run imports the stages)
 
     run_dir = run.directory()
     published = run_dir.stage_path("reward")
     if not (published / "config.json").exists():
         raise MissingInputError(f"no reward model at {published}: run `rlhf reward --config ...` first")
     found = inputs(config, run)
-    if not same_work(run_dir.stage_entry("reward") or {}, config_hash(config, run.round),
-                     {name: str(value) for name, value in found.items()}):
+    wanted = config_hash(config, run.round)
+    if not (same_work(run_dir.stage_entry("reward") or {}, wanted, {name: str(v) for name, v in found.items()})
+            and made_with(published, wanted)):
         raise ConfigError(f"the reward model at {published} was trained with other settings or on other pairs than "
                           "these (a store with new votes, an edited file): its held-out split would not be the one "
                           "it was trained with. Give the settings it was trained with, or rerun `rlhf reward`")
     _, eval_pairs = round_pairs(found, config, run.round)
-    tokenizer = reward_tokenizer(str(published))
-    model = load_reward_model(str(published), tokenizer)
-    staged = run_dir.partial_path(EVAL_FOLDER)
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    metrics = evaluate(model, tokenizer, eval_pairs, config, staged)
-    folder = run_dir.publish(EVAL_FOLDER, staged)
+    with stage_lock(run_dir, EVAL_FOLDER):  # a second `rlhf reward eval` would clear this one's folder
+        tokenizer = reward_tokenizer(str(published))
+        model = load_reward_model(str(published), tokenizer)
+        staged = run_dir.partial_path(EVAL_FOLDER)
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        metrics = evaluate(model, tokenizer, eval_pairs, config, staged)
+        folder = run_dir.publish(EVAL_FOLDER, staged)
     tracker = tracking.start(run.trackers, run.project, run.name, EVAL_FOLDER, as_plain_dict(config),
                              run_dir.path / "tracking", label=run_dir.label(EVAL_FOLDER))
     try:

@@ -17,7 +17,7 @@ import transformers
 from rlhf import hardware, tracking
 from rlhf.batching import longest_sequence
 from rlhf.config import RunConfig
-from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step, run_stage, start_partial
+from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step, run_stage, started_everywhere
 from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, round_pairs
 from reward.evaluate import evaluate, fmt, log_evaluation
@@ -71,7 +71,7 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
     model_path = found["model"]
     run_dir = run.directory()
     partial = run_dir.partial_path(STAGE)
-    resume_from = start_partial(STAGE, partial, config.resume, record)
+    resume_from = started_everywhere(STAGE, partial, config.resume, record, config.process_index == 0)
 
     # 1. model, data and the hardware decisions
     tokenizer = reward_tokenizer(model_path)

@@ -169,6 +169,19 @@ def start_partial(stage: str, partial: Path, resume: bool, record: StageRecord |
     return checkpoint
 
 
+def started_everywhere(stage: str, partial: Path, resume: bool, record: StageRecord | None,
+                       is_main: bool) -> str | None:
+    """`start_partial` on the main process only, then the checkpoint to resume from on every process. (Run on every
+    process, another process's fresh start removed the folder: the main one's work key, or the checkpoints of a
+    run of the same stage already going, whose lock only the main process had asked for.)"""
+    from accelerate import PartialState
+
+    if is_main:
+        start_partial(stage, partial, resume, record)
+    PartialState().wait_for_everyone()
+    return last_complete_checkpoint(partial) if resume else None
+
+
 def partial_work_key(partial: Path) -> str | None:
     """The work key of the checkpoints in a stage's working folder (None if it has none: made before keys were)."""
     path = partial / WORK_KEY

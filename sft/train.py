@@ -22,7 +22,7 @@ from rlhf.datasets import cut_long_texts, load_rows, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.generation import generate_responses
 from rlhf.runs import atomic_write_json
-from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, checkpoint_step, run_stage, start_partial
+from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, checkpoint_step, run_stage, started_everywhere
 from sft.config import SFTStageConfig
 
 STAGE = "sft"
@@ -47,7 +47,7 @@ def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple[list, li
 def train(config: SFTStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
     train_rows, eval_rows, prompts = checked
     partial = run.directory().partial_path(STAGE)
-    resume_from = start_partial(STAGE, partial, config.resume, record)
+    resume_from = started_everywhere(STAGE, partial, config.resume, record, config.process_index == 0)
 
     # 1. model, data and the hardware decisions
     model, tokenizer = models.load_causal_lm(found["model"])

@@ -89,6 +89,9 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     reward_dir = tmp_path / "reward"
     AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(reward_dir)
     reward_tokenizer(str(tiny_model_path)).save_pretrained(reward_dir)
+    stale = tmp_path / "runs" / "ev" / ".eval.partial" / "final"  # an eval attempt killed before it published
+    stale.mkdir(parents=True)
+    (stale / "rounds.png").write_bytes(b"a plot of online rounds, which this run has not")
     prompts = tmp_path / "eight.jsonl"  # fewer than num_prompts asks for: the report says 8, not "the first 500"
     prompts.write_text("".join((REPO / "data" / "eval_prompts.jsonl").read_text().splitlines(keepends=True)[:8]))
     assert cli(["eval", *common, f"--eval.baseline={tiny_model_path}", f"--eval.reward_model={reward_dir}",
@@ -120,6 +123,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     for plot in ("training_curves.png", "reward_vs_kl.png", "score_distribution.png", "gold_vs_proxy.png"):
         assert f"](eval/{plot})" in report
         assert (run / "eval" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run / "eval" / "rounds.png").exists()  # the killed attempt's file was not published
     answers = [json.loads(line) for line in (run / "eval" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 8 and answers[0]["same_answer"] == answers[0]["sft_answer"]
 

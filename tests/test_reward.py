@@ -180,6 +180,11 @@ def test_reads_the_store_records_the_export_and_measures_itself_against_the_labe
     # another held-out share, or new votes in the store, would evaluate on pairs the model was trained on: refused
     evaluated = hash_path(run / "reward-eval")
     capsys.readouterr()
+    from rlhf.runs import RunDir, stage_lock
+
+    with stage_lock(RunDir(tmp_path / "runs", "fromstore"), "reward-eval"):  # another `rlhf reward eval` running
+        assert cli(["reward", "eval", *args]) == 2
+    assert "stage 'reward-eval' of run 'fromstore' is already running" in capsys.readouterr().err
     assert cli(["reward", "eval", *args, "--reward.eval_fraction", "0.5"]) == 2
     assert "was trained with other settings or on other pairs" in capsys.readouterr().err
     store = Store(url)

@@ -156,9 +156,12 @@ def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifact
 def test_a_rerun_skips_what_is_up_to_date_and_a_change_reruns_only_what_depends_on_it(whole):
     """After the killed run's test: it changes the uninterrupted run that test compares with."""
     root = whole["root"]
+    report = (root / "tiny" / "report.md").read_text()
+    (root / "tiny" / "report.md").write_text("an eval attempt killed before it published wrote this")
     rerun = run_ok(rlhf_run(root, "tiny"))
     assert actions(rerun) == {stage: "up to date, skipped" for stage in STAGES}
     assert "[run] every stage was up to date" in rerun
+    assert (root / "tiny" / "report.md").read_text() == report  # the published eval's, again
     # a new reward learning rate: the reward model changes, so PPO and eval (which read it) rerun; DPO does not
     changed = actions(run_ok(rlhf_run(root, "tiny", "--reward.learning_rate", "1e-3")))
     assert [s for s in STAGES if changed[s] == "running"] == ["reward", "ppo", "eval"], changed
@@ -232,6 +235,58 @@ def test_the_accelerate_launcher_starts_training_stages_under_accelerate_launch(
     assert refused.returncode == 2 and "--accelerate_config FILE" in refused.stderr
 
 
+def test_a_stage_rlhf_run_started_through_a_launcher_dies_with_the_launcher(tmp_path):
+    """rlhf run -> a launcher (accelerate launch, torchrun) -> the stage: rlhf run kills its child, the launcher,
+    when it dies; the stage, the launcher's child, must die with it (it held the stage lock and trained on, and a
+    rerun stopped at "already running"). Here the launcher is a plain process that writes nowhere the stage's
+    output could break."""
+    import psutil
+
+    from rlhf.runs import RunDir, stage_lock
+
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config = tmp_path / "sft-only.yaml"
+    config.write_text(yaml.safe_dump({"run": tiny["run"], "sft": {**tiny["sft"], "max_steps": 100_000}}))
+    launch = ("import subprocess, sys; "
+              "subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)")
+    launcher = subprocess.Popen([sys.executable, "-c", launch, sys.executable, "-m", "pipeline.cli", "sft", "--config",
+                                 str(config), f"--run.output_root={tmp_path}"], cwd=REPO,
+                                env={**os.environ, "RLHF_STAGE_OF_A_RUN": "1"})
+    deadline = time.time() + 300
+    while not (tmp_path / "tiny" / ".sft.partial" / "work_key").exists():  # the stage holds its lock, and trains
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.1)
+    [stage] = psutil.Process(launcher.pid).children()
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    try:
+        stage.wait(timeout=30)
+        with stage_lock(RunDir(tmp_path, "tiny"), "sft"):  # free again: a rerun can start
+            pass
+    finally:
+        if stage.is_running():
+            stage.kill()
+
+
+def test_rlhf_run_starts_a_stage_afresh_when_it_decided_so_whatever_resume_the_config_says(tmp_path):
+    """`sft: {resume: true}` in the config, and checkpoints of another attempt (another work key) in the working
+    folder: rlhf run starts SFT afresh, as it decided, instead of continuing those checkpoints."""
+    import yaml
+
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config = tmp_path / "sft-only.yaml"
+    config.write_text(yaml.safe_dump({"run": tiny["run"], "sft": {**tiny["sft"], "resume": True}}))
+    foreign = tmp_path / "tiny" / ".sft.partial"
+    (foreign / "checkpoint-3").mkdir(parents=True)
+    (foreign / "checkpoint-3" / "trainer_state.json").write_text("{}")  # not a checkpoint this config made
+    (foreign / "work_key").write_text("another attempt's settings")
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config),
+                             f"--run.output_root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert actions(result.stdout) == {"sft": "running"} and "--sft.resume=false" in result.stdout
+    assert "resuming from" not in result.stdout
+
+
 def test_rlhf_run_refuses_a_missing_accelerate_config_a_round_of_its_own_and_a_fixed_reward_model_at_once(
         tmp_path, capsys):
     from pipeline.cli import main as cli
@@ -244,6 +299,15 @@ def test_rlhf_run_refuses_a_missing_accelerate_config_a_round_of_its_own_and_a_f
     assert cli([*common, "--run.rounds", "2", "--ppo.reward_model", str(tmp_path)]) == 2  # not after round 1
     assert "ppo.reward_model is set, but online round 2 trains against its own reward model" in \
         capsys.readouterr().err
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    unused = [({**tiny, "round-3": {"ppo": {"learning_rate": 1e-5}}}, "section 'round-3': the run has 2 round(s)"),
+              ({"run": tiny["run"], "sft": tiny["sft"], "round-2": {"dpo": {"beta": 0.2}}},
+               "round-2.dpo: the run has no 'dpo' section")]
+    for document, message in unused:  # settings no round would use
+        config = tmp_path.parent / "unused-round.yaml"
+        config.write_text(yaml.safe_dump(document))
+        assert cli(["run", "--config", str(config), f"--run.output_root={tmp_path}", "--run.rounds", "2"]) == 2
+        assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

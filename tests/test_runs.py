@@ -87,6 +87,21 @@ class LearningRate:
     resume: bool = False
 
 
+def test_only_the_main_process_clears_a_stages_working_folder(tmp_path):
+    """A process other than the main one (which alone holds the stage lock) leaves the folder as it is: the
+    checkpoints of a run of the stage already going, or the main process's work key."""
+    from rlhf.stage import WORK_KEY, started_everywhere
+
+    partial = tmp_path / ".sft.partial"
+    (partial / "checkpoint-4").mkdir(parents=True)
+    (partial / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (partial / WORK_KEY).write_text("theirs")
+    assert started_everywhere("sft", partial, False, None, is_main=False) is None
+    assert (partial / "checkpoint-4" / "trainer_state.json").exists() and (partial / WORK_KEY).read_text() == "theirs"
+    assert started_everywhere("sft", partial, True, None, is_main=False) == str(partial / "checkpoint-4")
+    assert started_everywhere("sft", partial, False, None, is_main=True) is None and not any(partial.iterdir())
+
+
 def test_a_failed_attempt_leaves_a_done_record_as_it_was_and_rlhf_run_resumes_that_attempt(tmp_path, capsys):
     from pipeline.run import stage_state
     from rlhf.stage import WORK_KEY, partial_work_key, start_partial
