@@ -80,7 +80,7 @@ class Labeller:
         while title != EMPTY:
             self.shown = item_label(title)
             _, title, _, left_next, right_next, _, message, *_ = client.call(good_side(left, right), "clear", "", "",
-                                                                             None)
+                                                                             self.shown, None)
             if not message.startswith(f"Saved your vote on item {self.shown}."):  # the last adds "queue empty"
                 raise RuntimeError(f"vote on item {self.shown} not saved: {message}")
             self.claimed.append(self.shown)

@@ -48,13 +48,13 @@ def serve_bare(port: int, threads: int) -> None:
 
     def shown(number: int, message: str = "", first: bool = False):
         # after the first item, a pair after a pair: the ranking panel's outputs are left as they are, as ours
-        panels = ((gr.Column(visible=True), gr.Column(visible=False), *[gr.HTML("", visible=False)] * 6) if first
-                  else [gr.skip()] * 8)
+        panels = ((gr.Column(visible=True), gr.Column(visible=False), *[gr.HTML("", visible=False)] * 6,
+                   *[gr.Button(visible=False)] * 6) if first else [gr.skip()] * 14)
         return ({"item": number}, f"### Item {number}", box(f"Question {number}?"), box(f"good {number}"),
                 box(f"poor {number}"), f"<div>{number} votes</div>", message, "clear",
-                *[gr.Button(interactive=True)] * 5, *panels, "", "", "")
+                *[gr.Button(interactive=True)] * 5, *panels, "", "", "", str(number))
 
-    def vote(strength, note, written, state):
+    def vote(strength, note, written, page_label, state):
         return shown(state["item"] + 1, f"Saved your vote on item {state['item']}.")
 
     with gr.Blocks() as app:
@@ -64,11 +64,15 @@ def serve_bare(port: int, threads: int) -> None:
             gr.Markdown()
         with gr.Column(visible=False) as ranking:
             boxes = [gr.HTML(visible=False) for _ in range(6)]
+            picks = [gr.Button(visible=False) for _ in range(6)]
+        page_label = gr.Textbox(visible=False, value="")
         outputs = [state, gr.Markdown(), gr.HTML(), gr.HTML(), gr.HTML(), gr.HTML(), gr.Markdown(), strength,
-                   *[gr.Button() for _ in range(5)], pairs, ranking, *boxes, gr.Textbox(), note, written]
+                   *[gr.Button() for _ in range(5)], pairs, ranking, *boxes, *picks, gr.Textbox(), note, written,
+                   page_label]
         gr.Button().click(lambda: shown(0, first=True), None, outputs, api_name="next_item", queue=False)
         for name in ("vote_a", "vote_b"):
-            gr.Button().click(vote, [strength, note, written, state], outputs, api_name=name, queue=False)
+            gr.Button().click(vote, [strength, note, written, page_label, state], outputs, api_name=name,
+                              queue=False)
     app.queue().launch(server_name="127.0.0.1", server_port=port, auth=lambda name, password: password == PASSWORD,
                        quiet=True, max_threads=threads)
 
@@ -81,7 +85,9 @@ def labeller(url: str, name: str, votes: int, claimed: list, latencies: list, er
         for _ in range(votes):
             shown = item_label(title)
             began = time.perf_counter()
-            _, title, _, left, right, _, message, *_ = client.call(good_side(left, right), "clear", "", "", None)
+            # as a browser: the page's item label with the answer
+            _, title, _, left, right, _, message, *_ = client.call(good_side(left, right), "clear", "", "", shown,
+                                                                   None)
             latencies.append(time.perf_counter() - began)
             if message != f"Saved your vote on item {shown}.":
                 raise RuntimeError(f"vote on item {shown} not saved: {message}")

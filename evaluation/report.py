@@ -22,7 +22,7 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
     if histories:
         plots.append(("Training curves", training_curves(folder / "training_curves.png", histories)))
     kind = "rewards" if per_prompt["rewards"] else "judged" if per_prompt["judged"] else None
-    against = compared_against(config)
+    against = compared_against(config, run_dir)
     if kind:
         label = "reward (normalised)" if kind == "rewards" else f"judge ({config.judge})"
         plots.append((f"{label.capitalize()} against KL to {against}",
@@ -60,9 +60,15 @@ def load_results(eval_folder: Path) -> dict:
     return json.loads(path.read_text())["policies"] if path.exists() else {}
 
 
-def compared_against(config: EvalStageConfig) -> str:
-    """What the report's columns compare with: the run's SFT model, unless eval.baseline names another model."""
-    return "baseline" if config.baseline else "SFT"
+def compared_against(config: EvalStageConfig, run_dir: RunDir) -> str:
+    """What the report's columns compare with: SFT when eval.baseline is unset, or names the run's SFT model or the
+    model PPO kept as its reference; else "baseline"."""
+    if not config.baseline:
+        return "SFT"
+    ppo_inputs = (run_dir.stage_entry("ppo") or {}).get("inputs", {})
+    reference = ppo_inputs.get("reference") or ppo_inputs.get("policy")  # round 1: PPO starts from its reference
+    sft_models = {run_dir.stage_path("sft"), *([Path(reference)] if reference else [])}
+    return "SFT" if Path(config.baseline).resolve() in {path.resolve() for path in sft_models} else "baseline"
 
 
 def rounds_section(folder: Path, rows: list[dict], against: str = "SFT") -> str:
@@ -143,7 +149,7 @@ def load_evals(stage_folder: Path) -> list[dict]:
 
 def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageConfig,
                 plots: list[tuple[str, str]]) -> str:
-    against = compared_against(config)
+    against = compared_against(config, run_dir)
     shown = [(key, title.format(against=against)) for key, title in COLUMNS
              if any(key in r for r in results.values()) or (key == "win_rate_human" and config.human)]
     sampling = f"sampled at temperature {config.temperature:g}" if config.temperature else "greedy"

@@ -4,10 +4,12 @@ Stage commands read one YAML config (`--config`) and take `--section.field value
 the sections they use. Errors in the user's input (data, config, model spec) print one line and exit with 2.
 """
 import argparse
+import ctypes
 import dataclasses
 import errno
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -202,7 +204,7 @@ def run_models(args, rest) -> int:
 
 def run_label(args, rest) -> int:
     from rlhf.datasets import load_rows
-    from rlhf.store import Store, check_new_user
+    from rlhf.store import Store, check_new_user, shown_url
 
     if args.label_command in ("sample", "serve"):
         return run_label_with_config(args, rest)
@@ -221,7 +223,7 @@ def run_label(args, rest) -> int:
         check_new_user(args.name, args.role, password)  # before a new store is made for it
     store = Store(label_store_url(args), create=args.label_command == "gold" or adds_user)
     if store.created:
-        print(f"created the label store {store.url}")
+        print(f"created the label store {shown_url(store.url)}")
     if args.label_command in ("simulate", "ai", "stats", "export"):
         store.check_batch(args.batch)
     if args.label_command == "gold":
@@ -397,8 +399,20 @@ def setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def die_with_parent() -> None:
+    """In the child: SIGKILL when the parent dies, so a killed `rlhf run` leaves no stage running on (Linux). A
+    stage under `accelerate launch` is the launcher's child: it asks for the same itself (`main`, before its slow
+    imports), so the kill passes down the chain (the setting is not inherited across fork)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if os.environ.get(STAGE_OF_A_RUN):  # started by rlhf run, perhaps through a launcher: die with it
+        die_with_parent()
     if os.getcwd() not in sys.path:  # `module:function` judges are found from the working folder, as with python -m
         sys.path.insert(0, os.getcwd())
     if argv and argv[0] in LIGHT_COMMANDS:
@@ -408,10 +422,6 @@ def main(argv=None) -> int:
 
         parser = build_parser(STAGES)
     args, rest = parser.parse_known_args(argv)
-    if os.environ.get(STAGE_OF_A_RUN) and argv and argv[0] not in LIGHT_COMMANDS:
-        from pipeline.run import die_with_parent  # started by rlhf run, perhaps through a launcher: die with it
-
-        die_with_parent()
     setup_logging()
     try:
         return args.handler(args, rest)

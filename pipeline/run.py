@@ -24,15 +24,13 @@ for round R only (a `round-R:` section) reruns round R's stages and what follows
 With `--launcher accelerate` the training stages (sft, reward, ppo, dpo) start under
 `accelerate launch --config_file FILE`; the others run as one process.
 """
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import STAGE_OF_A_RUN
+from pipeline.cli import STAGE_OF_A_RUN, die_with_parent
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import ROUND_SECTION, hashed_settings, load_config, read_yaml
 from rlhf.errors import ConfigError, UserError
@@ -114,16 +112,6 @@ def command(stage: str, config_path: str, overrides: list[str], launcher: list[s
     return launcher + ["-m", "pipeline.cli", stage, "--config", config_path, *overrides]
 
 
-def die_with_parent() -> None:
-    """In the child: SIGKILL when the parent dies, so a killed `rlhf run` leaves no stage running on (Linux). A
-    stage under `accelerate launch` is the launcher's child: it asks for the same itself (pipeline.cli), so the
-    kill passes down the chain (the setting is not inherited across fork)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def main(config_path: str, overrides: list[str], start_from: str | None = None, launcher: str = "python",
          accelerate_config: str | None = None) -> int:
     document = read_yaml(config_path, SECTIONS)
@@ -137,7 +125,9 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
                         "round-R/STAGE to start at a round")
     classes = {"run": SECTIONS["run"], **{stage.name: stage.config_class for stage in chosen}}
     rounds = load_config(config_path, overrides, classes, SECTIONS)["run"].rounds
-    check_round_sections(config_path, document, rounds)
+    check_round_sections(config_path, document)
+    for later in range(rounds + 1, last_round_section(document) + 1):  # not run now: their keys checked anyway
+        load_config(config_path, overrides + [f"--run.round={later}"], classes, SECTIONS)
     plan = round_plan(chosen, rounds)
     if start_from and start_from not in [key for key, _, _ in plan]:
         raise UserError(f"--from {start_from}: not a stage of this run ({', '.join(key for key, _, _ in plan)})")
@@ -179,14 +169,15 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
     return 0
 
 
-def check_round_sections(config_path: str, document: dict, rounds: int) -> None:
-    """A `round-R:` section must be used: R within run.rounds, and each stage in it a stage the run has."""
+def last_round_section(document: dict) -> int:
+    return max((int(str(name).split("-")[1]) for name in document if ROUND_SECTION.fullmatch(str(name))), default=1)
+
+
+def check_round_sections(config_path: str, document: dict) -> None:
+    """Each stage a `round-R:` section sets must be a stage the run has (else no round would use it)."""
     for name, sections in document.items():
         if not ROUND_SECTION.fullmatch(str(name)):
             continue
-        if int(name.split("-")[1]) > rounds:
-            raise ConfigError(f"{config_path}: section '{name}': the run has {rounds} round(s) (run.rounds), so "
-                              "its settings would never be used")
         for stage in sections or {}:
             if stage not in document:
                 raise ConfigError(f"{config_path}: {name}.{stage}: the run has no '{stage}' section, so no round "

@@ -126,10 +126,10 @@ class PPOStageConfig:
                              f"{self.gradient_accumulation_steps})")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be above 0, got {self.target_kl}")
-        if self.target_kl is not None and self.horizon < self.batch_size:
-            raise ValueError(f"horizon ({self.horizon}) must be at least batch_size ({self.batch_size}): the "
-                             "controller moves kl_coef by up to 20% x batch_size / horizon an update, and past 100% "
-                             "it would turn the KL penalty into a bonus")
+        if self.target_kl is not None and 5 * self.horizon <= self.batch_size:
+            raise ValueError(f"horizon ({self.horizon}) must be above batch_size / 5 ({self.batch_size / 5:g}): the "
+                             "controller moves kl_coef by up to 20% x batch_size / horizon an update, and at 100% or "
+                             "more a KL below target would remove the KL penalty or turn it into a bonus")
         if self.logging_steps < 1:
             raise ValueError(f"logging_steps must be at least 1, got {self.logging_steps}")
         if self.kl_coef < 0 or (self.target_kl is not None and self.kl_coef == 0):

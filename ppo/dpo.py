@@ -306,9 +306,9 @@ def check(config: DPOStageConfig, run: RunConfig, found: dict) -> list[dict]:
         pairs = labelled_pairs(found["preferences"], config)
         if not config.pair_loss and any(pair["weight"] != 1.0 for pair in pairs):
             raise DataError(found["preferences"], None, "pair_weight",
-                            f"the pairs of a ranking weigh less than one vote each, beside pairs that weigh one, "
-                            f"which loss_type {','.join(config.loss_type)} leaves out (it is TRL's loss): use "
-                            "loss_type sigmoid")
+                            f"the pairs weigh unequally (a ranking's pairs share one vote between them), which "
+                            f"loss_type {','.join(config.loss_type)} leaves out (it is TRL's loss): use loss_type "
+                            "sigmoid")
         return pairs
     return load_rows(config.prompts, "prompt")[:config.num_prompts or None]
 

@@ -19,7 +19,7 @@ from rlhf.errors import MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from rlhf.stage import published_model
-from rlhf.store import Store, check_prompt_widths
+from rlhf.store import Store, check_prompt_widths, shown_url
 from preference_ui.config import PreferencesStageConfig
 
 
@@ -46,7 +46,7 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
                               "--reward-model DIR") if config.select == "uncertain" else None)
     store = Store(config.db or None)
     if store.created:
-        print(f"[label sample] created the label store {store.url}")
+        print(f"[label sample] created the label store {shown_url(store.url)}")
     if store.comparisons(batch):
         raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --preferences.batch")
     store.check_prompt_ids({row["id"]: row["prompt"] for row in prompts}, config.prompts,

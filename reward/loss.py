@@ -151,9 +151,10 @@ def pairs_and_rankings_loss(rows: torch.Tensor, chosen_row: torch.Tensor, reject
                             ranking: torch.Tensor, margin, tie: torch.Tensor, weight: torch.Tensor, theta: float,
                             center_coefficient) -> torch.Tensor:
     """The batch's loss with ranking items as Plackett-Luce terms: the pairs of no ranking (ranking -1) by the
-    weighted pair loss, each ranking item by one Plackett-Luce likelihood of its consensus order (weight 1),
-    averaged over heads; the mean over the batch's items (a plain pair or a ranking). A ranking whose pairs a batch
-    boundary cuts counts as its part in each batch."""
+    weighted pair loss, each ranking item by one Plackett-Luce likelihood of its consensus order, weighted by its
+    pairs' weights summed (one vote for a whole ranking, scaled as the plain pairs' weights are), averaged over
+    heads; the mean over the batch's items (a plain pair or a ranking). A ranking whose pairs a batch boundary cuts
+    counts as its part in each batch."""
     plain = ranking < 0
     weight = weight if weight.dim() == 2 else weight[:, None]
     parts, total = [], 0
@@ -169,7 +170,7 @@ def pairs_and_rankings_loss(rows: torch.Tensor, chosen_row: torch.Tensor, reject
         answers = sorted({chosen_row[i].item() for i in mine} | {rejected_row[i].item() for i in mine})
         ranks = consensus_ranks(answers, [(chosen_row[i].item(), rejected_row[i].item(), bool(tie[i])) for i in mine])
         rewards = rows[answers]  # [answers, heads]
-        parts.append(torch.stack([plackett_luce_loss(rewards[:, head], ranks)
+        parts.append(torch.stack([plackett_luce_loss(rewards[:, head], ranks) * weight[mine, head].float().sum()
                                   for head in range(rewards.shape[1])]).mean())
         total = total + 1
     return torch.stack(parts).sum() / total

@@ -489,8 +489,9 @@ class Store:
                                      .where(Prompt.external_id.in_(list(prompts))))
             clashes = sorted(external_id for external_id, messages in stored if messages != prompts[external_id])
         if clashes:
-            raise DataError(source, None, "id", f"{len(clashes)} prompt id(s) are in the label store {self.url} "
-                            f"with other text (first: '{clashes[0]}'): give these prompts ids of their own")
+            raise DataError(source, None, "id", f"{len(clashes)} prompt id(s) are in the label store "
+                            f"{shown_url(self.url)} with other text (first: '{clashes[0]}'): give these prompts ids "
+                            "of their own")
 
     def add_response(self, prompt: Prompt, text: str, model: str, sampling: dict) -> Response:
         with self.transaction() as session:

@@ -203,7 +203,8 @@ def test_trls_other_losses_train_on_labelled_prompt_groups_and_refuse_ranking_we
     args = ["dpo", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}", "--dpo.model=tiny-llama",
             "--dpo.loss_type=ipo"]
     assert cli([*args, f"--dpo.preferences={ranked}"]) == 2
-    assert f"{ranked}: pair_weight: the pairs of a ranking weigh less than one vote each" in capsys.readouterr().err
+    assert f"{ranked}: pair_weight: the pairs weigh unequally (a ranking's pairs share one vote" in \
+        capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n"

@@ -111,10 +111,8 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
 
     report = (run / "report.md").read_text()
     assert f"8 held-out prompts from `{prompts}`; answers greedy" in report
-    # compared with the model eval.baseline names, not the run's SFT model: the report says so
-    assert f"policies against the baseline `{tiny_model_path}`" in report and "vs SFT" not in report
-    assert "KL(policy || baseline)" in report and "KL to SFT" not in report
-    assert "| win rate vs baseline (judge) |" in report and f"| baseline (`{tiny_model_path}`) |" in report
+    # eval.baseline names the model PPO started from (its reference): still "SFT" in the report
+    assert "policies against the SFT model" in report and "| win rate vs SFT (judge) |" in report
     assert "## PPO: judge (gold) and reward function (proxy) against KL" in report  # PPO maximised builtin:length
     row = next(line for line in report.splitlines() if line.startswith("| ppo |"))
     assert f"{ppo['reward']:.3f}" in row and f"{ppo['kl']:.3f}" in row
@@ -126,6 +124,26 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     assert not (run / "eval" / "rounds.png").exists()  # the killed attempt's file was not published
     answers = [json.loads(line) for line in (run / "eval" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 8 and answers[0]["same_answer"] == answers[0]["sft_answer"]
+
+
+def test_the_report_names_a_baseline_that_is_not_the_runs_sft_model_as_the_baseline(tmp_path):
+    from evaluation.config import EvalStageConfig
+    from evaluation.report import compared_against, report_text
+    from rlhf.runs import RunDir
+
+    run_dir = RunDir(tmp_path, "r")
+    run_dir.record("ppo", inputs={"policy": str(tmp_path / "started_from")})
+    assert compared_against(EvalStageConfig(), run_dir) == "SFT"
+    assert compared_against(EvalStageConfig(baseline=str(tmp_path / "started_from")), run_dir) == "SFT"
+    assert compared_against(EvalStageConfig(baseline=str(tmp_path / "r" / "sft")), run_dir) == "SFT"
+    other = EvalStageConfig(baseline=str(tmp_path / "other"))
+    assert compared_against(other, run_dir) == "baseline"
+    results = {"sft": {"judge": 0.5, "kl": 0.0}, "ppo": {"judge": 0.7, "win_rate_judge": 0.6, "win_rate_judge_low": 0.5,
+                                                         "win_rate_judge_high": 0.7, "kl": 1.0}}
+    text = report_text(results, 8, run_dir, other, [])
+    assert f"policies against the baseline `{tmp_path / 'other'}`" in text and "vs SFT" not in text
+    assert "KL(policy || baseline)" in text and "KL to SFT" not in text
+    assert "| win rate vs baseline (judge) |" in text and f"| baseline (`{tmp_path / 'other'}`) |" in text
 
 
 def test_missing_policies_and_models_name_the_command_that_makes_them(tmp_path, tiny_model_path, capsys):

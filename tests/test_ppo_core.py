@@ -138,8 +138,9 @@ def test_ppo_config_refuses_inconsistent_settings():
         PPOStageConfig(kl_coef=0.0, target_kl=6.0)
     with pytest.raises(ValueError, match="kl_coef must be 0 or more"):
         PPOStageConfig(kl_coef=-0.1)
-    with pytest.raises(ValueError, match=r"horizon \(4\) must be at least batch_size \(8\)"):
-        PPOStageConfig(batch_size=8, target_kl=6.0, horizon=4)  # kl_coef 0.05 -> -0.03 after one update at KL 0
+    with pytest.raises(ValueError, match=r"horizon \(1\) must be above batch_size / 5 \(1.6\)"):
+        PPOStageConfig(batch_size=8, target_kl=6.0, horizon=1)  # kl_coef 0.05 -> -0.03 after one update at KL 0
+    assert PPOStageConfig(batch_size=8, target_kl=6.0, horizon=2).horizon == 2  # at worst x 0.2 an update
     with pytest.raises(ValueError, match="logging_steps must be at least 1"):
         PPOStageConfig(logging_steps=0)
     with pytest.raises(ValueError, match="whiten_rewards whitens PPO's per-token rewards before GAE; grpo"):

@@ -239,8 +239,13 @@ def test_plackett_luce_terms_for_ranking_items_beside_plain_pairs_by_hand():
     rows = torch.tensor([[2.0], [1.0], [0.0], [1.0], [0.0]])  # rewards of five answers, one head
     chosen, rejected = torch.tensor([0, 0, 1, 3]), torch.tensor([1, 2, 2, 4])
     ranking = torch.tensor([5, 5, 5, -1])  # the first three pairs are one ranking item, the last a plain pair
+    weights = torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0])  # the ranking's pairs a third of a vote each
     loss = pairs_and_rankings_loss(rows, chosen, rejected, ranking, None, torch.zeros(4, dtype=torch.bool),
-                                   torch.ones(4), 0.0, None)
+                                   weights, 0.0, None)
     plackett_luce = math.log(math.e ** 2 + math.e + 1) - 2 + math.log(math.e + 1) - 1  # order 0 > 1 > 2
     bradley_terry = -math.log(1 / (1 + math.exp(-1.0)))  # answer 3 over 4, gap 1
     assert loss.item() == pytest.approx((plackett_luce + bradley_terry) / 2, abs=1e-5)
+    # weights scaled to a mean of 1 over the rows (rlhf.preference_pairs): the ranking still weighs as the vote
+    scaled = pairs_and_rankings_loss(rows, chosen, rejected, ranking, None, torch.zeros(4, dtype=torch.bool),
+                                     weights / weights.mean(), 0.0, None)
+    assert scaled.item() == pytest.approx(loss.item() / weights.mean().item(), rel=1e-5)

@@ -222,7 +222,7 @@ def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_
         ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")
         ann.call("next_item")
         for _ in range(3):
-            ann.call("vote_a", "clear", "", "", None)
+            ann.call("vote_a", "clear", "", "", "", None)  # (no page label: not checked)
         runs[-1].send_signal(signal.SIGKILL)  # killed while it waits for the other three
         runs[-1].wait()
         assert hash_path(run / "round-2" / "preferences") == published  # the killed attempt overwrote nothing
@@ -231,7 +231,7 @@ def test_a_round_labelled_by_people_waits_for_the_apps_votes_through_a_kill_and_
         ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")  # back at the app later
         ann.call("next_item")
         for _ in range(3):
-            ann.call("vote_b", "clear", "", "", None)
+            ann.call("vote_b", "clear", "", "", "", None)  # (no page label: not checked)
         assert runs[-1].wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         for process in runs:  # a failed test leaves no run waiting for votes

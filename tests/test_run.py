@@ -300,10 +300,10 @@ def test_rlhf_run_refuses_a_missing_accelerate_config_a_round_of_its_own_and_a_f
     assert "ppo.reward_model is set, but online round 2 trains against its own reward model" in \
         capsys.readouterr().err
     tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    unused = [({**tiny, "round-3": {"ppo": {"learning_rate": 1e-5}}}, "section 'round-3': the run has 2 round(s)"),
+    unused = [({**tiny, "round-3": {"ppo": {"learning_rat": 1e-5}}}, "learning_rat"),  # a round not run now
               ({"run": tiny["run"], "sft": tiny["sft"], "round-2": {"dpo": {"beta": 0.2}}},
                "round-2.dpo: the run has no 'dpo' section")]
-    for document, message in unused:  # settings no round would use
+    for document, message in unused:  # a typo in a round not run now; settings no round would use
         config = tmp_path.parent / "unused-round.yaml"
         config.write_text(yaml.safe_dump(document))
         assert cli(["run", "--config", str(config), f"--run.output_root={tmp_path}", "--run.rounds", "2"]) == 2
