@@ -98,13 +98,12 @@ def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[di
 def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: list[dict]) -> None:
     """The label store must not hold these prompts' ids with other text (`--eval.human` files the blind
     comparisons under them), nor can they be wider than its columns."""
-    categories = [p.get("category") or "eval" for p in prompts]
-    check_prompt_widths([p["id"] for p in prompts], categories, config.prompts)
+    check_prompt_widths([p["id"] for p in prompts], [p.get("category") or "eval" for p in prompts], config.prompts)
     try:
         store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
     except StoreError:
         return  # no label store yet
-    store.check_prompt_ids({p["id"]: p["prompt"] for p in prompts}, config.prompts, categories)
+    store.check_prompt_ids({p["id"]: p["prompt"] for p in prompts}, config.prompts)
 
 
 def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:

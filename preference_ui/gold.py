@@ -6,7 +6,7 @@ file again changes nothing; a different file into a batch that already has items
 """
 from rlhf.datasets import load_rows
 from rlhf.errors import UserError
-from rlhf.store import Store
+from rlhf.store import Store, check_prompt_widths
 
 GOLD_MODEL = "gold"
 
@@ -26,8 +26,9 @@ def import_gold(store: Store, source: str, batch: str = "gold", rows: list[dict]
             return {"batch": batch, "items": len(existing), "unchanged": True}
         raise UserError(f"batch '{batch}' already holds different comparisons; import {source} under another "
                         "--batch")
-    store.check_prompt_ids({f"{batch}/{row['id']}": row["prompt"] for row in rows}, source,
-                           [row["category"] for row in rows])
+    ids = {f"{batch}/{row['id']}": row["prompt"] for row in rows}
+    check_prompt_widths(ids, [row["category"] for row in rows], source)
+    store.check_prompt_ids(ids, source)
     pairs = []
     for row in rows:
         prompt = store.add_prompt(f"{batch}/{row['id']}", row["category"], row["prompt"])

@@ -49,8 +49,7 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
         print(f"[label sample] created the label store {shown_url(store.url)}")
     if store.comparisons(batch):
         raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --preferences.batch")
-    store.check_prompt_ids({row["id"]: row["prompt"] for row in prompts}, config.prompts,
-                           [row["category"] for row in prompts])
+    store.check_prompt_ids({row["id"]: row["prompt"] for row in prompts}, config.prompts)
     answers = sample_answers(config, store, prompts, spec, drawn_from)
     rng = random.Random(config.seed)
     if config.feedback == "ranking":

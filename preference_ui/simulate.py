@@ -21,7 +21,7 @@ from rlhf.rankings import ranks_in_order
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
 from preference_ui.queue import LabelQueue, unswap
 from rlhf.store import Store
-from rlhf.verifiable import checked_scores, probe_judge, wants_references
+from rlhf.verifiable import judge_scores, probe_judge, wants_references
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,6 @@ def voting_judge(spec: str):
     return judge
 
 
-def judged(judge, prompt: str, answers: list[str]) -> list[float]:
-    return checked_scores(judge, judge([prompt] * len(answers), answers), len(answers))
-
-
 def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel, batch: str | None = None,
              seed: int = 0, overlap: int | None = None, gold_rate: float = 0.0) -> dict:
     """The simulated labellers take turns taking items from the labelling queue, as people in the app do, until
@@ -119,10 +115,10 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
             prompt = item.prompt[-1]["content"]
             if item.answers:
                 queue.rank(user, item.comparison_id,
-                           decide_ranking(judged(judge, prompt, item.answers), model, rng))
+                           decide_ranking(judge_scores(judge, [prompt] * len(item.answers), item.answers), model, rng))
                 counts["ranked"] = counts.get("ranked", 0) + 1
                 continue
-            left, right = judged(judge, prompt, [item.left, item.right])
+            left, right = judge_scores(judge, [prompt] * 2, [item.left, item.right])
             # decided in the comparison's own a/b order: the side the queue happened to show A on changes nothing
             choice, strength = decide(*((right, left) if item.swapped else (left, right)), model, rng)
             queue.vote(user, item.comparison_id, unswap(choice, item.swapped), strength)  # (its own inverse)

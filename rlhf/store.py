@@ -479,11 +479,10 @@ class Store:
                 raise StoreError(f"prompt id '{external_id}' is in the label store with other text")
         return prompt
 
-    def check_prompt_ids(self, prompts: dict[str, list[dict]], source, categories: list[str] = ()) -> None:
-        """Refuses, before anything is stored, prompts ({id: messages}) whose ids the store holds with other text,
-        or ids and `categories` wider than the store's columns (PostgreSQL enforces the widths): a DataError naming
-        `source`, the file they come from."""
-        check_prompt_widths(prompts, categories, source)
+    def check_prompt_ids(self, prompts: dict[str, list[dict]], source) -> None:
+        """Refuses, before anything is stored, prompts ({id: messages}) whose ids the store holds with other text:
+        a DataError naming `source`, the file they come from. (Their widths: `check_prompt_widths`, before the
+        store is opened.)"""
         with self.sessions() as session:
             stored = session.execute(select(Prompt.external_id, Prompt.messages)
                                      .where(Prompt.external_id.in_(list(prompts))))
