@@ -33,7 +33,7 @@ from rlhf.judges import judge_sources
 from rlhf.label_export import export
 from rlhf.runs import hash_config, read_stage_record
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
-from rlhf.store import Store, check_database_url, check_prompt_widths, run_store_url, shown_url
+from rlhf.store import Store, check_batch_name, check_database_url, check_prompt_widths, run_store_url, shown_url
 
 STAGE = "preferences"
 
@@ -68,6 +68,7 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
     before the stage creates anything, the store among them."""
     check_feedback(config, run)
     check_database_url(run_store_url(run.output_root, run.name, config.db or None))
+    check_batch_name(config.batch or run.name, run.rounds)
     taken = prompts_taken_before(run, config)
     prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round, taken)
     check_prompt_widths([row["id"] for row in prompts], [row["category"] for row in prompts], config.prompts)

@@ -19,7 +19,7 @@ from rlhf.errors import MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from rlhf.stage import published_model
-from rlhf.store import Store, check_prompt_widths, shown_url
+from rlhf.store import Store, check_batch_name, check_prompt_widths, shown_url
 from preference_ui.config import PreferencesStageConfig
 
 
@@ -42,6 +42,7 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
     prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
     check_prompt_widths([row["id"] for row in prompts], [row["category"] for row in prompts], config.prompts)
     spec, batch = model_spec(config, run), config.batch or run.name
+    check_batch_name(batch)
     scorer = (published_model(run.directory(), "reward", "reward model", config.reward_model,
                               "--reward-model DIR") if config.select == "uncertain" else None)
     store = Store(config.db or None)

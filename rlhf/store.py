@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from rlhf.errors import DataError, UserError
+from rlhf.errors import ConfigError, DataError, UserError
 from rlhf.rankings import MAX_K, check_ranks
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES, VOTE_STRENGTHS
 
@@ -55,7 +55,8 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-PROMPT_ID_WIDTH, CATEGORY_WIDTH, USER_NAME_WIDTH = 128, 64, 128  # characters
+PROMPT_ID_WIDTH, CATEGORY_WIDTH, USER_NAME_WIDTH, BATCH_WIDTH = 128, 64, 128, 128  # characters
+ROUND_BATCH_SUFFIX = len("-round-99-0123abcd")  # what a later round adds to its batch's name (preference_ui/collect)
 
 
 class StoreError(UserError):
@@ -116,7 +117,7 @@ class Comparison(Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
     response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
-    batch: Mapped[str] = mapped_column(String(128), index=True)
+    batch: Mapped[str] = mapped_column(String(BATCH_WIDTH), index=True)
     kind: Mapped[str] = mapped_column(String(8), default="train")
     expected: Mapped[str | None] = mapped_column(String(16), nullable=True)  # the right answer, for gold items
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -295,6 +296,15 @@ def check_prompt_widths(ids, categories, source) -> None:
             if len(value) > width:
                 raise DataError(source, None, field, f"'{value[:40]}...' is {len(value)} characters, more than the "
                                                      f"label store holds ({width})")
+
+
+def check_batch_name(batch: str, rounds: int = 1) -> None:
+    """A batch name the store's column can hold, with room for the round suffix when a run has later rounds."""
+    room = BATCH_WIDTH - (ROUND_BATCH_SUFFIX if rounds > 1 else 0)
+    if len(batch) > room:
+        raise ConfigError(f"batch name '{batch[:40]}...' (preferences.batch, else run.name) is {len(batch)} "
+                          f"characters; the label store holds {room}" + (" in a run of several rounds, whose later "
+                          "rounds add a suffix" if rounds > 1 else "") + ": choose a shorter one")
 
 
 def check_new_user(name: str, role: str, password: str) -> None:

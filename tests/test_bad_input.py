@@ -158,6 +158,11 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
          "label store 'postgres//typo': not a database URL"),  # was a traceback, and a manifest entry and locks
         (["preferences", f"--preferences.model={model}", "--preferences.select_count=-5"],
          "num_prompts, select_count, round_prompts and round_budget must be 0 or more"),  # kept all but 5
+        # batch names the store's column cannot hold, with room for a later round's suffix (128 - 18)
+        (["label", "sample", f"--preferences.model={model}", f"--preferences.batch={'b' * 129}"],
+         f"batch name '{'b' * 40}...' (preferences.batch, else run.name) is 129 characters; the label store holds 128"),
+        (["preferences", f"--preferences.model={model}", f"--preferences.batch={'b' * 111}", "--run.rounds=2"],
+         "is 111 characters; the label store holds 110 in a run of several rounds"),
     ]
     for words, message in cases:
         assert cli([*words, *common]) == 2, words

@@ -27,6 +27,12 @@ def labellers(store, count):
     return [store.add_user(f"labeller{i}", "labeller", "password1") for i in range(count)]
 
 
+def backdate_assignments(store, minutes):
+    """Every assignment made `minutes` ago."""
+    with store.transaction() as session:
+        session.execute(update(Assignment).values(created_at=utcnow() - timedelta(minutes=minutes)))
+
+
 def assignments(store):
     with store.session() as session:
         return list(session.scalars(select(Assignment)))
@@ -124,8 +130,7 @@ def test_an_item_left_open_past_the_timeout_goes_back_to_the_pool(store_url):
     ann, bob = labellers(store, 2)
     queue = LabelQueue(store, overlap=1, gold_rate=0.0, timeout_minutes=5)
     item = queue.next_item(ann)
-    with store.transaction() as session:
-        session.execute(update(Assignment).values(created_at=utcnow() - timedelta(minutes=6)))
+    backdate_assignments(store, minutes=6)
     queue.last_release = float("-inf")
     bobs = queue.next_item(bob)
     assert bobs.comparison_id == item.comparison_id
@@ -133,7 +138,6 @@ def test_an_item_left_open_past_the_timeout_goes_back_to_the_pool(store_url):
         queue.vote(ann, item.comparison_id, "a")
     queue.vote(bob, item.comparison_id, "b")
     assert [(vote.user_id, vote.choice) for vote in store.votes()] == [(bob.id, unswap("b", bobs.swapped))]
-
 
 
 def test_a_simulated_labellers_queue_expires_only_its_own_labellers_items(store_url):
@@ -144,13 +148,11 @@ def test_a_simulated_labellers_queue_expires_only_its_own_labellers_items(store_
     person, sim = labellers(store, 2)
     app = LabelQueue(store, overlap=1, gold_rate=0.0, timeout_minutes=120)
     item = app.next_item(person)
-    with store.transaction() as session:
-        session.execute(update(Assignment).values(created_at=utcnow() - timedelta(minutes=45)))
+    backdate_assignments(store, minutes=45)
     simulated = LabelQueue(store, overlap=1, gold_rate=0.0, expires_others=False)  # 30 minutes
     assert simulated.next_item(sim).comparison_id != item.comparison_id
     app.vote(person, item.comparison_id, "a")  # still theirs
-    with store.transaction() as session:
-        session.execute(update(Assignment).values(created_at=utcnow() - timedelta(minutes=45)))
+    backdate_assignments(store, minutes=45)
     simulated.last_release = float("-inf")
     simulated.next_item(sim)  # its own labeller's stale item: expired
     with store.transaction() as session:
