@@ -4,16 +4,14 @@ rounds' votes; PPO and DPO continue; a run killed in round 2 reruns to an uninte
 changed for round 2 leaves round 1 done; and a round labelled by people waits for the app's votes, killed or not."""
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 import yaml
-from datasets import load_from_disk
-from safetensors.torch import load_file
 from sqlalchemy import select
 
 from preference_ui.loadtest import BrowserLikeClient, free_port, stop_server, wait_for_port
@@ -21,7 +19,7 @@ from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import hash_path
 from rlhf.store import Prompt, Response, Store
 from tests.conftest import REPO
-from tests.test_run import run_ok
+from tests.test_run import assert_same_artifacts, run_ok
 
 BUDGET = 6  # round 2 labels 6 of the round-1 policy's candidate pairs
 ROUND_1 = ["sft", "preferences", "reward", "ppo", "dpo", "eval"]
@@ -111,7 +109,7 @@ def test_round_2_labels_the_round_1_policy_where_its_reward_model_is_least_sure_
     assert "](round-2/eval/rounds.png)" in report
 
 
-# Where the second run is killed: right after round 2's preferences published, and mid round-2 PPO after a checkpoint
+# Where round 2 run again is killed: right after its preferences published, and mid PPO after a checkpoint
 KILLS = ["round-2/preferences/stage.json", "round-2/.ppo.partial/checkpoint-2/trainer_state.json"]
 
 
@@ -132,32 +130,23 @@ def run_until(command: list[str], trigger, log) -> str:
 
 
 def test_a_run_killed_in_round_2_reruns_to_the_uninterrupted_runs_artifacts(whole, tmp_path):
-    root = whole["root"]
-    printed = [run_until(rounds_run(root, "killed"), root / "killed" / trigger, tmp_path / f"killed-{i}.log")
+    """Round 2 of the uninterrupted run again, its folder moved aside first: round 1 stays up to date, and the store
+    keeps round 2's comparisons and votes, which the rerun finds (its batch is keyed by what it was drawn from)."""
+    run = whole["run"]
+    uninterrupted = tmp_path / "round-2"
+    shutil.move(run / "round-2", uninterrupted)
+    printed = [run_until(rounds_run(whole["root"], "whole"), run / trigger, tmp_path / f"killed-{i}.log")
                for i, trigger in enumerate(KILLS)]
+    assert f"already sampled: {BUDGET} comparisons" in printed[0], printed[0][-3000:]
     # killed after its folder was published: done, or (killed before the manifest said so) run again on the
     # comparisons and votes already in the store
     assert (actions(printed[1])["round-2/preferences"] == "up to date, skipped"
             or f"already sampled: {BUDGET} comparisons" in printed[1]), printed[1][-3000:]
-    last = run_ok(rounds_run(root, "killed"))
+    last = run_ok(rounds_run(whole["root"], "whole"))
     assert actions(last)["round-2/ppo"] == "resuming", last[-3000:]
     assert all(actions(last)[key] == "up to date, skipped" for key in ROUND_1 + ROUND_2[:2])
 
-    killed, uninterrupted = root / "killed" / "round-2", whole["run"] / "round-2"
-    killed_pairs, whole_pairs = ([{k: v for k, v in row.items() if k != "batch"}
-                                  for row in load_from_disk(str(folder / "preferences"))]
-                                 for folder in (killed, uninterrupted))
-    assert killed_pairs == whole_pairs
-    for stage in ("reward", "ppo", "dpo"):
-        killed_weights = load_file(killed / stage / "model.safetensors")
-        for name, tensor in load_file(uninterrupted / stage / "model.safetensors").items():
-            assert torch.allclose(killed_weights[name], tensor, atol=1e-5), (stage, name)
-    killed_results, whole_results = (json.loads((folder / "eval" / "results.json").read_text())["policies"]
-                                     for folder in (killed, uninterrupted))
-    for policy, result in whole_results.items():
-        for key, value in result.items():
-            if isinstance(value, float):
-                assert killed_results[policy][key] == pytest.approx(value, abs=1e-4), (policy, key)
+    assert_same_artifacts(run / "round-2", uninterrupted, ("reward", "ppo", "dpo"))
 
 
 def test_a_setting_changed_for_round_2_reruns_round_2_only_and_leaves_round_1_as_it_was(whole, tmp_path):

@@ -108,6 +108,25 @@ KILLS = [".sft.partial/checkpoint-3/trainer_state.json", "labels.db", "preferenc
          ".dpo.partial/checkpoint-4/trainer_state.json", ".eval.partial"]
 
 
+def assert_same_artifacts(killed, uninterrupted, stages) -> None:
+    """The same votes on the same answers (batch names aside: each run names its batch after itself), the same
+    weights of each of `stages`, and the same eval numbers."""
+    killed_pairs, whole_pairs = ([{k: v for k, v in row.items() if k != "batch"}
+                                  for row in load_from_disk(str(folder / "preferences"))]
+                                 for folder in (killed, uninterrupted))
+    assert killed_pairs == whole_pairs
+    for stage in stages:
+        killed_weights = load_file(killed / stage / "model.safetensors")
+        for name, tensor in load_file(uninterrupted / stage / "model.safetensors").items():
+            assert torch.allclose(killed_weights[name], tensor, atol=1e-5), (stage, name)
+    killed_results, whole_results = (json.loads((folder / "eval" / "results.json").read_text())["policies"]
+                                     for folder in (killed, uninterrupted))
+    for policy, result in whole_results.items():
+        for key, value in result.items():
+            if isinstance(value, float):
+                assert killed_results[policy][key] == pytest.approx(value, abs=1e-4), (policy, key)
+
+
 def run_until(root, name: str, trigger, log) -> str:
     """Starts `rlhf run`, SIGKILLs it as soon as `trigger` exists; returns what it printed (kept in `log`)."""
     with log.open("w") as out:
@@ -132,22 +151,8 @@ def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifact
     last = actions(run_ok(rlhf_run(tmp_path, "killed")))
     assert last == {**{stage: "up to date, skipped" for stage in STAGES[:-1]}, "eval": "running"}
 
-    # the same votes on the same answers (each run names its batch after itself)
     killed, uninterrupted = tmp_path / "killed", whole["run"]
-    killed_pairs, whole_pairs = ([{k: v for k, v in row.items() if k != "batch"}
-                                  for row in load_from_disk(str(folder / "preferences"))]
-                                 for folder in (killed, uninterrupted))
-    assert killed_pairs == whole_pairs
-    for stage in ("sft", "reward", "ppo", "dpo"):
-        killed_weights = load_file(killed / stage / "model.safetensors")
-        for name, tensor in load_file(uninterrupted / stage / "model.safetensors").items():
-            assert torch.allclose(killed_weights[name], tensor, atol=1e-5), (stage, name)
-    killed_results, whole_results = (json.loads((folder / "eval" / "results.json").read_text())["policies"]
-                                     for folder in (killed, uninterrupted))
-    for policy, result in whole_results.items():
-        for key, value in result.items():
-            if isinstance(value, float):
-                assert killed_results[policy][key] == pytest.approx(value, abs=1e-4), (policy, key)
+    assert_same_artifacts(killed, uninterrupted, ("sft", "reward", "ppo", "dpo"))
     killed_tables, whole_tables = ([line for line in (folder / "report.md").read_text().splitlines()
                                     if line.startswith("|")] for folder in (killed, uninterrupted))
     assert killed_tables == whole_tables
