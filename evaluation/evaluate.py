@@ -29,7 +29,7 @@ from rlhf.generation import answer_prompts
 from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
-from rlhf.store import Store, StoreError, check_prompt_widths, run_store_url
+from rlhf.store import NoStoreYet, Store, check_prompt_widths, run_store_url
 from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, start_partial, starting_model
 from rlhf.verifiable import check_references, judge_scores, probe_judge
 
@@ -101,8 +101,8 @@ def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: l
     check_prompt_widths([p["id"] for p in prompts], [p.get("category") or "eval" for p in prompts], config.prompts)
     try:
         store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
-    except StoreError:
-        return  # no label store yet
+    except NoStoreYet:
+        return  # made when the comparisons are queued (a URL that is no store, or a server not there: refused)
     store.check_prompt_ids({p["id"]: p["prompt"] for p in prompts}, config.prompts)
 
 
@@ -114,11 +114,12 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     names = [BASELINE] + [name for name in found if name not in OTHER_INPUTS]
 
     # 1. answers, and each policy's KL to the baseline along its own answers
-    baseline, tokenizer = models.load_causal_lm(found[BASELINE], config.hardware.dtype)
+    device = config.hardware.device
+    baseline, tokenizer = models.load_causal_lm(found[BASELINE], config.hardware.dtype, device)
     answers, kls = {BASELINE: answer(baseline, tokenizer, messages, config, BASELINE)}, {}
     kls[BASELINE] = [0.0] * len(prompts)
     for name in names[1:]:
-        policy, policy_tokenizer = models.load_causal_lm(found[name], config.hardware.dtype)
+        policy, policy_tokenizer = models.load_causal_lm(found[name], config.hardware.dtype, device)
         answers[name] = answer(policy, policy_tokenizer, messages, config, name)
         kls[name] = answer_kl(policy, baseline, policy_tokenizer, messages, [a.ids for a in answers[name]],
                               config.score_batch_size)
@@ -128,7 +129,7 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     # 2. scores: the reward model's and the judge's
     texts = {name: [a.text for a in answers[name]] for name in names}
     rewards = reward_scores(found.get("reward_model"), messages, texts, config.score_batch_size,
-                            config.hardware.dtype)
+                            config.hardware.dtype, device)
     questions = [m[-1]["content"] for m in messages]
     judged = {name: judge_scores(judge, questions, texts[name], references) for name in names} if judge else {}
 
@@ -222,18 +223,20 @@ def answer(model, tokenizer, messages: list[list[dict]], config: EvalStageConfig
                           progress=f"[{STAGE}] {name} answering {len(messages)} prompts")
 
 
-def reward_scores(reward_path: str | None, messages: list, texts: dict, batch_size: int, dtype) -> dict:
-    """{policy: [normalised reward per prompt]}; empty without a reward model."""
+def reward_scores(reward_path: str | None, messages: list, texts: dict, batch_size: int, dtype,
+                  device: str = "cpu") -> dict:
+    """{policy: [normalised reward per prompt]}; empty without a reward model. Every policy's answers are scored
+    in one pass, which scores each distinct conversation once: two policies' identical answers get the same score
+    (a tie), not two readings in differently padded batches."""
     if not reward_path:
         return {}
     tokenizer = reward_tokenizer(reward_path)
-    model = load_reward_model(reward_path, tokenizer, dtype=dtype).eval()
+    model = load_reward_model(reward_path, tokenizer, dtype=dtype).to(device).eval()
     scale = reward_record(reward_path).get("scale") or {"mean": 0.0, "std": 1.0}
-    scores = {}
-    for name, answers in texts.items():
-        conversations = [m + [{"role": "assistant", "content": t}] for m, t in zip(messages, answers)]
-        scores[name] = [(r - scale["mean"]) / scale["std"] for r in score(model, tokenizer, conversations, batch_size)]
-    return scores
+    conversations = [m + [{"role": "assistant", "content": t}] for answers in texts.values()
+                     for m, t in zip(messages, answers)]
+    rewards = [(r - scale["mean"]) / scale["std"] for r in score(model, tokenizer, conversations, batch_size)]
+    return {name: rewards[i * len(messages):(i + 1) * len(messages)] for i, name in enumerate(texts)}
 
 
 def policy_results(name: str, answers: list, kls: list[float], rewards: dict, judged: dict,

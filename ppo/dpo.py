@@ -92,15 +92,15 @@ def on_policy_pairs(config: DPOStageConfig, model_path: str, reward_path: str, p
     """Each prompt answered `responses_per_prompt` times by the starting policy at `temperature`; the reward
     model's best-scored answer is chosen and its worst rejected. Prompts whose answers all score the same (or are
     the same text) are left out."""
-    k = config.responses_per_prompt
-    policy, tokenizer = models.load_causal_lm(model_path, config.hardware.dtype)
+    k, device = config.responses_per_prompt, PartialState().device  # this process's GPU, when there is one
+    policy, tokenizer = models.load_causal_lm(model_path, config.hardware.dtype, device)
     torch.manual_seed(config.seed)
     answers = generate_responses(policy, tokenizer, [p["prompt"] for p in prompts for _ in range(k)],
                                  config.max_new_tokens, config.generation_batch_size, do_sample=True,
                                  temperature=config.temperature, progress=f"sampling {k} answers per prompt")
     del policy
     reward_tok = reward_tokenizer(reward_path)
-    reward = load_reward_model(reward_path, reward_tok, dtype=config.hardware.dtype).eval()
+    reward = load_reward_model(reward_path, reward_tok, dtype=config.hardware.dtype).to(device).eval()
     conversations = [p["prompt"] + [{"role": "assistant", "content": a}]
                      for p, a in zip((p for p in prompts for _ in range(k)), answers)]
     pairs = best_and_worst(prompts, answers, score(reward, reward_tok, conversations), k)

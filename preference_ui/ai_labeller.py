@@ -20,6 +20,7 @@ import torch
 from preference_ui.queue import LabelQueue, unswap
 from rlhf import models
 from rlhf.errors import MissingInputError
+from rlhf.hardware import detect_device
 from rlhf.rankings import ranks_in_order
 from rlhf.schema import VOTE_CHOICES
 from rlhf.store import Store
@@ -89,7 +90,7 @@ def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CON
     Returns the count of each choice (as stored), and of rankings where there were any."""
     constitution = Path(constitution_path).read_text()
     user = store.machine_labeller(f"ai/{Path(models.resolve(model_spec)).name}")
-    model, tokenizer = models.load_causal_lm(model_spec)
+    model, tokenizer = models.load_causal_lm(model_spec, device=detect_device())
     model.eval()
     queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed, expires_others=False)
     counts = {choice: 0 for choice in VOTE_CHOICES}

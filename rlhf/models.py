@@ -154,13 +154,15 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(spec: str, dtype=None):
-    """(model, tokenizer) for a spec, weights in `dtype` (fp32 when None)."""
+def load_causal_lm(spec: str, dtype=None, device=None):
+    """(model, tokenizer) for a spec, weights in `dtype` (fp32 when None), on `device` (where it loads when None)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    if device is not None:
+        model.to(device)
     tokenizer = load_tokenizer(path)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

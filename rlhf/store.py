@@ -63,6 +63,10 @@ class StoreError(UserError):
     """A store that cannot be opened or a request it refuses."""
 
 
+class NoStoreYet(StoreError):
+    """A SQLite store asked for with create=False whose file does not exist."""
+
+
 class DuplicateVote(StoreError):
     """The labeller has already voted on this comparison."""
 
@@ -333,7 +337,7 @@ class Store:
         path = Path(self.url.removeprefix("sqlite:///")) if self.url.startswith("sqlite:///") else None
         self.created = path is not None and not path.exists()
         if self.created and not create:
-            raise StoreError(f"no label store at {path}: `rlhf label sample` or `rlhf run` makes one (check --db "
+            raise NoStoreYet(f"no label store at {path}: `rlhf label sample` or `rlhf run` makes one (check --db "
                              "and --config)")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,9 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
           f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           "--eval.judge=builtin:nonesuch"], "builtin:nonesuch"),
+        # people's comparisons for a store URL that is none: refused before any answer (was after every answer)
+        (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
+          "--eval.human=true", "--eval.db=postgres//typo"], "label store 'postgres//typo': not a database URL"),
         # a language model given as the reward model would score with a new, random head
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", f"--eval.reward_model={model}"],
          f"{model}: not a reward model (its config.json names LlamaForCausalLM architecture"),

@@ -81,22 +81,49 @@ def test_answer_kl_in_length_sorted_batches_matches_each_answer_alone(tiny_model
     assert len(set(round(kl, 6) for kl in alone)) == len(alone)  # distinct, so a mixed-up order would show
 
 
-def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path):
+def plain_reward_model(tiny_model_path, folder):
+    """A reward model (a new head) on the tiny model, with no stage record (so no scale)."""
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(folder)
+    reward_tokenizer(str(tiny_model_path)).save_pretrained(folder)
+    return folder
+
+
+def test_two_policies_identical_answers_get_one_score_a_tie(tmp_path, tiny_model_path):
+    from evaluation.evaluate import reward_scores
+
+    reward = plain_reward_model(tiny_model_path, tmp_path / "reward")
+    messages = [[{"role": "user", "content": f"Question {i}?"}] for i in range(32)]
+    baseline = [f"Answer {i}." + " ok" * (i % 5) for i in range(32)]
+    # every other answer the same text; the others longer, so each policy's answers pad differently (scored apart,
+    # 3 of the 16 identical answers differed by 1e-8)
+    policy = [text if i % 2 else f"A much longer answer, number {i}, " * (1 + i % 4) for i, text in enumerate(baseline)]
+    rewards = reward_scores(str(reward), messages, {"sft": baseline, "ppo": policy}, 8, torch.float32)
+    same = [i for i in range(32) if i % 2]
+    assert [rewards["ppo"][i] for i in same] == [rewards["sft"][i] for i in same]
+    assert win_rate([rewards["ppo"][i] for i in same], [rewards["sft"][i] for i in same]) == 0.5
+
+
+def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path, monkeypatch):
     runs = tmp_path / "runs"
     common = ["--config", "configs/tiny.yaml", f"--run.output_root={runs}", "--run.name=ev"]
     assert cli(["ppo", *common, f"--ppo.model={tiny_model_path}", "--ppo.total_episodes=16",
                 "--ppo.reward_function=builtin:length", "--ppo.eval_every=1"]) == 0
-    reward_dir = tmp_path / "reward"
-    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(reward_dir)
-    reward_tokenizer(str(tiny_model_path)).save_pretrained(reward_dir)
+    reward_dir = plain_reward_model(tiny_model_path, tmp_path / "reward")
     stale = tmp_path / "runs" / "ev" / ".eval.partial" / "final"  # an eval attempt killed before it published
     stale.mkdir(parents=True)
     (stale / "rounds.png").write_bytes(b"a plot of online rounds, which this run has not")
     prompts = tmp_path / "eight.jsonl"  # fewer than num_prompts asks for: the report says 8, not "the first 500"
     prompts.write_text("".join((REPO / "data" / "eval_prompts.jsonl").read_text().splitlines(keepends=True)[:8]))
+    moved = []  # the models put on the stage's device (config.hardware.device; a GPU where there is one)
+    module_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda module, *args, **kwargs: (
+        moved.append((type(module).__name__, str(args[0]) if args else None)), module_to(module, *args, **kwargs))[1])
     assert cli(["eval", *common, f"--eval.baseline={tiny_model_path}", f"--eval.reward_model={reward_dir}",
                 f"--eval.policies=ppo,same={tiny_model_path}", f"--eval.prompts={prompts}",
                 "--eval.num_prompts=500", "--eval.judge=tests.test_eval:words"]) == 0  # a user's judge, by its file
+    monkeypatch.undo()
+    assert [model for model, device in moved if device == "cpu"] == ["LlamaForCausalLM"] * 3 + [
+        "LlamaForSequenceClassification"]
 
     run = runs / "ev"
     results = json.loads((run / "eval" / "results.json").read_text())
