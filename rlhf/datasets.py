@@ -169,13 +169,15 @@ def read_json(path: Path):
 def array_items_with_lines(text: str):
     """The items of a JSON array (already known to parse) with the line each starts on."""
     decoder, index = json.JSONDecoder(), len(text) - len(text.lstrip()) + 1  # just past the opening "["
+    line, counted_to = 1, 0  # the lines counted as the items go (counting from the start each time is quadratic)
     while True:
         while text[index] in " \t\r\n,":
             index += 1
         if text[index] == "]":
             return
         item, end = decoder.raw_decode(text, index)
-        yield text.count("\n", 0, index) + 1, item
+        line, counted_to = line + text.count("\n", counted_to, index), index
+        yield line, item
         index = end
 
 
@@ -183,6 +185,7 @@ def read_csv(path: Path):
     """Rows of a CSV file with a header line, parsed strictly: a bad quote is an error naming the line its row
     starts on (a lenient parser would swallow the rest of the file into one cell)."""
     text = decode(path, path.read_bytes())
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long answer is no quoting problem
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
         reader.fieldnames  # the header read first, so that each row's first line is known below
@@ -212,10 +215,7 @@ def csv_value(path, line, key, value):
     if value is None or value == "":
         return None
     if key in CSV_JSON_COLUMNS and value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as err:
-            raise DataError(path, line, key, f"looks like a JSON list but does not parse: {err.msg}") from None
+        return messages_or_text(path, line, key, value)
     if key in CSV_BOOL_COLUMNS and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
     if key in CSV_NUMBER_COLUMNS:
@@ -224,6 +224,19 @@ def csv_value(path, line, key, value):
         except ValueError:
             raise DataError(path, line, key, f"expected a number, got '{value}'") from None
     return value
+
+
+def messages_or_text(path, line, key, value: str):
+    """A cell holding a JSON list of messages is that list; other text stays text, "[INST] say hi" or an answer
+    that is a JSON list of strings among it. A cell that names a "role" but does not parse is an error."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        if '"role"' in value:
+            raise DataError(path, line, key, f"looks like a JSON list of messages but does not parse: {err.msg}"
+                            ) from None
+        return value
+    return parsed if isinstance(parsed, list) and all(isinstance(item, dict) for item in parsed) else value
 
 
 def read_parquet(path: Path):

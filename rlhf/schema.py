@@ -127,6 +127,8 @@ def row_identity(row: dict, content) -> tuple[str, str]:
     category = row.get("category") or DEFAULT_CATEGORY
     if not isinstance(category, str):
         raise RowProblem("category", f"expected a string, got {type_name(category)}")
+    check_unicode(str(row_id), "id")
+    check_unicode(category, "category")
     return str(row_id), category
 
 
@@ -173,6 +175,7 @@ def reference_answer(value) -> str:
     if (isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == ""
             or isinstance(value, float) and not math.isfinite(value)):
         raise RowProblem("answer", f"expected a non-empty string or a finite number, got {value!r}")
+    check_unicode(str(value), "answer")
     # a number in plain digits: the answer checker reads "1e-05" as the number 5
     return format(Decimal(repr(value)), "f") if isinstance(value, float) else str(value)
 
@@ -225,6 +228,7 @@ def labeller_votes(value) -> list[dict]:
         where = f"labeller_votes[{i}]"
         if not isinstance(vote, dict) or not isinstance(vote.get("labeller"), str):
             raise RowProblem(where, "expected an object with a 'labeller' name")
+        check_unicode(vote["labeller"], f"{where}.labeller")
         if vote.get("verdict") not in PAIR_VERDICTS:
             raise RowProblem(f"{where}.verdict", f"expected one of {', '.join(PAIR_VERDICTS)}, "
                                                  f"got {vote.get('verdict')!r}")
@@ -275,6 +279,7 @@ def optional_text(row: dict, key: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise RowProblem(key, f"expected a string, got {type_name(value)}")
+    check_unicode(value, key)
     return value
 
 

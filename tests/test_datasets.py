@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import datasets
 import pytest
@@ -61,6 +62,27 @@ def test_csv_with_json_messages_and_plain_columns(tmp_path):
     assert [r["messages"][0]["content"] for r in rows] == ["Say hi, please", "Q?"]
     path.write_text("id,prompt,completion\n1,Q?,A.\n2,Q2?,\n")
     assert problem(path) == f"{path}:3: completion: expected a string or a list of messages, got null"
+    # text that starts with "[" stays text: a tagged prompt, an answer that is a JSON list of strings
+    path.write_text('prompt,completion\n[INST] say hi,Hi.\nColours as JSON?,"[""red"", ""green""]"\n')
+    assert [[m["content"] for m in r["messages"]] for r in load_rows(path, "sft")] == [
+        ["[INST] say hi", "Hi."], ["Colours as JSON?", '["red", "green"]']]
+    path.write_text('prompt,completion\n"[{""role"": ""user"", ""content"": ""Q?""",A.\n')  # messages, cut short
+    assert problem(path).startswith(f"{path}:2: prompt: looks like a JSON list of messages but does not parse")
+    # a cell longer than the csv module's default limit (131072 characters) is read, not called bad quoting
+    path.write_text(f'prompt,completion\nQ?,"{"word " * 40000}"\n')
+    assert len(load_rows(path, "sft")[0]["messages"][1]["content"]) == 200000
+
+
+def test_a_long_json_array_is_read_in_linear_time_with_each_items_line(tmp_path):
+    path = tmp_path / "d.json"
+    rows = [{"prompt": f"Question {i}?", "completion": "An answer.\n" * 20} for i in range(20000)]
+    path.write_text("[\n" + ",\n".join(json.dumps(row, indent=1) for row in rows) + "\n]\n")
+    started = time.perf_counter()
+    assert len(load_rows(path, "sft")) == 20000
+    assert time.perf_counter() - started < 10  # about 1 s; counting lines from the start each time took minutes
+    rows[-1]["prompt"] = 7
+    path.write_text("[\n" + ",\n".join(json.dumps(row, indent=1) for row in rows) + "\n]\n")
+    assert problem(path) == f"{path}:{2 + 4 * 19999}: prompt: expected a string or a list of messages, got int"
 
 
 def test_parquet_and_saved_dataset_folder(tmp_path):
@@ -141,6 +163,18 @@ def test_bad_rows_name_file_line_and_field(tmp_path, content, expected):
     path = tmp_path / ("d.json" if content.startswith(b"[") else "d.jsonl")
     path.write_bytes(content)
     assert problem(path) == expected.format(path=path)
+
+
+def test_a_lone_surrogate_is_refused_in_every_text_field_not_only_the_messages(tmp_path):
+    path = tmp_path / "d.jsonl"
+    for kind, row, field in (("sft", {"id": "p\ud800", "prompt": "Hi?", "completion": "Yes."}, "id"),
+                             ("prompt", {"prompt": "Hi?", "category": "c\ud800"}, "category"),
+                             ("preference", {"prompt": "Q?", "chosen": "A.", "rejected": "B.",
+                                             "labeller": "\ud800"}, "labeller"),
+                             ("preference", {"prompt": "Q?", "chosen": "A.", "rejected": "B.", "labeller_votes": [
+                                 {"labeller": "ann\ud800", "verdict": "chosen"}]}, "labeller_votes[0].labeller")):
+        write_jsonl(path, [row])  # json.dumps writes the escape, as a JSON writer may
+        assert problem(path, kind).startswith(f"{path}:1: {field}: holds a lone surrogate"), (kind, field)
 
 
 def test_a_byte_order_mark_is_read_past_in_jsonl_json_and_csv(tmp_path):
