@@ -79,6 +79,8 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
 
     def __post_init__(self):
         hardware.configure_training_args(self)
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1 (or null: no limit), got {self.max_length}")
         if self.pairs not in PAIR_SOURCES:
             raise ValueError(f"pairs must be one of {', '.join(PAIR_SOURCES)}, got '{self.pairs}'")
         if self.selection not in SELECTIONS:

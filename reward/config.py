@@ -88,6 +88,8 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
 
     def __post_init__(self):
         hardware.configure_training_args(self)
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1 (or null: no limit), got {self.max_length}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got '{self.selection}'")
         if self.pooling not in POOLINGS:

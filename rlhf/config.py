@@ -27,7 +27,7 @@ from rlhf.errors import ConfigError
 from rlhf.runs import RunDir, check_run_name
 
 RENAMED_SECTIONS = {"labels": "preferences"}
-ROUND_SECTION = re.compile(r"round-[0-9]+")
+ROUND_SECTION = re.compile(r"round-[1-9][0-9]*")  # round-2, not round-02 (which no round would read)
 TRACKERS = ("wandb", "trackio", "none")
 
 
@@ -98,12 +98,25 @@ def section_values(document: dict, from_command_line: dict, name: str, path, rou
     return where, name, values
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as safe_load reads it, except that only plain decimals are integers: YAML 1.1 reads 0612 as the octal
+    394, 0x1F and 1:30 (base 60) as numbers too, so a run named 0612 would write to runs/394. Such text stays text
+    (an integer setting still reads "0612" as 612)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
+                                   list("-+0123456789"))
+
+
 def read_yaml(path, valid_sections=None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        document = yaml.safe_load(path.read_text()) or {}
+        document = yaml.load(path.read_text(), ConfigLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(document, dict):
@@ -266,7 +279,7 @@ def coerce_number(value, kind):
 
 def yaml_value(text: str):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, ConfigLoader)
     except yaml.YAMLError as problem:
         raise ValueError(f"not a YAML value ({' '.join(str(problem).split())}): {text!r}") from None
 

@@ -40,6 +40,8 @@ class SFTStageConfig(TrainingStageDefaults, trl.SFTConfig):
     def __post_init__(self):
         # Derived right after parsing, before TrainingArguments validates them.
         hardware.configure_training_args(self)
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1 (or null: no limit), got {self.max_length}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.num_samples < 0 or self.sample_max_new_tokens < 1:

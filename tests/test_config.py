@@ -86,6 +86,21 @@ def test_bad_values_name_the_field(tmp_path):
     assert coerce("false", str | bool) is False and coerce("no", str | bool) == "no"  # was the text "false"
     assert coerce("{min_lr: 0.001}", dict | str) == {"min_lr": 0.001}  # YAML's flow mapping, as lists are read
     assert coerce('{"min_lr": 1e-6}', dict | str) == {"min_lr": 1e-6}  # JSON first: YAML reads 1e-6 as text
+    from pipeline.stages import SECTIONS as EVERY_SECTION
+
+    for stage in ("sft", "reward", "dpo"):  # -1 cut every message to nothing
+        with pytest.raises(ConfigError, match=r"max_length must be at least 1 \(or null: no limit\), got -1"):
+            load_config(None, [f"--{stage}.max_length=-1"], EVERY_SECTION)
+
+
+def test_only_plain_decimals_are_numbers_so_a_name_keeps_the_text_written(tmp_path):
+    """YAML 1.1 reads 0612 as the octal 394 and 1:30 as 90: a run named 0612 wrote to runs/394."""
+    path = write(tmp_path, "run:\n  name: 0612\npreferences:\n  batch: 1:30\nsft:\n  max_steps: 0012\n")
+    from pipeline.stages import SECTIONS as EVERY_SECTION
+
+    config = load_config(path, ["--reward.max_steps=010"], EVERY_SECTION)
+    assert (config["run"].name, config["preferences"].batch) == ("0612", "1:30")
+    assert (config["sft"].max_steps, config["reward"].max_steps) == (12, 10)  # numbers read in decimal
 
 
 def test_errors_say_whether_the_file_or_the_command_line_is_wrong(tmp_path):
@@ -180,6 +195,7 @@ def test_a_round_section_applies_in_its_round_only_between_the_file_and_the_comm
     ("round-2: 3\n", "section 'round-2' must be a mapping of stage sections"),
     ("round-2:\n  reward: 3\n", "round-2.reward must be a mapping of keys to values"),
     ("run:\n  rounds: 0\n", "rounds and round must be at least 1"),
+    ("round-02:\n  reward: {}\n", "unknown section 'round-02'"),  # was accepted, and read by no round
 ])
 def test_bad_round_settings_are_refused_with_the_file_and_the_section(tmp_path, text, message):
     assert message in error(write(tmp_path, text))
