@@ -36,23 +36,25 @@ def inputs(config: SFTStageConfig, run: RunConfig) -> dict:
     return {"model": models.resolve(config.model), "train_data": config.train_data}
 
 
-def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple[list, list, list]:
-    """(train rows, eval rows, sample prompts), read and checked."""
+def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple:
+    """(train data, eval data or None, sample prompts): read, checked and tokenized with the model's chat template
+    (a template that cannot mark the answers stops the stage here, before it writes anything)."""
     rows = cut_long_texts(load_rows(config.train_data, "sft"), config.max_length, config.train_data, STAGE)
     train_rows, eval_rows = split_train_eval(rows, config.eval_fraction, config.seed)
     prompts = load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
-    return train_rows, eval_rows, prompts
+    tokenizer = models.load_tokenizer(found["model"])
+    train_data = tokenize_rows(train_rows, tokenizer, config.assistant_only_loss)
+    eval_data = tokenize_rows(eval_rows, tokenizer, config.assistant_only_loss) if eval_rows else None
+    return train_data, eval_data, prompts
 
 
 def train(config: SFTStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
-    train_rows, eval_rows, prompts = checked
+    train_data, eval_data, prompts = checked
     partial = run.directory().partial_path(STAGE)
     resume_from = started_everywhere(STAGE, partial, config.resume, record, config.process_index == 0)
 
-    # 1. model, data and the hardware decisions
+    # 1. model and the hardware decisions
     model, tokenizer = models.load_causal_lm(found["model"])
-    train_data = tokenize_rows(train_rows, tokenizer, config.assistant_only_loss)
-    eval_data = tokenize_rows(eval_rows, tokenizer, config.assistant_only_loss) if eval_rows else None
     checkpointing = choose_checkpointing(config, model)
     hardware.log_decision(STAGE, config.hardware, checkpointing)
     args = trainer_args(config, partial, checkpointing)
@@ -82,8 +84,8 @@ def train(config: SFTStageConfig, run: RunConfig, found: dict, checked: tuple, t
                       step=trainer.state.global_step)
 
     metrics = {"train_loss": result.training_loss, "eval_loss_before": eval_loss_before, "eval_loss": eval_loss,
-               "global_step": trainer.state.global_step, "train_examples": len(train_rows),
-               "eval_examples": len(eval_rows), "real_tokens": trainer.real_tokens,
+               "global_step": trainer.state.global_step, "train_examples": len(train_data),
+               "eval_examples": len(eval_data) if eval_data else 0, "real_tokens": trainer.real_tokens,
                "resumed_from_step": checkpoint_step(resume_from),
                "real_tokens_per_s": trainer.real_tokens / max(train_seconds, 1e-9)}
     # 5. the folder to publish. Every rank saves (sharded weights are gathered collectively); only the main one
@@ -149,7 +151,8 @@ def assistant_spans(tokenizer, messages: list[dict], full_text: str) -> list[tup
         through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False).rstrip()
         if not (full_text.startswith(before) and full_text.startswith(through)):
             raise ConfigError("the chat template does not render conversation prefixes as prefixes of the whole "
-                             "conversation; set --sft.assistant_only_loss false to train on all tokens")
+                              "conversation, so the answers' tokens cannot be marked; set --sft.assistant_only_loss "
+                              "false to train on all tokens")
         spans.append((len(before), len(through)))
     return spans
 

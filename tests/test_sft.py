@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
 from trl import SFTTrainer
 
+from pipeline.cli import main as cli
 from rlhf.config import RunConfig, load_config
 from rlhf.generation import generate_responses
 from rlhf.models import load_tokenizer
@@ -189,3 +191,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     step = entry["metrics"]["resumed_from_step"]
     assert step >= 5 and step % 5 == 0 and entry["metrics"]["global_step"] == 40
     assert entry["status"] == "done" and not partial.exists()
+
+
+def test_a_chat_template_that_cannot_mark_the_answers_stops_sft_before_it_writes(tmp_path, tiny_model_path, capsys):
+    model = tmp_path / "odd-template"
+    shutil.copytree(tiny_model_path, model)
+    tokenizer = load_tokenizer(str(model))
+    # the last turn rendered apart from the others: a conversation's prefix is no prefix of its rendering
+    tokenizer.chat_template = ("{% for m in messages %}{% if loop.last %}<<{{ m['content'] }}>>{% else %}"
+                               "{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    tokenizer.save_pretrained(model)
+    root = tmp_path / "runs"
+    assert cli(["sft", "--config", "configs/tiny.yaml", f"--run.output_root={root}", f"--sft.model={model}"]) == 2
+    assert "the chat template does not render conversation prefixes" in capsys.readouterr().err
+    assert not root.exists()  # no run folder, lock or manifest entry
