@@ -13,8 +13,12 @@ from rlhf.errors import DataError, UserError
 # a number as people write it: a sign (ASCII or the Unicode minus), digits with optional thousands commas, an
 # optional decimal part; a fraction a/b is read as one number
 NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?:\s*/\s*(\d+))?(?![\d])")
-# where an answer says "this is the result": the number after the last of these is the answer
-MARKERS = re.compile(r"answer\s*(?:is|:|=)|result\s*(?:is|:)|total\s*(?:is|:)|####|\\boxed\{|=", re.IGNORECASE)
+# where an answer says "this is the result": the number after the last of these is the answer; a bare "=" counts
+# only where there is none of them (a check after "the answer is 26", "26 + 16 = 42", does not override it). Whole
+# words: not "the answer isn't 25", not "subtotal: 3"
+STATED = re.compile(r"\banswer\s*(?:is(?![\w'\u2019])|:|=)|\bresult\s*(?:is(?![\w'\u2019])|:)"
+                    r"|\btotal\s*(?:is(?![\w'\u2019])|:)|####|\\boxed\{", re.IGNORECASE)
+EQUALS = re.compile(r"=")
 UNITS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
          "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
          "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19}
@@ -43,15 +47,15 @@ def numbers_in(text: str) -> list[tuple[int, float]]:
 
 
 def final_number_of(text: str) -> float | None:
-    """The number an answer gives as its result: the first after its last marker ("the answer is", "=", "####",
-    "\\boxed{", ...), else its last number; None when it has none. "$1,250.00", "-7", "3/4", "25%" and "forty-two"
-    all read as numbers."""
+    """The number an answer gives as its result: the first after its last stated marker ("the answer is",
+    "####", "\\boxed{", ...), else after its last "=", else its last number; None when it has none. "$1,250.00",
+    "-7", "3/4", "25%" and "forty-two" all read as numbers."""
     numbers = numbers_in(text)
     if not numbers:
         return None
-    markers = list(MARKERS.finditer(text))
-    if markers:
-        after = [value for position, value in numbers if position >= markers[-1].end()]
+    for markers in (STATED, EQUALS):
+        found = list(markers.finditer(text))
+        after = [value for position, value in numbers if found and position >= found[-1].end()]
         if after:
             return after[0]
     return numbers[-1][1]

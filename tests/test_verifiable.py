@@ -30,6 +30,11 @@ from tests.conftest import REPO
     ("one of the 8 apples", 8.0),  # a digit outranks a number word
     ("I cannot tell.", None),
     ("The ratio 3/0 is undefined.", 3.0),  # no division by zero: the numerator alone
+    # a check after the stated answer does not override it; an "=" counts where nothing states the answer
+    ("#### 92\n(8 * 9 = 72)", 92.0),
+    ("The answer is 26 pencils. Check: 26 + 16 = 42.", 26.0),
+    ("The answer isn't 25, it's 26.", 26.0),  # markers are whole words
+    ("Total: 5. Subtotal: 3", 5.0),
 ])
 def test_the_final_number_parser_reads_numbers_as_people_write_them(text, expected):
     from rlhf.verifiable import final_number_of
