@@ -66,14 +66,16 @@ def ai_vote(preference: float, tie_margin: float) -> tuple[str, str | None]:
 
 
 def ai_ranking(model, tokenizer, constitution: str, prompt: str, answers: list[str], tie_margin: float) -> list[int]:
-    """Ranks of the answers (1 the best): each scored by its summed P(better) against the others, both orders
-    asked for every pair; scores less than `tie_margin` apart tied with the one ranked just above."""
+    """Ranks of the answers (1 the best): each scored by its mean P(better) against the others, both orders
+    asked for every pair; an answer less than 2 x `tie_margin` below the one ranked just above is tied with it (as
+    a pair vote ties within `tie_margin` of 0.5: its two answers' means are then 2 x tie_margin apart at most)."""
     wins = [0.0] * len(answers)
     for i, j in itertools.combinations(range(len(answers)), 2):
         preference = prefer_a(model, tokenizer, constitution, prompt, answers[i], answers[j])
         wins[i] += preference
         wins[j] += 1 - preference
-    return ranks_in_order(sorted(range(len(answers)), key=lambda i: -wins[i]), wins, tie_margin)
+    means = [total / (len(answers) - 1) for total in wins]
+    return ranks_in_order(sorted(range(len(answers)), key=lambda i: -means[i]), means, 2 * tie_margin)
 
 
 def check_ai_inputs(model_spec: str, constitution_path: str) -> None:

@@ -17,6 +17,7 @@ Three readings of a ranking:
   over every pair of labellers on every item ranked more than once.
 """
 import itertools
+import re
 
 MAX_K = 6
 
@@ -86,8 +87,9 @@ def ranking_agreement(units: list[list[list[int]]]) -> float | None:
 def ranks_from_order(order: str, answers: int) -> list[int]:
     """Ranks of the answers shown 1..`answers` from a labeller's order, best first: their numbers separated by
     spaces, with `=` between tied ones ("3 1=4 2": the third best, the first and fourth tied next, the second
-    last). Every answer must appear once; else ValueError."""
-    tiers = [[part for part in tier.split("=")] for tier in order.replace(",", " ").split()]
+    last; spaces around `=` are allowed). Every answer must appear once; else ValueError."""
+    order = re.sub(r"\s*=\s*", "=", order.replace(",", " "))
+    tiers = [tier.split("=") for tier in order.split()]
     ranks = [0] * answers
     for place, tier in enumerate(tiers, start=1):
         for number in tier:

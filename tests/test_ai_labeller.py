@@ -102,7 +102,7 @@ def test_the_preferences_stage_lets_an_ai_labeller_vote_first_beside_simulated_l
 
 
 def test_the_ai_labeller_ranks_a_ranking_item_by_summed_preferences(tmp_path, tiny_model_path):
-    from preference_ui.ai_labeller import ai_ranking
+    from preference_ui.ai_labeller import ai_ranking, ai_vote
 
     model, tokenizer = models.load_causal_lm(str(tiny_model_path))
     constitution = open("data/constitution.md").read()
@@ -114,6 +114,10 @@ def test_the_ai_labeller_ranks_a_ranking_item_by_summed_preferences(tmp_path, ti
         wins[i], wins[j] = wins[i] + preference, wins[j] + 1 - preference
     assert ranks == [1 + sum(other > wins[i] for other in wins) for i in range(3)]
     assert ai_ranking(model, tokenizer, constitution, PROMPT, answers, tie_margin=3.0) == [1, 1, 1]
+    # two answers: the ranking ties where the pair vote does (each answer's mean against the other, 2 x the margin)
+    lead = abs(prefer_a(model, tokenizer, constitution, PROMPT, answers[0], answers[1]) - 0.5)
+    assert lead > 0 and ai_vote(0.5 + lead, 1.5 * lead)[0] == "tie"
+    assert ai_ranking(model, tokenizer, constitution, PROMPT, answers[:2], tie_margin=1.5 * lead) == [1, 1]
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     prompt = store.add_prompt("r", "chat", [{"role": "user", "content": PROMPT}])
     store.add_ranking_item([store.add_response(prompt, text, "m", {}) for text in answers], batch="b1")

@@ -66,10 +66,10 @@ def test_ranking_agreement_averages_tau_over_every_pair_of_labellers_on_items_ra
 
 
 def test_a_typed_order_best_first_with_ties_becomes_ranks_of_the_answers_as_shown():
-    assert ranks_from_order("3 1=4 2", 4) == [2, 3, 1, 2]
+    assert ranks_from_order("3 1=4 2", 4) == [2, 3, 1, 2] == ranks_from_order("3 1 = 4 2", 4)
     assert ranks_from_order(" 2, 1 ", 2) == [2, 1] and ranks_from_order("1=2=3", 3) == [1, 1, 1]
     for order, message in (("1 2", "leaves out answer 3"), ("1 2 2 3", "answer 2 is in the order twice"),
-                           ("1 2 7", "'7' is not an answer's number (1 to 3)"), ("1 = 2 3", "'' is not"),
+                           ("1 2 7", "'7' is not an answer's number (1 to 3)"), ("=1 2 3", "'' is not"),
                            ("", "leaves out answers 1, 2, 3")):
         with pytest.raises(ValueError, match=re.escape(message)):
             ranks_from_order(order, 3)
