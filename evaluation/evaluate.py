@@ -9,6 +9,7 @@ under the reward model and under the judge, with bootstrap intervals over prompt
 against the prompts' reference answers (`builtin:final_number`) also gives each policy its accuracy. Writes
 `runs/<name>/eval/` (results.json, answers.jsonl, plots) and the run's report, `runs/<name>/report.md`.
 """
+import dataclasses
 import json
 import random
 import statistics
@@ -28,7 +29,7 @@ from rlhf.errors import ConfigError, MissingInputError
 from rlhf.generation import answer_prompts
 from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
-from rlhf.runs import RunDir, atomic_write_json, atomic_write_text
+from rlhf.runs import RunDir, atomic_write_json, atomic_write_text, hash_config, input_hashes
 from rlhf.store import NoStoreYet, Store, check_prompt_widths, run_store_url
 from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, start_partial, starting_model
 from rlhf.verifiable import check_references, judge_scores, probe_judge
@@ -146,6 +147,8 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
             for i, (p, m) in enumerate(zip(prompts, messages))]
 
     if config.human:
+        hashes = record.input_hashes if record is not None else input_hashes(found)  # (main process: recorded)
+        config = dataclasses.replace(config, human_batch=human_batch(config, names, hashes))
         store = Store(run_store_url(run.output_root, run.name, config.db or None))
         queued = queue_human_comparisons(store, config, run, prompts, texts)
         add_human_win_rates(results, store, config, run)
@@ -169,6 +172,15 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     print(headline(results))
     return Outcome({"prompts": len(prompts), **metrics}, staged, partial, time.time() - started,
                    f"report {run_dir.path / 'report.md'}", artifact="report", returned=metrics)
+
+
+def human_batch(config: EvalStageConfig, names: list[str], hashes: dict) -> str:
+    """`eval.human_batch`, else `eval-KEY`: KEY stands for the compared models' and the prompts' contents, so the
+    votes read back are on these answers (a batch of retrained policies' older answers would be reported as
+    theirs)."""
+    if config.human_batch:
+        return config.human_batch
+    return f"eval-{hash_config({name: hashes.get(name) for name in [*names, 'prompts']})[:8]}"
 
 
 def queue_human_comparisons(store: Store, config: EvalStageConfig, run: RunConfig, prompts: list[dict],

@@ -185,7 +185,8 @@ def test_missing_policies_and_models_name_the_command_that_makes_them(tmp_path, 
     assert "rlhf reward" in capsys.readouterr().err
 
 
-def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_rate(tmp_path, tiny_model_path):
+def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_rate(tmp_path, tiny_model_path,
+                                                                                       capsys):
     from preference_ui.stats import format_stats, stats
     from rlhf.store import Store
 
@@ -205,7 +206,9 @@ def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_r
     row = next(line for line in first_report.splitlines() if line.startswith("| moved |"))
     assert row.endswith("| - | 0 |")  # no votes yet: the people's columns say so
     store = Store(db)
-    queued = store.comparisons("eval")
+    [batch] = {comparison["batch"] for comparison in store.comparisons()}  # eval-KEY: of these models and prompts
+    assert batch.startswith("eval-") and f"`rlhf label serve --batch {batch}`" in capsys.readouterr().out
+    queued = store.comparisons(batch)
     answers = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "eval" / "answers.jsonl").open()]
     assert len(queued) == sum(a["moved_answer"] != a["sft_answer"] for a in answers) >= 4
     assert all(c["kind"] == "eval" and {c["a_role"], c["b_role"]} == {"policy", "baseline"} for c in queued)
@@ -215,17 +218,27 @@ def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_r
     for i, comparison in enumerate(queued):  # ann prefers the policy's answer, except one tie
         policy_side = "a" if comparison["a_role"] == "policy" else "b"
         store.cast_vote(comparison["id"], labeller, "tie" if i == 0 else policy_side)
-    report = stats(store, "eval")
+    report = stats(store, batch)
     rate = report["human_win_rates"]["tiny/moved"]
     assert rate["votes"] == len(queued) and rate["win_rate"] == pytest.approx((len(queued) - 0.5) / len(queued))
     assert "human win rate of tiny/moved against the baseline" in format_stats(report)
     assert cli(command) == 0  # a second evaluation does not queue the same batch again, and reads the votes
-    assert len(store.comparisons("eval")) == len(queued)
+    assert len(store.comparisons(batch)) == len(queued)
     row = next(line for line in (tmp_path / "runs" / "tiny" / "report.md").read_text().splitlines()
                if line.startswith("| moved |"))
     assert row.endswith(f"| {rate['win_rate']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] | {len(queued)} |")
     results = json.loads((tmp_path / "runs" / "tiny" / "eval" / "results.json").read_text())["policies"]
     assert results["moved"]["win_rate_human"] == rate["win_rate"]
+
+    # the policy retrained (here: moved again): its answers go to a new batch, and the old votes are not its own
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    policy.save_pretrained(tmp_path / "moved")
+    assert cli(command) == 0
+    assert len({comparison["batch"] for comparison in store.comparisons()}) == 2
+    results = json.loads((tmp_path / "runs" / "tiny" / "eval" / "results.json").read_text())["policies"]
+    assert results["moved"]["human_votes"] == 0 and "win_rate_human" not in results["moved"]
 
 
 def test_blind_comparisons_for_people_are_queued_all_or_none_under_prompts_the_store_does_not_clash_with(
@@ -237,7 +250,7 @@ def test_blind_comparisons_for_people_are_queued_all_or_none_under_prompts_the_s
     from rlhf.store import Store
 
     db = f"sqlite:///{tmp_path / 'labels.db'}"
-    config, run = EvalStageConfig(human=True, db=db), RunConfig(name="r", output_root=str(tmp_path))
+    config, run = EvalStageConfig(human=True, db=db, human_batch="eval"), RunConfig(name="r", output_root=str(tmp_path))
     prompts = [{"id": f"eval-{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}]} for i in range(4)]
     texts = {"sft": [f"old answer {i}" for i in range(4)], "ppo": [f"new answer {i}" for i in range(4)]}
     check_prompts_for_people(config, run, prompts)  # no store yet: nothing to clash with, and none made
