@@ -30,7 +30,7 @@ from rlhf.generation import answer_prompts
 from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text, hash_config, input_hashes
-from rlhf.store import NoStoreYet, Store, check_prompt_widths, run_store_url
+from rlhf.store import NoStoreYet, Store, check_batch_name, check_prompt_widths, run_store_url
 from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, start_partial, starting_model
 from rlhf.verifiable import check_references, judge_scores, probe_judge
 
@@ -100,6 +100,7 @@ def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: l
     """The label store must not hold these prompts' ids with other text (`--eval.human` files the blind
     comparisons under them), nor can they be wider than its columns."""
     check_prompt_widths([p["id"] for p in prompts], [p.get("category") or "eval" for p in prompts], config.prompts)
+    check_batch_name(config.human_batch, "eval.human_batch")
     try:
         store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
     except NoStoreYet:

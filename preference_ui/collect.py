@@ -68,7 +68,7 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
     before the stage creates anything, the store among them."""
     check_feedback(config, run)
     check_database_url(run_store_url(run.output_root, run.name, config.db or None))
-    check_batch_name(config.batch or run.name, run.rounds)
+    check_batch_name(config.batch or run.name, rounds=run.rounds)
     taken = prompts_taken_before(run, config)
     prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round, taken)
     check_prompt_widths([row["id"] for row in prompts], [row["category"] for row in prompts], config.prompts)

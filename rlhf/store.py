@@ -302,13 +302,14 @@ def check_prompt_widths(ids, categories, source) -> None:
                                                      f"label store holds ({width})")
 
 
-def check_batch_name(batch: str, rounds: int = 1) -> None:
-    """A batch name the store's column can hold, with room for the round suffix when a run has later rounds."""
+def check_batch_name(batch: str, setting: str = "preferences.batch, else run.name", rounds: int = 1) -> None:
+    """A batch name (from `setting`) the store's column can hold, with room for the round suffix when a run has
+    later rounds."""
     room = BATCH_WIDTH - (ROUND_BATCH_SUFFIX if rounds > 1 else 0)
     if len(batch) > room:
-        raise ConfigError(f"batch name '{batch[:40]}...' (preferences.batch, else run.name) is {len(batch)} "
-                          f"characters; the label store holds {room}" + (" in a run of several rounds, whose later "
-                          "rounds add a suffix" if rounds > 1 else "") + ": choose a shorter one")
+        raise ConfigError(f"batch name '{batch[:40]}...' ({setting}) is {len(batch)} characters; the label store "
+                          f"holds {room}" + (" in a run of several rounds, whose later rounds add a suffix"
+                                             if rounds > 1 else "") + ": choose a shorter one")
 
 
 def check_new_user(name: str, role: str, password: str) -> None:
