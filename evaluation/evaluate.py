@@ -87,6 +87,7 @@ def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[di
     """(the prompts, the judge, the prompts' reference answers when the judge checks against them), read and
     checked."""
     prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    check_same_tokenizer(found)
     if config.human:
         check_prompts_for_people(config, run, prompts)
     judge = load_judge(config.judge) if config.judge else None
@@ -94,6 +95,17 @@ def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[di
     if judge:
         probe_judge(judge, prompts[0]["prompt"][-1]["content"], references[0] if references else None)
     return prompts, judge, references
+
+
+def check_same_tokenizer(found: dict) -> None:
+    """Each policy reads text with the baseline's vocabulary: a policy's KL is its answer's token ids read by both
+    models (another vocabulary would crash or give a wrong KL)."""
+    vocabulary = models.load_tokenizer(models.resolve(found[BASELINE])).get_vocab()
+    for name in (name for name in found if name not in OTHER_INPUTS):
+        if models.load_tokenizer(models.resolve(found[name])).get_vocab() != vocabulary:
+            raise ConfigError(f"eval.policies: '{name}' ({found[name]}) has another tokenizer than the baseline "
+                              f"({found[BASELINE]}): its KL to the baseline reads its token ids with both models; "
+                              "compare models that share a tokenizer")
 
 
 def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: list[dict]) -> None:

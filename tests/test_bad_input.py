@@ -3,10 +3,12 @@ output root as it was (nothing locked, recorded, created or opened). The corpus,
 file holds one malformed kind, and expected.json says what the error names (line: field: problem)."""
 import hashlib
 import json
+import shutil
 
 import pytest
 
 from pipeline.cli import main as cli
+from rlhf.models import load_tokenizer
 from tests.conftest import REPO
 
 CORPUS = REPO / "tests" / "bad_inputs"
@@ -104,6 +106,11 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
     model = str(tiny_model_path)
     wide = tmp_path / "wide.jsonl"  # wider than the label store's columns (PostgreSQL would refuse it mid-stage)
     wide.write_text(json.dumps({"id": "p" * 200, "prompt": "Hi?"}) + "\n")
+    other_vocabulary = tmp_path / "other-vocabulary"  # the tiny model with one token more
+    shutil.copytree(model, other_vocabulary)
+    tokenizer = load_tokenizer(str(other_vocabulary))
+    tokenizer.add_tokens(["<a-new-token>"])
+    tokenizer.save_pretrained(other_vocabulary)
     wide_category = tmp_path / "wide_category.jsonl"
     wide_category.write_text(json.dumps({"id": "p1", "prompt": "Hi?", "category": "c" * 65}) + "\n")
     cases = [
@@ -117,6 +124,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
           f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           "--eval.judge=builtin:nonesuch"], "builtin:nonesuch"),
+        (["eval", f"--eval.baseline={model}", f"--eval.policies=other={other_vocabulary}", "--eval.reward_model=none"],
+         f"eval.policies: 'other' ({other_vocabulary}) has another tokenizer than the baseline ({model})"),
         # people's comparisons for a store URL that is none: refused before any answer (was after every answer)
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           "--eval.human=true", "--eval.db=postgres//typo"], "label store 'postgres//typo': not a database URL"),
