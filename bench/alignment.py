@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from preference_ui.simulate import voting_judge  # noqa: E402
 from rlhf.errors import UserError  # noqa: E402
+from rlhf.runs import atomic_write_text  # noqa: E402
 
 JUDGES = ("builtin:length", "builtin:readability", "builtin:keywords", "builtin:sentiment")
 HELD_OUT = "builtin:sentiment"
@@ -70,9 +71,27 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.config = args.config or (VERIFIABLE_CONFIG if args.verifiable else "configs/default.yaml")
     args.methods = checked_methods(parser, args.methods, args.verifiable)
+    args.kl_coefs = checked_values(parser, "--kl-coefs", args.kl_coefs)
+    args.betas = checked_values(parser, "--betas", args.betas)
+    if any(item.replace(" ", "").startswith("run.rounds=") for item in args.set):
+        parser.error("--set run.rounds: the summary reads round 1's reward model and eval; compare online rounds "
+                     "with bench/online_rounds.py")
     if not args.verifiable:
         checked_judges(parser, args.judges)
     return args
+
+
+def checked_values(parser, option: str, values: str) -> list[str]:
+    """A frontier's settings: numbers, each once (each names a run, `ppo-kl0.05`), checked before any chain."""
+    chosen = [value.strip() for value in values.split(",")]
+    for value in chosen:
+        try:
+            float(value)
+        except ValueError:
+            parser.error(f"{option}: '{value}' is not a number")
+    if len(set(chosen)) < len(chosen):
+        parser.error(f"{option}: a value is given twice ({values})")
+    return chosen
 
 
 def checked_judges(parser, judges: str) -> None:
@@ -242,12 +261,12 @@ def frontier(args, judge: str, chain: dict, root: Path) -> Path:
     together on the judge; plots judge score against KL to SFT."""
     run, output_root = Path(chain["output_root"]) / RUN_NAME, root / "frontier"
     policies = {}
-    for value in args.kl_coefs.split(","):
+    for value in args.kl_coefs:
         name = f"ppo-kl{value}"
         stage(args, "ppo", output_root, f"--run.name={name}", f"--ppo.model={run / 'sft'}",
               f"--ppo.reward_model={run / 'reward'}", f"--ppo.kl_coef={value}", f"--ppo.judge={judge}")
         policies[name] = output_root / name / "ppo"
-    for value in args.betas.split(","):
+    for value in args.betas:
         name = f"dpo-beta{value}"
         stage(args, "dpo", output_root, f"--run.name={name}", f"--dpo.model={run / 'sft'}",
               f"--dpo.preferences={run / 'preferences'}", f"--dpo.reward_model={run / 'reward'}", f"--dpo.beta={value}")
@@ -309,18 +328,19 @@ def verifiable_summary(result: dict, config: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    root = Path(args.root or tempfile.mkdtemp(prefix="alignment-"))
+    # absolute: the stages run in the repository, and their folders are read back from here
+    root = Path(args.root or tempfile.mkdtemp(prefix="alignment-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if args.verifiable:
         result = verifiable(args, root)
-        (root / "results.json").write_text(json.dumps(result, indent=1))
+        atomic_write_text(root / "results.json", json.dumps(result, indent=1))
         print(verifiable_summary(result, args.config))
         return 0
     judges = args.judges.split(",")
     results = {}
     for judge in judges:
         results[judge] = run_chain(args, judge, root)
-        (root / "results.json").write_text(json.dumps(results, indent=1))
+        atomic_write_text(root / "results.json", json.dumps(results, indent=1))  # the judges' order kept
         print("\n".join(judge_lines(judge, results[judge])), flush=True)
     if args.frontier:
         print(f"[alignment] frontier plot: {frontier(args, judges[0], results[judges[0]], root)}", flush=True)

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent  # the repository's files are read from there, wherever this runs
+sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
@@ -67,7 +68,7 @@ def generated_tokens_per_s(model, tokenizer, prompts: list, args, batch_size: in
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    prompts = [row["prompt"] for row in load_rows("data/rl_prompts.jsonl", "prompt")[:args.prompts]]
+    prompts = [row["prompt"] for row in load_rows(REPO / "data" / "rl_prompts.jsonl", "prompt")[:args.prompts]]
     print(f"threads: {torch.get_num_threads()}  prompts: {len(prompts)} x {args.k} answers of up to {args.tokens} "
           f"tokens", flush=True)
     ratio = 0.0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ppo_vs_rloo import alternate, arguments  # noqa: E402
-from reward_throughput import REPO, yardstick_step_seconds  # noqa: E402
+from reward_throughput import REPO, at_our_precision, yardstick_step_seconds  # noqa: E402
 
 
 def ours(a, reward_dir: Path, prompts: Path, eval_prompts: Path, out: Path, round_index: int) -> dict:
@@ -40,7 +40,8 @@ def ours(a, reward_dir: Path, prompts: Path, eval_prompts: Path, out: Path, roun
 def trl(a, model_dir: str, reward_dir: Path) -> float:
     return yardstick_step_seconds("grpo", "--model", model_dir, "--reward_model", str(reward_dir), "--steps",
                                   str(a.steps), "--batch", str(a.batch), "--generations", str(a.generations),
-                                  "--completion_length", str(a.completion_length), "--beta", str(a.beta))
+                                  "--completion_length", str(a.completion_length), "--beta", str(a.beta),
+                                  *at_our_precision())
 
 
 def main():

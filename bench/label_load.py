@@ -94,6 +94,7 @@ def labeller(url: str, name: str, votes: int, claimed: list, latencies: list, er
             claimed.append(shown)
     except Exception as err:
         errors.append(f"{name}: {err!r}")
+        start.abort()  # the others (and drive) stop waiting for one who will never arrive
 
 
 def guesser(url: str, names: list[str], outcomes: list, stop) -> None:
@@ -135,7 +136,10 @@ def drive(url: str, names: list[str], votes: int, server: psutil.Process, guesse
     if attacker:
         attacker.start()
         ready.wait()
-    start.wait()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:  # a labeller failed to sign in or to get an item: named in `errors`
+        pass
     began, cpu_before = time.perf_counter(), sum(server.cpu_times()[:2])
     for thread in threads:
         thread.join()

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.alignment import rlhf  # noqa: E402  (the rlhf command in a subprocess, timed)
+from rlhf.runs import atomic_write_text  # noqa: E402
 
 JUDGES = ("builtin:length", "builtin:keywords")
 POLICIES = ("ppo", "dpo")
@@ -134,7 +135,7 @@ def summary(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    root = Path(args.root or tempfile.mkdtemp(prefix="online-rounds-"))
+    root = Path(args.root or tempfile.mkdtemp(prefix="online-rounds-")).resolve()  # the runs start in the repository
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
     base = yaml.safe_load((REPO / args.config).read_text())
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
             print(f"[online] {judge}, {arm}: rlhf run --config {path}", flush=True)
             rlhf("run", "--config", str(path), f"--run.output_root={folder}", f"--run.name={arm}", *on_judge, *extra)
             results[judge][arm] = arm_result(folder / arm)
-        (root / "results.json").write_text(json.dumps(results, indent=1))
+        atomic_write_text(root / "results.json", json.dumps(results, indent=1))
         print("\n".join(judge_lines(judge, results[judge])), flush=True)
     print(f"[online] benchmark time {(time.time() - started) / 60:.1f} min", flush=True)
     print(summary(results))

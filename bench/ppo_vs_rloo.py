@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reward_throughput import REPO, yardstick_step_seconds  # noqa: E402
+from reward_throughput import REPO, at_our_precision, yardstick_step_seconds  # noqa: E402
 from trl_baselines import words  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def ours(a, reward_dir: Path, prompts: Path, eval_prompts: Path, out: Path, roun
 def trl(a, model_dir: str, reward_dir: Path) -> float:
     return yardstick_step_seconds("rloo", "--model", model_dir, "--reward_model", str(reward_dir), "--steps",
                                   str(a.steps), "--batch", str(a.batch), "--generations", "2",
-                                  "--completion_length", str(a.completion_length))
+                                  "--completion_length", str(a.completion_length), *at_our_precision())
 
 
 def main():

@@ -4,9 +4,10 @@ reward`) on the same pairs, batch size and maximum length, alternating in one ca
     python bench/reward_throughput.py [--model smollm2-135m-instruct] [--rounds 2] [--steps 6] [--batch 4]
                                       [--seq 128]
 
-The pairs are the baseline's own (its word list and seed), written to a file our stage reads. Both sides train in
-fp32 on the CPU with the same optimiser settings; each reports the median seconds per optimiser step with the first
-(warm-up) step left out. Prints `name: value` lines, pairs/s for each, and last `ratio: X` = ours / TRL.
+The pairs are the baseline's own (its word list and seed), written to a file our stage reads. Both sides train on
+the CPU at the precision our stage chooses for this machine (fp32, or bf16 on a CPU with native bf16) with the same
+optimiser settings; each reports the median seconds per optimiser step with the first (warm-up) step left out.
+Prints `name: value` lines, pairs/s for each, and last `ratio: X` = ours / TRL.
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rlhf import hardware
 from trl_baselines import words  # bench/ is this script's folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +47,12 @@ def ours(a, pairs_file: Path, out: Path, round_index: int) -> float:
     return manifest["stages"]["reward"]["metrics"]["median_step_s"]
 
 
+def at_our_precision() -> list[str]:
+    """The yardstick's precision flag: bf16 where our stages choose it on this machine (a CPU with native bf16, a
+    GPU), so that the two sides train at one precision."""
+    return ["--bf16"] if hardware.choose("auto").bf16 else []
+
+
 def yardstick_step_seconds(*args: str) -> float:
     """Runs a plain TRL trainer (bench/trl_baselines.py) with `args`; its last output line is JSON with the
     median step time."""
@@ -55,7 +63,7 @@ def yardstick_step_seconds(*args: str) -> float:
 
 def trl(a, model_dir: str) -> float:
     return yardstick_step_seconds("reward", "--model", model_dir, "--steps", str(a.steps), "--batch", str(a.batch),
-                                  "--seq", str(a.seq))
+                                  "--seq", str(a.seq), *at_our_precision())
 
 
 def main():

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent  # the repository's files are read from there, wherever this runs
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
@@ -43,7 +44,8 @@ from rlhf.config import load_config  # noqa: E402
 
 def default_sizes() -> dict:
     """The default run's generation sizes, read from configs/default.yaml (missing keys: the stages' defaults)."""
-    config = load_config("configs/default.yaml", [], {"preferences": PreferencesStageConfig, "ppo": PPOStageConfig})
+    config = load_config(REPO / "configs" / "default.yaml", [],
+                         {"preferences": PreferencesStageConfig, "ppo": PPOStageConfig})
     preferences, ppo = config["preferences"], config["ppo"]
     return {"k": preferences.responses_per_prompt, "batch": preferences.batch_size, "batch_ppo": ppo.batch_size,
             "group": ppo.num_generations, "tokens": ppo.response_length, "temperature": ppo.temperature}
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
     dtype = chosen.dtype
     model, tokenizer = models.load_causal_lm(args.model, dtype)
     model.to(chosen.device).eval()
-    prompts = [row["prompt"] for row in load_rows("data/rl_prompts.jsonl", "prompt")[:args.prompts]]
+    prompts = [row["prompt"] for row in load_rows(REPO / "data" / "rl_prompts.jsonl", "prompt")[:args.prompts]]
     params = sum(p.numel() for p in model.parameters())
     limit = matmul_flops(dtype, device=chosen.device) / (2 * params)
     print(f"device: {chosen.device}  threads: {torch.get_num_threads()}  dtype: {dtype}  params: {params / 1e6:.1f}M  "

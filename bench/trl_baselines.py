@@ -88,7 +88,7 @@ def reward(a) -> dict:
              "rejected": [{"role": "assistant", "content": words(rng, a.seq // 3)}]} for _ in range(16 * a.batch)]
     timer = step_timer()
     with tempfile.TemporaryDirectory() as out:
-        config = RewardConfig(**common_args(a, out), max_length=a.seq)
+        config = RewardConfig(**common_args(a, out, a.bf16), max_length=a.seq)
         RewardTrainer(model=a.model, args=config, train_dataset=Dataset.from_list(rows), callbacks=[timer]).train()
     return {"median_step_s": timer.median()}
 
@@ -116,7 +116,7 @@ def online_rl(a, config_class, trainer_class, **settings) -> dict:
     reward_tokenizer = AutoTokenizer.from_pretrained(a.reward_model)
     timer = step_timer()
     with tempfile.TemporaryDirectory() as out:
-        config = config_class(**common_args(a, out), num_generations=a.generations,
+        config = config_class(**common_args(a, out, a.bf16), num_generations=a.generations,
                               max_completion_length=a.completion_length, temperature=0.7, **settings)
         trainer_class(model=a.model, reward_funcs=reward_model, reward_processing_classes=reward_tokenizer,
                       args=config, train_dataset=Dataset.from_list(rows), callbacks=[timer]).train()
@@ -131,7 +131,8 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=4, help="rows per step (rloo, grpo: completions per step)")
     p.add_argument("--seq", type=int, default=128, help="sft, reward: tokens per row, about")
-    p.add_argument("--bf16", action="store_true", help="sft: TRL's own default, bf16 mixed precision")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TRL's own default; the callers pass it "
+                   "when our stage trains in bf16 on this machine, so both sides run at one precision)")
     p.add_argument("--generations", type=int, default=2, help="rloo, grpo: completions per prompt")
     p.add_argument("--completion_length", type=int, default=32, help="rloo, grpo: longest completion")
     p.add_argument("--beta", type=float, default=0.0, help="grpo: KL coefficient (TRL's default 0: no reference)")

@@ -74,6 +74,17 @@ def test_a_mistyped_judge_is_refused_before_any_chain_starts(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_frontier_settings_and_online_rounds_are_checked_before_any_chain_starts(capsys):
+    """A frontier value that names no run, or one given twice, used to fail after every chain had run."""
+    assert parse_args(["--kl-coefs", "0.02, 0.05"]).kl_coefs == ["0.02", "0.05"]
+    for argv, message in ((["--kl-coefs", "0.02,strong"], "--kl-coefs: 'strong' is not a number"),
+                          (["--betas", "0.1,0.1"], "--betas: a value is given twice"),
+                          (["--set", "run.rounds=3"], "--set run.rounds: the summary reads round 1's")):
+        with pytest.raises(SystemExit) as refused:
+            parse_args(argv)
+        assert refused.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 def test_verifiable_summary_gives_accuracy_before_and_after_each_method():
     def policy(accuracy: float, low: float) -> dict:
         return {"accuracy": accuracy, "win_rate_judge": low + 0.05, "win_rate_judge_low": low,
