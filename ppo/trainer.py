@@ -255,14 +255,14 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     set_seed(seed + accelerator.process_index)  # answers draw from their own seeds (one_update), not from these
 
     sharded, zero3 = is_sharded(accelerator), is_zero3(accelerator)
-    with every_process_loads(), loaded_whole(accelerator):
+    with every_process_loads(), loaded_whole(accelerator):  # the reward model too: it scores on every process
         policy, tokenizer, reference, critic = build_models(config, found)
+        scorer = Scorer(config, found.get("reward_model"), accelerator.device)
     if sharded:
         policy, reference, critic = (model and shard(model.to(accelerator.device), layer_classes(model), accelerator)
                                      for model in (policy, reference, critic))
     elif reference is not None and not zero3:
         reference.to(accelerator.device)
-    scorer = Scorer(config, found.get("reward_model"), accelerator.device)
     eval_prompts, judge = checked.eval_prompts, checked.judge
     # fused: one pass over memory (not over sharded parameters)
     make_optimizer = functools.partial(torch.optim.AdamW, lr=config.learning_rate, eps=1e-5,

@@ -99,12 +99,22 @@ def engines(policy, critic, reference, optimizer_class, config, accelerator):
 def loaded_whole(accelerator):
     """Inside, models load whole on every process: accelerate's `zero3_init_flag` would have transformers partition
     them while loading, and PPO copies the policy into its reference before the engines partition both."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         yield
         return
+    # the plugin's flag alone is not enough: transformers partitions while the plugin's config is registered with
+    # it (accelerate registers it again as the flag is switched), so the registration is lifted too
+    registered = is_deepspeed_zero3_enabled()
     with plugin.zero3_init_context_manager(enable=False):
-        yield
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if registered:
+                plugin.set_deepspeed_weakref()
 
 
 def is_engine(optimizer) -> bool:

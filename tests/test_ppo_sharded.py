@@ -126,3 +126,34 @@ def test_deepspeed_below_stage_3_stops_ppo_with_exit_2_before_anything_is_writte
     assert result.returncode != 0 and "ZeRO stage 3 only (not 2)" in result.stdout + result.stderr
     assert "exitcode  : 2" in result.stderr  # each process: a refusal, not a crash
     assert not (tmp_path / "runs").exists()  # checked with the files: no run folder, manifest or lock
+
+
+ZERO3_INIT_REGISTERED = """
+import os, sys, types
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+from accelerate.utils import DeepSpeedPlugin
+from transformers import AutoModelForCausalLM
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from ppo.zero3 import loaded_whole
+
+plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1},
+                         zero3_init_flag=True)
+plugin.set_deepspeed_weakref()  # as accelerate does on GPUs once the Accelerator is made
+accelerator = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin))
+with loaded_whole(accelerator):
+    inside = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(tuple(inside.get_input_embeddings().weight.shape), is_deepspeed_zero3_enabled())
+"""
+
+
+def test_models_load_whole_under_zero3_even_where_accelerate_registered_its_init_with_transformers(tiny_model_path):
+    """On GPUs accelerate registers ZeRO-3's config with transformers, which then partitions every model it loads
+    (the CPU runs above never register it): inside loaded_whole the models load whole (PPO copies its policy into
+    the reference, and the reward model scores on every process), and the registration is back afterwards."""
+    result = subprocess.run([sys.executable, "-c", ZERO3_INIT_REGISTERED, str(tiny_model_path), str(free_port())],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shape, registered = result.stdout.strip().splitlines()[-1].rsplit(") ", 1)
+    assert int(shape.strip("(").split(",")[0]) > 0 and registered == "True", result.stdout  # a partitioned one: (0,)
