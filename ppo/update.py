@@ -212,17 +212,18 @@ def ppo_epochs(policy, critic, optimizer, experience: Experience, config, genera
         order = torch.randperm(batch, generator=generator)
         for start in range(0, batch, minibatch):
             stats = []
+            tokens = minibatch_tokens(experience.rollout.response_mask[order[start:start + minibatch]], accelerator)
             for micro_start in range(start, start + minibatch, micro):
                 rows = order[micro_start:micro_start + micro]
                 last = micro_start + micro >= start + minibatch
                 with contextlib.nullcontext() if engine or last else kept_local(accelerator, policy, critic):
                     loss, micro_stats = minibatch_loss(policy, critic, experience, rows, config)
-                    loss = loss * token_share(experience.rollout.response_mask[rows], accelerator)
-                    if engine:
-                        optimizer.backward(loss)
+                    loss = loss * token_share(experience.rollout.response_mask[rows], tokens, accelerator)
+                    if engine:  # DeepSpeed divides each micro-batch's loss by the accumulation steps itself
+                        optimizer.backward(loss * config.gradient_accumulation_steps)
                         optimizer.step()  # an optimiser step at the last micro-batch of each minibatch
                     else:
-                        accelerator.backward(loss / config.gradient_accumulation_steps)
+                        accelerator.backward(loss)
                 stats.append(micro_stats)
             if not engine:
                 accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -245,14 +246,19 @@ def kept_local(accelerator, policy, critic) -> contextlib.ExitStack:
     return stack
 
 
-def token_share(mask: torch.Tensor, accelerator) -> torch.Tensor:
-    """This process's real tokens over the mean over processes. The losses are means over a process's tokens and
-    the processes' gradients are averaged: weighted by this share, every token of the global minibatch counts
-    alike, as in one process (1 there, and wherever the processes hold as many tokens)."""
+def minibatch_tokens(mask: torch.Tensor, accelerator) -> torch.Tensor:
+    """The real tokens of the global minibatch: this process's rows of it, summed over processes."""
     tokens = mask.sum().float()
-    if accelerator.num_processes == 1:
-        return torch.ones((), device=tokens.device)
-    return tokens / accelerator.reduce(tokens.clone(), reduction="mean").clamp_min(1)
+    return (tokens if accelerator.num_processes == 1 else accelerator.reduce(tokens.clone(), reduction="sum")
+            ).clamp_min(1)
+
+
+def token_share(mask: torch.Tensor, minibatch: torch.Tensor, accelerator) -> torch.Tensor:
+    """A micro-batch's real tokens over the global minibatch's (`minibatch`), times the processes. Each micro-batch's
+    loss is a mean over its own tokens, the micro-batches' gradients add up and the processes' are averaged:
+    weighted by this share, every token of the global minibatch counts alike, as in one process with one micro-batch
+    (1 there), whatever the micro-batches' and processes' lengths."""
+    return mask.sum().float() * accelerator.num_processes / minibatch
 
 
 def minibatch_loss(policy, critic, experience: Experience, rows: torch.Tensor, config) -> tuple[torch.Tensor, dict]:

@@ -160,3 +160,25 @@ def test_passes_over_rows_of_similar_length_give_the_numbers_of_one_padded_pass(
     for grouped_outputs in outputs[1:]:
         for one_pass, grouped in zip(outputs[0], grouped_outputs):
             assert torch.allclose(one_pass, grouped, atol=1e-5)
+
+
+def test_micro_batches_of_unequal_lengths_give_the_gradient_of_one_micro_batch(setup):
+    """Each micro-batch's loss is a mean over its own tokens: weighted by its share of the minibatch's tokens, two
+    micro-batches (one of long answers, one of short) step exactly as one does (plain SGD shows the gradient)."""
+    policy, reference, critic, config, rollout = setup
+    mask = rollout.response_mask.clone()
+    mask[4:, 2:] = 0  # half the answers 2 tokens long: the micro-batches hold different numbers of tokens
+    rollout = dataclasses.replace(rollout, response_mask=mask)
+    config.num_mini_batches, config.num_ppo_epochs, config.max_grad_norm = 1, 1, 1e9
+    ref_logprobs = reference_logprobs(policy, reference, rollout, config.temperature)
+    ends = []
+    for steps in (1, 2):
+        config.gradient_accumulation_steps = steps
+        models = copy.deepcopy((policy, critic))
+        optimizer = torch.optim.SGD([p for m in models for p in m.parameters()], lr=1.0)
+        experience = make_experience(rollout, ref_logprobs, models[1], torch.linspace(-1, 1, 8), 0.05, config)
+        ppo_epochs(*models, optimizer, experience, config, torch.Generator().manual_seed(1), Accelerator(cpu=True))
+        ends.append(torch.cat([p.detach().flatten() for m in models for p in m.parameters()]))
+    start = torch.cat([p.flatten() for m in (policy, critic) for p in m.parameters()])
+    assert (ends[0] - start).abs().max() > 1e-4  # a step was taken
+    assert torch.allclose(ends[0], ends[1], atol=1e-6), (ends[0] - ends[1]).abs().max()
