@@ -7,7 +7,9 @@ log-probabilities out. Measured against `generate` on this CPU (bench/rollout.py
 - sampling by inverse CDF from the fp32 softmax (torch.multinomial draws an exponential per vocabulary entry,
   50 ms a step for 64 rows of a 49k vocabulary, against 5 ms);
 - finished rows: a row that emitted its stop token leaves the batch (its cache rows dropped when a few have
-  finished), instead of decoding padding until the longest answer ends.
+  finished), instead of decoding padding until the longest answer ends;
+- for plain Llama models on the CPU (the bundled SmolLM2), a decoding step written out (rlhf/llama_step.py):
+  fused projections and prepacked bf16 weights, the same numbers as the model's forward.
 
 Nothing changes what is sampled: each token is drawn from softmax(logits / temperature) of the logits its row's
 forward pass gave, and its log-probability is read from the same fp32 log-softmax, so it equals a recomputation
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import StaticCache
+
+from rlhf import llama_step
 
 # Finished rows leave the cache once the running rows fall to this share of the cache's rows: dropping them copies
 # the whole cache, so it is done in a few large steps rather than at every finished row.
@@ -60,6 +64,7 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     running = torch.arange(rows, device=device)  # the batch row of each cache row
     in_cache = torch.ones(rows, dtype=torch.bool, device=device)  # cache rows still decoding
     forward_rows = 0
+    next_logits = decoding_step(model, rows)
     uniforms = None if row_seeds is None else torch.stack(
         [torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(seed)) for seed in row_seeds]).to(device)
     for step in range(max_new_tokens):
@@ -82,7 +87,7 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
             in_cache = in_cache[keep]
         attention[running, prompt_length + step] = 1
         last_position = last_position + 1
-        logits = forward(model, cache, chosen[:, None], attention[running], last_position[:, None])
+        logits = next_logits(cache, chosen[:, None], attention[running], last_position[:, None], prompt_length + step)
         forward_rows += len(running)
     return Decoded(tokens, logprobs, ended, forward_rows)
 
@@ -117,6 +122,14 @@ def select_cache_rows(cache: StaticCache, rows: torch.Tensor) -> None:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
         layer.batch_size = len(rows)
+
+
+def decoding_step(model, rows: int):
+    """(cache, ids [rows, 1], attention mask, positions [rows, 1], cache slot) -> next-token logits: the written-out
+    Llama step where it covers the model, else the model's forward."""
+    if llama_step.supports(model):
+        return llama_step.LlamaStep(model, rows)
+    return lambda cache, ids, mask, positions, slot: forward(model, cache, ids, mask, positions)
 
 
 def forward(model, cache: StaticCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""The written-out Llama decoding step (rlhf/llama_step.py) gives the model's own numbers: the same logits, the
+same tokens and log-probs through the decoding loop, in bf16 and fp32; models it does not cover keep their
+forward."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ppo.rollout import encode_prompts
+from rlhf import llama_step
+from rlhf.decoding import decode
+from tests.test_decoding import PROMPTS, noisy_tiny_model
+
+
+def loaded(path, dtype):
+    model, tokenizer = noisy_tiny_model(path, eos_boost=3.0)
+    return model.to(dtype), tokenizer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_decoding_loop_gives_the_same_tokens_and_logprobs_with_and_without_the_written_out_step(
+        tiny_model_path, monkeypatch, dtype):
+    model, tokenizer = loaded(tiny_model_path, dtype)
+    assert llama_step.supports(model)
+    ids, mask = encode_prompts(tokenizer, [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2], PROMPTS[3]])
+    seeds = list(range(len(ids)))
+    runs = {}
+    for written_out in (True, False):
+        monkeypatch.setattr(llama_step, "supports", lambda m, answer=written_out: answer)
+        runs[written_out] = [decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                    temperature=0.7, row_seeds=seeds),
+                             decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                    greedy=True)]
+    for ours, theirs in zip(runs[True], runs[False]):
+        assert torch.equal(ours.tokens, theirs.tokens) and torch.equal(ours.logprobs, theirs.logprobs)
+        assert torch.equal(ours.ended, theirs.ended) and ours.forward_rows == theirs.forward_rows
+    # a real test: rows ended at different steps, and the answers are not one token repeated
+    assert 0 < int(runs[True][0].ended.sum()) < len(ids)
+    assert len(set(runs[True][0].tokens.flatten().tolist())) > 3
+
+
+def test_one_step_gives_the_models_logits_and_cache_exactly(tiny_model_path):
+    from rlhf.decoding import forward
+    from transformers import StaticCache
+
+    model, tokenizer = loaded(tiny_model_path, torch.bfloat16)
+    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    caches = [StaticCache(config=model.config, max_cache_len=ids.shape[1] + 4) for _ in range(2)]
+    first = [forward(model, cache, ids, mask, positions) for cache in caches]
+    token = first[0].argmax(-1)[:, None]
+    attention = torch.cat([mask, torch.ones(len(ids), 1, dtype=mask.dtype), torch.zeros(len(ids), 3, dtype=mask.dtype)],
+                          1)
+    theirs = forward(model, caches[0], token, attention, positions[:, -1:] + 1)
+    ours = llama_step.LlamaStep(model, len(ids))(caches[1], token, attention, positions[:, -1:] + 1, ids.shape[1])
+    assert torch.equal(ours, theirs)
+    for mine, model_s in zip(caches[1].layers, caches[0].layers):
+        assert torch.equal(mine.keys, model_s.keys) and torch.equal(mine.values, model_s.values)
+
+
+def test_models_it_does_not_cover_keep_their_forward(tiny_model_path):
+    model, _ = loaded(tiny_model_path, torch.float32)
+    assert llama_step.supports(model)
+    assert not llama_step.supports(model.train())
+    model.eval()
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not llama_step.supports(lora) and not llama_step.supports(lora.get_base_model())
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    assert llama_step.supports(LlamaForCausalLM(LlamaConfig(**small)).eval())
+    assert not llama_step.supports(LlamaForCausalLM(LlamaConfig(**small, attention_bias=True)).eval())
+    assert not llama_step.supports(LlamaForCausalLM(LlamaConfig(**small, attn_implementation="eager")).eval())
+    assert not llama_step.supports(torch.nn.Linear(2, 2))
