@@ -2,6 +2,7 @@
 log-probabilities out. Measured against `generate` on this CPU (bench/rollout.py, docs/benchmarks.md), it saves:
 
 - the prompt's prefill once per distinct prompt: k answers to one prompt share one prefill, copied k times;
+  the distinct prompts are prefilled in groups of similar length, each padded to its own longest only;
 - a static KV cache written in place (a growing cache concatenates every layer's keys and values at every step,
   which cost a third of a decoding step here);
 - sampling by inverse CDF from the fp32 softmax (torch.multinomial draws an exponential per vocabulary entry,
@@ -14,7 +15,9 @@ log-probabilities out. Measured against `generate` on this CPU (bench/rollout.py
 Nothing changes what is sampled: each token is drawn from softmax(logits / temperature) of the logits its row's
 forward pass gave, and its log-probability is read from the same fp32 log-softmax, so it equals a recomputation
 at that temperature (tests/test_decoding.py checks tokens against `generate` under greedy decoding, sampling
-frequencies against the tempered softmax, and log-probs against a full forward).
+frequencies against the tempered softmax, and log-probs against a full forward). A row's logits depend on the
+rows padded beside it by rounding only, as in `generate`; in half precision PPO recomputes the sampling log-probs
+by a full forward before its update (ppo/trainer.py).
 """
 import inspect
 from dataclasses import dataclass
@@ -25,6 +28,10 @@ from transformers import StaticCache
 
 from rlhf import llama_step
 
+# A forward pass costs as much as this many more prompt tokens in it: it reads every weight once and runs a few
+# thousand small operations whatever its size (SmolLM2-135M in bf16 on this 2-core CPU: 65 ms for one token, then
+# 0.34 ms a token). Prompts are prefilled in groups of similar length where the padding saved is worth more.
+FORWARD_COST_TOKENS = 192
 # Finished rows leave the cache once the running rows fall to this share of the cache's rows: dropping them copies
 # the whole cache, so it is done in a few large steps rather than at every finished row.
 COMPACT_BELOW = 0.875
@@ -51,7 +58,9 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     distinct, copy_of = distinct_rows(query_ids, query_mask)
     positions = (query_mask.cumsum(-1) - 1).clamp_min(0)
     cache = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
-    logits = forward(model, cache, query_ids[distinct], query_mask[distinct], positions[distinct])
+    next_logits = decoding_step(model, rows)
+    logits = prefill(model, cache, query_ids[distinct], query_mask[distinct], positions[distinct],
+                     getattr(next_logits, "cache_dtype", None))
     if len(distinct) < rows:
         select_cache_rows(cache, copy_of)
         logits = logits[copy_of]
@@ -64,7 +73,6 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     running = torch.arange(rows, device=device)  # the batch row of each cache row
     in_cache = torch.ones(rows, dtype=torch.bool, device=device)  # cache rows still decoding
     forward_rows = 0
-    next_logits = decoding_step(model, rows)
     uniforms = None if row_seeds is None else torch.stack(
         [torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(seed)) for seed in row_seeds]).to(device)
     for step in range(max_new_tokens):
@@ -114,6 +122,51 @@ def distinct_rows(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[to
     firsts = [copy_of.index(k) for k in range(len(first))]
     device = query_ids.device
     return torch.tensor(firsts, device=device), torch.tensor(copy_of, device=device)
+
+
+def prefill(model, cache: StaticCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+            cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The next-token logits of each left-padded prompt row, `cache` (one row per prompt) filled with the prompts
+    where the padding puts them. Prompts run in groups of similar length, each group padded only to its own
+    longest prompt (a batch of prompts from 40 to 160 tokens was more than half padding). `cache_dtype`: the
+    cache's, where not the dtype the forward gives its keys and values."""
+    rows, width = ids.shape
+    lengths = mask.sum(-1).tolist()
+    logits = None
+    for group in length_groups(lengths, FORWARD_COST_TOKENS):
+        group_width = max(1, max(lengths[i] for i in group))
+        index = torch.tensor(group, device=ids.device)
+        part = StaticCache(config=model.config, max_cache_len=group_width)
+        group_logits = forward(model, part, ids[index, -group_width:], mask[index, -group_width:],
+                               positions[index, -group_width:])
+        if logits is None:
+            logits = group_logits.new_empty(rows, group_logits.shape[-1])
+        logits[index] = group_logits
+        for layer, group_layer in zip(cache.layers, part.layers):
+            if not layer.is_initialized:
+                layer.lazy_initialization(*(tensor.new_empty((rows, *tensor.shape[1:]), dtype=cache_dtype)
+                                            for tensor in (group_layer.keys, group_layer.values)))
+            layer.keys[index, :, width - group_width:width] = group_layer.keys.to(layer.keys.dtype)
+            layer.values[index, :, width - group_width:width] = group_layer.values.to(layer.values.dtype)
+            layer.cumulative_length.fill_(width)
+    return logits
+
+
+def length_groups(lengths: list[int], forward_cost: int) -> list[list[int]]:
+    """The indices of `lengths` in groups of neighbouring lengths that make the least padded tokens plus
+    `forward_cost` per group, each group padded to its longest (an exact search over the sorted lengths)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    cost = [0] + [None] * len(order)  # cost[end]: the best cost of the `end` shortest
+    start_of = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        cost[end], start_of[end] = min((cost[start] + forward_cost + (end - start) * longest, start)
+                                       for start in range(end))
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start_of[end]:end])
+        end = start_of[end]
+    return groups[::-1]
 
 
 def select_cache_rows(cache: StaticCache, rows: torch.Tensor) -> None:

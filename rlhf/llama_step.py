@@ -10,6 +10,8 @@ few thousand small operations around the matrix products. Here:
 - in bf16, every weight is reordered once per call into oneDNN's blocked layout (`mkldnn._linear_pointwise`:
   the same results as `F.linear`, without reordering the weight at every product);
 - the mask, rotary angles and module plumbing are built once per step, not once per layer.
+The concatenated and reordered weights are a second copy of the weights while a decoding call runs (270 MB for
+SmolLM2-135M in bf16), rebuilt at each call since PPO changes the weights between calls (about 0.1 s here).
 Prefills stay with the model's own forward. Models this does not cover (other architectures, biases, LoRA
 adapters, sharded or offloaded parameters, other attention implementations, GPUs) keep the model's forward.
 """
@@ -33,6 +35,8 @@ def supports(model) -> bool:
         return False
     if os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1":  # transformers then attends another way
         return False
+    if getattr(model, "_original_forward", None) is not None and not torch.is_autocast_enabled("cpu"):
+        return False  # accelerate wrapped the forward in an autocast of its own, which the step would not be under
     if any(type(m) is not nn.Linear for m in projections(model)):  # LoRA and quantised layers replace them
         return False
     return all(type(p.data) is torch.Tensor and p.device.type == "cpu" and not hasattr(p, "ds_id")
@@ -46,16 +50,25 @@ def projections(model) -> list:
     return [layer.get_submodule(name) for layer in model.model.layers for name in names] + [model.lm_head]
 
 
-class Linear:
-    """y = x W^T, through oneDNN's prepacked weight in bf16 where torch has oneDNN, else F.linear."""
+def products_dtype(model) -> torch.dtype:
+    """The dtype of the forward's matrix products: autocast's when it is on (PPO's mixed precision: fp32 weights,
+    bf16 products), else the weights'."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else model.dtype
 
-    def __init__(self, weight: torch.Tensor, rows: int):
-        self.packed = weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+class Linear:
+    """y = x W^T as F.linear computes it in `dtype` (under autocast too), through oneDNN's prepacked weight in bf16
+    where torch has oneDNN."""
+
+    def __init__(self, weight: torch.Tensor, rows: int, dtype: torch.dtype):
+        self.dtype = dtype
+        self.packed = dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        weight = weight.to(dtype)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, None, "none", [], "")
         return F.linear(x, self.weight)
 
 
@@ -84,15 +97,19 @@ class LlamaStep:
         self.rotary = base.rotary_emb
         self.embed = base.embed_tokens.weight
         self.layers = []
+        dtype = products_dtype(model)
+        # Under autocast the rotated keys come out in fp32 and attention reads them in `dtype`: the cache holds them
+        # in `dtype` (the same rounding, once at the write, not the whole cache at every layer and step).
+        self.cache_dtype = dtype
         for layer in base.layers:
             attention, mlp = layer.self_attn, layer.mlp
             qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-            self.layers.append((layer.input_layernorm.weight, Linear(qkv, rows), Linear(attention.o_proj.weight, rows),
-                                layer.post_attention_layernorm.weight, Linear(gate_up, rows),
-                                Linear(mlp.down_proj.weight, rows)))
+            self.layers.append((layer.input_layernorm.weight, Linear(qkv, rows, dtype),
+                                Linear(attention.o_proj.weight, rows, dtype), layer.post_attention_layernorm.weight,
+                                Linear(gate_up, rows, dtype), Linear(mlp.down_proj.weight, rows, dtype)))
         self.norm = base.norm.weight
-        self.head = Linear(model.lm_head.weight, rows)
+        self.head = Linear(model.lm_head.weight, rows, dtype)
 
     @torch.no_grad()
     def __call__(self, cache, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
@@ -103,7 +120,7 @@ class LlamaStep:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(x, positions)  # [rows, 1, head_dim]: the same angles for every head
-        # transformers' SDPA path for one query token: each key/value head's query heads packed as its queries
+        # the additive mask SDPA makes of transformers' boolean one, made once a step rather than once a layer
         mask = torch.zeros(attention.shape, dtype=x.dtype, device=x.device).masked_fill_(attention == 0, -torch.inf)
         mask = mask[:, None, None, :]
         for index, (norm_in, qkv, out, norm_post, gate_up, down) in enumerate(self.layers):
@@ -113,6 +130,7 @@ class LlamaStep:
             layer = cache.layers[index]
             layer.keys[:, :, slot] = k
             layer.values[:, :, slot] = v.view(rows, kv_heads, head_dim)
+            # transformers' SDPA path for one query token: each key/value head's query heads are its queries
             attended = F.scaled_dot_product_attention(
                 q.reshape(rows, kv_heads, heads // kv_heads, head_dim), layer.keys, layer.values, attn_mask=mask,
                 scale=head_dim ** -0.5)

@@ -10,7 +10,8 @@ import torch
 
 from ppo.rollout import encode_prompts
 from rlhf import models
-from rlhf.decoding import decode, distinct_rows, inverse_cdf_sample
+from rlhf import decoding
+from rlhf.decoding import decode, distinct_rows, inverse_cdf_sample, length_groups
 from tests.conftest import REPO
 
 PROMPTS = [[{"role": "user", "content": text}] for text in
@@ -30,7 +31,10 @@ def noisy_tiny_model(path, eos_boost: float):
     return model.eval(), tokenizer
 
 
-def test_greedy_tokens_equal_generate_with_shared_prefills_and_early_stops(tiny_model_path):
+@pytest.mark.parametrize("forward_cost", [decoding.FORWARD_COST_TOKENS, 0])
+def test_greedy_tokens_equal_generate_with_shared_prefills_and_early_stops(tiny_model_path, monkeypatch, forward_cost):
+    """At a forward cost of 0 tokens each prompt length is prefilled in a group of its own."""
+    monkeypatch.setattr(decoding, "FORWARD_COST_TOKENS", forward_cost)
     length = 16
     # the 2nd and 4th prompts twice each: 6 rows, 4 prefills
     ids, mask = encode_prompts(models.load_tokenizer(str(tiny_model_path)),
@@ -63,6 +67,43 @@ def test_the_inverse_cdf_sampler_follows_the_probabilities_and_never_draws_a_zer
     frequencies = torch.bincount(drawn, minlength=5).float() / len(drawn)
     assert frequencies[1] == 0 and frequencies[3] == 0
     assert (frequencies - probabilities).abs().max() < 0.015
+
+
+def test_prompts_are_prefilled_in_groups_of_neighbouring_lengths_that_cost_least():
+    lengths = [40, 160, 44, 150, 42]
+    # one group: 5 x 160 + 100 = 900; the short three and the long two: 3 x 44 + 2 x 160 + 200 = 652
+    assert length_groups(lengths, 100) == [[0, 4, 2], [3, 1]]
+    assert length_groups(lengths, 1000) == [[0, 4, 2, 3, 1]]
+    assert length_groups(lengths, 0) == [[0], [4], [2], [3], [1]]
+    assert length_groups([7, 9, 7], 0) == [[0, 2], [1]]  # equal lengths share a group: no padding, one forward
+    assert length_groups([], 10) == []
+
+
+def test_a_grouped_prefill_fills_the_cache_and_logits_as_one_padded_batch(tiny_model_path, monkeypatch):
+    from transformers import StaticCache
+
+    model, tokenizer = noisy_tiny_model(tiny_model_path, 1.0)
+    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    filled = {}
+    for cost in (10 ** 6, 0):  # one group; a group per prompt length
+        monkeypatch.setattr(decoding, "FORWARD_COST_TOKENS", cost)
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 3)
+        with torch.no_grad():
+            filled[cost] = decoding.prefill(model, cache, ids, mask, positions), cache
+    (one_logits, one_cache), (grouped_logits, grouped_cache) = filled.values()
+    assert len(length_groups(mask.sum(-1).tolist(), 0)) == len(set(mask.sum(-1).tolist())) == 3
+    torch.testing.assert_close(grouped_logits, one_logits)
+    real = mask.bool()
+    for one, grouped in zip(one_cache.layers, grouped_cache.layers):
+        for name in ("keys", "values"):
+            mine, theirs = getattr(grouped, name), getattr(one, name)
+            assert mine.shape == theirs.shape
+            # the prompts' own slots agree; padding slots are masked out (zeros in the grouped cache)
+            torch.testing.assert_close(mine[:, :, :ids.shape[1]].transpose(1, 2)[real],
+                                       theirs[:, :, :ids.shape[1]].transpose(1, 2)[real])
+            assert (mine[:, :, :ids.shape[1]].transpose(1, 2)[~real] == 0).all()
+        assert int(grouped.cumulative_length) == int(one.cumulative_length) == ids.shape[1]
 
 
 def test_rows_of_one_prompt_share_a_prefill_whatever_their_padding():

@@ -17,20 +17,23 @@ def loaded(path, dtype):
     return model.to(dtype), tokenizer
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, False), (torch.float32, False),
+                                             (torch.float32, True)], ids=["bf16", "fp32", "fp32-under-bf16-autocast"])
 def test_the_decoding_loop_gives_the_same_tokens_and_logprobs_with_and_without_the_written_out_step(
-        tiny_model_path, monkeypatch, dtype):
+        tiny_model_path, monkeypatch, dtype, autocast):
+    """fp32 weights under a bf16 autocast: PPO's mixed precision, where the rollouts run."""
     model, tokenizer = loaded(tiny_model_path, dtype)
-    assert llama_step.supports(model)
     ids, mask = encode_prompts(tokenizer, [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2], PROMPTS[3]])
     seeds = list(range(len(ids)))
     runs = {}
-    for written_out in (True, False):
-        monkeypatch.setattr(llama_step, "supports", lambda m, answer=written_out: answer)
-        runs[written_out] = [decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                    temperature=0.7, row_seeds=seeds),
-                             decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                    greedy=True)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert llama_step.supports(model)
+        for written_out in (True, False):
+            monkeypatch.setattr(llama_step, "supports", lambda m, answer=written_out: answer)
+            runs[written_out] = [decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                        temperature=0.7, row_seeds=seeds),
+                                 decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                        greedy=True)]
     for ours, theirs in zip(runs[True], runs[False]):
         assert torch.equal(ours.tokens, theirs.tokens) and torch.equal(ours.logprobs, theirs.logprobs)
         assert torch.equal(ours.ended, theirs.ended) and ours.forward_rows == theirs.forward_rows
@@ -71,3 +74,11 @@ def test_models_it_does_not_cover_keep_their_forward(tiny_model_path):
     assert not llama_step.supports(LlamaForCausalLM(LlamaConfig(**small, attention_bias=True)).eval())
     assert not llama_step.supports(LlamaForCausalLM(LlamaConfig(**small, attn_implementation="eager")).eval())
     assert not llama_step.supports(torch.nn.Linear(2, 2))
+    # accelerate's mixed precision wraps a prepared model's forward in an autocast (keeping the original forward
+    # beside it): the step runs only where that autocast is on around the decoding too, as in PPO's rollouts
+    prepared = LlamaForCausalLM(LlamaConfig(**small)).eval()
+    prepared._original_forward = prepared.forward
+    prepared.forward = torch.autocast("cpu", dtype=torch.bfloat16)(prepared.forward)
+    assert not llama_step.supports(prepared)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert llama_step.supports(prepared)
