@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 from rlhf import llama_step
 
@@ -130,6 +131,8 @@ def prefill(model, cache: StaticCache, ids: torch.Tensor, mask: torch.Tensor, po
     where the padding puts them. Prompts run in groups of similar length, each group padded only to its own
     longest prompt (a batch of prompts from 40 to 160 tokens was more than half padding). `cache_dtype`: the
     cache's, where not the dtype the forward gives its keys and values."""
+    if any(type(layer) is not StaticLayer for layer in cache.layers):  # sliding windows keep their own slots
+        return forward(model, cache, ids, mask, positions)
     rows, width = ids.shape
     lengths = mask.sum(-1).tolist()
     logits = None

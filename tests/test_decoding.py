@@ -127,3 +127,23 @@ def test_the_rollout_benchmark_runs_both_sides_on_every_workload_and_prints_the_
                       for side in ("generate", "ours"))
     assert result.stdout.strip().splitlines()[-1] == f"ratio: {float(values['ratio']):.3f}"
     assert float(values["ratio"]) == pytest.approx(generate / ours, rel=0.05)
+
+
+def test_a_model_with_a_sliding_window_keeps_one_prefill_and_decodes_as_generate(tiny_model_path):
+    """A sliding-window cache keeps its own slots: its prompts are prefilled in one padded batch, as before."""
+    from transformers import MistralConfig, MistralForCausalLM, StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    tokenizer = models.load_tokenizer(str(tiny_model_path))
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    assert any(type(layer) is not StaticLayer for layer in StaticCache(config=config, max_cache_len=64).layers)
+    ids, mask = encode_prompts(tokenizer, PROMPTS)
+    ours = decode(model, ids, mask, 6, None, tokenizer.pad_token_id, greedy=True)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(ours.tokens, theirs[:, ids.shape[1]:])
