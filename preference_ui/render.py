@@ -1,12 +1,13 @@
 """Model output as labellers see it: markdown rendered without any HTML of its own, or the same text plain.
 
 Prompts and responses are untrusted. `shown_html` renders them with markdown-it's CommonMark rules and raw HTML
-off, so any tag in the text comes out as visible characters; links keep only the schemes markdown-it allows (no
-`javascript:`, `vbscript:`, `file:` or `data:`) and open in a new tab without a referrer; images become links,
-so nothing is fetched when an item is shown. Invisible characters that change what text looks like or says
-(control characters, bidirectional overrides, zero-width and tag characters) are shown as `⟨U+XXXX⟩` in both
-views, so what a labeller reads is what is stored. The zero-width joiner is the one exception: emoji are built
-with it.
+off, so any tag in the text comes out as visible characters; only absolute http(s) and mailto links stay links
+(no `javascript:`, `data:` or links into the app itself), and they open in a new tab without a referrer; images
+become links, so nothing is fetched when an item is shown. Invisible characters that change what text looks like
+or says (control characters, bidirectional overrides, zero-width and tag characters) are shown as `⟨U+XXXX⟩` in
+both views, written as characters or as HTML character references (`&#x202E;`), so what a labeller reads is what
+is stored; link reference definitions (`[a]: http://...`) stay text too. The zero-width joiner is the one
+exception: emoji are built with it.
 
 Both views are sent; the page shows one, switched by the app's plain-text toggle (a class on <body>).
 """
@@ -21,7 +22,9 @@ KEPT = {"\n", "\t", "\u200d"}
 INVISIBLE = re.compile("[" + "".join(re.escape(chr(code)) for code in range(sys.maxunicode + 1)
                                      if unicodedata.category(chr(code)) in ("Cc", "Cf") and chr(code) not in KEPT)
                        + "]")
-MARKDOWN = MarkdownIt("commonmark", {"html": False}).disable("image")
+MARKDOWN = MarkdownIt("commonmark", {"html": False}).disable(["image", "reference"])
+LINK_SCHEMES = re.compile(r"(https?|mailto):", re.IGNORECASE)
+MARKDOWN.validateLink = lambda url: LINK_SCHEMES.match(url.strip()) is not None
 
 
 def open_links_apart(renderer, tokens, index, options, env):
@@ -42,7 +45,8 @@ def views(text: str) -> str:
     """The text as rendered markdown and as plain text (the page shows one); the plain view keeps the text as
     stored in `data-raw`, for "Start from A/B" to copy (its shown form names invisible characters)."""
     shown = visible_controls(text)
-    return (f'<div class="as-markdown">{MARKDOWN.render(shown)}</div>'
+    # character references (`&#x202E;`) become characters in the rendering: shown there as well
+    return (f'<div class="as-markdown">{visible_controls(MARKDOWN.render(shown))}</div>'
             f'<pre class="as-text" data-raw="{html.escape(text, quote=True)}">{html.escape(shown)}</pre>')
 
 
