@@ -432,7 +432,7 @@ def main(argv=None) -> int:
         if err.errno not in PATH_ERRORS:
             raise
         # a path the user chose (an output root, a store) that cannot be written: the cause, not a traceback
-        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        print(f"error: {err.filename}: {err.strerror}" if err.filename else f"error: {err.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

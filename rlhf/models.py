@@ -73,8 +73,11 @@ def bundled_path(name: str) -> Path:
 
 
 def is_prepared(name: str) -> bool:
-    marker = bundled_path(name) / READY_MARKER
-    return marker.exists() and json.loads(marker.read_text()).get("version") == BUNDLED[name].version
+    """A damaged marker (written by hand, a disk error) means not prepared: the folder is built again."""
+    try:
+        return json.loads((bundled_path(name) / READY_MARKER).read_text()).get("version") == BUNDLED[name].version
+    except (FileNotFoundError, NotADirectoryError, ValueError, AttributeError):
+        return False
 
 
 def prepare_bundled(name: str) -> Path:
@@ -90,6 +93,8 @@ def prepare_bundled(name: str) -> Path:
             return final
         started = time.time()
         log.info("preparing bundled model %s (once)", name)
+        for leftover in final.parent.glob(f".{name}.*"):  # a killed preparation's (the lock is ours)
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}."))
         try:
             BUNDLED[name].make(staging)

@@ -55,3 +55,15 @@ def test_models_list_command(tiny_model_path):
                             text=True, timeout=120)
     assert result.returncode == 0
     assert "smollm2-135m-instruct" in result.stdout and "tiny-llama               prepared" in result.stdout
+
+
+def test_a_damaged_marker_or_a_killed_preparations_folder_is_built_again_and_cleared(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
+    folder = models.prepare_bundled("tiny-llama")
+    (folder / models.READY_MARKER).write_text('{"model": "tiny-lla')  # cut short
+    leftover = tmp_path / "models" / ".tiny-llama.k1lled"  # a staging folder a SIGKILL left
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    assert not models.is_prepared("tiny-llama")
+    assert models.prepare_bundled("tiny-llama") == folder and models.is_prepared("tiny-llama")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-llama", "tiny-llama.lock"]
