@@ -64,6 +64,7 @@ from rlhf.verifiable import check_references, judge_scores, probe_judge
 
 STAGE = "ppo"
 OVEROPTIMISATION = "over-optimisation"  # the alert raised at eval points, beside the per-update checks
+JUDGE_SCORES = "judge_scores"  # an eval point's per-prompt judge scores (ppo/health.py)
 CRITIC, CRITIC_SCALE = "critic", "critic.json"
 
 
@@ -296,7 +297,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     else:
         state.eval_before = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
         record_eval(state, state.eval_before, 0.0 if run.round == 1 else None)
-        tracker.log(state.eval_before, step=0)
+        tracker.log(logged(state.eval_before), step=0)
     started = time.time()
     # the checks whose alert was printed: those that fired before (a resumed run does not print them again)
     printed = {check for metrics in state.history for check in health_alerts(metrics, config)}
@@ -310,7 +311,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         alerts = health_alerts(metrics, config)
         if config.eval_every and state.update % config.eval_every == 0 and state.update < config.num_updates:
             result = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
-            tracker.log(result, step=state.update)
+            tracker.log(logged(result), step=state.update)
             overoptimised = record_eval(state, result)
             if overoptimised:
                 alerts[OVEROPTIMISATION] = overoptimised
@@ -326,7 +327,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     if not (sharded or zero3):  # sharded parameters are one copy by construction
         check_in_sync(accelerator, *[model for model in (policy, critic) if model is not None])
     eval_after = evaluate(accelerator, policy, tokenizer, checked, scorer, config)
-    tracker.log(eval_after, step=state.update)
+    tracker.log(logged(eval_after), step=state.update)
     overoptimised = record_eval(state, eval_after)
     if overoptimised:
         warn(tracker, state.update, {OVEROPTIMISATION: overoptimised}, printed, accelerator.is_main_process)
@@ -483,8 +484,14 @@ def evaluate(accelerator, policy, tokenizer, checked: CheckedInputs, scorer, con
                 judged = judge_scores(judge, [p[-1]["content"] for p in eval_prompts], answers, references)
                 result["eval/judge"] = statistics.fmean(judged)
                 result["eval/judge_sem"] = statistics.stdev(judged) / len(judged) ** 0.5 if len(judged) > 1 else 0.0
+                result[JUDGE_SCORES] = judged  # each prompt's, for the over-optimisation alert's paired differences
             result["eval/response_words"] = statistics.fmean(len(a.split()) for a in answers)
     return broadcast_object_list([result])[0]
+
+
+def logged(result: dict) -> dict:
+    """An eval point's numbers for the trackers (each prompt's judge score stays in the run's evals.json)."""
+    return {key: value for key, value in result.items() if key != JUDGE_SCORES}
 
 
 def summed_over_processes(accelerator):
@@ -562,9 +569,9 @@ def summarise(state: LoopState, eval_after: dict, accelerator, config: PPOStageC
                "median_step_s": statistics.median(m["timing/generate"] + m["timing/update"] for m in timed),
                "median_generate_s": statistics.median(m["timing/generate"] for m in timed),
                "resumed_from_update": checkpoint_step(checkpoint)}
-    for key, value in state.eval_before.items():
+    for key, value in logged(state.eval_before).items():
         summary[f"{key.replace('/', '_')}_before"] = value
-    for key, value in eval_after.items():
+    for key, value in logged(eval_after).items():
         summary[f"{key.replace('/', '_')}_after"] = value
     return summary
 

@@ -1,5 +1,6 @@
 """PPO maths against hand-computed values: the checks docs/ppo.md lists."""
 import math
+import statistics
 
 import pytest
 import torch
@@ -173,7 +174,9 @@ def test_health_alerts_fire_on_each_sign_of_trouble_and_not_on_a_healthy_update(
                 ("clip fraction", "clip fraction 0.40"): {"policy/clipfrac_avg": 0.4},
                 ("stop token", "only 38% of responses emit the stop token"): {"val/num_eos_tokens": 3},
                 ("collapsed", "collapsed to 1.0 tokens"): {"val/response_length": 1.0},
-                ("maximum length", "maximum of 32 tokens"): {"val/min_response_length": 32.0}}
+                ("maximum length", "maximum of 32 tokens"): {"val/min_response_length": 32.0},
+                ("KL", "KL to the reference is nan"): {"objective/kl": math.nan},
+                ("clip fraction", "clip fraction nan"): {"policy/clipfrac_avg": math.nan}}
     for (check, words), change in troubles.items():
         alerts = health_alerts({**healthy, **change}, config)
         assert list(alerts) == [check] and words in alerts[check], (words, alerts)
@@ -297,3 +300,26 @@ def test_each_answer_has_its_own_sampling_seed_within_64_bits():
     assert len(seeds) == 3 * 8 * 64 and all(0 <= s < 2 ** 63 for s in seeds)
     for s in (row_seed(2 ** 62, 10 ** 6, 10 ** 5), row_seed(42, 3, 7)):
         torch.Generator().manual_seed(s)  # takes it
+
+
+def test_the_overoptimisation_alert_reads_the_prompts_paired_differences_and_stays_quiet_on_unknowns():
+    from ppo.health import overoptimisation_alert
+
+    # 32 prompts of widely different levels, every one 0.12 lower at the last point than at the peak: the points'
+    # own standard errors (about 0.055 each) hide the fall, the paired differences do not
+    levels = [0.45 * math.sin(3.0 * i) for i in range(32)]
+    scores = [[level + 0.5 for level in levels], [level + 0.6 for level in levels], [level + 0.48 for level in levels]]
+    points = [{"update": 4 * i, "kl": float(i), "eval/score": float(i), "eval/judge": statistics.fmean(judged),
+               "eval/judge_sem": statistics.stdev(judged) / 32 ** 0.5, "judge_scores": judged}
+              for i, judged in enumerate(scores)]
+    assert 2 * (2 * points[1]["eval/judge_sem"] ** 2) ** 0.5 > 0.12  # unpaired, the fall is inside the noise
+    alert = overoptimisation_alert(points)
+    assert alert and "since update 4" in alert
+    unpaired = [{key: value for key, value in point.items() if key != "judge_scores"} for point in points]
+    assert overoptimisation_alert(unpaired) is None
+    # one eval prompt: the fall's error is unknown; a reward score or judge that is not a number: nothing
+    one_prompt = [dict(point, judge_scores=point["judge_scores"][:1], **{"eval/judge_sem": 0.0}) for point in points]
+    assert overoptimisation_alert(one_prompt) is None
+    for key in ("eval/score", "eval/judge"):
+        assert overoptimisation_alert(points[:2] + [dict(points[2], **{key: float("nan")})]) is None
+
