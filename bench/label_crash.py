@@ -57,11 +57,13 @@ class Labeller:
         self.url, self.name, self.server_up = url, name, server_up
         self.claimed, self.resumed, self.errors = [], [], []
         self.shown: str | None = None  # the item on screen, not yet answered
+        self.finished = False  # emptied its queue (a labeller that gave up after 50 errors has not)
 
     def run(self, votes_seen) -> None:
         while True:
             try:
                 if self.label(votes_seen):
+                    self.finished = True
                     return
             except (OSError, RuntimeError, http.client.HTTPException, httpx.HTTPError, ValueError) as err:
                 # the server went away mid-request (a refused connection, a cut-off answer)
@@ -133,7 +135,7 @@ def crash_run(args, root: Path) -> dict:
         accepted_before_kill=at_kill, reconnections=len(resumptions),
         not_resumed=sum(back != shown for labeller in labellers for shown, back in labeller.resumed
                         if (labeller.name, shown) not in stored),
-        unfinished=sum(thread.is_alive() for thread in threads),
+        unfinished=sum(not labeller.finished for labeller in labellers),
         errors=[error for labeller in labellers for error in labeller.errors], store=db_url.split(":")[0],
         comparisons_full=sum(count == args.overlap for count in votes_per_item(db_url).values()))
     return report
