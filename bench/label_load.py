@@ -175,6 +175,11 @@ def main() -> int:
     parser.add_argument("--db", help="an empty database URL (default: a new SQLite file)")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for flag in ("labellers", "votes", "rounds", "overlap", "concurrency"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.guessers < 0:
+        parser.error("--guessers must be 0 or more")
     if args.serve_bare:
         serve_bare(args.serve_bare, args.concurrency)
         return 0
@@ -209,6 +214,11 @@ def main() -> int:
     report = audit(db_url, claimed)
     errors = [error for kind in results.values() for result in kind for error in result["errors"]]
     ours_latencies = [latency for result in results["ours"] for latency in result["latencies"]]
+    if not ours_latencies or not all(result["latencies"] for result in results["bare"]):
+        for error in errors[:5]:
+            print(f"error: {error}")
+        print(f"no votes went through (server log: {root / 'serve.log'})", file=sys.stderr)
+        return 1
     ours_rate = statistics.median(result["votes_per_s"] for result in plain_rounds)
     bare_rate = statistics.median(result["votes_per_s"] for result in results["bare"])
     print(f"labellers: {args.labellers}  votes each per round: {args.votes}  rounds: {args.rounds}  overlap: "
@@ -229,7 +239,9 @@ def main() -> int:
     print(f"p95_ms: {1000 * percentile(ours_latencies, 0.95):.0f}")
     print(f"ratio: {ours_rate / bare_rate:.3f}")  # the last line, as every benchmark's
     broken_in = args.guessers and guessed["guesses"].get(200, 0)
-    return 1 if errors or broken_in or report["lost"] or report["duplicated"] or report["wrong_side"] else 0
+    failed = (errors or broken_in or report["lost"] or report["duplicated"] or report["wrong_side"]
+              or report["unexpected"] or report["max_labellers_per_item"] > args.overlap)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
