@@ -76,19 +76,22 @@ class Labeller:
     def label(self, votes_seen) -> bool:
         """Signs in and votes until the queue is empty (True); raises when the server goes away."""
         client = BrowserLikeClient(self.url, self.name)
-        _, title, _, left, right, *_ = client.call("next_item")
-        if self.shown is not None:  # back after the crash: the open item must be the one left unanswered
-            self.resumed.append((self.shown, item_label(title)))
-        while title != EMPTY:
-            self.shown = item_label(title)
-            _, title, _, left_next, right_next, _, message, *_ = client.call(good_side(left, right), "clear", "", "",
-                                                                             self.shown, None)
-            if not message.startswith(f"Saved your vote on item {self.shown}."):  # the last adds "queue empty"
-                raise RuntimeError(f"vote on item {self.shown} not saved: {message}")
-            self.claimed.append(self.shown)
-            self.shown = None
-            votes_seen()
-            left, right = left_next, right_next
+        try:
+            _, title, _, left, right, *_ = client.call("next_item")
+            if self.shown is not None:  # back after the crash: the open item must be the one left unanswered
+                self.resumed.append((self.shown, item_label(title)))
+            while title != EMPTY:
+                self.shown = item_label(title)
+                _, title, _, left_next, right_next, _, message, *_ = client.call(
+                    good_side(left, right), "clear", "", "", self.shown, None)
+                if not message.startswith(f"Saved your vote on item {self.shown}."):  # the last adds "queue empty"
+                    raise RuntimeError(f"vote on item {self.shown} not saved: {message}")
+                self.claimed.append(self.shown)
+                self.shown = None
+                votes_seen()
+                left, right = left_next, right_next
+        finally:
+            client.close()  # a new client signs in after each reconnection
         return True
 
 

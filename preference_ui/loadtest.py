@@ -100,6 +100,8 @@ def start_server(db_url: str, port: int, overlap: int, concurrency: int = 4, log
     output = open(log, "w") if log else subprocess.DEVNULL
     server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if log:
+        output.close()  # the child holds its own copy
     wait_for_port(server, port, log)
     return server
 
@@ -115,6 +117,7 @@ def wait_for_port(server: subprocess.Popen, port: int, log: Path | None = None, 
         except httpx.HTTPError:
             time.sleep(0.5)
     server.kill()
+    server.wait()
     raise RuntimeError(f"the server did not answer on port {port} within {seconds:.0f} s")
 
 
@@ -124,6 +127,7 @@ def stop_server(server) -> None:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.kill()
+        server.wait()
 
 
 def good_side(left: str, right: str) -> str:
@@ -154,6 +158,10 @@ class BrowserLikeClient:
         self.connection = http.client.HTTPConnection(address.host, address.port, timeout=60)
         self.headers = {"Content-Type": "application/json",
                         "Cookie": "; ".join(f"{key}={value}" for key, value in self.http.cookies.items())}
+
+    def close(self) -> None:
+        self.connection.close()
+        self.http.close()
 
     def call(self, api_name: str, *data):
         function = self.functions[api_name]
