@@ -8,12 +8,14 @@ few thousand small operations around the matrix products. Here:
 - the query, key and value projections are one matrix product, as are the MLP's gate and up projections (their
   weights concatenated once per decoding call: the rows of the product are the same dot products);
 - in bf16, every weight is reordered once per call into oneDNN's blocked layout (`mkldnn._linear_pointwise`:
-  the same results as `F.linear`, without reordering the weight at every product);
+  the same results as `F.linear` where that runs on oneDNN too, checked on one weight first; without reordering
+  the weight at every product);
 - the mask, rotary angles and module plumbing are built once per step, not once per layer.
 The concatenated and reordered weights are a second copy of the weights while a decoding call runs (270 MB for
 SmolLM2-135M in bf16), rebuilt at each call since PPO changes the weights between calls (about 0.1 s here).
 Prefills stay with the model's own forward. Models this does not cover (other architectures, biases, LoRA
-adapters, sharded or offloaded parameters, other attention implementations, GPUs) keep the model's forward.
+adapters, forward hooks, sharded or offloaded parameters, other attention implementations, GPUs) keep the model's
+forward.
 """
 import os
 
@@ -39,6 +41,13 @@ def supports(model) -> bool:
         return False  # accelerate wrapped the forward in an autocast of its own, which the step would not be under
     if any(type(m) is not nn.Linear for m in projections(model)):  # LoRA and quantised layers replace them
         return False
+    base = model.model
+    norms = [base.norm] + [norm for layer in base.layers for norm in (layer.input_layernorm,
+                                                                       layer.post_attention_layernorm)]
+    if type(base.embed_tokens) is not nn.Embedding or any(type(m).__name__ != "LlamaRMSNorm" for m in norms):
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):  # adapters and wrappers hook in
+        return False
     return all(type(p.data) is torch.Tensor and p.device.type == "cpu" and not hasattr(p, "ds_id")
                and p.dtype == model.dtype for p in model.parameters())
 
@@ -56,15 +65,26 @@ def products_dtype(model) -> torch.dtype:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else model.dtype
 
 
-class Linear:
-    """y = x W^T as F.linear computes it in `dtype` (under autocast too), through oneDNN's prepacked weight in bf16
-    where torch has oneDNN."""
+def packing_agrees(weight: torch.Tensor, rows: int) -> bool:
+    """Whether oneDNN's prepacked bf16 product gives F.linear's numbers to the bit here: so where F.linear itself
+    runs on oneDNN (CPUs with bf16 support, oneDNN on), checked on one of the step's weights."""
+    if not (torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    x = torch.randn(rows, 1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    weight = weight.to(torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), F.linear(x, weight))
 
-    def __init__(self, weight: torch.Tensor, rows: int, dtype: torch.dtype):
-        self.dtype = dtype
-        self.packed = dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+class Linear:
+    """y = x W^T as F.linear computes it in `dtype` (under autocast too), through oneDNN's prepacked weight where
+    `packed`."""
+
+    def __init__(self, weight: torch.Tensor, rows: int, dtype: torch.dtype, packed: bool):
+        self.dtype, self.packed = dtype, packed
         weight = weight.to(dtype)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.packed else weight
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -90,6 +110,11 @@ class LlamaStep:
 
     @torch.no_grad()
     def __init__(self, model, rows: int):
+        dtype = products_dtype(model)
+        with torch.autocast("cpu", enabled=False):  # weights concatenated as they are (fp16 autocast refuses bf16)
+            self.build(model, rows, dtype)
+
+    def build(self, model, rows: int, dtype: torch.dtype) -> None:
         config, base = model.config, model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -97,19 +122,21 @@ class LlamaStep:
         self.rotary = base.rotary_emb
         self.embed = base.embed_tokens.weight
         self.layers = []
-        dtype = products_dtype(model)
+        layers = base.layers[:config.num_hidden_layers]  # as transformers' forward reads them
+        packed = dtype == torch.bfloat16 and packing_agrees(layers[0].self_attn.q_proj.weight, rows)
         # Under autocast the rotated keys come out in fp32 and attention reads them in `dtype`: the cache holds them
         # in `dtype` (the same rounding, once at the write, not the whole cache at every layer and step).
         self.cache_dtype = dtype
-        for layer in base.layers:
+        for layer in layers:
             attention, mlp = layer.self_attn, layer.mlp
             qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-            self.layers.append((layer.input_layernorm.weight, Linear(qkv, rows, dtype),
-                                Linear(attention.o_proj.weight, rows, dtype), layer.post_attention_layernorm.weight,
-                                Linear(gate_up, rows, dtype), Linear(mlp.down_proj.weight, rows, dtype)))
+            self.layers.append((layer.input_layernorm.weight, Linear(qkv, rows, dtype, packed),
+                                Linear(attention.o_proj.weight, rows, dtype, packed),
+                                layer.post_attention_layernorm.weight, Linear(gate_up, rows, dtype, packed),
+                                Linear(mlp.down_proj.weight, rows, dtype, packed)))
         self.norm = base.norm.weight
-        self.head = Linear(model.lm_head.weight, rows, dtype)
+        self.head = Linear(model.lm_head.weight, rows, dtype, packed)
 
     @torch.no_grad()
     def __call__(self, cache, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
@@ -136,5 +163,5 @@ class LlamaStep:
                 scale=head_dim ** -0.5)
             x = x + out(attended.reshape(rows, 1, heads * head_dim))
             gate, up = gate_up(rms_norm(x, norm_post, self.eps)).chunk(2, dim=-1)
-            x = x + down(F.silu(gate) * up)
+            x = x + down(F.silu(gate.contiguous()) * up)  # silu's vector and scalar tails differ in a bit
         return self.head(rms_norm(x, self.norm, self.eps))[:, -1]
