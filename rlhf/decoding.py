@@ -149,9 +149,9 @@ def prefill(model, cache: StaticCache, ids: torch.Tensor, mask: torch.Tensor, po
             if not layer.is_initialized:
                 layer.lazy_initialization(*(tensor.new_empty((rows, *tensor.shape[1:]), dtype=cache_dtype)
                                             for tensor in (group_layer.keys, group_layer.values)))
+                layer.cumulative_length.fill_(width)
             layer.keys[index, :, width - group_width:width] = group_layer.keys.to(layer.keys.dtype)
             layer.values[index, :, width - group_width:width] = group_layer.values.to(layer.values.dtype)
-            layer.cumulative_length.fill_(width)
     return logits
 
 
