@@ -13,17 +13,25 @@ import logging
 import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
 
 
-def wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+def wandb_server(wandb) -> str:
+    """The server wandb sends runs to: WANDB_BASE_URL, else wandb's own default."""
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
+def wandb_logged_in(server: str) -> bool:
+    """An API key or identity token in the environment, or (what `wandb login` writes) a netrc entry for the
+    server's host; the NETRC variable names another netrc file, as for wandb."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(urlparse(server).hostname) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -32,17 +40,32 @@ class WandbBackend:
     def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+        server, chosen = wandb_server(wandb), os.environ.get("WANDB_MODE")
+        mode = chosen or ("online" if wandb_logged_in(server) else "offline")
         directory.mkdir(parents=True, exist_ok=True)
-        self.wandb, self.online = wandb, mode in ("online", "run")
-        # offline, wandb's banner and closing summary and history (some 35 lines a stage) are left out: the stage
-        # prints its own results, and the line below says where the run is and how to upload it
-        self.run = wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{label}",
-                              config=config, dir=str(directory), mode=mode, reinit="finish_previous",
-                              settings=wandb.Settings(silent=mode == "offline"))
+        self.wandb = wandb
+        reason = "not logged in"
+        try:
+            self.run = self.started(project, group, stage, config, directory, label, mode)
+        except wandb.errors.CommError as error:
+            if chosen:  # WANDB_MODE=online asked for the server: no quiet fallback
+                raise
+            # logged in but the server is out of reach (no network, a firewall): a tracker is no reason to stop
+            # a stage, so the run is kept offline, to upload later
+            reason = f"could not reach {server}: {str(error).splitlines()[0]}"
+            mode = "offline"
+            self.run = self.started(project, group, stage, config, directory, label, mode)
+        self.online = mode in ("online", "run")
         if mode == "offline":
-            print(f"wandb: offline (not logged in); upload later with: wandb sync {Path(self.run.dir).parent}",
+            print(f"wandb: offline ({reason}); upload later with: wandb sync {Path(self.run.dir).parent}",
                   flush=True)
+
+    def started(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str, mode: str):
+        # offline, wandb's banner and closing summary and history (some 35 lines a stage) are left out: the stage
+        # prints its own results, and the line above says where the run is and how to upload it
+        return self.wandb.init(project=project, group=group, job_type=stage, name=f"{group}-{label}",
+                               config=config, dir=str(directory), mode=mode, reinit="finish_previous",
+                               settings=self.wandb.Settings(silent=mode == "offline"))
 
     def log(self, metrics: dict, step: int | None) -> None:
         self.run.log(metrics, step=step)

@@ -79,3 +79,43 @@ def test_inputs_published_by_earlier_stages_are_used_as_their_artifacts(tmp_path
     assert used_artifacts(inputs) == [("myrun-sft", "model", str(run / "sft")),
                                       ("myrun-preferences", "dataset", str(run / "preferences")),
                                       ("labels-def", "dataset", str(tmp_path / "export"))]
+
+def test_a_netrc_entry_counts_as_logged_in_for_the_server_wandb_is_set_to_use(tmp_path, monkeypatch):
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine wandb.example.org\n  login user\n  password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert tracking.wandb_logged_in("https://wandb.example.org")  # a self-hosted server (WANDB_BASE_URL)
+    assert not tracking.wandb_logged_in("https://api.wandb.ai")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert tracking.wandb_logged_in("https://api.wandb.ai")
+
+
+TRACK_WITHOUT_THE_SERVER = """
+from pathlib import Path
+from rlhf import tracking
+tracker = tracking.start(["wandb"], "rlhf-test", "run1", "sft", {"lr": 0.1}, Path("wb"))
+tracker.log({"train/loss": 1.5}, step=1)
+tracker.finish()
+print("FINISHED")
+"""
+
+
+def test_wandb_logged_in_but_out_of_reach_tracks_offline(tmp_path):
+    """A key, and a server that refuses connections (a closed port on loopback): the stage goes on, offline.
+    (With WANDB_MODE=online set, the error is raised instead: not tested, another ~15 s of wandb's retries.)"""
+    from preference_ui.loadtest import free_port
+
+    server = f"http://127.0.0.1:{free_port()}"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": server, "WANDB_INIT_TIMEOUT": "3"}
+    result = subprocess.run([sys.executable, "-c", TRACK_WITHOUT_THE_SERVER], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "FINISHED" in result.stdout, result.stderr[-3000:]
+    [offline_run] = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("wandb: offline")]
+    assert line.startswith(f"wandb: offline (could not reach {server}: ") and \
+        line.endswith(f"upload later with: wandb sync {offline_run.relative_to(tmp_path)}"), line
+    assert list(offline_run.glob("run-*.wandb"))
