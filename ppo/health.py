@@ -3,6 +3,7 @@ checks), each as one readable line named by its check. The trainer logs every up
 first alert (and how often each fired, at the end), and stops on the first with `--ppo.stop_on_alert`."""
 import math
 import statistics
+from statistics import NormalDist
 
 RATIO_BOUNDS = (0.8, 1.25)    # mean policy ratio outside this: the policy moved too far within one update
 CLIPFRAC_LIMIT = 0.3          # more clipped tokens than this: the learning rate or the epochs are too high
@@ -37,25 +38,41 @@ def health_alerts(metrics: dict, config) -> dict[str, str]:
 
 def overoptimisation_alert(points: list[dict]) -> str | None:
     """Over-optimisation (Gao et al. 2022): at the latest eval point the reward model scores the held-out answers
-    higher than where the judge peaked, while the judge has fallen from that peak by more than twice the standard
-    error of the fall. `points` are the eval points in order, each with eval/score, eval/judge, eval/judge_sem (the
-    judge's standard error over the prompts) and judge_scores (each prompt's). Every point answers the same prompts,
-    so the fall's error comes from the prompts' paired differences, where a prompt's own level cancels; with one
-    prompt it is unknown, and nothing is raised. A score that is not a number raises nothing either."""
+    higher than where the judge peaked, while the judge has fallen from that peak by more than `fall_threshold`
+    standard errors of the fall (2 with one earlier point, more with more: the peak is the best of them). `points`
+    are the eval points in order, each with eval/score, eval/judge, eval/judge_sem (the judge's standard error over
+    the prompts) and judge_scores (each prompt's). Every point
+    answers the same prompts, so the fall's error comes from the prompts' paired differences, where a prompt's own
+    level cancels; with one prompt it is unknown, and nothing is raised. A score that is not a number raises
+    nothing either."""
     judged = [point for point in points if "eval/judge" in point]
-    if len(judged) < 2 or not all(math.isfinite(judged[-1][key]) for key in ("eval/judge", "eval/score")):
+    if len(judged) < 2 or not numbers(judged[-1]):
         return None
-    latest = judged[-1]
-    peak = max((point for point in judged if math.isfinite(point["eval/judge"]) and math.isfinite(point["eval/score"])),
-               key=lambda point: point["eval/judge"])
-    error = fall_error(peak, latest)
-    drop = peak["eval/judge"] - latest["eval/judge"]
-    if latest is peak or latest["eval/score"] <= peak["eval/score"] or error is None or drop <= 2 * error:
+    latest, earlier = judged[-1], [point for point in judged[:-1] if numbers(point)]
+    if not earlier:
+        return None
+    peak = max(earlier, key=lambda point: point["eval/judge"])
+    threshold = fall_threshold(len(earlier))
+    error, drop = fall_error(peak, latest), peak["eval/judge"] - latest["eval/judge"]
+    if latest["eval/score"] <= peak["eval/score"] or error is None or drop <= threshold * error:
         return None
     return (f"over-optimisation: since update {peak['update']} the reward model's eval score rose "
             f"{peak['eval/score']:.3f} -> {latest['eval/score']:.3f} while the judge fell {peak['eval/judge']:.3f} -> "
-            f"{latest['eval/judge']:.3f} (more than twice its standard error): the policy is exploiting the reward "
+            f"{latest['eval/judge']:.3f} (by more than {threshold:.1f} standard errors, the bar for "
+            f"{len(earlier)} earlier point{'s' if len(earlier) > 1 else ''}): the policy is exploiting the reward "
             "model; raise kl_coef, stop earlier, or give the reward model more labels")
+
+
+def numbers(point: dict) -> bool:
+    return math.isfinite(point["eval/judge"]) and math.isfinite(point["eval/score"])
+
+
+def fall_threshold(compared: int) -> float:
+    """How many standard errors a fall must exceed when the latest point is compared with `compared` earlier ones:
+    2 for one (a one-sided 2.3% false alarm), raised (Bonferroni) so that a flat judge over many eval points, whose
+    best point is always some way above the latest by chance, fires about as rarely as one comparison would (a union
+    bound over the comparisons the peak was picked from)."""
+    return NormalDist().inv_cdf(1 - NormalDist().cdf(-2.0) / compared)
 
 
 def fall_error(peak: dict, latest: dict) -> float | None:

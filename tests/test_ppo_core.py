@@ -1,5 +1,6 @@
 """PPO maths against hand-computed values: the checks docs/ppo.md lists."""
 import math
+import random
 import statistics
 
 import pytest
@@ -216,6 +217,36 @@ def test_overoptimisation_alert_fires_when_the_proxy_rises_as_the_gold_falls():
     assert overoptimisation_alert(eval_points([0.0], [0.5])) is None
     assert overoptimisation_alert([{"update": 0, "kl": 0.0, "eval/score": 0.0}] * 3) is None
 
+
+
+def simulated_eval_points(rng, points: int, fall: float, prompts: int = 32) -> list[dict]:
+    """A rising reward-model score and a judge whose prompts each score their own level plus noise (sd 0.1) at
+    every point, all `fall` lower at the last point."""
+    levels = [rng.gauss(0.5, 0.2) for _ in range(prompts)]
+    made = []
+    for i in range(points):
+        judged = [level + rng.gauss(0.0, 0.1) - (fall if i == points - 1 else 0.0) for level in levels]
+        made.append({"update": 4 * i, "kl": float(i), "eval/score": float(i), "eval/judge": statistics.fmean(judged),
+                     "eval/judge_sem": statistics.stdev(judged) / prompts ** 0.5, "judge_scores": judged})
+    return made
+
+
+def test_a_flat_judge_over_many_eval_points_rarely_fires_the_alert_and_a_real_fall_still_does():
+    """With 20 eval points a flat judge's best earlier point lies well above the latest by chance: against the best
+    point with a bar of 2 standard errors, about a quarter of such runs fired; the bar grows with the points
+    compared."""
+    from ppo.health import fall_threshold, overoptimisation_alert
+
+    assert fall_threshold(1) == pytest.approx(2.0) and 2.5 < fall_threshold(4) < 2.6 and fall_threshold(19) > 3.0
+    rng = random.Random(0)
+    flat = [overoptimisation_alert(simulated_eval_points(rng, 20, fall=0.0)) for _ in range(300)]
+    assert sum(alert is not None for alert in flat) / 300 < 0.06
+    fallen = [overoptimisation_alert(simulated_eval_points(rng, 20, fall=0.15)) for _ in range(100)]
+    assert sum(alert is not None for alert in fallen) >= 95
+    assert "the bar for 19 earlier points" in next(alert for alert in fallen if alert)
+    # one earlier point: the bar is 2 standard errors, as it was (0.06 against a paired error of 0.025)
+    assert overoptimisation_alert(eval_points([0.0, 1.0], [0.56, 0.50])) is not None
+    assert overoptimisation_alert(eval_points([0.0, 1.0], [0.55, 0.50])) is None
 
 # --- critic-free advantages (issue 18), by hand on small groups ---------------------------------------------------
 
