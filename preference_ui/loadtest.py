@@ -48,16 +48,24 @@ def scratch_postgres():
     if as_postgres:
         shutil.chown(root, "postgres", "postgres")
     port, pg_ctl = free_port(), str(binaries[-1] / "pg_ctl")
-    subprocess.run(as_postgres + [str(binaries[-1] / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U",
-                                  "postgres"], check=True, capture_output=True)
-    subprocess.run(as_postgres + [pg_ctl, "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
-                                  f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
+    try:  # a failed initdb or start leaves no folder behind either
+        postgres_command("initdb", as_postgres + [str(binaries[-1] / "initdb"), "-D", str(root / "data"), "-A",
+                                                  "trust", "-U", "postgres"])
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+        postgres_command("pg_ctl start", as_postgres + [pg_ctl, "-D", str(root / "data"), "-l", str(root / "log"),
+                                                        "-w", "-o", options, "start"])
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
     finally:
         subprocess.run(as_postgres + [pg_ctl, "-D", str(root / "data"), "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def postgres_command(name: str, command: list[str]) -> None:
+    """Runs one of PostgreSQL's tools; on failure, an error with what it said (CalledProcessError would not)."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip()[-2000:]
+        raise RuntimeError(f"{name} failed (exit {done.returncode}): {said}")
 
 
 def new_database(server: str, name: str) -> str:
@@ -191,18 +199,20 @@ class BrowserLikeClient:
 def audit(db_url: str, claimed: dict[str, list[str]]) -> dict:
     """Compares the votes the labellers saw accepted (by item label) with what the store holds."""
     store = Store(db_url)
-    names = {user.id: user.name for user in store.users()}
-    texts = {c["id"]: (c["a"], c["b"]) for c in store.comparisons("load")}
-    ids = {store.item_label(comparison): comparison for comparison in texts}
+    try:
+        names = {user.id: user.name for user in store.users()}
+        texts = {c["id"]: (c["a"], c["b"]) for c in store.comparisons("load")}
+        votes = store.votes()
+        ids = {store.item_label(comparison): comparison for comparison in texts}
+    finally:  # its connections closed on an error too (a PostgreSQL server is dropped or stopped next)
+        store.engine.dispose()
     if len(ids) != len(texts):
         raise RuntimeError("two comparisons share an item label")
     claimed = {name: [ids[label] for label in labels] for name, labels in claimed.items()}
-    stored = Counter((names[vote.user_id], vote.comparison_id) for vote in store.votes())
+    stored = Counter((names[vote.user_id], vote.comparison_id) for vote in votes)
     wanted = Counter((name, comparison) for name, ids in claimed.items() for comparison in ids)
-    wrong_side = sum(vote.choice != ("a" if texts[vote.comparison_id][0].startswith("good") else "b")
-                     for vote in store.votes())
+    wrong_side = sum(vote.choice != ("a" if texts[vote.comparison_id][0].startswith("good") else "b") for vote in votes)
     per_item = Counter(comparison for _, comparison in stored)
-    store.engine.dispose()
     return {"stored": sum(stored.values()), "claimed": sum(wanted.values()),
             "lost": sum((wanted - stored).values()), "unexpected": sum((stored - wanted).values()),
             "duplicated": sum(count - 1 for count in stored.values() if count > 1),

@@ -1,5 +1,6 @@
 """The labelling app, served for real: `rlhf label serve` on a loopback port, driven by gradio_client."""
 import threading
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -222,3 +223,31 @@ def test_item_labels_are_opaque_and_the_same_for_everyone(server):
     assert len(labels) == 600 and all(len(label) == 8 and label.isalnum() for label in labels)
     assert store.item_label(1) == Store(server["db"]).item_label(1)  # a second process reads the same key
     assert store.item_label(1) != Store(f"sqlite:///{server['root'] / 'other.db'}").item_label(1)
+
+
+def test_a_scratch_postgres_that_cannot_start_says_why_and_leaves_no_folder(monkeypatch):
+    """Its port already taken (a listening socket on loopback): `pg_ctl start` fails after a real initdb."""
+    import socket
+    import tempfile
+
+    from preference_ui import loadtest
+
+    made = []
+
+    def recorded_mkdtemp(**kwargs):
+        made.append(Path(tempfile_mkdtemp(**kwargs)))
+        return str(made[-1])
+
+    tempfile_mkdtemp = tempfile.mkdtemp
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    monkeypatch.setattr(loadtest.tempfile, "mkdtemp", recorded_mkdtemp)
+    monkeypatch.setattr(loadtest, "free_port", lambda: taken.getsockname()[1])
+    try:
+        with pytest.raises(RuntimeError, match=r"pg_ctl start failed \(exit \d+\): .+"):
+            with loadtest.scratch_postgres():
+                pass
+    finally:
+        taken.close()
+    assert made and not made[0].exists()
