@@ -114,7 +114,8 @@ def crash_run(args, root: Path) -> dict:
                 killed.set()
 
     labellers = [Labeller(f"http://127.0.0.1:{port}", name, server_up) for name in names]
-    threads = [threading.Thread(target=labeller.run, args=(votes_seen,)) for labeller in labellers]
+    # daemons: if the restarted server fails to start, labellers waiting for it must not keep the process alive
+    threads = [threading.Thread(target=labeller.run, args=(votes_seen,), daemon=True) for labeller in labellers]
     for thread in threads:
         thread.start()
     if not killed.wait(timeout=600):

@@ -21,6 +21,7 @@ Target for N=20 on SQLite, with 16 guessers: 0 lost, 0 duplicated, p95 <= 300 ms
 import argparse
 import itertools
 import multiprocessing
+import queue
 import statistics
 import subprocess
 import sys
@@ -125,8 +126,8 @@ def drive(url: str, names: list[str], votes: int, server: psutil.Process, guesse
     the same moment and stopping when the labellers are done; also the server's CPU time per vote."""
     claimed, latencies, errors, guesses = {name: [] for name in names}, [], [], []
     start = threading.Barrier(len(names) + 1)
-    threads = [threading.Thread(target=labeller, args=(url, name, votes, claimed[name], latencies, errors, start))
-               for name in names]
+    threads = [threading.Thread(target=labeller, args=(url, name, votes, claimed[name], latencies, errors, start),
+                                daemon=True) for name in names]  # daemons: a failed run does not wait for them
     spawn = multiprocessing.get_context("spawn")
     ready, stop, results = spawn.Event(), spawn.Event(), spawn.Queue()
     targets = [[names[i % len(names)], f"nobody{i}"] for i in range(guessers)]  # a real name and an unknown one
@@ -135,7 +136,10 @@ def drive(url: str, names: list[str], votes: int, server: psutil.Process, guesse
         thread.start()
     if attacker:
         attacker.start()
-        ready.wait()
+        while not ready.wait(timeout=1):
+            if not attacker.is_alive():
+                start.abort()
+                raise RuntimeError(f"the guessers' process ended before it started (exit code {attacker.exitcode})")
     try:
         start.wait()
     except threading.BrokenBarrierError:  # a labeller failed to sign in or to get an item: named in `errors`
@@ -146,11 +150,25 @@ def drive(url: str, names: list[str], votes: int, server: psutil.Process, guesse
     elapsed, cpu = time.perf_counter() - began, sum(server.cpu_times()[:2]) - cpu_before
     if attacker:
         stop.set()
-        guesses = results.get()
-        attacker.join()
+        guesses = guess_counts(attacker, results)
     return {"claimed": claimed, "latencies": latencies, "errors": errors, "votes_per_s": len(latencies) / elapsed,
             "cpu_ms_per_vote": 1000 * cpu / max(len(latencies), 1), "seconds": elapsed,
             "guesses": {code: guesses.count(code) for code in set(guesses)}}
+
+
+def guess_counts(attacker, results) -> list[int]:
+    """The status codes the guessers' process sends back once stopped; an error, not a wait, if it died."""
+    while True:
+        alive = attacker.is_alive()  # read first: a process that had ended had sent whatever it would send
+        try:
+            guesses = results.get(timeout=1)
+            break
+        except queue.Empty:
+            if not alive:
+                raise RuntimeError(f"the guessers' process ended without its counts (exit code {attacker.exitcode})"
+                                   ) from None
+    attacker.join()
+    return guesses
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -1,7 +1,13 @@
 """bench/label_crash.py on a small load, on SQLite and on PostgreSQL: the server killed with SIGKILL mid-load and
 started again loses no accepted vote, duplicates none, overfills no item, and gives each labeller back the item
-it left open."""
+it left open. And bench/label_load.py's wait for its guessers' process."""
+import multiprocessing
+import sys
+
+import pytest
+
 from bench.label_crash import crash_run, parse_args
+from bench.label_load import guess_counts
 
 
 def test_a_server_killed_mid_load_loses_and_duplicates_no_vote(store_url, tmp_path):
@@ -13,3 +19,17 @@ def test_a_server_killed_mid_load_loses_and_duplicates_no_vote(store_url, tmp_pa
     assert report["unfinished"] == 0 and report["not_resumed"] == 0
     assert report["reconnections"] >= 1 and report["errors"]  # the labellers did see the server go
     assert report["unexpected"] <= 6  # stored, unseen: at most the one vote each labeller had in flight
+
+
+def test_the_load_benchmark_fails_instead_of_waiting_when_its_guessers_process_dies():
+    """bench/label_load.py waited forever for the counts of a guessers' process that had died."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    attacker = context.Process(target=sys.exit, args=(3,))
+    attacker.start()
+    with pytest.raises(RuntimeError, match=r"ended without its counts \(exit code 3\)"):
+        guess_counts(attacker, results)
+    sender = context.Process(target=results.put, args=([200, 401],))  # one that sent them before it ended
+    sender.start()
+    sender.join()
+    assert guess_counts(sender, results) == [200, 401]
