@@ -53,7 +53,7 @@ def stage_state(run_dir: RunDir, stage: str, config, inputs_now: dict | None = N
     entry = run_dir.stage_entry(stage) or {}
     wanted = config_hash(config, run_dir.round)
     if entry.get("status") == "done" and same_work(entry, wanted, inputs_now) \
-            and made_with(run_dir.stage_path(stage), wanted):
+            and made_with(run_dir.stage_path(stage), wanted, entry.get("input_hashes")):
         return "done"
     attempt = entry.get("attempt") or entry  # the last attempt, kept apart when it followed a done one
     partial = run_dir.partial_path(stage)
@@ -73,10 +73,12 @@ def current_inputs(stage, config, run) -> dict | None:
         return None
 
 
-def made_with(folder: Path, wanted_hash: str) -> bool:
-    """The published folder is there and was made with that config (a later attempt killed between publishing
-    its folder and recording itself done leaves the earlier done entry beside the later folder)."""
-    return read_stage_record(folder).get("config_hash") == wanted_hash
+def made_with(folder: Path, wanted_hash: str, wanted_inputs: dict | None) -> bool:
+    """The published folder is there and was made with that config and those inputs' contents (a later attempt
+    killed between publishing its folder and recording itself done leaves the earlier done entry beside the later
+    folder: with other settings, or with input files changed and later changed back)."""
+    record = read_stage_record(folder)
+    return record.get("config_hash") == wanted_hash and record.get("input_hashes") == wanted_inputs
 
 
 def same_work(entry: dict, wanted_hash: str, inputs_now: dict | None = None) -> bool:

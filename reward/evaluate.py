@@ -232,8 +232,9 @@ def main(config, run: RunConfig) -> dict:
         raise MissingInputError(f"no reward model at {published}: run `rlhf reward --config ...` first")
     found = inputs(config, run)
     wanted = config_hash(config, run.round)
-    if not (same_work(run_dir.stage_entry("reward") or {}, wanted, {name: str(v) for name, v in found.items()})
-            and made_with(published, wanted)):
+    entry = run_dir.stage_entry("reward") or {}
+    if not (same_work(entry, wanted, {name: str(v) for name, v in found.items()})
+            and made_with(published, wanted, entry.get("input_hashes"))):
         raise ConfigError(f"the reward model at {published} was trained with other settings or on other pairs than "
                           "these (a store with new votes, an edited file): its held-out split would not be the one "
                           "it was trained with. Give the settings it was trained with, or rerun `rlhf reward`")

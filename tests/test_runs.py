@@ -148,6 +148,12 @@ def test_a_failed_attempt_leaves_a_done_record_as_it_was_and_rlhf_run_resumes_th
     (staged / "stage.json").write_text(json.dumps({"config_hash": hash_config({"lr": 2})}))
     run.publish("sft", staged)  # killed here, before the attempt recorded itself done: the folder is lr 2's
     assert stage_state(run, "sft", LearningRate(1)) == "fresh"
+    # the same settings as the done entry, but the data was changed for the killed attempt and changed back since
+    staged.mkdir()
+    (staged / "stage.json").write_text(json.dumps({"config_hash": hash_config({"lr": 1}),
+                                                   "input_hashes": {"train_data": "other data"}}))
+    run.publish("sft", staged)
+    assert stage_state(run, "sft", LearningRate(1)) == "fresh"
     staged.mkdir()
     third.publish(staged, run.partial_path("sft"), {"loss": 0.4}, 1.0)
     assert stage_state(run, "sft", LearningRate(2)) == "done"
