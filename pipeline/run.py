@@ -25,6 +25,7 @@ With `--launcher accelerate` the training stages (sft, reward, ppo, dpo) start u
 `accelerate launch --config_file FILE`; the others run as one process.
 """
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +46,15 @@ class StageFailed(UserError):
         super().__init__(f"stage {stage} stopped with exit code {code}; fix the cause and rerun `rlhf run` to "
                          "resume it")
         self.exit_code = code if code > 0 else 1
+
+
+class Interrupted(UserError):
+    """`rlhf run` was sent SIGINT or SIGTERM while a stage ran: it exits as the signal would (130, 143)."""
+
+    def __init__(self, stage: str, signum: int):
+        super().__init__(f"{signal.Signals(signum).name}: stage {stage} was stopped (its attempt is recorded as "
+                         "failed); rerun `rlhf run` to go on (a training stage resumes from its last checkpoint)")
+        self.exit_code = 128 + signum
 
 
 def stage_state(run_dir: RunDir, stage: str, config, inputs_now: dict | None = None) -> str:
@@ -159,16 +169,46 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         argv = command(stage.name, config_path, stage_overrides(overrides, stage.name) + extra, start)
         print(f"[run] $ {' '.join(argv)}", flush=True)
         started = time.time()
-        result = subprocess.run(argv, preexec_fn=die_with_parent, env={**os.environ, STAGE_OF_A_RUN: "1"})
-        if result.returncode != 0:
-            raise StageFailed(key, result.returncode)
+        returncode, stopped_by = stage_process(argv)
+        if stopped_by is not None:
+            raise Interrupted(key, stopped_by)
+        if returncode != 0:
+            raise StageFailed(key, returncode)
         seconds[key] = time.time() - started
         print(f"[run] {key}: finished in {minutes(seconds[key])}", flush=True)
     print(timings(seconds))
-    report = run_report(settings[max(settings)]["run"].directory())
-    if report is not None:
+    report = run_report(settings[max(settings)]["run"].directory()) if "eval" in document else None
+    if report is not None:  # (a run without an eval stage leaves an earlier eval's report as it was)
         print(headline(report))
     return 0
+
+
+def own_group_dying_with_parent() -> None:
+    """In the stage's process, before it starts: a process group of its own (Ctrl-C at the terminal then reaches
+    only `rlhf run`, which passes it on once), and death with `rlhf run`."""
+    os.setpgid(0, 0)
+    die_with_parent()
+
+
+def stage_process(argv: list[str]) -> tuple[int, int | None]:
+    """Runs one stage's process to its end: (exit code, the signal that stopped `rlhf run` or None). The stage has
+    a process group of its own, so Ctrl-C (SIGINT) or SIGTERM reaching `rlhf run` is passed on as one SIGINT, and
+    `rlhf run` waits while the stage records its attempt as failed and closes its trackers (a second signal kills
+    it at once)."""
+    child = subprocess.Popen(argv, preexec_fn=own_group_dying_with_parent, env={**os.environ, STAGE_OF_A_RUN: "1"})
+    stopped_by = []
+
+    def pass_on(signum, frame):
+        child.send_signal(signal.SIGINT if not stopped_by else signal.SIGKILL)
+        stopped_by.append(signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        returncode = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return returncode, (stopped_by[0] if stopped_by else None)
 
 
 def last_round_section(document: dict) -> int:

@@ -158,6 +158,27 @@ def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifact
     assert killed_tables == whole_tables
 
 
+def test_a_run_sent_sigterm_lets_its_stage_record_the_stop_and_exits_143(tmp_path):
+    """SIGTERM (a scheduler's stop, `timeout`) or Ctrl-C reach `rlhf run`, which passes them on to the stage as
+    one SIGINT and waits: the stage's attempt is recorded as failed, not left "running"."""
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(rlhf_run(tmp_path, "stopped"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not (tmp_path / "stopped" / ".sft.partial").exists():  # the stage's record is written by now
+                assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert "error: SIGTERM: stage sft was stopped (its attempt is recorded as failed)" in log.read_text()
+    entry = json.loads((tmp_path / "stopped" / "manifest.json").read_text())["stages"]["sft"]
+    assert entry["status"] == "failed" and entry["error"].startswith("KeyboardInterrupt"), entry
+
+
 def test_a_rerun_skips_what_is_up_to_date_and_a_change_reruns_only_what_depends_on_it(whole):
     """After the killed run's test: it changes the uninterrupted run that test compares with."""
     root = whole["root"]
