@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pipeline.cli import STAGE_OF_A_RUN, die_with_parent
 from pipeline.stages import SECTIONS, STAGES
-from rlhf.config import ROUND_SECTION, hashed_settings, load_config, read_yaml
+from rlhf.config import ROUND_SECTION, hashed_settings, load_config, password_hidden, read_yaml
 from rlhf.errors import ConfigError, UserError
 from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, atomic_write_text, hash_config, input_hashes,
                         read_stage_record, stage_key, work_key)
@@ -167,7 +167,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
                  if launcher == "accelerate" and stage.trains else [sys.executable])
         print(f"[run] {key}: {'resuming' if state == 'resume' else 'running'}", flush=True)
         argv = command(stage.name, config_path, stage_overrides(overrides, stage.name) + extra, start)
-        print(f"[run] $ {' '.join(argv)}", flush=True)
+        print(f"[run] $ {' '.join(shown(token) for token in argv)}", flush=True)
         started = time.time()
         returncode, stopped_by = stage_process(argv)
         if stopped_by is not None:
@@ -181,6 +181,13 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
     if report is not None:  # (a run without an eval stage leaves an earlier eval's report as it was)
         print(headline(report))
     return 0
+
+
+def shown(token: str) -> str:
+    """A command-line token as the log shows it: a URL's password (`--preferences.db=postgresql://u:pw@...`)
+    hidden."""
+    key, equals, value = token.partition("=")
+    return f"{key}={password_hidden(value)}" if equals else password_hidden(token)
 
 
 def own_group_dying_with_parent() -> None:

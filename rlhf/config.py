@@ -20,6 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -293,10 +294,24 @@ def coerce_list(value, args):
 
 
 def as_plain_dict(config) -> dict:
-    """A config as JSON-friendly values, for hashing and tracking."""
-    if hasattr(config, "to_dict"):
-        return json.loads(json.dumps(config.to_dict(), default=str))
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    """A config as JSON-friendly values, for hashing, the manifest and tracking: a password in a URL (a label
+    store's) hidden, so it is neither written down nor part of the config hash (a new password reruns nothing)."""
+    plain = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+    return {key: password_hidden(value) for key, value in json.loads(json.dumps(plain, default=str)).items()}
+
+
+def password_hidden(value):
+    """A URL's password as ***; any other value as it is."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+    except ValueError:
+        return value
+    if not password:
+        return value
+    return parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)).geturl()
 
 
 def hashed_settings(config, round: int = 1) -> dict:

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 
@@ -210,3 +211,18 @@ def test_settings_read_by_later_rounds_only_are_outside_round_1s_config_hash():
         changed = dataclasses.replace(config, **{field: value})
         assert hashed_settings(changed, 1) == hashed_settings(config, 1)
         assert hashed_settings(changed, 2) != hashed_settings(config, 2)
+
+
+def test_a_label_store_password_is_neither_recorded_nor_hashed_nor_printed():
+    from pipeline.run import config_hash, shown
+    from preference_ui.config import PreferencesStageConfig
+
+    first = PreferencesStageConfig(db="postgresql+psycopg://lab:first-secret@db.example:5432/labels")
+    rotated = PreferencesStageConfig(db="postgresql+psycopg://lab:new%40secret@db.example:5432/labels")
+    assert hashed_settings(first)["db"] == "postgresql+psycopg://lab:***@db.example:5432/labels"
+    assert "secret" not in json.dumps(hashed_settings(rotated))  # the manifest's copy and the trackers'
+    assert config_hash(first) == config_hash(rotated)  # a new password reruns nothing
+    assert config_hash(first) != config_hash(PreferencesStageConfig(db="postgresql+psycopg://lab:x@other/labels"))
+    assert shown("--preferences.db=postgresql://lab:first-secret@db/labels") == \
+        "--preferences.db=postgresql://lab:***@db/labels"
+    assert shown("--preferences.db=sqlite:////tmp/labels.db") == "--preferences.db=sqlite:////tmp/labels.db"
