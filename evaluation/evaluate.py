@@ -11,6 +11,7 @@ against the prompts' reference answers (`builtin:final_number`) also gives each 
 """
 import dataclasses
 import json
+import math
 import random
 import statistics
 import time
@@ -25,7 +26,7 @@ from preference_ui.stats import stats
 from rlhf import models
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
-from rlhf.errors import ConfigError, MissingInputError
+from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import answer_prompts
 from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
@@ -261,7 +262,14 @@ def reward_scores(reward_path: str | None, messages: list, texts: dict, batch_si
     conversations = [m + [{"role": "assistant", "content": t}] for answers in texts.values()
                      for m, t in zip(messages, answers)]
     rewards = [(r - scale["mean"]) / scale["std"] for r in score(model, tokenizer, conversations, batch_size)]
-    return {name: rewards[i * len(messages):(i + 1) * len(messages)] for i, name in enumerate(texts)}
+    by_policy = {name: rewards[i * len(messages):(i + 1) * len(messages)] for i, name in enumerate(texts)}
+    for name, scores in by_policy.items():  # a NaN would lose every comparison it is in, silently
+        bad = [i for i, value in enumerate(scores) if not math.isfinite(value)]
+        if bad:
+            raise UserError(f"the reward model {reward_path} scored {len(bad)} of {name}'s answers {scores[bad[0]]} "
+                            f"(the first: prompt {bad[0] + 1}): a diverged reward model, or fp16 overflowing (try "
+                            "--eval.precision fp32 or bf16); scores must be finite to compare")
+    return by_policy
 
 
 def policy_results(name: str, answers: list, kls: list[float], rewards: dict, judged: dict,

@@ -103,6 +103,21 @@ def test_two_policies_identical_answers_get_one_score_a_tie(tmp_path, tiny_model
     assert win_rate([rewards["ppo"][i] for i in same], [rewards["sft"][i] for i in same]) == 0.5
 
 
+def test_a_reward_model_that_scores_nan_is_an_error_not_a_lost_comparison(tmp_path, tiny_model_path):
+    from evaluation.evaluate import reward_scores
+    from rlhf.errors import UserError
+    from rlhf.reward_model import score_head
+
+    folder = plain_reward_model(tiny_model_path, tmp_path / "reward")
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    with torch.no_grad():
+        score_head(model).weight.fill_(float("nan"))  # as a diverged reward model scores
+    model.save_pretrained(folder)
+    messages = [[{"role": "user", "content": f"Question {i}?"}] for i in range(3)]
+    with pytest.raises(UserError, match=r"scored 3 of sft's answers nan \(the first: prompt 1\)"):
+        reward_scores(str(folder), messages, {"sft": ["a", "b", "c"], "ppo": ["d", "e", "f"]}, 8, torch.float32)
+
+
 def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path, monkeypatch):
     runs = tmp_path / "runs"
     common = ["--config", "configs/tiny.yaml", f"--run.output_root={runs}", "--run.name=ev"]
