@@ -28,8 +28,9 @@ class EvalStageConfig:
     db: str = field(default="", metadata={"help": "With human: the label store URL (empty: $RLHF_DB_URL, else the "
                                                    "run's own store, runs/<name>/labels.db)."})
     human_batch: str = field(default="", metadata={
-        "help": "With human: the batch the comparisons go into; empty: eval-KEY, KEY standing for the models compared "
-                "and the prompts (an eval of retrained policies queues anew; the same eval again reads the votes)."})
+        "help": "With human: the batch the comparisons go into; empty: eval-KEY, KEY standing for the models compared, "
+                "the prompts and the answers (an eval of retrained policies, or of other answers, queues anew; the "
+                "same eval again reads the votes)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
     score_batch_size: int = field(default=8, metadata={
         "help": "Answers per forward pass when scoring them and computing their KL, shortest first: small "

@@ -162,7 +162,7 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
 
     if config.human:
         hashes = record.input_hashes if record is not None else input_hashes(found)  # (main process: recorded)
-        config = dataclasses.replace(config, human_batch=human_batch(config, names, hashes))
+        config = dataclasses.replace(config, human_batch=human_batch(config, names, hashes, texts))
         store = Store(run_store_url(run.output_root, run.name, config.db or None))
         queued = queue_human_comparisons(store, config, run, prompts, texts)
         add_human_win_rates(results, store, config, run)
@@ -188,13 +188,13 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
                    f"report {run_dir.path / 'report.md'}", artifact="report", returned=metrics)
 
 
-def human_batch(config: EvalStageConfig, names: list[str], hashes: dict) -> str:
-    """`eval.human_batch`, else `eval-KEY`: KEY stands for the compared models' and the prompts' contents, so the
-    votes read back are on these answers (a batch of retrained policies' older answers would be reported as
-    theirs)."""
+def human_batch(config: EvalStageConfig, names: list[str], hashes: dict, texts: dict) -> str:
+    """`eval.human_batch`, else `eval-KEY`: KEY stands for the compared models' and the prompts' contents and the
+    answers themselves, so the votes read back are on these answers (a batch of retrained policies' older answers,
+    or of answers cut at another length or drawn from fewer prompts, would be reported as theirs)."""
     if config.human_batch:
         return config.human_batch
-    return f"eval-{hash_config({name: hashes.get(name) for name in [*names, 'prompts']})[:8]}"
+    return f"eval-{hash_config({**{name: hashes.get(name) for name in [*names, 'prompts']}, 'answers': texts})[:8]}"
 
 
 def queue_human_comparisons(store: Store, config: EvalStageConfig, run: RunConfig, prompts: list[dict],

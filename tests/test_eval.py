@@ -254,6 +254,9 @@ def test_human_comparisons_are_queued_blind_and_their_votes_give_the_human_win_r
     assert len({comparison["batch"] for comparison in store.comparisons()}) == 2
     results = json.loads((tmp_path / "runs" / "tiny" / "eval" / "results.json").read_text())["policies"]
     assert results["moved"]["human_votes"] == 0 and "win_rate_human" not in results["moved"]
+    # the same models and prompts, answers cut shorter: other answers, so a batch of their own too
+    assert cli([*command, "--eval.max_new_tokens=3"]) == 0
+    assert len({comparison["batch"] for comparison in store.comparisons()}) == 3
 
 
 def test_blind_comparisons_for_people_are_queued_all_or_none_under_prompts_the_store_does_not_clash_with(
