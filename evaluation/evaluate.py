@@ -173,7 +173,8 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     staged.mkdir()
     atomic_write_json(staged / "results.json", {"prompts": len(prompts), "policies": results})
     atomic_write_text(staged / "answers.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    report = write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged})
+    report = write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged},
+                          {"baseline": found[BASELINE], "reward_model": found.get("reward_model")})
     metrics = {f"{name}/{key}": value for name, result in results.items() for key, value in result.items()
                if isinstance(value, (int, float))}
     if config.human:

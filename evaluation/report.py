@@ -14,29 +14,32 @@ COLUMNS = [("reward", "reward"), ("win_rate_reward", "win rate vs {against} (rew
 TRAINING_CURVES = {"ppo": ("objective/scores", "objective/kl"), "dpo": ("loss", "rewards/margins")}
 
 
-def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStageConfig, per_prompt: dict) -> str:
-    """Writes report.md and its plots into `folder`; returns the report's text (links relative to `folder`)."""
+def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStageConfig, per_prompt: dict,
+                 models: dict) -> str:
+    """Writes report.md and its plots into `folder`; returns the report's text (links relative to `folder`).
+    `models`: the baseline's and the reward model's folders as the stage found them (`baseline`, `reward_model`)."""
     histories = {stage: load_history(run_dir.stage_path(stage)) for stage in TRAINING_CURVES}
     histories = {stage: history for stage, history in histories.items() if history}
     plots = []
     if histories:
         plots.append(("Training curves", training_curves(folder / "training_curves.png", histories)))
     kind = "rewards" if per_prompt["rewards"] else "judged" if per_prompt["judged"] else None
-    against = compared_against(config, run_dir)
+    against = compared_against(config, run_dir, models["baseline"])
     if kind:
         label = "reward (normalised)" if kind == "rewards" else f"judge ({config.judge})"
+        on_this_scale = against == "SFT" and ppo_maximised(run_dir, models.get("reward_model"))
         plots.append((f"{label.capitalize()} against KL to {against}",
                       reward_vs_kl(folder / "reward_vs_kl.png", results, per_prompt["kls"], per_prompt[kind],
-                                   histories.get("ppo") if against == "SFT" else None, label, against)))
+                                   histories.get("ppo") if on_this_scale else None, label, against)))
         plots.append(("Score distributions", score_distributions(folder / "score_distribution.png", per_prompt)))
     judged_points = [point for point in load_evals(run_dir.stage_path("ppo"))  # a later round's start: KL unknown
                      if "eval/judge" in point and point["kl"] is not None]
     if len(judged_points) > 1:
-        trained_on = read_stage_record(run_dir.stage_path("ppo")).get("input_hashes", {})
-        proxy = "reward model" if "reward_model" in trained_on else "reward function"  # what PPO maximised
+        read = read_stage_record(run_dir.stage_path("ppo")).get("input_hashes", {})
+        proxy = "reward model" if "reward_model" in read else "reward function"  # what PPO maximised
         plots.append((f"PPO: judge (gold) and {proxy} (proxy) against KL",
                       gold_vs_proxy(folder / "gold_vs_proxy.png", judged_points, proxy)))
-    text = report_text(results, len(next(iter(per_prompt["kls"].values()))), run_dir, config, plots)
+    text = report_text(results, len(next(iter(per_prompt["kls"].values()))), run_dir, config, plots, against)
     if run_dir.round > 1:
         text += rounds_section(folder, round_rows(run_dir, results), against)
     atomic_write_text(folder / "report.md", text)
@@ -60,15 +63,26 @@ def load_results(eval_folder: Path) -> dict:
     return json.loads(path.read_text())["policies"] if path.exists() else {}
 
 
-def compared_against(config: EvalStageConfig, run_dir: RunDir) -> str:
+def compared_against(config: EvalStageConfig, run_dir: RunDir, baseline_folder: str | None = None) -> str:
     """What the report's columns compare with: SFT when eval.baseline is unset, or names the run's SFT model or the
-    model PPO kept as its reference; else "baseline"."""
+    model PPO kept as its reference; else "baseline". `baseline_folder`: where eval.baseline was found (a bundled
+    model's name is a folder elsewhere)."""
     if not config.baseline:
         return "SFT"
     ppo_inputs = (run_dir.stage_entry("ppo") or {}).get("inputs", {})
     reference = ppo_inputs.get("reference") or ppo_inputs.get("policy")  # round 1: PPO starts from its reference
     sft_models = {run_dir.stage_path("sft"), *([Path(reference)] if reference else [])}
-    return "SFT" if Path(config.baseline).resolve() in {path.resolve() for path in sft_models} else "baseline"
+    baseline = Path(baseline_folder or config.baseline).resolve()
+    return "SFT" if baseline in {path.resolve() for path in sft_models} else "baseline"
+
+
+def ppo_maximised(run_dir: RunDir, reward_model: str | None) -> bool:
+    """PPO maximised this reward model's normalised score, so its training scores share the eval's axis (not
+    with a reward function, another reward model, or normalize_reward off)."""
+    entry = run_dir.stage_entry("ppo") or {}
+    trained_with = entry.get("inputs", {}).get("reward_model")
+    return bool(reward_model and trained_with and entry.get("config", {}).get("normalize_reward")
+                and Path(trained_with).resolve() == Path(reward_model).resolve())
 
 
 def rounds_section(folder: Path, rows: list[dict], against: str = "SFT") -> str:
@@ -148,8 +162,8 @@ def load_evals(stage_folder: Path) -> list[dict]:
 
 
 def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageConfig,
-                plots: list[tuple[str, str]]) -> str:
-    against = compared_against(config, run_dir)
+                plots: list[tuple[str, str]], against: str | None = None) -> str:
+    against = against or compared_against(config, run_dir)
     shown = [(key, title.format(against=against)) for key, title in COLUMNS
              if any(key in r for r in results.values()) or (key == "win_rate_human" and config.human)]
     sampling = f"sampled at temperature {config.temperature:g}" if config.temperature else "greedy"

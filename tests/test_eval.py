@@ -188,6 +188,28 @@ def test_the_report_names_a_baseline_that_is_not_the_runs_sft_model_as_the_basel
     assert "| win rate vs baseline (judge) |" in text and f"| baseline (`{tmp_path / 'other'}`) |" in text
 
 
+def test_the_report_matches_a_bundled_baseline_by_its_folder_and_overlays_ppo_only_on_its_own_reward_scale(tmp_path):
+    """eval.baseline given as a bundled model's name (configs/arithmetic.yaml) is PPO's reference found elsewhere;
+    PPO's training scores share the reward axis only when it maximised this reward model, normalised."""
+    from evaluation.config import EvalStageConfig
+    from evaluation.report import compared_against, ppo_maximised
+    from rlhf.runs import RunDir
+
+    bundled = tmp_path / "models" / "smollm2-135m-instruct"
+    run_dir = RunDir(tmp_path, "r")
+    run_dir.record("ppo", inputs={"policy": str(bundled), "reward_model": str(tmp_path / "r" / "reward")},
+                   config={"normalize_reward": True})
+    named = EvalStageConfig(baseline="smollm2-135m-instruct")
+    assert compared_against(named, run_dir, str(bundled)) == "SFT"
+    assert compared_against(named, run_dir, str(tmp_path / "elsewhere")) == "baseline"
+    assert ppo_maximised(run_dir, str(tmp_path / "r" / "reward"))
+    assert not ppo_maximised(run_dir, str(tmp_path / "another_reward")) and not ppo_maximised(run_dir, None)
+    run_dir.record("ppo", config={"normalize_reward": False})
+    assert not ppo_maximised(run_dir, str(tmp_path / "r" / "reward"))
+    run_dir.record("ppo", replace=True, inputs={"policy": str(bundled)}, config={"normalize_reward": True})
+    assert not ppo_maximised(run_dir, str(tmp_path / "r" / "reward"))  # a reward function
+
+
 def test_missing_policies_and_models_name_the_command_that_makes_them(tmp_path, tiny_model_path, capsys):
     common = ["eval", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path / 'runs'}"]
     assert cli(common) == 2
