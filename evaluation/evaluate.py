@@ -30,7 +30,7 @@ from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import answer_prompts
 from rlhf.judges import judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
-from rlhf.runs import RunDir, atomic_write_json, atomic_write_text, hash_config, input_hashes
+from rlhf.runs import RunDir, atomic_write_json, atomic_write_text, hash_config, input_hashes, run_report
 from rlhf.store import NoStoreYet, Store, check_batch_name, check_prompt_widths, run_store_url
 from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, start_partial, starting_model
 from rlhf.verifiable import check_references, judge_scores, probe_judge
@@ -166,27 +166,26 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
         store = Store(run_store_url(run.output_root, run.name, config.db or None))
         queued = queue_human_comparisons(store, config, run, prompts, texts)
         add_human_win_rates(results, store, config, run)
-    # 4. the folder (results, answers, plots, report), published whole; the run's report beside the stages
+    # 4. the folder (results, answers, plots, report), published whole; then the run's copy of the report
     partial = run_dir.partial_path(STAGE)
     staged = partial / "final"
     start_partial(STAGE, partial, resume=False)  # a killed attempt's files (plots this one may not draw) removed
     staged.mkdir()
     atomic_write_json(staged / "results.json", {"prompts": len(prompts), "policies": results})
     atomic_write_text(staged / "answers.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    report = write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged},
-                          {"baseline": found[BASELINE], "reward_model": found.get("reward_model")})
+    write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged},
+                 {"baseline": found[BASELINE], "reward_model": found.get("reward_model")})
     metrics = {f"{name}/{key}": value for name, result in results.items() for key, value in result.items()
                if isinstance(value, (int, float))}
     if config.human:
         metrics["human_comparisons"] = queued
-    # The run's copy of the report first: a stage killed after publishing is done and would not write it again.
-    atomic_write_text(run_dir.path / "report.md", report.replace("](", f"]({run_dir.key(STAGE)}/"))
     tracker.log({f"eval/{key}": value for key, value in metrics.items()})
     tracker.log_table("eval_answers", list(rows[0]), [list(row.values()) for row in rows])
     tracker.log_images({f"eval/{plot.stem}": plot for plot in sorted(staged.glob("*.png"))})
     print(headline(results))
     return Outcome({"prompts": len(prompts), **metrics}, staged, partial, time.time() - started,
-                   f"report {run_dir.path / 'report.md'}", artifact="report", returned=metrics)
+                   f"report {run_dir.path / 'report.md'}", artifact="report", returned=metrics,
+                   after_publishing=lambda: run_report(run_dir))  # the run's copy, once what it links to is there
 
 
 def human_batch(config: EvalStageConfig, names: list[str], hashes: dict, texts: dict) -> str:

@@ -35,8 +35,8 @@ from pipeline.cli import STAGE_OF_A_RUN, die_with_parent
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import ROUND_SECTION, hashed_settings, load_config, password_hidden, read_yaml
 from rlhf.errors import ConfigError, UserError
-from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, atomic_write_text, hash_config, input_hashes,
-                        read_stage_record, stage_key, work_key)
+from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record,
+                        run_report, stage_key, work_key)
 from rlhf.stage import last_complete_checkpoint, partial_work_key, refuse_fixed_reward_model
 
 class StageFailed(UserError):
@@ -231,17 +231,6 @@ def check_round_sections(config_path: str, document: dict) -> None:
             if stage not in document:
                 raise ConfigError(f"{config_path}: {name}.{stage}: the run has no '{stage}' section, so no round "
                                   "runs that stage")
-
-
-def run_report(run_dir: RunDir) -> str | None:
-    """The run's report.md, written again from the published eval's own (an eval attempt killed before it
-    published leaves its report.md beside the published eval, which a later `rlhf run` finds up to date)."""
-    published = run_dir.stage_path("eval") / "report.md"
-    if not published.exists():
-        return None
-    text = published.read_text()
-    atomic_write_text(run_dir.path / "report.md", text.replace("](", f"]({run_dir.key('eval')}/"))
-    return text
 
 
 def round_plan(chosen: list, rounds: int) -> list[tuple[str, int, object]]:

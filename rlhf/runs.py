@@ -282,3 +282,15 @@ class StageRecord:
             self.run.record(self.stage, attempt=attempt)
         else:
             self.run.record(self.stage, replace=True, **attempt)
+
+
+def run_report(run_dir: RunDir) -> str | None:
+    """The run's report.md (beside its stages, links into eval/), written from the published eval's own: by the
+    eval stage once it has published, and again by `rlhf run` at its end (an eval killed after publishing and
+    before writing it is up to date for `rlhf run`). None before any eval is published."""
+    published = run_dir.stage_path("eval") / "report.md"
+    if not published.exists():
+        return None
+    text = published.read_text()
+    atomic_write_text(run_dir.path / "report.md", text.replace("](", f"]({run_dir.key('eval')}/"))
+    return text

@@ -35,6 +35,7 @@ class Outcome:
     artifact: str = "model"  # its kind in the trackers
     extra: dict | None = None  # more for stage.json, read by later stages
     returned: dict | None = None
+    after_publishing: Callable | None = None  # called once the folder is published (main process)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ def run_stage(stage: Stage, config, run: RunConfig) -> dict:
         outcome = stage.work(config, run, found, checked, tracker, record)
         if record is not None and outcome.staged is not None:
             final = record.publish(outcome.staged, outcome.partial, outcome.metrics, outcome.seconds, outcome.extra)
+            if outcome.after_publishing is not None:
+                outcome.after_publishing()
             tracker.log_artifact(f"{run.name}-{record.run.label(stage.name)}", outcome.artifact, final)
             print(f"[{stage.name}] done: {final} ({outcome.summary})", flush=True)
     wait_for_other_processes()

@@ -1,5 +1,6 @@
 """`rlhf eval`: win rates and intervals by hand, the KL along answers, and the report of a tiny run whose numbers
 match the stage's metrics."""
+import errno
 import json
 import math
 
@@ -11,6 +12,7 @@ from evaluation.metrics import answer_kl, bootstrap_interval, kl_per_position, w
 from pipeline.cli import main as cli
 from rlhf.models import load_causal_lm
 from rlhf.reward_model import reward_tokenizer
+from rlhf.runs import RunDir
 from tests.conftest import REPO
 
 
@@ -153,6 +155,16 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
 
     report = (run / "report.md").read_text()
     assert f"8 held-out prompts from `{prompts}`; answers greedy" in report
+    # an attempt that fails before its folder is published leaves the run's report as the published eval's
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunDir, "publish", disk_full)
+    assert cli(["eval", *common, f"--eval.baseline={tiny_model_path}", f"--eval.reward_model={reward_dir}",
+                "--eval.policies=ppo", f"--eval.prompts={prompts}", "--eval.num_prompts=4",
+                "--eval.judge=tests.test_eval:words"]) == 2
+    monkeypatch.undo()
+    assert (run / "report.md").read_text() == report
     # eval.baseline names the model PPO started from (its reference): still "SFT" in the report
     assert "policies against the SFT model" in report and "| win rate vs SFT (judge) |" in report
     assert "## PPO: judge (gold) and reward function (proxy) against KL" in report  # PPO maximised builtin:length
