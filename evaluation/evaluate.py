@@ -87,10 +87,17 @@ def main(config: EvalStageConfig, run: RunConfig) -> dict:
 def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[dict], object, list | None]:
     """(the prompts, the judge, the prompts' reference answers when the judge checks against them), read and
     checked."""
-    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    prompts, judge, references = files(config, run)
     check_same_tokenizer(found)
     if config.human:
         check_prompts_for_people(config, run, prompts)
+    return prompts, judge, references
+
+
+def files(config: EvalStageConfig, run: RunConfig) -> tuple[list[dict], object, list | None]:
+    """The prompts, the judge (tried on one made-up answer) and the prompts' reference answers when it checks
+    against them."""
+    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
     judge = load_judge(config.judge) if config.judge else None
     references = check_references(prompts, config.prompts, config.judge)
     if judge:
@@ -297,4 +304,4 @@ def headline(results: dict) -> str:
 
 
 EVAL_STAGE = Stage("eval", "policies against the SFT model on held-out prompts, and the run's report", EvalStageConfig,
-                   inputs, check, evaluate)
+                   inputs, check, evaluate, files=files)

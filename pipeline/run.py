@@ -150,6 +150,9 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         for name in ("ppo", "dpo"):
             if name in settings[round] and getattr(settings[round][name], "pairs", "on_policy") == "on_policy":
                 refuse_fixed_reward_model(name, settings[round][name].reward_model, round)
+    for key, round, stage in plan:  # every stage's own files (data, prompts, judges) before the first one writes
+        if stage.files is not None:
+            stage.files(settings[round][stage.name], settings[round]["run"])
     forced, seconds = False, {}
     for key, round, stage in plan:
         sections = settings[round]

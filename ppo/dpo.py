@@ -310,7 +310,13 @@ def check(config: DPOStageConfig, run: RunConfig, found: dict) -> list[dict]:
                             f"loss_type {','.join(config.loss_type)} leaves out (it is TRL's loss): use loss_type "
                             "sigmoid")
         return pairs
-    return load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    return files(config, run)
+
+
+def files(config: DPOStageConfig, run: RunConfig) -> list[dict]:
+    """With on-policy pairs, the prompts they are sampled on (the labelled pairs come from the preferences stage,
+    or an export checked by `check`)."""
+    return load_rows(config.prompts, "prompt")[:config.num_prompts or None] if config.pairs != "labels" else []
 
 
 def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict], tracker, record) -> Outcome:
@@ -388,4 +394,4 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
 
 
 DPO_STAGE = Stage("dpo", "DPO on the label export or on-policy pairs (TRL DPOTrainer)", DPOStageConfig, inputs, check,
-                  train, trains=True)
+                  train, trains=True, files=files)

@@ -144,6 +144,16 @@ class CheckedInputs:
 def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> CheckedInputs:
     """The training and eval prompts, checked row by row, and the judge loaded (a reward function too, only to
     check it: the scorer loads its own)."""
+    rows, eval_rows, judge, references, eval_references = files(config, run)
+    # the launch (a distribution PPO cannot run under, a batch that does not split over the processes) is checked
+    # last, with the files read: a refusal leaves the run's manifest as it was
+    return CheckedInputs([row["prompt"] for row in rows], [row["prompt"] for row in eval_rows], judge, references,
+                         eval_references, make_accelerator(config))
+
+
+def files(config: PPOStageConfig, run: RunConfig) -> tuple:
+    """(training prompts, eval prompts, the judge, their reference answers where a function checks against them),
+    read and checked; the judge and a reward function tried on one made-up answer."""
     rows = load_rows(config.prompts, "prompt")
     eval_rows = load_rows(config.eval_prompts, "prompt")[:config.num_eval_prompts or None]
     eval_references = (check_references(eval_rows, config.eval_prompts, config.reward_function)
@@ -155,10 +165,7 @@ def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> Check
                     references[0] if references else None)
     if judge:
         probe_judge(judge, eval_rows[0]["prompt"][-1]["content"], eval_references[0] if eval_references else None)
-    # the launch (a distribution PPO cannot run under, a batch that does not split over the processes) is checked
-    # last, with the files read: a refusal leaves the run's manifest as it was
-    return CheckedInputs([row["prompt"] for row in rows], [row["prompt"] for row in eval_rows], judge, references,
-                         eval_references, make_accelerator(config))
+    return rows, eval_rows, judge, references, eval_references
 
 
 def unsupported_distribution(distributed_type: DistributedType, use_peft: bool = False,
@@ -586,4 +593,4 @@ def save_policy(policy, tokenizer, folder: Path, merged_lora: bool, weights: dic
 
 
 PPO_STAGE = Stage("ppo", "PPO against the reward model (our trainer on accelerate)", PPOStageConfig, inputs,
-                  checked_inputs, train, trains=True)
+                  checked_inputs, train, trains=True, files=files)

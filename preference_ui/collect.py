@@ -70,14 +70,22 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
     check_database_url(run_store_url(run.output_root, run.name, config.db or None))
     check_batch_name(config.batch or run.name, rounds=run.rounds)
     taken = prompts_taken_before(run, config)
-    prompts = round_prompts(load_rows(config.prompts, "prompt"), config, run.round, taken)
+    rows, gold = files(config, run)
+    prompts = round_prompts(rows, config, run.round, taken)
     check_prompt_widths([row["id"] for row in prompts], [row["category"] for row in prompts], config.prompts)
+    return prompts, gold, taken + len(prompts)
+
+
+def files(config: PreferencesStageConfig, run: RunConfig) -> tuple[list[dict], list[dict] | None]:
+    """(every prompt of the file, the gold rows), read and checked row by row; the simulated labellers' judge
+    loaded, the AI labeller's constitution and model found."""
+    rows = load_rows(config.prompts, "prompt")
     gold = load_rows(config.gold, "gold") if config.gold else None
     if config.simulate_judge:
         voting_judge(config.simulate_judge)
     if config.ai_judge:
         check_ai_inputs(config.ai_judge, config.ai_constitution)
-    return prompts, gold, taken + len(prompts)
+    return rows, gold
 
 
 def check_feedback(config: PreferencesStageConfig, run: RunConfig) -> None:
@@ -214,4 +222,5 @@ def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> 
 
 
 PREFERENCES_STAGE = Stage("preferences", "sample candidates, collect votes (simulated or people in the app) and "
-                                         "export them", PreferencesStageConfig, inputs, check, collect)
+                                         "export them", PreferencesStageConfig, inputs, check, collect,
+                           files=files)

@@ -52,6 +52,9 @@ class Stage:
     check: Callable
     work: Callable
     trains: bool = False  # started under `accelerate launch` by `rlhf run --launcher accelerate`
+    # (config, run): reads and checks the files the config names (data, prompts, judges), not what earlier stages
+    # make, so that `rlhf run` refuses a bad file of any stage before the first stage writes anything
+    files: Callable | None = None
     actions: dict = field(default_factory=dict)  # `rlhf NAME ACTION`: {action: (function(config, run), help)}
 
 

@@ -39,13 +39,19 @@ def inputs(config: SFTStageConfig, run: RunConfig) -> dict:
 def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple:
     """(train data, eval data or None, sample prompts): read, checked and tokenized with the model's chat template
     (a template that cannot mark the answers stops the stage here, before it writes anything)."""
-    rows = cut_long_texts(load_rows(config.train_data, "sft"), config.max_length, config.train_data, STAGE)
+    rows, prompts = files(config, run)
+    rows = cut_long_texts(rows, config.max_length, config.train_data, STAGE)
     train_rows, eval_rows = split_train_eval(rows, config.eval_fraction, config.seed)
-    prompts = load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
     tokenizer = models.load_tokenizer(found["model"])
     train_data = tokenize_rows(train_rows, tokenizer, config.assistant_only_loss)
     eval_data = tokenize_rows(eval_rows, tokenizer, config.assistant_only_loss) if eval_rows else None
     return train_data, eval_data, prompts
+
+
+def files(config: SFTStageConfig, run: RunConfig) -> tuple[list[dict], list[dict]]:
+    """(the demonstrations, the prompts sampled after training), read and checked row by row."""
+    prompts = load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
+    return load_rows(config.train_data, "sft"), prompts
 
 
 def train(config: SFTStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
@@ -240,4 +246,5 @@ def print_samples(samples: list[dict]) -> None:
     print()
 
 
-SFT_STAGE = Stage("sft", "supervised fine-tuning (TRL SFTTrainer)", SFTStageConfig, inputs, check, train, trains=True)
+SFT_STAGE = Stage("sft", "supervised fine-tuning (TRL SFTTrainer)", SFTStageConfig, inputs, check, train, trains=True,
+                  files=files)

@@ -175,6 +175,10 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
          f"batch name '{'b' * 40}...' (preferences.batch, else run.name) is 129 characters; the label store holds 128"),
         (["preferences", f"--preferences.model={model}", f"--preferences.batch={'b' * 111}", "--run.rounds=2"],
          "is 111 characters; the label store holds 110 in a run of several rounds"),
+        # the whole chain: a later stage's bad file or judge stops it before the first stage writes anything
+        (["run", f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
+        (["run", "--ppo.judge=builtin:nonesuch"], "builtin:nonesuch"),
+        (["run", f"--preferences.gold={bad_files['gold']}"], f"{bad_files['gold']}:2: expected: expected one of"),
     ]
     for words, message in cases:
         assert cli([*words, *common]) == 2, words
