@@ -86,9 +86,12 @@ def current_inputs(stage, config, run) -> dict | None:
 def made_with(folder: Path, wanted_hash: str, wanted_inputs: dict | None) -> bool:
     """The published folder is there and was made with that config and those inputs' contents (a later attempt
     killed between publishing its folder and recording itself done leaves the earlier done entry beside the later
-    folder: with other settings, or with input files changed and later changed back)."""
+    folder: with other settings, or with input files changed and later changed back). Compared on the inputs the
+    entry recorded (older code recorded fewer), where the folder's stage.json records them."""
     record = read_stage_record(folder)
-    return record.get("config_hash") == wanted_hash and record.get("input_hashes") == wanted_inputs
+    made_from = record.get("input_hashes")
+    return record.get("config_hash") == wanted_hash and (
+        made_from is None or {name: made_from.get(name) for name in wanted_inputs or {}} == (wanted_inputs or {}))
 
 
 def same_work(entry: dict, wanted_hash: str, inputs_now: dict | None = None) -> bool:
