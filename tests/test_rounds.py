@@ -19,7 +19,7 @@ from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import hash_path
 from rlhf.store import Prompt, Response, Store
 from tests.conftest import REPO
-from tests.test_run import assert_same_artifacts, run_ok
+from tests.test_run import assert_same_artifacts, run_ok, run_until
 
 BUDGET = 6  # round 2 labels 6 of the round-1 policy's candidate pairs
 ROUND_1 = ["sft", "preferences", "reward", "ppo", "dpo", "eval"]
@@ -111,22 +111,6 @@ def test_round_2_labels_the_round_1_policy_where_its_reward_model_is_least_sure_
 
 # Where round 2 run again is killed: right after its preferences published, and mid PPO after a checkpoint
 KILLS = ["round-2/preferences/stage.json", "round-2/.ppo.partial/checkpoint-2/trainer_state.json"]
-
-
-def run_until(command: list[str], trigger, log) -> str:
-    """Starts `rlhf run`, SIGKILLs it as soon as `trigger` exists; returns what it printed."""
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 600
-            while not trigger.exists():
-                assert process.poll() is None, f"the run ended before {trigger} appeared:\n{log.read_text()[-3000:]}"
-                assert time.time() < deadline
-                time.sleep(0.02)
-        finally:  # at the trigger, or on a failed assertion: no run is left behind
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-    return log.read_text()
 
 
 def test_a_run_killed_in_round_2_reruns_to_the_uninterrupted_runs_artifacts(whole, tmp_path):

@@ -127,11 +127,12 @@ def assert_same_artifacts(killed, uninterrupted, stages) -> None:
                 assert killed_results[policy][key] == pytest.approx(value, abs=1e-4), (policy, key)
 
 
-def run_until(root, name: str, trigger, log, stop: int = signal.SIGKILL) -> str:
-    """Starts `rlhf run`, sends it `stop` as soon as `trigger` exists; returns what it printed (kept in `log`).
-    A run sent SIGTERM must exit as the signal would (143) within two minutes."""
+def run_until(command: list[str], trigger, log, stop: int = signal.SIGKILL) -> str:
+    """Starts `rlhf run` (`command`), sends it `stop` as soon as `trigger` exists; returns what it printed (kept in
+    `log`). A run sent SIGTERM must exit as the signal would (143) within two minutes; on a failed assertion no run
+    is left behind."""
     with log.open("w") as out:
-        process = subprocess.Popen(rlhf_run(root, name), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 600
             while not trigger.exists():
@@ -155,7 +156,8 @@ def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifact
     printed = []
     for i, trigger in enumerate(KILLS):
         stop = signal.SIGTERM if i == 0 else signal.SIGKILL
-        printed.append(run_until(tmp_path, "killed", tmp_path / "killed" / trigger, tmp_path / f"killed-{i}.log", stop))
+        printed.append(run_until(rlhf_run(tmp_path, "killed"), tmp_path / "killed" / trigger,
+                                 tmp_path / f"killed-{i}.log", stop))
         if stop == signal.SIGTERM:
             assert "error: SIGTERM: stage sft was stopped (its attempt is recorded as failed)" in printed[-1]
             entry = json.loads((tmp_path / "killed" / "manifest.json").read_text())["stages"]["sft"]
