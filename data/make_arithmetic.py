@@ -6,10 +6,12 @@ its answer, for training on a verifiable reward (`--ppo.reward_function builtin:
 Every problem comes from one of our templates below with small numbers drawn from a seeded generator, so the files
 are the same on every run (a test checks the committed files against this script). One or two steps each, whole
 numbers only: the bundled 135M model gets some of them right, so a policy has something to raise. The first 320
-items are for training, the last 80 are held out; a template's items are spread over both.
+items are for training, the last 80 are held out; a template's items are spread over both, and no held-out item is
+a training problem under other names or with its numbers in another order.
 """
 import json
 import random
+import re
 from pathlib import Path
 
 SEED, TRAIN, HELD_OUT = 7, 320, 80
@@ -112,7 +114,28 @@ def problems() -> list[dict]:
     if len(items) < TRAIN + HELD_OUT:
         raise RuntimeError(f"only {len(items)} distinct problems: widen the templates' number ranges")
     rng.shuffle(items)
+    items = items[:TRAIN] + unseen(items[TRAIN:], {problem_key(item) for item in items[:TRAIN]})
     return [{"id": f"arith-{i + 1:04d}", **item} for i, item in enumerate(items)]
+
+
+def problem_key(item: dict) -> tuple:
+    """What makes two problems one: the template and its numbers, whoever reads or whatever is counted, in any
+    order ("Omar reads 7 pages a day ... in 3 days" is "Jun reads 7 pages a day ... in 3 days")."""
+    return item["category"], tuple(sorted(int(number) for number in re.findall(r"\d+", item["prompt"])))
+
+
+def unseen(held_out: list[dict], trained: set) -> list[dict]:
+    """The held-out items, each one that is a trained problem under other names (or repeats an earlier held-out
+    one) drawn again from its template with a generator of its own, until it is new; the others as they were."""
+    rng, taken, kept = random.Random(SEED + 1), set(trained), []
+    by_name = {template.__name__: template for template in TEMPLATES}
+    for item in held_out:
+        while problem_key(item) in taken:
+            question, answer = by_name[item["category"]](rng)
+            item = {"category": item["category"], "prompt": question, "answer": str(answer)}
+        taken.add(problem_key(item))
+        kept.append(item)
+    return kept
 
 
 def write(folder: Path) -> None:

@@ -66,6 +66,13 @@ def test_the_shipped_arithmetic_set_is_what_its_script_writes_and_every_answer_i
     assert len(train) == 320 and len(held_out) == 80
     questions = {row["prompt"][-1]["content"] for row in train}
     assert not questions & {row["prompt"][-1]["content"] for row in held_out}  # nothing held out is trained on
+    # nor under other names: arith-0378 was a trained problem with Jun's name changed to Omar's
+    raw = {name: [json.loads(line) for line in (REPO / "data" / name).read_text().splitlines()]
+           for name in ("arithmetic_train.jsonl", "arithmetic_eval.jsonl")}
+    trained = {make["problem_key"](row) for row in raw["arithmetic_train.jsonl"]}
+    assert not trained & {make["problem_key"](row) for row in raw["arithmetic_eval.jsonl"]}
+    assert make["problem_key"]({"category": "area", "prompt": "A rectangle is 10 cm wide and 5 cm long."}) == \
+        make["problem_key"]({"category": "area", "prompt": "A rectangle is 5 cm wide and 10 cm long."})
     for row in train + held_out:  # each answer recomputed from the question's own numbers
         question = row["prompt"][-1]["content"]
         assert row["answer"] == str(recompute(row["category"], question)), question
