@@ -174,13 +174,13 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         print(f"[run] {key}: {'resuming' if state == 'resume' else 'running'}", flush=True)
         argv = command(stage.name, config_path, stage_overrides(overrides, stage.name) + extra, start)
         print(f"[run] $ {' '.join(shown(token) for token in argv)}", flush=True)
-        started = time.time()
+        started = time.monotonic()
         returncode, stopped_by = stage_process(argv)
         if stopped_by is not None:
             raise Interrupted(key, stopped_by)
         if returncode != 0:
             raise StageFailed(key, returncode)
-        seconds[key] = time.time() - started
+        seconds[key] = time.monotonic() - started
         print(f"[run] {key}: finished in {minutes(seconds[key])}", flush=True)
     print(timings(seconds))
     report = run_report(settings[max(settings)]["run"].directory()) if "eval" in document else None
