@@ -150,17 +150,18 @@ def run_until(command: list[str], trigger, log, stop: int = signal.SIGKILL) -> s
 
 
 def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifacts(whole, tmp_path):
-    """The first stop is a SIGTERM (a scheduler's stop, `timeout`): `rlhf run` passes it on to the stage as one
-    SIGINT and waits, so the stage records its attempt as failed (not left "running") before the run exits 143.
-    The others are SIGKILLs."""
+    """The stop while labelling is a SIGTERM (a scheduler's stop, `timeout`): `rlhf run` passes it on to the stage
+    as one SIGINT and waits, so the stage records its attempt as failed (not left "running") before the run exits
+    143. (Its store is made before its answers are sampled: the stage has seconds of work left, where a training
+    stage past its last checkpoint could finish before the signal lands.) The others are SIGKILLs."""
     printed = []
     for i, trigger in enumerate(KILLS):
-        stop = signal.SIGTERM if i == 0 else signal.SIGKILL
+        stop = signal.SIGTERM if trigger == "labels.db" else signal.SIGKILL
         printed.append(run_until(rlhf_run(tmp_path, "killed"), tmp_path / "killed" / trigger,
                                  tmp_path / f"killed-{i}.log", stop))
         if stop == signal.SIGTERM:
-            assert "error: SIGTERM: stage sft was stopped (its attempt is recorded as failed)" in printed[-1]
-            entry = json.loads((tmp_path / "killed" / "manifest.json").read_text())["stages"]["sft"]
+            assert "error: SIGTERM: stage preferences was stopped (its attempt is recorded as failed)" in printed[-1]
+            entry = json.loads((tmp_path / "killed" / "manifest.json").read_text())["stages"]["preferences"]
             assert entry["status"] == "failed" and entry["error"].startswith("KeyboardInterrupt"), entry
     # each training stage killed after its checkpoint resumes from it in the next run
     for stage in ("sft", "reward", "ppo", "dpo"):
