@@ -12,6 +12,7 @@ import io
 import logging
 import netrc
 import os
+import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,22 +37,40 @@ def wandb_logged_in(server: str) -> bool:
         return False
 
 
+def unreachable(server: str) -> str | None:
+    """Why no connection to the server opens within 5 s (no network, no such host, a refused port); None when one
+    does, or when a proxy is set (wandb connects through it, which this does not try)."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                             "all_proxy")):
+        return None
+    parts = urlparse(server)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=5).close()
+    except (OSError, ValueError) as error:
+        return f"could not reach {server}: {error}"
+    return None
+
+
 class WandbBackend:
     def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import wandb
 
         server, chosen = wandb_server(wandb), os.environ.get("WANDB_MODE")
         mode = chosen or ("online" if wandb_logged_in(server) else "offline")
+        reason = "not logged in"
+        cut_off = unreachable(server) if mode == "online" and not chosen else None
+        if cut_off:  # no network at all: offline at once, not after wandb's retries
+            mode, reason = "offline", cut_off
         directory.mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
-        reason = "not logged in"
         try:
             self.run = self.started(project, group, stage, config, directory, label, mode)
         except wandb.errors.CommError as error:
             if chosen:  # WANDB_MODE=online asked for the server: no quiet fallback
                 raise
-            # logged in but the server is out of reach (no network, a firewall): a tracker is no reason to stop
-            # a stage, so the run is kept offline, to upload later
+            # logged in, the server's port open, but wandb's requests fail (a firewall, a server down): a tracker
+            # is no reason to stop a stage, so the run is kept offline, to upload later
             reason = f"could not reach {server}: {str(error).splitlines()[0]}"
             mode = "offline"
             self.run = self.started(project, group, stage, config, directory, label, mode)

@@ -1,9 +1,13 @@
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
+from preference_ui.loadtest import free_port
 from rlhf import tracking
 from tests.conftest import REPO
 
@@ -103,19 +107,45 @@ print("FINISHED")
 """
 
 
-def test_wandb_logged_in_but_out_of_reach_tracks_offline(tmp_path):
-    """A key, and a server that refuses connections (a closed port on loopback): the stage goes on, offline.
-    (With WANDB_MODE=online set, the error is raised instead: not tested, another ~15 s of wandb's retries.)"""
-    from preference_ui.loadtest import free_port
-
-    server = f"http://127.0.0.1:{free_port()}"
+def track_without_the_server(tmp_path, server: str) -> tuple[str, Path]:
+    """One stage's tracking with a wandb key and `server` as wandb's: (the one `wandb: offline` line, the run)."""
+    tmp_path.mkdir()
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": server, "WANDB_INIT_TIMEOUT": "3"}
     result = subprocess.run([sys.executable, "-c", TRACK_WITHOUT_THE_SERVER], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "FINISHED" in result.stdout, result.stderr[-3000:]
     [offline_run] = (tmp_path / "wb" / "wandb").glob("offline-run-*")
-    [line] = [line for line in result.stdout.splitlines() if line.startswith("wandb: offline")]
-    assert line.startswith(f"wandb: offline (could not reach {server}: ") and \
-        line.endswith(f"upload later with: wandb sync {offline_run.relative_to(tmp_path)}"), line
     assert list(offline_run.glob("run-*.wandb"))
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("wandb: offline")]
+    assert line.endswith(f"upload later with: wandb sync {offline_run.relative_to(tmp_path)}"), line
+    return line, offline_run
+
+
+def test_wandb_logged_in_but_out_of_reach_tracks_offline(tmp_path):
+    """A key, and no server: a refused port on loopback goes offline at once (no network at all, likewise); a
+    port that opens but answers nothing wandb understands (a firewall, a server down) goes offline after wandb's
+    own wait (WANDB_INIT_TIMEOUT, 3 s here). (With WANDB_MODE=online set, the error is raised instead: not
+    tested, another ~15 s of wandb's retries.)"""
+    refused = f"http://127.0.0.1:{free_port()}"
+    line, _ = track_without_the_server(tmp_path / "refused", refused)
+    assert line.startswith(f"wandb: offline (could not reach {refused}: [Errno 111] Connection refused)"), line
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=close_each_connection, args=(listener,), daemon=True).start()
+    silent = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        line, _ = track_without_the_server(tmp_path / "closing", silent)
+    finally:
+        listener.close()
+    assert line.startswith(f"wandb: offline (could not reach {silent}: ") and "Connection refused" not in line, line
+
+
+def close_each_connection(listener: socket.socket) -> None:
+    """Accepts each connection and closes it at once, until the listener is closed."""
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        connection.close()
