@@ -50,8 +50,8 @@ def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple:
 
 def files(config: SFTStageConfig, run: RunConfig) -> tuple[list[dict], list[dict]]:
     """(the demonstrations, the prompts sampled after training), read and checked row by row."""
-    prompts = load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
-    return load_rows(config.train_data, "sft"), prompts
+    rows = load_rows(config.train_data, "sft")
+    return rows, load_rows(config.sample_prompts, "prompt")[:config.num_samples] if config.sample_prompts else []
 
 
 def train(config: SFTStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
