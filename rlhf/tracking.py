@@ -58,7 +58,7 @@ class WandbBackend:
 
         server, chosen = wandb_server(wandb), os.environ.get("WANDB_MODE")
         mode = chosen or ("online" if wandb_logged_in(server) else "offline")
-        reason = "not logged in"
+        reason = f"WANDB_MODE={chosen}" if chosen else "not logged in"
         cut_off = unreachable(server) if mode == "online" and not chosen else None
         if cut_off:  # no network at all: offline at once, not after wandb's retries
             mode, reason = "offline", cut_off
