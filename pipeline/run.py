@@ -198,8 +198,11 @@ def shown(token: str) -> str:
 
 def own_group_dying_with_parent() -> None:
     """In the stage's process, before it starts: a process group of its own (Ctrl-C at the terminal then reaches
-    only `rlhf run`, which passes it on once), and death with `rlhf run`."""
+    only `rlhf run`, which passes it on once), SIGINT handled as Python does by default (a shell starting
+    `rlhf run ... &` from a script leaves it ignored, and Python then keeps ignoring it: the SIGINT passed on would
+    not stop the stage), and death with `rlhf run`."""
     os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     die_with_parent()
 
 

@@ -129,10 +129,12 @@ def assert_same_artifacts(killed, uninterrupted, stages) -> None:
 
 def run_until(command: list[str], trigger, log, stop: int = signal.SIGKILL) -> str:
     """Starts `rlhf run` (`command`), sends it `stop` as soon as `trigger` exists; returns what it printed (kept in
-    `log`). A run sent SIGTERM must exit as the signal would (143) within two minutes; on a failed assertion no run
-    is left behind."""
+    `log`). A run sent SIGTERM must exit as the signal would (143) within two minutes; it is started with SIGINT
+    ignored, as a script's `rlhf run ... &` is (the SIGINT it passes on must still stop its stage). On a failed
+    assertion no run is left behind."""
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if stop == signal.SIGTERM else None
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
         try:
             deadline = time.time() + 600
             while not trigger.exists():
@@ -152,8 +154,8 @@ def run_until(command: list[str], trigger, log, stop: int = signal.SIGKILL) -> s
 def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifacts(whole, tmp_path):
     """The stop while labelling is a SIGTERM (a scheduler's stop, `timeout`): `rlhf run` passes it on to the stage
     as one SIGINT and waits, so the stage records its attempt as failed (not left "running") before the run exits
-    143. (Its store is made before its answers are sampled: the stage has seconds of work left, where a training
-    stage past its last checkpoint could finish before the signal lands.) The others are SIGKILLs."""
+    143. (Its store is made before its answers are sampled: the stage has seconds of work left.) The others are
+    SIGKILLs."""
     printed = []
     for i, trigger in enumerate(KILLS):
         stop = signal.SIGTERM if trigger == "labels.db" else signal.SIGKILL
