@@ -41,10 +41,9 @@ def overoptimisation_alert(points: list[dict]) -> str | None:
     higher than where the judge peaked, while the judge has fallen from that peak by more than `fall_threshold`
     standard errors of the fall (2 with one earlier point, more with more: the peak is the best of them). `points`
     are the eval points in order, each with eval/score, eval/judge, eval/judge_sem (the judge's standard error over
-    the prompts) and judge_scores (each prompt's). Every point
-    answers the same prompts, so the fall's error comes from the prompts' paired differences, where a prompt's own
-    level cancels; with one prompt it is unknown, and nothing is raised. A score that is not a number raises
-    nothing either."""
+    the prompts) and judge_scores (each prompt's). Every point answers the same prompts, so the fall's error comes
+    from the prompts' paired differences, where a prompt's own level cancels; with one prompt it is unknown, and
+    nothing is raised. A score that is not a number raises nothing either."""
     judged = [point for point in points if "eval/judge" in point]
     if len(judged) < 2 or not numbers(judged[-1]):
         return None
