@@ -72,25 +72,26 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
 
 
 def pair_candidates(answers: list[tuple], rng: random.Random) -> list[tuple]:
-    """Every pair of different answers to a prompt as (a, b, prompt messages), a and b in a random order."""
+    """Every pair of different answers to a prompt as (a, b, prompt messages), a and b in a random order. An empty
+    answer (the model ended at once) is compared with nothing: no preference row can hold it."""
     candidates = []
     for responses, prompt in answers:
         for first, second in itertools.combinations(responses, 2):
-            if first.text == second.text:  # the same answer sampled twice: nothing to compare
-                continue
+            if first.text == second.text or not (first.text.strip() and second.text.strip()):
+                continue  # the same answer sampled twice, or an empty one: nothing to compare
             a, b = (first, second) if rng.random() < 0.5 else (second, first)
             candidates.append((a, b, prompt))
     return candidates
 
 
 def ranking_items(answers: list[tuple], rng: random.Random) -> list[list]:
-    """Each prompt's different answers (the first of any sampled twice), in a random order; a prompt with fewer
-    than two different answers has nothing to rank."""
+    """Each prompt's different answers (the first of any sampled twice; empty ones left out), in a random order; a
+    prompt with fewer than two different answers has nothing to rank."""
     items = []
     for responses, _ in answers:
         different, texts = [], set()
         for response in responses:
-            if response.text not in texts:
+            if response.text not in texts and response.text.strip():
                 texts.add(response.text)
                 different.append(response)
         if len(different) >= 2:

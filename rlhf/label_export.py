@@ -58,9 +58,9 @@ def aggregate(comparisons: list[dict], votes: list, names: dict, batch: str | No
             continue
         if comparison.get("answers"):
             rows += ranking_rows(comparison, item_judgements, names)
-        elif comparison["a"] != comparison["b"]:
-            # two answers of the same text carry no preference, whatever the votes (a store from before `label
-            # sample` stopped comparing them may hold some)
+        elif comparison["a"] != comparison["b"] and comparison["a"].strip() and comparison["b"].strip():
+            # two answers of the same text, or an empty one, carry no preference row, whatever the votes (a store
+            # from before `label sample` stopped comparing them may hold some)
             row = preference_row(comparison, item_judgements, names)
             rows.append(row)
             for answer in written_for.get(comparison["id"], []):
@@ -75,7 +75,7 @@ def ranking_rows(item: dict, rankings: list, names: dict) -> list[dict]:
     is read from their ranking and the majority decides, as for a comparison's votes."""
     answers, rows = item["answers"], []
     for i, j in itertools.combinations(range(len(answers)), 2):
-        if answers[i] == answers[j]:
+        if answers[i] == answers[j] or not (answers[i].strip() and answers[j].strip()):
             continue
         verdicts = [SimpleNamespace(user_id=ranking.user_id, strength=None,
                                     choice=pair_choice(ranking.ranks[i], ranking.ranks[j])) for ranking in rankings]
@@ -94,7 +94,7 @@ def written_pairs(row: dict, comparison: dict, answer, names: dict) -> list[dict
              "rejected": [{"role": "assistant", "content": text}], "tie": False, "both_bad": False, "margin": 1.0,
              "votes": 1, **{f"votes_{choice}": int(choice == "a") for choice in VOTE_CHOICES}, "agreement": 1.0,
              "labeller_votes": [{"labeller": names[answer.user_id], "verdict": "chosen", "strength": "clear"}]}
-            for i, text in enumerate(beaten) if text != answer.text]
+            for i, text in enumerate(beaten) if text != answer.text and text.strip()]
 
 
 def demonstration_rows(comparisons: list[dict], written: list, batch: str | None = None) -> list[dict]:

@@ -47,15 +47,36 @@ def test_export_aggregates_votes_into_trl_preference_rows(tmp_path):
     assert raw["content_hash"] == manifest["content_hash"]
 
 
-def test_a_comparison_of_two_answers_with_the_same_text_is_left_out_of_the_export(tmp_path):
+def test_a_comparison_of_two_answers_with_the_same_text_or_an_empty_one_is_left_out_of_the_export(tmp_path):
+    """An empty answer (the model ended at once) makes no preference row: the reward and DPO stages refuse one, and
+    one such row in a store would stop them on the whole export."""
     store = store_with_votes(tmp_path, [[("a", "clear")]])
     prompt = store.add_prompt("same", "chat", [{"role": "user", "content": "Twice?"}])
     same = [store.add_response(prompt, "Same.", "m", {}) for _ in range(2)]
-    twice = store.add_comparison(*same, batch="b1")
-    store.cast_vote(twice.id, store.users()[0], "a", "clear")
-    assert export(store, tmp_path / "out")["rows"] == 1
-    [row] = load_rows(tmp_path / "out", "preference")
-    assert row["prompt"][0]["content"] == "Prompt 0?"
+    empty = [store.add_response(prompt, text, "m", {}) for text in ("Said something.", " \n")]
+    for comparison in (store.add_comparison(*same, batch="b1"), store.add_comparison(*empty, batch="b1")):
+        store.cast_vote(comparison.id, store.users()[0], "a", "clear")
+    ranked = store.add_ranking_item([store.add_response(prompt, text, "m", {}) for text in ("X.", "", "Y.")], "b1")
+    store.cast_ranking(ranked.id, store.users()[0], [1, 2, 3])
+    assert export(store, tmp_path / "out")["rows"] == 2
+    rows = load_rows(tmp_path / "out", "preference")
+    assert [(row["prompt"][0]["content"], row["chosen"][0]["content"]) for row in rows] == [("Prompt 0?", "A0"),
+                                                                                            ("Twice?", "X.")]
+
+
+def test_sampling_pairs_and_ranks_no_empty_answer():
+    import random
+    from types import SimpleNamespace
+
+    from preference_ui.sample import pair_candidates, ranking_items
+
+    answers = [([SimpleNamespace(text=text) for text in ("One.", "", "Two.", "One.", "  ")], "prompt")]
+    pairs = pair_candidates(answers, random.Random(0))
+    assert sorted(sorted((a.text, b.text)) for a, b, _ in pairs) == [["One.", "Two."], ["One.", "Two."]]
+    [item] = ranking_items(answers, random.Random(0))
+    assert sorted(response.text for response in item) == ["One.", "Two."]
+    one_said = [([SimpleNamespace(text="Only."), SimpleNamespace(text="")], "prompt")]
+    assert ranking_items(one_said, random.Random(0)) == []
 
 
 def test_export_is_deterministic_and_never_overwrites_a_different_one(tmp_path):
