@@ -24,6 +24,8 @@ for round R only (a `round-R:` section) reruns round R's stages and what follows
 With `--launcher accelerate` the training stages (sft, reward, ppo, dpo) start under
 `accelerate launch --config_file FILE`; the others run as one process.
 """
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -51,9 +53,11 @@ class StageFailed(UserError):
 class Interrupted(UserError):
     """`rlhf run` was sent SIGINT or SIGTERM while a stage ran: it exits as the signal would (130, 143)."""
 
-    def __init__(self, stage: str, signum: int):
-        super().__init__(f"{signal.Signals(signum).name}: stage {stage} was stopped (its attempt is recorded as "
-                         "failed); rerun `rlhf run` to go on (a training stage resumes from its last checkpoint)")
+    def __init__(self, stage: str, signum: int, finished: bool = False):
+        what = (f"stopped after stage {stage} finished" if finished else
+                f"stage {stage} was stopped (its attempt is recorded as failed)")
+        super().__init__(f"{signal.Signals(signum).name}: {what}; rerun `rlhf run` to go on (a training stage "
+                         "resumes from its last checkpoint)")
         self.exit_code = 128 + signum
 
 
@@ -78,7 +82,8 @@ def current_inputs(stage, config, run) -> dict | None:
     finds a policy published since, or a preference source that is a label store holding new votes (a new export
     snapshot), is not up to date. None when an input cannot be found: the stage says which when it runs."""
     try:
-        return {name: str(value) for name, value in stage.inputs(config, run).items()}
+        with contextlib.redirect_stdout(io.StringIO()):  # the stage says what it found when it runs
+            return {name: str(value) for name, value in stage.inputs(config, run).items()}
     except UserError:
         return None
 
@@ -176,12 +181,15 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         print(f"[run] $ {' '.join(shown(token) for token in argv)}", flush=True)
         started = time.monotonic()
         returncode, stopped_by = stage_process(argv)
-        if stopped_by is not None:
-            raise Interrupted(key, stopped_by)
-        if returncode != 0:
+        if returncode == 0:
+            seconds[key] = time.monotonic() - started
+            print(f"[run] {key}: finished in {minutes(seconds[key])}", flush=True)
+        if stopped_by is not None or returncode != 0:
+            if seconds:  # the stages that did finish, before the error
+                print(timings(seconds), flush=True)
+            if stopped_by is not None:  # (a signal that came as the stage ended leaves it done)
+                raise Interrupted(key, stopped_by, finished=returncode == 0)
             raise StageFailed(key, returncode)
-        seconds[key] = time.monotonic() - started
-        print(f"[run] {key}: finished in {minutes(seconds[key])}", flush=True)
     print(timings(seconds))
     report = run_report(settings[max(settings)]["run"].directory()) if "eval" in document else None
     if report is not None:  # (a run without an eval stage leaves an earlier eval's report as it was)

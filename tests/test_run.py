@@ -163,6 +163,7 @@ def test_a_run_killed_again_and_again_at_every_stage_reruns_to_the_same_artifact
                                  tmp_path / f"killed-{i}.log", stop))
         if stop == signal.SIGTERM:
             assert "error: SIGTERM: stage preferences was stopped (its attempt is recorded as failed)" in printed[-1]
+            assert "[run] wall time of the stages run now:\n  sft " in printed[-1]  # resumed, and finished
             entry = json.loads((tmp_path / "killed" / "manifest.json").read_text())["stages"]["preferences"]
             assert entry["status"] == "failed" and entry["error"].startswith("KeyboardInterrupt"), entry
     # each training stage killed after its checkpoint resumes from it in the next run
@@ -341,3 +342,19 @@ def test_stage_times_read_in_minutes_and_whole_seconds():
     from pipeline.run import minutes
 
     assert [minutes(s) for s in (0.4, 59.6, 119.6, 779.3)] == ["0 s", "1 min 0 s", "2 min 0 s", "12 min 59 s"]
+
+
+def test_a_signal_that_comes_as_a_stage_ends_well_stops_the_run_and_leaves_the_stage_done(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """SIGTERM reaching `rlhf run` after its stage has recorded itself done, but before the stage's process was
+    seen to end (a window too short to hit on purpose, so the stage's process is replaced here): the run stops
+    before the next stage and says the stage finished, not that it was stopped."""
+    import pipeline.run
+    from pipeline.cli import main as cli
+
+    monkeypatch.setattr(pipeline.run, "stage_process", lambda argv: (0, signal.SIGTERM))
+    assert cli(["run", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}"]) == 143
+    printed = capsys.readouterr()
+    assert "[run] sft: finished in" in printed.out and "[run] preferences" not in printed.out
+    assert "[run] wall time of the stages run now:\n  sft " in printed.out
+    assert "SIGTERM: stopped after stage sft finished; rerun `rlhf run` to go on" in printed.err

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+from pathlib import Path
 
 import pytest
 
@@ -281,3 +282,24 @@ def test_an_eval_scored_by_a_users_judge_reruns_once_the_judges_code_changes(tmp
     assert stage_state(run_dir, "eval", config, current_inputs(eval_stage, config, run)) == "done"
     (tmp_path / "my_judge.py").write_text("def polite(prompts, answers):\n    return [1.0] * len(answers)\n")
     assert stage_state(run_dir, "eval", config, current_inputs(eval_stage, config, run)) == "fresh"
+
+
+def test_rlhf_runs_decision_pass_reads_a_label_store_quietly_and_writes_nothing(tmp_path, capsys):
+    """Whether the reward stage is up to date is decided on the store's export as it would be now: found (its
+    folder named by content hash) without the "[reward] exported N pairs" line, which the stage itself prints when
+    it runs, and without writing the export into the run folder."""
+    from pipeline.run import current_inputs
+    from pipeline.stages import BY_NAME, SECTIONS
+    from rlhf.config import load_config
+    from tests.test_reward import store_with_votes
+
+    url = store_with_votes(tmp_path, 6)
+    sections = load_config("configs/tiny.yaml", [f"--run.output_root={tmp_path / 'runs'}",
+                                                 f"--reward.preferences={url}"], SECTIONS, SECTIONS)
+    run, config = sections["run"], sections["reward"]
+    run.directory().stage_path("sft").mkdir(parents=True)  # the model reward starts from
+    (run.directory().stage_path("sft") / "config.json").write_text("{}")
+    capsys.readouterr()
+    inputs = current_inputs(BY_NAME["reward"], config, run)
+    assert Path(inputs["preferences"]).parent == run.directory().path / "exports"
+    assert not Path(inputs["preferences"]).exists() and capsys.readouterr().out == ""
