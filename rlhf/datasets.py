@@ -33,7 +33,7 @@ def load_rows(source, kind: str) -> list[dict]:
         except RowProblem as problem:
             raise DataError(source, line, problem.field, problem.problem) from None
         if row["id"] in first_line_of:
-            check_duplicate_id(source, line, row, rows, first_line_of[row["id"]])
+            check_duplicate_id(source, line, row, rows, first_line_of[row["id"]], raw.get("id") not in (None, ""))
             continue
         first_line_of[row["id"]] = (line, len(rows))
         rows.append(row)
@@ -70,11 +70,19 @@ def is_messages(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
 
 
-def check_duplicate_id(source, line, row, rows, first):
+def check_duplicate_id(source, line, row, rows, first, id_given: bool):
+    """A row named as an earlier one must hold the same content. A row without an id is named by its texts: one
+    repeating an earlier row's texts with something else different (a prompt's reference answer) contradicts it."""
     first_line, index = first
-    if content_key(rows[index]) != content_key(row):
-        raise DataError(source, line, "id", f"duplicate id '{row['id']}' with different content "
-                                            f"(first at {first_line})")
+    earlier = rows[index]
+    if content_key(earlier) == content_key(row):
+        return
+    if id_given:
+        raise DataError(source, line, "id", f"duplicate id '{row['id']}' with different content (first at "
+                                            f"{first_line})")
+    differing = sorted(key for key in {*row, *earlier} - {"id", "category"} if row.get(key) != earlier.get(key))
+    raise DataError(source, line, differing[0], f"the same text as the row at {first_line}, with another "
+                                                f"{', '.join(differing)}: give each row an id, or keep one of them")
 
 
 def content_key(row: dict) -> str:
@@ -144,6 +152,8 @@ def read_jsonl(path: Path):
             yield number, json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(path, number, "json", f"{err.msg} at column {err.colno}") from None
+        except (RecursionError, ValueError) as err:
+            raise DataError(path, number, "json", unreadable(err)) from None
 
 
 def read_json(path: Path):
@@ -154,16 +164,26 @@ def read_json(path: Path):
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
-        if err.msg == "Extra data":
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):  # objects one after another: JSON lines
             yield from read_jsonl(path)
             return
         raise DataError(path, err.lineno, "json", f"{err.msg} at column {err.colno}") from None
+    except (RecursionError, ValueError) as err:
+        raise DataError(path, None, "json", unreadable(err)) from None
     if isinstance(document, dict):
         yield text[:len(text) - len(text.lstrip())].count("\n") + 1, document
     elif isinstance(document, list):
         yield from array_items_with_lines(text)
     else:
         raise DataError(path, 1, "json", f"expected an array of objects or one object, got {type(document).__name__}")
+
+
+def unreadable(err: Exception) -> str:
+    """What Python's JSON reader refuses beyond the grammar: nesting deeper than its recursion limit, an integer
+    of more digits than it converts."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply to read"
+    return str(err).split(";")[0]
 
 
 def array_items_with_lines(text: str):
@@ -183,26 +203,36 @@ def array_items_with_lines(text: str):
 
 def read_csv(path: Path):
     """Rows of a CSV file with a header line, parsed strictly: a bad quote is an error naming the line its row
-    starts on (a lenient parser would swallow the rest of the file into one cell)."""
+    starts on (a lenient parser would swallow the rest of the file into one cell), and so is a row with more or
+    fewer cells than the header, or a header naming a column twice (a cell would be lost). Blank lines are
+    skipped."""
     text = decode(path, path.read_bytes())
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long answer is no quoting problem
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    try:
-        reader.fieldnames  # the header read first, so that each row's first line is known below
-    except csv.Error as err:
-        raise DataError(path, 1, "csv", quoting_problem(err)) from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header = None
     while True:
         start = reader.line_num + 1
         try:
-            record = next(reader)
+            cells = next(reader)
         except StopIteration:
             return
         except csv.Error as err:
             raise DataError(path, start, "csv", quoting_problem(err)) from None
-        if None in record:
-            raise DataError(path, reader.line_num, "row", f"has {len(reader.fieldnames) + len(record[None])} "
-                                                          f"cells but the header has {len(reader.fieldnames)}")
-        yield reader.line_num, {key: csv_value(path, reader.line_num, key, value) for key, value in record.items()}
+        if not cells:
+            continue
+        if header is None:
+            header = checked_header(path, reader.line_num, cells)
+            continue
+        if len(cells) != len(header):
+            raise DataError(path, reader.line_num, "row", f"has {len(cells)} cells but the header has {len(header)}")
+        yield reader.line_num, {key: csv_value(path, reader.line_num, key, value) for key, value in zip(header, cells)}
+
+
+def checked_header(path: Path, line: int, names: list[str]) -> list[str]:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(path, line, "header", f"names the column {', '.join(map(repr, repeated))} more than once")
+    return names
 
 
 def quoting_problem(err: csv.Error) -> str:

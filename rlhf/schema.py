@@ -101,11 +101,15 @@ def check_text(value, field: str) -> str:
 
 
 def check_unicode(text: str, field: str) -> None:
-    """JSON readers accept an escaped lone surrogate ("\\ud800"), which no UTF-8 text can hold."""
+    """JSON readers accept an escaped lone surrogate ("\\ud800"), which no UTF-8 text can hold, and a NUL
+    ("\\u0000"), which PostgreSQL's text columns refuse."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise RowProblem(field, f"holds a lone surrogate at character {err.start + 1}: not Unicode text") from None
+    if "\x00" in text:
+        raise RowProblem(field, f"holds a NUL character (\\u0000) at character {text.index(chr(0)) + 1}: not text a "
+                                "label store can keep")
 
 
 def as_turns(value, field: str, role: str) -> list[dict]:

@@ -198,6 +198,42 @@ def test_csv_is_parsed_strictly_and_names_the_line_a_bad_quote_starts_on(tmp_pat
     assert problem(path) == f"{path}:2: csv: a quoted cell that starts on this line is never closed"
     path.write_text('prompt,"completion\nHi?,Hello.\n')
     assert problem(path) == f"{path}:1: csv: a quoted cell that starts on this line is never closed"
+    path.write_text('prompt,completion\n\nHi?,Hello.\n\n"Unclosed,quote\n')  # blank lines counted
+    assert problem(path) == f"{path}:5: csv: a quoted cell that starts on this line is never closed"
+
+
+def test_a_csv_cell_is_never_lost_to_a_short_row_or_a_repeated_column(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected,margin\nHi?,Hello.,Go away.,2\nHi again?,Hello.,Go away.\n")
+    assert problem(path, "preference") == f"{path}:3: row: has 3 cells but the header has 4"
+    path.write_text("prompt,completion,prompt\nHi?,Hello.,Other?\n")
+    assert problem(path) == f"{path}:1: header: names the column 'prompt' more than once"
+    path.write_text("\nprompt,completion\n\nHi?,Hello.\n")
+    [row] = load_rows(path, "sft")
+    assert row["messages"][1]["content"] == "Hello."
+
+
+def test_json_a_reader_cannot_hold_and_text_after_an_array_are_named_not_raised(tmp_path):
+    deep, digits, row = "[" * 100_000, "1" * 5000, '{"prompt": "Hi?", "completion": "Yes."}'
+    for name, content, expected in (
+            ("d.jsonl", f"{row}\n{deep}\n", "{path}:2: json: nested too deeply to read"),
+            ("d.json", deep, "{path}: json: nested too deeply to read"),
+            ("d.jsonl", '{"id": %s, "prompt": "a", "completion": "b"}\n' % digits,
+             "{path}:1: json: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
+            ("d.json", f"[{row}]\nxyz\n", "{path}:2: json: Extra data at column 1"),
+            ("d.json", f"{row}\nxyz\n", "{path}:2: json: Expecting value at column 1")):
+        path = tmp_path / name
+        path.write_text(content)
+        assert problem(path) == expected.format(path=path), name
+
+
+def test_a_nul_character_is_refused_in_texts_and_ids(tmp_path):
+    path = tmp_path / "d.jsonl"
+    for kind, row, field in (("sft", {"id": "p\x00", "prompt": "Hi?", "completion": "Yes."}, "id"),
+                             ("preference", {"prompt": "Q?", "chosen": "A\x00.", "rejected": "B."}, "chosen")):
+        write_jsonl(path, [row])
+        assert problem(path, kind) == (f"{path}:1: {field}: holds a NUL character (\\u0000) at character 2: not "
+                                       "text a label store can keep"), kind
 
 
 def test_a_pair_whose_two_answers_are_the_same_is_refused(tmp_path):
@@ -257,7 +293,11 @@ def test_one_preference_row_per_vote_keeps_each_labellers_vote_and_csv_numbers_a
     assert [row["labeller"] for row in load_rows(path, "preference")] == ["ann", "bob", None]
     path = write_jsonl(tmp_path / "conflict.jsonl", [{**vote, "labeller": "ann"}, {**vote, "labeller": "ann",
                                                                                     "margin": 2.0}])
-    assert problem(path, "preference").startswith(f"{path}:2: id: duplicate id")
+    assert problem(path, "preference") == (f"{path}:2: margin: the same text as the row at 1, with another margin: "
+                                           "give each row an id, or keep one of them")  # (not a made-up id)
+    path = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "2+2?", "answer": 4}, {"prompt": "2+2?", "answer": 5}])
+    assert problem(path, "prompt") == (f"{path}:2: answer: the same text as the row at 1, with another answer: "
+                                       "give each row an id, or keep one of them")
     path = tmp_path / "ranked.csv"
     path.write_text("prompt,chosen,rejected,margin,ranking,pair_weight\nHi?,Hello.,Go away.,1.5,r1,0.5\n")
     [row] = load_rows(path, "preference")
