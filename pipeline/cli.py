@@ -16,8 +16,8 @@ from pathlib import Path
 from rlhf.errors import UserError
 
 # OS errors on a path that no retry fixes: permissions, a file where a folder should be, a full or read-only disk
-PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EDQUOT,
-               errno.ENAMETOOLONG}
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS,
+               errno.EDQUOT, errno.ENAMETOOLONG}
 
 # commands that need no stage module: they start without importing torch and transformers
 LIGHT_COMMANDS = ("label", "models")
@@ -249,9 +249,12 @@ def run_label(args, rest) -> int:
 
         print(format_stats(stats(store, args.batch)))
     elif args.label_command == "export":
-        from rlhf.label_export import demonstrations, export, write_demonstrations
+        from rlhf.label_export import check_output, demonstrations, export, write_demonstrations
 
-        written = demonstrations(store, args.batch) if args.demonstrations else None  # checked before any write
+        for path, option, folder in ((args.out, "--out", True), (args.demonstrations, "--demonstrations", False)):
+            if path:  # both checked before either is written
+                check_output(Path(path), option, folder)
+        written = demonstrations(store, args.batch) if args.demonstrations else None
         if args.out:
             manifest = export(store, args.out, args.batch, args.min_votes)
             state = "unchanged" if manifest.get("unchanged") else "written"

@@ -196,19 +196,46 @@ def read_manifest(folder) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_output(out: Path, option: str, folder: bool) -> None:
+    """Before anything is written: `out` is not a file where a folder goes (or a folder where a file goes), and
+    the nearest existing path above it is a folder to make it in."""
+    out = Path(out)
+    if out.exists() and out.is_dir() != folder:
+        raise UserError(f"{out}: is a {'file' if folder else 'folder'}, and {option} names the "
+                        f"{'folder an export is written to' if folder else 'file demonstrations are written to'}")
+    above = out.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{out}: {above} is a file, so {option} cannot be made under it")
+
+
+def existing_export(rows_manifest: dict, out: Path) -> dict:
+    """The export already at `out` when it is this one (marked unchanged); any other folder there is an error."""
+    existing = read_manifest(out)
+    if existing is None:
+        raise UserError(f"{out} is a folder that holds no export; choose another --out or remove it")
+    if existing.get("content_hash") != rows_manifest["content_hash"]:
+        raise UserError(f"{out} holds a different export (content hash {existing.get('content_hash')}, this one "
+                        f"{rows_manifest['content_hash']}); choose another --out or remove it")
+    return {**existing, "unchanged": True}
+
+
 def write_export(rows: list[dict], manifest: dict, out: Path) -> dict:
+    check_output(out, "--out", folder=True)
     if out.exists():
-        existing = read_manifest(out) or {}
-        if existing.get("content_hash") == manifest["content_hash"]:
-            return {**existing, "unchanged": True}
-        raise UserError(f"{out} holds a different export (content hash {existing.get('content_hash', 'none')}, "
-                        f"this one {manifest['content_hash']}); choose another --out or remove it")
+        return existing_export(manifest, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         datasets.Dataset.from_list(rows).save_to_disk(str(staging))
         atomic_write_json(staging / MANIFEST, manifest)
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except OSError:  # another export (a second click, another command) put its folder there first
+            if not out.is_dir():
+                raise
+            return existing_export(manifest, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

@@ -102,6 +102,40 @@ def test_export_command(tmp_path, capsys):
     assert "1 pairs (0 ties, 0 both bad)" in capsys.readouterr().out
     assert cli(["label", "--db", db, "export", "--out", str(tmp_path / "prefs")]) == 0
     assert capsys.readouterr().out.endswith("unchanged\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("")
+    refused = [(["--out", str(tmp_path / "new"), "--demonstrations", str(tmp_path)],
+                f"error: {tmp_path}: is a folder, and --demonstrations names the file demonstrations are written to"),
+               (["--out", str(tmp_path / "a-file" / "x")], f"error: {tmp_path / 'a-file' / 'x'}: "
+                f"{tmp_path / 'a-file'} is a file, so --out cannot be made under it"),
+               (["--out", str(tmp_path / "a-file")],
+                f"error: {tmp_path / 'a-file'}: is a file, and --out names the folder an export is written to"),
+               (["--out", str(tmp_path / "empty")],
+                f"error: {tmp_path / 'empty'} is a folder that holds no export; choose another --out or remove it")]
+    for options, message in refused:  # nothing written: not the export either, when the demonstrations' path is bad
+        assert cli(["label", "--db", db, "export", *options]) == 2
+        assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_two_exports_of_the_same_votes_at_once_both_end_well(tmp_path, monkeypatch):
+    """A second click on the app's export button, or a second command, puts the same export in place while this
+    one is being written: this one then finds it there, unchanged."""
+    import rlhf.label_export as label_export
+
+    store = store_with_votes(tmp_path, [[("a", "clear")]])
+    write_manifest, raced = label_export.atomic_write_json, []
+
+    def another_export_first(path, value):
+        if not raced:
+            raced.append("racing")
+            raced.append(export(store, tmp_path / "out"))
+        write_manifest(path, value)
+
+    monkeypatch.setattr(label_export, "atomic_write_json", another_export_first)
+    manifest = export(store, tmp_path / "out")
+    assert manifest["unchanged"] and manifest["content_hash"] == raced[1]["content_hash"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
 
 
 def test_a_ranking_item_exports_one_row_per_pair_and_its_pairs_weigh_one_observation(tmp_path):
