@@ -51,7 +51,9 @@ def others_majority(verdicts: list[str]) -> str | None:
 
 
 def human_ceiling(pairs: list[dict], gaps: list[float], min_votes: int = 3) -> dict:
-    """Leave-one-labeller-out agreement with the others' majority, for the labellers and for the model."""
+    """Leave-one-labeller-out agreement with the others' majority, for the labellers and for the model. A unit is
+    a held-out vote for one answer (the model always picks one: a tie or both-bad vote would count against the
+    labellers only)."""
     human, model, items = [], [], 0
     for pair, gap in zip(pairs, gaps):
         votes = [vote["verdict"] for vote in pair.get("labeller_votes") or []]
@@ -61,7 +63,7 @@ def human_ceiling(pairs: list[dict], gaps: list[float], min_votes: int = 3) -> d
         model_verdict = "chosen" if gap > 0 else "rejected"
         for i, held_out in enumerate(votes):
             majority = others_majority(votes[:i] + votes[i + 1:])
-            if majority is not None:
+            if majority is not None and held_out in ("chosen", "rejected"):
                 human.append(held_out == majority)
                 model.append(model_verdict == majority)
     return {"human_ceiling": mean(human), "model_on_ceiling_units": mean(model), "ceiling_units": len(human),

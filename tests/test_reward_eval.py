@@ -27,15 +27,15 @@ def test_human_ceiling_holds_out_each_vote_and_scores_the_model_on_the_same_unit
     pairs = [votes("chosen", "chosen", "chosen"),   # 3 units, every held-out vote agrees
              votes("chosen", "chosen", "rejected"),  # units: (c vs c|r: none), (c vs c|r: none), (r vs c,c: miss)
              votes("chosen", "rejected", "tie", "chosen"),  # others: r,t,c none; c,t,c -> c (r misses);
-             #                                                c,r,c -> c (t misses); c,r,t none
+             #                                                c,r,c -> c, but a tie held out is no unit; c,r,t none
              votes("chosen", "chosen")]              # fewer than 3 votes: not counted
     gaps = [1.0, -1.0, 0.5, 1.0]
     result = human_ceiling(pairs, gaps)
-    assert (result["ceiling_items"], result["ceiling_units"]) == (3, 6)
-    assert result["human_ceiling"] == pytest.approx(3 / 6)
-    # the model prefers chosen on items 1 and 3 (agrees with 'chosen' majorities: 3 + 2 units) and rejected on
+    assert (result["ceiling_items"], result["ceiling_units"]) == (3, 5)
+    assert result["human_ceiling"] == pytest.approx(3 / 5)
+    # the model prefers chosen on items 1 and 3 (agrees with 'chosen' majorities: 3 + 1 units) and rejected on
     # item 2 (its one unit's majority is chosen: a miss)
-    assert result["model_on_ceiling_units"] == pytest.approx(5 / 6)
+    assert result["model_on_ceiling_units"] == pytest.approx(4 / 5)
 
 
 def test_calibration_error_and_bins_by_hand():
