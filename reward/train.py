@@ -139,17 +139,19 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
     staged = partial / "final"
     trainer.save_model(str(staged))
     tokenizer.save_pretrained(str(staged))
-    # every distinct answer scored once, for the scale and the held-out pairs
+    # every distinct answer scored once, for the scale and the held-out pairs, by the weights as published: mixed
+    # precision left the model's forward in a bf16 autocast, which no later reader of them runs under
+    published = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     conversations, chosen, rejected = answer_index(train_pairs + eval_pairs)
-    heads = score_heads(trainer.model, tokenizer, conversations)
+    heads = score_heads(published, tokenizer, conversations)
     scale = reward_scale(heads.mean(-1))
     trained = len(train_pairs)
-    report = evaluate(trainer.model, tokenizer, eval_pairs, config, staged,
+    report = evaluate(published, tokenizer, eval_pairs, config, staged,
                       (heads[chosen[trained:]], heads[rejected[trained:]]))
     log_evaluation(tracker, report, staged)
     metrics.update(report, eval_accuracy=report["heldout_accuracy"], eval_margin=report["heldout_margin"])
     if run.round > 1:
-        metrics.update(new_round_metrics(trainer.model, tokenizer, found["previous_reward_model"],
+        metrics.update(new_round_metrics(published, tokenizer, found["previous_reward_model"],
                                          [pair for pair in eval_pairs if pair["round"] == run.round]))
     reward_info = {"heads": config.ensemble, "pooling": config.pooling, "scale": scale, "ties": config.ties,
                    "tie_threshold": config.tie_threshold if config.ties == "equal" else 0.0}

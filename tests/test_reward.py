@@ -331,3 +331,23 @@ def test_pairs_longer_than_max_length_are_left_out_out_loud_and_not_counted(tmp_
     assert (metrics["train_pairs"], metrics["long_pairs_left_out"]) == (12, 1)
     assert "[reward] 1 of 13 training pairs are longer than max_length (64 tokens) and were left out" in \
         capsys.readouterr().out
+
+
+def test_a_reward_model_trained_in_mixed_precision_is_scaled_as_it_is_published(tmp_path, tiny_model_path):
+    """Under bf16 mixed precision accelerate wraps the model's forward in an autocast that stays after training:
+    the stage's own evaluation and the reward scale PPO normalises by must come from the published fp32 weights,
+    as `rlhf reward eval` and the later stages load them, not from bf16 products of them."""
+    from reward.probe import answer_index
+    from reward.train import reward_scale
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 24)
+    config = RewardStageConfig(model=str(tiny_model_path), preferences=pairs, precision="bf16", eval_fraction=0.5,
+                               max_steps=25, learning_rate=2e-3, max_length=64, save_steps=100, seed=0)
+    train_reward(config, RunConfig(name="mixed", output_root=str(tmp_path / "runs"), tracking="none"))
+    published = tmp_path / "runs" / "mixed" / "reward"
+    scale = json.loads((published / "stage.json").read_text())["reward"]["scale"]
+    conversations, _, _ = answer_index(training_pairs(pairs, config))
+    tokenizer = reward_tokenizer(str(published))
+    rewards = score_heads(load_reward_model(str(published), tokenizer), tokenizer, conversations).mean(-1)
+    assert scale["std"] > 1  # trained apart: bf16's 8 bits of mantissa would show
+    assert reward_scale(rewards) == pytest.approx(scale, rel=1e-5, abs=1e-5)
