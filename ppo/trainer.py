@@ -145,10 +145,24 @@ def checked_inputs(config: PPOStageConfig, run: RunConfig, found: dict) -> Check
     """The training and eval prompts, checked row by row, and the judge loaded (a reward function too, only to
     check it: the scorer loads its own)."""
     rows, eval_rows, judge, references, eval_references = files(config, run)
+    if config.uses_critic:
+        check_critic_vocabulary(found)
     # the launch (a distribution PPO cannot run under, a batch that does not split over the processes) is checked
     # last, with the files read: a refusal leaves the run's manifest as it was
     return CheckedInputs([row["prompt"] for row in rows], [row["prompt"] for row in eval_rows], judge, references,
                          eval_references, make_accelerator(config))
+
+
+def check_critic_vocabulary(found: dict) -> None:
+    """The critic starts as the reward model and reads the policy's token ids: built on another vocabulary, its
+    values would be those of other words (or out of its range). (A later round's critic, the last round's, was
+    checked then.)"""
+    critic = found.get("reward_model") if "critic" not in found else None
+    if critic and (models.load_tokenizer(critic).get_vocab()
+                   != models.load_tokenizer(models.resolve(found["policy"])).get_vocab()):
+        raise ConfigError(f"{critic}: its tokenizer is not the policy's ({found['policy']}), and PPO's critic, which "
+                          "starts as the reward model, reads the policy's token ids; train the reward model from the "
+                          "policy's model, or use a critic-free algorithm (--ppo.algorithm rloo)")
 
 
 def files(config: PPOStageConfig, run: RunConfig) -> tuple:

@@ -95,7 +95,8 @@ def bad_files(tmp_path):
 
 
 def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_written(tmp_path, tiny_model_path,
-                                                                                         bad_files, capsys):
+                                                                                         tiny_reward_path, bad_files,
+                                                                                         capsys):
     root = tmp_path / "runs"
     run = root / "tiny"  # an earlier run of the same name, which a failed attempt must leave as it is
     run.mkdir(parents=True)
@@ -111,6 +112,9 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
     tokenizer = load_tokenizer(str(other_vocabulary))
     tokenizer.add_tokens(["<a-new-token>"])
     tokenizer.save_pretrained(other_vocabulary)
+    other_reward = tmp_path / "other-reward"  # a reward model on that vocabulary
+    shutil.copytree(tiny_reward_path, other_reward)
+    tokenizer.save_pretrained(other_reward)
     wide_category = tmp_path / "wide_category.jsonl"
     wide_category.write_text(json.dumps({"id": "p1", "prompt": "Hi?", "category": "c" * 65}) + "\n")
     cases = [
@@ -133,6 +137,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", f"--eval.reward_model={model}"],
          f"{model}: not a reward model (its config.json names LlamaForCausalLM architecture"),
         (["ppo", f"--ppo.model={model}", f"--ppo.reward_model={model}"], f"{model}: not a reward model"),
+        (["ppo", f"--ppo.model={model}", f"--ppo.reward_model={other_reward}"],
+         f"{other_reward}: its tokenizer is not the policy's ({model}), and PPO's critic"),
         # a judge that is no function, or that returns too few scores or NaN, stops before any answer is generated
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           "--eval.judge=tests.test_bad_input:NOT_A_JUDGE"], "judge 'tests.test_bad_input:NOT_A_JUDGE': a float"),
