@@ -1,5 +1,6 @@
 """The reward stage's pairs: from rlhf/preference_pairs.py (source, gold weights, usable rows), with each pair's
 bootstrap weights for the ensemble heads and its margin."""
+import dataclasses
 import json
 
 from rlhf.config import RunConfig
@@ -55,9 +56,19 @@ def round_pairs(found: dict, config: RewardStageConfig, rounds: int) -> tuple[li
     for round in range(1, rounds + 1):
         pairs = [{**pair, "round": round} for pair in training_pairs(found[source_key(round)], config)]
         round_train, round_held_out = split_pairs(pairs, config)
+        if config.selection == "best_worst":  # each held-out prompt's pair was chosen by its votes: all of them
+            round_held_out = every_pair_of(round_held_out, found[source_key(round)], config, round)
         train += round_train
         held_out += round_held_out
     return train, held_out
+
+
+def every_pair_of(held_out: list[dict], source: str, config: RewardStageConfig, round: int) -> list[dict]:
+    """Every decided pair of the held-out prompts: best_worst keeps the pair its labellers set furthest apart, and
+    held out alone that one would make the easiest test of each prompt."""
+    prompts = {json.dumps(pair["prompt"]) for pair in held_out}
+    every = training_pairs(source, dataclasses.replace(config, selection="all"))
+    return [{**pair, "round": round} for pair in every if json.dumps(pair["prompt"]) in prompts]
 
 
 def split_pairs(pairs: list[dict], config: RewardStageConfig) -> tuple[list[dict], list[dict]]:

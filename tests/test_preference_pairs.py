@@ -67,3 +67,21 @@ def test_on_policy_pairs_take_the_reward_models_best_and_worst_of_k():
     assert [(p["id"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
         ("p1", "b", "c"), ("p2", "x", "y")]
     assert (pairs[0]["chosen_reward"], pairs[0]["rejected_reward"]) == (0.9, -0.4)
+
+
+def test_best_worst_trains_on_one_pair_per_prompt_and_holds_out_every_pair_of_its_held_out_prompts(tmp_path):
+    """The pair best_worst keeps is the one a prompt's labellers set furthest apart: held out alone, it would be
+    each held-out prompt's easiest test, and the held-out accuracy would not compare with selection all's."""
+    from reward.config import RewardStageConfig
+    from reward.data import round_pairs
+
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    config = RewardStageConfig(preferences=str(source), selection="best_worst", eval_fraction=0.5, seed=0)
+    train, held_out = round_pairs({"preferences": str(source)}, config, 1)
+    [trained] = chosen_and_rejected(train)
+    held_prompts = {row["prompt"][0]["content"] for row in held_out}
+    assert held_prompts == {"P", "Q"} - {trained[0]}
+    every_decided = [row for row in chosen_and_rejected(ROWS[:9]) if row[0] in held_prompts and row[1:] != ("C", "D")]
+    assert sorted(chosen_and_rejected(held_out)) == sorted(every_decided)
+    assert trained in [("P", "A", "C"), ("Q", "X", "Y")]
