@@ -242,11 +242,22 @@ def score_distributions(path: Path, per_prompt: dict) -> str:
              if per_prompt[key]]
     figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], kinds):
+        edges = shared_bins(per_prompt[key].values())
         for name, values in per_prompt[key].items():
-            ax.hist(values, bins=20, alpha=0.45, label=name)
+            ax.hist(values, bins=edges, alpha=0.45, label=name)
         ax.set_title(f"{title} per prompt")
         ax.legend()
     return save_figure(figure, path)
+
+
+def shared_bins(series, count: int = 20) -> list[float]:
+    """One set of bin edges over every policy's scores: each histogram binned on its own range would draw bars of
+    different widths, and a narrow spread would look as tall as a wide one."""
+    values = [value for one in series for value in one]
+    low, high = min(values), max(values)
+    if high == low:
+        low, high = low - 0.5, high + 0.5
+    return [low + (high - low) * i / count for i in range(count + 1)]
 
 
 def gold_vs_proxy(path: Path, points: list[dict], proxy: str = "reward model") -> str:

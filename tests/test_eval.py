@@ -326,3 +326,11 @@ def test_blind_comparisons_for_people_are_queued_all_or_none_under_prompts_the_s
     other = [{**prompts[0], "prompt": [{"role": "user", "content": "Another question?"}]}]
     with pytest.raises(DataError, match=r"id: 1 prompt id\(s\) are in the label store .* \(first: 'eval-0'\)"):
         check_prompts_for_people(config, run, other)
+
+
+def test_every_policys_score_histogram_shares_one_set_of_bins():
+    from evaluation.report import shared_bins
+
+    edges = shared_bins([[0.0, 1.0], [0.5, 10.0]], count=4)
+    assert edges == [0.0, 2.5, 5.0, 7.5, 10.0]
+    assert shared_bins([[2.0], [2.0, 2.0]], count=2) == [1.5, 2.0, 2.5]  # all alike: one bar, centred
