@@ -48,11 +48,12 @@ def answer_prompts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
 
 def cut_at_stop(ids: list[int], tokenizer) -> Answer:
     """An answer's tokens through its first stop token (generation pads finished rows, with EOS where the pad
-    token is EOS)."""
+    token is EOS). Its text without NUL characters, which a byte-level tokenizer can decode: PostgreSQL's text
+    columns refuse them, and so do our data files."""
     stop = tokenizer.eos_token_id
     ended = stop in ids
     ids = ids[:ids.index(stop) + 1] if ended else ids
-    return Answer(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, ended)
+    return Answer(tokenizer.decode(ids, skip_special_tokens=True).replace("\x00", "").strip(), ids, ended)
 
 
 def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,

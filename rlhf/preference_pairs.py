@@ -79,7 +79,10 @@ def publish_pending_exports() -> None:
 
 def load_pairs(source: str, weight_by_gold: bool) -> list[dict]:
     """Every preference row, re-decided by gold-weighted votes when asked, with its loss weight."""
-    rows = load_rows(readable(source), "preference")
+    try:
+        rows = load_rows(readable(source), "preference")
+    except DataError as err:  # a store's export not yet in the run folder is read from a copy: named as the export
+        raise DataError(source, err.line, err.field, err.problem) from None
     if weight_by_gold:
         manifest = read_export_manifest(readable(source)) if Path(readable(source)).is_dir() else None
         if not manifest or "labeller_gold" not in manifest:

@@ -242,8 +242,9 @@ def check_note(note: str | None) -> None:
 
 
 def check_written(text: str | None) -> str | None:
-    """The written answer to store (stripped; None when blank); too long a one is refused."""
-    text = (text or "").strip()
+    """The written answer to store (stripped, NUL characters dropped; None when blank); too long a one is
+    refused."""
+    text = (text or "").replace("\x00", "").strip()
     if len(text) > MAX_WRITTEN_CHARS:
         raise StoreError(f"the written answer is {len(text)} characters; the limit is {MAX_WRITTEN_CHARS}")
     return text or None

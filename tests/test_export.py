@@ -277,3 +277,33 @@ def test_an_export_read_while_a_labeller_votes_with_a_written_answer_stays_whole
     by_id = {row["id"]: row for row in rows}
     if any(id.startswith("written-") for id in by_id):
         assert by_id[f"cmp-{comparison['id']}"]["votes"] == 2
+
+
+def test_a_stores_export_that_cannot_be_read_is_named_as_the_export_not_the_copy_it_was_read_from(tmp_path):
+    """The export of a store named as a stage's preferences is read from a copy outside the run folder until the
+    stage publishes it: an error in it names runs/<name>/exports/<hash>, where the stage records it."""
+    from rlhf.errors import DataError
+    from rlhf.preference_pairs import load_pairs, preference_source
+    from rlhf.runs import RunDir
+
+    store = store_with_votes(tmp_path, [[("a", "clear")]])
+    prompt = store.add_prompt("nul", "chat", [{"role": "user", "content": "Odd?"}])
+    odd = store.add_comparison(store.add_response(prompt, "A \x00 byte.", "m", {}),
+                               store.add_response(prompt, "Plain.", "m", {}), batch="b1")
+    store.cast_vote(odd.id, store.users()[0], "a", "clear")
+    found = preference_source("reward", str(store.engine.url), "", 1, RunDir(tmp_path / "runs", "r"))
+    assert found["preferences"].startswith(str(tmp_path / "runs" / "r" / "exports"))
+    with pytest.raises(DataError) as raised:
+        load_pairs(found["preferences"], weight_by_gold=False)
+    assert str(raised.value).startswith(f"{found['preferences']}:") and "NUL character" in str(raised.value)
+
+
+def test_nul_characters_never_reach_the_store_from_a_model_or_a_labeller(tiny_tokenizer):
+    """A byte-level tokenizer decodes byte 0 as a NUL character: PostgreSQL's text columns refuse it (a stage
+    would stop mid-way) and our data files refuse it; a labeller's written answer loses it too."""
+    from rlhf.generation import cut_at_stop
+    from rlhf.store import check_written
+
+    ids = tiny_tokenizer.encode("Say \x00 this", add_special_tokens=False) + [tiny_tokenizer.eos_token_id]
+    assert "\x00" in tiny_tokenizer.decode(ids) and cut_at_stop(ids, tiny_tokenizer).text == "Say  this"
+    assert check_written(" A\x00 better answer. ") == "A better answer." and check_written("\x00") is None
