@@ -114,6 +114,14 @@ class Statements:
                                 .limit(CANDIDATES))
         self.slots = select(Assignment.slot).where(Assignment.comparison_id == bindparam("item"),
                                                    Assignment.slot.is_not(None))
+        # the labeller's own skipped or timed-out training items that still have a free slot, the oldest first
+        set_aside = and_(Assignment.user_id == user_id, Assignment.status.in_(("skipped", "expired")),
+                         Comparison.kind != "gold", in_scope, taken < overlap)
+        self.set_aside = (select(Assignment.comparison_id).join(Comparison, Comparison.id == Assignment.comparison_id)
+                          .where(set_aside).order_by(Assignment.id).limit(CANDIDATES))
+        self.reopen = (update(Assignment).where(this_one, Assignment.status.in_(("skipped", "expired")))
+                       .values(status="open", slot=bindparam("free_slot"), created_at=bindparam("now"))
+                       .returning(Assignment.swapped))
         a, b = aliased(Response), aliased(Response)
         self.item = (select(Comparison.kind, Prompt.messages, a.text, b.text)
                      .join(Prompt, Prompt.id == Comparison.prompt_id).join(a, a.id == Comparison.response_a_id)
@@ -128,7 +136,9 @@ class Statements:
             .where(Vote.user_id == user_id, in_scope).scalar_subquery().label("mean_seconds"))
         self.available = select(
             select(func.count()).where(open_for_me).scalar_subquery().label("train"),
-            select(func.count()).where(gold_for_me).scalar_subquery().label("gold"))
+            select(func.count()).where(gold_for_me).scalar_subquery().label("gold"),
+            select(func.count()).select_from(Assignment).join(Comparison, Comparison.id == Assignment.comparison_id)
+            .where(set_aside).scalar_subquery().label("set_aside"))
 
 
 @dataclass
@@ -176,7 +186,27 @@ class LabelQueue:
             assignment = self.assign(user, self.sql.train_candidates)
         if assignment is None and self.gold_rate > 0:
             assignment = self.assign(user, self.sql.gold_candidates)
+        if assignment is None:
+            assignment = self.take_back(user)
         return None if assignment is None else self.item(assignment, user)
+
+    def take_back(self, user: User) -> Held | None:
+        """Once nothing else is left for the labeller, an item they skipped or let time out that still has a free
+        slot (as Label Studio requeues skipped tasks): with no other labeller to take it, one person on a laptop
+        say, it would wait for a vote for ever."""
+        for (comparison_id,) in self.rows(self.sql.set_aside, labeller=user.id):
+            slot = self.free_slot(comparison_id)
+            if slot is None:
+                continue
+            try:
+                with self.store.writing() as connection:
+                    row = connection.execute(self.sql.reopen, dict(labeller=user.id, item=comparison_id,
+                                                                   free_slot=slot, now=utcnow())).first()
+            except IntegrityError:
+                continue  # another labeller took that slot at the same moment
+            if row is not None:
+                return Held(comparison_id, row.swapped)
+        return None
 
     def gold_chance(self, user: User) -> float:
         """`gold_rate`, or the share of gold among the items the labeller has left when that is larger (as last
@@ -290,7 +320,8 @@ class LabelQueue:
             raise self.refusal(user, comparison_id)
 
     def skip(self, user: User, comparison_id: int) -> None:
-        """Gives the item's slot to someone else; this labeller will not see it again."""
+        """Gives the item's slot to someone else; it comes back to this labeller only when nothing else is left
+        for them and it still has a free slot (`take_back`)."""
         with self.store.writing() as connection:
             swapped = self.close(connection, self.sql.close_skipped, user, comparison_id)
         if swapped is None:
@@ -327,6 +358,6 @@ class LabelQueue:
         train, gold, answered_then, at = self.counts.get(user.id, (0, 0, 0, float("-inf")))
         if time.monotonic() - at > PROGRESS_REFRESH:
             row = self.rows(self.sql.available, labeller=user.id, start=self.starts.get(user.id, 0))[0]
-            train, gold, answered_then = row.train, (row.gold if self.gold_rate > 0 else 0), answered
+            train, gold, answered_then = row.train + row.set_aside, (row.gold if self.gold_rate > 0 else 0), answered
             self.counts[user.id] = (train, gold, answered_then, time.monotonic())
         return max(0, train + gold - (answered - answered_then))

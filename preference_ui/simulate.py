@@ -91,16 +91,17 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
              seed: int = 0, overlap: int | None = None, gold_rate: float = 0.0) -> dict:
     """The simulated labellers take turns taking items from the labelling queue, as people in the app do, until
     it has nothing left for any of them: each comparison goes to `overlap` of them (default: all), gold items
-    are mixed in at `gold_rate`, and a skipped item's slot goes to another labeller. Each vote is drawn with a
-    generator seeded by labeller and comparison, so it does not depend on the order the items come in; a rerun
-    votes only on what is left. Returns the count of each choice (as stored) and of skips (and of rankings, where
+    are mixed in at `gold_rate`, and a skipped item's slot goes to another labeller (the item comes back to the
+    skipper, who then votes, only when nothing else is left for them and no one took the slot). Each vote is drawn
+    with a generator seeded by labeller and comparison, so it does not depend on the order the items come in; a
+    rerun votes only on what is left. Returns the count of each choice (as stored) and of skips (and of rankings, where
     ranking items were handed out)."""
     judge = voting_judge(judge_spec)
     name = judge_spec.removeprefix("builtin:")
     users = [store.machine_labeller(f"sim/{name}/{i}") for i in range(labellers)]
     queue = LabelQueue(store, overlap or labellers, gold_rate, batch, seed=seed, expires_others=False)
     counts = {choice: 0 for choice in VOTE_CHOICES} | {"skipped": 0}
-    waiting = list(enumerate(users))
+    waiting, skipped = list(enumerate(users)), set()
     while waiting:
         for i, user in list(waiting):
             item = queue.next_item(user)
@@ -108,7 +109,9 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
                 waiting.remove((i, user))
                 continue
             rng = random.Random(f"{seed}:{name}:{i}:{item.comparison_id}")
-            if rng.random() < model.skip:
+            # an item skipped once comes back only when the labeller has nothing else left: then it is voted on
+            if rng.random() < model.skip and (i, item.comparison_id) not in skipped:
+                skipped.add((i, item.comparison_id))
                 queue.skip(user, item.comparison_id)
                 counts["skipped"] += 1
                 continue

@@ -109,19 +109,47 @@ def test_racing_labellers_never_overfill_a_comparison(store_url):
     assert sorted(a.slot for a in assignments(store)) == [0, 1, 2]
 
 
-def test_a_skip_frees_the_slot_for_someone_else_but_never_returns_to_the_skipper(store_url):
+def test_a_skip_frees_the_slot_for_someone_else_and_comes_back_only_when_nothing_else_is_left(store_url):
     store = Store(store_url)
-    add_comparisons(store, 1)
+    add_comparisons(store, 2)
     ann, bob = labellers(store, 2)
     queue = LabelQueue(store, overlap=1, gold_rate=0.0)
     item = queue.next_item(ann)
-    assert queue.next_item(bob) is None  # the only slot is ann's
     queue.skip(ann, item.comparison_id)
-    assert queue.next_item(ann) is None
-    assert queue.next_item(bob).comparison_id == item.comparison_id
     with pytest.raises(ItemGone, match="skipped"):
         queue.vote(ann, item.comparison_id, "a")
-    assert queue.progress(ann) == {"votes": 0, "skipped": 1, "remaining": 0, "mean_seconds": None}
+    other = queue.next_item(ann)
+    assert other.comparison_id != item.comparison_id  # the other item first
+    assert queue.next_item(bob).comparison_id == item.comparison_id  # the slot ann's skip freed
+    queue.vote(ann, other.comparison_id, "a")
+    assert queue.next_item(ann) is None  # the skipped item's one slot is bob's now
+    assert queue.progress(ann) == {"votes": 1, "skipped": 1, "remaining": 0, "mean_seconds": None}
+    queue.skip(bob, item.comparison_id)
+    assert queue.next_item(ann).comparison_id == item.comparison_id  # its slot free again, and nothing else left
+    queue.vote(ann, item.comparison_id, "b")
+    assert queue.progress(ann) == {"votes": 2, "skipped": 0, "remaining": 0, "mean_seconds": None}
+    assert queue.next_item(bob) is None and queue.next_item(ann) is None
+
+
+def test_a_lone_labellers_timed_out_or_skipped_item_comes_back_so_it_can_get_its_votes(store_url):
+    """One person on a laptop: an item they let time out, or skipped, would otherwise wait for a vote for ever
+    (and `rlhf run` with it)."""
+    store = Store(store_url)
+    add_comparisons(store, 2)
+    [ann] = labellers(store, 1)
+    queue = LabelQueue(store, overlap=3, gold_rate=0.0, timeout_minutes=5)
+    first = queue.next_item(ann)
+    backdate_assignments(store, minutes=6)
+    queue.last_release = float("-inf")
+    second = queue.next_item(ann)
+    assert second.comparison_id != first.comparison_id
+    queue.skip(ann, second.comparison_id)
+    assert queue.progress(ann)["remaining"] == 2
+    for expected in (first, second):
+        item = queue.next_item(ann)
+        assert item.comparison_id == expected.comparison_id
+        queue.vote(ann, item.comparison_id, "a")
+    assert queue.next_item(ann) is None and sorted(store.vote_counts("b1").values()) == [1, 1]
 
 
 def test_an_item_left_open_past_the_timeout_goes_back_to_the_pool(store_url):
@@ -144,7 +172,7 @@ def test_a_simulated_labellers_queue_expires_only_its_own_labellers_items(store_
     """The app's timeout is its own setting: another process's queue (simulated or AI labellers, built with the
     default timeout) leaves a person's open item alone."""
     store = Store(store_url)
-    add_comparisons(store, 2)
+    add_comparisons(store, 3)
     person, sim = labellers(store, 2)
     app = LabelQueue(store, overlap=1, gold_rate=0.0, timeout_minutes=120)
     item = app.next_item(person)
@@ -154,10 +182,10 @@ def test_a_simulated_labellers_queue_expires_only_its_own_labellers_items(store_
     app.vote(person, item.comparison_id, "a")  # still theirs
     backdate_assignments(store, minutes=45)
     simulated.last_release = float("-inf")
-    simulated.next_item(sim)  # its own labeller's stale item: expired
+    simulated.next_item(sim)  # its own labeller's stale item: expired (and a fresh one given)
     with store.transaction() as session:
-        states = dict(session.execute(select(Assignment.user_id, Assignment.status)).all())
-    assert states == {person.id: "voted", sim.id: "expired"}
+        states = sorted(session.execute(select(Assignment.user_id, Assignment.status)).all())
+    assert states == sorted([(person.id, "voted"), (sim.id, "expired"), (sim.id, "open")])
 
 
 def test_gold_items_are_mixed_in_for_everyone_and_never_use_up_the_overlap(store_url):
