@@ -29,7 +29,7 @@ from rlhf.store import MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Store, 
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue
 from preference_ui.render import conversation_html, shown_html
-from preference_ui.signin import ClientAddress, SignInGuard
+from preference_ui.signin import ClientAddress, SameOrigin, SignInGuard
 
 DEFAULT_STRENGTH = "clear"  # shown anew with every item
 BUTTONS = (("a", "A is better  [1]", "vote-a"), ("b", "B is better  [2]", "vote-b"), ("tie", "Tie  [3]", "vote-tie"),
@@ -473,4 +473,4 @@ def serve(store: Store, config: PreferencesStageConfig, host: str = "127.0.0.1",
                auth_message="Sign in with the account your admin made for you.", ssl_keyfile=ssl_keyfile,
                ssl_certfile=ssl_certfile, quiet=True, footer_links=[],
                max_threads=config.concurrency,
-               app_kwargs={"middleware": [Middleware(ClientAddress)]})
+               app_kwargs={"middleware": [Middleware(SameOrigin), Middleware(ClientAddress)]})

@@ -25,8 +25,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import urlsplit
 
 from fastapi import HTTPException
+from starlette.datastructures import Headers
+from starlette.responses import PlainTextResponse
+from starlette.websockets import WebSocketClose
 
 MAX_WAIT = 30.0  # seconds an attempt may be held before it starts; beyond that it is refused
 # A refused attempt is answered when the name or address would take one again, but after 1 to 10 seconds: a
@@ -52,6 +56,42 @@ class ClientAddress:
             await self.app(scope, receive, send)
         finally:
             client_address.reset(token)
+
+
+class SameOrigin:
+    """ASGI middleware refusing (403) a request sent by another site's page. Served on any name but localhost,
+    Gradio lets every origin read its answers with the session cookie (SameSite=None): a page a signed-in admin
+    visited could read their session token and act as them. A browser names the page's origin on such requests;
+    it must be this app's own: the Host the request came to, or behind a proxy its X-Forwarded-Host."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and not own_origin(origin, headers):
+                if scope["type"] == "websocket":
+                    return await WebSocketClose(code=1008)(scope, receive, send)
+                return await PlainTextResponse("Refused: a request from another site's page.",
+                                               status_code=403)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def own_origin(origin: str, headers: Headers) -> bool:
+    """Whether the page's `origin` is the host the request was sent to (default ports left out on both sides)."""
+    page = urlsplit(origin)
+    default = {"http": 80, "https": 443}.get(page.scheme)
+
+    def place(netloc: str) -> tuple[str, int | None]:
+        parsed = urlsplit(f"//{netloc.strip().lower()}")
+        return parsed.hostname or "", parsed.port if parsed.port != default else None
+
+    if page.hostname is None:  # "null": a sandboxed frame or a file
+        return False
+    hosts = [headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0]]
+    return place(page.netloc) in [place(host) for host in hosts if host]
 
 
 @dataclass

@@ -251,3 +251,27 @@ def test_a_scratch_postgres_that_cannot_start_says_why_and_leaves_no_folder(monk
     finally:
         taken.close()
     assert made and not made[0].exists()
+
+
+def test_a_request_from_another_sites_page_is_refused_and_the_apps_own_are_served(server):
+    """Served on a name other than localhost, Gradio would let any site's page read its answers with a signed-in
+    labeller's cookie (their session token among them): a request naming another origin is refused."""
+    import httpx
+
+    port = server["url"].rstrip("/").rsplit(":", 1)[1]
+    page = server["url"]  # the sign-in page
+    for origin, host, status in (("https://evil.example", "labels.example.org", 403),
+                                 ("null", f"127.0.0.1:{port}", 403),
+                                 (f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", 200),
+                                 ("https://labels.example.org", "labels.example.org:443", 200),
+                                 (None, "labels.example.org", 200)):
+        headers = {"host": host, **({"origin": origin} if origin else {})}
+        answer = httpx.get(page, headers=headers, timeout=30)
+        assert answer.status_code == status, (origin, host, answer.status_code)
+        assert answer.text.startswith("Refused: a request from another site's page.") == (status == 403)
+    behind_proxy = {"host": f"127.0.0.1:{port}", "x-forwarded-host": "labels.example.org",
+                    "origin": "https://labels.example.org"}
+    assert httpx.get(page, headers=behind_proxy, timeout=30).status_code == 200
+    token = httpx.get(f"{server['url']}gradio_api/token", timeout=30,
+                      headers={"host": "labels.example.org", "origin": "https://evil.example"})
+    assert token.status_code == 403 and "token" not in token.text
