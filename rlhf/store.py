@@ -405,13 +405,35 @@ class Store:
         digest = hmac.new(self.label_key, str(comparison_id).encode(), hashlib.sha256).digest()
         return base64.b32encode(digest[:5]).decode()
 
+    @contextlib.contextmanager
+    def upgrading(self, version: str):
+        """A connection in the transaction that upgrades the store from `version`, or None when it is not at that
+        version. On SQLite the transaction is begun explicitly, with the write lock (BEGIN IMMEDIATE): Python's
+        driver runs DROP and CREATE outside any transaction, so an upgrade cut short lost the votes table's rows
+        and the next open finished it on the empty table; a second process opening the store at the same moment
+        waits, then finds it upgraded."""
+        if self.schema_version() != version:  # read first: opening an upgraded store takes no lock
+            yield None
+            return
+        with self.write_lock, self.engine.begin() as connection:
+            if connection.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            yield connection if self.schema_version(connection) == version else None
+
+    def schema_version(self, connection=None) -> str | None:
+        if connection is None:
+            with self.engine.connect() as connection:
+                return self.schema_version(connection)
+        if not inspect(connection).has_table("meta"):
+            return None
+        return connection.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+
     def upgrade_from_version_1(self) -> None:
         """Version 1 had an assignments table that nothing wrote to; version 2 gives it slots and states."""
-        with self.engine.begin() as connection:
-            if not inspect(connection).has_table("meta"):
-                return
-            version = connection.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
-            if version == "1" and connection.execute(select(func.count()).select_from(Assignment)).scalar() == 0:
+        with self.upgrading("1") as connection:
+            unused = connection is not None and not connection.execute(select(func.count()).select_from(Assignment)
+                                                                       ).scalar()
+            if unused:
                 Assignment.__table__.drop(connection)
                 Assignment.__table__.create(connection)
                 connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="2"))
@@ -421,10 +443,8 @@ class Store:
         one picked into ties and both-bad votes too; version 3 stores none for them. The votes table is rebuilt
         with the new rule (a table constraint cannot be altered in SQLite): every vote kept, the strengths of tie
         and both_bad votes cleared. The strengths of a and b votes are kept as stored."""
-        with self.engine.begin() as connection:
-            if not inspect(connection).has_table("meta"):
-                return
-            if connection.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar() != "2":
+        with self.upgrading("2") as connection:
+            if connection is None:
                 return
             votes = [dict(row) for row in connection.execute(select(Vote.__table__)).mappings()]
             for vote in votes:
@@ -441,10 +461,8 @@ class Store:
     def upgrade_from_version_3(self) -> None:
         """Version 4 adds ranking items and written answers: three new tables (made by `create_all`), nothing in
         the old ones changes."""
-        with self.engine.begin() as connection:
-            if not inspect(connection).has_table("meta"):
-                return
-            if connection.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar() == "3":
+        with self.upgrading("3") as connection:
+            if connection is not None:
                 connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="4"))
 
     # users
