@@ -187,9 +187,11 @@ class SignInGuard:
                          "attempts")
 
     def prune(self) -> None:
+        """Beyond MAX_RECORDS, drops the counts that no longer count: failures forgiven (or none), not locked,
+        nothing waiting. (Dropping every idle one let a flood of made-up names reset an account's failures.)"""
         if len(self.records) <= MAX_RECORDS:
             return
         now = self.clock()
         for key in [key for key, record in self.records.items() if not record.waiting and
-                    record.locked_until <= now and now - record.last_failure > MAX_WAIT]:
+                    record.locked_until <= now and now - record.last_failure > self.lockout_seconds]:
             del self.records[key]

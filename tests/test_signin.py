@@ -185,3 +185,26 @@ def test_over_http_an_unknown_name_costs_what_a_wrong_password_does(served):
     known_ms, unknown_ms = 1000 * statistics.median(known), 1000 * statistics.median(unknown)
     # a name that does not exist was answered ~14 times faster before (2 ms vs 28 ms): now the same KDF work
     assert 0.6 <= unknown_ms / known_ms <= 1.6, (known_ms, unknown_ms)
+
+
+def test_a_flood_of_made_up_names_does_not_reset_an_accounts_failures(monkeypatch):
+    """Past MAX_RECORDS the guard drops counts, but only those already forgiven: an account at 9 failures of 10
+    stays there however many names an attacker makes up meanwhile."""
+    import preference_ui.signin as signin
+
+    monkeypatch.setattr(signin, "MAX_RECORDS", 20)
+    monkeypatch.setattr(signin, "REFUSAL_PAUSE", (0.0, 0.0))
+    now = [1000.0]
+    guard = SignInGuard(Checks(), free=20, delay=0.01, lockout=10, lockout_seconds=900, clock=lambda: now[0])
+    for n in range(9):
+        assert attempt(guard, "admin", "wrong", f"10.0.1.{n}") is False
+    now[0] += 60  # idle for longer than any wait
+    outcomes = [attempt(guard, f"made-up-{n}", "wrong", "10.0.9.9") for n in range(60)]
+    assert outcomes.count(False) == 10 and outcomes.count("429") == 50  # the flooding address locked
+    assert attempt(guard, "admin", "wrong", "10.0.2.1") is False  # the tenth failure
+    assert attempt(guard, "admin", "right", "10.0.2.2") == "429"
+    now[0] += 901  # forgiven after a lockout period without failures, and then dropped when records pile up
+    assert attempt(guard, "admin", "right", "10.0.2.3") is True
+    for n in range(30):
+        attempt(guard, f"later-{n}", "wrong", f"10.0.3.{n}")
+    assert "account 'made-up-0'" not in guard.records and len(guard.records) <= 2 * 30 + 2
