@@ -72,8 +72,8 @@ def choose(precision: str = "auto", device: str | None = None, flags: set[str] |
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         return Hardware(device, dtype, f"precision={precision} set in config")
     if device == "cuda":
-        if cuda_bf16 is None:
-            cuda_bf16 = torch.cuda.is_bf16_supported()
+        if cuda_bf16 is None:  # natively (Ampere on): a V100 or T4 can make bf16 tensors, and emulates their maths
+            cuda_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         if cuda_bf16:
             return Hardware(device, torch.bfloat16, "CUDA GPU with bf16 support")
         return Hardware(device, torch.float32, "CUDA GPU without bf16 support")
@@ -136,6 +136,11 @@ def configure_training_args(args) -> None:
     args.hardware = choose(args.precision)
     if args.bf16 is None and not args.fp16:
         args.bf16, args.fp16 = args.hardware.bf16, args.hardware.fp16
+    elif (bool(args.bf16), bool(args.fp16)) != (args.hardware.bf16, args.hardware.fp16):
+        # bf16/fp16 given: the dtype the stage loads, samples and scores in (and logs) is theirs as well
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        args.hardware = Hardware(args.hardware.device, dtype, f"bf16={bool(args.bf16)}, fp16={bool(args.fp16)} set in "
+                                                              "config")
     args.gradient_checkpointing_auto = args.gradient_checkpointing is None and args.activation_checkpointing is None
     if args.hardware.device == "cpu":
         args.use_cpu = True  # transformers refuses bf16 on a CPU unless told it is one

@@ -143,6 +143,8 @@ def test_coerce_follows_the_annotation():
 
 
 def test_precision_follows_the_hardware_unless_forced(monkeypatch):
+    import torch
+
     from rlhf import hardware
 
     monkeypatch.setattr(hardware, "detect_device", lambda: "cpu")
@@ -152,6 +154,9 @@ def test_precision_follows_the_hardware_unless_forced(monkeypatch):
     assert SFTStageConfig(output_dir="/tmp/x").bf16 is True
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
     assert SFTStageConfig(output_dir="/tmp/x", precision="bf16").bf16 is True
+    for flags, dtype in (({"bf16": False}, torch.float32), ({"bf16": True}, torch.bfloat16)):  # given outright
+        config = SFTStageConfig(output_dir="/tmp/x", precision="bf16" if dtype == torch.float32 else "auto", **flags)
+        assert config.hardware.dtype == dtype and "set in config" in config.hardware.reason, flags
     config = SFTStageConfig(output_dir="/tmp/x")
     assert config.gradient_checkpointing_auto and not config.gradient_checkpointing
     assert (config.packing, config.train_sampling_strategy) == (False, "length_grouped")
