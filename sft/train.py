@@ -19,7 +19,7 @@ from rlhf import hardware, models, tracking
 from rlhf.batching import LengthGroupedTraining
 from rlhf.config import RunConfig
 from rlhf.datasets import cut_long_texts, load_rows, split_train_eval
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, DataError
 from rlhf.generation import generate_responses
 from rlhf.runs import atomic_write_json
 from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, checkpoint_step, run_stage, started_everywhere
@@ -43,9 +43,30 @@ def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple:
     rows = cut_long_texts(rows, config.max_length, config.train_data, STAGE)
     train_rows, eval_rows = split_train_eval(rows, config.eval_fraction, config.seed)
     tokenizer = models.load_tokenizer(found["model"])
-    train_data = tokenize_rows(train_rows, tokenizer, config.assistant_only_loss)
-    eval_data = tokenize_rows(eval_rows, tokenizer, config.assistant_only_loss) if eval_rows else None
+    train_data = fit_to_max_length(tokenize_rows(train_rows, tokenizer, config.assistant_only_loss),
+                                   config.max_length, "training", config.train_data)
+    eval_data = (fit_to_max_length(tokenize_rows(eval_rows, tokenizer, config.assistant_only_loss),
+                                   config.max_length, "held-out", config.train_data) if eval_rows else None)
     return train_data, eval_data, prompts
+
+
+def fit_to_max_length(data: datasets.Dataset, max_length: int | None, split: str, source) -> datasets.Dataset:
+    """An example longer than `max_length` tokens is trained on its first max_length (TRL cuts it so): said, as
+    its answer loses its end (and its end-of-turn token). One whose first max_length tokens hold no answer token
+    has nothing to learn from and is left out (TRL left it out unsaid)."""
+    if not max_length:
+        return data
+    long = [i for i, ids in enumerate(data["input_ids"]) if len(ids) > max_length]
+    if not long:
+        return data
+    empty = {i for i in long if not any(data[i]["assistant_masks"][:max_length])}
+    print(f"[{STAGE}] {len(long)} {split} example(s) of {source} are longer than max_length ({max_length} tokens): "
+          f"trained on their first {max_length}, their answers cut"
+          + (f"; {len(empty)} with no answer token among them left out" if empty else ""), flush=True)
+    if len(empty) == len(data):
+        raise DataError(source, None, "rows", f"no {split} example has an answer token within max_length "
+                                              f"({max_length} tokens)")
+    return data.select([i for i in range(len(data)) if i not in empty]) if empty else data
 
 
 def files(config: SFTStageConfig, run: RunConfig) -> tuple[list[dict], list[dict]]:

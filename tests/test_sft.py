@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
@@ -11,6 +12,7 @@ from trl import SFTTrainer
 
 from pipeline.cli import main as cli
 from rlhf.config import RunConfig, load_config
+from rlhf.errors import DataError
 from rlhf.generation import generate_responses
 from rlhf.models import load_tokenizer
 from sft.config import SFTStageConfig
@@ -205,3 +207,22 @@ def test_a_chat_template_that_cannot_mark_the_answers_stops_sft_before_it_writes
     assert cli(["sft", "--config", "configs/tiny.yaml", f"--run.output_root={root}", f"--sft.model={model}"]) == 2
     assert "the chat template does not render conversation prefixes" in capsys.readouterr().err
     assert not root.exists()  # no run folder, lock or manifest entry
+
+
+def test_examples_longer_than_max_length_are_said_and_one_without_an_answer_token_left_out(tiny_tokenizer, capsys):
+    from sft.train import fit_to_max_length
+
+    short = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    long_answer = {"messages": [{"role": "user", "content": "Hi?"},
+                                {"role": "assistant", "content": "word " * 200}]}
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200},
+                                {"role": "assistant", "content": "Hello."}]}
+    data = tokenize_rows([short, long_answer, long_prompt], tiny_tokenizer, True)
+    fitted = fit_to_max_length(data, 64, "training", "demos.jsonl")
+    assert fitted["input_ids"] == data["input_ids"][:2]  # the long prompt's example holds no answer token in 64
+    assert capsys.readouterr().out.strip() == (
+        "[sft] 2 training example(s) of demos.jsonl are longer than max_length (64 tokens): trained on their first "
+        "64, their answers cut; 1 with no answer token among them left out")
+    assert fit_to_max_length(data, 4096, "training", "demos.jsonl") is data
+    with pytest.raises(DataError, match="no held-out example has an answer token within max_length"):
+        fit_to_max_length(tokenize_rows([long_prompt], tiny_tokenizer, True), 64, "held-out", "demos.jsonl")
