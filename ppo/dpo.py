@@ -319,6 +319,12 @@ def files(config: DPOStageConfig, run: RunConfig) -> list[dict]:
     return load_rows(config.prompts, "prompt")[:config.num_prompts or None] if config.pairs != "labels" else []
 
 
+def held_out_by_prompt(pairs: list[dict], config: DPOStageConfig) -> tuple[list[dict], list[dict]]:
+    """(train pairs, held-out pairs), split by prompt whatever the batching: a prompt's pairs on both sides (votes
+    on the same answers among them) would overstate the held-out reward accuracy."""
+    return split_train_eval(pairs, config.eval_fraction, config.seed, group=lambda pair: json.dumps(pair["prompt"]))
+
+
 def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict], tracker, record) -> Outcome:
     """`source`: the labelled pairs, or with on-policy pairs the prompts they are sampled on."""
     partial = run.directory().partial_path(STAGE)
@@ -329,8 +335,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
     pairs = source if config.pairs == "labels" else sampled_pairs(config, found, partial, source)
     if config.prompt_batches:  # a prompt's pairs are held out together, and batched together
         pairs = [{**pair, "group": json.dumps(pair["prompt"])} for pair in pairs]
-    train_pairs, eval_pairs = split_train_eval(pairs, config.eval_fraction, config.seed,
-                                               group=(lambda pair: pair["group"]) if config.prompt_batches else None)
+    train_pairs, eval_pairs = held_out_by_prompt(pairs, config)
     columns = ["prompt", "chosen", "rejected", *PAIR_COLUMNS] + (["group"] if config.prompt_batches else [])
     train_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])
     eval_data = datasets.Dataset.from_list([{k: p[k] for k in columns} for p in eval_pairs]) if eval_pairs else None

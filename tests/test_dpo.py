@@ -306,3 +306,14 @@ def test_the_memory_estimate_counts_the_sequences_a_step_runs(tmp_path):
     by_pair = DPOStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=12, selection="best_worst")
     by_prompt = DPOStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=12)
     assert sequences_per_step(by_pair, pairs) == 24 and sequences_per_step(by_prompt, pairs) == 12
+
+
+def test_pairs_are_held_out_by_prompt_whatever_the_batching(tmp_path):
+    from ppo.dpo import held_out_by_prompt
+
+    pairs = [{"id": f"{p}-{i}", "prompt": [{"role": "user", "content": f"Question {p}?"}]}
+             for p in range(10) for i in range(3)]
+    config = DPOStageConfig(output_dir=str(tmp_path), group_by_prompt=False, eval_fraction=0.3, seed=1)
+    train, held_out = held_out_by_prompt(pairs, config)
+    prompts = [{json.dumps(pair["prompt"]) for pair in side} for side in (train, held_out)]
+    assert len(held_out) == 9 and not prompts[0] & prompts[1]
