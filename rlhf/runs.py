@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -231,6 +233,20 @@ def exchange_folders(first: Path, second: Path) -> bool:
     raise OSError(error, os.strerror(error), str(second))
 
 
+def remove_folder(folder: Path) -> None:
+    """Removes `folder` by renaming it aside first: a removal cut short leaves no half-deleted folder under its
+    name (a checkpoint whose weights are gone but whose trainer_state.json is not would pass for a complete one).
+    What an earlier removal cut short left aside goes too."""
+    folder = Path(folder)
+    for leftover in folder.parent.glob(f"{glob.escape(folder.name)}.removing-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if not folder.exists():
+        return
+    aside = folder.with_name(f"{folder.name}.removing-{uuid.uuid4().hex[:8]}")
+    os.rename(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 class StageRecord:
     """Times a stage and writes its manifest entry: `running` at start, then `done` or `failed`. A stage already
     done keeps its record (its published folder is still the stage's output) until a new attempt is done too:
@@ -266,8 +282,8 @@ class StageRecord:
                                                   "outputs": {k: str(v) for k, v in outputs.items()},
                                                   **(extra or {})})
         final = self.run.publish(self.stage, staged)
-        shutil.rmtree(partial, ignore_errors=True)
-        self.done(outputs, metrics, {"train_s": round(train_seconds, 2)})
+        self.done(outputs, metrics, {"train_s": round(train_seconds, 2)})  # before the working folder goes: a stop
+        remove_folder(partial)  # while it is removed leaves the stage done, not failed beside a complete folder
         return final
 
     def failed(self, error: BaseException) -> None:

@@ -5,7 +5,6 @@ then the lock, the manifest record, the tracker, the work, publishing, the artif
 pipeline/stages.py lists the stages in pipeline order for the CLI and `rlhf run`."""
 import contextlib
 import json
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from rlhf import models, tracking
 from rlhf.config import RunConfig, as_plain_dict, hashed_settings
 from rlhf.errors import ConfigError, MissingInputError, ModelError
 from rlhf.preference_pairs import publish_pending_exports
-from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, stage_lock
+from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, remove_folder, stage_lock
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ def start_partial(stage: str, partial: Path, resume: bool, record: StageRecord |
     if checkpoint and record is not None and partial_work_key(partial) not in (None, record.work_key):
         print(f"[{stage}] --{stage}.resume: {checkpoint} was made with other settings or inputs than this "
               f"attempt's; continuing from it as asked (without --{stage}.resume the stage starts afresh)")
-    shutil.rmtree(partial / "final" if checkpoint else partial, ignore_errors=True)
+    remove_folder(partial / "final" if checkpoint else partial)
     partial.mkdir(parents=True, exist_ok=True)
     if record is not None and not checkpoint:
         (partial / WORK_KEY).write_text(record.work_key)

@@ -303,3 +303,34 @@ def test_rlhf_runs_decision_pass_reads_a_label_store_quietly_and_writes_nothing(
     inputs = current_inputs(BY_NAME["reward"], config, run)
     assert Path(inputs["preferences"]).parent == run.directory().path / "exports"
     assert not Path(inputs["preferences"]).exists() and capsys.readouterr().out == ""
+
+
+def test_a_stop_while_the_working_folder_is_removed_leaves_the_stage_done_and_no_half_removed_checkpoint(
+        tmp_path, monkeypatch):
+    """Publishing ends by removing the stage's working folder (gigabytes of checkpoints: seconds): a Ctrl-C then
+    recorded the stage failed beside its complete folder (a rerun trained it again), and a checkpoint whose weights
+    were gone but whose trainer_state.json was not passed for a complete one to resume from."""
+    import shutil
+
+    import rlhf.runs as runs
+
+    run = RunDir(tmp_path, "r")
+    record = StageRecord(run, "sft", {"lr": 1}, {})
+    partial, real_rmtree = run.partial_path("sft"), shutil.rmtree
+    (partial / "checkpoint-3").mkdir(parents=True)
+    (partial / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (partial / "final").mkdir()
+    (partial / "final" / "config.json").write_text("{}")
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        record.publish(partial / "final", partial, {"loss": 0.5}, 1.0)
+    assert run.stage_entry("sft")["status"] == "done" and (run.stage_path("sft") / "config.json").exists()
+    assert not partial.exists()  # set aside whole before its removal began
+    [aside] = [p for p in tmp_path.joinpath("r").iterdir() if p.name.startswith(".sft.partial.removing-")]
+    monkeypatch.setattr(runs.shutil, "rmtree", real_rmtree)
+    runs.remove_folder(partial)  # the next removal takes what the stopped one left aside
+    assert not aside.exists()
