@@ -11,6 +11,7 @@ Values are converted to the field's type, so `--sft.learning_rate 2e-5` and YAML
 both become floats. An unknown key is an error that names the close matches and lists the valid keys.
 Relative paths in a config are relative to the directory the command runs in.
 """
+import collections.abc
 import dataclasses
 import difflib
 import enum
@@ -105,6 +106,25 @@ class ConfigLoader(yaml.SafeLoader):
     (an integer setting still reads "0612" as 612)."""
 
 
+def unique_keys(loader: ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are each given once: YAML keeps the last of two `sft:` sections, or of two `lr:` keys,
+    and the first one's settings vanished unsaid."""
+    seen = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, merged as YAML does
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, collections.abc.Hashable):
+            continue  # refused as YAML does, below
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
 ConfigLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -117,9 +137,11 @@ def read_yaml(path, valid_sections=None) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        document = yaml.load(path.read_text(), ConfigLoader) or {}
+        document = yaml.load(path.read_text(encoding="utf-8"), ConfigLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at byte {err.start})") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got a {type(document).__name__}")
     for name, values in document.items():
@@ -195,7 +217,7 @@ def build_section(where: dict[str, str], section: str, values: dict, cls):
             raise ConfigError(f"{where[key]}: {section}.{key}: {err}") from None
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OSError) as err:  # OSError: a file a setting names (accelerator_config)
         files = sorted(set(where.values()) - {"command line"})
         overridden = "command line" in where.values()
         source = (files[0] + (" with command-line overrides" if overridden else "")) if files else \
@@ -238,8 +260,17 @@ def coerce(value, annotation):
                 value = yaml_value(value)
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {type(value).__name__}")
-        return value
+        return {key: exponent_number(item) for key, item in value.items()}
     return value
+
+
+EXPONENT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def exponent_number(value):
+    """A mapping's value as TRL reads it: YAML 1.1 takes 1e-6 (no dot) for text, and `lr_scheduler_kwargs:
+    {min_lr: 1e-6}` crashed the scheduler mid-stage; a typed field reads such text as a number already."""
+    return float(value) if isinstance(value, str) and EXPONENT.fullmatch(value.strip()) else value
 
 
 def coerce_union(value, args):

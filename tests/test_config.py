@@ -87,6 +87,9 @@ def test_bad_values_name_the_field(tmp_path):
     assert coerce("false", str | bool) is False and coerce("no", str | bool) == "no"  # was the text "false"
     assert coerce("{min_lr: 0.001}", dict | str) == {"min_lr": 0.001}  # YAML's flow mapping, as lists are read
     assert coerce('{"min_lr": 1e-6}', dict | str) == {"min_lr": 1e-6}  # JSON first: YAML reads 1e-6 as text
+    assert coerce("{min_lr: 1e-6, name: 1e-6x}", dict | str) == {"min_lr": 1e-6, "name": "1e-6x"}  # and in YAML
+    in_file = write(tmp_path, "sft:\n  lr_scheduler_kwargs: {min_lr: 1e-6}\n")
+    assert load_config(in_file, [], {"sft": SFTStageConfig})["sft"].lr_scheduler_kwargs == {"min_lr": 1e-6}
     from pipeline.stages import SECTIONS as EVERY_SECTION
 
     for stage in ("sft", "reward", "dpo"):  # -1 cut every message to nothing
@@ -231,3 +234,17 @@ def test_a_label_store_password_is_neither_recorded_nor_hashed_nor_printed():
     assert shown("--preferences.db=postgresql://lab:first-secret@db/labels") == \
         "--preferences.db=postgresql://lab:***@db/labels"
     assert shown("--preferences.db=sqlite:////tmp/labels.db") == "--preferences.db=sqlite:////tmp/labels.db"
+
+
+def test_a_key_or_section_given_twice_a_config_not_in_utf8_and_a_missing_named_file_are_config_errors(tmp_path):
+    twice = write(tmp_path, "sft:\n  learning_rate: 1.0e-3\n  learning_rate: 2.0e-3\n")  # YAML kept the last
+    assert error(twice).startswith(f"{twice}: not valid YAML: 'learning_rate' is given twice (lines 2 and 3)")
+    sections = write(tmp_path, "sft:\n  max_steps: 2\nrun:\n  name: a\nsft:\n  learning_rate: 1.0e-3\n")
+    assert error(sections).startswith(f"{sections}: not valid YAML: 'sft' is given twice (lines 1 and 5)")
+    merged = write(tmp_path, "run: &shared\n  name: a\nsft:\n  max_steps: 2\n")  # anchors still work
+    assert load_config(merged, [], SECTIONS)["run"].name == "a"
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run:\n  name: café\n".encode("latin-1"))
+    assert error(latin) == f"{latin}: not UTF-8 text (byte 0xe9 at byte 16)"
+    missing = tmp_path / "accelerate.json"
+    assert error(None, [f"--sft.accelerator_config={missing}"]).startswith("command line: sft: ")
