@@ -203,6 +203,11 @@ def field_types(cls) -> dict[str, object]:
     return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
 
 
+# TRL settings every training stage sets for itself: given in a stage's section, they were ignored
+SET_BY_THE_PIPELINE = {"output_dir": "run.output_root (checkpoints go to runs/<name>/.<stage>.partial/)",
+                       "report_to": "run.tracking"}
+
+
 def build_section(where: dict[str, str], section: str, values: dict, cls):
     """`where` names, for each key, the file or "command line" it came from, for the error message."""
     types_by_name = field_types(cls)
@@ -211,6 +216,9 @@ def build_section(where: dict[str, str], section: str, values: dict, cls):
         if key not in types_by_name:
             raise ConfigError(f"{where[key]}: {section}.{key}: unknown key{suggest(key, types_by_name)}; "
                               f"valid keys for '{section}': {', '.join(sorted(types_by_name))}")
+        if key in SET_BY_THE_PIPELINE and section != "run":
+            raise ConfigError(f"{where[key]}: {section}.{key}: set by the pipeline itself (it would be ignored); "
+                              f"use {SET_BY_THE_PIPELINE[key]}")
         try:
             kwargs[key] = coerce(value, types_by_name[key])
         except (TypeError, ValueError) as err:

@@ -248,3 +248,11 @@ def test_a_key_or_section_given_twice_a_config_not_in_utf8_and_a_missing_named_f
     assert error(latin) == f"{latin}: not UTF-8 text (byte 0xe9 at byte 16)"
     missing = tmp_path / "accelerate.json"
     assert error(None, [f"--sft.accelerator_config={missing}"]).startswith("command line: sft: ")
+
+
+def test_settings_the_pipeline_sets_itself_are_refused_not_ignored(tmp_path):
+    given = write(tmp_path, "sft:\n  output_dir: /big/disk\n")
+    assert error(given) == (f"{given}: sft.output_dir: set by the pipeline itself (it would be ignored); use "
+                            "run.output_root (checkpoints go to runs/<name>/.<stage>.partial/)")
+    assert error(None, ["--sft.report_to=wandb"]) == ("command line: sft.report_to: set by the pipeline itself (it "
+                                                      "would be ignored); use run.tracking")
