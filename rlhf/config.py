@@ -138,6 +138,9 @@ def read_yaml(path, valid_sections=None) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         document = yaml.load(path.read_text(encoding="utf-8"), ConfigLoader) or {}
+    except yaml.MarkedYAMLError as err:  # one line: where, and what
+        where = f"{path}:{err.problem_mark.line + 1}" if err.problem_mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: " + "; ".join(filter(None, (err.context, err.problem)))) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
