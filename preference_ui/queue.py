@@ -21,9 +21,9 @@ from sqlalchemy import and_, bindparam, exists, func, insert, null, or_, select,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from rlhf.store import (Assignment, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking, Response, Store,
-                        StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote, check_written,
-                        utcnow, vote_strength)
+from rlhf.store import (Assignment, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking,
+                        Response, Store, StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote,
+                        check_written, utcnow, vote_strength)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
@@ -95,7 +95,12 @@ class Statements:
         self.assignment_status = select(Assignment.status).where(this_one)
         # open -> voted / skipped only while still open: of two tabs answering at once, one changes no row
         still_open = and_(this_one, Assignment.status == "open")
-        self.close_voted = update(Assignment).where(still_open).values(status="voted").returning(Assignment.swapped)
+        # a vote or ranking closes it only while the labeller's account is enabled: an account disabled while a
+        # simulated or AI labeller runs stops it at its next answer (the app also checks on every request)
+        enabled = exists().where(User.id == user_id, User.disabled.is_(False))
+        self.close_voted = (update(Assignment).where(still_open, enabled).values(status="voted")
+                            .returning(Assignment.swapped))
+        self.is_disabled = select(User.disabled).where(User.id == user_id)
         self.close_skipped = (update(Assignment).where(still_open).values(status="skipped", slot=None)
                               .returning(Assignment.swapped))
         self.new_assignment = insert(Assignment)
@@ -335,6 +340,8 @@ class LabelQueue:
         return None if row is None else row.swapped
 
     def refusal(self, user: User, comparison_id: int) -> StoreError:
+        if self.rows(self.sql.is_disabled, labeller=user.id)[0][0]:
+            return self.store.disabled(user.name)
         state = self.rows(self.sql.assignment_status, labeller=user.id, item=comparison_id)
         if not state:
             return ItemGone(f"comparison {comparison_id} is not assigned to {user.name}")

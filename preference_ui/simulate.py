@@ -13,14 +13,15 @@ uniformly random order.
 """
 import math
 import random
+import sys
 from dataclasses import dataclass
 
 from rlhf.errors import UserError
 from rlhf.judges import load_judge
 from rlhf.rankings import ranks_in_order
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
-from preference_ui.queue import LabelQueue, unswap
-from rlhf.store import Store
+from preference_ui.queue import Item, LabelQueue, unswap
+from rlhf.store import LabellerDisabled, Store, User
 from rlhf.verifiable import judge_scores, probe_judge, wants_references
 
 
@@ -115,15 +116,25 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
                 queue.skip(user, item.comparison_id)
                 counts["skipped"] += 1
                 continue
-            prompt = item.prompt[-1]["content"]
-            if item.answers:
-                queue.rank(user, item.comparison_id,
-                           decide_ranking(judge_scores(judge, [prompt] * len(item.answers), item.answers), model, rng))
-                counts["ranked"] = counts.get("ranked", 0) + 1
-                continue
-            left, right = judge_scores(judge, [prompt] * 2, [item.left, item.right])
-            # decided in the comparison's own a/b order: the side the queue happened to show A on changes nothing
-            choice, strength = decide(*((right, left) if item.swapped else (left, right)), model, rng)
-            queue.vote(user, item.comparison_id, unswap(choice, item.swapped), strength)  # (its own inverse)
-            counts[choice] += 1
+            try:
+                choice = answer(queue, user, item, judge, model, rng)
+                counts[choice] = counts.get(choice, 0) + 1
+            except LabellerDisabled as err:  # an admin disabled it while it ran: the others go on
+                queue.skip(user, item.comparison_id)
+                waiting.remove((i, user))
+                print(f"{err}; it stopped, the other simulated labellers go on", file=sys.stderr)
     return counts
+
+
+def answer(queue: LabelQueue, user: User, item: Item, judge, model: LabellerModel, rng: random.Random) -> str:
+    """Votes on or ranks the item as the judge and the labeller model decide; returns the choice stored."""
+    prompt = item.prompt[-1]["content"]
+    if item.answers:
+        queue.rank(user, item.comparison_id,
+                   decide_ranking(judge_scores(judge, [prompt] * len(item.answers), item.answers), model, rng))
+        return "ranked"
+    left, right = judge_scores(judge, [prompt] * 2, [item.left, item.right])
+    # decided in the comparison's own a/b order: the side the queue happened to show A on changes nothing
+    choice, strength = decide(*((right, left) if item.swapped else (left, right)), model, rng)
+    queue.vote(user, item.comparison_id, unswap(choice, item.swapped), strength)  # (its own inverse)
+    return choice

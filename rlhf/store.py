@@ -71,6 +71,11 @@ class DuplicateVote(StoreError):
     """The labeller has already voted on this comparison."""
 
 
+class LabellerDisabled(StoreError):
+    """The labeller's account was disabled: it votes, ranks and writes no more (checked in the write's own
+    transaction, so an account disabled while a simulated or AI labeller runs stops it at its next vote)."""
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -591,6 +596,7 @@ class Store:
         check_note(note)
         try:
             with self.transaction() as session:
+                self.check_enabled(session, user)
                 ranking = Ranking(comparison_id=comparison_id, user_id=user.id, ranks=list(ranks), note=note or None,
                                   seconds=seconds)
                 session.add(ranking)
@@ -607,6 +613,7 @@ class Store:
             raise StoreError("the written answer is empty")
         try:
             with self.transaction() as session:
+                self.check_enabled(session, user)
                 written = WrittenAnswer(comparison_id=comparison_id, user_id=user.id, text=text)
                 session.add(written)
             return written
@@ -639,6 +646,7 @@ class Store:
             raise StoreError(f"comparison {comparison_id} is a ranking item: it takes a ranking, not a vote")
         try:
             with self.transaction() as session:
+                self.check_enabled(session, user)
                 vote = Vote(comparison_id=comparison_id, user_id=user.id, choice=choice, strength=strength,
                             note=note or None, seconds=seconds, swapped=swapped)
                 session.add(vote)
@@ -647,6 +655,14 @@ class Store:
             if self.has_voted(comparison_id, user):
                 raise DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}") from None
             raise StoreError(f"vote refused by the database: {err.orig}") from None
+
+    def check_enabled(self, session: Session, user: User) -> None:
+        if session.scalar(select(User.disabled).where(User.id == user.id)):
+            raise self.disabled(user.name)
+
+    def disabled(self, name: str) -> LabellerDisabled:
+        return LabellerDisabled(f"labeller '{name}' is disabled in {shown_url(self.url)}: `rlhf label users enable "
+                                f"{name}` lets it vote again")
 
     def has_voted(self, comparison_id: int, user: User) -> bool:
         with self.sessions() as session:
@@ -723,8 +739,7 @@ class Store:
         """A simulated or AI labeller's account, made on first use; one an admin has disabled votes no more."""
         user = self.user(name)
         if user is not None and user.disabled:
-            raise StoreError(f"labeller '{name}' is disabled in {shown_url(self.url)}: `rlhf label users enable "
-                             f"{name}` lets it vote again")
+            raise self.disabled(name)
         return user or self.add_user(name, "labeller", secrets.token_hex(16))
 
     def session(self) -> Session:

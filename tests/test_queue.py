@@ -8,7 +8,7 @@ from sqlalchemy import select, update
 from preference_ui.gold import import_gold
 from preference_ui.queue import ItemGone, LabelQueue, unswap
 from rlhf.errors import DataError, UserError
-from rlhf.store import Assignment, DuplicateVote, Store, StoreError, utcnow
+from rlhf.store import Assignment, DuplicateVote, LabellerDisabled, Store, StoreError, utcnow
 from tests.conftest import database_numbers
 
 
@@ -68,6 +68,25 @@ def test_a_reload_shows_the_same_item_and_a_second_tab_cannot_vote_again(store_u
     assert [(v.comparison_id, v.strength, v.note, v.seconds) for v in store.votes()] == \
         [(first.comparison_id, "slight", "close call", 3.5)]
     assert queue.next_item(ann).comparison_id != first.comparison_id
+
+
+def test_an_account_disabled_while_it_holds_an_item_votes_and_ranks_no_more(store_url):
+    """As an admin disabling a simulated or AI labeller mid-run from another process: its next answer is refused
+    and nothing is stored; enabled again, the same open item takes its vote."""
+    store = Store(store_url)
+    add_comparisons(store, 2)
+    ann = labellers(store, 1)[0]
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0, seed=0)
+    item = queue.next_item(ann)
+    store.set_disabled(ann.name, True)
+    with pytest.raises(LabellerDisabled, match="labeller 'labeller0' is disabled.*users enable labeller0"):
+        queue.vote(ann, item.comparison_id, "a")
+    with pytest.raises(LabellerDisabled):
+        store.cast_vote(item.comparison_id, ann, "a")
+    assert store.votes() == [] and [a.status for a in assignments(store)] == ["open"]
+    store.set_disabled(ann.name, False)
+    queue.vote(ann, item.comparison_id, "a")
+    assert [vote.comparison_id for vote in store.votes()] == [item.comparison_id]
 
 
 def test_the_side_swap_is_undone_before_the_vote_is_stored(store_url):

@@ -111,6 +111,28 @@ def test_simulated_labellers_take_their_items_from_the_queue_with_overlap_gold_a
     assert gold and all(vote.choice == "a" for vote in gold)
 
 
+def test_a_simulated_labeller_disabled_while_it_runs_stops_and_the_others_take_its_items(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import preference_ui.simulate as simulate_module
+    store = store_with_pairs(tmp_path, 12)
+    scored, judge_scores = [], simulate_module.judge_scores
+
+    def disabling_after_four(judge, prompts, answers):  # an admin disables labeller 1 after four judgements
+        scored.append(1)
+        if len(scored) == 4:
+            store.set_disabled("sim/readability/1", True)
+        return judge_scores(judge, prompts, answers)
+
+    monkeypatch.setattr(simulate_module, "judge_scores", disabling_after_four)
+    counts = simulate(store, "builtin:readability", 3, LabellerModel(temperature=0), batch="b1", overlap=2)
+    stopped = store.user("sim/readability/1").id
+    votes = store.votes()
+    assert sum(vote.user_id == stopped for vote in votes) <= 2 and counts["a"] + counts["b"] == len(votes)
+    for comparison in store.comparisons("b1"):  # its open item was given up: the other two voted on everything
+        assert sum(vote.comparison_id == comparison["id"] for vote in votes) == 2
+    assert "labeller 'sim/readability/1' is disabled" in capsys.readouterr().err
+
+
 def test_a_simulated_vote_does_not_depend_on_the_side_the_queue_showed_each_answer_on(tmp_path):
     """The same labellers on the same comparisons, the queue's draws changed by gold items mixed into one of them
     (so other items are shown swapped): every vote on the shared comparisons is the same."""
