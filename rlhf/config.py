@@ -329,10 +329,20 @@ def yaml_value(text: str):
 
 def coerce_list(value, args):
     if isinstance(value, str):
-        value = yaml_value(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
+        value = yaml_value(value) if value.strip().startswith("[") else comma_list(value)
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"expected a list, got {type(value).__name__}")
     return [coerce(item, args[0]) if args else item for item in value]
+
+
+def comma_list(text: str) -> list[str]:
+    """`a,b` as [a, b]; an empty text as no items (not one empty item); an empty item between commas refused."""
+    if not text.strip():
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise ValueError(f"an empty item in the comma-separated list {text!r}")
+    return items
 
 
 def as_plain_dict(config) -> dict:

@@ -142,6 +142,9 @@ def test_coerce_follows_the_annotation():
     assert coerce("3", int | None) == 3 and coerce("none", int | None) is None
     assert coerce("1e-3", float) == 0.001 and coerce(2, float) == 2.0
     assert coerce("a,b", list[str]) == ["a", "b"] and coerce("[1, 2]", list[int]) == [1, 2]
+    assert coerce("", list[str]) == [] and coerce(" ", list[str]) == []  # no items, not one empty item
+    with pytest.raises(ValueError, match="an empty item in the comma-separated list 'a,,b'"):
+        coerce("a,,b", list[str])
     assert coerce('{"k": 1}', dict | str | None) == {"k": 1}
     with pytest.raises(ValueError):
         coerce(1.5, int)
