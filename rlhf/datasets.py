@@ -75,12 +75,15 @@ def check_duplicate_id(source, line, row, rows, first, id_given: bool):
     repeating an earlier row's texts with something else different (a prompt's reference answer) contradicts it."""
     first_line, index = first
     earlier = rows[index]
-    if content_key(earlier) == content_key(row):
+    if content_key(earlier) == content_key(row) and earlier.get("category") == row.get("category"):
         return
-    if id_given:
+    if id_given and content_key(earlier) != content_key(row):
         raise DataError(source, line, "id", f"duplicate id '{row['id']}' with different content (first at "
                                             f"{first_line})")
-    differing = sorted(key for key in {*row, *earlier} - {"id", "category"} if row.get(key) != earlier.get(key))
+    if id_given:  # the same text filed under two categories: which one holds is not for us to pick
+        raise DataError(source, line, "category", f"duplicate id '{row['id']}' with another category "
+                                                  f"('{row['category']}', '{earlier['category']}' at {first_line})")
+    differing = sorted(key for key in {*row, *earlier} - {"id"} if row.get(key) != earlier.get(key))
     raise DataError(source, line, differing[0], f"the same text as the row at {first_line}, with another "
                                                 f"{', '.join(differing)}: give each row an id, or keep one of them")
 

@@ -282,6 +282,14 @@ def test_duplicates_are_removed_and_conflicting_ids_refused(tmp_path):
     path = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "messages": CHAT}, {"id": "a", "messages": other}])
     assert problem(path) == f"{path}:2: id: duplicate id 'a' with different content (first at 1)"
     assert len(deduplicate([{"id": "x", "messages": CHAT}, {"id": "y", "messages": CHAT}])) == 1
+    # the same row filed under two categories: refused, not one category silently kept
+    path = write_jsonl(tmp_path / "f.jsonl", [{"id": "a", "category": "code", "messages": CHAT},
+                                              {"id": "a", "category": "maths", "messages": CHAT}])
+    assert problem(path) == f"{path}:2: category: duplicate id 'a' with another category ('maths', 'code' at 1)"
+    path = write_jsonl(tmp_path / "g.jsonl", [{"category": "code", "messages": CHAT},
+                                              {"category": "maths", "messages": CHAT}])
+    assert problem(path) == (f"{path}:2: category: the same text as the row at 1, with another category: give each "
+                             "row an id, or keep one of them")
 
 
 def test_one_preference_row_per_vote_keeps_each_labellers_vote_and_csv_numbers_are_numbers(tmp_path):
