@@ -327,9 +327,13 @@ def run_label_with_config(args, rest) -> int:
     if args.config:
         config.db = run_store_url(run.output_root, run.name, config.db or None)
     if args.label_command == "sample":
+        from preference_ui.collect import batch_keys, inputs
         from preference_ui.sample import main as sample
+        from rlhf.runs import input_hashes
 
-        sample(config, run)
+        # the key `rlhf run` checks when it finds this batch (made for people: no machine labellers' key)
+        drawn_from = batch_keys(config, run, input_hashes(inputs(config, run)))["drawn_from"]
+        sample(config, run, keys={"drawn_from": drawn_from})
         return 0
     from preference_ui.app import check_host, serve
 

@@ -125,8 +125,12 @@ def round_prompts(rows: list[dict], config: PreferencesStageConfig, round: int, 
 
 
 SAMPLING_SETTINGS = ("num_prompts", "round_prompts", "responses_per_prompt", "max_new_tokens", "temperature",
-                     "round_budget", "seed", "precision")
+                     "round_budget", "seed", "precision", "feedback", "select", "select_count", "reward_model")
 ROUND_1_SAMPLING_SETTINGS = tuple(name for name in SAMPLING_SETTINGS if not name.startswith("round_"))
+# who votes when machines do: a batch their votes filled (overlap places each) leaves no place to the votes of
+# labellers with other settings, so a rerun under other settings would export the old votes as new
+MACHINE_LABELLING_SETTINGS = ("simulate_judge", "simulate_labellers", "simulate_temperature", "simulate_noise",
+                              "simulate_skip", "ai_judge", "ai_constitution", "ai_tie_margin", "overlap", "gold_rate")
 
 
 def sampled_from(hashes: dict) -> dict:
@@ -158,14 +162,12 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     config = round_settings(config, run, found, record.input_hashes)  # the inputs' hashes, as recorded
     url = run_store_url(run.output_root, run.name, config.db or None)
     store, batch = Store(url), config.batch or run.name
-    settings = SAMPLING_SETTINGS if run.round > 1 else ROUND_1_SAMPLING_SETTINGS
-    drawn_from = hash_config({"inputs": sampled_from(record.input_hashes),
-                              **{name: getattr(config, name) for name in settings}})[:8]
+    keys = batch_keys(config, run, record.input_hashes)
     if store.comparisons(batch):
-        check_same_draw(store, batch, drawn_from)
+        check_same_draw(store, batch, keys)
         print(f"[{STAGE}] batch '{batch}' already sampled: {len(store.comparisons(batch))} comparisons")
     else:
-        sample.main(dataclasses.replace(config, db=url), run, prompts, drawn_from=drawn_from)
+        sample.main(dataclasses.replace(config, db=url), run, prompts, keys=keys)
     if config.gold:
         import_gold(store, config.gold, rows=gold)
     if config.ai_judge:
@@ -194,15 +196,35 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
                    artifact="dataset", extra={"prompts_taken": prompts_taken})
 
 
-def check_same_draw(store: Store, batch: str, drawn_from: str) -> None:
+def batch_keys(config: PreferencesStageConfig, run: RunConfig, hashes: dict) -> dict:
+    """What a batch is made under, stored with its answers: `drawn_from`, a key of the model, prompts (by their
+    content `hashes`) and sampling settings; and, when simulated or AI labellers vote, `labelled_by`, a key of
+    their settings and the judges' code."""
+    settings = SAMPLING_SETTINGS if run.round > 1 else ROUND_1_SAMPLING_SETTINGS
+    keys = {"drawn_from": hash_config({"inputs": sampled_from(hashes),
+                                       **{name: getattr(config, name) for name in settings}})[:8]}
+    if config.simulate_judge or config.ai_judge:
+        keys["labelled_by"] = hash_config({"judges": hashes.get("judges"), **{
+            name: getattr(config, name) for name in MACHINE_LABELLING_SETTINGS}})[:8]
+    return keys
+
+
+def check_same_draw(store: Store, batch: str, keys: dict) -> None:
     """A rerun reuses its batch (and the votes cast) only when the batch was drawn from the same model, prompts and
     sampling settings: otherwise the stage would publish the old model's answers as this one's. (A later round's
-    batch name holds the key already; round 1's is the run name.) Batches from before the key was stored pass."""
-    stored = store.batch_drawn_from(batch)
-    if stored is not None and stored != drawn_from:
+    batch name holds the key already; round 1's is the run name.) Nor when machine labellers with other settings
+    (another judge, noise, ...) voted on it: their votes fill the places the new ones would take. Batches from
+    before a key was stored, or made for people (`rlhf label sample`: no `labelled_by`), pass that check."""
+    stored = store.batch_sampling(batch)
+    if stored.get("drawn_from") not in (None, keys["drawn_from"]):
         raise UserError(f"batch '{batch}' in {shown_url(store.url)} holds answers drawn from another model, prompts "
-                        f"or sampling settings (key {stored}, now {drawn_from}): label a new batch with "
-                        "--preferences.batch NAME")
+                        f"or sampling settings (key {stored['drawn_from']}, now {keys['drawn_from']}): label a new "
+                        "batch with --preferences.batch NAME")
+    if stored.get("labelled_by") not in (None, keys.get("labelled_by")):
+        raise UserError(f"batch '{batch}' in {shown_url(store.url)} was voted on by simulated or AI labellers with "
+                        "other settings (judge, labellers, temperature, noise, skip, overlap or gold rate): the new "
+                        "ones would find its places taken and the old votes would be exported as theirs; label a "
+                        "new batch with --preferences.batch NAME")
 
 
 def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> None:

@@ -34,10 +34,10 @@ def model_spec(config: PreferencesStageConfig, run: RunConfig) -> str:
 
 
 def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | None = None,
-         drawn_from: str | None = None) -> dict:
-    """`prompts`: the rows of `config.prompts` when the caller has read them already. `drawn_from`: a key of the
-    model, prompts and settings the answers are drawn from, stored with each answer (the preferences stage checks
-    it when a rerun finds its batch)."""
+         keys: dict | None = None) -> dict:
+    """`prompts`: the rows of `config.prompts` when the caller has read them already. `keys`: what the batch is
+    made under (the model, prompts and settings the answers are drawn from; the machine labellers that vote on it),
+    stored with each answer: the preferences stage checks them when a rerun finds its batch."""
     prompts = load_rows(config.prompts, "prompt") if prompts is None else prompts
     prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
     check_prompt_widths([row["id"] for row in prompts], [row["category"] for row in prompts], config.prompts)
@@ -51,7 +51,7 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
     if store.comparisons(batch):
         raise UserError(f"batch '{batch}' already has comparisons in the store; choose another --preferences.batch")
     store.check_prompt_ids({row["id"]: row["prompt"] for row in prompts}, config.prompts)
-    answers = sample_answers(config, store, prompts, spec, drawn_from)
+    answers = sample_answers(config, store, prompts, spec, keys)
     rng = random.Random(config.seed)
     if config.feedback == "ranking":
         items = ranking_items(answers, rng)
@@ -101,7 +101,7 @@ def ranking_items(answers: list[tuple], rng: random.Random) -> list[list]:
 
 
 def sample_answers(config: PreferencesStageConfig, store: Store, prompts: list[dict], spec: str,
-                   drawn_from: str | None = None) -> list[tuple]:
+                   keys: dict | None = None) -> list[tuple]:
     """Stores k sampled responses per prompt; returns (the prompt's stored responses, its messages) per prompt."""
     # Sampling in the hardware's dtype: on a CPU with native bf16 it generates ~1.8 times faster than fp32
     # (docs/benchmarks.md, "Generation").
@@ -110,7 +110,7 @@ def sample_answers(config: PreferencesStageConfig, store: Store, prompts: list[d
     hardware.log_decision("label sample", config.hardware)
     torch.manual_seed(config.seed)
     sampling = {"temperature": config.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": config.max_new_tokens,
-                "seed": config.seed, **({"drawn_from": drawn_from} if drawn_from else {})}
+                "seed": config.seed, **(keys or {})}
     k = config.responses_per_prompt
     texts = generate_responses(model, tokenizer, [p["prompt"] for p in prompts for _ in range(k)],
                                config.max_new_tokens, config.batch_size, do_sample=True,

@@ -69,10 +69,12 @@ def stats(store: Store, batch: str | None = None) -> dict:
 
 
 def summarise(labels: Labels, batch: str | None = None) -> dict:
-    """Progress and agreement over the batch's votes; each labeller's gold accuracy over every gold item they
-    answered, whichever batch holds it (gold items are mixed into every queue)."""
+    """Progress and agreement over the batch's votes (no batch: every batch's, the gold items left out: built to
+    be easy and given to everyone, they would raise the agreement); each labeller's gold accuracy over every gold
+    item they answered, whichever batch holds it (gold items are mixed into every queue)."""
     all_comparisons, all_votes, names = labels.comparisons, labels.votes, labels.names
-    in_batch = {i for i, c in all_comparisons.items() if batch is None or c["batch"] == batch}
+    in_batch = {i for i, c in all_comparisons.items()
+                if c["batch"] == batch or (batch is None and c["kind"] != "gold")}
     votes = [vote for vote in all_votes if vote.comparison_id in in_batch]
     by_item, by_user, item_votes = defaultdict(list), defaultdict(list), defaultdict(list)
     for vote in votes:

@@ -699,12 +699,13 @@ class Store:
             raise StoreError(f"no batch '{batch}' in {shown_url(self.url)}; its batches: "
                              f"{', '.join(batches) or 'none yet'}")
 
-    def batch_drawn_from(self, batch: str) -> str | None:
-        """The key the batch's answers were sampled under (`rlhf label sample`'s `drawn_from`), if stored."""
+    def batch_sampling(self, batch: str) -> dict:
+        """The sampling record of the batch's first answer: the keys the batch was made under (`drawn_from`,
+        `labelled_by`: preference_ui/collect.py) where stored, and the sampling settings."""
         with self.sessions() as session:
             first = session.scalar(select(Comparison).where(Comparison.batch == batch).order_by(Comparison.id))
             answer = session.get(Response, first.response_a_id) if first else None
-            return answer.sampling.get("drawn_from") if answer is not None else None
+            return dict(answer.sampling) if answer is not None else {}
 
     def comparisons(self, batch: str | None = None) -> list[dict]:
         """Each comparison with its prompt messages, both response texts and models (and, for `rlhf eval --human`

@@ -214,3 +214,18 @@ def test_a_rerun_reuses_its_batch_only_when_drawn_from_the_same_model_prompts_an
     assert cli(common) == 0  # the same draw: the batch and its votes are reused
     assert "batch 'tiny' already sampled: 6 comparisons" in capsys.readouterr().out
     assert cli([*common, "--preferences.temperature=0.3", "--preferences.batch=cooler"]) == 0
+    # other simulated labellers (judge, noise) would find every place taken by the old ones: refused, not the old
+    # votes exported as theirs
+    before = hash_path(published)
+    for changed in ("--preferences.simulate_judge=builtin:keywords", "--preferences.simulate_noise=0.2"):
+        assert cli([*common, changed]) == 2
+        assert "was voted on by simulated or AI labellers with other settings" in capsys.readouterr().err
+        assert hash_path(published) == before
+    # a batch sampled for people with `rlhf label sample` carries the same key: a run on other settings is refused
+    # (its export would hold 8 prompts' pairs while the run counts 6 taken), on the same ones it is reused
+    people = [f"--run.output_root={tmp_path}", "--run.name=people", "--preferences.model=tiny-llama"]
+    assert cli(["label", "sample", "--config", "configs/tiny.yaml", *people, "--preferences.num_prompts=8"]) == 0
+    assert cli(["preferences", "--config", "configs/tiny.yaml", *people, "--preferences.num_prompts=6"]) == 2
+    assert "batch 'people' in sqlite:///" in capsys.readouterr().err
+    assert cli(["preferences", "--config", "configs/tiny.yaml", *people, "--preferences.num_prompts=8"]) == 0
+    assert "batch 'people' already sampled: 8 comparisons" in capsys.readouterr().out

@@ -41,6 +41,14 @@ def test_stats_report_progress_agreement_and_gold_accuracy(tmp_path):
     assert report["labellers"]["bob"] == {"votes": 2, "mean_seconds": 6.0, "gold_votes": 1, "gold_accuracy": 0.0,
                                           "agreement_with_others": 0.0}
     assert "2/3 comparisons voted" in format_stats(report) and "gold accuracy 1.00" in format_stats(report)
+    # over every batch, gold items (easy, and given to everyone) are not counted as labelling: their agreement
+    # would hide the labellers' disagreement; each labeller's gold accuracy still counts them
+    shared_gold = store.add_comparison(*responses, batch="gold", kind="gold", expected="a")
+    store.cast_vote(shared_gold.id, ann, "a")
+    store.cast_vote(shared_gold.id, bob, "a")
+    report = stats(store)
+    assert (report["comparisons"], report["votes"], report["pairwise_agreement"]) == (2, 2, 0.0)
+    assert report["labellers"]["bob"]["gold_votes"] == 2 and report["labellers"]["bob"]["gold_accuracy"] == 0.5
 
 
 def test_stats_read_while_people_label_count_what_they_read(tmp_path, monkeypatch):
