@@ -23,7 +23,9 @@ INVISIBLE = re.compile("[" + "".join(re.escape(chr(code)) for code in range(sys.
                                      if unicodedata.category(chr(code)) in ("Cc", "Cf") and chr(code) not in KEPT)
                        + "]")
 MARKDOWN = MarkdownIt("commonmark", {"html": False}).disable(["image", "reference"])
-LINK_SCHEMES = re.compile(r"(https?|mailto):", re.IGNORECASE)
+# a web link names its host: "https:/logout" or "https:logout" is resolved by browsers against the page, so into
+# the app (a backslash counts as a slash there)
+LINK_SCHEMES = re.compile(r"https?://[^/\\\s]|mailto:", re.IGNORECASE)
 MARKDOWN.validateLink = lambda url: LINK_SCHEMES.match(url.strip()) is not None
 
 

@@ -28,9 +28,11 @@ def test_invisible_characters_written_as_character_references_are_named_in_the_m
 def test_only_absolute_web_and_mail_links_stay_links_and_reference_definitions_stay_text():
     shown = markdown_view("[pixel](data:image/png;base64,AAAA) [out](/logout) [rel](labels?x=1) "
                           "[run](javascript:alert(1)) [web](https://example.com/a) [mail](mailto:a@example.com) "
-                          "<HTTP://example.com/b>\n\n[a]: https://hidden.example\n\nsee [a]")
+                          "<HTTP://example.com/b> [same](https:/logout) <https:logout> [three](https:///logout) "
+                          "[back](https:\\\\logout)\n\n[a]: https://hidden.example\n\nsee [a]")
     links = [part.split('"')[0] for part in shown.split('<a href="')[1:]]
     assert links == ["https://example.com/a", "mailto:a@example.com", "HTTP://example.com/b"]
-    for text in ("[pixel](data:image/png;base64,AAAA)", "[out](/logout)", "[rel](labels?x=1)",
+    for text in ("[pixel](data:image/png;base64,AAAA)", "[out](/logout)", "[rel](labels?x=1)", "[same](https:/logout)",
+                 "&lt;https:logout&gt;", "[three](https:///logout)",
                  "[a]: https://hidden.example", "see [a]"):
         assert text in shown
