@@ -28,9 +28,11 @@ NUMBER_WORD = re.compile(r"\b(" + "|".join(TENS) + r")(?:[-\s](" + "|".join(list
                          + "|".join(UNITS) + r")\b", re.IGNORECASE)
 
 
-def numbers_in(text: str) -> list[tuple[int, float]]:
-    """(position, value) of every number in `text` written in digits, in order; only when there is none, of every
-    number in words up to ninety-nine ("one" is too common a word to outrank a digit)."""
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+
+
+def digit_numbers(text: str) -> list[tuple[int, float]]:
+    """(position, value) of every number in `text` written in digits, in order."""
     found = []
     for match in NUMBER.finditer(text):
         sign, whole, decimals, denominator = match.groups()
@@ -38,8 +40,12 @@ def numbers_in(text: str) -> list[tuple[int, float]]:
         if denominator and int(denominator):
             value /= int(denominator)
         found.append((match.start(), -value if sign else value))
-    if found:
-        return found
+    return found
+
+
+def word_numbers(text: str) -> list[tuple[int, float]]:
+    """(position, value) of every number in words up to ninety-nine, in order."""
+    found = []
     for match in NUMBER_WORD.finditer(text):
         tens, unit, alone = (group.lower() if group else None for group in match.groups())
         found.append((match.start(), float(UNITS[alone] if alone else TENS[tens] + (UNITS[unit] if unit else 0))))
@@ -48,17 +54,26 @@ def numbers_in(text: str) -> list[tuple[int, float]]:
 
 def final_number_of(text: str) -> float | None:
     """The number an answer gives as its result: the first after its last stated marker ("the answer is",
-    "####", "\\boxed{", ...), else after its last "=", else its last number; None when it has none. "$1,250.00",
-    "-7", "3/4", "25%" and "forty-two" all read as numbers."""
-    numbers = numbers_in(text)
-    if not numbers:
+    "####", "\\boxed{", ...), or after the last "=" of that marker's sentence ("the answer is 26 + 16 = 42"); else
+    the first after its last "="; else its last number; None when it has none. In digits first: a number in words
+    ("one" is too common a word to outrank a digit) only where the marker's sentence has no digits ("3 + 9 =
+    twelve"), or the answer none at all. "$1,250.00", "-7", "3/4", "25%" and "forty-two" all read as numbers."""
+    digits, words = digit_numbers(text), word_numbers(text)
+    if not digits and not words:
         return None
     for markers in (STATED, EQUALS):
         found = list(markers.finditer(text))
-        after = [value for position, value in numbers if found and position >= found[-1].end()]
-        if after:
-            return after[0]
-    return numbers[-1][1]
+        if not found:
+            continue
+        start = found[-1].end()
+        sentence_end = next((end.start() for end in SENTENCE_END.finditer(text, start)), len(text))
+        start = max([start] + [equals.end() for equals in EQUALS.finditer(text, start, sentence_end)])
+        for end in (sentence_end, len(text)):
+            for numbers in (digits, words):
+                after = [value for position, value in numbers if start <= position < end]
+                if after:
+                    return after[0]
+    return (digits or words)[-1][1]
 
 
 def same_number(found: float | None, reference: str) -> bool:
@@ -87,12 +102,16 @@ def check_references(rows: list[dict], source, spec: str) -> list[str] | None:
     else a DataError naming the file, the row and the field, before anything is written."""
     from rlhf.judges import load_judge
 
-    if not spec or not wants_references(load_judge(spec)):
+    judge = load_judge(spec) if spec else None
+    if judge is None or not wants_references(judge):
         return None
     for row in rows:
         if row.get("answer") is None:
             raise DataError(source, None, "answer", f"row '{row['id']}' has no reference answer, and {spec} checks "
                             "each answer against its prompt's")
+        if judge is final_number and final_number_of(row["answer"]) is None:  # every answer would score 0
+            raise DataError(source, None, "answer", f"row '{row['id']}': the reference answer '{row['answer'][:40]}' "
+                            f"holds no number, and {spec} compares the final numbers")
     return [row["answer"] for row in rows]
 
 

@@ -35,6 +35,13 @@ from tests.conftest import REPO
     ("The answer is 26 pencils. Check: 26 + 16 = 42.", 26.0),
     ("The answer isn't 25, it's 26.", 26.0),  # markers are whole words
     ("Total: 5. Subtotal: 3", 5.0),
+    # the "=" of the stated answer's own sentence gives its result; a number word where it has no digits
+    ("The answer is 26 + 16 = 42.", 42.0),
+    ("Total: 3 + 4 = 7", 7.0),
+    ("3 + 9 = twelve", 12.0),
+    ("First add 3 + 9. The answer is twelve.", 12.0),
+    ("The answer is the one with 5 sides.", 5.0),
+    ("The answer is 3.5 + 1 = 4.5. Then 2 more.", 4.5),
 ])
 def test_the_final_number_parser_reads_numbers_as_people_write_them(text, expected):
     from rlhf.verifiable import final_number_of
@@ -143,6 +150,14 @@ def test_prompts_without_reference_answers_stop_a_verifiable_run_before_anything
                 "--preferences.simulate_judge=builtin:final_number",
                 f"--run.output_root={tmp_path / 'runs'}", "--run.tracking=none"]) == 2
     assert "checks answers against reference answers" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    # a reference with no number to compare: every answer would score 0, unsaid
+    wordy = tmp_path / "wordy.jsonl"
+    wordy.write_text('{"id": "q1", "prompt": "2+2?", "answer": 4}\n{"id": "q2", "prompt": "Capital?", '
+                     '"answer": "Paris"}\n')
+    assert cli(verifiable_ppo(tmp_path, tiny_model_path, "bad", f"--ppo.prompts={wordy}")) == 2
+    assert (f"{wordy}: answer: row 'q2': the reference answer 'Paris' holds no number, and builtin:final_number "
+            "compares the final numbers" in capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
 
 
