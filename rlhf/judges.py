@@ -12,7 +12,8 @@ from rlhf.errors import UserError
 from rlhf.verifiable import final_number
 
 Judge = Callable[[list[str], list[str]], list[float]]
-WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+# a word in any alphabet ("café", "Привет"), with its apostrophe, straight or curly ("don't", "don’t")
+WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)?")
 SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
 STOPWORDS = frozenset("the a an and or of to in on for with is are was were be this that it as at by from what "
                       "how why which who your you can please write give make list explain about into".split())
@@ -62,7 +63,7 @@ def sentiment(prompts: list[str], responses: list[str]) -> list[float]:
     response, times 10 over its word count (at least 10, so a one-word reply is not scored as ten of them). A
     plain lexicon: no negation ("not good" counts as good), no sarcasm."""
     lexicon = afinn_lexicon()
-    return [10 * lexicon.score(r) / max(len(WORD.findall(r)), 10) for r in responses]
+    return [10 * lexicon.score(r.replace("\u2019", "'")) / max(len(WORD.findall(r)), 10) for r in responses]
 
 
 # final_number checks each answer against its prompt's reference (rlhf/verifiable.py)

@@ -24,6 +24,10 @@ def test_length_and_keyword_judges():
     assert length(["", "", ""], ["word " * 60, "word " * 30, ""]) == [1.0, 0.5, 0.0]
     assert keywords(["Explain how volcanoes erupt"], ["Volcanoes erupt when magma rises."]) == [1.0]
     assert keywords(["Explain how volcanoes erupt"], ["Magma rises."]) == [0.0]
+    # words in any alphabet, with straight or curly apostrophes: not "caf", "r", "sum", nor no words at all
+    assert length([""] * 3, ["naïve café résumé " * 20, "Привет мир " * 30, "don’t " * 60]) == [1.0, 1.0, 1.0]
+    assert keywords(["The café’s menu?"], ["The café’s menu is short."]) == [1.0]
+    assert sentiment([""], ["I can’t stand it"]) == sentiment([""], ["I can't stand it"]) == [-3.0]
 
 
 def test_sentiment_judge_by_hand():
