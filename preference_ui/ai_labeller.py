@@ -30,6 +30,14 @@ QUESTION = ("Here is a question and two answers to it.\n\nQuestion:\n{prompt}\n\
             "{second}\n\nWhich answer follows the principles better? Reply with the single letter A or B.")
 
 
+def question_of(messages: list[dict]) -> str:
+    """The prompt as the AI labeller is shown it: a lone user turn as it is; a conversation (a system turn, earlier
+    exchanges) whole, turn by turn, as people see it in the app: its last turn alone would be another task."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"[{message['role']}]\n{message['content']}" for message in messages)
+
+
 def comparison_messages(constitution: str, prompt: str, first: str, second: str) -> list[dict]:
     return [{"role": "system", "content": constitution},
             {"role": "user", "content": QUESTION.format(prompt=prompt, first=first, second=second)}]
@@ -99,10 +107,10 @@ def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CON
     while (item := queue.next_item(user)) is not None:
         if item.answers:
             queue.rank(user, item.comparison_id, ai_ranking(model, tokenizer, constitution,
-                                                            item.prompt[-1]["content"], item.answers, tie_margin))
+                                                            question_of(item.prompt), item.answers, tie_margin))
             counts["ranked"] = counts.get("ranked", 0) + 1
             continue
-        preference = prefer_a(model, tokenizer, constitution, item.prompt[-1]["content"], item.left, item.right)
+        preference = prefer_a(model, tokenizer, constitution, question_of(item.prompt), item.left, item.right)
         choice, strength = ai_vote(preference, tie_margin)
         queue.vote(user, item.comparison_id, choice, strength)
         counts[unswap(choice, item.swapped)] += 1

@@ -42,6 +42,25 @@ def test_the_ai_labeller_votes_through_the_queue_under_its_own_account(tmp_path)
     assert sum(ai_label(store, "tiny-llama", batch="b1").values()) == 0  # nothing left for it
 
 
+def test_the_ai_labeller_is_shown_the_whole_conversation_as_people_are(tmp_path, monkeypatch):
+    import preference_ui.ai_labeller as ai_labeller
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    conversation = [{"role": "system", "content": "Reply only in French."},
+                    {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Bleu."},
+                    {"role": "user", "content": "Another one?"}]
+    prompt = store.add_prompt("p", "chat", conversation)
+    store.add_comparison(store.add_response(prompt, "Rouge.", "m", {}), store.add_response(prompt, "Red.", "m", {}),
+                         batch="b1")
+    asked = []
+    monkeypatch.setattr(ai_labeller, "prefer_a", lambda model, tokenizer, constitution, question, a, b:
+                        asked.append(question) or 0.9)
+    ai_label(store, "tiny-llama", batch="b1")
+    assert asked == ["[system]\nReply only in French.\n\n[user]\nName a colour.\n\n[assistant]\nBleu.\n\n"
+                     "[user]\nAnother one?"]
+    assert ai_labeller.question_of([{"role": "user", "content": PROMPT}]) == PROMPT
+
+
 def test_label_ai_command_votes_and_refuses_a_missing_constitution_before_the_store_opens(tmp_path, capsys):
     from pipeline.cli import main as cli
 
