@@ -171,18 +171,17 @@ class PairCollator(DataCollatorForPreference):
         return (self.share_prompt and all("group" in e for e in examples)
                 and (self.max_length is None or longest <= self.max_length))
 
+    def padded(self, rows: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
+        return pad(rows, padding_value=value, padding_side=side, pad_to_multiple_of=self.pad_to_multiple_of)
+
     def shared_prompt_batch(self, examples) -> dict:
         prompts, prompt_of = unique_rows([tuple(e["prompt_ids"]) for e in examples])
         answers, answer_of = unique_rows([(prompt_of[i], tuple(e[side])) for i, e in enumerate(examples)
                                           for side in ("chosen_ids", "rejected_ids")])
-        return {"prefix_ids": pad([torch.tensor(p) for p in prompts], padding_value=self.pad_token_id,
-                                  padding_side="left"),
-                "prefix_mask": pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0,
-                                   padding_side="left"),
-                "suffix_ids": pad([torch.tensor(a) for _, a in answers], padding_value=self.pad_token_id,
-                                  padding_side="right"),
-                "suffix_mask": pad([torch.ones(len(a), dtype=torch.long) for _, a in answers], padding_value=0,
-                                   padding_side="right"),
+        return {"prefix_ids": self.padded([torch.tensor(p) for p in prompts], self.pad_token_id, "left"),
+                "prefix_mask": self.padded([torch.ones(len(p), dtype=torch.long) for p in prompts], 0, "left"),
+                "suffix_ids": self.padded([torch.tensor(a) for _, a in answers], self.pad_token_id, "right"),
+                "suffix_mask": self.padded([torch.ones(len(a), dtype=torch.long) for _, a in answers], 0, "right"),
                 "suffix_prefix": torch.tensor([prompt for prompt, _ in answers]),
                 "chosen_row": torch.tensor(answer_of[0::2]), "rejected_row": torch.tensor(answer_of[1::2]),
                 # reference log-probs precomputed over the dataset (`precompute_ref_log_probs`), per pair

@@ -114,4 +114,7 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
             raise ValueError("ensemble and calibration_bins must be at least 1")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.pad_token is not None:  # TRL would switch the model's pad id after our collator took the tokenizer's
+            raise ValueError(f"pad_token ('{self.pad_token}'): the stage picks the pad token itself (the tokenizer's, "
+                             "else a spare special token), which its batches and the model's pooling must share")
         super().__post_init__()

@@ -87,13 +87,14 @@ class PreferenceCollator(DataCollatorForPreference):
     def whole_sequence_batch(self, examples) -> dict:
         rows, index = unique_rows([tuple(s) for e in examples for s in pair_ids(e)])
         starts = dict(zip(index, (e.get("answer_start", 0) for e in examples for _ in range(2))))
-        return {"input_ids": pad([torch.tensor(r) for r in rows], padding_value=self.pad_token_id,
-                                 padding_side="right"),
-                "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in rows], padding_value=0,
-                                      padding_side="right"),
-                "answer_mask": pad([(torch.arange(len(r)) >= starts[i]).long() for i, r in enumerate(rows)],
-                                   padding_value=0, padding_side="right"),
+        return {"input_ids": self.padded([torch.tensor(r) for r in rows], self.pad_token_id, "right"),
+                "attention_mask": self.padded([torch.ones(len(r), dtype=torch.long) for r in rows], 0, "right"),
+                "answer_mask": self.padded([(torch.arange(len(r)) >= starts[i]).long() for i, r in enumerate(rows)],
+                                           0, "right"),
                 "chosen_row": torch.tensor(index[0::2]), "rejected_row": torch.tensor(index[1::2])}
+
+    def padded(self, rows: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
+        return pad(rows, padding_value=value, padding_side=side, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def shared_prefix_batch(self, examples, groups: list[list[int]], shared: list[int]) -> dict:
         prefixes, answers, prompt_left = [], [], []
@@ -106,14 +107,13 @@ class PreferenceCollator(DataCollatorForPreference):
         pair_rows = [0] * (2 * len(examples))
         for position, example in enumerate(order):
             pair_rows[2 * example], pair_rows[2 * example + 1] = index[2 * position], index[2 * position + 1]
-        return {"prefix_ids": pad(prefixes, padding_value=self.pad_token_id, padding_side="left"),
-                "prefix_mask": pad([torch.ones_like(p) for p in prefixes], padding_value=0, padding_side="left"),
-                "suffix_ids": pad([torch.tensor(answer) for _, answer in rows], padding_value=self.pad_token_id,
-                                  padding_side="right"),
-                "suffix_mask": pad([torch.ones(len(answer), dtype=torch.long) for _, answer in rows],
-                                   padding_value=0, padding_side="right"),
-                "answer_mask": pad([(torch.arange(len(answer)) >= prompt_left[prefix]).long()
-                                    for prefix, answer in rows], padding_value=0, padding_side="right"),
+        return {"prefix_ids": self.padded(prefixes, self.pad_token_id, "left"),
+                "prefix_mask": self.padded([torch.ones_like(p) for p in prefixes], 0, "left"),
+                "suffix_ids": self.padded([torch.tensor(answer) for _, answer in rows], self.pad_token_id, "right"),
+                "suffix_mask": self.padded([torch.ones(len(answer), dtype=torch.long) for _, answer in rows], 0,
+                                           "right"),
+                "answer_mask": self.padded([(torch.arange(len(answer)) >= prompt_left[prefix]).long()
+                                            for prefix, answer in rows], 0, "right"),
                 "suffix_prefix": torch.tensor([prefix for prefix, _ in rows]),
                 "chosen_row": torch.tensor(pair_rows[0::2]), "rejected_row": torch.tensor(pair_rows[1::2])}
 

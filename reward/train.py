@@ -17,6 +17,7 @@ import transformers
 from rlhf import hardware, tracking
 from rlhf.batching import longest_sequence
 from rlhf.config import RunConfig
+from rlhf.errors import ConfigError
 from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step, run_stage, started_everywhere
 from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, round_pairs
@@ -24,8 +25,8 @@ from reward.evaluate import evaluate, fmt, log_evaluation
 from reward.evaluate import main as evaluate_again
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
 from reward.probe import answer_index, probe
-from rlhf.reward_model import (answer_start, check_layer_count, keep_first_layers, load_reward_model, reward_tokenizer,
-                               score, score_heads)
+from rlhf.reward_model import (answer_start, check_layer_count, keep_first_layers, load_reward_model, reward_record,
+                               reward_tokenizer, score, score_heads)
 
 
 def pair_metrics(model, tokenizer, pairs: list[dict]) -> dict:
@@ -61,8 +62,14 @@ def main(config: RewardStageConfig, run: RunConfig) -> dict:
 
 
 def check(config: RewardStageConfig, run: RunConfig, found: dict) -> tuple[list, list]:
-    """(train pairs, held-out pairs), read and checked; and the kept layer count against the model's."""
+    """(train pairs, held-out pairs), read and checked; and the kept layer count and, when it starts from a reward
+    model, its heads against the model's."""
     check_layer_count(found["model"], config.num_layers)
+    heads = reward_record(found["model"]).get("heads")
+    if heads is not None and heads != config.ensemble:  # it would train its own heads and be recorded with others
+        raise ConfigError(f"reward.ensemble is {config.ensemble}, but {found['model']} is a reward model with {heads} "
+                          f"head(s): set --reward.ensemble {heads}, or start from a language model (reward.model, "
+                          "or reward.round_init sft in a later round)")
     return round_pairs(found, config, run.round)
 
 

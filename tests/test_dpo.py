@@ -295,6 +295,11 @@ def test_shared_prompt_batches_run_each_prompt_once_with_the_same_loss_and_gradi
     batch = first_batch(precomputed)
     assert "prefix_ids" in batch and "ref_chosen_logps" in batch
     assert precomputed.compute_loss(precomputed.model, dict(batch)).item() == pytest.approx(ours.item(), rel=1e-4)
+    shared.data_collator.pad_to_multiple_of = 8  # rows padded to a multiple of 8: the same loss
+    padded = first_batch(shared)
+    assert padded["prefix_ids"].shape[1] % 8 == 0 and padded["suffix_ids"].shape[1] % 8 == 0
+    assert shared.compute_loss(shared.model, dict(padded)).item() == pytest.approx(ours.item(), rel=1e-4)
+    shared.data_collator.pad_to_multiple_of = None
     shared.data_collator.max_length = 12  # rows max_length cuts go whole, cut as TRL cuts them
     assert "prefix_ids" not in first_batch(shared) and first_batch(shared)["input_ids"].shape[1] == 12
 

@@ -1,5 +1,6 @@
 """The reward stage on the tiny model: it learns separable pairs (from a file or straight from the store), trains
 ties and ensembles, evaluates itself, resumes after a kill, and refuses bad input with exit 2."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from reward.data import training_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
 from reward.train import main as train_reward, pair_metrics
 from rlhf.config import RunConfig
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 from rlhf.runs import hash_path
 from rlhf.store import Store
 from tests.conftest import REPO, kill_when_saved
@@ -219,6 +220,12 @@ def test_ties_trained_as_equal_and_an_ensemble_of_heads(tmp_path, tiny_model_pat
     heads = score_heads(load_reward_model(str(published), tokenizer), tokenizer,
                         [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]])
     assert heads.shape == (1, 3)
+    # trained on from there with another number of heads: refused (it kept its 3 and was recorded with 1, so every
+    # later stage failed to load it)
+    with pytest.raises(ConfigError, match=r"reward.ensemble is 1, but .* is a reward model with 3 head\(s\)"):
+        train_reward(dataclasses.replace(config, model=str(published), ensemble=1),
+                     RunConfig(name="again", output_root=str(tmp_path / "runs"), tracking="none"))
+    assert not (tmp_path / "runs" / "again").exists()
 
 
 def reward_command(tmp_path, tiny_model_path, name):

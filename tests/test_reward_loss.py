@@ -142,9 +142,11 @@ def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradient
     unshareable = [{**examples[0], "rejected_ids": [5] + examples[0]["rejected_ids"]}]
     assert "prefix_ids" not in PreferenceCollator(pad_token_id=0, share_prompt=True)(unshareable)
 
-    def loss_and_grads(share):
+    def loss_and_grads(share, multiple=None):
         model.zero_grad()
-        batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=share)(examples)
+        batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=share,
+                                   pad_to_multiple_of=multiple)(examples)
+        assert all(batch[key].shape[1] % (multiple or 1) == 0 for key in batch if key.endswith(("_ids", "_mask")))
         assert ("prefix_ids" in batch) == share
         # each distinct sequence runs once: the grouped prompt's three answers serve its three pairs
         assert len(batch["suffix_ids" if share else "input_ids"]) == 2 * len(examples) - 3
@@ -163,6 +165,10 @@ def test_sharing_the_prompt_and_answers_gives_the_same_rewards_loss_and_gradient
     shared_loss, shared_rewards, shared_grads = loss_and_grads(True)
     assert shared_loss == pytest.approx(whole_loss, rel=1e-5)
     assert torch.allclose(shared_rewards, whole_rewards, atol=1e-5)
+    for share in (False, True):  # rows padded to a multiple of 8 (pad_to_multiple_of) score the same
+        padded_loss, padded_rewards, _ = loss_and_grads(share, multiple=8)
+        assert padded_loss == pytest.approx(whole_loss, rel=1e-5)
+        assert torch.allclose(padded_rewards, whole_rewards, atol=1e-5)
     with torch.no_grad():  # and both are each pair's two sequences run alone, read as the pooling says
         alone = [alone_reward(model, e[side], e["answer_start"], pooling) for side in ("chosen_ids", "rejected_ids")
                  for e in examples]
