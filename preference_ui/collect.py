@@ -124,6 +124,15 @@ def round_prompts(rows: list[dict], config: PreferencesStageConfig, round: int, 
     return rows[taken:taken + per_round]
 
 
+def check_every_rounds_prompts(configs: list[PreferencesStageConfig]) -> None:
+    """Each round of a run of several (its preferences settings in `configs`, round 1 first) finds its fresh
+    prompts in the file: checked before round 1 starts, as each round counts them when it comes (a file used up
+    by round 4 stopped the run after three rounds of training)."""
+    taken = 0
+    for round, config in enumerate(configs, start=1):
+        taken += len(round_prompts(load_rows(config.prompts, "prompt"), config, round, taken))
+
+
 SAMPLING_SETTINGS = ("num_prompts", "round_prompts", "responses_per_prompt", "max_new_tokens", "temperature",
                      "round_budget", "seed", "precision", "feedback", "select", "select_count", "reward_model")
 ROUND_1_SAMPLING_SETTINGS = tuple(name for name in SAMPLING_SETTINGS if not name.startswith("round_"))

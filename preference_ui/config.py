@@ -120,6 +120,14 @@ class PreferencesStageConfig:
         if not self.simulate_judge and self.min_votes > self.overlap:
             raise ValueError(f"min_votes ({self.min_votes}) is more than overlap ({self.overlap}): the app gives each "
                              "comparison to `overlap` labellers, so with people voting the run would wait forever")
+        machine_votes = min(self.overlap, self.simulate_labellers + bool(self.ai_judge))
+        if self.simulate_judge and self.min_votes > machine_votes:
+            raise ValueError(f"min_votes ({self.min_votes}) is more than the {machine_votes} vote(s) each comparison "
+                             f"gets (overlap {self.overlap}, simulate_labellers {self.simulate_labellers}"
+                             f"{', and the AI labeller' if self.ai_judge else ''}): nothing would be exported")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be at least 1, got {self.batch_size} and "
+                             f"{self.max_new_tokens}")
         if not 0 <= self.gold_rate <= 1:
             raise ValueError(f"gold_rate must be between 0 and 1, got {self.gold_rate}")
         if self.assignment_timeout <= 0 or self.concurrency < 1:

@@ -172,6 +172,12 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=nosuch:judge"], "nosuch:judge"),
         (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=", "--preferences.min_votes=4"],
          "preferences: min_votes (4) is more than overlap (3)"),  # people voting: the wait would never end
+        (["preferences", f"--preferences.model={model}", "--preferences.simulate_labellers=2",
+          "--preferences.min_votes=3"], "min_votes (3) is more than the 2 vote(s) each comparison gets"),
+        (["reward", f"--reward.model={model}", "--reward.pad_token=<|im_end|>"],
+         "reward: pad_token ('<|im_end|>'): the stage picks the pad token itself"),
+        (["preferences", f"--preferences.model={model}", "--preferences.batch_size=0"],
+         "batch_size and max_new_tokens must be at least 1, got 0 and"),  # was a traceback after loading the model
         (["preferences", f"--preferences.model={model}", "--preferences.db=postgres//typo"],
          "label store 'postgres//typo': not a database URL"),  # was a traceback, and a manifest entry and locks
         (["preferences", f"--preferences.model={model}", "--preferences.select_count=-5"],
@@ -184,6 +190,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         # the whole chain: a later stage's bad file or judge stops it before the first stage writes anything
         (["run", f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
         (["run", "--ppo.judge=builtin:nonesuch"], "builtin:nonesuch"),
+        # a prompt file that a later round would find used up: told before round 1 trains
+        (["run", "--run.rounds=3", "--preferences.num_prompts=80"], "round 3 takes prompts 161-240"),
         (["run", f"--preferences.gold={bad_files['gold']}"], f"{bad_files['gold']}:2: expected: expected one of"),
     ]
     for words, message in cases:
