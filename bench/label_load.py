@@ -12,8 +12,8 @@ throttled: refused with HTTP 429 without a check).
 
 Prints votes/s and latency percentiles per vote (request to result, as a labeller waits for the next item) for
 both apps, the store audit of ours (lost, duplicated, wrong-side votes), the server's CPU time per vote
-(steadier than wall-clock figures on a shared machine), the guessing round, `ratio: X` (our votes/s over the bare
-app's, medians over the plain rounds), and last `p95_ms: X` (ours, over all rounds, the guessing one included).
+(steadier than wall-clock figures on a shared machine), the guessing round, `p95_ms: X` (ours, over all rounds, the
+guessing one included), and last `ratio: X` (our votes/s over the bare app's, medians over the plain rounds).
 Target for N=20 on SQLite, with 16 guessers: 0 lost, 0 duplicated, p95 <= 300 ms.
 
     .venv/bin/python bench/label_load.py --labellers 20 --votes 50 [--rounds 2] [--guessers 16] [--db URL]
@@ -178,6 +178,8 @@ def percentile(values: list[float], share: float) -> float:
 
 def summary(result: dict) -> str:
     latencies = result["latencies"]
+    if not latencies:  # every labeller failed (the errors are printed at the end)
+        return f"no votes went through ({len(result['errors'])} error(s))"
     return (f"{result['votes_per_s']:.1f} votes/s, p50 {1000 * statistics.median(latencies):.0f} ms, "
             f"p95 {1000 * percentile(latencies, 0.95):.0f} ms, server CPU {result['cpu_ms_per_vote']:.1f} ms/vote")
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from bench.label_crash import crash_run, parse_args
-from bench.label_load import guess_counts
+from bench.label_load import guess_counts, summary
 
 
 def test_a_server_killed_mid_load_loses_and_duplicates_no_vote(store_url, tmp_path):
@@ -33,3 +33,11 @@ def test_the_load_benchmark_fails_instead_of_waiting_when_its_guessers_process_d
     sender.start()
     sender.join()
     assert guess_counts(sender, results) == [200, 401]
+
+
+def test_the_load_benchmarks_round_summary_says_when_no_vote_went_through():
+    """A round where every labeller failed to sign in crashed the summary (the median of nothing) before the
+    errors were printed."""
+    assert summary({"latencies": [], "errors": ["sign-in refused"] * 3}) == "no votes went through (3 error(s))"
+    assert summary({"latencies": [0.1, 0.2, 0.3], "votes_per_s": 12.0, "cpu_ms_per_vote": 4.0}) == \
+        "12.0 votes/s, p50 200 ms, p95 300 ms, server CPU 4.0 ms/vote"
