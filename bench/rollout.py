@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     totals = {name: 0.0 for name in sides}
     for workload, chats in workloads(prompts, args).items():
         batches = [tuple(t.to(chosen.device) for t in encode_prompts(tokenizer, chat)) for chat in chats]
-        ours(model, tokenizer, *batches[0], argparse.Namespace(**{**vars(args), "tokens": 2}))  # warm-up
+        for side in sides.values():  # both warmed up alike: the first calls' costs are no one's
+            side(model, tokenizer, *batches[0], argparse.Namespace(**{**vars(args), "tokens": 2}))
         seconds = {name: [] for name in sides}
         for round_index in range(args.rounds):
             order = list(sides) if round_index % 2 == 0 else list(reversed(sides))  # alternate who goes first
