@@ -1,5 +1,6 @@
-"""SFT throughput: our SFT stage against a plain PyTorch fp32 training loop on the same examples, batch size and
-maximum length, alternating in one call; then TRL's SFTTrainer with its defaults (bf16=True) and with bf16 off,
+"""SFT throughput: our SFT stage against a plain PyTorch training loop on the same examples, batch size, maximum
+length and precision (the stage's `auto`: bf16 mixed precision where the hardware has native bf16, else fp32),
+alternating in one call; then TRL's SFTTrainer with its defaults (bf16=True) and with bf16 off,
 through bench/trl_baselines.py.
 
     python bench/sft_throughput.py [--model smollm2-135m-instruct] [--rounds 2] [--steps 6] [--batch 4] [--seq 256]
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from rlhf import models  # noqa: E402
+from rlhf import hardware, models  # noqa: E402
 from rlhf.config import RunConfig, load_config  # noqa: E402
 from rlhf.datasets import load_rows  # noqa: E402
 from sft.config import SFTStageConfig  # noqa: E402
@@ -43,8 +44,9 @@ def ours(a, out: Path) -> float:
     return sft_main(sections["sft"], sections["run"])["real_tokens_per_s"]
 
 
-def plain_loop(a, examples: list[list[int]], pad_id: int) -> float:
-    """fp32 AdamW, batches of `batch` examples padded to the longest, loss on every real token."""
+def plain_loop(a, examples: list[list[int]], pad_id: int, bf16: bool) -> float:
+    """AdamW on fp32 weights (forward and loss under a bf16 autocast with `bf16`, as the stage's mixed precision),
+    batches of `batch` examples padded to the longest, loss on every real token."""
     model = models.load_causal_lm(a.model)[0].train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     rng = random.Random(0)
@@ -58,7 +60,9 @@ def plain_loop(a, examples: list[list[int]], pad_id: int) -> float:
         for i, ids in enumerate(batch):
             input_ids[i, :len(ids)], mask[i, :len(ids)] = torch.tensor(ids), 1
         labels = input_ids.masked_fill(mask == 0, -100)
-        model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         tokens += int(mask.sum())
@@ -87,13 +91,15 @@ def main():
     tokenizer = models.load_tokenizer(model_dir)
     encoded = tokenize_rows(load_rows(DATA, "sft"), tokenizer, assistant_only=True)
     examples = [ids[:a.seq] for ids in encoded["input_ids"]]
+    bf16 = hardware.choose("auto").bf16  # what the stage's precision: auto picks here
     print(f"model: {a.model}\nthreads: {torch.get_num_threads()}\nbatch: {a.batch}\nmax_length: {a.seq}\n"
-          f"steps: {a.steps}\nmean_example_tokens: {statistics.mean(map(len, examples)):.1f}")
+          f"steps: {a.steps}\nmean_example_tokens: {statistics.mean(map(len, examples)):.1f}\n"
+          f"precision (both sides): {'bf16 mixed' if bf16 else 'fp32'}")
     ours_rates, plain_rates = [], []
     with tempfile.TemporaryDirectory() as out:
         for round_index in range(a.rounds):
             ours_rates.append(ours(a, Path(out)))
-            plain_rates.append(plain_loop(a, examples, tokenizer.pad_token_id))
+            plain_rates.append(plain_loop(a, examples, tokenizer.pad_token_id, bf16))
             print(f"round_{round_index}: ours {ours_rates[-1]:.1f} tokens/s, plain {plain_rates[-1]:.1f} tokens/s",
                   flush=True)
     if not a.skip_trl:
