@@ -115,6 +115,26 @@ def test_cpu_loss_matches_trl_on_padded_batches_with_token_counts(tmp_path, tiny
     assert trainer._metrics["train"]["mean_token_accuracy"] and trainer._metrics["train"]["entropy"][0] > 0
 
 
+def test_cpu_loss_runs_under_the_mixed_precision_autocast(tmp_path, tiny_model_path, tiny_tokenizer):
+    """Our loss calls the backbone past the model's forward, which accelerate wraps in its autocast: it ran in
+    fp32 under bf16 mixed precision (twice as slow where bf16 is native) until it opened the autocast itself."""
+    config, _ = tiny_config(tmp_path, "--sft.packing=false", "--sft.precision=bf16")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).train()
+    trainer = StageSFTTrainer(model=model, args=trainer_args(config, tmp_path / "out", False),
+                              train_dataset=tokenize_rows([{"messages": CONVERSATION}], tiny_tokenizer, True),
+                              processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda module, args, output: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), next(module.parameters()).dtype)))
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = SFTTrainer.compute_loss(trainer, model, dict(batch))
+    assert seen[0] == (True, torch.bfloat16, torch.float32)  # fp32 weights, bf16 products
+    torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=2e-2)
+
+
 def test_only_checkpoints_that_finished_saving_are_resumed_from(tmp_path):
     for step, complete in ((5, True), (10, True), (15, False)):
         (tmp_path / f"checkpoint-{step}").mkdir()
