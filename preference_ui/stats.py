@@ -116,23 +116,28 @@ def agreement_with_others(user_id: int, item_votes: dict) -> float | None:
 
 
 def human_win_rates(comparisons: dict, votes: list) -> dict:
-    """For blind policy-vs-baseline comparisons (`rlhf eval --human`): per policy model, the share of votes
-    preferring its answer (a tie or both-bad counts half), with a Wilson 95% interval (the normal approximation's
-    shrinks to nothing at a rate of 0 or 1: [1, 1] after one vote)."""
-    outcomes = defaultdict(list)
+    """For blind policy-vs-baseline comparisons (`rlhf eval --human`): per policy model, the share of its
+    comparisons its answer wins, each comparison counting once as the mean of its votes (a vote for the policy 1,
+    a tie or both-bad one half), with a Wilson 95% interval over the comparisons (the normal approximation's
+    shrinks to nothing at a rate of 0 or 1: [1, 1] after one vote). Over comparisons, not votes: the labellers of
+    one comparison agree far more than votes on different ones, and counting each of them would narrow the
+    interval by up to the square root of the overlap."""
+    outcomes = defaultdict(lambda: defaultdict(list))
     for vote in votes:
         comparison = comparisons[vote.comparison_id]
         if comparison["kind"] != "eval" or {comparison["a_role"], comparison["b_role"]} != {"policy", "baseline"}:
             continue
         policy_side = "a" if comparison["a_role"] == "policy" else "b"
         policy = comparison[f"{policy_side}_model"]
-        outcomes[policy].append(1.0 if vote.choice == policy_side else 0.5 if vote.choice in ("tie", "both_bad")
-                                else 0.0)
+        outcomes[policy][vote.comparison_id].append(
+            1.0 if vote.choice == policy_side else 0.5 if vote.choice in ("tie", "both_bad") else 0.0)
     rates = {}
-    for policy, values in sorted(outcomes.items()):
-        rate = sum(values) / len(values)
-        low, high = wilson_interval(rate, len(values))
-        rates[policy] = {"votes": len(values), "win_rate": rate, "low": low, "high": high}
+    for policy, by_comparison in sorted(outcomes.items()):
+        means = [sum(values) / len(values) for values in by_comparison.values()]
+        rate = sum(means) / len(means)
+        low, high = wilson_interval(rate, len(means))
+        rates[policy] = {"votes": sum(map(len, by_comparison.values())), "comparisons": len(means),
+                         "win_rate": rate, "low": low, "high": high}
     return rates
 
 
@@ -189,5 +194,6 @@ def format_stats(report: dict) -> str:
                      f"agrees with the others {number(row['agreement_with_others'], '.2f')}")
     for policy, row in report["human_win_rates"].items():
         lines.append(f"human win rate of {policy} against the baseline: {row['win_rate']:.3f} "
-                     f"[{row['low']:.3f}, {row['high']:.3f}] over {row['votes']} votes")
+                     f"[{row['low']:.3f}, {row['high']:.3f}] over {row['comparisons']} comparisons "
+                     f"({row['votes']} votes)")
     return "\n".join(lines)

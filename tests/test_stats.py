@@ -1,7 +1,7 @@
 import pytest
 
-from preference_ui.stats import (batch_rows, format_stats, krippendorff_alpha, load_labels, pairwise_agreement,
-                                 stats)
+from preference_ui.stats import (batch_rows, format_stats, human_win_rates, krippendorff_alpha, load_labels,
+                                 pairwise_agreement, stats, wilson_interval)
 from rlhf.store import Store
 
 
@@ -118,3 +118,20 @@ def test_stats_command(tmp_path, capsys):
     assert cli(["label", "--db", f"sqlite:///{tmp_path / 'labels.db'}", "stats"]) == 0
     assert capsys.readouterr().out.startswith("batch (all): 0/0 comparisons voted, 0 votes {}\nagreement: "
                                               "Krippendorff's alpha n/a, pairwise n/a")
+
+
+def test_the_human_win_rate_counts_each_comparison_once_whatever_its_votes():
+    """Three labellers who agree on a comparison are one piece of evidence, not three: the interval is over the
+    comparisons (each the mean of its votes), so more votes on the same comparisons leave it as it is."""
+    from types import SimpleNamespace as Vote
+
+    comparisons = {i: {"kind": "eval", "a_role": "policy", "b_role": "baseline", "a_model": "run/ppo",
+                       "b_model": "run/sft"} for i in range(10)}
+    one = [Vote(comparison_id=i, choice="a" if i < 7 else "b") for i in range(10)]
+    three = [Vote(comparison_id=i, choice=vote.choice) for vote in one for i in [vote.comparison_id] * 3]
+    split = three[:-1] + [Vote(comparison_id=9, choice="tie")]  # one labeller of the last comparison says tie
+    by_one, by_three = human_win_rates(comparisons, one)["run/ppo"], human_win_rates(comparisons, three)["run/ppo"]
+    assert (by_one["comparisons"], by_one["votes"], by_three["comparisons"], by_three["votes"]) == (10, 10, 10, 30)
+    assert (by_three["win_rate"], by_three["low"], by_three["high"]) == (0.7, *wilson_interval(0.7, 10))
+    assert (by_one["low"], by_one["high"]) == (by_three["low"], by_three["high"])
+    assert human_win_rates(comparisons, split)["run/ppo"]["win_rate"] == pytest.approx((7 + 0.5 / 3) / 10)
