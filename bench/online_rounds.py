@@ -11,7 +11,9 @@ episodes; the three rounds label all pairs of 4 answers to a third as many promp
 uncertainty among the answers to fresh prompts, and train PPO for a third of the episodes each round (continuing).
 Both evaluate their final policies on the same `--eval-prompts` held-out prompts (the rounds' intermediate
 evaluations on 16). Every run goes through `rlhf run`, so the benchmark run again on the same `--root` reruns only
-what changed (with `--set reward.round_init=previous`: rounds 2 and 3 of the three-round arm).
+what changed (with `--set reward.round_init=previous`: rounds 2 and 3 of the three-round arm): changed settings or
+inputs, not changed code (`rlhf run` then says which stages another version of the code made; a fresh `--root`
+measures the code as it is).
 
 Prints per judge the labels each arm used and the final PPO and DPO judge win rates against SFT with 95%
 intervals; a policy's gain is its win rate minus 0.5, an arm's the mean of its PPO's and DPO's. Last line

@@ -37,8 +37,8 @@ from pipeline.cli import STAGE_OF_A_RUN, die_with_parent
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import ROUND_SECTION, hashed_settings, load_config, password_hidden, read_yaml
 from rlhf.errors import ConfigError, UserError
-from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, hash_config, input_hashes, read_stage_record,
-                        run_report, stage_key, work_key)
+from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, code_version, hash_config, input_hashes,
+                        read_stage_record, run_report, stage_key, work_key)
 from rlhf.stage import last_complete_checkpoint, partial_work_key, refuse_fixed_reward_model
 
 class StageFailed(UserError):
@@ -75,6 +75,16 @@ def stage_state(run_dir: RunDir, stage: str, config, inputs_now: dict | None = N
             and partial_work_key(partial) in (None, work_key(wanted, attempt.get("input_hashes", {}))):
         return "resume"  # (an attempt that failed before starting its work leaves an earlier attempt's checkpoints)
     return "fresh"
+
+
+def made_by_other_code(run_dir: RunDir, stage: str, key: str) -> str:
+    """A note for a stage skipped as up to date that another version of the code made: settings and inputs decide
+    what reruns, not the code, so a benchmark or a comparison rerun after a code change would read old results."""
+    made_by = (run_dir.stage_entry(stage) or {}).get("code_version")
+    now = code_version()
+    if made_by is None or made_by == now:
+        return ""
+    return f" (made by code {made_by}, the code is now {now}: --from {key} reruns it)"
 
 
 def current_inputs(stage, config, run) -> dict | None:
@@ -173,7 +183,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         state = "fresh" if forced else stage_state(run_dir, stage.name, sections[stage.name],
                                                    current_inputs(stage, sections[stage.name], sections["run"]))
         if state == "done":
-            print(f"[run] {key}: up to date, skipped", flush=True)
+            print(f"[run] {key}: up to date, skipped{made_by_other_code(run_dir, stage.name, key)}", flush=True)
             continue
         # rlhf run decides: a `resume: true` in the config would continue another attempt's checkpoints
         extra = [f"--{stage.name}.resume={str(state == 'resume').lower()}"] if stage.trains else []

@@ -185,8 +185,15 @@ def test_a_rerun_skips_what_is_up_to_date_and_a_change_reruns_only_what_depends_
     root = whole["root"]
     report = (root / "tiny" / "report.md").read_text()
     (root / "tiny" / "report.md").write_text("an eval attempt killed before it published wrote this")
+    manifest_path = root / "tiny" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["stages"]["sft"]["code_version"] = "0000000"  # as if another version of the code had made it
+    manifest_path.write_text(json.dumps(manifest))
     rerun = run_ok(rlhf_run(root, "tiny"))
-    assert actions(rerun) == {stage: "up to date, skipped" for stage in STAGES}
+    sft_line = next(line for line in rerun.splitlines() if line.startswith("[run] sft: "))
+    assert sft_line.startswith("[run] sft: up to date, skipped (made by code 0000000, the code is now ")
+    assert sft_line.endswith(": --from sft reruns it)")
+    assert actions(rerun) == {stage: "up to date, skipped" for stage in STAGES} | {"sft": sft_line[len("[run] sft: "):]}
     assert "[run] every stage was up to date" in rerun
     assert (root / "tiny" / "report.md").read_text() == report  # the published eval's, again
     # a new reward learning rate: the reward model changes, so PPO and eval (which read it) rerun; DPO does not
