@@ -23,7 +23,7 @@ import time
 from preference_ui import sample
 from preference_ui.ai_labeller import ai_label, check_ai_inputs
 from preference_ui.config import PreferencesStageConfig
-from preference_ui.gold import import_gold
+from preference_ui.gold import check_gold, import_gold
 from preference_ui.simulate import LabellerModel, simulate, voting_judge
 from preference_ui.stats import stats
 from rlhf.config import RunConfig
@@ -33,7 +33,8 @@ from rlhf.judges import judge_sources
 from rlhf.label_export import export
 from rlhf.runs import hash_config, read_stage_record
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
-from rlhf.store import Store, check_batch_name, check_database_url, check_prompt_widths, run_store_url, shown_url
+from rlhf.store import (NoStoreYet, Store, check_batch_name, check_database_url, check_prompt_widths, run_store_url,
+                        shown_url)
 
 STAGE = "preferences"
 
@@ -71,6 +72,7 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
     check_batch_name(config.batch or run.name, rounds=run.rounds)
     taken = prompts_taken_before(run, config)
     rows, gold = files(config, run)
+    check_gold_in_store(config, run, gold)
     prompts = round_prompts(rows, config, run.round, taken)
     check_prompt_widths([row["id"] for row in prompts], [row["category"] for row in prompts], config.prompts)
     return prompts, gold, taken + len(prompts)
@@ -86,6 +88,22 @@ def files(config: PreferencesStageConfig, run: RunConfig) -> tuple[list[dict], l
     if config.ai_judge:
         check_ai_inputs(config.ai_judge, config.ai_constitution)
     return rows, gold
+
+
+GOLD_FIX = ("the gold items are the store's own, shared by every run labelling in it: point preferences.gold at the "
+            "file they came from, or label in another store (preferences.db)")
+
+
+def check_gold_in_store(config: PreferencesStageConfig, run: RunConfig, gold: list[dict] | None) -> None:
+    """The store's gold items, where it has some, are this gold file's, and the file's prompt ids name no other
+    text there: checked (reading only) before anything is sampled."""
+    if gold is None:
+        return
+    try:
+        store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
+    except NoStoreYet:
+        return
+    check_gold(store, config.gold, gold, fix=GOLD_FIX)
 
 
 def check_feedback(config: PreferencesStageConfig, run: RunConfig) -> None:
@@ -178,7 +196,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     else:
         sample.main(dataclasses.replace(config, db=url), run, prompts, keys=keys)
     if config.gold:
-        import_gold(store, config.gold, rows=gold)
+        import_gold(store, config.gold, rows=gold, fix=GOLD_FIX)
     if config.ai_judge:
         counts = ai_label(store, config.ai_judge, config.ai_constitution, batch, config.ai_tie_margin,
                           config.overlap, config.gold_rate, config.seed)

@@ -229,3 +229,23 @@ def test_a_rerun_reuses_its_batch_only_when_drawn_from_the_same_model_prompts_an
     assert "batch 'people' in sqlite:///" in capsys.readouterr().err
     assert cli(["preferences", "--config", "configs/tiny.yaml", *people, "--preferences.num_prompts=8"]) == 0
     assert "batch 'people' already sampled: 8 comparisons" in capsys.readouterr().out
+
+
+def test_a_gold_file_other_than_the_one_the_stores_gold_items_came_from_is_refused_before_any_sampling(tmp_path,
+                                                                                                        capsys):
+    """The gold items are the store's, shared by its runs: another file's were found only after the stage had
+    sampled and stored a new batch, with advice (another --batch) the stage has no setting for."""
+    from pipeline.cli import main as cli
+
+    common = ["preferences", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}",
+              "--preferences.model=tiny-llama", "--preferences.num_prompts=4"]
+    assert cli([*common, "--preferences.gold=data/gold_comparisons.jsonl"]) == 0
+    store = Store(f"sqlite:///{tmp_path / 'tiny' / 'labels.db'}")
+    batches, comparisons = store.batches(), len(store.comparisons())
+    other = tmp_path / "other_gold.jsonl"
+    other.write_text('{"prompt": "2+2?", "a": "4", "b": "5", "expected": "a"}\n')
+    assert cli([*common, f"--preferences.gold={other}", "--preferences.batch=second"]) == 2
+    error = capsys.readouterr().err
+    assert f"batch 'gold' of sqlite:///{tmp_path / 'tiny' / 'labels.db'} already holds different comparisons than " \
+           f"{other}: the gold items are the store's own" in error and "preferences.db" in error
+    assert (store.batches(), len(store.comparisons())) == (batches, comparisons)  # nothing sampled
