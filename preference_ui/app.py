@@ -27,7 +27,7 @@ from rlhf.rankings import MAX_K, ranks_from_order
 from rlhf.schema import PREFERENCE_CHOICES
 from rlhf.store import MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Store, StoreError, User, shown_url
 from preference_ui.config import PreferencesStageConfig
-from preference_ui.queue import Item, ItemGone, LabelQueue
+from preference_ui.queue import Item, ItemGone, LabelQueue, unswap
 from preference_ui.render import conversation_html, shown_html
 from preference_ui.signin import ClientAddress, SameOrigin, SignInGuard
 
@@ -190,14 +190,24 @@ class LabellingApp:
                 self.queue.vote(user, state["comparison_id"], choice,
                                 (strength or DEFAULT_STRENGTH) if choice in PREFERENCE_CHOICES else None, note or None,
                                 seconds=round(time.time() - state["shown_at"], 2), written=written or None)
-            except (DuplicateVote, ItemGone):
-                return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (already "
-                                       "voted, skipped or timed out). Here is your next item.", state)
+            except DuplicateVote:
+                if self.voted_so(user, state["comparison_id"], choice):  # a double click: the first one counted
+                    return self.show(user, f"Saved your vote on item {state['label']} (once).", state)
+                return self.show(user, f"Not counted: you have already voted on item {state['label']}. Here is your "
+                                       "next item.", state)
+            except ItemGone:
+                return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (skipped "
+                                       "or timed out). Here is your next item.", state)
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
                 raise gr.Error(opaque(refused, state)) from None
             return self.show(user, f"Saved your vote on item {state['label']}.", state)
         handler.__name__ = f"vote_{choice}"
         return handler
+
+    def voted_so(self, user: User, comparison_id: int, shown_choice: str) -> bool:
+        """Whether the labeller's stored vote on the item is this choice, as the page showed the sides."""
+        return any(vote.user_id == user.id and unswap(vote.choice, vote.swapped) == shown_choice
+                   for vote in self.store.votes(comparison_id))
 
     def rank(self, order: str, note: str, page_label: str, state: dict | None, request: gr.Request):
         """The ranking typed or clicked as an order of the answers shown, best first."""
