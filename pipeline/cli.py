@@ -63,7 +63,8 @@ class StageHelp(argparse.Action):
         command = parser.prog.split()[-1]
         section = "preferences" if command in ("sample", "serve") else command
         parser.print_help()
-        print(f"\nconfig fields (YAML keys under run: / {section}:, or --section.field value):\n"
+        print(f"\nconfig fields (YAML keys under run: / {section}:, or --section.field value), with their built-in\n"
+              f"defaults (a --config file's values override them: configs/default.yaml sets many):\n"
               f"{fields_help('run', SECTIONS['run'])}\n{fields_help(section, SECTIONS[section])}")
         if section in TRL_FIELDS_NOTE:
             print(f"  ... and every field of the TRL config it extends, e.g. {TRL_FIELDS_NOTE[section]}")
@@ -83,8 +84,8 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     prepare.add_argument("name", help="a bundled model name (see `rlhf models list`)")
     models_parser.set_defaults(handler=run_models)
 
-    label = commands.add_parser("label", help="preference collection: sample, serve, users, gold, simulate, stats, "
-                                               "export")
+    label = commands.add_parser("label", help="preference collection: sample, serve, users, gold, simulate, ai, "
+                                               "stats, export")
     label.add_argument("--db", help="database URL (default: with --config the run's store, runs/NAME/labels.db; "
                                     "without, $RLHF_DB_URL or sqlite:///runs/labels.db)")
     label_commands = label.add_subparsers(dest="label_command", required=True)
@@ -122,7 +123,8 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     gold.add_argument("file", help="JSONL/JSON/CSV/Parquet rows: id, prompt, a, b, expected (a|b|tie|both_bad)")
     gold.add_argument("--batch", default="gold", help="batch name for the gold items (default: gold)")
     simulate = label_commands.add_parser("simulate", help="simulated labellers take items from the queue and vote")
-    simulate.add_argument("--judge", required=True, help="builtin:readability|length|keywords or module:function")
+    simulate.add_argument("--judge", required=True,
+                          help="builtin:length|keywords|readability|sentiment or module:function")
     simulate.add_argument("--labellers", type=int, default=3, help="how many simulated labellers (sim/<judge>/<i>)")
     simulate.add_argument("--batch", help="only this batch of comparisons (default: all)")
     simulate.add_argument("--temperature", type=float, default=1.0,
@@ -145,7 +147,7 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     ai.add_argument("--gold-rate", type=float, default=0.0, help="share of items drawn from gold comparisons")
     ai.add_argument("--overlap", type=int, default=3, help="labellers each comparison goes to, the AI one of them")
     stats = label_commands.add_parser("stats", help="progress, agreement and per-labeller throughput")
-    stats.add_argument("--batch", help="only this batch of comparisons (default: all)")
+    stats.add_argument("--batch", help="only this batch of comparisons (default: every batch but the gold items)")
     export = label_commands.add_parser("export", help="votes -> a saved HF preference dataset (TRL format)")
     export.add_argument("--out", help="folder to write (refused if it holds a different export)")
     export.add_argument("--demonstrations", help="also (or only) write the labellers' written answers as SFT "

@@ -43,7 +43,8 @@ class RunConfig:
         "help": "Comma-separated trackers: wandb (offline unless logged in), trackio (local dashboard), or none."})
     project: str = field(default="rlhf", metadata={"help": "wandb and trackio project name."})
     sample_every: int = field(default=0, metadata={
-        "help": "Log a table of sample prompts and responses every N steps (0: only before and after)."})
+        "help": "SFT: log a table of sample prompts and responses every N steps (0: only before and after); "
+                "PPO's tables follow ppo.sample_every."})
     rounds: int = field(default=1, metadata={
         "help": "Online rounds `rlhf run` makes: round 1 is the chain; each later round samples the latest "
                 "policy's answers on fresh prompts, labels those the reward model is least sure of, retrains the "
