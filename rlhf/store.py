@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +30,7 @@ from pathlib import Path
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint, create_engine, event, func, inspect, select, text, update)
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rlhf.errors import ConfigError, DataError, UserError
@@ -283,12 +284,32 @@ def database_url(url: str | None = None) -> str:
 
 
 def check_database_url(url: str) -> None:
-    """Refuses, before anything is written, a label store URL that is not a database URL."""
+    """Refuses, before anything is written, a label store URL that is not a database URL, or one of a SQLite
+    database in memory (everything stored would be gone when the command ends)."""
     try:
-        make_url(url)
+        parsed = make_url(url)
     except ArgumentError:
         raise StoreError(f"label store '{url}': not a database URL (sqlite:///PATH or "
                          "postgresql+psycopg://USER@HOST/DATABASE)") from None
+    if parsed.drivername.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
+        raise StoreError(f"label store '{url}': a SQLite database in memory keeps nothing; give a file, "
+                         "sqlite:///PATH")
+
+
+def check_sqlite_label_store(path: Path) -> None:
+    """An existing file opened as a label store is one (or empty): a mistyped --db naming another program's
+    database must not be changed (tables added, its journal switched to WAL), nor a text file read as one. Read
+    with a read-only connection of Python's own driver, before the store's engine (and its pragmas) touch it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"label store {path}: cannot open it ({err})") from None
+    if tables and "meta" not in tables:
+        raise StoreError(f"{path} is a SQLite database but not a label store (its tables: "
+                         f"{', '.join(sorted(tables)[:5])}): check --db")
 
 
 def shown_url(url: str) -> str:
@@ -347,6 +368,7 @@ class Store:
             raise NoStoreYet(f"no label store at {path}: `rlhf label sample` or `rlhf run` makes one (check --db "
                              "and --config)")
         if path is not None:
+            check_sqlite_label_store(path)
             path.parent.mkdir(parents=True, exist_ok=True)
         sqlite = self.url.startswith("sqlite")
         try:
@@ -358,7 +380,7 @@ class Store:
             # 100 ms). Queueing this process's writers on a lock instead keeps a busy app's latency flat.
             self.write_lock = threading.Lock() if sqlite else contextlib.nullcontext()
             self.check_schema()
-        except (OperationalError, NoSuchModuleError, ImportError) as err:  # no server, no driver, not a file
+        except (DatabaseError, ArgumentError, NoSuchModuleError, ImportError) as err:  # no server, no driver, ...
             cause = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
             raise StoreError(f"label store {shown_url(self.url)}: cannot open it ({cause})") from None
 

@@ -1,9 +1,11 @@
 """Bad input to the commands that read files: one line naming the file, the row and the field, exit 2, and the
 output root as it was (nothing locked, recorded, created or opened). The corpus, tests/bad_inputs/, is ours: each
 file holds one malformed kind, and expected.json says what the error names (line: field: problem)."""
+import contextlib
 import hashlib
 import json
 import shutil
+import sqlite3
 
 import pytest
 
@@ -210,6 +212,27 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         error = capsys.readouterr().err
         assert error.startswith("error: label store ") and "cannot open it" in error and cause in error, error
         assert len(error.strip().splitlines()) == 1 and "secret" not in error, error
+    # another program's database, a text file, a store in memory (keeps nothing), an invalid SQLite URL: refused,
+    # and nothing changed (the other database was given the store's tables and WAL journal)
+    other, text = root / "other.db", root / "text.db"
+    with contextlib.closing(sqlite3.connect(other)) as connection:
+        connection.execute("CREATE TABLE notes (line TEXT)")
+        connection.commit()
+    text.write_text('{"not": "a database"}\n')
+    files_before = tree_digest(root)
+    for url, message in ((f"sqlite:///{other}", f"{other} is a SQLite database but not a label store (its tables: "
+                                                 "notes): check --db"),
+                         (f"sqlite:///{text}", f"label store {text}: cannot open it (file is not a database)"),
+                         ("sqlite://", "a SQLite database in memory keeps nothing"),
+                         ("sqlite:///:memory:", "a SQLite database in memory keeps nothing"),
+                         ("sqlite://relative/labels.db", "cannot open it (Invalid SQLite URL")):
+        for command in (["users", "list"], ["stats"]):
+            assert cli(["label", "--db", url, *command]) == 2, url
+            error = capsys.readouterr().err
+            assert message in error and len(error.strip().splitlines()) == 1, error
+    assert tree_digest(root) == files_before
+    other.unlink()
+    text.unlink()
     store = root / "labels.db"
     assert cli(["label", "gold", str(bad_files["gold"]), "--db", f"sqlite:///{store}"]) == 2
     assert f"{bad_files['gold']}:2: expected" in capsys.readouterr().err
