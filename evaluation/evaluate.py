@@ -120,7 +120,8 @@ def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: l
     """The label store must not hold these prompts' ids with other text (`--eval.human` files the blind
     comparisons under them), nor can they be wider than its columns."""
     check_prompt_widths([p["id"] for p in prompts], [p.get("category") or "eval" for p in prompts], config.prompts)
-    check_batch_name(config.human_batch, "eval.human_batch")
+    if config.human_batch:  # (empty: eval-KEY, named after the models and answers)
+        check_batch_name(config.human_batch, "eval.human_batch")
     try:
         store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
     except NoStoreYet:

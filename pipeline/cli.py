@@ -206,16 +206,19 @@ def run_models(args, rest) -> int:
 
 def run_label(args, rest) -> int:
     from rlhf.datasets import load_rows
-    from rlhf.store import Store, check_new_user, shown_url
+    from rlhf.store import Store, check_batch_name, check_new_user, check_prompt_widths, shown_url
 
     if args.label_command in ("sample", "serve"):
         return run_label_with_config(args, rest)
     if rest:
         raise UserError(f"unexpected arguments: {' '.join(rest)}")
     gold = load_rows(args.file, "gold") if args.label_command == "gold" else None  # checked before the store opens
-    if args.label_command == "export" and not (args.out or args.demonstrations):
-        raise UserError("rlhf label export needs --out (the preference dataset), --demonstrations (a JSONL file of "
-                        "written answers), or both")
+    if gold is not None:
+        check_batch_name(args.batch, "--batch")
+        check_prompt_widths([f"{args.batch}/{row['id']}" for row in gold], [row["category"] for row in gold],
+                            args.file)
+    if args.label_command == "export":
+        check_export_options(args)
     labellers = simulated_labellers(args) if args.label_command == "simulate" else None
     if args.label_command == "ai":
         check_ai_labeller(args)
@@ -251,12 +254,15 @@ def run_label(args, rest) -> int:
 
         print(format_stats(stats(store, args.batch)))
     elif args.label_command == "export":
-        from rlhf.label_export import check_output, demonstrations, export, write_demonstrations
+        from rlhf.label_export import (check_demonstrations_file, check_output, demonstrations, export,
+                                       write_demonstrations)
 
         for path, option, folder in ((args.out, "--out", True), (args.demonstrations, "--demonstrations", False)):
             if path:  # both checked before either is written
                 check_output(Path(path), option, folder)
         written = demonstrations(store, args.batch) if args.demonstrations else None
+        if written is not None:
+            check_demonstrations_file(written, Path(args.demonstrations))
         if args.out:
             manifest = export(store, args.out, args.batch, args.min_votes)
             state = "unchanged" if manifest.get("unchanged") else "written"
@@ -348,6 +354,18 @@ def run_label_with_config(args, rest) -> int:
     return 0
 
 
+def check_export_options(args) -> None:
+    if not (args.out or args.demonstrations):
+        raise UserError("rlhf label export needs --out (the preference dataset), --demonstrations (a JSONL file of "
+                        "written answers), or both")
+    if args.min_votes < 1:
+        raise UserError(f"--min-votes must be at least 1, got {args.min_votes}")
+    if args.out and args.demonstrations and Path(args.out).resolve() in (Path(args.demonstrations).resolve(),
+                                                                         *Path(args.demonstrations).resolve().parents):
+        raise UserError(f"--demonstrations {args.demonstrations} is in --out {args.out}, the export's own folder: "
+                        "write it elsewhere")
+
+
 def read_password() -> str:
     """From the terminal without echo, or the first line of stdin when it is not a terminal (scripts, CI)."""
     if sys.stdin.isatty():
@@ -357,7 +375,7 @@ def read_password() -> str:
         if getpass.getpass("again: ") != password:
             raise UserError("the passwords differ")
         return password
-    return sys.stdin.readline().rstrip("\n")
+    return sys.stdin.readline().rstrip("\r\n")  # a Windows line end's \r is not part of the password
 
 
 def run_stage(args, rest) -> int:

@@ -34,6 +34,10 @@ class LabellerModel:
     skip: float = 0.0  # probability of skipping an item (the queue gives its slot to another labeller)
 
     def __post_init__(self):
+        numbers = (self.temperature, self.tie_margin, self.noise, self.skip, self.both_bad_floor or 0.0)
+        if not all(math.isfinite(number) for number in numbers):  # NaN passes every comparison below as false
+            raise ValueError("the simulated labellers' temperature, tie margin, both-bad floor, noise and skip rate "
+                             f"must be numbers, got {', '.join(map(str, numbers))}")
         if self.temperature < 0 or self.tie_margin < 0:
             raise ValueError(f"the simulated labellers' temperature and tie margin must be 0 or more (a negative "
                              f"temperature reverses every vote), got {self.temperature} and {self.tie_margin}")

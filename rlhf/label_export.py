@@ -115,8 +115,20 @@ def demonstrations(store: Store, batch: str | None = None) -> list[dict]:
     return rows
 
 
+def demonstrations_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def check_demonstrations_file(rows: list[dict], out: Path) -> None:
+    """A file already at `out` is these demonstrations (written again unchanged), never anything else: it would be
+    lost."""
+    if out.is_file() and out.read_text(errors="replace") != demonstrations_text(rows):
+        raise UserError(f"{out} exists and holds something else than these demonstrations; choose another "
+                        "--demonstrations or remove it")
+
+
 def write_demonstrations(rows: list[dict], out) -> None:
-    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(out, demonstrations_text(rows))
 
 
 def pair_choice(rank_a: int, rank_b: int) -> str:

@@ -24,6 +24,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -331,7 +332,9 @@ def check_prompt_widths(ids, categories, source) -> None:
 
 def check_batch_name(batch: str, setting: str = "preferences.batch, else run.name", rounds: int = 1) -> None:
     """A batch name (from `setting`) the store's column can hold, with room for the round suffix when a run has
-    later rounds."""
+    later rounds, and not blank or padded (it would list as another batch's name, or as nothing)."""
+    if not batch.strip() or batch != batch.strip():
+        raise ConfigError(f"batch name {batch!r} ({setting}): not empty, and no spaces around it")
     room = BATCH_WIDTH - (ROUND_BATCH_SUFFIX if rounds > 1 else 0)
     if len(batch) > room:
         raise ConfigError(f"batch name '{batch[:40]}...' ({setting}) is {len(batch)} characters; the label store "
@@ -344,6 +347,9 @@ def check_new_user(name: str, role: str, password: str) -> None:
         raise StoreError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
     if not name.strip() or len(password) < 8:
         raise StoreError("a user needs a name and a password of at least 8 characters")
+    if name != name.strip() or any(unicodedata.category(char).startswith("C") for char in name):
+        # " alice" beside "alice" reads as one account in every list, and the admin tab strips what it is given
+        raise StoreError(f"user name {name!r}: no spaces around it and no control or invisible characters")
     if len(name) > USER_NAME_WIDTH:
         raise StoreError(f"a user name holds at most {USER_NAME_WIDTH} characters, got {len(name)}")
 

@@ -125,9 +125,15 @@ def judge_scores(judge, prompts: list[str], responses: list[str], references: li
 
 
 def probe_judge(judge, prompt: str, reference: str | None = None) -> None:
-    """Scores one made-up answer, so that a judge that returns no list of finite numbers stops a stage before it
-    writes anything rather than after its answers are generated."""
-    judge_scores(judge, [prompt], ["A short made-up answer: 42."], None if reference is None else [reference])
+    """Scores one made-up answer, so that a judge that fails on it, or returns no list of finite numbers, stops a
+    stage before it writes anything rather than after its answers are generated."""
+    try:
+        judge_scores(judge, [prompt], ["A short made-up answer: 42."], None if reference is None else [reference])
+    except UserError:
+        raise
+    except Exception as err:  # a function of other arguments, or one that fails: the user's code, told in a line
+        raise UserError(f"judge {judge_name(judge)} failed on a made-up answer ({type(err).__name__}: {err}); a "
+                        "judge is a function of (prompts, answers) returning one number per answer") from None
 
 
 def checked_scores(judge, scores, answers: int) -> list[float]:

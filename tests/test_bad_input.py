@@ -2,6 +2,7 @@
 output root as it was (nothing locked, recorded, created or opened). The corpus, tests/bad_inputs/, is ours: each
 file holds one malformed kind, and expected.json says what the error names (line: field: problem)."""
 import contextlib
+import gc
 import hashlib
 import json
 import shutil
@@ -237,3 +238,24 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
     assert cli(["label", "gold", str(bad_files["gold"]), "--db", f"sqlite:///{store}"]) == 2
     assert f"{bad_files['gold']}:2: expected" in capsys.readouterr().err
     assert tree_digest(root) == before and not store.exists()
+
+
+def test_label_commands_refuse_blank_batches_nan_settings_and_a_judge_of_other_arguments(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    for batch, message in (("", "batch name '' (--batch): not empty, and no spaces around it"),
+                           (" b1", "batch name ' b1' (--batch): not empty, and no spaces around it"),
+                           ("b" * 129, f"batch name '{'b' * 40}...' (--batch) is 129 characters")):
+        assert cli(["label", "--db", db, "gold", "data/gold_comparisons.jsonl", "--batch", batch]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "labels.db").exists()  # refused before a store was made for the import
+    assert cli(["label", "--db", db, "gold", "data/gold_comparisons.jsonl"]) == 0
+    gc.collect()  # the import's connections closed (SQLite folds its WAL into the file as the last one closes)
+    before = tree_digest(tmp_path)
+    for flag in ("--temperature", "--tie-margin", "--both-bad-floor"):  # NaN passed every check and voted b always
+        assert cli(["label", "--db", db, "simulate", "--judge", "builtin:length", flag, "nan"]) == 2
+        assert "must be numbers" in capsys.readouterr().err
+    assert cli(["label", "--db", db, "simulate", "--judge", "json:dumps"]) == 2  # a function of other arguments
+    error = capsys.readouterr().err
+    assert error.startswith("error: judge json:dumps failed on a made-up answer (TypeError: ") and \
+        len(error.strip().splitlines()) == 1, error
+    assert tree_digest(tmp_path) == before

@@ -218,6 +218,20 @@ def test_a_written_answer_becomes_a_demonstration_and_a_pair_over_what_the_votes
                          {"role": "assistant", "content": "A better answer to Prompt 0?"}]}.items() <= \
         next(row for row in demonstrations if row["messages"][0]["content"] == "Prompt 0?").items()
     assert len(demonstrations) == 2
+    assert cli(["label", "--db", db, "export", "--demonstrations", str(demos)]) == 0  # the same again: unchanged
+    precious = tmp_path / "precious.jsonl"
+    precious.write_text("somebody's notes\n")
+    for options, message in (
+            (["--demonstrations", str(precious)], f"{precious} exists and holds something else than these "
+                                                  "demonstrations; choose another --demonstrations or remove it"),
+            (["--out", str(tmp_path / "same"), "--demonstrations", str(tmp_path / "same")],
+             f"--demonstrations {tmp_path / 'same'} is in --out {tmp_path / 'same'}, the export's own folder"),
+            (["--out", str(tmp_path / "new"), "--min-votes", "0"], "--min-votes must be at least 1, got 0")):
+        capsys.readouterr()
+        assert cli(["label", "--db", db, "export", *options]) == 2
+        assert message in capsys.readouterr().err
+    assert precious.read_text() == "somebody's notes\n" and not (tmp_path / "same").exists()
+    assert not (tmp_path / "new").exists()
     assert cli(["label", "--db", db, "export"]) == 2
     assert cli(["label", "--db", db, "export", "--demonstrations", str(tmp_path / "none.jsonl"), "--batch",
                 "gold"]) == 2

@@ -267,7 +267,13 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\n"))
     assert cli(["label", "--db", db, "users", "add", "a" * 129]) == 2  # wider than the store's column
     assert "a user name holds at most 128 characters" in capsys.readouterr().err
-    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\n"))
+    for name in (" ann", "ann ", "a\tb", "ann\x01", "ann\u200b"):  # reads as another account's name, or hides
+        monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\n"))
+        assert cli(["label", "--db", db, "users", "add", name]) == 2
+        assert f"user name {name!r}: no spaces around it and no control or invisible characters" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "labels.db").exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\r\n"))  # a Windows line end: no \r kept
     assert cli(["label", "--db", db, "users", "add", "ann", "--role", "admin"]) == 0
     assert cli(["label", "--db", db, "users", "disable", "ann"]) == 0
     assert cli(["label", "--db", db, "users", "list"]) == 0
