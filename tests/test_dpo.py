@@ -168,6 +168,8 @@ def test_a_killed_dpo_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_p
     resumed_weights = load_file(tmp_path / "runs" / "killed" / "dpo" / "model.safetensors")
     for name, tensor in load_file(tmp_path / "runs" / "whole" / "dpo" / "model.safetensors").items():
         assert torch.allclose(resumed_weights[name], tensor, atol=1e-5), name
+    start = load_file(tiny_model_path / "model.safetensors")  # and training moved them: equal, not both unmoved
+    assert max((resumed_weights[name] - start[name]).abs().max().item() for name in start) > 1e-4
 
 
 def test_missing_inputs_name_the_command_that_makes_them(tmp_path, capsys):

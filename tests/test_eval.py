@@ -21,7 +21,7 @@ def test_win_rate_counts_ties_as_half_and_its_interval_narrows_with_more_prompts
     few = bootstrap_interval([1.0, 0.0] * 5, [0.5] * 10, resamples=2000, confidence=0.95, seed=0)
     many = bootstrap_interval([1.0, 0.0] * 200, [0.5] * 400, resamples=2000, confidence=0.95, seed=0)
     assert few[0] < 0.5 < few[1] and many[0] < 0.5 < many[1]
-    assert many[1] - many[0] < few[1] - few[0] / 2
+    assert many[1] - many[0] < (few[1] - few[0]) / 2
     # the normal approximation's half-width for 400 fair coin flips is 1.96 * 0.5 / 20 = 0.049
     assert (many[1] - many[0]) / 2 == pytest.approx(0.049, abs=0.01)
 

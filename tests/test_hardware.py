@@ -21,11 +21,13 @@ def test_gpu_policy_and_forced_precision():
     assert hardware.choose("fp32", device="cuda", cuda_bf16=True).dtype == torch.float32
 
 
-def test_this_machine_follows_its_cpu_flags():
+def test_this_machine_follows_its_cpu_flags_or_its_gpu():
     flags = hardware.cpu_flags()
     expected = torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32
-    if not torch.cuda.is_available():
-        assert hardware.choose().dtype == expected
+    if torch.cuda.is_available():  # a GPU machine: the GPU's native bf16 decides, the CPU's flags still for the CPU
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        assert hardware.choose().dtype == (torch.bfloat16 if native else torch.float32)
+    assert hardware.choose(device="cpu").dtype == expected
 
 
 def test_gradient_checkpointing_only_when_memory_needs_it(tiny_model_path):

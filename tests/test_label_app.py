@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AuthenticationError
 
 from pipeline.cli import main as cli
 from preference_ui.app import check_host
@@ -129,7 +130,7 @@ def test_wrong_passwords_and_anonymous_visitors_are_refused(server):
         Client(server["url"], auth=(server["names"][0], "not-the-password"), verbose=False, ssl_verify=False)
     with pytest.raises(ValueError, match="Could not login"):
         Client(server["url"], auth=("nobody", PASSWORD), verbose=False, ssl_verify=False)
-    with pytest.raises(Exception):
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
         Client(server["url"], verbose=False, ssl_verify=False).predict(api_name="/next_item")
 
 

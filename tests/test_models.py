@@ -8,15 +8,19 @@ from rlhf import models
 from rlhf.errors import ModelError
 from tests.conftest import REPO
 
-PREPARE = "import sys; from rlhf import models; print(models.prepare_bundled('tiny-llama'))"
+PREPARE = ("import logging; logging.basicConfig(level=logging.INFO); from rlhf import models; "
+           "print(models.prepare_bundled('tiny-llama'))")
 
 
 def test_two_processes_preparing_at_once_convert_once(tmp_path):
     env = {"RLHF_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", PREPARE], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    paths = {p.communicate(timeout=300)[0].strip() for p in procs}
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    paths = {stdout.strip() for stdout, _ in outputs}
     assert all(p.returncode == 0 for p in procs)
+    # one of them converted; the other waited on the lock and found the folder ready
+    assert sum(stderr.count("preparing bundled model tiny-llama") for _, stderr in outputs) == 1, outputs
     assert paths == {str(tmp_path / "models" / "tiny-llama")}
     folder = tmp_path / "models" / "tiny-llama"
     assert json.loads((folder / models.READY_MARKER).read_text())["version"] == models.BUNDLED["tiny-llama"].version

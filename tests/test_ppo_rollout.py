@@ -5,6 +5,7 @@ import torch
 from ppo.core import logprobs_from_logits
 from ppo.rollout import encode_prompts, generate
 from rlhf import models
+from tests.test_decoding import noisy_tiny_model
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 
@@ -35,7 +36,7 @@ def test_sampling_frequencies_follow_the_tempered_softmax(tiny_model_path):
 
 
 def test_sampling_logprobs_equal_a_recomputation_and_responses_stop_at_eos(tiny_model_path):
-    policy, tokenizer = models.load_causal_lm(str(tiny_model_path))
+    policy, tokenizer = noisy_tiny_model(tiny_model_path, eos_boost=3.0)  # some answers end, some do not
     torch.manual_seed(1)
     prompts = [PROMPT, [{"role": "user", "content": "A much longer question about many different things?"}]] * 4
     rollout = generate(policy, tokenizer, prompts, response_length=12, temperature=0.7)
@@ -49,6 +50,7 @@ def test_sampling_logprobs_equal_a_recomputation_and_responses_stop_at_eos(tiny_
     recomputed = logprobs_from_logits(logits[:, start - 1:-1], rollout.response_ids, 0.7) * rollout.response_mask
     assert torch.allclose(recomputed, rollout.logprobs, atol=1e-4)
     eos = tokenizer.eos_token_id
+    assert 0 < int(rollout.ended.sum()) < len(prompts)  # the cut after a stop token is exercised, and its absence
     for row, row_mask, ended in zip(rollout.response_ids, rollout.response_mask, rollout.ended):
         length = int(row_mask.sum())
         assert (row[:length] == eos).sum() == int(ended) and (not ended or row[length - 1] == eos)

@@ -266,9 +266,10 @@ def test_no_gold_at_rate_zero_and_a_vote_needs_an_assignment(store_url):
     with pytest.raises(ItemGone, match="not assigned"):
         LabelQueue(store).vote(bob, train[0].id, "a")
     item = LabelQueue(store, overlap=2, gold_rate=0.0).next_item(bob)
-    for bad in ({"shown_choice": "left"}, {"shown_choice": "a", "strength": "huge"},
-                {"shown_choice": "a", "note": "x" * 2001}):
-        with pytest.raises(StoreError):
+    for bad, message in (({"shown_choice": "left"}, "choice must be one of a, b, tie, both_bad, got 'left'"),
+                         ({"shown_choice": "a", "strength": "huge"}, "strength must be one of .*, got 'huge'"),
+                         ({"shown_choice": "a", "note": "x" * 2001}, "note is 2001 characters")):
+        with pytest.raises(StoreError, match=message):  # told as such, not turned down by the database
             queue.vote(bob, item.comparison_id, **bad)
     assert len(store.votes()) == 3
 

@@ -254,6 +254,9 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
     whole_weights = load_file(tmp_path / "runs" / "whole" / "reward" / "model.safetensors")
     for name, tensor in whole_weights.items():
         assert torch.allclose(resumed_weights[name], tensor, atol=1e-5), name
+    start = load_file(tiny_model_path / "model.safetensors")  # and training moved them: equal, not both unmoved
+    shared = [name for name in start if name in resumed_weights]
+    assert shared and max((resumed_weights[name] - start[name]).abs().max().item() for name in shared) > 1e-3
 
 
 def save_tiny_model(out, tokenizer, vocab_size: int) -> str:
