@@ -227,6 +227,9 @@ def judge_lines(judge: str, result: dict) -> list[str]:
              f"labellers' ceiling {fmt(reward['human_ceiling'])} on {reward['ceiling_units']} votes "
              f"(the reward model on those votes: {fmt(reward['model_on_ceiling_units'])})",
              "  judge mean: " + ", ".join(f"{name} {policy['judge']:.3f}" for name, policy in policies.items())]
+    if all("distinct_4grams" in policy for policy in policies.values()):  # (results from before the column: none)
+        lines.append("  distinct 4-grams (repetition: lower repeats more): "
+                     + ", ".join(f"{name} {policy['distinct_4grams']:.3f}" for name, policy in policies.items()))
     for name, policy in trained(policies).items():
         lines.append(f"  {name}: win rate vs SFT {policy['win_rate_judge']:.3f} [{policy['win_rate_judge_low']:.3f}, "
                      f"{policy['win_rate_judge_high']:.3f}], KL to SFT {policy['kl']:.2f}")

@@ -4,10 +4,11 @@
 
 Every policy, and the baseline, answers the same prompts (greedy by default). Each answer is scored by the reward
 model (normalised by the scale its stage stored, as PPO trains on it) and by the judge; each policy gets its KL to
-the baseline along its own answers, its answer length and stop-token rate, and its win rate against the baseline
-under the reward model and under the judge, with bootstrap intervals over prompts. A judge that checks answers
-against the prompts' reference answers (`builtin:final_number`) also gives each policy its accuracy. Writes
-`runs/<name>/eval/` (results.json, answers.jsonl, plots) and the run's report, `runs/<name>/report.md`.
+the baseline along its own answers, its answer length, repetition (distinct 4-grams) and stop-token rate, and its
+win rate against the baseline under the reward model and under the judge, with bootstrap intervals over prompts. A
+judge that checks answers against the prompts' reference answers (`builtin:final_number`) also gives each policy its
+accuracy. Writes `runs/<name>/eval/` (results.json, answers.jsonl, plots) and the run's report,
+`runs/<name>/report.md`.
 """
 import dataclasses
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from evaluation.config import EvalStageConfig
-from evaluation.metrics import answer_kl, bootstrap_interval, win_rate
+from evaluation.metrics import answer_kl, bootstrap_interval, distinct_ngram_share, win_rate
 from evaluation.report import write_report
 from preference_ui.stats import stats
 from rlhf import models
@@ -283,6 +284,7 @@ def reward_scores(reward_path: str | None, messages: list, texts: dict, batch_si
 def policy_results(name: str, answers: list, kls: list[float], rewards: dict, judged: dict,
                    config: EvalStageConfig) -> dict:
     result = {"kl": statistics.fmean(kls), "tokens": statistics.fmean(len(a.ids) for a in answers),
+              "distinct_4grams": statistics.fmean(distinct_ngram_share(a.ids) for a in answers),
               "eos_rate": statistics.fmean(a.ended for a in answers)}
     for kind, scores in (("reward", rewards), ("judge", judged)):
         if not scores:

@@ -21,6 +21,14 @@ def bootstrap_interval(policy: list[float], baseline: list[float], resamples: in
     return rates[int(tail * (resamples - 1))], rates[int(round((1 - tail) * (resamples - 1)))]
 
 
+def distinct_ngram_share(ids: list[int], n: int = 4) -> float:
+    """The share of an answer's token n-grams that are distinct: 1 where nothing repeats, falling as an answer
+    repeats itself ("I'm happy to help. I'm happy to help."), as a policy that games its reward tends to. An answer
+    shorter than n tokens repeats nothing."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def kl_per_position(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
     """KL(policy || reference) over the whole vocabulary at each position: sum_v p (log p - log q)."""
     policy_logps = torch.log_softmax(policy_logits.float(), -1)

@@ -9,7 +9,8 @@ from rlhf.runs import RunDir, atomic_write_text, read_stage_record
 
 COLUMNS = [("reward", "reward"), ("win_rate_reward", "win rate vs {against} (reward)"), ("judge", "judge"),
            ("win_rate_judge", "win rate vs {against} (judge)"), ("kl", "KL to {against}"), ("tokens", "tokens"),
-           ("eos_rate", "stop-token rate"), ("win_rate_human", "win rate vs {against} (people)"),
+           ("distinct_4grams", "distinct 4-grams"), ("eos_rate", "stop-token rate"),
+           ("win_rate_human", "win rate vs {against} (people)"),
            ("human_votes", "people's votes")]
 TRAINING_CURVES = {"ppo": ("objective/scores", "objective/kl"), "dpo": ("loss", "rewards/margins")}
 
@@ -177,11 +178,14 @@ def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageC
              + (f"Judge: `{config.judge}`. " if config.judge else "")
              + f"Win rates count a tie as half, with {config.confidence:.0%} bootstrap "
              f"intervals over prompts. KL: summed over each answer's tokens, the full-vocabulary KL(policy || "
-             f"{against}) at each position of the policy's own answer."
+             f"{against}) at each position of the policy's own answer. Distinct 4-grams: the share of an answer's "
+             "token 4-grams that are distinct, averaged (it falls as answers repeat themselves, as a policy gaming "
+             "its reward often makes them)."
              + (f" People: blind comparisons with the {against} answer in batch `{config.human_batch}` of the label "
                 "store, asked only where the two answers differ (identical answers count as ties in the other "
-                "columns); a tie or both-bad counts half, Wilson 95% intervals over votes. Rerun `rlhf eval "
-                "--eval.human` after labelling to bring their votes in." if config.human else ""), "",
+                "columns); a tie or both-bad counts half, each comparison the mean of its votes, Wilson 95% "
+                "intervals over comparisons. Rerun `rlhf eval --eval.human` after labelling to bring their votes in."
+                if config.human else ""), "",
              "| policy | " + " | ".join(title for _, title in shown) + " |",
              "|---|" + "---|" * len(shown)]
     for name, result in results.items():

@@ -39,6 +39,12 @@ def test_summary_reports_the_held_out_judge_apart_and_ends_with_the_ratio():
     assert "reward model held-out accuracy 0.800 on 120 pairs; labellers' ceiling 0.830 on 300 votes" in text
     assert "ppo: win rate vs SFT 0.680 [0.580, 0.780], KL to SFT 1.50" in text
     assert "judge mean: sft 0.400, ppo 0.600, dpo 0.500" in text and "stage seconds: sft 90, reward -" in text
+    assert "distinct 4-grams" not in text  # results from before the column
+    repeating = judge_result(0.58, 0.66)
+    for name, share in (("sft", 0.88), ("ppo", 0.76), ("dpo", 0.92)):
+        repeating["policies"][name]["distinct_4grams"] = share
+    assert "  distinct 4-grams (repetition: lower repeats more): sft 0.880, ppo 0.760, dpo 0.920" in \
+        summary({"builtin:sentiment": repeating}, "builtin:sentiment")
 
 
 def test_critic_free_policies_count_in_the_ratio_and_get_their_own_lines():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from evaluation.metrics import answer_kl, bootstrap_interval, kl_per_position, win_rate
+from evaluation.metrics import answer_kl, bootstrap_interval, distinct_ngram_share, kl_per_position, win_rate
 from pipeline.cli import main as cli
 from rlhf.models import load_causal_lm
 from rlhf.reward_model import reward_tokenizer
@@ -35,6 +35,12 @@ def test_the_human_win_rates_wilson_interval_stays_open_after_one_vote():
 
     assert wilson_interval(1.0, 1) == pytest.approx((0.2065, 1.0), abs=1e-4)  # the normal approximation: [1, 1]
     assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+
+
+def test_distinct_4gram_share_by_hand():
+    assert distinct_ngram_share([1, 2, 3, 4, 5, 6]) == 1.0  # three 4-grams, none repeated
+    assert distinct_ngram_share([1, 2, 3, 4] * 3) == pytest.approx(4 / 9)  # 9 4-grams, 4 distinct
+    assert distinct_ngram_share([7, 7, 7]) == 1.0  # too short to repeat a 4-gram
 
 
 def test_kl_per_position_by_hand():
@@ -150,6 +156,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     assert same["kl"] == pytest.approx(0.0, abs=1e-5) and same["win_rate_reward"] == 0.5
     assert same["win_rate_judge"] == 0.5 and same["reward"] == pytest.approx(results["policies"]["sft"]["reward"])
     assert ppo["kl"] > 0 and ppo["win_rate_judge_low"] <= ppo["win_rate_judge"] <= ppo["win_rate_judge_high"]
+    assert 0 < ppo["distinct_4grams"] <= 1 and same["distinct_4grams"] == results["policies"]["sft"]["distinct_4grams"]
     metrics = json.loads((run / "manifest.json").read_text())["stages"]["eval"]["metrics"]
     assert metrics["ppo/kl"] == ppo["kl"] and metrics["ppo/win_rate_reward"] == ppo["win_rate_reward"]
 
@@ -169,7 +176,8 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     assert "policies against the SFT model" in report and "| win rate vs SFT (judge) |" in report
     assert "## PPO: judge (gold) and reward function (proxy) against KL" in report  # PPO maximised builtin:length
     row = next(line for line in report.splitlines() if line.startswith("| ppo |"))
-    assert f"{ppo['reward']:.3f}" in row and f"{ppo['kl']:.3f}" in row
+    assert f"{ppo['reward']:.3f}" in row and f"{ppo['kl']:.3f}" in row and f"{ppo['distinct_4grams']:.3f}" in row
+    assert "| distinct 4-grams |" in report
     assert (f"{ppo['win_rate_judge']:.3f} [{ppo['win_rate_judge_low']:.3f}, "
             f"{ppo['win_rate_judge_high']:.3f}]") in row
     for plot in ("training_curves.png", "reward_vs_kl.png", "score_distribution.png", "gold_vs_proxy.png"):
