@@ -40,6 +40,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from ppo.config import PPOStageConfig
 from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores, this_process
+from evaluation.metrics import distinct_ngram_share
 from ppo.health import health_alerts, overoptimisation_alert
 from ppo.rollout import generate
 from ppo.sharding import (every_process_loads, fsdp_version, full_parameters, full_state_dict, is_sharded,
@@ -429,10 +430,12 @@ def update_metrics(accelerator, experience, scores, raw_scores, stats: list[dict
     """TRL's former PPO metric names: episode metrics over the whole batch (gathered from every process), update
     statistics averaged over minibatches and processes."""
     mask = experience.rollout.response_mask
+    distinct = torch.tensor([distinct_ngram_share(row[:int(n)].tolist()) for row, n in
+                             zip(experience.rollout.response_ids, mask.sum(-1))], device=scores.device)
     per_episode = accelerator.gather(torch.stack([
         scores.float(), raw_scores.float(), experience.kl.sum(-1), mask.sum(-1).float(),
-        experience.rollout.ended.float().to(scores.device), masked_row_mean(experience.advantages, mask)], 1))
-    score, raw, kl, length, ended, advantage = per_episode.T
+        experience.rollout.ended.float().to(scores.device), masked_row_mean(experience.advantages, mask), distinct], 1))
+    score, raw, kl, length, ended, advantage, distinct = per_episode.T
     keys = list(stats[0])
     averaged = accelerator.reduce(torch.tensor([sum(s[k] for s in stats) / len(stats) for k in keys],
                                                device=accelerator.device), "mean")
@@ -443,6 +446,7 @@ def update_metrics(accelerator, experience, scores, raw_scores, stats: list[dict
             "objective/rlhf_reward": (score - kl_coef * kl).mean().item(),
             "val/num_eos_tokens": int(ended.sum().item()), "val/response_length": length.mean().item(),
             "val/min_response_length": length.min().item(), "val/advantage_avg": advantage.mean().item(),
+            "val/distinct_4grams": distinct.mean().item(),  # falls as the answers repeat themselves
             **dict(zip(keys, averaged.tolist())), "kl_coef": kl_coef, "episodes_per_update": config.batch_size,
             "episode": state.update * config.batch_size}
 

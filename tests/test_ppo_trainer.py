@@ -41,6 +41,8 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
     assert [point["update"] for point in evals] == [0, 8, 16, 20]
     assert evals[0]["kl"] == 0 and evals[-1]["eval/score"] == metrics["eval_score_after"]
     assert all({"eval/score", "eval/judge", "eval/judge_sem"} <= set(point) for point in evals)
+    history = json.loads((run / "ppo" / "history.json").read_text())  # each update's metrics, as dashboards get them
+    assert len(history) == 20 and all(0 < update["val/distinct_4grams"] <= 1 for update in history)
     # 12 tokens are too few for the tiny model's stop token: the alert prints once, its repeats are counted
     printed = capsys.readouterr().out
     assert printed.count("emit the stop token") == 1, printed[-3000:]
