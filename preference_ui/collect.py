@@ -152,8 +152,11 @@ def check_every_rounds_prompts(configs: list[PreferencesStageConfig]) -> None:
 
 
 SAMPLING_SETTINGS = ("num_prompts", "round_prompts", "responses_per_prompt", "max_new_tokens", "temperature",
-                     "round_budget", "seed", "precision", "feedback", "select", "select_count", "reward_model")
+                     "round_budget", "seed", "precision")
 ROUND_1_SAMPLING_SETTINGS = tuple(name for name in SAMPLING_SETTINGS if not name.startswith("round_"))
+# what else round 1's batch is made of, with the defaults: in its key only where set otherwise, so that a batch keyed
+# before they counted keeps its key (later rounds set them themselves, from inputs their key has)
+ROUND_1_CHOICES = {"feedback": "pairwise", "select": "all", "select_count": 0, "reward_model": ""}
 # who votes when machines do: a batch their votes filled (overlap places each) leaves no place to the votes of
 # labellers with other settings, so a rerun under other settings would export the old votes as new
 MACHINE_LABELLING_SETTINGS = ("simulate_judge", "simulate_labellers", "simulate_temperature", "simulate_noise",
@@ -228,10 +231,13 @@ def batch_keys(config: PreferencesStageConfig, run: RunConfig, hashes: dict) -> 
     content `hashes`) and sampling settings; and, when simulated or AI labellers vote, `labelled_by`, a key of
     their settings and the judges' code."""
     settings = SAMPLING_SETTINGS if run.round > 1 else ROUND_1_SAMPLING_SETTINGS
-    keys = {"drawn_from": hash_config({"inputs": sampled_from(hashes),
-                                       **{name: getattr(config, name) for name in settings}})[:8]}
-    if config.simulate_judge or config.ai_judge:
-        keys["labelled_by"] = hash_config({"judges": hashes.get("judges"), **{
+    values = {name: getattr(config, name) for name in settings}
+    if run.round == 1:
+        values.update({name: getattr(config, name) for name, default in ROUND_1_CHOICES.items()
+                       if getattr(config, name) != default})
+    keys = {"drawn_from": hash_config({"inputs": sampled_from(hashes), **values})[:8]}
+    if config.simulate_judge or config.ai_judge:  # (a `module:function` judge's code is the input simulate_judge)
+        keys["labelled_by"] = hash_config({"judge_code": hashes.get("simulate_judge"), **{
             name: getattr(config, name) for name in MACHINE_LABELLING_SETTINGS}})[:8]
     return keys
 

@@ -297,6 +297,13 @@ def check_database_url(url: str) -> None:
                          "sqlite:///PATH")
 
 
+def ours_by_its_meta(connection: sqlite3.Connection) -> bool:
+    """Whether a database's `meta` table is a label store's (a common table name): ours has exactly the columns
+    key and value. (Not by its schema_version row: a store another process is making has the table first.)"""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(meta)")}
+    return columns == {"key", "value"}
+
+
 def check_sqlite_label_store(path: Path) -> None:
     """An existing file opened as a label store is one (or empty): a mistyped --db naming another program's
     database must not be changed (tables added, its journal switched to WAL), nor a text file read as one. Read
@@ -306,9 +313,10 @@ def check_sqlite_label_store(path: Path) -> None:
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as connection:
             tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            ours = "meta" in tables and ours_by_its_meta(connection)
     except sqlite3.DatabaseError as err:
         raise StoreError(f"label store {path}: cannot open it ({err})") from None
-    if tables and "meta" not in tables:
+    if tables and not ours:
         raise StoreError(f"{path} is a SQLite database but not a label store (its tables: "
                          f"{', '.join(sorted(tables)[:5])}): check --db")
 
@@ -342,12 +350,18 @@ def check_batch_name(batch: str, setting: str = "preferences.batch, else run.nam
                                              if rounds > 1 else "") + ": choose a shorter one")
 
 
+def hidden(char: str) -> bool:
+    """A control, surrogate or format character (a bidirectional override, a zero-width space), except the joiners
+    that names and emoji are written with (ZWJ, ZWNJ)."""
+    return unicodedata.category(char) in ("Cc", "Cs", "Cf") and char not in "\u200c\u200d"
+
+
 def check_new_user(name: str, role: str, password: str) -> None:
     if role not in ROLES:
         raise StoreError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
     if not name.strip() or len(password) < 8:
         raise StoreError("a user needs a name and a password of at least 8 characters")
-    if name != name.strip() or any(unicodedata.category(char).startswith("C") for char in name):
+    if name != name.strip() or any(hidden(char) for char in name):
         # " alice" beside "alice" reads as one account in every list, and the admin tab strips what it is given
         raise StoreError(f"user name {name!r}: no spaces around it and no control or invisible characters")
     if len(name) > USER_NAME_WIDTH:

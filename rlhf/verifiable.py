@@ -19,6 +19,7 @@ NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?
 STATED = re.compile(r"\banswer\s*(?:is(?![\w'\u2019])|:|=)|\bresult\s*(?:is(?![\w'\u2019])|:)"
                     r"|\btotal\s*(?:is(?![\w'\u2019])|:)|####|\\boxed\{", re.IGNORECASE)
 EQUALS = re.compile(r"=")
+ARITHMETIC = re.compile(r"[\d\s.,+\-*/×÷x()$%^=\u2212]*")
 UNITS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
          "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
          "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19}
@@ -54,7 +55,7 @@ def word_numbers(text: str) -> list[tuple[int, float]]:
 
 def final_number_of(text: str) -> float | None:
     """The number an answer gives as its result: the first after its last stated marker ("the answer is",
-    "####", "\\boxed{", ...), or after the last "=" of that marker's sentence ("the answer is 26 + 16 = 42"); else
+    "####", "\\boxed{", ...), or after the "=" that ends a sum stated there ("the answer is 26 + 16 = 42"); else
     the first after its last "="; else its last number; None when it has none. In digits first: a number in words
     ("one" is too common a word to outrank a digit) only where the marker's sentence has no digits ("3 + 9 =
     twelve"), or the answer none at all. "$1,250.00", "-7", "3/4", "25%" and "forty-two" all read as numbers."""
@@ -67,7 +68,10 @@ def final_number_of(text: str) -> float | None:
             continue
         start = found[-1].end()
         sentence_end = next((end.start() for end in SENTENCE_END.finditer(text, start)), len(text))
-        start = max([start] + [equals.end() for equals in EQUALS.finditer(text, start, sentence_end)])
+        # an "=" that ends the stated answer's own sum ("the answer is 26 + 16 = 42"), not one in a reason given
+        # after it ("the answer is 7, because 2 * 3 = 6 plus 1")
+        start = max([start] + [equals.end() for equals in EQUALS.finditer(text, start, sentence_end)
+                               if ARITHMETIC.fullmatch(text, start, equals.start())])
         for end in (sentence_end, len(text)):
             for numbers in (digits, words):
                 after = [value for position, value in numbers if start <= position < end]

@@ -215,15 +215,19 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         assert len(error.strip().splitlines()) == 1 and "secret" not in error, error
     # another program's database, a text file, a store in memory (keeps nothing), an invalid SQLite URL: refused,
     # and nothing changed (the other database was given the store's tables and WAL journal)
-    other, text = root / "other.db", root / "text.db"
+    other, text, with_meta = root / "other.db", root / "text.db", root / "meta.db"
     with contextlib.closing(sqlite3.connect(other)) as connection:
         connection.execute("CREATE TABLE notes (line TEXT)")
+        connection.commit()
+    with contextlib.closing(sqlite3.connect(with_meta)) as connection:  # a table named as ours, another program's
+        connection.execute("CREATE TABLE meta (name TEXT, created TEXT)")
         connection.commit()
     text.write_text('{"not": "a database"}\n')
     files_before = tree_digest(root)
     for url, message in ((f"sqlite:///{other}", f"{other} is a SQLite database but not a label store (its tables: "
                                                  "notes): check --db"),
                          (f"sqlite:///{text}", f"label store {text}: cannot open it (file is not a database)"),
+                         (f"sqlite:///{with_meta}", f"{with_meta} is a SQLite database but not a label store"),
                          ("sqlite://", "a SQLite database in memory keeps nothing"),
                          ("sqlite:///:memory:", "a SQLite database in memory keeps nothing"),
                          ("sqlite://relative/labels.db", "cannot open it (Invalid SQLite URL")):
@@ -232,8 +236,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
             error = capsys.readouterr().err
             assert message in error and len(error.strip().splitlines()) == 1, error
     assert tree_digest(root) == files_before
-    other.unlink()
-    text.unlink()
+    for made in (other, text, with_meta):
+        made.unlink()
     store = root / "labels.db"
     assert cli(["label", "gold", str(bad_files["gold"]), "--db", f"sqlite:///{store}"]) == 2
     assert f"{bad_files['gold']}:2: expected" in capsys.readouterr().err

@@ -249,3 +249,24 @@ def test_a_gold_file_other_than_the_one_the_stores_gold_items_came_from_is_refus
     assert f"batch 'gold' of sqlite:///{tmp_path / 'tiny' / 'labels.db'} already holds different comparisons than " \
            f"{other}: the gold items are the store's own" in error and "preferences.db" in error
     assert (store.batches(), len(store.comparisons())) == (batches, comparisons)  # nothing sampled
+
+
+def test_batch_keys_keep_older_batches_keys_and_follow_the_judges_code():
+    """Round 1's key counts feedback and selection only where set otherwise than by default, so a batch keyed
+    before they counted keeps its key (a rerun would refuse it as drawn otherwise); the machine labellers' key
+    follows a `module:function` judge's code (the stage's input `simulate_judge`)."""
+    import dataclasses
+
+    from preference_ui.collect import ROUND_1_SAMPLING_SETTINGS, batch_keys
+    from rlhf.runs import hash_config
+
+    config, run = PreferencesStageConfig(simulate_judge="my.judges:tone"), RunConfig(name="keys")
+    hashes = {"model": "model-hash", "prompts": "prompts-hash", "simulate_judge": "code-1"}
+    before = hash_config({"inputs": {"model": "model-hash", "prompts": "prompts-hash"},
+                          **{name: getattr(config, name) for name in ROUND_1_SAMPLING_SETTINGS}})[:8]
+    keys = batch_keys(config, run, hashes)
+    assert keys["drawn_from"] == before
+    assert batch_keys(dataclasses.replace(config, select="uncertain"), run, hashes)["drawn_from"] != before
+    assert batch_keys(config, run, {**hashes, "simulate_judge": "code-2"})["labelled_by"] != keys["labelled_by"]
+    assert batch_keys(config, run, {**hashes, "simulate_judge": "code-2"})["drawn_from"] == before
+    assert "labelled_by" not in batch_keys(dataclasses.replace(config, simulate_judge=""), run, hashes)

@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
-from rlhf.store import DuplicateVote, Meta, Store, StoreError, Vote, password_matches
+from rlhf.store import DuplicateVote, Meta, Store, StoreError, Vote, check_new_user, password_matches
 from tests.conftest import database_numbers
 
 
@@ -273,6 +273,7 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
         assert f"user name {name!r}: no spaces around it and no control or invisible characters" in \
             capsys.readouterr().err
     assert not (tmp_path / "labels.db").exists()
+    check_new_user("مهر\u200cناز", "labeller", "s3cret-passphrase")  # a joiner names are written with: a name
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-passphrase\r\n"))  # a Windows line end: no \r kept
     assert cli(["label", "--db", db, "users", "add", "ann", "--role", "admin"]) == 0
     assert cli(["label", "--db", db, "users", "disable", "ann"]) == 0

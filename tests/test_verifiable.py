@@ -42,6 +42,10 @@ from tests.conftest import REPO
     ("First add 3 + 9. The answer is twelve.", 12.0),
     ("The answer is the one with 5 sides.", 5.0),
     ("The answer is 3.5 + 1 = 4.5. Then 2 more.", 4.5),
+    # an "=" in a reason given after the stated answer does not override it
+    ("The answer is 25%, since 1/4 = 0.25.", 25.0),
+    ("The answer is 7 (because 2 * 3 = 6, plus 1).", 7.0),
+    ("The answer is 3 hours, because 180 / 60 = 3 and 60 minutes = 1 hour.", 3.0),
 ])
 def test_the_final_number_parser_reads_numbers_as_people_write_them(text, expected):
     from rlhf.verifiable import final_number_of
