@@ -21,9 +21,9 @@ from sqlalchemy import and_, bindparam, exists, func, insert, null, or_, select,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from rlhf.store import (Assignment, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking,
-                        Response, Store, StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote,
-                        check_written, utcnow, vote_strength)
+from rlhf.store import (Assignment, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking, Response, Store,
+                        StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote, check_written,
+                        utcnow, vote_strength)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
