@@ -314,6 +314,8 @@ def label_store_url(args) -> str:
     """--db; else with --config the run's label store; else $RLHF_DB_URL or sqlite:///runs/labels.db."""
     from rlhf.store import database_url, run_store_url
 
+    if args.db is not None and not args.db.strip():  # ($DB unset in a script): not the default store, unsaid
+        raise UserError("--db is empty: give the label store's URL, or leave --db out for the default store")
     if args.db or not getattr(args, "config", None):
         return database_url(args.db)
     sections = read_sections(args.config, [], ["run", "preferences"])

@@ -25,7 +25,8 @@ from starlette.middleware import Middleware
 from rlhf.errors import UserError
 from rlhf.rankings import MAX_K, ranks_from_order
 from rlhf.schema import PREFERENCE_CHOICES
-from rlhf.store import MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Store, StoreError, User, shown_url
+from rlhf.store import (MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, LabellerDisabled, Store, StoreError, User,
+                        shown_url)
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.queue import Item, ItemGone, LabelQueue, unswap
 from preference_ui.render import conversation_html, shown_html
@@ -99,6 +100,9 @@ def opaque(refused: StoreError, state: dict) -> str:
     return str(refused).replace(f"comparison {state['comparison_id']}", f"item {state['label']}")
 
 
+NOT_SIGNED_IN = "not signed in, or this account is disabled"
+
+
 class LabellingApp:
     """The handlers behind the Blocks; each one resolves the signed-in user from the request."""
 
@@ -113,7 +117,7 @@ class LabellingApp:
         name = request.username if request is not None and request.username else self.local_user
         user = self.store.user(name) if name else None
         if user is None or user.disabled:
-            raise gr.Error("not signed in, or this account is disabled")
+            raise gr.Error(NOT_SIGNED_IN)
         return user
 
     def admin(self, request: gr.Request) -> User:
@@ -198,6 +202,8 @@ class LabellingApp:
             except ItemGone:
                 return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (skipped "
                                        "or timed out). Here is your next item.", state)
+            except LabellerDisabled:  # disabled between this request's account check and its vote
+                raise gr.Error(NOT_SIGNED_IN) from None
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
                 raise gr.Error(opaque(refused, state)) from None
             return self.show(user, f"Saved your vote on item {state['label']}.", state)
@@ -226,6 +232,8 @@ class LabellingApp:
         except (DuplicateVote, ItemGone):
             return self.show(user, f"Not counted: item {state['label']} is no longer yours to rank (already "
                                    "ranked, skipped or timed out). Here is your next item.", state)
+        except LabellerDisabled:
+            raise gr.Error(NOT_SIGNED_IN) from None
         except StoreError as refused:
             raise gr.Error(opaque(refused, state)) from None
         return self.show(user, f"Saved your ranking of item {state['label']}.", state)

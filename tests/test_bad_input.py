@@ -206,6 +206,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
 
     assert cli(["label", "--db", "foo", "stats"]) == 2
     assert capsys.readouterr().err.startswith("error: label store 'foo': not a database URL")
+    assert cli(["label", "--db", "", "users", "list"]) == 2  # ($DB unset in a script) not the default store, unsaid
+    assert capsys.readouterr().err.startswith("error: --db is empty: give the label store's URL")
     for url, cause in ((f"sqlite:///{run}", "unable to open database file"),  # a folder
                        ("postgresql+psycopg://ann:secret@127.0.0.1:1/labels", "Connection refused"),
                        ("mysql://ann@127.0.0.1/labels", "No module named")):  # no driver installed

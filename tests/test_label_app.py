@@ -108,6 +108,16 @@ def test_an_answer_counts_only_for_the_item_on_its_page_and_for_the_account_it_w
     bobs = {**handlers.show(store.user("bob"))[0], "comparison_id": ranked.id, "label": "RANKED01"}
     with pytest.raises(Exception, match="item RANKED01 is a ranking item: it takes a ranking, not a vote"):
         handlers.answer("a")("clear", "", "", "RANKED01", bobs, SimpleNamespace(username="bob"))
+    # an account disabled between a request's account check and its vote: refused as signed out, and the store's
+    # URL (a path or a server) is not shown to the labeller
+    bobs = handlers.show(store.user("bob"))[0]
+    checked, handlers.user = handlers.user, lambda request: store.user("bob")  # the check passed a moment ago
+    store.set_disabled("bob", True)
+    with pytest.raises(Exception, match="not signed in, or this account is disabled") as refused:
+        handlers.answer("a")("clear", "", "", bobs["label"], bobs, SimpleNamespace(username="bob"))
+    assert "sqlite" not in str(refused.value) and "rlhf label users" not in str(refused.value)
+    handlers.user = checked
+    assert not store.votes()
 
 
 def test_an_empty_queue_shows_nothing_left_even_while_the_remaining_count_is_seconds_old(tmp_path):
