@@ -29,7 +29,7 @@ from rlhf import hardware, models, tracking
 from rlhf.batching import LengthGroupedTraining, PromptGroupSampler, longest_sequence, shared_prefix_inputs, unique_rows
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
 from rlhf.preference_pairs import answer_text, pair_margin, preference_source, usable_pairs
@@ -47,6 +47,9 @@ def inputs(config: DPOStageConfig, run: RunConfig) -> dict:
     """What the stage reads, as the manifest records it: the policy, and the pairs' source."""
     run_dir = run.directory()
     found = Inputs()
+    if run.round > 1 and config.preferences:
+        raise ConfigError(f"dpo.preferences is set, but online round {run.round} trains on the round's own pairs "
+                          f"(round-{run.round}/preferences): leave it empty")
     if run.round == 1:
         found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
     else:  # an online round continues the previous round's DPO policy, which is also its reference (iterative DPO)

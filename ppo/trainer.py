@@ -6,8 +6,8 @@ answers batch_size / G prompts G times each, and the advantages come from the an
 Each update, top to bottom:
   1. take the next `batch_size` prompts (reshuffled every pass over them);
   2. sample responses (ppo/rollout.py: left-padded, KV cache, temperature, cut at the stop token);
-  3. score prompt + response with the reward model at its last real token, normalised by the scale the reward
-     stage stored, minus the missing-EOS penalty;
+  3. score prompt + response with the reward model (pooled as it was trained: its last real token, or the mean
+     over the answer), normalised by the scale the reward stage stored, minus the missing-EOS penalty;
   4-7. reference log-probs, values, per-token rewards with the KL penalty, GAE advantages (ppo/update.py); in
      half precision the sampling log-probs are first recomputed by a full forward, as the update computes them;
   8. `num_ppo_epochs` passes of shuffled minibatches updating policy and critic with one optimiser;

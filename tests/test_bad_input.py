@@ -177,6 +177,11 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
          "preferences: min_votes (4) is more than overlap (3)"),  # people voting: the wait would never end
         (["preferences", f"--preferences.model={model}", "--preferences.simulate_labellers=2",
           "--preferences.min_votes=3"], "min_votes (3) is more than the 2 vote(s) each comparison gets"),
+        # a later online round learns from its own pairs: a fixed preference source would be every round's
+        (["reward", f"--reward.model={model}", "--run.round=2", "--reward.preferences=data/gold_comparisons.jsonl"],
+         "reward.preferences is set, but online round 2 trains on every round's own votes"),
+        (["dpo", f"--dpo.model={model}", "--run.round=2", "--dpo.preferences=data/gold_comparisons.jsonl"],
+         "dpo.preferences is set, but online round 2 trains on the round's own pairs (round-2/preferences)"),
         (["reward", f"--reward.model={model}", "--reward.pad_token=<|im_end|>"],
          "reward: pad_token ('<|im_end|>'): the stage picks the pad token itself"),
         (["preferences", f"--preferences.model={model}", "--preferences.batch_size=0"],
