@@ -171,7 +171,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
     for key, round, stage in plan:  # every stage's own files (data, prompts, judges) before the first one writes
         if stage.files is not None:
             stage.files(settings[round][stage.name], settings[round]["run"])
-    if "preferences" in settings[1]:
+    if rounds > 1 and "preferences" in settings[1]:  # (round 1's prompts: its own stage's files, just read)
         from preference_ui.collect import check_every_rounds_prompts
 
         check_every_rounds_prompts([settings[round]["preferences"] for round in range(1, rounds + 1)])

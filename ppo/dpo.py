@@ -22,11 +22,11 @@ import torch
 from accelerate import PartialState
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import pad
 
 from ppo.dpo_config import DPOStageConfig
 from rlhf import hardware, models, tracking
-from rlhf.batching import LengthGroupedTraining, PromptGroupSampler, longest_sequence, shared_prefix_inputs, unique_rows
+from rlhf.batching import (LengthGroupedTraining, MultiplePadding, PromptGroupSampler, longest_sequence,
+                           shared_prefix_inputs, unique_rows)
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import ConfigError, DataError
@@ -153,7 +153,7 @@ def shared_prompt_logps(model, batch: dict) -> torch.Tensor:
 
 
 @dataclasses.dataclass
-class PairCollator(DataCollatorForPreference):
+class PairCollator(MultiplePadding, DataCollatorForPreference):
     """TRL's collator (chosen rows, then rejected rows) plus each pair's margin, tie flag and weight. With
     `share_prompt`, a batch of prompt groups (examples with a `group`) whose rows all fit in `max_length` is
     split instead: each distinct prompt once (left-padded), each distinct answer once (right-padded) with the
@@ -173,9 +173,6 @@ class PairCollator(DataCollatorForPreference):
         longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
         return (self.share_prompt and all("group" in e for e in examples)
                 and (self.max_length is None or longest <= self.max_length))
-
-    def padded(self, rows: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
-        return pad(rows, padding_value=value, padding_side=side, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def shared_prompt_batch(self, examples) -> dict:
         prompts, prompt_of = unique_rows([tuple(e["prompt_ids"]) for e in examples])

@@ -146,9 +146,11 @@ def check_every_rounds_prompts(configs: list[PreferencesStageConfig]) -> None:
     """Each round of a run of several (its preferences settings in `configs`, round 1 first) finds its fresh
     prompts in the file: checked before round 1 starts, as each round counts them when it comes (a file used up
     by round 4 stopped the run after three rounds of training)."""
-    taken = 0
+    taken, files = 0, {}
     for round, config in enumerate(configs, start=1):
-        taken += len(round_prompts(load_rows(config.prompts, "prompt"), config, round, taken))
+        if config.prompts not in files:  # (the same file for every round, as a rule: read once)
+            files[config.prompts] = load_rows(config.prompts, "prompt")
+        taken += len(round_prompts(files[config.prompts], config, round, taken))
 
 
 SAMPLING_SETTINGS = ("num_prompts", "round_prompts", "responses_per_prompt", "max_new_tokens", "temperature",

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
-from trl.trainer.utils import pad
 
-from rlhf.batching import PromptGroupSampler, shared_prefix_inputs, unique_rows
+from rlhf.batching import MultiplePadding, PromptGroupSampler, shared_prefix_inputs, unique_rows
 from rlhf.preference_loss import plackett_luce_loss, preference_loss
 from rlhf.rankings import ranks_in_order
 from rlhf.reward_model import pooled_rewards
@@ -60,7 +59,7 @@ def shared_length(group: list[dict]) -> int:
 
 
 @dataclass
-class PreferenceCollator(DataCollatorForPreference):
+class PreferenceCollator(MultiplePadding, DataCollatorForPreference):
     """Each distinct sequence of the batch once (right-padded rows), with the row of each pair's chosen and
     rejected answer, its tie flag and its weights: pairs of one prompt that share answers (k answers, all pairs)
     run each answer once. With `share_prompt` the rows are split instead: the tokens every answer to one prompt
@@ -92,9 +91,6 @@ class PreferenceCollator(DataCollatorForPreference):
                 "answer_mask": self.padded([(torch.arange(len(r)) >= starts[i]).long() for i, r in enumerate(rows)],
                                            0, "right"),
                 "chosen_row": torch.tensor(index[0::2]), "rejected_row": torch.tensor(index[1::2])}
-
-    def padded(self, rows: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
-        return pad(rows, padding_value=value, padding_side=side, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def shared_prefix_batch(self, examples, groups: list[list[int]], shared: list[int]) -> dict:
         prefixes, answers, prompt_left = [], [], []

@@ -99,6 +99,15 @@ def shared_prefix_inputs(model, batch: dict, **prefix_kwargs) -> tuple:
                     "position_ids": start + torch.arange(suffix_mask.shape[1], device=start.device)}
 
 
+class MultiplePadding:
+    """Collator mixin: rows padded to one length, rounded up to the collator's `pad_to_multiple_of` (its field)."""
+
+    def padded(self, rows: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
+        from trl.trainer.utils import pad
+
+        return pad(rows, padding_value=value, padding_side=side, pad_to_multiple_of=self.pad_to_multiple_of)
+
+
 LENGTH_GROUPED = "length_grouped"
 
 

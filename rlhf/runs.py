@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -108,6 +109,7 @@ def input_hashes(inputs: dict) -> dict:
     return {name: hash_path(path) if Path(path).exists() else str(path) for name, path in inputs.items()}
 
 
+@functools.cache  # (asked once per stage skipped or recorded; the code does not change under a running process)
 def code_version() -> str:
     here = Path(__file__).resolve().parent.parent
     try:
