@@ -139,7 +139,8 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0)
     ai = label_commands.add_parser("ai", help="an AI labeller: a local chat model votes by a written constitution")
     ai.add_argument("--model", default="smollm2-135m-instruct",
-                    help="bundled model name or model folder (default: smollm2-135m-instruct); votes as ai/<name>")
+                    help="bundled model name or model folder (default: smollm2-135m-instruct); votes as ai/<name> "
+                         "(a folder: its name and its content hash's first 8 hex digits)")
     ai.add_argument("--constitution", default="data/constitution.md", help="the principles it judges by")
     ai.add_argument("--batch", help="only this batch of comparisons (default: all)")
     ai.add_argument("--tie-margin", type=float, default=0.05,

@@ -1,5 +1,5 @@
 """AI labellers (issue 19): a local chat model, given a written constitution (data/constitution.md), says which of
-two answers follows it better, and votes through the same queue as people, as the user `ai/<model>`.
+two answers follows it better, and votes through the same queue as people, as the user `ai/<model>` (`ai_account`).
 
 The model is asked once with the answers in each order ("Answer A" first, then the same pair swapped) and reads
 its next-token probabilities of the letters A and B, renormalised over the two: P(first better) in each order.
@@ -22,6 +22,7 @@ from rlhf import models
 from rlhf.errors import MissingInputError
 from rlhf.hardware import detect_device
 from rlhf.rankings import ranks_in_order
+from rlhf.runs import hash_path
 from rlhf.schema import VOTE_CHOICES
 from rlhf.store import Store
 
@@ -94,12 +95,27 @@ def check_ai_inputs(model_spec: str, constitution_path: str) -> None:
     models.resolve(model_spec)
 
 
+def ai_model_input(model_spec: str) -> str | None:
+    """The AI labeller's model folder, for the preferences stage to record (hashed by content) as an input: retrained
+    weights then rerun the stage and key its votes anew. None for a bundled name or a hub id."""
+    folder = Path(model_spec).expanduser()
+    return str(folder) if folder.is_dir() else None
+
+
+def ai_account(model_spec: str) -> str:
+    """The AI labeller's user name: `ai/<bundled name or hub id>`, or for a model folder `ai/<folder name>-<the
+    first 8 hex digits of its content hash>`: two folders named `sft` (two runs' SFT models) are two labellers, each
+    with its own votes and queue places, and retrained weights vote as a new labeller."""
+    folder = ai_model_input(model_spec)
+    return f"ai/{model_spec}" if folder is None else f"ai/{Path(folder).resolve().name}-{hash_path(folder)[:8]}"
+
+
 def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CONSTITUTION, batch: str | None = None,
              tie_margin: float = 0.05, overlap: int = 1, gold_rate: float = 0.0, seed: int = 0) -> dict:
     """The AI labeller takes items from the queue until it has none left for it, and votes on (or ranks) each.
     Returns the count of each choice (as stored), and of rankings where there were any."""
     constitution = Path(constitution_path).read_text()
-    user = store.machine_labeller(f"ai/{Path(models.resolve(model_spec)).name}")
+    user = store.machine_labeller(ai_account(model_spec))
     model, tokenizer = models.load_causal_lm(model_spec, device=detect_device())
     model.eval()
     queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed, expires_others=False)

@@ -21,7 +21,7 @@ import os
 import time
 
 from preference_ui import sample
-from preference_ui.ai_labeller import ai_label, check_ai_inputs
+from preference_ui.ai_labeller import ai_label, ai_model_input, check_ai_inputs
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.gold import check_gold, import_gold
 from preference_ui.simulate import LabellerModel, simulate, voting_judge
@@ -45,8 +45,8 @@ def main(config: PreferencesStageConfig, run: RunConfig) -> dict:
 
 def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
     """Round 1: the model that answers (the SFT model). A later online round: the previous round's policy, and
-    its reward model to pick the pairs it is least sure about. Then the prompts, the gold file, and the label
-    store when it is not the run's own (its URL, password hidden)."""
+    its reward model to pick the pairs it is least sure about. Then the prompts, the AI labeller's constitution and
+    model folder, the gold file, and the label store when it is not the run's own (its URL, password hidden)."""
     found = Inputs()
     if run.round == 1:
         found.add("model", lambda: sample.model_spec(config, run))
@@ -56,6 +56,10 @@ def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
         found.add("reward_model", lambda: earlier_round_model(run_dir, "reward", "reward model"))
     found.add("prompts", config.prompts)
     found.add("judges", judge_sources(simulate_judge=config.simulate_judge))
+    if config.ai_judge:
+        found.add("ai_constitution", config.ai_constitution)
+        if ai_model_input(config.ai_judge):
+            found.add("ai_judge", ai_model_input(config.ai_judge))
     if config.gold:
         found.add("gold", config.gold)
     if config.db or os.environ.get("RLHF_DB_URL"):  # the run's own store goes with its folder: not recorded
@@ -231,7 +235,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
 def batch_keys(config: PreferencesStageConfig, run: RunConfig, hashes: dict) -> dict:
     """What a batch is made under, stored with its answers: `drawn_from`, a key of the model, prompts (by their
     content `hashes`) and sampling settings; and, when simulated or AI labellers vote, `labelled_by`, a key of
-    their settings and the judges' code."""
+    their settings and the judges' code (the AI labeller's constitution and model folder by content)."""
     settings = SAMPLING_SETTINGS if run.round > 1 else ROUND_1_SAMPLING_SETTINGS
     values = {name: getattr(config, name) for name in settings}
     if run.round == 1:
@@ -239,8 +243,12 @@ def batch_keys(config: PreferencesStageConfig, run: RunConfig, hashes: dict) -> 
                        if getattr(config, name) != default})
     keys = {"drawn_from": hash_config({"inputs": sampled_from(hashes), **values})[:8]}
     if config.simulate_judge or config.ai_judge:  # (a `module:function` judge's code is the input simulate_judge)
-        keys["labelled_by"] = hash_config({"judge_code": hashes.get("simulate_judge"), **{
-            name: getattr(config, name) for name in MACHINE_LABELLING_SETTINGS}})[:8]
+        labellers = {"judge_code": hashes.get("simulate_judge"),
+                     **{name: getattr(config, name) for name in MACHINE_LABELLING_SETTINGS}}
+        # the AI labeller's constitution and model folder by content (a bundled name is in the settings)
+        labellers.update({f"{name}_content": hashes[name] for name in ("ai_constitution", "ai_judge")
+                          if name in hashes})
+        keys["labelled_by"] = hash_config(labellers)[:8]
     return keys
 
 

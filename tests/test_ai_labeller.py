@@ -42,6 +42,44 @@ def test_the_ai_labeller_votes_through_the_queue_under_its_own_account(tmp_path)
     assert sum(ai_label(store, "tiny-llama", batch="b1").values()) == 0  # nothing left for it
 
 
+def test_ai_labellers_from_two_model_folders_of_one_name_are_two_labellers(tmp_path, tiny_model_path):
+    """Two runs' `sft` folders vote as two accounts, named by folder and content: the second was refused every
+    item as already voted (one account `ai/sft`), and its votes would have counted as the first's."""
+    import shutil
+
+    import torch
+
+    from preference_ui.ai_labeller import ai_account
+    from preference_ui.collect import inputs
+    from preference_ui.config import PreferencesStageConfig
+    from rlhf.config import RunConfig
+    from rlhf.runs import hash_path
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    for i in range(3):
+        prompt = store.add_prompt(f"p{i}", "chat", [{"role": "user", "content": f"{PROMPT} {i}"}])
+        store.add_comparison(store.add_response(prompt, f"Blue {i}.", "m", {}),
+                             store.add_response(prompt, f"Grey {i}.", "m", {}), batch="b1")
+    first, second = tmp_path / "a" / "sft", tmp_path / "b" / "sft"
+    for folder in (first, second):
+        shutil.copytree(tiny_model_path, folder)
+    retrained, _ = models.load_causal_lm(str(second))
+    with torch.no_grad():
+        retrained.get_output_embeddings().weight.mul_(1.5)
+    retrained.save_pretrained(second)
+    assert sum(ai_label(store, str(first), batch="b1", overlap=2).values()) == 3
+    assert sum(ai_label(store, str(second), batch="b1", overlap=2).values()) == 3
+    assert sum(ai_label(store, str(first), batch="b1", overlap=2).values()) == 0  # nothing left for it
+    names = sorted(user.name for user in store.users())
+    assert names == sorted(f"ai/sft-{hash_path(folder)[:8]}" for folder in (first, second)) and names[0] != names[1]
+    assert ai_account("tiny-llama") == "ai/tiny-llama" and len(store.votes()) == 6
+    # the preferences stage records the folder and the constitution as inputs (hashed by content)
+    found = inputs(PreferencesStageConfig(model="tiny-llama", ai_judge=str(second)), RunConfig(output_root=tmp_path))
+    assert found["ai_judge"] == str(second) and found["ai_constitution"] == "data/constitution.md"
+    assert "ai_judge" not in inputs(PreferencesStageConfig(model="tiny-llama", ai_judge="tiny-llama"),
+                                    RunConfig(output_root=tmp_path))
+
+
 def test_the_ai_labeller_is_shown_the_whole_conversation_as_people_are(tmp_path, monkeypatch):
     import preference_ui.ai_labeller as ai_labeller
 

@@ -270,3 +270,8 @@ def test_batch_keys_keep_older_batches_keys_and_follow_the_judges_code():
     assert batch_keys(config, run, {**hashes, "simulate_judge": "code-2"})["labelled_by"] != keys["labelled_by"]
     assert batch_keys(config, run, {**hashes, "simulate_judge": "code-2"})["drawn_from"] == before
     assert "labelled_by" not in batch_keys(dataclasses.replace(config, simulate_judge=""), run, hashes)
+    # the AI labeller's constitution and model folder count by content (the stage records both as inputs)
+    ai = dataclasses.replace(config, ai_judge="runs/other/sft")
+    ai_keys = {text: batch_keys(ai, run, {**hashes, "ai_constitution": text[0], "ai_judge": text[1]})["labelled_by"]
+               for text in (("c-1", "w-1"), ("c-2", "w-1"), ("c-1", "w-2"))}
+    assert len(set(ai_keys.values())) == 3 and keys["labelled_by"] not in ai_keys.values()
