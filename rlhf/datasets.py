@@ -124,7 +124,7 @@ def read_records(source):
     path = Path(source)
     if path.is_dir():
         return read_saved_dataset(path)
-    if path.suffix in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/")):
+    if path.suffix in LOCAL_SUFFIXES or path.exists() or str(source).startswith((".", "/")) or in_local_folder(path):
         if not path.is_file():
             raise DataError(source, None, "file", "not found")
         readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
@@ -133,6 +133,12 @@ def read_records(source):
                                                   f"(use {', '.join(LOCAL_SUFFIXES)} or a saved dataset folder)")
         return readers[path.suffix](path)
     return read_hub_dataset(str(source))
+
+
+def in_local_folder(path: Path) -> bool:
+    """`data/gold` names a file in the folder `data` here, not the hub dataset `data/gold` (asking the hub for
+    it took 24 s offline, then said it was no hub dataset)."""
+    return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
 
 
 def decode(path: Path, data: bytes, line_offset: int = 0) -> str:

@@ -270,6 +270,12 @@ def test_missing_file_and_unknown_type(tmp_path):
     assert "unsupported type '.txt'" in problem(tmp_path / "d.txt")
 
 
+def test_a_path_in_a_local_folder_is_a_missing_file_not_a_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert problem("data/gold") == "data/gold: file: not found"
+
+
 def test_offline_hub_id_fails_with_a_clear_error():
     assert problem("someone/some-dataset").startswith("someone/some-dataset: source: not a local file or folder, "
                                                       "and not loadable from the hub")
