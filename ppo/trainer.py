@@ -30,11 +30,12 @@ import json
 import statistics
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from transformers import AutoModelForSequenceClassification
 from trl.trainer.utils import disable_dropout_in_model
 
@@ -197,7 +198,10 @@ def unsupported_distribution(distributed_type: DistributedType, use_peft: bool =
 
 def make_accelerator(config: PPOStageConfig) -> Accelerator:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(config.hardware.dtype, "no")
-    accelerator = Accelerator(cpu=config.hardware.device == "cpu", mixed_precision=precision)
+    # the other processes wait while the main one publishes and closes its trackers (an upload can take minutes):
+    # 30 minutes, as the TRL stages' ddp_timeout, not NCCL's default 10
+    accelerator = Accelerator(cpu=config.hardware.device == "cpu", mixed_precision=precision,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))])
     distribution = (DistributedType.FSDP if is_sharded(accelerator) else DistributedType.DEEPSPEED
                     if uses_deepspeed(accelerator) else accelerator.distributed_type)
     why = unsupported_distribution(distribution, config.use_peft, zero_stage(accelerator))

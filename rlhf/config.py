@@ -33,6 +33,13 @@ ROUND_SECTION = re.compile(r"round-[1-9][0-9]*")  # round-2, not round-02 (which
 TRACKERS = ("wandb", "trackio", "none")
 
 
+def check_project_name(project: str) -> None:
+    """What wandb takes as a project (and trackio as its database's name): checked before a stage writes anything,
+    not found by wandb after the first stage has started."""
+    if not project.strip() or len(project) > 128 or any(char in project for char in "/\\#?%:"):
+        raise ValueError(f"project must be 1 to 128 characters, none of / \\ # ? % :, got '{project}'")
+
+
 @dataclass
 class RunConfig:
     """Settings every stage of a run shares."""
@@ -55,6 +62,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_run_name(self.name)
+        check_project_name(self.project)
         if self.rounds < 1 or self.round < 1:
             raise ValueError(f"rounds and round must be at least 1, got {self.rounds} and {self.round}")
         self.trackers = parse_trackers(self.tracking)

@@ -144,11 +144,18 @@ INPUTS_VERSION = 2
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
+# wandb's artifact names hold 128 characters: `<run>-<stage>`, `<run>-round-<r>-preferences` with room for r
+RUN_NAME_LENGTH = 100
+
+
 def check_run_name(name: str) -> None:
     """A folder name that is also a valid tracker artifact name (`<run>-<stage>`: wandb refuses spaces, ':', '+')."""
     if not RUN_NAME.fullmatch(name or ""):
         raise ValueError(f"name must be a plain folder name (letters, digits, '.', '_', '-'; not starting with "
                          f"'.'), got '{name}'")
+    if len(name) > RUN_NAME_LENGTH:
+        raise ValueError(f"name must be at most {RUN_NAME_LENGTH} characters (the trackers name each stage's "
+                         f"artifact `<name>-<stage>` in 128), got {len(name)}")
 
 
 class RunDir:

@@ -198,15 +198,16 @@ def running_stage(run: RunConfig, stage: str, config, inputs: dict):
     """Yields (record, tracker). The main process holds the stage lock, moves in the label-store exports the
     stage's inputs made (rlhf.preference_pairs) and records `running`, then `done` (the
     stage calls record.publish) or `failed` on any error; other processes get no record. The tracker always
-    finishes. The config hash covers the settings that change the stage's outputs (rlhf.config.hashed_settings)."""
+    finishes (a failed stage's wandb run as failed); it is given the stage's config and the run's name and round.
+    The config hash covers the settings that change the stage's outputs (rlhf.config.hashed_settings)."""
     run_dir = run.directory()
     is_main = config.process_index == 0
-    plain_config = as_plain_dict(config)
+    plain_config = {**as_plain_dict(config), "run": {"name": run.name, "round": run.round, "rounds": run.rounds}}
     with stage_lock(run_dir, stage) if is_main else contextlib.nullcontext():
         if is_main:
             publish_pending_exports()
         record = StageRecord(run_dir, stage, hashed_settings(config, run.round), inputs) if is_main else None
-        tracker = tracking.Tracker([])
+        tracker, failed = tracking.Tracker([]), False
         try:
             tracker = tracking.start(run.trackers, run.project, run.name, stage, plain_config,
                                      run_dir.path / "tracking", is_main, run_dir.label(stage))
@@ -214,11 +215,12 @@ def running_stage(run: RunConfig, stage: str, config, inputs: dict):
                 tracker.use_artifact(name, kind, path)
             yield record, tracker
         except BaseException as err:
+            failed = True
             if record:
                 record.failed(err)
             raise
         finally:
-            tracker.finish()
+            tracker.finish(failed)
 
 
 def used_artifacts(inputs: dict) -> list[tuple[str, str, str]]:

@@ -5,7 +5,9 @@ per stage named `<run>-<stage>` (online rounds after the first: `<run>-round-<r>
 the whole stage config logged. Trainer metrics keep
 TRL's names under `train/` and `eval/` (as transformers' own wandb integration writes them).
 wandb runs online when logged in and offline otherwise (then `wandb sync` uploads later). On non-main ranks,
-and with `tracking: none`, every call is a no-op.
+and with `tracking: none`, every call is a no-op. A tracker that fails (its service gone, its folder unwritable) is
+said in one line and left out for the rest of the stage: a tracker is no reason to stop a stage (unless
+WANDB_MODE=online asked for wandb's server and it cannot start). A stage that fails finishes its wandb run as failed.
 """
 import contextlib
 import io
@@ -53,6 +55,8 @@ def unreachable(server: str) -> str | None:
 
 
 class WandbBackend:
+    name = "wandb"
+
     def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import wandb
 
@@ -69,9 +73,9 @@ class WandbBackend:
         except wandb.errors.CommError as error:
             if chosen:  # WANDB_MODE=online asked for the server: no quiet fallback
                 raise
-            # logged in, the server's port open, but wandb's requests fail (a firewall, a server down): a tracker
-            # is no reason to stop a stage, so the run is kept offline, to upload later
-            reason = f"could not reach {server}: {str(error).splitlines()[0]}"
+            # logged in, the server's port open, but wandb's requests fail (a firewall, a server down, a key it
+            # refuses): a tracker is no reason to stop a stage, so the run is kept offline, to upload later
+            reason = f"could not start online at {server}: {first_line(error)}"
             mode = "offline"
             self.run = self.started(project, group, stage, config, directory, label, mode)
         self.online = mode in ("online", "run")
@@ -112,11 +116,13 @@ class WandbBackend:
         if self.online:
             self.run.use_artifact(self.artifact(name, kind, path))
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class TrackioBackend:
+    name = "trackio"
+
     def __init__(self, project: str, group: str, stage: str, config: dict, directory: Path, label: str):
         import trackio
 
@@ -148,7 +154,7 @@ class TrackioBackend:
     def use_artifact(self, name: str, kind: str, path: Path) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:  # (trackio keeps no run status)
         with contextlib.redirect_stdout(io.StringIO()) if self.local else contextlib.nullcontext():
             self.trackio.finish()
 
@@ -158,44 +164,61 @@ BACKENDS = {"wandb": WandbBackend, "trackio": TrackioBackend}
 
 class Tracker:
     def __init__(self, backends: list):
-        self.backends = backends
+        self.backends = list(backends)
+
+    def each(self, call: str, *args) -> None:
+        """`call` on every backend; one that raises is said and left out from then on."""
+        for backend in list(self.backends):
+            try:
+                getattr(backend, call)(*args)
+            except Exception as error:
+                self.backends.remove(backend)
+                print(f"{backend.name}: {call} failed ({type(error).__name__}: {first_line(error)}); the stage goes "
+                      f"on without {backend.name}", flush=True)
 
     def log(self, metrics: dict, step: int | None = None) -> None:
-        for backend in self.backends:
-            backend.log(metrics, step)
+        self.each("log", metrics, step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
-        for backend in self.backends:
-            backend.log_table(key, columns, rows, step)
+        self.each("log_table", key, columns, rows, step)
 
     def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
         """{key: PNG file}, shown as pictures on the dashboards."""
-        for backend in self.backends:
-            backend.log_images(images, step)
+        self.each("log_images", images, step)
 
     def log_artifact(self, name: str, kind: str, path) -> None:
-        for backend in self.backends:
-            backend.log_artifact(name, kind, path)
+        self.each("log_artifact", name, kind, path)
 
     def use_artifact(self, name: str, kind: str, path) -> None:
-        for backend in self.backends:
-            backend.use_artifact(name, kind, path)
+        self.each("use_artifact", name, kind, path)
 
-    def finish(self) -> None:
-        for backend in self.backends:
-            backend.finish()
+    def finish(self, failed: bool = False) -> None:
+        self.each("finish", failed)
+        self.backends = []
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 def start(trackers: list[str], project: str, run_name: str, stage: str, config: dict, directory: Path,
           is_main: bool = True, label: str | None = None) -> Tracker:
     """`label`: the tracked run's name after the run's (`<run>-<label>`), default the stage's; an online round
-    after the first names its stages `round-<r>-<stage>`."""
+    after the first names its stages `round-<r>-<stage>`. A tracker that cannot start is said and left out."""
     if not is_main:
         return Tracker([])
-    backends = [BACKENDS[name](project, run_name, stage, config, Path(directory), label or stage)
-                for name in trackers]
+    backends = []
+    for name in trackers:
+        try:
+            backends.append(BACKENDS[name](project, run_name, stage, config, Path(directory), label or stage))
+        except Exception as error:
+            if name == "wandb" and os.environ.get("WANDB_MODE") == "online":  # asked for the server: no fallback
+                Tracker(backends).finish(failed=True)
+                raise
+            print(f"{name}: could not start ({type(error).__name__}: {first_line(error)}); the stage goes on "
+                  f"without {name}", flush=True)
     if backends:
-        log.info("[%s] tracking with %s (group %s)", stage, ", ".join(trackers), run_name)
+        log.info("[%s] tracking with %s (group %s)", stage, ", ".join(b.name for b in backends), run_name)
     return Tracker(backends)
 
 

@@ -118,6 +118,12 @@ def test_errors_say_whether_the_file_or_the_command_line_is_wrong(tmp_path):
                                                                       "--sft.eval_fraction", "0"])
     assert error(None, ["--run.name", "a/b"]) == "command line: run: name must be a plain folder name (letters, " \
         "digits, '.', '_', '-'; not starting with '.'), got 'a/b'"
+    # what wandb would refuse after the first stage had started: found before anything is written
+    assert error(None, ["--run.name", "r" * 101]) == "command line: run: name must be at most 100 characters (the " \
+        "trackers name each stage's artifact `<name>-<stage>` in 128), got 101"
+    for project in ("team/rlhf", " ", "a" * 129, "a:b"):
+        assert error(None, ["--run.project", project]) == "command line: run: project must be 1 to 128 characters, " \
+            f"none of / \\ # ? % :, got '{project}'"
 
 
 def test_bad_input_on_the_command_line_exits_2(capsys):

@@ -1,3 +1,4 @@
+import http.server
 import json
 import os
 import socket
@@ -68,6 +69,44 @@ def test_wandb_goes_offline_without_login_and_trackio_records_locally(tmp_path):
     assert list((tmp_path / "trackio").rglob("*.png"))
 
 
+TRACK_THROUGH_TRACKER_FAILURES = """
+from pathlib import Path
+from rlhf import tracking
+
+class ServiceGone:  # a tracker whose service dies during the stage
+    name = "gone"
+    def log(self, metrics, step):
+        raise ConnectionError("connection reset\\nby peer")
+    def finish(self, failed=False):
+        raise AssertionError("a tracker left out is not finished")
+
+def unwritable(*args):
+    raise PermissionError("read-only file system")
+
+tracking.BACKENDS.update(gone=lambda *args: ServiceGone(), unwritable=unwritable)
+tracker = tracking.start(["unwritable", "wandb", "gone"], "rlhf-test", "run1", "sft", {}, Path("wb"))
+tracker.log({"train/loss": 1.5}, step=1)
+tracker.log({"train/loss": 1.2}, step=2)
+run = tracker.backends[0].run
+tracker.finish(failed=True)
+print("LEFT", [backend.name for backend in tracker.backends], "EXIT", run._exit_code)
+"""
+
+
+def test_a_tracker_that_fails_is_said_once_and_left_out_and_a_failed_stage_finishes_its_run_as_failed(tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TRACKIO_DIR": str(tmp_path / "trackio"),
+           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", TRACK_THROUGH_TRACKER_FAILURES], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "unwritable: could not start (PermissionError: read-only file system); the stage goes on without " \
+           "unwritable" in lines
+    assert [line for line in lines if line.startswith("gone:")] == [
+        "gone: log failed (ConnectionError: connection reset); the stage goes on without gone"]
+    assert lines[-1] == "LEFT [] EXIT 1"  # wandb kept logging, and was told the stage failed
+
+
 def test_inputs_published_by_earlier_stages_are_used_as_their_artifacts(tmp_path):
     from rlhf.stage import used_artifacts
 
@@ -125,8 +164,8 @@ def track_without_the_server(tmp_path, server: str) -> tuple[str, Path]:
 def test_wandb_logged_in_but_out_of_reach_tracks_offline(tmp_path):
     """A key, and no server: a refused port on loopback goes offline at once (no network at all, likewise); a
     port that opens but answers nothing wandb understands (a firewall, a server down) goes offline after wandb's
-    own wait (WANDB_INIT_TIMEOUT, 3 s here). (With WANDB_MODE=online set, the error is raised instead: not
-    tested, another ~15 s of wandb's retries.)"""
+    own wait (WANDB_INIT_TIMEOUT, 3 s here), as does a server that refuses the key (401). (With WANDB_MODE=online
+    set, the error is raised instead: not tested, another ~15 s of wandb's retries.)"""
     refused = f"http://127.0.0.1:{free_port()}"
     line, _ = track_without_the_server(tmp_path / "refused", refused)
     assert line.startswith(f"wandb: offline (could not reach {refused}: [Errno 111] Connection refused)"), line
@@ -138,7 +177,33 @@ def test_wandb_logged_in_but_out_of_reach_tracks_offline(tmp_path):
         line, _ = track_without_the_server(tmp_path / "closing", silent)
     finally:
         listener.close()
-    assert line.startswith(f"wandb: offline (could not reach {silent}: ") and "Connection refused" not in line, line
+    assert line.startswith(f"wandb: offline (could not start online at {silent}: "), line
+    assert "Connection refused" not in line, line
+
+    refusing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefuseEveryKey)  # a revoked key
+    threading.Thread(target=refusing.serve_forever, daemon=True).start()
+    server = f"http://127.0.0.1:{refusing.server_address[1]}"
+    try:
+        line, _ = track_without_the_server(tmp_path / "refusing", server)
+    finally:
+        refusing.shutdown()
+    assert line.startswith(f"wandb: offline (could not start online at {server}: user is not logged in)"), line
+
+
+class RefuseEveryKey(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"errors": [{"message": "user is not logged in"}]}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
 
 
 def close_each_connection(listener: socket.socket) -> None:
@@ -149,3 +214,31 @@ def close_each_connection(listener: socket.socket) -> None:
         except OSError:
             return
         connection.close()
+
+
+def test_a_stage_that_fails_finishes_its_trackers_as_failed(tmp_path, monkeypatch):
+    import pytest
+
+    from rlhf.config import RunConfig
+    from rlhf.stage import running_stage
+    from sft.config import SFTStageConfig
+
+    finished = []
+
+    class Recording:
+        name = "recording"
+
+        def use_artifact(self, *args) -> None:
+            pass
+
+        def finish(self, failed: bool = False) -> None:
+            finished.append(failed)
+
+    monkeypatch.setattr(tracking, "start", lambda *args, **kwargs: tracking.Tracker([Recording()]))
+    run, config = RunConfig(name="r", output_root=str(tmp_path)), SFTStageConfig(output_dir=str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with running_stage(run, "sft", config, {}):
+            raise RuntimeError("out of memory")
+    with running_stage(run, "sft", config, {}):
+        pass
+    assert finished == [True, False]
