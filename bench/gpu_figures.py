@@ -10,10 +10,15 @@ import sys
 from pathlib import Path
 
 
+NAMED_NUMBER = re.compile(r"(\w+): (\d+(?:\.\d+)?)(?=\s|$)")  # `ratio: 2.242`; not a version's `2.5.1`
+
+
 def rollout_figures(log: Path) -> dict | None:
+    """The `name: number` pairs of the benchmark's summary lines (each round's lines repeat their names)."""
     if not log.exists():
         return None
-    return {name: float(value) for name, value in re.findall(r"(\w+): ([\d.]+)(?=\s|$)", log.read_text())}
+    summary = [line for line in log.read_text().splitlines() if " round " not in line]
+    return {name: float(value) for line in summary for name, value in NAMED_NUMBER.findall(line)}
 
 
 def chain_figures(runs: Path) -> dict | None:

@@ -21,7 +21,8 @@ def test_the_figures_gather_the_parts_and_the_rollout_lines(tmp_path, tiny_model
                               "--rounds", "1", "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True,
                              timeout=600)
     assert rollout.returncode == 0, rollout.stderr[-2000:]
-    (tmp_path / "rollout.log").write_text(rollout.stdout)
+    # what else lands in the log (stderr too): a version number is no figure
+    (tmp_path / "rollout.log").write_text(rollout.stdout + "warning: torch: 2.5.1 found\n")
     (tmp_path / "parts.jsonl").write_text('{"part": "rollout", "exit": 0, "seconds": 3}\n'
                                           '{"part": "chain", "exit": 124, "seconds": 390}\n')
     result = subprocess.run([sys.executable, "bench/gpu_figures.py", str(tmp_path)], cwd=REPO, capture_output=True,
@@ -30,4 +31,5 @@ def test_the_figures_gather_the_parts_and_the_rollout_lines(tmp_path, tiny_model
     figures = json.loads(result.stdout)
     assert [part["exit"] for part in figures["parts"]] == [0, 124]
     assert figures["rollout"]["sampling_rows"] == 4 and figures["rollout"]["ratio"] > 0
+    assert "torch" not in figures["rollout"] and "ours" not in figures["rollout"]  # (each round's lines name it)
     assert figures["chain"] is None and figures["fsdp"] is None and figures["gpu"] is None
