@@ -59,16 +59,18 @@ def every_process_loads():
             os.environ[key] = saved
 
 
-def shard(model: torch.nn.Module, layer_classes: set[str], accelerator) -> torch.nn.Module:
+def shard(model: torch.nn.Module, layer_classes: set[str], accelerator, frozen: bool = False) -> torch.nn.Module:
     """`model` sharded in place: every submodule whose class is in `layer_classes`, then the model itself (the
     unit whose forward PPO calls). Layers reshard after their forward and the root does not (fully_shard's
-    defaults: the root's parameters are needed again at once by the backward)."""
+    defaults: the root's parameters are needed again at once by the backward), unless the model is `frozen` (the
+    reference): no backward would ever reshard its root, and its embeddings and head would stay whole on every
+    process for the whole run."""
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if accelerator.mixed_precision == "bf16" else MixedPrecisionPolicy())
     for module in model.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=frozen or None)
     return model
 
 
@@ -99,8 +101,9 @@ def full_parameters(model: torch.nn.Module):
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:
-    """The whole model's state dict on every process, on the CPU (every process must call it). A parameter tied
-    to another (the LM head to the embeddings) is kept under its first name only, as save_pretrained expects."""
+    """The whole model's state dict on the CPU of the main process, {} on the others (every process must call
+    it). A parameter tied to another (the LM head to the embeddings) is kept under its first name only, as
+    save_pretrained expects."""
     return without_tied_copies(model, get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
 

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -185,15 +186,28 @@ def files(config: PPOStageConfig, run: RunConfig) -> tuple:
 
 
 def unsupported_distribution(distributed_type: DistributedType, use_peft: bool = False,
-                             zero_stage: int | None = None) -> str | None:
+                             zero_stage: int | None = None, precision: str = "no") -> str | None:
     """Why PPO cannot run under this kind of distribution (None: it can). DDP, FSDP2 (ppo/sharding.py) and
-    DeepSpeed ZeRO-3 (ppo/zero3.py) run; LoRA runs under DDP only."""
-    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and use_peft:
+    DeepSpeed ZeRO-3 (ppo/zero3.py) run, in bf16 or fp32; LoRA runs under DDP only."""
+    sharded = distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and use_peft:
         return "LoRA adapters are not sharded here: run LoRA under DDP, or full fine-tuning sharded"
+    if sharded and precision == "fp16":  # (FSDP2's optimiser is not accelerate's, so its loss scaler never unscales)
+        return "fp16 needs a loss scaler PPO does not drive when sharded: use bf16 or fp32 (--ppo.precision)"
     if distributed_type == DistributedType.DEEPSPEED and zero_stage != 3:
         return (f"PPO runs DeepSpeed at ZeRO stage 3 only (not {zero_stage}): stages 1 and 2 keep every parameter "
                 "on every process, as DDP does")
     return None
+
+
+def offload_settings() -> list[str]:
+    """The accelerate config's offloading settings that are on (`accelerate launch` puts them in the environment):
+    PPO's own sharding (ppo/sharding.py, ppo/zero3.py) would leave them unread."""
+    settings = {"fsdp_offload_params": os.environ.get("FSDP_OFFLOAD_PARAMS", "false") == "true",
+                "offload_param_device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none",
+                "offload_optimizer_device":
+                    os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none"}
+    return [name for name, on in settings.items() if on]
 
 
 def make_accelerator(config: PPOStageConfig) -> Accelerator:
@@ -204,11 +218,16 @@ def make_accelerator(config: PPOStageConfig) -> Accelerator:
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))])
     distribution = (DistributedType.FSDP if is_sharded(accelerator) else DistributedType.DEEPSPEED
                     if uses_deepspeed(accelerator) else accelerator.distributed_type)
-    why = unsupported_distribution(distribution, config.use_peft, zero_stage(accelerator))
+    why = unsupported_distribution(distribution, config.use_peft, zero_stage(accelerator), precision)
     if why:
         raise ConfigError(f"ppo does not run under {distribution.value}: {why}. Launch PPO with "
                           "configs/accelerate/ddp.yaml, fsdp.yaml or zero3.yaml (or torchrun); the other stages can "
                           "use any config")
+    offloaded = offload_settings() if distribution in (DistributedType.FSDP, DistributedType.DEEPSPEED) else []
+    if offloaded:
+        raise ConfigError(f"ppo does not offload to the CPU ({', '.join(offloaded)} in the accelerate config): it "
+                          "shards its models over the processes and keeps them on the device; turn offloading off "
+                          "for PPO")
     if is_sharded(accelerator) and fsdp_version(accelerator) != 2:
         raise ConfigError("ppo shards with FSDP 2 (fully_shard): set fsdp_version: 2 in the accelerate config, as "
                           "configs/accelerate/fsdp.yaml does")
@@ -286,8 +305,10 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         policy, tokenizer, reference, critic = build_models(config, found)
         scorer = Scorer(config, found.get("reward_model"), accelerator.device)
     if sharded:
-        policy, reference, critic = (model and shard(model.to(accelerator.device), layer_classes(model), accelerator)
-                                     for model in (policy, reference, critic))
+        policy, critic = (model and shard(model.to(accelerator.device), layer_classes(model), accelerator)
+                          for model in (policy, critic))
+        if reference is not None:
+            reference = shard(reference.to(accelerator.device), layer_classes(reference), accelerator, frozen=True)
     elif reference is not None and not zero3:
         reference.to(accelerator.device)
     eval_prompts, judge = checked.eval_prompts, checked.judge
@@ -367,7 +388,8 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     returned = {"history": state.history, "evals": state.evals, **summary}
     # sharded (FSDP2, ZeRO-3), every process takes part in gathering the full weights; the main process writes them
     policy_weights, critic_weights = (None if model is None else full_state_dict(model) if sharded
-                                      else zero3_state_dict(model) if zero3 else None for model in (policy, critic))
+                                      else zero3_state_dict(model, accelerator.is_main_process) if zero3 else None
+                                      for model in (policy, critic))
     if not accelerator.is_main_process:
         return Outcome(summary, None, partial, time.time() - started, line, returned=returned)
     staged = partial / "final"

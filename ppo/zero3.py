@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ppo.sharding import without_tied_copies
+from rlhf.errors import ConfigError
 
 ZERO3 = "zero3"  # the checkpoint's folder of partitioned state
 
@@ -129,24 +130,39 @@ def gathered_policy(policy: Part):
 
     offload = policy.engine.optimizer.parameter_offload
     with deepspeed.zero.GatheredParameters(list(policy.module.parameters())):
-        offload._remove_module_hooks()
+        lift_module_hooks(offload)
         try:
             yield policy.module
         finally:
-            offload.setup_zero_stage3_hooks()
+            offload._register_deepspeed_module(offload.module)
 
 
-def full_state_dict(part: Part) -> dict:
-    """The part's whole state dict, on the CPU, on every process (every process must call it). Trained parameters
-    come from the optimiser's fp32 master copies: in bf16 the engine's module holds rounded ones."""
+def lift_module_hooks(offload) -> None:
+    """The engine's per-module hooks removed and forgotten, each parameter's record of the modules using it
+    cleared. (DeepSpeed's own `_remove_module_hooks` keeps the removed handles and `setup_zero_stage3_hooks` adds
+    to them and to its module stack: both grew by every module at each rollout.)"""
+    for parameter in offload.module.parameters():
+        parameter.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+
+
+def full_state_dict(part: Part, kept: bool = True) -> dict:
+    """The part's whole state dict, on the CPU, where `kept` (the process that writes it; the others get {}: a
+    whole copy on each would hold the model N times in host memory). Every process must call it, for the
+    gathering. Trained parameters come from the optimiser's fp32 master copies: in bf16 the engine's module holds
+    rounded ones."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    state = {}
     with deepspeed.zero.GatheredParameters(list(part.module.parameters())):
-        state = {name: tensor.detach().cpu().clone() for name, tensor in part.module.state_dict().items()}
+        if kept:
+            state = {name: tensor.detach().cpu().clone() for name, tensor in part.module.state_dict().items()}
     for name, parameter in part.module.named_parameters():
-        master = safe_get_full_fp32_param(parameter)
-        if master is not None:
+        master = safe_get_full_fp32_param(parameter)  # (a collective: called on every process)
+        if master is not None and kept:
             state[name] = master.detach().cpu().clone()
     return without_tied_copies(part.module, state)
 
@@ -156,4 +172,9 @@ def save_partitions(folder: Path, engine) -> None:
 
 
 def load_partitions(folder: Path, engine) -> None:
+    """DeepSpeed loads nothing, with a warning only, from a checkpoint without its partitions: refused instead
+    (the run would go on from its first weights while its state said otherwise)."""
+    if not (folder / ZERO3 / "latest").is_file():
+        raise ConfigError(f"checkpoint {folder} was not written under ZeRO-3 (no {ZERO3}/latest): resume it with the "
+                          "launcher config it was made with, or start afresh with --ppo.resume false")
     engine.load_checkpoint(str(folder / ZERO3))

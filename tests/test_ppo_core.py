@@ -195,6 +195,36 @@ def test_ppo_takes_data_parallel_fsdp_and_zero3_and_refuses_zero1_2_and_sharded_
         assert "LoRA" in unsupported_distribution(sharded, use_peft=True, zero_stage=3)
     for taken in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
         assert unsupported_distribution(taken) is None
+    # fp16's loss scaler is accelerate's, which the sharded optimisers bypass: refused there, taken under DDP
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        assert "fp16" in unsupported_distribution(sharded, zero_stage=3, precision="fp16")
+        assert unsupported_distribution(sharded, zero_stage=3, precision="bf16") is None
+    assert unsupported_distribution(DistributedType.MULTI_GPU, precision="fp16") is None
+
+
+def test_offloading_in_the_accelerate_config_is_found_for_ppo_to_refuse(monkeypatch):
+    from ppo.trainer import offload_settings
+
+    for name in ("FSDP_OFFLOAD_PARAMS", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+                 "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    assert offload_settings() == []
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")  # as the shipped configs launch
+    assert offload_settings() == []
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    assert offload_settings() == ["fsdp_offload_params", "offload_optimizer_device"]
+
+
+def test_a_zero3_resume_from_a_checkpoint_without_partitions_is_refused(tmp_path):
+    """DeepSpeed would load nothing from it, with a warning, and the run go on from its first weights."""
+    from ppo.zero3 import load_partitions
+    from rlhf.errors import ConfigError
+
+    (tmp_path / "checkpoint-4").mkdir()
+    with pytest.raises(ConfigError, match="checkpoint-4 was not written under ZeRO-3"):
+        load_partitions(tmp_path / "checkpoint-4", engine=None)
 
 
 def eval_points(scores: list[float], judged: list[float], sem: float = 0.02) -> list[dict]:

@@ -157,3 +157,68 @@ def test_models_load_whole_under_zero3_even_where_accelerate_registered_its_init
     assert result.returncode == 0, result.stderr[-3000:]
     shape, registered = result.stdout.strip().splitlines()[-1].rsplit(") ", 1)
     assert int(shape.strip("(").split(",")[0]) > 0 and registered == "True", result.stdout  # a partitioned one: (0,)
+
+
+FROZEN_ROOT = """
+import os, sys, types
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from ppo.sharding import layer_classes, shard
+from rlhf import models
+
+dist.init_process_group("gloo")
+accelerator = types.SimpleNamespace(mixed_precision="no")
+for frozen in (False, True):
+    model, _ = models.load_causal_lm(sys.argv[1])
+    shard(model, layer_classes(model), accelerator, frozen=frozen)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    print("FROZEN" if frozen else "TRAINED", isinstance(model.get_input_embeddings().weight, DTensor))
+dist.destroy_process_group()
+"""
+
+
+def test_a_frozen_models_root_is_sharded_again_after_its_forward(tiny_model_path):
+    """The reference never runs a backward, which is what reshards a root (fully_shard keeps a root's parameters
+    whole after its forward for the backward to come): sharded frozen, its embeddings and head go back to shards."""
+    result = subprocess.run([sys.executable, "-c", FROZEN_ROOT, str(tiny_model_path), str(free_port())],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["TRAINED", "False", "FROZEN", "True"], result.stdout
+
+
+ZERO3_ROLLOUTS = """
+import os, sys, types
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+import torch
+from deepspeed.runtime.zero import parameter_offload
+from ppo.zero3 import Part, engines, gathered_policy
+from rlhf import models
+
+policy, _ = models.load_causal_lm(sys.argv[1])
+config = types.SimpleNamespace(batch_size=2, num_mini_batches=1, gradient_accumulation_steps=1, max_grad_norm=1.0)
+engine, _ = engines(policy, None, None, torch.optim.AdamW, config, types.SimpleNamespace(num_processes=1,
+                                                                                          mixed_precision="no"))
+offload, part, ids = engine.optimizer.parameter_offload, Part(engine, "policy"), torch.tensor([[1, 2, 3]])
+counts = []
+for rollout in range(3):
+    with gathered_policy(part) as whole, torch.no_grad():
+        whole(input_ids=ids)
+    part(input_ids=ids).logits.sum().backward()  # a training forward and backward through the hooks again
+    counts.append((len(offload.forward_hooks), len(offload.backward_hooks), len(parameter_offload.FWD_MODULE_STACK)))
+print("COUNTS", counts)
+"""
+
+
+def test_zero3_rollouts_put_back_the_engines_hooks_without_piling_them_up(tiny_model_path):
+    """Each rollout lifts the engine's per-module hooks and puts them back: the same count after every rollout
+    (DeepSpeed's own pair kept the removed ones and grew its module stack by one a rollout)."""
+    result = subprocess.run([sys.executable, "-c", ZERO3_ROLLOUTS, str(tiny_model_path), str(free_port())],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = eval(result.stdout.split("COUNTS", 1)[1])
+    assert counts[0][0] > 0 and counts == [counts[0]] * 3, counts
