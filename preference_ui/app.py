@@ -135,20 +135,26 @@ class LabellingApp:
         outputs: an event chained after it would hold the buttons, and a key pressed as the next item appears would
         be lost.) Last, the item's label, which the page sends back with its answer. When the item answered
         (`before`, its state) and the next are both pairs, the panels and the ranking's boxes are left as they are:
-        fewer outputs to apply, so the page is ready for the next key sooner."""
+        fewer outputs to apply, so the page is ready for the next key sooner. When the same item is shown again
+        (an answer refused as not on the page yet, a skip of the one item left), what the labeller has chosen or
+        written for it so far is left as it is, and its time counts from when it was first shown."""
         item: Item | None = self.queue.next_item(user)
         counted = self.queue.progress(user)  # its remaining count may be seconds old: none once the queue says so
         progress = progress_html(user, counted if item else {**counted, "remaining": 0})
         if item is None:
-            done = "Your queue is empty: every item has its votes. Thank you!"
+            done = ("Your queue is empty for now: every item has its votes or is held by another labeller (an item "
+                    "held too long comes back: reload the page later). Thank you!")
             return (None, "### Nothing left to label", "", "", "", progress, f"{message} {done}".strip(),
                     DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS,
                     *self.panels(None, before), "")
+        again = before is not None and before.get("comparison_id") == item.comparison_id
         state = {"comparison_id": item.comparison_id, "label": self.store.item_label(item.comparison_id),
-                 "shown_at": time.time(), "answers": len(item.answers), "user_id": user.id}
+                 "shown_at": before["shown_at"] if again else time.time(), "answers": len(item.answers),
+                 "user_id": user.id}
         return (state, f"### Item {state['label']}", conversation_html(item.prompt),
-                shown_html(item.left), shown_html(item.right), progress, message, DEFAULT_STRENGTH,
-                *[gr.Button(interactive=True)] * ANSWER_BUTTONS, *self.panels(item, before), state["label"])
+                shown_html(item.left), shown_html(item.right), progress, message,
+                gr.skip() if again else DEFAULT_STRENGTH, *[gr.Button(interactive=True)] * ANSWER_BUTTONS,
+                *self.panels(item, before, again), state["label"])
 
     def not_on_the_page(self, user: User, state: dict, page_label: str) -> tuple | None:
         """The next item shown instead of counting an answer the page did not give to `state`'s item: a second key
@@ -164,14 +170,17 @@ class LabellingApp:
         return None
 
     @staticmethod
-    def panels(item: Item | None, before: dict | None) -> tuple:
+    def panels(item: Item | None, before: dict | None, again: bool = False) -> tuple:
+        """The panels, the ranking's boxes and pick buttons, then the order, note and written boxes (emptied for a
+        new item, left as they are for the same one `again`)."""
         answers = item.answers if item else []
+        typed = [gr.skip() if again else ""] * 3
         if not answers and before is not None and not before.get("answers"):  # a pair after a pair
-            return (*[gr.skip()] * (2 + 2 * MAX_K), "", "", "")
+            return (*[gr.skip()] * (2 + 2 * MAX_K), *typed)
         return (gr.Column(visible=not answers), gr.Column(visible=bool(answers)),
                 *[gr.HTML(shown_html(answers[i]) if i < len(answers) else "", visible=i < len(answers))
                   for i in range(MAX_K)],
-                *[gr.Button(visible=i < len(answers)) for i in range(MAX_K)], "", "", "")
+                *[gr.Button(visible=i < len(answers)) for i in range(MAX_K)], *typed)
 
     def load(self, request: gr.Request):
         user = self.user(request)
@@ -200,8 +209,8 @@ class LabellingApp:
                 return self.show(user, f"Not counted: you have already voted on item {state['label']}. Here is your "
                                        "next item.", state)
             except ItemGone:
-                return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (skipped "
-                                       "or timed out). Here is your next item.", state)
+                return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (skipped, "
+                                       "or timed out and taken by another labeller). Here is your next item.", state)
             except LabellerDisabled:  # disabled between this request's account check and its vote
                 raise gr.Error(NOT_SIGNED_IN) from None
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
@@ -229,9 +238,12 @@ class LabellingApp:
         try:
             self.queue.rank(user, state["comparison_id"], ranks, note or None,
                             seconds=round(time.time() - state["shown_at"], 2))
-        except (DuplicateVote, ItemGone):
-            return self.show(user, f"Not counted: item {state['label']} is no longer yours to rank (already "
-                                   "ranked, skipped or timed out). Here is your next item.", state)
+        except DuplicateVote:  # (a second Enter: the first one's ranking stands)
+            return self.show(user, f"Your ranking of item {state['label']} was saved already; the first one stands. "
+                                   "Here is your next item.", state)
+        except ItemGone:
+            return self.show(user, f"Not counted: item {state['label']} is no longer yours to rank (skipped, or "
+                                   "timed out and taken by another labeller). Here is your next item.", state)
         except LabellerDisabled:
             raise gr.Error(NOT_SIGNED_IN) from None
         except StoreError as refused:
@@ -247,7 +259,10 @@ class LabellingApp:
                 self.queue.skip(user, state["comparison_id"])
             except (DuplicateVote, ItemGone):
                 return self.show(user, f"Not skipped: item {state['label']} is no longer yours.", state)
-        return self.show(user, "Skipped; someone else will take that item.", state)
+        shown = self.show(user, "Skipped; someone else will take that item.", state)
+        if state and shown[0] and shown[0]["comparison_id"] == state["comparison_id"]:  # the only one left to you
+            return (*shown[:6], "Skipped, but it is the only item left for you: here it is again.", *shown[7:])
+        return shown
 
     def admin_stats(self, request: gr.Request):
         from preference_ui.stats import batch_rows, labeller_rows, load_labels, summarise
@@ -347,10 +362,12 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
                     left = gr.HTML(label="Response A", show_label=True, container=True, elem_id="response-a")
                     right = gr.HTML(label="Response B", show_label=True, container=True, elem_id="response-b")
                 with gr.Row():
-                    buttons = {choice: gr.Button(text, elem_id=elem_id,
+                    # off until the page draws its first item (the keys press only live buttons): a key pressed
+                    # after a reload would answer the item the server had assigned before the page showed it
+                    buttons = {choice: gr.Button(text, elem_id=elem_id, interactive=False,
                                                  variant="primary" if choice in ("a", "b") else "secondary")
                                for choice, text, elem_id in BUTTONS}
-                    skip = gr.Button("Skip  [s]", elem_id="skip", variant="stop")
+                    skip = gr.Button("Skip  [s]", elem_id="skip", variant="stop", interactive=False)
                 # a pair's own: a ranking has no strength, and no written answer to prefer over its order
                 strength = gr.Radio(["clear", "slight"], value=DEFAULT_STRENGTH, elem_id="strength",
                                     label="How much better? (for A or B; a tie or both bad has no strength)")

@@ -122,11 +122,16 @@ class Statements:
         # the labeller's own skipped or timed-out training items that still have a free slot, the oldest first
         set_aside = and_(Assignment.user_id == user_id, Assignment.status.in_(("skipped", "expired")),
                          Comparison.kind != "gold", in_scope, taken < overlap)
+        # (by when each was last handed out, which reopening sets: a skipped item taken back and skipped again
+        # goes behind the others, where by assignment id it came straight back after every skip)
         self.set_aside = (select(Assignment.comparison_id).join(Comparison, Comparison.id == Assignment.comparison_id)
-                          .where(set_aside).order_by(Assignment.id).limit(CANDIDATES))
+                          .where(set_aside).order_by(Assignment.created_at, Assignment.id).limit(CANDIDATES))
         self.reopen = (update(Assignment).where(this_one, Assignment.status.in_(("skipped", "expired")))
                        .values(status="open", slot=bindparam("free_slot"), created_at=bindparam("now"))
                        .returning(Assignment.swapped))
+        self.reopen_expired = (update(Assignment).where(this_one, Assignment.status == "expired")
+                               .values(status="open", slot=bindparam("free_slot"), created_at=bindparam("now"))
+                               .returning(Assignment.swapped))
         a, b = aliased(Response), aliased(Response)
         self.item = (select(Comparison.kind, Prompt.messages, a.text, b.text)
                      .join(Prompt, Prompt.id == Comparison.prompt_id).join(a, a.id == Comparison.response_a_id)
@@ -289,20 +294,15 @@ class LabelQueue:
         strength = vote_strength(shown_choice, strength)
         if self.rows(self.sql.is_ranking, item=comparison_id)[0][0]:
             raise StoreError(f"comparison {comparison_id} is a ranking item: it takes a ranking, not a vote")
-        try:
-            with self.store.writing() as connection:
-                swapped = self.close(connection, self.sql.close_voted, user, comparison_id)
-                if swapped is not None:
-                    connection.execute(self.sql.new_vote, dict(
-                        comparison_id=comparison_id, user_id=user.id, choice=unswap(shown_choice, swapped),
-                        strength=strength, note=note or None, seconds=seconds, swapped=swapped, created_at=utcnow()))
-                    if written:
-                        connection.execute(self.sql.new_written, dict(comparison_id=comparison_id, user_id=user.id,
-                                                                      text=written, created_at=utcnow()))
-        except IntegrityError:
-            raise DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}") from None
-        if swapped is None:
-            raise self.refusal(user, comparison_id)
+
+        def store_vote(connection, swapped: bool) -> None:
+            connection.execute(self.sql.new_vote, dict(
+                comparison_id=comparison_id, user_id=user.id, choice=unswap(shown_choice, swapped),
+                strength=strength, note=note or None, seconds=seconds, swapped=swapped, created_at=utcnow()))
+            if written:
+                connection.execute(self.sql.new_written, dict(comparison_id=comparison_id, user_id=user.id,
+                                                              text=written, created_at=utcnow()))
+        self.answer(user, comparison_id, store_vote, "voted on")
 
     def rank(self, user: User, comparison_id: int, shown_ranks: list[int], note: str | None = None,
              seconds: float | None = None) -> None:
@@ -312,17 +312,44 @@ class LabelQueue:
         check_ranking(comparison_id, shown_ranks, answers)
         check_note(note)
         ranks = unshuffle(list(shown_ranks), shown_order(comparison_id, user.id, answers))
+
+        def store_ranking(connection, swapped: bool) -> None:
+            connection.execute(self.sql.new_ranking, dict(comparison_id=comparison_id, user_id=user.id, ranks=ranks,
+                                                          note=note or None, seconds=seconds, created_at=utcnow()))
+        self.answer(user, comparison_id, store_ranking, "ranked")
+
+    def answer(self, user: User, comparison_id: int, store_answer, done: str) -> None:
+        """Closes the labeller's open assignment and stores their answer (`store_answer(connection, swapped)`) in
+        one transaction. An item that timed out on them while they were still on it (writing a long answer, say)
+        is taken back first when it still has a free slot: the answer counts instead of being lost."""
+        for retry in (False, True):
+            try:
+                with self.store.writing() as connection:
+                    swapped = self.close(connection, self.sql.close_voted, user, comparison_id)
+                    if swapped is not None:
+                        store_answer(connection, swapped)
+            except IntegrityError:
+                raise DuplicateVote(f"{user.name} has already {done} comparison {comparison_id}") from None
+            if swapped is not None:
+                return
+            if retry or not self.retaken(user, comparison_id):
+                raise self.refusal(user, comparison_id)
+
+    def retaken(self, user: User, comparison_id: int) -> bool:
+        """The labeller's expired assignment on a training item open to them again, on a slot still free."""
+        state = self.rows(self.sql.assignment_status, labeller=user.id, item=comparison_id)
+        if not state or state[0].status != "expired" or self.rows(self.sql.item, item=comparison_id)[0][0] == "gold":
+            return False
+        slot = self.free_slot(comparison_id)
+        if slot is None:
+            return False
         try:
             with self.store.writing() as connection:
-                swapped = self.close(connection, self.sql.close_voted, user, comparison_id)
-                if swapped is not None:
-                    connection.execute(self.sql.new_ranking, dict(
-                        comparison_id=comparison_id, user_id=user.id, ranks=ranks, note=note or None,
-                        seconds=seconds, created_at=utcnow()))
+                row = connection.execute(self.sql.reopen_expired, dict(labeller=user.id, item=comparison_id,
+                                                                       free_slot=slot, now=utcnow())).first()
         except IntegrityError:
-            raise DuplicateVote(f"{user.name} has already ranked comparison {comparison_id}") from None
-        if swapped is None:
-            raise self.refusal(user, comparison_id)
+            return False  # another labeller took that slot at the same moment
+        return row is not None
 
     def skip(self, user: User, comparison_id: int) -> None:
         """Gives the item's slot to someone else; it comes back to this labeller only when nothing else is left

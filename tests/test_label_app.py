@@ -120,6 +120,51 @@ def test_an_answer_counts_only_for_the_item_on_its_page_and_for_the_account_it_w
     assert not store.votes()
 
 
+def test_an_answer_refused_as_early_leaves_the_items_choices_as_the_labeller_left_them(tmp_path):
+    """A late reply to a second key press shows the same item again: the strength, note and written answer the
+    labeller has picked for it since are left as they are (they were reset to the defaults, and the next key
+    stored "clear"), and its time still counts from when it was first shown. Skipping the one item left says it
+    comes straight back, and a second Enter on a ranking says the first one stands."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from preference_ui.app import LabellingApp
+    from preference_ui.config import PreferencesStageConfig
+
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    store.add_user("ann", "labeller", PASSWORD)
+    prompt = store.add_prompt("p", "chat", [{"role": "user", "content": "Hi?"}])
+    for pair in ("xy", "uv"):
+        store.add_comparison(*(store.add_response(prompt, text, "m", {}) for text in pair), batch="b")
+    handlers, ann = LabellingApp(store, PreferencesStageConfig(overlap=1)), SimpleNamespace(username="ann")
+    first = handlers.show(store.user("ann"))[0]
+    again = handlers.answer("a")("slight", "a note", "", "00000000", first, ann)  # the page held another item
+    assert again[0] == first and again[6].startswith("Not counted") and again[7] == gr.skip()
+    assert again[-4:-1] == (gr.skip(),) * 3  # the order, note and written boxes as the labeller left them
+    assert not store.votes()
+    second = handlers.answer("b")("slight", "", "", first["label"], first, ann)[0]
+    assert second["comparison_id"] != first["comparison_id"] and store.votes()[0].strength == "slight"
+    back = handlers.skip(second["label"], second, ann)
+    assert back[0]["comparison_id"] == second["comparison_id"]
+    assert back[6] == "Skipped, but it is the only item left for you: here it is again."
+
+    [ranked] = store.add_ranking_items([[store.add_response(prompt, text, "m", {}) for text in "uvw"]], batch="b")
+    handlers.queue.vote(store.user("ann"), second["comparison_id"], "a")
+    item = handlers.show(store.user("ann"))[0]
+    assert item["comparison_id"] == ranked.id
+    assert handlers.rank("1 2 3", "", item["label"], item, ann)[6].startswith("Saved your ranking")
+    assert handlers.rank("1 2 3", "", item["label"], item, ann)[6].startswith(
+        f"Your ranking of item {item['label']} was saved already; the first one stands.")
+    # the answer buttons start off, so no key answers an item before the page has drawn it (the item shown
+    # turns them on: every browser test votes through them)
+    from preference_ui.app import build_app
+
+    blocks = build_app(store, PreferencesStageConfig())
+    starting = {block.elem_id: block.interactive for block in blocks.blocks.values() if isinstance(block, gr.Button)}
+    assert [starting[name] for name in ("vote-a", "vote-b", "vote-tie", "vote-both-bad", "skip")] == [False] * 5
+
+
 def test_an_empty_queue_shows_nothing_left_even_while_the_remaining_count_is_seconds_old(tmp_path):
     from preference_ui.app import LabellingApp
     from preference_ui.config import PreferencesStageConfig

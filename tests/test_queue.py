@@ -171,6 +171,19 @@ def test_a_lone_labellers_timed_out_or_skipped_item_comes_back_so_it_can_get_its
     assert queue.next_item(ann) is None and sorted(store.vote_counts("b1").values()) == [1, 1]
 
 
+def test_skipping_what_is_left_goes_round_the_set_aside_items_not_back_to_the_same_one(store_url):
+    store = Store(store_url)
+    add_comparisons(store, 3)
+    [ann] = labellers(store, 1)
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0)
+    shown = []
+    for _ in range(9):
+        item = queue.next_item(ann)
+        shown.append(item.comparison_id)
+        queue.skip(ann, item.comparison_id)
+    assert len(set(shown[:3])) == 3 and shown == shown[:3] * 3  # (by assignment id: the first, again and again)
+
+
 def test_an_item_left_open_past_the_timeout_goes_back_to_the_pool(store_url):
     store = Store(store_url)
     add_comparisons(store, 1)
@@ -185,6 +198,30 @@ def test_an_item_left_open_past_the_timeout_goes_back_to_the_pool(store_url):
         queue.vote(ann, item.comparison_id, "a")
     queue.vote(bob, item.comparison_id, "b")
     assert [(vote.user_id, vote.choice) for vote in store.votes()] == [(bob.id, unswap("b", bobs.swapped))]
+
+
+def test_an_answer_on_an_item_that_timed_out_counts_while_its_slot_is_still_free(store_url):
+    """A labeller writing a long answer past the timeout: the item expired (another labeller's request released
+    it) but nobody took its slot, so the vote and what they wrote count, on that slot. A ranking likewise."""
+    store = Store(store_url)
+    add_comparisons(store, 1)
+    prompt = store.add_prompt("ranked", "explain", [{"role": "user", "content": "Rank these?"}])
+    store.add_ranking_item([store.add_response(prompt, f"answer {i}", "m", {}) for i in range(3)], batch="b1")
+    ann, bob = labellers(store, 2)
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0, timeout_minutes=5)
+    for _ in range(2):
+        item = queue.next_item(ann)
+        backdate_assignments(store, minutes=6)
+        queue.last_release = float("-inf")
+        queue.release_stale()
+        if item.answers:
+            queue.rank(ann, item.comparison_id, [1, 2, 3])
+        else:
+            queue.vote(ann, item.comparison_id, "a", written="A better answer, written slowly.")
+    assert [vote.user_id for vote in store.votes()] == [ann.id] and len(store.rankings()) == 1
+    assert [answer.text for answer in store.written_answers()] == ["A better answer, written slowly."]
+    assert queue.next_item(bob) is None  # both slots are ann's again: nothing left for bob
+    assert {(a.status, a.slot) for a in assignments(store)} == {("voted", 0)}
 
 
 def test_a_simulated_labellers_queue_expires_only_its_own_labellers_items(store_url):
