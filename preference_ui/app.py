@@ -411,8 +411,9 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
                                             "pairwise"],
                                    label="Progress per batch", interactive=False)
             labellers = gr.Dataframe(headers=["labeller", "votes and rankings", "s each", "gold votes",
-                                              "gold accuracy"],
-                                     label="Labellers (gold accuracy over every gold item)", interactive=False)
+                                              "gold accuracy", "gold passed"],
+                                     label="Labellers (gold accuracy over every gold item answered; passed: skipped "
+                                           "or timed out, never shown again)", interactive=False)
             with gr.Row():
                 export_name = gr.Textbox(label=f"Export folder name (under {export_root}/)")
                 min_votes = gr.Number(value=1, precision=0, minimum=1, label="Minimum votes per comparison")

@@ -54,14 +54,15 @@ class Labels:
     votes: list
     names: dict  # user id -> name
     rankings: list = ()
+    gold_passed: list = ()  # a user id per gold item that user skipped or let time out
 
 
 def load_labels(store: Store) -> Labels:
     """Votes and rankings first, then the comparisons and users they refer to: labelling goes on between the reads,
     and a comparison or user never goes away, so every vote read finds its comparison and labeller."""
-    votes, rankings = store.votes(), store.rankings()
+    votes, rankings, gold_passed = store.votes(), store.rankings(), store.gold_passed()
     return Labels({c["id"]: c for c in store.comparisons()}, votes, {user.id: user.name for user in store.users()},
-                  rankings)
+                  rankings, gold_passed)
 
 
 def stats(store: Store, batch: str | None = None) -> dict:
@@ -98,7 +99,8 @@ def summarise(labels: Labels, batch: str | None = None) -> dict:
             "kendall_tau": ranking_agreement(list(ranked.values())),
             "human_win_rates": human_win_rates(all_comparisons, votes),
             "labellers": {names[user_id]: labeller_stats(user_votes, gold_by_user[user_id],
-                                                         agreement_with_others(user_id, item_votes))
+                                                         agreement_with_others(user_id, item_votes),
+                                                         Counter(labels.gold_passed)[user_id])
                           for user_id, user_votes in sorted(by_user.items(), key=lambda item: names[item[0]])}}
 
 
@@ -147,12 +149,15 @@ def wilson_interval(rate: float, count: int, z: float = 1.96) -> tuple[float, fl
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
-def labeller_stats(votes: list, gold_correct: list[bool], with_others: float | None = None) -> dict:
+def labeller_stats(votes: list, gold_correct: list[bool], with_others: float | None = None,
+                   gold_passed: int = 0) -> dict:
+    """`gold_passed`: gold items skipped or let time out, beside the accuracy over those answered (skipping the
+    hard ones would raise it unseen)."""
     seconds = [vote.seconds for vote in votes if vote.seconds is not None]
     return {"votes": len(votes), "mean_seconds": sum(seconds) / len(seconds) if seconds else None,
             "gold_votes": len(gold_correct),
             "gold_accuracy": sum(gold_correct) / len(gold_correct) if gold_correct else None,
-            "agreement_with_others": with_others}
+            "gold_passed": gold_passed, "agreement_with_others": with_others}
 
 
 def batch_rows(labels: Labels) -> list[list]:
@@ -167,9 +172,10 @@ def batch_rows(labels: Labels) -> list[list]:
 
 
 def labeller_rows(report: dict) -> list[list]:
-    """[labeller, votes and rankings, mean seconds per one, gold votes, gold accuracy] for the admin tab."""
-    return [[name, row["votes"], rounded(row["mean_seconds"], 1), row["gold_votes"], rounded(row["gold_accuracy"])]
-            for name, row in report["labellers"].items()]
+    """[labeller, votes and rankings, mean seconds per one, gold votes, gold accuracy, gold skipped or timed out]
+    for the admin tab."""
+    return [[name, row["votes"], rounded(row["mean_seconds"], 1), row["gold_votes"], rounded(row["gold_accuracy"]),
+             row["gold_passed"]] for name, row in report["labellers"].items()]
 
 
 def rounded(value, digits: int = 3):
@@ -190,7 +196,7 @@ def format_stats(report: dict) -> str:
                      f"{number(report['kendall_tau'], '.3f')} over {report['ranked_twice']} items ranked twice or more")
     for name, row in report["labellers"].items():
         lines.append(f"  {name:24} {row['votes']:5} votes  {number(row['mean_seconds'], '.1f')} s/vote  "
-                     f"gold accuracy {number(row['gold_accuracy'], '.2f')}  "
+                     f"gold accuracy {number(row['gold_accuracy'], '.2f')} ({row['gold_passed']} passed)  "
                      f"agrees with the others {number(row['agreement_with_others'], '.2f')}")
     for policy, row in report["human_win_rates"].items():
         lines.append(f"human win rate of {policy} against the baseline: {row['win_rate']:.3f} "

@@ -711,6 +711,14 @@ class Store:
             return session.scalar(select(Vote.id).where(Vote.comparison_id == comparison_id,
                                                         Vote.user_id == user.id)) is not None
 
+    def gold_passed(self) -> list[int]:
+        """The user id of each gold item a labeller skipped or let time out (one entry per item): the queue does
+        not hand gold back, so these are gold items that labeller never answers."""
+        with self.sessions() as session:
+            return list(session.scalars(
+                select(Assignment.user_id).join(Comparison, Comparison.id == Assignment.comparison_id)
+                .where(Comparison.kind == "gold", Assignment.status.in_(("skipped", "expired")))))
+
     def votes(self, comparison_id: int | None = None) -> list[Vote]:
         with self.sessions() as session:
             query = select(Vote).order_by(Vote.id)

@@ -37,9 +37,9 @@ def test_stats_report_progress_agreement_and_gold_accuracy(tmp_path):
     assert report["pairwise_agreement"] == 0.0
     # ann and bob disagree on both items they share: each agrees with the other on none
     assert report["labellers"]["ann"] == {"votes": 2, "mean_seconds": 3.0, "gold_votes": 1, "gold_accuracy": 1.0,
-                                          "agreement_with_others": 0.0}
+                                          "gold_passed": 0, "agreement_with_others": 0.0}
     assert report["labellers"]["bob"] == {"votes": 2, "mean_seconds": 6.0, "gold_votes": 1, "gold_accuracy": 0.0,
-                                          "agreement_with_others": 0.0}
+                                          "gold_passed": 0, "agreement_with_others": 0.0}
     assert "2/3 comparisons voted" in format_stats(report) and "gold accuracy 1.00" in format_stats(report)
     # over every batch, gold items (easy, and given to everyone) are not counted as labelling: their agreement
     # would hide the labellers' disagreement; each labeller's gold accuracy still counts them
@@ -49,6 +49,17 @@ def test_stats_report_progress_agreement_and_gold_accuracy(tmp_path):
     report = stats(store)
     assert (report["comparisons"], report["votes"], report["pairwise_agreement"]) == (2, 2, 0.0)
     assert report["labellers"]["bob"]["gold_votes"] == 2 and report["labellers"]["bob"]["gold_accuracy"] == 0.5
+    # a gold item skipped (or let time out) never comes back: it is counted beside the accuracy, which it leaves out
+    from preference_ui.queue import LabelQueue
+
+    queue = LabelQueue(store, overlap=3, gold_rate=1.0)
+    item = queue.next_item(bob)
+    assert item.kind == "gold"
+    queue.skip(bob, item.comparison_id)
+    report = stats(store)
+    assert report["labellers"]["bob"]["gold_passed"] == 1 and report["labellers"]["ann"]["gold_passed"] == 0
+    assert report["labellers"]["bob"]["gold_accuracy"] == 0.5
+    assert "gold accuracy 0.50 (1 passed)" in format_stats(report)
 
 
 def test_stats_read_while_people_label_count_what_they_read(tmp_path, monkeypatch):
