@@ -57,7 +57,7 @@ def ours(a, reward_dir: Path, prompts: Path, eval_prompts: Path, out: Path, roun
                "--ppo.num_mini_batches=1", "--ppo.temperature=0.7", "--ppo.learning_rate=1e-6",
                f"--ppo.save_steps={a.steps + 1}", "--ppo.sample_every=0", "--ppo.seed=0"]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-    metrics = json.loads((out / name / "ppo" / "stage.json").read_text())["metrics"]
+    metrics = json.loads((out / name / "manifest.json").read_text())["stages"]["ppo"]["metrics"]  # (timings)
     return {key: metrics[key] for key in ("median_step_s", "median_generate_s")}
 
 

@@ -37,7 +37,7 @@ from pipeline.cli import STAGE_OF_A_RUN, die_with_parent
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import ROUND_SECTION, hashed_settings, load_config, password_hidden, read_yaml
 from rlhf.errors import ConfigError, UserError
-from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, code_version, hash_config, input_hashes,
+from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, code_version, hash_config, input_hashes, run_lock,
                         read_stage_record, run_report, stage_key, work_key)
 from rlhf.stage import last_complete_checkpoint, partial_work_key, refuse_fixed_reward_model
 
@@ -175,6 +175,21 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         from preference_ui.collect import check_every_rounds_prompts
 
         check_every_rounds_prompts([settings[round]["preferences"] for round in range(1, rounds + 1)])
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started in the background from a script (the shell ignores SIGINT there): a SIGINT between stages stops
+        # the run, as one during a stage does (it was dropped, and the run went on to its end)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with run_lock(settings[1]["run"].directory()):
+        run_stages(plan, settings, start_from, launcher, accelerate_config, overrides, config_path)
+    report = run_report(settings[max(settings)]["run"].directory()) if "eval" in document else None
+    if report is not None:  # (a run without an eval stage leaves an earlier eval's report as it was)
+        print(headline(report))
+    return 0
+
+
+def run_stages(plan: list, settings: dict, start_from: str | None, launcher: str, accelerate_config: str | None,
+               overrides: list[str], config_path: str) -> None:
+    """Each stage of `plan` that is not up to date, in its own process, in order; the stage times at the end."""
     forced, seconds = False, {}
     for key, round, stage in plan:
         sections = settings[round]
@@ -205,10 +220,6 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
                 raise Interrupted(key, stopped_by, finished=returncode == 0)
             raise StageFailed(key, returncode)
     print(timings(seconds))
-    report = run_report(settings[max(settings)]["run"].directory()) if "eval" in document else None
-    if report is not None:  # (a run without an eval stage leaves an earlier eval's report as it was)
-        print(headline(report))
-    return 0
 
 
 def shown(token: str) -> str:

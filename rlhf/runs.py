@@ -65,6 +65,12 @@ def file_lock(path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# How fast a stage ran and where it resumed from: the manifest keeps them, the folder's own record does not. A
+# later stage reads the folder by its content hash: with them, a rerun to the same weights looked like a new model
+# (a preferences batch drawn from it was refused as drawn from another).
+HOW_IT_RAN = re.compile(r"(_per_s|_per_second|_step_s|_generate_s|_runtime)$|^resumed_from_step$")
+
+
 @contextlib.contextmanager
 def stage_lock(run: "RunDir", stage: str):
     """Held while a stage runs, so a second `rlhf <stage>` on the same run stops at once instead of deleting
@@ -76,6 +82,22 @@ def stage_lock(run: "RunDir", stage: str):
         except BlockingIOError:
             raise UserError(f"stage '{run.key(stage)}' of run '{run.name}' is already running in another "
                             "process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def run_lock(run: "RunDir"):
+    """Held by `rlhf run` from its first stage to its last: a second `rlhf run` of the same run stops at once
+    (each deciding stage by stage what was up to date, the two took turns republishing each other's stages)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    with open(run.path / ".run.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"run '{run.name}' in {run.root} is already being run by another `rlhf run`") from None
         try:
             yield
         finally:
@@ -284,10 +306,11 @@ class StageRecord:
         """Writes `stage.json` (with `extra`, what later stages read) into the complete folder `staged`, renames
         it to `runs/<name>/<stage>`, removes the stage's working folder, and records the stage done."""
         outputs = {"model": self.run.stage_path(self.stage)}
+        results = {name: value for name, value in metrics.items() if not HOW_IT_RAN.search(name)}
         atomic_write_json(staged / STAGE_RECORD, {"stage": self.stage, "round": self.run.round,
                                                   "artifact": f"{self.run.name}-{self.run.label(self.stage)}",
                                                   "config_hash": self.config_hash,
-                                                  "input_hashes": self.input_hashes, "metrics": metrics,
+                                                  "input_hashes": self.input_hashes, "metrics": results,
                                                   "outputs": {k: str(v) for k, v in outputs.items()},
                                                   **(extra or {})})
         final = self.run.publish(self.stage, staged)

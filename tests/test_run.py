@@ -201,6 +201,18 @@ def test_a_rerun_skips_what_is_up_to_date_and_a_change_reruns_only_what_depends_
     assert [s for s in STAGES if changed[s] == "running"] == ["reward", "ppo", "eval"], changed
     forced = actions(run_ok(rlhf_run(root, "tiny", "--reward.learning_rate", "1e-3", "--from", "dpo")))
     assert [s for s in STAGES if forced[s] == "running"] == ["dpo", "eval"], forced
+    # SFT again, to the same weights: the folder's own record keeps no timings (the manifest does), so its content
+    # hash is the same, and the preferences batch drawn from it is still this model's (it was refused as drawn
+    # from another model)
+    from rlhf.runs import hash_path
+
+    sft_hash = hash_path(root / "tiny" / "sft")
+    stage = [sys.executable, "-m", "pipeline.cli", "--config", "configs/tiny.yaml", f"--run.output_root={root}",
+             "--run.name=tiny", "--run.tracking=none"]
+    run_ok([*stage[:3], "sft", *stage[3:], "--sft.resume=false"])
+    assert hash_path(root / "tiny" / "sft") == sft_hash
+    assert "real_tokens_per_s" in json.loads(manifest_path.read_text())["stages"]["sft"]["metrics"]
+    assert "already sampled" in run_ok([*stage[:3], "preferences", *stage[3:]])
 
 
 def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_comparison_has_its_votes(
@@ -365,3 +377,22 @@ def test_a_signal_that_comes_as_a_stage_ends_well_stops_the_run_and_leaves_the_s
     assert "[run] sft: finished in" in printed.out and "[run] preferences" not in printed.out
     assert "[run] wall time of the stages run now:\n  sft " in printed.out
     assert "SIGTERM: stopped after stage sft finished; rerun `rlhf run` to go on" in printed.err
+
+
+def test_a_second_rlhf_run_of_the_same_run_stops_at_once_and_sigint_stops_a_run_started_in_the_background(
+        tmp_path, capsys):
+    """Two `rlhf run`s of one run each decided stage by stage what was up to date and took turns republishing each
+    other's stages: the second now stops before its first stage. And a run started in the background from a
+    script (SIGINT ignored, as the shell leaves it) takes SIGINT between stages again (it went on to its end)."""
+    from pipeline.cli import main as cli
+    from rlhf.runs import RunDir, run_lock
+
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with run_lock(RunDir(tmp_path, "tiny")):
+            assert cli(["run", "--config", "configs/tiny.yaml", f"--run.output_root={tmp_path}"]) == 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    assert f"run 'tiny' in {tmp_path} is already being run by another `rlhf run`" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "tiny").iterdir()) == [".run.lock"]
