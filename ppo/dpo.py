@@ -358,6 +358,9 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
                              tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0)
     left_out = {"train": len(train_pairs) - len(trainer.train_dataset),
                 "held-out": len(eval_pairs) - (len(trainer.eval_dataset) if eval_pairs else 0)}
+    if not len(trainer.train_dataset):  # (an untrained policy published as done would replace a finished one)
+        raise ConfigError(f"dpo: every one of the {len(train_pairs)} training pairs has a prompt of dpo.max_length "
+                          f"({config.max_length} tokens) or more: nothing to train on; raise dpo.max_length")
     for kind, count in left_out.items():  # TRL drops a pair whose prompt alone fills max_length
         if count:
             print(f"[{STAGE}] {count} {kind} pairs have a prompt of max_length ({config.max_length} tokens) or "

@@ -124,6 +124,9 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
         callbacks=[tracking.TrackingCallback(tracker), timer, NoCheckpointAtTheEnd()],
         tie_threshold=config.tie_threshold if config.ties == "equal" else 0.0, pooling=config.pooling)
     trained_pairs = len(trainer.train_dataset)  # TRL leaves out pairs longer than max_length: said, and counted
+    if trained_pairs == 0:  # (an untrained model published as done would replace a finished one)
+        raise ConfigError(f"reward: every one of the {len(rows)} training pairs is longer than reward.max_length "
+                          f"({config.max_length} tokens): nothing to train on; raise reward.max_length")
     if trained_pairs < len(rows):
         print(f"[{STAGE}] {len(rows) - trained_pairs} of {len(rows)} training pairs are longer than max_length "
               f"({config.max_length} tokens) and were left out")

@@ -114,7 +114,7 @@ def dpo_command(tmp_path, tiny_model_path, name: str, *extra: str) -> list[str]:
             f"--dpo.preferences={write_pairs(tmp_path / 'pairs.jsonl', 48)}", *extra]
 
 
-def test_dpo_learns_separable_pairs_and_publishes_the_policy(tmp_path, tiny_model_path):
+def test_dpo_learns_separable_pairs_and_publishes_the_policy(tmp_path, tiny_model_path, capsys):
     command = dpo_command(tmp_path, tiny_model_path, "dpo", "--dpo.max_steps=24", "--dpo.save_steps=100")
     assert cli(command[3:]) == 0
     run = tmp_path / "runs" / "dpo"
@@ -124,6 +124,13 @@ def test_dpo_learns_separable_pairs_and_publishes_the_policy(tmp_path, tiny_mode
     assert metrics["eval_rewards_accuracies"] >= 0.9 and metrics["eval_rewards_margins"] > 1.0, metrics
     assert (run / "dpo" / "model.safetensors").exists() and (run / "dpo" / "tokenizer.json").exists()
     assert "export_hash" not in entry["inputs"] and entry["inputs"]["preferences"].endswith("pairs.jsonl")
+    # a rerun where every prompt fills max_length stops (exit 2) and leaves the finished policy as it was
+    from rlhf.runs import hash_path
+
+    finished = hash_path(run / "dpo")
+    assert cli([*command[3:], "--dpo.max_length=4"]) == 2
+    assert "training pairs has a prompt of dpo.max_length (4 tokens) or more" in capsys.readouterr().err
+    assert hash_path(run / "dpo") == finished
 
 
 def test_on_policy_pairs_are_sampled_from_the_policy_and_ordered_by_the_reward_model(tmp_path, tiny_model_path,

@@ -56,6 +56,12 @@ def test_a_reward_model_learns_separable_pairs_and_is_published(tmp_path, tiny_m
     model = load_reward_model(str(published), tokenizer)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert pair_metrics(model, tokenizer, training_pairs(config.preferences, config))["accuracy"] >= 0.9
+    # a rerun where no pair fits max_length stops (exit 2) and leaves the finished model as it was: it published an
+    # untrained model as done over it
+    finished = hash_path(published)
+    with pytest.raises(ConfigError, match="every one of the 36 training pairs is longer than reward.max_length"):
+        train_reward(dataclasses.replace(config, max_length=8), run)
+    assert hash_path(published) == finished
 
 
 def test_answer_mean_pooling_is_trained_saved_and_scored_over_the_answer_tokens(tmp_path, tiny_model_path):
