@@ -157,6 +157,9 @@ def majority(counts: dict) -> str:
 
 
 def preference_row(comparison: dict, votes: list, names: dict) -> dict:
+    """The comparison's row; its labellers' votes in the order of their names, not of when they voted (a
+    stage interrupted and resumed stores the same votes in another order, and its export must be the same)."""
+    votes = sorted(votes, key=lambda vote: names[vote.user_id])
     counts = Counter(vote.choice for vote in votes)
     verdict = majority(counts)
     chosen, rejected = (comparison["b"], comparison["a"]) if verdict == "b" else (comparison["a"], comparison["b"])

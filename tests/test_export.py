@@ -47,6 +47,22 @@ def test_export_aggregates_votes_into_trl_preference_rows(tmp_path):
     assert raw["content_hash"] == manifest["content_hash"]
 
 
+def test_the_same_votes_cast_in_another_order_export_alike(tmp_path):
+    """A preferences stage killed and resumed stores the same votes in another order: the export (and its content
+    hash, which later stages read) is the uninterrupted run's."""
+    hashes = []
+    for order in ((0, 1, 2), (2, 0, 1)):
+        store = Store(f"sqlite:///{tmp_path / f'order{order[0]}.db'}")
+        users = [store.add_user(f"u{i}", "labeller", "password1") for i in range(3)]
+        prompt = store.add_prompt("p", "chat", [{"role": "user", "content": "Prompt?"}])
+        comparison = store.add_comparison(store.add_response(prompt, "A", "m", {}),
+                                          store.add_response(prompt, "B", "m", {}), batch="b1")
+        for i in order:
+            store.cast_vote(comparison.id, users[i], ["a", "b", "a"][i], "clear")
+        hashes.append(export(store, tmp_path / f"out{order[0]}")["content_hash"])
+    assert hashes[0] == hashes[1]
+
+
 def test_a_comparison_of_two_answers_with_the_same_text_or_an_empty_one_is_left_out_of_the_export(tmp_path):
     """An empty answer (the model ended at once) makes no preference row: the reward and DPO stages refuse one, and
     one such row in a store would stop them on the whole export."""
