@@ -29,7 +29,7 @@ from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import answer_prompts
-from rlhf.judges import judge_sources, load_judge
+from rlhf.judges import check_judge_settings, judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text, hash_config, input_hashes, run_report
 from rlhf.store import NoStoreYet, Store, check_batch_name, check_prompt_widths, run_store_url
@@ -98,6 +98,7 @@ def check(config: EvalStageConfig, run: RunConfig, found: dict) -> tuple[list[di
 def files(config: EvalStageConfig, run: RunConfig) -> tuple[list[dict], object, list | None]:
     """The prompts, the judge (tried on one made-up answer) and the prompts' reference answers when it checks
     against them."""
+    check_judge_settings({"eval.judge": config.judge})
     prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
     judge = load_judge(config.judge) if config.judge else None
     references = check_references(prompts, config.prompts, config.judge)

@@ -57,7 +57,7 @@ from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import generate_responses
-from rlhf.judges import judge_sources, load_judge
+from rlhf.judges import check_judge_settings, judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
 from rlhf.runs import atomic_write_json
 from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, earlier_round_model, last_complete_checkpoint,
@@ -171,6 +171,7 @@ def check_critic_vocabulary(found: dict) -> None:
 def files(config: PPOStageConfig, run: RunConfig) -> tuple:
     """(training prompts, eval prompts, the judge, their reference answers where a function checks against them),
     read and checked; the judge and a reward function tried on one made-up answer."""
+    check_judge_settings({"ppo.reward_function": config.reward_function, "ppo.judge": config.judge})
     rows = load_rows(config.prompts, "prompt")
     eval_rows = load_rows(config.eval_prompts, "prompt")[:config.num_eval_prompts or None]
     eval_references = (check_references(eval_rows, config.eval_prompts, config.reward_function)

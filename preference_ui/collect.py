@@ -29,7 +29,7 @@ from preference_ui.stats import stats
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows
 from rlhf.errors import ConfigError, DataError, UserError
-from rlhf.judges import judge_sources
+from rlhf.judges import check_judge_settings, judge_sources
 from rlhf.label_export import export
 from rlhf.runs import hash_config, read_stage_record
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
@@ -85,6 +85,7 @@ def check(config: PreferencesStageConfig, run: RunConfig, found: dict) -> tuple[
 def files(config: PreferencesStageConfig, run: RunConfig) -> tuple[list[dict], list[dict] | None]:
     """(every prompt of the file, the gold rows), read and checked row by row; the simulated labellers' judge
     loaded, the AI labeller's constitution and model found."""
+    check_judge_settings({"preferences.simulate_judge": config.simulate_judge})
     rows = load_rows(config.prompts, "prompt")
     gold = load_rows(config.gold, "gold") if config.gold else None
     if config.simulate_judge:

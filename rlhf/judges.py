@@ -71,6 +71,17 @@ BUILTIN_JUDGES = {"readability": readability, "length": length, "keywords": keyw
                   "final_number": final_number}
 
 
+def check_judge_settings(settings: dict[str, str]) -> None:
+    """Each judge a stage is given ({setting: spec}, empty ones left out) loaded, a failure naming the setting:
+    several settings take a judge, and the message alone did not say which one was wrong."""
+    for setting, spec in settings.items():
+        if spec:
+            try:
+                load_judge(spec)
+            except UserError as error:
+                raise UserError(f"{setting}: {error}") from None
+
+
 def load_judge(spec: str) -> Judge:
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")

@@ -130,7 +130,12 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
           f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
-          "--eval.judge=builtin:nonesuch"], "builtin:nonesuch"),
+          "--eval.judge=builtin:nonesuch"], "eval.judge: judge 'builtin:nonesuch': no such built-in"),
+        # the setting named: several settings take a judge, and the same words came from each
+        (["ppo", f"--ppo.model={model}", "--ppo.reward_function=nosuchmodule:score"],
+         "ppo.reward_function: judge 'nosuchmodule:score': cannot load"),
+        (["preferences", f"--preferences.model={model}", "--preferences.simulate_judge=nosuchmodule:score"],
+         "preferences.simulate_judge: judge 'nosuchmodule:score': cannot load"),
         (["eval", f"--eval.baseline={model}", f"--eval.policies=other={other_vocabulary}", "--eval.reward_model=none"],
          f"eval.policies: 'other' ({other_vocabulary}) has another tokenizer than the baseline ({model})"),
         # people's comparisons for a store URL that is none: refused before any answer (was after every answer)
@@ -197,7 +202,7 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
          "is 111 characters; the label store holds 110 in a run of several rounds"),
         # the whole chain: a later stage's bad file or judge stops it before the first stage writes anything
         (["run", f"--eval.prompts={bad_files['prompts']}"], f"{bad_files['prompts']}:2: prompt: missing"),
-        (["run", "--ppo.judge=builtin:nonesuch"], "builtin:nonesuch"),
+        (["run", "--ppo.judge=builtin:nonesuch"], "ppo.judge: judge 'builtin:nonesuch'"),
         # a prompt file that a later round would find used up: told before round 1 trains
         (["run", "--run.rounds=3", "--preferences.num_prompts=80"], "round 3 takes prompts 161-240"),
         (["run", f"--preferences.gold={bad_files['gold']}"], f"{bad_files['gold']}:2: expected: expected one of"),
