@@ -71,33 +71,29 @@ def file_lock(path):
 HOW_IT_RAN = re.compile(r"(_per_s|_per_second|_step_s|_generate_s|_runtime)$|^resumed_from_step$")
 
 
-@contextlib.contextmanager
 def stage_lock(run: "RunDir", stage: str):
     """Held while a stage runs, so a second `rlhf <stage>` on the same run stops at once instead of deleting
     the first one's checkpoints."""
-    run.path.mkdir(parents=True, exist_ok=True)
-    with open(run.path / f".{run.label(stage)}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"stage '{run.key(stage)}' of run '{run.name}' is already running in another "
-                            "process") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return held_or_refused(run.path / f".{run.label(stage)}.lock",
+                           f"stage '{run.key(stage)}' of run '{run.name}' is already running in another process")
 
 
-@contextlib.contextmanager
 def run_lock(run: "RunDir"):
     """Held by `rlhf run` from its first stage to its last: a second `rlhf run` of the same run stops at once
     (each deciding stage by stage what was up to date, the two took turns republishing each other's stages)."""
-    run.path.mkdir(parents=True, exist_ok=True)
-    with open(run.path / ".run.lock", "w") as handle:
+    return held_or_refused(run.path / ".run.lock",
+                           f"run '{run.name}' in {run.root} is already being run by another `rlhf run`")
+
+
+@contextlib.contextmanager
+def held_or_refused(path: Path, busy: str):
+    """The lock file `path` held by this process inside the block; UserError(`busy`) at once when another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"run '{run.name}' in {run.root} is already being run by another `rlhf run`") from None
+            raise UserError(busy) from None
         try:
             yield
         finally:
