@@ -205,18 +205,22 @@ class LabelQueue:
         slot (as Label Studio requeues skipped tasks): with no other labeller to take it, one person on a laptop
         say, it would wait for a vote for ever."""
         for (comparison_id,) in self.rows(self.sql.set_aside, labeller=user.id):
-            slot = self.free_slot(comparison_id)
-            if slot is None:
-                continue
-            try:
-                with self.store.writing() as connection:
-                    row = connection.execute(self.sql.reopen, dict(labeller=user.id, item=comparison_id,
-                                                                   free_slot=slot, now=utcnow())).first()
-            except IntegrityError:
-                continue  # another labeller took that slot at the same moment
-            if row is not None:
-                return Held(comparison_id, row.swapped)
+            if (held := self.reopened(user, comparison_id, self.sql.reopen)) is not None:
+                return held
         return None
+
+    def reopened(self, user: User, comparison_id: int, statement) -> Held | None:
+        """The labeller's assignment on the item open again (as `statement` allows), on a slot still free."""
+        slot = self.free_slot(comparison_id)
+        if slot is None:
+            return None
+        try:
+            with self.store.writing() as connection:
+                row = connection.execute(statement, dict(labeller=user.id, item=comparison_id, free_slot=slot,
+                                                         now=utcnow())).first()
+        except IntegrityError:
+            return None  # another labeller took that slot at the same moment
+        return None if row is None else Held(comparison_id, row.swapped)
 
     def gold_chance(self, user: User) -> float:
         """`gold_rate`, or the share of gold among the items the labeller has left when that is larger (as last
@@ -337,19 +341,10 @@ class LabelQueue:
 
     def retaken(self, user: User, comparison_id: int) -> bool:
         """The labeller's expired assignment on a training item open to them again, on a slot still free."""
-        state = self.rows(self.sql.assignment_status, labeller=user.id, item=comparison_id)
-        if not state or state[0].status != "expired" or self.rows(self.sql.item, item=comparison_id)[0][0] == "gold":
+        kind = self.rows(self.sql.item, item=comparison_id)
+        if not kind or kind[0][0] == "gold":
             return False
-        slot = self.free_slot(comparison_id)
-        if slot is None:
-            return False
-        try:
-            with self.store.writing() as connection:
-                row = connection.execute(self.sql.reopen_expired, dict(labeller=user.id, item=comparison_id,
-                                                                       free_slot=slot, now=utcnow())).first()
-        except IntegrityError:
-            return False  # another labeller took that slot at the same moment
-        return row is not None
+        return self.reopened(user, comparison_id, self.sql.reopen_expired) is not None
 
     def skip(self, user: User, comparison_id: int) -> None:
         """Gives the item's slot to someone else; it comes back to this labeller only when nothing else is left
