@@ -22,6 +22,10 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
     exit 2
 fi
 PARTS=",${2:-rollout,chain,fsdp},"
+for name in ${PARTS//,/ }; do
+    case "$name" in rollout|chain|fsdp) ;; *) echo "bench/gpu_check.sh: no part '$name' (rollout, chain, fsdp)" >&2
+                                              exit 2 ;; esac
+done
 mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 status=0

@@ -44,9 +44,13 @@ def head(log: Path, characters: int = 2000) -> str | None:
 def main(argv=None) -> int:
     folder = Path((argv or sys.argv[1:])[0])
     parts = folder / "parts.jsonl"
-    figures = {"parts": [json.loads(line) for line in parts.read_text().splitlines()] if parts.exists() else [],
-               "rollout": rollout_figures(folder / "rollout.log"), "chain": chain_figures(folder / "runs"),
-               "fsdp": last_line(folder / "fsdp.log"), "gpu": head(folder / "nvidia-smi.txt")}
+    ran = [json.loads(line) for line in parts.read_text().splitlines()] if parts.exists() else []
+    this_time = {part["part"] for part in ran}  # (a part not run this time may have left an older log behind)
+    figures = {"parts": ran,
+               "rollout": rollout_figures(folder / "rollout.log") if "rollout" in this_time else None,
+               "chain": chain_figures(folder / "runs") if "chain" in this_time else None,
+               "fsdp": last_line(folder / "fsdp.log") if "fsdp" in this_time else None,
+               "gpu": head(folder / "nvidia-smi.txt")}
     print(json.dumps(figures, indent=1))
     return 0
 

@@ -181,7 +181,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         signal.signal(signal.SIGINT, signal.default_int_handler)
     with run_lock(settings[1]["run"].directory()):
         run_stages(plan, settings, start_from, launcher, accelerate_config, overrides, config_path)
-    report = run_report(settings[max(settings)]["run"].directory()) if "eval" in document else None
+        report = run_report(settings[max(settings)]["run"].directory()) if "eval" in document else None
     if report is not None:  # (a run without an eval stage leaves an earlier eval's report as it was)
         print(headline(report))
     return 0

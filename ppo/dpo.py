@@ -34,7 +34,7 @@ from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
 from rlhf.preference_pairs import answer_text, pair_margin, preference_source, usable_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
-from rlhf.runs import atomic_write_json
+from rlhf.runs import atomic_write_json, results_only
 from rlhf.stage import (Inputs, NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step,
                         earlier_round_model, published_reward_model,
                         refuse_fixed_reward_model, run_stage, started_everywhere, starting_model)
@@ -393,7 +393,8 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
     if config.process_index != 0:
         return Outcome(metrics, None, partial, train_seconds, summary)
     tokenizer.save_pretrained(str(staged))
-    atomic_write_json(staged / "history.json", trainer.state.log_history)  # logged metrics, for plots
+    # logged metrics, for plots (without timings: a rerun to the same weights publishes the same folder)
+    atomic_write_json(staged / "history.json", [results_only(logged) for logged in trainer.state.log_history])
     if config.pairs == "on_policy":
         shutil.copyfile(partial / "pairs.jsonl", staged / "pairs.jsonl")
     tracker.log({f"train/final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -70,7 +70,7 @@ def shard(model: torch.nn.Module, layer_classes: set[str], accelerator, frozen: 
     for module in model.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=frozen or None)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=frozen)
     return model
 
 

@@ -59,7 +59,7 @@ from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.judges import check_judge_settings, judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_heads, reward_record, reward_tokenizer, score
-from rlhf.runs import atomic_write_json
+from rlhf.runs import atomic_write_json, results_only
 from rlhf.stage import (Inputs, Outcome, Stage, checkpoint_step, earlier_round_model, last_complete_checkpoint,
                         published_reward_model, refuse_fixed_reward_model, round_seed, run_stage, start_partial,
                         starting_model)
@@ -397,7 +397,8 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
     save_policy(module_of(policy, accelerator), tokenizer, staged, config.use_peft, policy_weights)
     if critic is not None:
         save_critic(module_of(critic, accelerator), staged / CRITIC, critic_weights)
-    atomic_write_json(staged / "history.json", state.history)  # the metrics of every update, for plots
+    # the metrics of every update, for plots (timings in the trackers: a rerun to the same weights, the same folder)
+    atomic_write_json(staged / "history.json", [results_only(metrics) for metrics in state.history])
     atomic_write_json(staged / "evals.json", state.evals)  # proxy and gold at each eval point, for the report
     return Outcome(summary, staged, partial, time.time() - started, line, returned=returned)
 

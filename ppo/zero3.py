@@ -176,5 +176,6 @@ def load_partitions(folder: Path, engine) -> None:
     (the run would go on from its first weights while its state said otherwise)."""
     if not (folder / ZERO3 / "latest").is_file():
         raise ConfigError(f"checkpoint {folder} was not written under ZeRO-3 (no {ZERO3}/latest): resume it with the "
-                          "launcher config it was made with, or start afresh with --ppo.resume false")
+                          "launcher config it was made with, or start afresh (`rlhf run --from ppo`, or "
+                          "`rlhf ppo --ppo.resume false`)")
     engine.load_checkpoint(str(folder / ZERO3))

@@ -209,8 +209,9 @@ class LabellingApp:
                 return self.show(user, f"Not counted: you have already voted on item {state['label']}. Here is your "
                                        "next item.", state)
             except ItemGone:
-                return self.show(user, f"Not counted: item {state['label']} is no longer yours to vote on (skipped, "
-                                       "or timed out and taken by another labeller). Here is your next item.", state)
+                return self.back_again(self.show(user, f"Not counted: item {state['label']} is no longer yours to "
+                                                       "vote on (skipped, or timed out and taken by another "
+                                                       "labeller). Here is your next item.", state), state)
             except LabellerDisabled:  # disabled between this request's account check and its vote
                 raise gr.Error(NOT_SIGNED_IN) from None
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
@@ -242,8 +243,9 @@ class LabellingApp:
             return self.show(user, f"Your ranking of item {state['label']} was saved already; the first one stands. "
                                    "Here is your next item.", state)
         except ItemGone:
-            return self.show(user, f"Not counted: item {state['label']} is no longer yours to rank (skipped, or "
-                                   "timed out and taken by another labeller). Here is your next item.", state)
+            return self.back_again(self.show(user, f"Not counted: item {state['label']} is no longer yours to rank "
+                                                   "(skipped, or timed out and taken by another labeller). Here is "
+                                                   "your next item.", state), state)
         except LabellerDisabled:
             raise gr.Error(NOT_SIGNED_IN) from None
         except StoreError as refused:
@@ -259,9 +261,15 @@ class LabellingApp:
                 self.queue.skip(user, state["comparison_id"])
             except (DuplicateVote, ItemGone):
                 return self.show(user, f"Not skipped: item {state['label']} is no longer yours.", state)
-        shown = self.show(user, "Skipped; someone else will take that item.", state)
-        if state and shown[0] and shown[0]["comparison_id"] == state["comparison_id"]:  # the only one left to you
-            return (*shown[:6], "Skipped, but it is the only item left for you: here it is again.", *shown[7:])
+        return self.back_again(self.show(user, "Skipped; someone else will take that item.", state), state)
+
+    @staticmethod
+    def back_again(shown: tuple, state: dict | None) -> tuple:
+        """`shown`, said otherwise when it shows `state`'s item again: skipped (here or in another tab), it was
+        the only item left for the labeller, and the queue handed it straight back."""
+        if state and shown[0] and shown[0]["comparison_id"] == state["comparison_id"]:
+            return (*shown[:6], f"Item {state['label']} was set aside, but it is the only item left for you: here "
+                                "it is again.", *shown[7:])
         return shown
 
     def admin_stats(self, request: gr.Request):

@@ -201,7 +201,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     store, batch = Store(url), config.batch or run.name
     keys = batch_keys(config, run, record.input_hashes)
     if store.comparisons(batch):
-        check_same_draw(store, batch, keys)
+        check_same_draw(store, batch, keys, older_labelled_by(config, run, record.input_hashes))
         print(f"[{STAGE}] batch '{batch}' already sampled: {len(store.comparisons(batch))} comparisons")
     else:
         sample.main(dataclasses.replace(config, db=url), run, prompts, keys=keys)
@@ -253,7 +253,16 @@ def batch_keys(config: PreferencesStageConfig, run: RunConfig, hashes: dict) -> 
     return keys
 
 
-def check_same_draw(store: Store, batch: str, keys: dict) -> None:
+def older_labelled_by(config: PreferencesStageConfig, run: RunConfig, hashes: dict) -> str | None:
+    """The machine labellers' key as code before the AI labeller's constitution counted: a batch an AI labeller of
+    a bundled model voted on keeps its votes. (One of a model folder voted as `ai/<folder>`, an account since
+    named by content too: its batch is refused, as its votes would be cast again.)"""
+    if not config.ai_judge or ai_model_input(config.ai_judge):
+        return None
+    return batch_keys(config, run, {k: v for k, v in hashes.items() if k != "ai_constitution"}).get("labelled_by")
+
+
+def check_same_draw(store: Store, batch: str, keys: dict, older_labelled_by: str | None = None) -> None:
     """A rerun reuses its batch (and the votes cast) only when the batch was drawn from the same model, prompts and
     sampling settings: otherwise the stage would publish the old model's answers as this one's. (A later round's
     batch name holds the key already; round 1's is the run name.) Nor when machine labellers with other settings
@@ -264,11 +273,11 @@ def check_same_draw(store: Store, batch: str, keys: dict) -> None:
         raise UserError(f"batch '{batch}' in {shown_url(store.url)} holds answers drawn from another model, prompts "
                         f"or sampling settings (key {stored['drawn_from']}, now {keys['drawn_from']}): label a new "
                         "batch with --preferences.batch NAME")
-    if stored.get("labelled_by") not in (None, keys.get("labelled_by")):
+    if stored.get("labelled_by") not in (None, keys.get("labelled_by"), older_labelled_by):
         raise UserError(f"batch '{batch}' in {shown_url(store.url)} was voted on by simulated or AI labellers with "
-                        "other settings (judge, labellers, temperature, noise, skip, overlap or gold rate): the new "
-                        "ones would find its places taken and the old votes would be exported as theirs; label a "
-                        "new batch with --preferences.batch NAME")
+                        "other settings (judge, labellers, temperature, noise, skip, overlap, gold rate, or the AI "
+                        "labeller's constitution or model): the new ones would find its places taken and the old "
+                        "votes would be exported as theirs; label a new batch with --preferences.batch NAME")
 
 
 def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> None:

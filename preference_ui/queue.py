@@ -129,7 +129,7 @@ class Statements:
         self.reopen = (update(Assignment).where(this_one, Assignment.status.in_(("skipped", "expired")))
                        .values(status="open", slot=bindparam("free_slot"), created_at=bindparam("now"))
                        .returning(Assignment.swapped))
-        self.reopen_expired = (update(Assignment).where(this_one, Assignment.status == "expired")
+        self.reopen_expired = (update(Assignment).where(this_one, Assignment.status == "expired", enabled)
                                .values(status="open", slot=bindparam("free_slot"), created_at=bindparam("now"))
                                .returning(Assignment.swapped))
         a, b = aliased(Response), aliased(Response)

@@ -65,10 +65,16 @@ def file_lock(path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# How fast a stage ran and where it resumed from: the manifest keeps them, the folder's own record does not. A
-# later stage reads the folder by its content hash: with them, a rerun to the same weights looked like a new model
-# (a preferences batch drawn from it was refused as drawn from another).
-HOW_IT_RAN = re.compile(r"(_per_s|_per_second|_step_s|_generate_s|_runtime)$|^resumed_from_step$")
+# How fast a stage ran, on how many processes and where it resumed from: the manifest and the trackers keep them,
+# the files a stage publishes do not. A later stage reads the folder by its content hash: with them, a rerun to the
+# same weights looked like a new model (a preferences batch drawn from it was refused as drawn from another).
+HOW_IT_RAN = re.compile(r"(_per_s|_per_second|_step_s|_generate_s|_runtime)$|^timing/|^eps$|^processes$"
+                        r"|^resumed_from_(step|update)$")
+
+
+def results_only(metrics: dict) -> dict:
+    """`metrics` without how the stage ran (HOW_IT_RAN), for the files it publishes."""
+    return {name: value for name, value in metrics.items() if not HOW_IT_RAN.search(name)}
 
 
 def stage_lock(run: "RunDir", stage: str):
@@ -157,8 +163,9 @@ def stage_key(stage: str, round: int) -> str:
     return stage if round == 1 or stage in SHARED_STAGES else f"round-{round}/{stage}"
 
 
-# 2: stages record their gold file, label store and judges' code too (an entry of 1 recorded fewer inputs)
-INPUTS_VERSION = 2
+# 2: stages record their gold file, label store and judges' code too (an entry of 1 recorded fewer inputs); 3: the
+# preferences stage records the AI labeller's constitution and model folder
+INPUTS_VERSION = 3
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
@@ -302,11 +309,10 @@ class StageRecord:
         """Writes `stage.json` (with `extra`, what later stages read) into the complete folder `staged`, renames
         it to `runs/<name>/<stage>`, removes the stage's working folder, and records the stage done."""
         outputs = {"model": self.run.stage_path(self.stage)}
-        results = {name: value for name, value in metrics.items() if not HOW_IT_RAN.search(name)}
         atomic_write_json(staged / STAGE_RECORD, {"stage": self.stage, "round": self.run.round,
                                                   "artifact": f"{self.run.name}-{self.run.label(self.stage)}",
                                                   "config_hash": self.config_hash,
-                                                  "input_hashes": self.input_hashes, "metrics": results,
+                                                  "input_hashes": self.input_hashes, "metrics": results_only(metrics),
                                                   "outputs": {k: str(v) for k, v in outputs.items()},
                                                   **(extra or {})})
         final = self.run.publish(self.stage, staged)

@@ -171,10 +171,11 @@ class Tracker:
         for backend in list(self.backends):
             try:
                 getattr(backend, call)(*args)
-            except Exception as error:
+            except Exception as error:  # (its service, files or network: whatever a tracker meets)
                 self.backends.remove(backend)
-                print(f"{backend.name}: {call} failed ({type(error).__name__}: {first_line(error)}); the stage goes "
-                      f"on without {backend.name}", flush=True)
+                name = getattr(backend, "name", type(backend).__name__)
+                print(f"{name}: {call} failed ({type(error).__name__}: {first_line(error)}); the stage goes on "
+                      f"without {name}", flush=True)
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         self.each("log", metrics, step)
@@ -212,7 +213,7 @@ def start(trackers: list[str], project: str, run_name: str, stage: str, config: 
         try:
             backends.append(BACKENDS[name](project, run_name, stage, config, Path(directory), label or stage))
         except Exception as error:
-            if name == "wandb" and os.environ.get("WANDB_MODE") == "online":  # asked for the server: no fallback
+            if name == "wandb" and os.environ.get("WANDB_MODE") in ("online", "run"):  # the server asked for
                 Tracker(backends).finish(failed=True)
                 raise
             print(f"{name}: could not start ({type(error).__name__}: {first_line(error)}); the stage goes on "

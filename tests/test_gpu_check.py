@@ -23,6 +23,7 @@ def test_the_figures_gather_the_parts_and_the_rollout_lines(tmp_path, tiny_model
     assert rollout.returncode == 0, rollout.stderr[-2000:]
     # what else lands in the log (stderr too): a version number is no figure
     (tmp_path / "rollout.log").write_text(rollout.stdout + "warning: torch: 2.5.1 found\n")
+    (tmp_path / "fsdp.log").write_text("9 passed in 99.0s\n")  # an earlier check's: not a part run this time
     (tmp_path / "parts.jsonl").write_text('{"part": "rollout", "exit": 0, "seconds": 3}\n'
                                           '{"part": "chain", "exit": 124, "seconds": 390}\n')
     result = subprocess.run([sys.executable, "bench/gpu_figures.py", str(tmp_path)], cwd=REPO, capture_output=True,

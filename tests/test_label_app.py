@@ -147,7 +147,7 @@ def test_an_answer_refused_as_early_leaves_the_items_choices_as_the_labeller_lef
     assert second["comparison_id"] != first["comparison_id"] and store.votes()[0].strength == "slight"
     back = handlers.skip(second["label"], second, ann)
     assert back[0]["comparison_id"] == second["comparison_id"]
-    assert back[6] == "Skipped, but it is the only item left for you: here it is again."
+    assert back[6] == f"Item {second['label']} was set aside, but it is the only item left for you: here it is again."
 
     [ranked] = store.add_ranking_items([[store.add_response(prompt, text, "m", {}) for text in "uvw"]], batch="b")
     handlers.queue.vote(store.user("ann"), second["comparison_id"], "a")

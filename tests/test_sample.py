@@ -275,3 +275,12 @@ def test_batch_keys_keep_older_batches_keys_and_follow_the_judges_code():
     ai_keys = {text: batch_keys(ai, run, {**hashes, "ai_constitution": text[0], "ai_judge": text[1]})["labelled_by"]
                for text in (("c-1", "w-1"), ("c-2", "w-1"), ("c-1", "w-2"))}
     assert len(set(ai_keys.values())) == 3 and keys["labelled_by"] not in ai_keys.values()
+    # a batch keyed before the constitution counted keeps its votes for an AI labeller of a bundled model (its
+    # account is named as before); of a model folder, whose account is named by content now, it does not
+    from preference_ui.collect import older_labelled_by
+
+    bundled = dataclasses.replace(config, ai_judge="tiny-llama")
+    assert older_labelled_by(bundled, run, {**hashes, "ai_constitution": "c-1"}) == batch_keys(bundled, run,
+                                                                                               hashes)["labelled_by"]
+    assert older_labelled_by(dataclasses.replace(config, ai_judge="."), run, hashes) is None  # a folder
+    assert older_labelled_by(config, run, hashes) is None  # no AI labeller
