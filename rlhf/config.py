@@ -44,11 +44,13 @@ def check_project_name(project: str) -> None:
 class RunConfig:
     """Settings every stage of a run shares."""
 
-    name: str = field(default="default", metadata={"help": "Run name: outputs go to <output_root>/<name>/."})
+    name: str = field(default="default", metadata={
+        "help": "Run name: outputs go to <output_root>/<name>/ (letters, digits, '.', '_', '-'; at most 100)."})
     output_root: str = field(default="runs", metadata={"help": "Folder that holds all runs."})
     tracking: str = field(default="wandb,trackio", metadata={
         "help": "Comma-separated trackers: wandb (offline unless logged in), trackio (local dashboard), or none."})
-    project: str = field(default="rlhf", metadata={"help": "wandb and trackio project name."})
+    project: str = field(default="rlhf", metadata={
+        "help": "wandb and trackio project name (at most 128 characters, none of / \\ # ? % :)."})
     sample_every: int = field(default=0, metadata={
         "help": "SFT: log a table of sample prompts and responses every N steps (0: only before and after); "
                 "PPO's tables follow ppo.sample_every."})
