@@ -37,8 +37,8 @@ from pipeline.cli import STAGE_OF_A_RUN, die_with_parent
 from pipeline.stages import SECTIONS, STAGES
 from rlhf.config import ROUND_SECTION, hashed_settings, load_config, password_hidden, read_yaml
 from rlhf.errors import ConfigError, UserError
-from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, code_version, hash_config, input_hashes, run_lock,
-                        read_stage_record, run_report, stage_key, work_key)
+from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, code_version, hash_config, input_hashes,
+                        read_stage_record, remove_folder, run_lock, run_report, stage_key, stage_lock, work_key)
 from rlhf.stage import last_complete_checkpoint, partial_work_key, refuse_fixed_reward_model
 
 class StageFailed(UserError):
@@ -75,6 +75,21 @@ def stage_state(run_dir: RunDir, stage: str, config, inputs_now: dict | None = N
             and partial_work_key(partial) in (None, work_key(wanted, attempt.get("input_hashes", {}))):
         return "resume"  # (an attempt that failed before starting its work leaves an earlier attempt's checkpoints)
     return "fresh"
+
+
+def remove_finished_leftover(run_dir: RunDir, stage: str) -> None:
+    """The working folder that a done stage's own attempt left behind (killed between recording itself done and
+    removing it), removed: its checkpoints would stay for good, since a stage up to date never runs again. Another
+    attempt's (other settings or inputs, kept to resume), or one a stage running now holds, stays."""
+    partial, entry = run_dir.partial_path(stage), run_dir.stage_entry(stage) or {}
+    if not partial.exists() or partial_work_key(partial) != work_key(entry.get("config_hash"),
+                                                                     entry.get("input_hashes", {})):
+        return
+    try:
+        with stage_lock(run_dir, stage):
+            remove_folder(partial)
+    except UserError:
+        pass  # that stage is running in another process: the folder is its own
 
 
 def made_by_other_code(run_dir: RunDir, stage: str, key: str) -> str:
@@ -199,6 +214,7 @@ def run_stages(plan: list, settings: dict, start_from: str | None, launcher: str
                                                    current_inputs(stage, sections[stage.name], sections["run"]))
         if state == "done":
             print(f"[run] {key}: up to date, skipped{made_by_other_code(run_dir, stage.name, key)}", flush=True)
+            remove_finished_leftover(run_dir, stage.name)
             continue
         # rlhf run decides: a `resume: true` in the config would continue another attempt's checkpoints
         extra = [f"--{stage.name}.resume={str(state == 'resume').lower()}"] if stage.trains else []

@@ -3,6 +3,7 @@ up to date, a changed config that reruns only what depends on it, `--from`, and 
 every stage, between stages, while the report is written) that, rerun, ends with an uninterrupted run's artifacts."""
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -189,7 +190,19 @@ def test_a_rerun_skips_what_is_up_to_date_and_a_change_reruns_only_what_depends_
     manifest = json.loads(manifest_path.read_text())
     manifest["stages"]["sft"]["code_version"] = "0000000"  # as if another version of the code had made it
     manifest_path.write_text(json.dumps(manifest))
+    # working folders: the finished DPO attempt's own, left by a kill between recording itself done and removing
+    # it (removed: the stage, up to date, never runs again), and another attempt's, to resume (kept)
+    from rlhf.runs import work_key
+
+    dpo_entry = manifest["stages"]["dpo"]
+    for stage, key in (("dpo", work_key(dpo_entry["config_hash"], dpo_entry["input_hashes"])),
+                       ("reward", "another attempt's key")):
+        (root / "tiny" / f".{stage}.partial" / "checkpoint-4").mkdir(parents=True)
+        (root / "tiny" / f".{stage}.partial" / "work_key").write_text(key)
     rerun = run_ok(rlhf_run(root, "tiny"))
+    assert not (root / "tiny" / ".dpo.partial").exists()
+    assert (root / "tiny" / ".reward.partial" / "checkpoint-4").is_dir()
+    shutil.rmtree(root / "tiny" / ".reward.partial")
     sft_line = next(line for line in rerun.splitlines() if line.startswith("[run] sft: "))
     assert sft_line.startswith("[run] sft: up to date, skipped (made by code 0000000, the code is now ")
     assert sft_line.endswith(": --from sft reruns it)")
