@@ -209,9 +209,7 @@ class LabellingApp:
                 return self.show(user, f"Not counted: you have already voted on item {state['label']}. Here is your "
                                        "next item.", state)
             except ItemGone:
-                return self.back_again(self.show(user, f"Not counted: item {state['label']} is no longer yours to "
-                                                       "vote on (skipped, or timed out and taken by another "
-                                                       "labeller). Here is your next item.", state), state)
+                return self.no_longer_yours(user, state, "vote on")
             except LabellerDisabled:  # disabled between this request's account check and its vote
                 raise gr.Error(NOT_SIGNED_IN) from None
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
@@ -243,9 +241,7 @@ class LabellingApp:
             return self.show(user, f"Your ranking of item {state['label']} was saved already; the first one stands. "
                                    "Here is your next item.", state)
         except ItemGone:
-            return self.back_again(self.show(user, f"Not counted: item {state['label']} is no longer yours to rank "
-                                                   "(skipped, or timed out and taken by another labeller). Here is "
-                                                   "your next item.", state), state)
+            return self.no_longer_yours(user, state, "rank")
         except LabellerDisabled:
             raise gr.Error(NOT_SIGNED_IN) from None
         except StoreError as refused:
@@ -262,6 +258,12 @@ class LabellingApp:
             except (DuplicateVote, ItemGone):
                 return self.show(user, f"Not skipped: item {state['label']} is no longer yours.", state)
         return self.back_again(self.show(user, "Skipped; someone else will take that item.", state), state)
+
+    def no_longer_yours(self, user: User, state: dict, what: str) -> tuple:
+        """The next item, after an answer (`what`: "vote on", "rank") on an item the labeller no longer holds."""
+        return self.back_again(self.show(user, f"Not counted: item {state['label']} is no longer yours to {what} "
+                                               "(skipped, or timed out and taken by another labeller). Here is your "
+                                               "next item.", state), state)
 
     @staticmethod
     def back_again(shown: tuple, state: dict | None) -> tuple:
