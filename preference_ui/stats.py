@@ -92,6 +92,7 @@ def summarise(labels: Labels, batch: str | None = None) -> dict:
             ranked[ranking.comparison_id].append(ranking.ranks)
             by_user[ranking.user_id].append(ranking)  # a ranking is one judgement, as a vote is
     units = [choices for choices in by_item.values() if len(choices) >= 2]
+    gold_passed = Counter(labels.gold_passed)
     return {"batch": batch or "(all)", "comparisons": len(in_batch), "voted": len(by_item) + len(ranked),
             "votes": len(votes), "choices": dict(Counter(vote.choice for vote in votes)),
             "krippendorff_alpha": krippendorff_alpha(units), "pairwise_agreement": pairwise_agreement(units),
@@ -100,7 +101,7 @@ def summarise(labels: Labels, batch: str | None = None) -> dict:
             "human_win_rates": human_win_rates(all_comparisons, votes),
             "labellers": {names[user_id]: labeller_stats(user_votes, gold_by_user[user_id],
                                                          agreement_with_others(user_id, item_votes),
-                                                         Counter(labels.gold_passed)[user_id])
+                                                         gold_passed[user_id])
                           for user_id, user_votes in sorted(by_user.items(), key=lambda item: names[item[0]])}}
 
 
