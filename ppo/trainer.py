@@ -40,9 +40,9 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_
 from transformers import AutoModelForSequenceClassification
 from trl.trainer.utils import disable_dropout_in_model
 
+from evaluation.metrics import distinct_ngram_share
 from ppo.config import PPOStageConfig
 from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores, this_process
-from evaluation.metrics import distinct_ngram_share
 from ppo.health import health_alerts, overoptimisation_alert
 from ppo.rollout import generate
 from ppo.sharding import (every_process_loads, fsdp_version, full_parameters, full_state_dict, is_sharded,

@@ -58,8 +58,8 @@ def inputs(config: PreferencesStageConfig, run: RunConfig) -> dict:
     found.add("judges", judge_sources(simulate_judge=config.simulate_judge))
     if config.ai_judge:
         found.add("ai_constitution", config.ai_constitution)
-        if ai_model_input(config.ai_judge):
-            found.add("ai_judge", ai_model_input(config.ai_judge))
+        if folder := ai_model_input(config.ai_judge):
+            found.add("ai_judge", folder)
     if config.gold:
         found.add("gold", config.gold)
     if config.db or os.environ.get("RLHF_DB_URL"):  # the run's own store goes with its folder: not recorded

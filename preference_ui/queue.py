@@ -132,6 +132,7 @@ class Statements:
         self.reopen_expired = (update(Assignment).where(this_one, Assignment.status == "expired", enabled)
                                .values(status="open", slot=bindparam("free_slot"), created_at=bindparam("now"))
                                .returning(Assignment.swapped))
+        self.kind = select(Comparison.kind).where(Comparison.id == bindparam("item"))
         a, b = aliased(Response), aliased(Response)
         self.item = (select(Comparison.kind, Prompt.messages, a.text, b.text)
                      .join(Prompt, Prompt.id == Comparison.prompt_id).join(a, a.id == Comparison.response_a_id)
@@ -341,8 +342,8 @@ class LabelQueue:
 
     def retaken(self, user: User, comparison_id: int) -> bool:
         """The labeller's expired assignment on a training item open to them again, on a slot still free."""
-        kind = self.rows(self.sql.item, item=comparison_id)
-        if not kind or kind[0][0] == "gold":
+        kind = self.rows(self.sql.kind, item=comparison_id)
+        if not kind or kind[0].kind == "gold":
             return False
         return self.reopened(user, comparison_id, self.sql.reopen_expired) is not None
 
