@@ -39,7 +39,7 @@ from rlhf.config import ROUND_SECTION, hashed_settings, load_config, password_hi
 from rlhf.errors import ConfigError, UserError
 from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, code_version, hash_config, input_hashes,
                         read_stage_record, remove_folder, run_lock, run_report, stage_key, stage_lock, work_key)
-from rlhf.stage import last_complete_checkpoint, partial_work_key, refuse_fixed_reward_model
+from rlhf.stage import last_complete_checkpoint, naming_the_setting, partial_work_key, refuse_fixed_reward_model
 
 class StageFailed(UserError):
     """A stage's process stopped with an error (its own message is above); `rlhf run` exits with its code."""
@@ -185,7 +185,8 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
                 refuse_fixed_reward_model(name, settings[round][name].reward_model, round)
     for key, round, stage in plan:  # every stage's own files (data, prompts, judges) before the first one writes
         if stage.files is not None:
-            stage.files(settings[round][stage.name], settings[round]["run"])
+            with naming_the_setting(stage.name, settings[round][stage.name]):
+                stage.files(settings[round][stage.name], settings[round]["run"])
     if rounds > 1 and "preferences" in settings[1]:  # (round 1's prompts: its own stage's files, just read)
         from preference_ui.collect import check_every_rounds_prompts
 

@@ -104,9 +104,10 @@ def calibration(probabilities: list[float], outcomes: list[float], bins: int) ->
     return ece, table
 
 
-def evaluate(model, tokenizer, eval_pairs: list[dict], config, out_dir, scored: tuple | None = None) -> dict:
+def evaluate(model, tokenizer, eval_pairs: list[dict], gold: list[dict], config, out_dir,
+             scored: tuple | None = None) -> dict:
     """Scores the held-out pairs (unless `scored` holds their [pairs, heads] chosen and rejected rewards) and the
-    gold items, writes eval.md and the plots into `out_dir`, returns the metrics."""
+    gold items (`gold_items`), writes eval.md and the plots into `out_dir`, returns the metrics."""
     out_dir = Path(out_dir)
     theta = config.tie_threshold if config.ties == "equal" else 0.0
     if scored is None:
@@ -123,7 +124,7 @@ def evaluate(model, tokenizer, eval_pairs: list[dict], config, out_dir, scored: 
         metrics["tie_abs_gap"] = mean([abs(gaps[i]) for i in ties])
     if heads_chosen.shape[1] > 1:  # the ensemble's spread of the reward gap: its uncertainty
         metrics["ensemble_gap_std"] = (heads_chosen - heads_rejected).std(-1).mean().item()
-    metrics.update(gold_metrics(model, tokenizer, config))
+    metrics.update(gold_metrics(model, tokenizer, gold))
     metrics.update(human_ceiling([eval_pairs[i] for i in decided], [gaps[i] for i in decided]))
     oriented = [calibration_point(eval_pairs[i], gaps[i], theta) for i in decided]
     metrics["ece"], bins = calibration([p for p, _ in oriented], [o for _, o in oriented], config.calibration_bins)
@@ -140,10 +141,15 @@ def log_evaluation(tracker, metrics: dict, folder: Path) -> None:
                                                                                    DISTRIBUTION_PLOT)})
 
 
-def gold_metrics(model, tokenizer, config) -> dict:
-    if not config.gold:
+def gold_items(config) -> list[dict]:
+    """The comparisons with a known answer (`reward.gold`), read and checked before the stage writes anything (they
+    were read after training, where a missing file failed the stage at its end)."""
+    return load_rows(config.gold, "gold") if config.gold else []
+
+
+def gold_metrics(model, tokenizer, items: list[dict]) -> dict:
+    if not items:
         return {"gold_accuracy": None, "gold_items": 0}
-    items = load_rows(config.gold, "gold")
     scores_a = score(model, tokenizer, [g["prompt"] + [{"role": "assistant", "content": g["a"]}] for g in items])
     scores_b = score(model, tokenizer, [g["prompt"] + [{"role": "assistant", "content": g["b"]}] for g in items])
     accuracy, counted = gold_accuracy(scores_a, scores_b, [g["expected"] for g in items])
@@ -241,13 +247,14 @@ def main(config, run: RunConfig) -> dict:
                           "these (a store with new votes, an edited file): its held-out split would not be the one "
                           "it was trained with. Give the settings it was trained with, or rerun `rlhf reward`")
     _, eval_pairs = round_pairs(found, config, run.round)
+    gold = gold_items(config)
     with stage_lock(run_dir, EVAL_FOLDER):  # a second `rlhf reward eval` would clear this one's folder
         tokenizer = reward_tokenizer(str(published))
         model = load_reward_model(str(published), tokenizer)
         staged = run_dir.partial_path(EVAL_FOLDER)
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
-        metrics = evaluate(model, tokenizer, eval_pairs, config, staged)
+        metrics = evaluate(model, tokenizer, eval_pairs, gold, config, staged)
         folder = run_dir.publish(EVAL_FOLDER, staged)
     tracker = tracking.start(run.trackers, run.project, run.name, EVAL_FOLDER, as_plain_dict(config),
                              run_dir.path / "tracking", label=run_dir.label(EVAL_FOLDER))

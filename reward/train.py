@@ -21,7 +21,7 @@ from rlhf.errors import ConfigError
 from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step, run_stage, started_everywhere
 from reward.config import RewardStageConfig
 from reward.data import STAGE, inputs, round_pairs
-from reward.evaluate import evaluate, fmt, log_evaluation
+from reward.evaluate import evaluate, fmt, gold_items, log_evaluation
 from reward.evaluate import main as evaluate_again
 from reward.loss import PreferenceCollator, PreferenceRewardTrainer
 from reward.probe import answer_index, probe
@@ -61,20 +61,25 @@ def main(config: RewardStageConfig, run: RunConfig) -> dict:
     return run_stage(REWARD_STAGE, config, run)
 
 
-def check(config: RewardStageConfig, run: RunConfig, found: dict) -> tuple[list, list]:
-    """(train pairs, held-out pairs), read and checked; and the kept layer count and, when it starts from a reward
-    model, its heads against the model's."""
+def check(config: RewardStageConfig, run: RunConfig, found: dict) -> tuple[list, list, list]:
+    """(train pairs, held-out pairs, gold items), read and checked; and the kept layer count and, when it starts
+    from a reward model, its heads against the model's."""
     check_layer_count(found["model"], config.num_layers)
     heads = reward_record(found["model"]).get("heads")
     if heads is not None and heads != config.ensemble:  # it would train its own heads and be recorded with others
         raise ConfigError(f"reward.ensemble is {config.ensemble}, but {found['model']} is a reward model with {heads} "
                           f"head(s): set --reward.ensemble {heads}, or start from a language model (reward.model, "
                           "or reward.round_init sft in a later round)")
-    return round_pairs(found, config, run.round)
+    return *round_pairs(found, config, run.round), files(config, run)
+
+
+def files(config: RewardStageConfig, run: RunConfig) -> list[dict]:
+    """The gold items (the pairs are an earlier stage's)."""
+    return gold_items(config)
 
 
 def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
-    train_pairs, eval_pairs = checked
+    train_pairs, eval_pairs, gold = checked
     model_path = found["model"]
     run_dir = run.directory()
     partial = run_dir.partial_path(STAGE)
@@ -156,7 +161,7 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
     heads = score_heads(published, tokenizer, conversations)
     scale = reward_scale(heads.mean(-1))
     trained = len(train_pairs)
-    report = evaluate(published, tokenizer, eval_pairs, config, staged,
+    report = evaluate(published, tokenizer, eval_pairs, gold, config, staged,
                       (heads[chosen[trained:]], heads[rejected[trained:]]))
     log_evaluation(tracker, report, staged)
     metrics.update(report, eval_accuracy=report["heldout_accuracy"], eval_margin=report["heldout_margin"])
@@ -174,5 +179,6 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
 
 
 REWARD_STAGE = Stage("reward", "reward model on the label export (TRL RewardTrainer)", RewardStageConfig, inputs, check,
-                     train, trains=True, actions={"eval": (evaluate_again, "evaluates the published reward model "
-                                                                           "again (eval.md and its plots)")})
+                     train, trains=True, files=files,
+                     actions={"eval": (evaluate_again, "evaluates the published reward model again (eval.md and its "
+                                                       "plots)")})

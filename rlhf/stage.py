@@ -7,7 +7,7 @@ import contextlib
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from rlhf import models, tracking
 from rlhf.config import RunConfig, as_plain_dict, hashed_settings
-from rlhf.errors import ConfigError, MissingInputError, ModelError
+from rlhf.errors import ConfigError, DataError, MissingInputError, ModelError
 from rlhf.preference_pairs import publish_pending_exports
 from rlhf.runs import STAGE_RECORD, RunDir, StageRecord, remove_folder, stage_lock
 
@@ -61,7 +61,8 @@ def run_stage(stage: Stage, config, run: RunConfig) -> dict:
     """Inputs found and checked before anything is written; then the stage's work under its lock and record, and
     its folder published whole."""
     found = stage.inputs(config, run)
-    checked = stage.check(config, run, found)
+    with naming_the_setting(stage.name, config):
+        checked = stage.check(config, run, found)
     with running_stage(run, stage.name, config, found) as (record, tracker):
         outcome = stage.work(config, run, found, checked, tracker, record)
         if record is not None and outcome.staged is not None:
@@ -72,6 +73,20 @@ def run_stage(stage: Stage, config, run: RunConfig) -> dict:
             print(f"[{stage.name}] done: {final} ({outcome.summary})", flush=True)
     wait_for_other_processes()
     return outcome.metrics if outcome.returned is None else outcome.returned
+
+
+@contextlib.contextmanager
+def naming_the_setting(stage: str, config):
+    """A data file that cannot be read at all (missing, of a type we cannot read, empty) is said with the setting
+    that names it, as a judge or a model is (`/x.jsonl: file: not found (sft.train_data)`)."""
+    try:
+        yield
+    except DataError as err:
+        settings = [f"{stage}.{each.name}" for each in fields(config)
+                    if err.line is None and str(getattr(config, each.name)) == err.path]
+        if not settings:
+            raise
+        raise DataError(err.path, None, err.field, f"{err.problem} ({', '.join(settings)})") from None
 
 
 def wait_for_other_processes() -> None:

@@ -206,6 +206,11 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         # a prompt file that a later round would find used up: told before round 1 trains
         (["run", "--run.rounds=3", "--preferences.num_prompts=80"], "round 3 takes prompts 161-240"),
         (["run", f"--preferences.gold={bad_files['gold']}"], f"{bad_files['gold']}:2: expected: expected one of"),
+        # a file that is missing named with its setting, alone and in the chain (the reward stage read its gold
+        # items after training)
+        (["sft", f"--sft.model={model}", f"--sft.train_data={root / 'nosuch.jsonl'}"],
+         f"{root / 'nosuch.jsonl'}: file: not found (sft.train_data)"),
+        (["run", f"--reward.gold={root / 'gold.jsonl'}"], f"{root / 'gold.jsonl'}: file: not found (reward.gold)"),
     ]
     for words, message in cases:
         assert cli([*words, *common]) == 2, words

@@ -62,6 +62,12 @@ def test_a_reward_model_learns_separable_pairs_and_is_published(tmp_path, tiny_m
     with pytest.raises(ConfigError, match="every one of the 36 training pairs is longer than reward.max_length"):
         train_reward(dataclasses.replace(config, max_length=8), run)
     assert hash_path(published) == finished
+    # a gold file that is missing stops the stage before it trains (it was read after training, failing the stage
+    # at its end), named with its setting
+    manifest = (published.parent / "manifest.json").read_text()
+    with pytest.raises(DataError, match=r"nosuch.jsonl: file: not found \(reward.gold\)"):
+        train_reward(dataclasses.replace(config, gold=str(tmp_path / "nosuch.jsonl"), max_steps=31), run)
+    assert hash_path(published) == finished and (published.parent / "manifest.json").read_text() == manifest
 
 
 def test_answer_mean_pooling_is_trained_saved_and_scored_over_the_answer_tokens(tmp_path, tiny_model_path):
