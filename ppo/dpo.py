@@ -12,7 +12,6 @@ it. A held-out share of the pairs measures the implicit reward's accuracy. Publi
 """
 import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -26,13 +25,13 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from ppo.dpo_config import DPOStageConfig
 from rlhf import hardware, models, tracking
 from rlhf.batching import (LengthGroupedTraining, MultiplePadding, PromptGroupSampler, longest_sequence,
-                           shared_prefix_inputs, unique_rows)
+                           sequences_per_step, shared_prefix_inputs, unique_rows)
 from rlhf.config import RunConfig
 from rlhf.datasets import load_rows, split_train_eval
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
-from rlhf.preference_pairs import answer_text, pair_margin, preference_source, usable_pairs
+from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import atomic_write_json, results_only
 from rlhf.stage import (Inputs, NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step,
@@ -281,20 +280,6 @@ class PairDPOTrainer(LengthGroupedTraining, DPOTrainer):
             self._metrics[mode]["rewards/accuracies"].extend(right.tolist())
 
 
-def sequences_per_step(config: DPOStageConfig, train_pairs: list[dict]) -> int:
-    """Sequences a training step runs: both answers of each pair, or with prompt batches each distinct answer
-    once (the mean number of distinct answers a pair brings, plus one prompt's answers for a prompt a batch's edge
-    cuts)."""
-    pairs = config.per_device_train_batch_size
-    if not config.prompt_batches:
-        return 2 * pairs
-    answers: dict[str, set] = {}
-    for pair in train_pairs:
-        answers.setdefault(pair["group"], set()).update({answer_text(pair, "chosen"), answer_text(pair, "rejected")})
-    per_pair = sum(len(group) for group in answers.values()) / len(train_pairs)
-    return min(2 * pairs, math.ceil(per_pair * pairs) + max(len(group) for group in answers.values()))
-
-
 def main(config: DPOStageConfig, run: RunConfig) -> dict:
     return run_stage(DPO_STAGE, config, run)
 
@@ -341,7 +326,7 @@ def train(config: DPOStageConfig, run: RunConfig, found: dict, source: list[dict
 
     # 2. model (the reference is a frozen copy made by TRL) and the hardware decisions
     model, tokenizer = models.load_causal_lm(found["model"])
-    tokens_per_step = (sequences_per_step(config, train_pairs) *
+    tokens_per_step = (sequences_per_step(config.per_device_train_batch_size, train_pairs, config.prompt_batches) *
                        longest_sequence(tokenizer, train_pairs, config.max_length))
     checkpointing = (bool(config.gradient_checkpointing) if not config.gradient_checkpointing_auto else
                      hardware.needs_gradient_checkpointing(model, tokens_per_step, config.hardware.device))

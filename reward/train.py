@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from rlhf import hardware, tracking
-from rlhf.batching import longest_sequence
+from rlhf.batching import longest_sequence, sequences_per_step
 from rlhf.config import RunConfig
 from rlhf.errors import ConfigError
 from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step, run_stage, started_everywhere
@@ -78,6 +78,14 @@ def files(config: RewardStageConfig, run: RunConfig) -> list[dict]:
     return gold_items(config)
 
 
+def tokens_per_step(tokenizer, train_pairs: list[dict], config: RewardStageConfig) -> int:
+    """At most the tokens a step runs: with batches of whole prompts each distinct answer once, each padded to the
+    longest (it counted both answers of every pair: on the default run five times too many, so that the stage
+    checkpointed its activations, and then ran without sharing the prompt, for memory it did not need)."""
+    return (sequences_per_step(config.per_device_train_batch_size, train_pairs, config.group_by_prompt) *
+            longest_sequence(tokenizer, train_pairs, config.max_length))
+
+
 def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple, tracker, record) -> Outcome:
     train_pairs, eval_pairs, gold = checked
     model_path = found["model"]
@@ -92,8 +100,7 @@ def train(config: RewardStageConfig, run: RunConfig, found: dict, checked: tuple
     if config.num_layers:
         keep_first_layers(model, config.num_layers)
     checkpointing = (bool(config.gradient_checkpointing) if not config.gradient_checkpointing_auto else
-                     hardware.needs_gradient_checkpointing(model, 2 * config.per_device_train_batch_size *
-                                                           longest_sequence(tokenizer, train_pairs, config.max_length),
+                     hardware.needs_gradient_checkpointing(model, tokens_per_step(tokenizer, train_pairs, config),
                                                            config.hardware.device))
     hardware.log_decision(STAGE, config.hardware, checkpointing)
     args = dataclasses.replace(config, output_dir=str(partial), report_to="none",

@@ -10,6 +10,8 @@ order of a small dataset's batches, so a short run would train on the longest ro
 (reward, DPO): with k answers to a prompt and all their pairs, a batch of whole prompts runs k sequences per prompt
 instead of k(k - 1).
 """
+import json
+import math
 import random
 
 import torch
@@ -75,6 +77,20 @@ def longest_sequence(tokenizer, pairs: list[dict], max_length: int | None) -> in
     longest = max(len(tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=True)["input_ids"])
                   for p in pairs for side in ("chosen", "rejected"))
     return min(longest, max_length or longest)
+
+
+def sequences_per_step(pairs_per_step: int, pairs: list[dict], by_prompt: bool) -> int:
+    """Sequences a training step runs: both answers of each pair, or with batches of whole prompts each distinct
+    answer once (the mean number of distinct answers a pair brings, plus one prompt's answers for a prompt a batch's
+    edge cuts)."""
+    if not by_prompt:
+        return 2 * pairs_per_step
+    answers: dict[str, set] = {}
+    for pair in pairs:
+        answers.setdefault(json.dumps(pair["prompt"]), set()).update(
+            {json.dumps(pair["chosen"]), json.dumps(pair["rejected"])})
+    per_pair = sum(len(group) for group in answers.values()) / len(pairs)
+    return min(2 * pairs_per_step, math.ceil(per_pair * pairs_per_step) + max(len(group) for group in answers.values()))
 
 
 def unique_rows(sequences: list[tuple]) -> tuple[list[tuple], list[int]]:

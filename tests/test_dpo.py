@@ -12,8 +12,11 @@ from transformers import AutoModelForSequenceClassification
 from trl import DPOTrainer
 
 from pipeline.cli import main as cli
-from ppo.dpo import PairCollator, PairDPOTrainer, sequences_per_step
+from ppo.dpo import PairCollator, PairDPOTrainer
 from ppo.dpo_config import DPOStageConfig
+from reward.config import RewardStageConfig
+from reward.train import tokens_per_step as reward_tokens_per_step
+from rlhf.batching import longest_sequence, sequences_per_step
 from rlhf.models import load_causal_lm
 from rlhf.reward_model import reward_tokenizer
 from tests.conftest import REPO, kill_when_saved
@@ -313,13 +316,21 @@ def test_shared_prompt_batches_run_each_prompt_once_with_the_same_loss_and_gradi
     assert "prefix_ids" not in first_batch(shared) and first_batch(shared)["input_ids"].shape[1] == 12
 
 
-def test_the_memory_estimate_counts_the_sequences_a_step_runs(tmp_path):
+def test_the_memory_estimate_counts_the_sequences_a_step_runs(tmp_path, tiny_tokenizer):
     """Batches of 12 pairs: 24 sequences one pair at a time; by prompt (4 answers, 6 pairs each), 8 answers for
     the two whole prompts a batch holds plus 4 for a prompt a batch's edge cuts."""
     pairs = all_pairs_of(3, 4)
     by_pair = DPOStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=12, selection="best_worst")
     by_prompt = DPOStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=12)
-    assert sequences_per_step(by_pair, pairs) == 24 and sequences_per_step(by_prompt, pairs) == 12
+    assert sequences_per_step(12, pairs, by_pair.prompt_batches) == 24
+    assert sequences_per_step(12, pairs, by_prompt.prompt_batches) == 12
+    # the reward stage's batches of whole prompts too (it counted both answers of every pair: on the default run it
+    # checkpointed its activations for memory it did not need, and so ran without sharing the prompt)
+    longest = longest_sequence(tiny_tokenizer, pairs, 512)
+    reward = RewardStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=12)
+    assert reward_tokens_per_step(tiny_tokenizer, pairs, reward) == 12 * longest
+    ungrouped = RewardStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=12, group_by_prompt=False)
+    assert reward_tokens_per_step(tiny_tokenizer, pairs, ungrouped) == 24 * longest
 
 
 def test_pairs_are_held_out_by_prompt_whatever_the_batching(tmp_path):
