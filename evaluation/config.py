@@ -30,7 +30,7 @@ class EvalStageConfig:
     human_batch: str = field(default="", metadata={
         "help": "With human: the batch the comparisons go into; empty: eval-KEY, KEY standing for the models compared, "
                 "the prompts and the answers (an eval of retrained policies, or of other answers, queues anew; the "
-                "same eval again reads the votes)."})
+                "same eval again reads the votes; a named batch holding other answers is refused)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
     score_batch_size: int = field(default=8, metadata={
         "help": "Answers per forward pass when scoring them and computing their KL, shortest first: small "

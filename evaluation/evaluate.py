@@ -212,9 +212,13 @@ def queue_human_comparisons(store: Store, config: EvalStageConfig, run: RunConfi
     """Blind baseline-vs-policy comparisons in the label store, batch `human_batch`, kind `eval`: each response
     knows which side it is (its sampling record's `eval_role`), labellers see neither name nor side. Prompts whose
     two answers are the same text are not asked. A batch that already holds comparisons is left as it is."""
-    if store.comparisons(config.human_batch):
-        print(f"[{STAGE}] batch '{config.human_batch}' already holds comparisons: nothing queued (name a new one "
-              "with --eval.human_batch)")
+    held = store.comparisons(config.human_batch)
+    if held:
+        if asked_answers(held) != these_answers(run, prompts, texts):  # its votes would be reported as these
+            raise UserError(f"eval.human_batch '{config.human_batch}' holds comparisons of other answers than these "
+                            "(retrained policies, other prompts or settings): name a new batch, or leave "
+                            "eval.human_batch empty for one named after the answers")
+        print(f"[{STAGE}] batch '{config.human_batch}' already holds these comparisons: nothing queued")
         return 0
     rng = random.Random(config.seed)
     sampling = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
@@ -235,6 +239,22 @@ def queue_human_comparisons(store: Store, config: EvalStageConfig, run: RunConfi
           f"`rlhf label serve --batch {config.human_batch}` to label them, `rlhf label stats --batch "
           f"{config.human_batch}` for the human win rates")
     return queued
+
+
+def these_answers(run: RunConfig, prompts: list[dict], texts: dict) -> set[tuple]:
+    """(prompt, model, answer) of every answer this eval asks people about (none where a policy's answer is the
+    baseline's)."""
+    answers = set()
+    for i, prompt in enumerate(prompts):
+        asked = [name for name in texts if name != BASELINE and texts[name][i] != texts[BASELINE][i]]
+        answers |= {(json.dumps(prompt["prompt"]), f"{run.name}/{name}", texts[name][i])
+                    for name in ([BASELINE] + asked if asked else [])}
+    return answers
+
+
+def asked_answers(comparisons: list[dict]) -> set[tuple]:
+    """(prompt, model, answer) of every answer a batch's comparisons hold."""
+    return {(json.dumps(c["prompt"]), c[f"{side}_model"], c[side]) for c in comparisons for side in ("a", "b")}
 
 
 def add_human_win_rates(results: dict, store: Store, config: EvalStageConfig, run: RunConfig) -> None:

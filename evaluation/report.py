@@ -28,10 +28,9 @@ def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStage
     against = compared_against(config, run_dir, models["baseline"])
     if kind:
         label = "reward (normalised)" if kind == "rewards" else f"judge ({config.judge})"
-        on_this_scale = against == "SFT" and ppo_maximised(run_dir, models.get("reward_model"))
         plots.append((f"{label.capitalize()} against KL to {against}",
-                      reward_vs_kl(folder / "reward_vs_kl.png", results, per_prompt["kls"], per_prompt[kind],
-                                   histories.get("ppo") if on_this_scale else None, label, against)))
+                      reward_vs_kl(folder / "reward_vs_kl.png", results, per_prompt["kls"], per_prompt[kind], label,
+                                   against)))
         plots.append(("Score distributions", score_distributions(folder / "score_distribution.png", per_prompt)))
     judged_points = [point for point in load_evals(run_dir.stage_path("ppo"))  # a later round's start: KL unknown
                      if "eval/judge" in point and point["kl"] is not None]
@@ -75,15 +74,6 @@ def compared_against(config: EvalStageConfig, run_dir: RunDir, baseline_folder: 
     sft_models = {run_dir.stage_path("sft"), *([Path(reference)] if reference else [])}
     baseline = Path(baseline_folder or config.baseline).resolve()
     return "SFT" if baseline in {path.resolve() for path in sft_models} else "baseline"
-
-
-def ppo_maximised(run_dir: RunDir, reward_model: str | None) -> bool:
-    """PPO maximised this reward model's normalised score, so its training scores share the eval's axis (not
-    with a reward function, another reward model, or normalize_reward off)."""
-    entry = run_dir.stage_entry("ppo") or {}
-    trained_with = entry.get("inputs", {}).get("reward_model")
-    return bool(reward_model and trained_with and entry.get("config", {}).get("normalize_reward")
-                and Path(trained_with).resolve() == Path(reward_model).resolve())
 
 
 def rounds_section(folder: Path, rows: list[dict], against: str = "SFT") -> str:
@@ -221,17 +211,16 @@ def training_curves(path: Path, histories: dict) -> str:
     return save_figure(figure, path)
 
 
-def reward_vs_kl(path: Path, results: dict, kls: dict, scores: dict, ppo_history: list[dict] | None,
-                 label: str, against: str = "SFT") -> str:
+def reward_vs_kl(path: Path, results: dict, kls: dict, scores: dict, label: str, against: str = "SFT") -> str:
+    """Each policy's mean score against its mean KL, both measured by this stage on the same answers. (PPO's
+    training curve is not drawn here: its KL is a one-sample estimate on answers sampled at its temperature,
+    another quantity than this exact KL along the greedy answers.)"""
     plt = pyplot()
 
     figure, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in results:
         mean_kl, mean_score = sum(kls[name]) / len(kls[name]), sum(scores[name]) / len(scores[name])
         ax.scatter([mean_kl], [mean_score], s=60, label=f"{name} (eval)", zorder=3)
-    if ppo_history and label.startswith("reward"):
-        ax.plot([m["objective/kl"] for m in ppo_history], [m["objective/raw_scores"] for m in ppo_history],
-                alpha=0.5, label="ppo during training (sampled answers)")
     ax.set_xlabel(f"KL to {against} (nats per answer)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import re
 import types
 import typing
@@ -326,9 +327,11 @@ def coerce_number(value, kind):
             if not float(number).is_integer():
                 raise ValueError
             return int(number)
+        if not math.isfinite(float(number)):  # nan passed every range check (nan < 0 is false) and inf most
+            raise ValueError
         return float(number)
     except (TypeError, ValueError):
-        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        raise ValueError(f"expected {'an integer' if kind is int else 'a finite number'}, got {value!r}") from None
 
 
 def yaml_value(text: str):

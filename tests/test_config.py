@@ -121,6 +121,12 @@ def test_errors_say_whether_the_file_or_the_command_line_is_wrong(tmp_path):
     # what wandb would refuse after the first stage had started: found before anything is written
     assert error(None, ["--run.name", "r" * 101]) == "command line: run: name must be at most 100 characters (the " \
         "trackers name each stage's artifact `<name>-<stage>` in 128), got 101"
+    # not a number that a range check catches (nan < 0 is false: eval sampled at "temperature nan", greedily)
+    for bad in ("nan", "inf", "-inf", "1e400"):
+        assert error(None, ["--sft.learning_rate", bad]) == f"command line: sft.learning_rate: expected a finite " \
+            f"number, got '{bad}'"
+    assert error(write(tmp_path, "sft:\n  learning_rate: .nan\n"), []).endswith(
+        "sft.learning_rate: expected a finite number, got nan")
     for project in ("team/rlhf", " ", "a" * 129, "a:b"):
         assert error(None, ["--run.project", project]) == "command line: run: project must be 1 to 128 characters, " \
             f"none of / \\ # ? % :, got '{project}'"
