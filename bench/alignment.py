@@ -50,6 +50,14 @@ CHAIN = ("sft", "preferences", "reward", "ppo", "dpo", "eval")  # the stages' or
 RUN_NAME = "default"
 
 
+# what each chain and comparison is given by the benchmark, and where it comes from
+SET_BY_THE_BENCH = {**{key: "--judges" for key in ("preferences.simulate_judge", "ppo.judge", "eval.judge")},
+                    "eval.num_prompts": "--eval-prompts",
+                    **{key: "the chain's" for key in ("ppo.model", "ppo.reward_model", "dpo.model", "dpo.preferences",
+                                                      "dpo.reward_model", "eval.baseline", "eval.reward_model",
+                                                      "eval.policies")}}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="", help="Run config (empty: configs/default.yaml, or "
@@ -76,6 +84,10 @@ def parse_args(argv=None):
     if any(item.replace(" ", "").startswith("run.rounds=") for item in args.set):
         parser.error("--set run.rounds: the summary reads round 1's reward model and eval; compare online rounds "
                      "with bench/online_rounds.py")
+    for item in args.set:  # given to some runs only (the chain's or the comparisons'), the policies were measured apart
+        key = item.split("=", 1)[0].strip()
+        if key in SET_BY_THE_BENCH:
+            parser.error(f"--set {key}: the benchmark sets it itself, alike for every run ({SET_BY_THE_BENCH[key]})")
     if not args.verifiable:
         checked_judges(parser, args.judges)
     return args

@@ -120,30 +120,38 @@ def check_references(rows: list[dict], source, spec: str) -> list[str] | None:
 
 
 def judge_scores(judge, prompts: list[str], responses: list[str], references: list[str] | None = None) -> list[float]:
-    """The judge's scores, given the references when it checks against them."""
-    if not wants_references(judge):
-        return checked_scores(judge, judge(prompts, responses), len(responses))
-    if references is None:
+    """The judge's scores, given the references when it checks against them. A judge that fails (the user's code)
+    is told in a line, not a traceback."""
+    wanted = wants_references(judge)
+    if wanted and references is None:
         raise UserError("this judge checks answers against reference answers, and none were given here")
-    return checked_scores(judge, judge(prompts, responses, references), len(responses))
+    try:
+        scores = judge(prompts, responses, references) if wanted else judge(prompts, responses)
+    except Exception as err:
+        answers = "a made-up answer" if responses == [PROBE_ANSWER] else f"{len(responses)} answers"
+        raise UserError(f"judge {judge_name(judge)} failed on {answers} ({type(err).__name__}: {err}); a judge is a "
+                        "function of (prompts, answers) returning one number per answer") from None
+    return checked_scores(judge, scores, len(responses))
+
+
+PROBE_ANSWER = "A short made-up answer: 42."
 
 
 def probe_judge(judge, prompt: str, reference: str | None = None) -> None:
     """Scores one made-up answer, so that a judge that fails on it, or returns no list of finite numbers, stops a
     stage before it writes anything rather than after its answers are generated."""
-    try:
-        judge_scores(judge, [prompt], ["A short made-up answer: 42."], None if reference is None else [reference])
-    except UserError:
-        raise
-    except Exception as err:  # a function of other arguments, or one that fails: the user's code, told in a line
-        raise UserError(f"judge {judge_name(judge)} failed on a made-up answer ({type(err).__name__}: {err}); a "
-                        "judge is a function of (prompts, answers) returning one number per answer") from None
+    judge_scores(judge, [prompt], [PROBE_ANSWER], None if reference is None else [reference])
 
 
 def checked_scores(judge, scores, answers: int) -> list[float]:
     """A judge's scores as floats, one finite number per answer; else an error naming the judge (a short list
     would pair scores with the wrong answers, a NaN would lose every comparison)."""
     try:
+        if isinstance(scores, (str, bytes)):
+            raise TypeError("text")
+        scores = list(scores)
+        if any(isinstance(score, (str, bytes, bool)) for score in scores):
+            raise TypeError("text or true/false among them")  # float("0.5") and float(True) read them as numbers
         values = [float(score) for score in scores]
     except (TypeError, ValueError) as err:
         raise UserError(f"judge {judge_name(judge)} returned {type(scores).__name__}, not a list of numbers "

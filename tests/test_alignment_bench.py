@@ -85,7 +85,10 @@ def test_frontier_settings_and_online_rounds_are_checked_before_any_chain_starts
     assert parse_args(["--kl-coefs", "0.02, 0.05"]).kl_coefs == ["0.02", "0.05"]
     for argv, message in ((["--kl-coefs", "0.02,strong"], "--kl-coefs: 'strong' is not a number"),
                           (["--betas", "0.1,0.1"], "--betas: a value is given twice"),
-                          (["--set", "run.rounds=3"], "--set run.rounds: the summary reads round 1's")):
+                          (["--set", "run.rounds=3"], "--set run.rounds: the summary reads round 1's"),
+                          # the chain took it, the critic-free methods' comparison did not: measured apart
+                          (["--set", "eval.num_prompts=50"], "--set eval.num_prompts: the benchmark sets it itself"),
+                          (["--set", "eval.judge=builtin:length"], "(--judges)")):
         with pytest.raises(SystemExit) as refused:
             parse_args(argv)
         assert refused.value.code == 2 and message in capsys.readouterr().err, argv

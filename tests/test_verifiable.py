@@ -54,6 +54,7 @@ def test_the_final_number_parser_reads_numbers_as_people_write_them(text, expect
 
 
 def test_final_number_scores_one_for_a_right_answer_and_zero_otherwise():
+    from rlhf.errors import UserError
     from rlhf.judges import load_judge
     from rlhf.verifiable import judge_scores, wants_references
 
@@ -63,6 +64,13 @@ def test_final_number_scores_one_for_a_right_answer_and_zero_otherwise():
     references = ["8", "8", "8", "8", "8", "1000"]
     assert judge_scores(judge, [""] * 6, responses, references) == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert judge_scores(load_judge("builtin:length"), ["q"], ["a b c"], None) == pytest.approx([3 / 60])
+    # a judge that fails on real answers, or returns text or true/false, is told in a line (was a traceback; "0.5"
+    # and True were read as numbers)
+    with pytest.raises(UserError, match=r"judge .* failed on 2 answers \(KeyError: 'b'\)"):
+        judge_scores(lambda prompts, answers: [{"a": 1.0}[answer] for answer in answers], ["q"] * 2, ["a", "b"])
+    for returned in (["0.5"], [True], "1"):
+        with pytest.raises(UserError, match="not a list of numbers"):
+            judge_scores(lambda prompts, answers: returned, ["q"], ["a"])
 
 
 def test_the_shipped_arithmetic_set_is_what_its_script_writes_and_every_answer_is_right(tmp_path):
