@@ -26,7 +26,7 @@ from evaluation.report import write_report
 from preference_ui.stats import stats
 from rlhf import models
 from rlhf.config import RunConfig
-from rlhf.datasets import load_rows
+from rlhf.datasets import first_rows, load_rows
 from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import answer_prompts
 from rlhf.judges import check_judge_settings, judge_sources, load_judge
@@ -99,7 +99,7 @@ def files(config: EvalStageConfig, run: RunConfig) -> tuple[list[dict], object, 
     """The prompts, the judge (tried on one made-up answer) and the prompts' reference answers when it checks
     against them."""
     check_judge_settings({"eval.judge": config.judge})
-    prompts = load_rows(config.prompts, "prompt")[:config.num_prompts or None]
+    prompts = first_rows(load_rows(config.prompts, "prompt"), config.num_prompts, config.prompts, "eval.num_prompts")
     judge = load_judge(config.judge) if config.judge else None
     references = check_references(prompts, config.prompts, config.judge)
     if judge:

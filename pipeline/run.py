@@ -187,7 +187,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         if stage.files is not None:
             with naming_the_setting(stage.name, settings[round][stage.name]):
                 stage.files(settings[round][stage.name], settings[round]["run"])
-    if rounds > 1 and "preferences" in settings[1]:  # (round 1's prompts: its own stage's files, just read)
+    if "preferences" in settings[1]:  # every round finds its prompts in the file (round 1: num_prompts of them)
         from preference_ui.collect import check_every_rounds_prompts
 
         check_every_rounds_prompts([settings[round]["preferences"] for round in range(1, rounds + 1)])

@@ -27,7 +27,7 @@ from rlhf import hardware, models, tracking
 from rlhf.batching import (LengthGroupedTraining, MultiplePadding, PromptGroupSampler, longest_sequence,
                            sequences_per_step, shared_prefix_inputs, unique_rows)
 from rlhf.config import RunConfig
-from rlhf.datasets import load_rows, split_train_eval
+from rlhf.datasets import first_rows, load_rows, split_train_eval
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import generate_responses
 from rlhf.preference_loss import preference_loss
@@ -300,7 +300,9 @@ def check(config: DPOStageConfig, run: RunConfig, found: dict) -> list[dict]:
 def files(config: DPOStageConfig, run: RunConfig) -> list[dict]:
     """With on-policy pairs, the prompts they are sampled on (the labelled pairs come from the preferences stage,
     or an export checked by `check`)."""
-    return load_rows(config.prompts, "prompt")[:config.num_prompts or None] if config.pairs != "labels" else []
+    if config.pairs == "labels":
+        return []
+    return first_rows(load_rows(config.prompts, "prompt"), config.num_prompts, config.prompts, "dpo.num_prompts")
 
 
 def held_out_by_prompt(pairs: list[dict], config: DPOStageConfig) -> tuple[list[dict], list[dict]]:

@@ -54,7 +54,7 @@ from ppo.zero3 import full_state_dict as zero3_state_dict
 from ppo.update import Critic, make_experience, ppo_epochs, recomputed_logprobs, reference_logprobs
 from rlhf import models
 from rlhf.config import RunConfig
-from rlhf.datasets import load_rows
+from rlhf.datasets import first_rows, load_rows
 from rlhf.errors import ConfigError, MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.judges import check_judge_settings, judge_sources, load_judge
@@ -173,7 +173,8 @@ def files(config: PPOStageConfig, run: RunConfig) -> tuple:
     read and checked; the judge and a reward function tried on one made-up answer."""
     check_judge_settings({"ppo.reward_function": config.reward_function, "ppo.judge": config.judge})
     rows = load_rows(config.prompts, "prompt")
-    eval_rows = load_rows(config.eval_prompts, "prompt")[:config.num_eval_prompts or None]
+    eval_rows = first_rows(load_rows(config.eval_prompts, "prompt"), config.num_eval_prompts, config.eval_prompts,
+                           "ppo.num_eval_prompts")
     eval_references = (check_references(eval_rows, config.eval_prompts, config.reward_function)
                        or check_references(eval_rows, config.eval_prompts, config.judge))
     judge = load_judge(config.judge) if config.judge else None

@@ -27,7 +27,7 @@ from preference_ui.gold import check_gold, import_gold
 from preference_ui.simulate import LabellerModel, simulate, voting_judge
 from preference_ui.stats import stats
 from rlhf.config import RunConfig
-from rlhf.datasets import load_rows
+from rlhf.datasets import first_rows, load_rows
 from rlhf.errors import ConfigError, DataError, UserError
 from rlhf.judges import check_judge_settings, judge_sources
 from rlhf.label_export import export
@@ -135,7 +135,7 @@ def round_prompts(rows: list[dict], config: PreferencesStageConfig, round: int, 
     num_prompts) after the `taken` that earlier rounds took, so every round's answers are to prompts no earlier
     round saw."""
     if round == 1:
-        return rows[:config.num_prompts or None]
+        return first_rows(rows, config.num_prompts, config.prompts, "preferences.num_prompts")
     if not config.num_prompts:
         raise ConfigError(f"preferences.num_prompts is 0: round 1 takes every prompt of {config.prompts} and leaves "
                           f"none fresh for round {round}; set num_prompts (and round_prompts)")

@@ -14,7 +14,7 @@ import torch
 
 from rlhf import hardware, models
 from rlhf.config import RunConfig
-from rlhf.datasets import load_rows
+from rlhf.datasets import first_rows, load_rows
 from rlhf.errors import MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
@@ -39,7 +39,7 @@ def main(config: PreferencesStageConfig, run: RunConfig, prompts: list[dict] | N
     made under (the model, prompts and settings the answers are drawn from; the machine labellers that vote on it),
     stored with each answer: the preferences stage checks them when a rerun finds its batch."""
     prompts = load_rows(config.prompts, "prompt") if prompts is None else prompts
-    prompts = prompts[:config.num_prompts] if config.num_prompts else prompts
+    prompts = first_rows(prompts, config.num_prompts, config.prompts, "preferences.num_prompts")
     check_prompt_widths([row["id"] for row in prompts], [row["category"] for row in prompts], config.prompts)
     spec, batch = model_spec(config, run), config.batch or run.name
     check_batch_name(batch)

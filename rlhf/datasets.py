@@ -42,6 +42,14 @@ def load_rows(source, kind: str) -> list[dict]:
     return deduplicate(rows)
 
 
+def first_rows(rows: list[dict], count: int, source, setting: str) -> list[dict]:
+    """The first `count` rows (all when 0). More than the file holds is an error naming the setting (the stage
+    went on with fewer, its report counting what was there)."""
+    if count > len(rows):
+        raise DataError(source, None, "rows", f"{setting} is {count}, but the file holds {len(rows)} distinct rows")
+    return rows[:count or None]
+
+
 # No token of the tokenizers we meet spans more characters than this (SmolLM2's longest: 81, a run of spaces), so
 # text past max_length times it cannot reach the tokens a stage keeps.
 CHARS_PER_TOKEN_BOUND = 128

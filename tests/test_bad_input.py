@@ -121,9 +121,11 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
     wide_category = tmp_path / "wide_category.jsonl"
     wide_category.write_text(json.dumps({"id": "p1", "prompt": "Hi?", "category": "c" * 65}) + "\n")
     cases = [
-        (["preferences", f"--preferences.model={model}", f"--preferences.prompts={wide}"],
+        (["preferences", f"--preferences.model={model}", f"--preferences.prompts={wide}",
+          "--preferences.num_prompts=0"],
          f"{wide}: id: '{'p' * 40}...' is 200 characters, more than the label store holds (128)"),
-        (["label", "sample", f"--preferences.model={model}", f"--preferences.prompts={wide_category}"],
+        (["label", "sample", f"--preferences.model={model}", f"--preferences.prompts={wide_category}",
+          "--preferences.num_prompts=0"],
          f"{wide_category}: category: '{'c' * 40}...' is 65 characters"),
         (["dpo", f"--dpo.model={model}", f"--dpo.preferences={bad_files['pairs']}"],
          f"{bad_files['pairs']}:2: rejected: is the same answer as 'chosen'"),
@@ -205,6 +207,12 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         (["run", "--ppo.judge=builtin:nonesuch"], "ppo.judge: judge 'builtin:nonesuch'"),
         # a prompt file that a later round would find used up: told before round 1 trains
         (["run", "--run.rounds=3", "--preferences.num_prompts=80"], "round 3 takes prompts 161-240"),
+        # more prompts asked than the file holds (the stage went on with fewer, unsaid)
+        (["run", "--preferences.num_prompts=300"],
+         "data/rl_prompts.jsonl: rows: preferences.num_prompts is 300, but the file holds 200 distinct rows"),
+        (["run", "--ppo.num_eval_prompts=400"], "ppo.num_eval_prompts is 400, but the file holds 320 distinct rows"),
+        (["eval", f"--eval.baseline={model}", f"--eval.policies=other={model}", "--eval.reward_model=none",
+          "--eval.num_prompts=321"], "data/eval_prompts.jsonl: rows: eval.num_prompts is 321, but the file holds 320"),
         (["run", f"--preferences.gold={bad_files['gold']}"], f"{bad_files['gold']}:2: expected: expected one of"),
         # a file that is missing named with its setting, alone and in the chain (the reward stage read its gold
         # items after training)
