@@ -33,7 +33,8 @@ from rlhf.judges import check_judge_settings, judge_sources, load_judge
 from rlhf.reward_model import load_reward_model, reward_record, reward_tokenizer, score
 from rlhf.runs import RunDir, atomic_write_json, atomic_write_text, hash_config, input_hashes, run_report
 from rlhf.store import NoStoreYet, Store, check_batch_name, check_prompt_widths, run_store_url
-from rlhf.stage import Inputs, Outcome, Stage, published_reward_model, run_stage, start_partial, starting_model
+from rlhf.stage import (Inputs, Outcome, Stage, check_language_model, published_reward_model, run_stage, start_partial,
+                        starting_model)
 from rlhf.verifiable import check_references, judge_scores, probe_judge
 
 STAGE = "eval"
@@ -64,6 +65,7 @@ def policy_folders(config: EvalStageConfig, run_dir: RunDir) -> dict[str, str]:
         if not (Path(folder) / "config.json").exists():
             made_by = f"run `rlhf {name} --config ...` first" if name in POLICY_STAGES else "check the path"
             raise MissingInputError(f"no model for policy '{name}' at {folder}: {made_by}")
+        check_language_model(folder, f"eval.policies: '{name}'")
         found[name] = folder
     return found
 

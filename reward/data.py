@@ -27,7 +27,7 @@ def inputs(config: RewardStageConfig, run: RunConfig) -> dict:
     if run.round > 1 and config.round_init == "previous":
         found.add("model", lambda: earlier_round_model(run_dir, STAGE, "reward model"))
     else:
-        found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
+        found.add("model", lambda: starting_model(STAGE, config.model, run_dir, language_model=False))
     for round in range(1, run.round + 1):
         found.add(source_key(round), lambda round=round: round_source(config, run_dir, round))
     if run.round > 1:

@@ -148,6 +148,16 @@ def published_reward_model(run_dir: RunDir, folder: str | None, setting: str) ->
     return folder
 
 
+def check_language_model(folder: str, setting: str) -> None:
+    """A reward model's folder given where a language model is wanted loads with a new, random LM head (a
+    warning only) and writes noise."""
+    config = Path(folder) / "config.json"
+    architectures = (json.loads(config.read_text()).get("architectures") or []) if config.exists() else []
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ModelError(f"{setting}: {folder} is a reward model ({', '.join(architectures)}), not a language model: "
+                         "its answers would come from a new, random head")
+
+
 def refuse_fixed_reward_model(stage: str, reward_model: str, round: int) -> None:
     """An online round's policy learns from that round's reward model, trained on every round's votes so far."""
     if reward_model and round > 1:
@@ -256,11 +266,15 @@ def used_artifacts(inputs: dict) -> list[tuple[str, str, str]]:
     return used
 
 
-def starting_model(stage: str, model: str, run_dir: RunDir, field: str = "model") -> str:
+def starting_model(stage: str, model: str, run_dir: RunDir, field: str = "model",
+                   language_model: bool = True) -> str:
     """The model a stage starts from: `model` (its config's `field`) when given (a bundled name, a folder, a hub
-    id), else the run's published SFT model."""
+    id), else the run's published SFT model. With `language_model`, a reward model's folder is refused."""
     if model:
-        return models.resolve(model)
+        found = models.resolve(model)
+        if language_model:
+            check_language_model(found, f"{stage}.{field}")
+        return found
     sft = run_dir.stage_path("sft")
     if not (sft / "config.json").exists():
         raise MissingInputError(f"no SFT model at {sft}: run `rlhf sft --config ... --run.name {run_dir.name}` "
