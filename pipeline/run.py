@@ -39,7 +39,8 @@ from rlhf.config import ROUND_SECTION, hashed_settings, load_config, password_hi
 from rlhf.errors import ConfigError, UserError
 from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, code_version, hash_config, input_hashes,
                         read_stage_record, remove_folder, run_lock, run_report, stage_key, stage_lock, work_key)
-from rlhf.stage import last_complete_checkpoint, naming_the_setting, partial_work_key, refuse_fixed_reward_model
+from rlhf.stage import (last_complete_checkpoint, naming_the_setting, partial_work_key, refuse_fixed_preferences,
+                        refuse_fixed_reward_model)
 
 class StageFailed(UserError):
     """A stage's process stopped with an error (its own message is above); `rlhf run` exits with its code."""
@@ -153,6 +154,23 @@ def stage_overrides(overrides: list[str], section: str) -> list[str]:
     return kept
 
 
+def check_later_rounds(settings: dict, rounds: int) -> None:
+    """What a later round's stages would refuse when they came, after round 1 had trained: refused before it."""
+    for round in range(2, rounds + 1):
+        stages = settings[round]
+        for name in ("ppo", "dpo"):  # a later round's PPO (and on-policy DPO) learn from its own reward model
+            if name in stages and getattr(stages[name], "pairs", "on_policy") == "on_policy":
+                refuse_fixed_reward_model(name, stages[name].reward_model, round)
+        for name in ("reward", "dpo"):
+            if name in stages:
+                refuse_fixed_preferences(name, stages[name].preferences, round)
+        policy = stages["preferences"].round_policy if "preferences" in stages else None
+        if policy and policy not in stages:  # it found no policy, or an older run's left in the folder
+            raise ConfigError(f"preferences.round_policy is {policy}, but this run has no {policy} stage: round "
+                              f"{round} samples the previous round's {policy} policy; set preferences.round_policy "
+                              f"to {' or '.join(name for name in ('ppo', 'dpo') if name in stages) or 'ppo or dpo'}")
+
+
 def command(stage: str, config_path: str, overrides: list[str], launcher: list[str]) -> list[str]:
     return launcher + ["-m", "pipeline.cli", stage, "--config", config_path, *overrides]
 
@@ -169,7 +187,11 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
         raise UserError("rlhf run sets --run.round for each round itself: give --run.rounds N, or --from "
                         "round-R/STAGE to start at a round")
     classes = {"run": SECTIONS["run"], **{stage.name: stage.config_class for stage in chosen}}
-    rounds = load_config(config_path, overrides, classes, SECTIONS)["run"].rounds
+    first = load_config(config_path, overrides, classes, SECTIONS)["run"]
+    if first.round != 1:  # (round 1's stages read it from the file, and looked for round 1's outputs elsewhere)
+        raise UserError(f"{config_path}: run.round: rlhf run sets the round for each round itself: leave it out, "
+                        "give run.rounds N, or --from round-R/STAGE to start at a round")
+    rounds = first.rounds
     check_round_sections(config_path, document)
     for later in range(rounds + 1, last_round_section(document) + 1):  # not run now: their keys checked anyway
         load_config(config_path, overrides + [f"--run.round={later}"], classes, SECTIONS)
@@ -179,10 +201,7 @@ def main(config_path: str, overrides: list[str], start_from: str | None = None, 
     # every round's settings built (and so checked) before the first stage starts
     settings = {round: load_config(config_path, overrides + [f"--run.round={round}"], classes, SECTIONS)
                 for round in range(1, rounds + 1)}
-    for round in range(2, rounds + 1):  # a later round's PPO (and on-policy DPO) learn from its own reward model
-        for name in ("ppo", "dpo"):
-            if name in settings[round] and getattr(settings[round][name], "pairs", "on_policy") == "on_policy":
-                refuse_fixed_reward_model(name, settings[round][name].reward_model, round)
+    check_later_rounds(settings, rounds)
     for key, round, stage in plan:  # every stage's own files (data, prompts, judges) before the first one writes
         if stage.files is not None:
             with naming_the_setting(stage.name, settings[round][stage.name]):

@@ -35,7 +35,7 @@ from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score
 from rlhf.runs import atomic_write_json, results_only
 from rlhf.stage import (Inputs, NoCheckpointAtTheEnd, Outcome, Stage, StepTimer, checkpoint_step,
-                        earlier_round_model, published_reward_model,
+                        earlier_round_model, published_reward_model, refuse_fixed_preferences,
                         refuse_fixed_reward_model, run_stage, started_everywhere, starting_model)
 
 STAGE = "dpo"
@@ -46,9 +46,7 @@ def inputs(config: DPOStageConfig, run: RunConfig) -> dict:
     """What the stage reads, as the manifest records it: the policy, and the pairs' source."""
     run_dir = run.directory()
     found = Inputs()
-    if run.round > 1 and config.preferences:
-        raise ConfigError(f"dpo.preferences is set, but online round {run.round} trains on the round's own pairs "
-                          f"(round-{run.round}/preferences): leave it empty")
+    refuse_fixed_preferences(STAGE, config.preferences, run.round)
     if run.round == 1:
         found.add("model", lambda: starting_model(STAGE, config.model, run_dir))
     else:  # an online round continues the previous round's DPO policy, which is also its reference (iterative DPO)

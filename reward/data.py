@@ -6,8 +6,7 @@ import json
 from rlhf.config import RunConfig
 from rlhf.datasets import split_train_eval
 from rlhf.preference_pairs import pair_margin, preference_source, usable_pairs
-from rlhf.errors import ConfigError
-from rlhf.stage import Inputs, earlier_round_model, starting_model
+from rlhf.stage import Inputs, earlier_round_model, refuse_fixed_preferences, starting_model
 from reward.config import RewardStageConfig
 from reward.loss import bootstrap_counts
 
@@ -21,9 +20,7 @@ def inputs(config: RewardStageConfig, run: RunConfig) -> dict:
     previous)."""
     run_dir = run.directory()
     found = Inputs()
-    if run.round > 1 and config.preferences:
-        raise ConfigError(f"reward.preferences is set, but online round {run.round} trains on every round's own "
-                          "votes (runs/<name>/preferences, round-2/preferences, ...): leave it empty")
+    refuse_fixed_preferences(STAGE, config.preferences, run.round)
     if run.round > 1 and config.round_init == "previous":
         found.add("model", lambda: earlier_round_model(run_dir, STAGE, "reward model"))
     else:

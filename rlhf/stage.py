@@ -158,6 +158,20 @@ def check_language_model(folder: str, setting: str) -> None:
                          "its answers would come from a new, random head")
 
 
+# what a later online round's reward model and DPO learn from
+ROUND_PAIRS = {"reward": "every round's own votes (runs/<name>/preferences, round-2/preferences, ...)",
+               "dpo": "the round's own pairs (round-{round}/preferences)"}
+
+
+def refuse_fixed_preferences(stage: str, preferences: str, round: int) -> None:
+    """An online round's reward model and DPO learn from the run's own votes, not a fixed source."""
+    if preferences and round > 1:
+        raise ConfigError(f"{stage}.preferences is set, but online round {round} trains on "
+                          f"{ROUND_PAIRS[stage].format(round=round)}: leave it empty in later rounds (a "
+                          f"`round-{round}:` section with {stage}: {{preferences: ''}} keeps "
+                          "round 1's)")
+
+
 def refuse_fixed_reward_model(stage: str, reward_model: str, round: int) -> None:
     """An online round's policy learns from that round's reward model, trained on every round's votes so far."""
     if reward_model and round > 1:

@@ -266,6 +266,22 @@ def test_rlhf_run_refuses_rounds_without_the_stages_a_round_needs(tmp_path):
     config.write_text(yaml.safe_dump({name: document[name] for name in ("run", "sft", "preferences", "ppo")}))
     with pytest.raises(UserError, match="online rounds need the preferences and reward sections .* reward"):
         main(str(config), [f"--run.output_root={tmp_path}", "--run.rounds=2"])
+    # what a later round would refuse when it came, after round 1 had trained: refused before round 1 starts
+    no_ppo = tmp_path / "no-ppo.yaml"
+    no_ppo.write_text(yaml.safe_dump({name: document[name] for name in ("run", "sft", "preferences", "reward", "dpo")}))
+    for path, words, message in (
+            (no_ppo, [], "preferences.round_policy is ppo, but this run has no ppo stage: .* set "
+                         "preferences.round_policy to dpo"),
+            (REPO / "configs" / "tiny.yaml", ["--reward.preferences=data/gold_comparisons.jsonl"],
+             "reward.preferences is set, but online round 2 trains on every round's own votes"),
+            (REPO / "configs" / "tiny.yaml", ["--dpo.preferences=data/gold_comparisons.jsonl"],
+             r"dpo.preferences is set, but online round 2 trains on the round's own pairs \(round-2/preferences\)")):
+        with pytest.raises(UserError, match=message):
+            main(str(path), [f"--run.output_root={tmp_path}", "--run.rounds=2", *words])
+    in_the_file = tmp_path / "round-in-file.yaml"
+    in_the_file.write_text(yaml.safe_dump({**document, "run": {**document["run"], "round": 2}}))
+    with pytest.raises(UserError, match="run.round: rlhf run sets the round for each round itself"):
+        main(str(in_the_file), [f"--run.output_root={tmp_path}"])
     assert not (tmp_path / "tiny").exists()
 
 
