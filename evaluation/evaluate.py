@@ -125,7 +125,7 @@ def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: l
     comparisons under them), nor can they be wider than its columns."""
     check_prompt_widths([p["id"] for p in prompts], [p.get("category") or "eval" for p in prompts], config.prompts)
     if config.human_batch:  # (empty: eval-KEY, named after the models and answers)
-        check_batch_name(config.human_batch, "eval.human_batch")
+        check_batch_name(config.human_batch, "eval.human_batch", rounds=run.rounds)
     try:
         store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
     except NoStoreYet:
@@ -174,7 +174,7 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
 
     if config.human:
         hashes = record.input_hashes if record is not None else input_hashes(found)  # (main process: recorded)
-        config = dataclasses.replace(config, human_batch=human_batch(config, names, hashes, texts))
+        config = dataclasses.replace(config, human_batch=human_batch(config, run, names, hashes, texts))
         store = Store(run_store_url(run.output_root, run.name, config.db or None))
         queued = queue_human_comparisons(store, config, run, prompts, texts)
         add_human_win_rates(results, store, config, run)
@@ -197,15 +197,27 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     print(headline(results))
     return Outcome({"prompts": len(prompts), **metrics}, staged, partial, time.time() - started,
                    f"report {run_dir.path / 'report.md'}", artifact="report", returned=metrics,
-                   after_publishing=lambda: run_report(run_dir))  # the run's copy, once what it links to is there
+                   after_publishing=lambda: report_of_the_run(run_dir))  # once what it links to is there
 
 
-def human_batch(config: EvalStageConfig, names: list[str], hashes: dict, texts: dict) -> str:
-    """`eval.human_batch`, else `eval-KEY`: KEY stands for the compared models' and the prompts' contents and the
-    answers themselves, so the votes read back are on these answers (a batch of retrained policies' older answers,
-    or of answers cut at another length or drawn from fewer prompts, would be reported as theirs)."""
+def report_of_the_run(run_dir: RunDir) -> None:
+    """The run's report.md from this eval's, unless a later round's eval is published: the run's report stays the
+    newest round's (an earlier round's eval run again replaced it)."""
+    rounds = [found.parent.parent.name.removeprefix("round-") for found in run_dir.path.glob("round-*/eval/report.md")]
+    later = [int(round) for round in rounds if round.isdigit() and int(round) > run_dir.round]
+    if later:
+        print(f"[{STAGE}] {run_dir.path / 'report.md'} stays round {max(later)}'s, the newest", flush=True)
+        return
+    run_report(run_dir)
+
+
+def human_batch(config: EvalStageConfig, run: RunConfig, names: list[str], hashes: dict, texts: dict) -> str:
+    """`eval.human_batch` (in a later online round, `-round-R` after it: each round asks about its own policies),
+    else `eval-KEY`: KEY stands for the compared models' and the prompts' contents and the answers themselves, so
+    the votes read back are on these answers (a batch of retrained policies' older answers, or of answers cut at
+    another length or drawn from fewer prompts, would be reported as theirs)."""
     if config.human_batch:
-        return config.human_batch
+        return config.human_batch + (f"-round-{run.round}" if run.round > 1 else "")
     return f"eval-{hash_config({**{name: hashes.get(name) for name in [*names, 'prompts']}, 'answers': texts})[:8]}"
 
 

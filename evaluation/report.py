@@ -159,7 +159,8 @@ def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageC
              if any(key in r for r in results.values()) or (key == "win_rate_human" and config.human)]
     sampling = f"sampled at temperature {config.temperature:g}" if config.temperature else "greedy"
     heading = "the SFT model" if against == "SFT" else f"the baseline `{config.baseline}`"
-    lines = [f"# Run `{run_dir.name}`: policies against {heading}", "",
+    lines = [f"# Run `{run_dir.name}`{f', round {run_dir.round}' if run_dir.round > 1 else ''}: policies against "
+             f"{heading}", "",
              f"{prompts} held-out prompts from `{config.prompts}`"
              f"{f' (the first {prompts})' if config.num_prompts == prompts else ''}; answers {sampling}, at most "
              f"{config.max_new_tokens} tokens. "
@@ -174,7 +175,9 @@ def report_text(results: dict, prompts: int, run_dir: RunDir, config: EvalStageC
              + (f" People: blind comparisons with the {against} answer in batch `{config.human_batch}` of the label "
                 "store, asked only where the two answers differ (identical answers count as ties in the other "
                 "columns); a tie or both-bad counts half, each comparison the mean of its votes, Wilson 95% "
-                "intervals over comparisons. Rerun `rlhf eval --eval.human` after labelling to bring their votes in."
+                "intervals over comparisons. Rerun `rlhf eval --eval.human true"
+                f"{f' --run.round {run_dir.round}' if run_dir.round > 1 else ''}` after labelling to bring their "
+                "votes in."
                 if config.human else ""), "",
              "| policy | " + " | ".join(title for _, title in shown) + " |",
              "|---|" + "---|" * len(shown)]

@@ -342,3 +342,24 @@ def test_every_policys_score_histogram_shares_one_set_of_bins():
     edges = shared_bins([[0.0, 1.0], [0.5, 10.0]], count=4)
     assert edges == [0.0, 2.5, 5.0, 7.5, 10.0]
     assert shared_bins([[2.0], [2.0, 2.0]], count=2) == [1.5, 2.0, 2.5]  # all alike: one bar, centred
+
+
+def test_an_earlier_rounds_eval_leaves_the_runs_report_and_each_round_asks_people_in_a_batch_of_its_own(tmp_path):
+    """Run again after round 2 (the report's advice lacked --run.round), round 1's eval made the run's report
+    round 1's; a named human batch was every round's, so round 2 reported round 1's votes as its own."""
+    from evaluation.config import EvalStageConfig
+    from evaluation.evaluate import human_batch, report_of_the_run
+    from rlhf.config import RunConfig
+    from rlhf.runs import RunDir
+
+    for round in (1, 2):
+        folder = RunDir(tmp_path, "r", round).stage_path("eval")
+        folder.mkdir(parents=True)
+        (folder / "report.md").write_text(f"round {round}: ![plot](plot.png)\n")
+    report_of_the_run(RunDir(tmp_path, "r", 2))
+    assert (tmp_path / "r" / "report.md").read_text() == "round 2: ![plot](round-2/eval/plot.png)\n"
+    report_of_the_run(RunDir(tmp_path, "r", 1))
+    assert (tmp_path / "r" / "report.md").read_text().startswith("round 2")
+    named = EvalStageConfig(human=True, human_batch="people")
+    assert human_batch(named, RunConfig(name="r", round=1, rounds=2), [], {}, {}) == "people"
+    assert human_batch(named, RunConfig(name="r", round=2, rounds=2), [], {}, {}) == "people-round-2"
