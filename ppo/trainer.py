@@ -79,7 +79,7 @@ def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
         found.add("policy", lambda: starting_model(STAGE, config.model, run_dir))
     else:  # an online round continues the previous round's policy and critic, against the same reference
         found.add("policy", lambda: earlier_round_model(run_dir, STAGE, "PPO policy"))
-        if config.uses_critic:
+        if config.uses_critic and not critic_free_before(run_dir):  # (else the critic starts from the reward model)
             found.add("critic", lambda: earlier_critic(run_dir))
         found.add("reference", lambda: starting_model(STAGE, config.model, run_dir))
     found.add("prompts", config.prompts)
@@ -88,6 +88,13 @@ def inputs(config: PPOStageConfig, run: RunConfig) -> dict:
         found.add("reward_model", lambda: published_reward_model(run_dir, config.reward_model,
                                                                  "--ppo.reward_model (or --ppo.reward_function)"))
     return found.found()
+
+
+def critic_free_before(run_dir) -> bool:
+    """The previous round trained without a critic (grpo, rloo, reinforce_pp), so kept none to continue (its policy
+    was refused as published before PPO kept its critic, and rerunning it published none again)."""
+    entry = run_dir.in_round(run_dir.round - 1).stage_entry(STAGE) or {}
+    return entry.get("config", {}).get("algorithm", "ppo") != "ppo"
 
 
 def earlier_critic(run_dir) -> str:

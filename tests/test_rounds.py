@@ -286,7 +286,7 @@ def test_rlhf_run_refuses_rounds_without_the_stages_a_round_needs(tmp_path):
 
 
 def test_a_ppo_policy_published_without_its_critic_is_named_with_the_command_that_remakes_it(tmp_path):
-    from ppo.trainer import earlier_critic
+    from ppo.trainer import critic_free_before, earlier_critic
     from rlhf.errors import MissingInputError
     from rlhf.runs import RunDir
 
@@ -296,3 +296,8 @@ def test_a_ppo_policy_published_without_its_critic_is_named_with_the_command_tha
     (tmp_path / "r" / "round-2" / "ppo" / "config.json").write_text("{}")
     with pytest.raises(MissingInputError, match=r"no critic in .*round-2/ppo: .* `rlhf run --from round-2/ppo ...`"):
         earlier_critic(round_3)
+    # a critic-free round 2 kept none to continue: round 3's PPO critic starts from its reward model (the advice
+    # above republished a policy without one again)
+    assert not critic_free_before(round_3)
+    RunDir(tmp_path, "r", 2).record("ppo", config={"algorithm": "rloo"})
+    assert critic_free_before(round_3)
