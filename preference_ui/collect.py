@@ -201,7 +201,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     store, batch = Store(url), config.batch or run.name
     keys = batch_keys(config, run, record.input_hashes)
     if store.comparisons(batch):
-        check_same_draw(store, batch, keys, older_labelled_by(config, run, record.input_hashes))
+        check_same_draw(store, batch, keys, older_labelled_by(config, run, record.input_hashes), run.round)
         print(f"[{STAGE}] batch '{batch}' already sampled: {len(store.comparisons(batch))} comparisons")
     else:
         sample.main(dataclasses.replace(config, db=url), run, prompts, keys=keys)
@@ -262,7 +262,8 @@ def older_labelled_by(config: PreferencesStageConfig, run: RunConfig, hashes: di
     return batch_keys(config, run, {k: v for k, v in hashes.items() if k != "ai_constitution"}).get("labelled_by")
 
 
-def check_same_draw(store: Store, batch: str, keys: dict, older_labelled_by: str | None = None) -> None:
+def check_same_draw(store: Store, batch: str, keys: dict, older_labelled_by: str | None = None,
+                    round: int = 1) -> None:
     """A rerun reuses its batch (and the votes cast) only when the batch was drawn from the same model, prompts and
     sampling settings: otherwise the stage would publish the old model's answers as this one's. (A later round's
     batch name holds the key already; round 1's is the run name.) Nor when machine labellers with other settings
@@ -271,13 +272,21 @@ def check_same_draw(store: Store, batch: str, keys: dict, older_labelled_by: str
     stored = store.batch_sampling(batch)
     if stored.get("drawn_from") not in (None, keys["drawn_from"]):
         raise UserError(f"batch '{batch}' in {shown_url(store.url)} holds answers drawn from another model, prompts "
-                        f"or sampling settings (key {stored['drawn_from']}, now {keys['drawn_from']}): label a new "
-                        "batch with --preferences.batch NAME")
+                        f"or sampling settings (key {stored['drawn_from']}, now {keys['drawn_from']}): "
+                        f"{new_batch(round)}")
     if stored.get("labelled_by") not in (None, keys.get("labelled_by"), older_labelled_by):
         raise UserError(f"batch '{batch}' in {shown_url(store.url)} was voted on by simulated or AI labellers with "
                         "other settings (judge, labellers, temperature, noise, skip, overlap, gold rate, or the AI "
                         "labeller's constitution or model): the new ones would find its places taken and the old "
-                        "votes would be exported as theirs; label a new batch with --preferences.batch NAME")
+                        f"votes would be exported as theirs; {new_batch(round)}")
+
+
+def new_batch(round: int) -> str:
+    """How to label a new batch: in a later round, for that round alone (--preferences.batch is every round's, and
+    round 1 would sample, label and train again)."""
+    if round == 1:
+        return "label a new batch with --preferences.batch NAME"
+    return f"label a new batch for round {round} alone: a `round-{round}:` section with preferences: {{batch: NAME}}"
 
 
 def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> None:

@@ -229,6 +229,15 @@ def test_a_rerun_reuses_its_batch_only_when_drawn_from_the_same_model_prompts_an
     assert "batch 'people' in sqlite:///" in capsys.readouterr().err
     assert cli(["preferences", "--config", "configs/tiny.yaml", *people, "--preferences.num_prompts=8"]) == 0
     assert "batch 'people' already sampled: 8 comparisons" in capsys.readouterr().out
+    # in a later round, the advice is for that round alone (--preferences.batch is every round's: round 1 would
+    # sample, label and train again)
+    from preference_ui.collect import check_same_draw
+    from rlhf.errors import UserError
+    from rlhf.store import Store
+
+    with pytest.raises(UserError, match=r"label a new batch for round 2 alone: a `round-2:` section with preferences: "
+                                        r"\{batch: NAME\}"):
+        check_same_draw(Store(f"sqlite:///{tmp_path / 'people' / 'labels.db'}"), "people", {"drawn_from": "x"}, None, 2)
 
 
 def test_a_gold_file_other_than_the_one_the_stores_gold_items_came_from_is_refused_before_any_sampling(tmp_path,
