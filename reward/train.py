@@ -65,12 +65,31 @@ def check(config: RewardStageConfig, run: RunConfig, found: dict) -> tuple[list,
     """(train pairs, held-out pairs, gold items), read and checked; and the kept layer count and, when it starts
     from a reward model, its heads against the model's."""
     check_layer_count(found["model"], config.num_layers)
+    check_same_split(config, run)
     heads = reward_record(found["model"]).get("heads")
     if heads is not None and heads != config.ensemble:  # it would train its own heads and be recorded with others
         raise ConfigError(f"reward.ensemble is {config.ensemble}, but {found['model']} is a reward model with {heads} "
                           f"head(s): set --reward.ensemble {heads}, or start from a language model (reward.model, "
                           "or reward.round_init sft in a later round)")
     return *round_pairs(found, config, run.round), files(config, run)
+
+
+# what decides each round's held-out prompts (split by a hash of the seed and the prompt, of the prompts it keeps)
+SPLIT_SETTINGS = ("seed", "eval_fraction", "ties", "selection")
+
+
+def check_same_split(config: RewardStageConfig, run: RunConfig) -> None:
+    """With round_init previous, a later round's model continues the previous round's, trained on the earlier
+    rounds' pairs as that round split them: split otherwise, its held-out pairs would hold some it trained on."""
+    if run.round == 1 or config.round_init != "previous":
+        return
+    earlier = (run.directory().in_round(run.round - 1).stage_entry(STAGE) or {}).get("config", {})
+    for name in SPLIT_SETTINGS:
+        if name in earlier and earlier[name] != getattr(config, name):
+            raise ConfigError(f"reward.{name} is {getattr(config, name)!r} in round {run.round} and was "
+                              f"{earlier[name]!r} in round {run.round - 1}: with reward.round_init previous the model "
+                              f"continues round {run.round - 1}'s, and another split would hold out pairs it trained "
+                              f"on; set it as round {run.round - 1} did")
 
 
 def files(config: RewardStageConfig, run: RunConfig) -> list[dict]:

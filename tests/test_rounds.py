@@ -301,3 +301,24 @@ def test_a_ppo_policy_published_without_its_critic_is_named_with_the_command_tha
     assert not critic_free_before(round_3)
     RunDir(tmp_path, "r", 2).record("ppo", config={"algorithm": "rloo"})
     assert critic_free_before(round_3)
+
+
+def test_a_reward_model_continued_from_the_previous_round_keeps_that_rounds_split(tmp_path):
+    """With round_init previous, another seed or held-out share in round 2 held out pairs the model had trained on
+    in round 1, and its held-out accuracy read them as unseen."""
+    import dataclasses
+
+    from reward.config import RewardStageConfig
+    from reward.train import check_same_split
+    from rlhf.config import RunConfig
+    from rlhf.errors import ConfigError
+    from rlhf.runs import RunDir
+
+    RunDir(tmp_path, "r").record("reward", config={"seed": 42, "eval_fraction": 0.2, "ties": "drop",
+                                                   "selection": "all"})
+    run = RunConfig(name="r", output_root=str(tmp_path), round=2, rounds=2)
+    continued = RewardStageConfig(round_init="previous", seed=42, eval_fraction=0.2)
+    check_same_split(continued, run)
+    with pytest.raises(ConfigError, match="reward.eval_fraction is 0.3 in round 2 and was 0.2 in round 1"):
+        check_same_split(dataclasses.replace(continued, eval_fraction=0.3), run)
+    check_same_split(dataclasses.replace(continued, eval_fraction=0.3, round_init="sft"), run)  # a new model: any
