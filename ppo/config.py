@@ -93,7 +93,7 @@ class PPOStageConfig:
     precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (log-probs stay fp32)."})
 
     # bookkeeping
-    seed: int = field(default=0, metadata={"help": "Seeds sampling, shuffling and the critic head."})
+    seed: int = field(default=0, metadata={"help": "Seeds sampling and shuffling."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N updates."})
     sample_every: int = field(default=5, metadata={"help": "A table of sample answers every N updates (0: none)."})
     save_steps: int = field(default=10, metadata={"help": "Checkpoint every N updates (0: none; a killed run then "

@@ -42,8 +42,8 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
     group_by_prompt: bool = field(default=True, metadata={
         "help": "With selection all: a batch holds whole prompts (their pairs one after another, prompts in random "
                 "order) and runs each distinct answer once for all its pairs, as the reward stage does: k answers "
-                "with all their pairs cost k sequences per prompt, not k(k - 1). The held-out pairs are then whole "
-                "prompts too. Off, or with one pair per prompt: pairs of similar length share a batch."})
+                "with all their pairs cost k sequences per prompt, not k(k - 1). Off, or with one pair per prompt: "
+                "pairs of similar length share a batch."})
     share_prompt: bool = field(default=True, metadata={
         "help": "With prompt batches: each prompt runs once per batch and its answers on its cached keys and "
                 "values, as in the reward stage (the same loss from fewer tokens: a prompt is often longer than its "
@@ -55,7 +55,8 @@ class DPOStageConfig(TrainingStageDefaults, trl.DPOConfig):
     weight_by_gold: bool = field(default=False, metadata={
         "help": "Weight labellers' votes by their gold accuracy, as in the reward stage (needs a label export)."})
     eval_fraction: float = field(default=0.1, metadata={
-        "help": "Share of pairs held out for the implicit reward's accuracy (split by a hash of id and seed)."})
+        "help": "Share of prompts held out, with all their pairs, for the implicit reward's accuracy (split "
+                "by a hash of the prompt and seed)."})
 
     # pairs: on_policy
     reward_model: str = field(default="", metadata={

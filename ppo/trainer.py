@@ -391,6 +391,7 @@ def train(config: PPOStageConfig, run: RunConfig, found: dict, checked: CheckedI
         print_alert_counts(state.history, config)
     summary = summarise(state, eval_after, accelerator, config, time.time() - started, checkpoint)
     summary.update({"eval_prompts": len(eval_prompts), "overoptimisation": overoptimised})
+    tracker.log({f"train/final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})  # as DPO's
     line = (f"eval score {summary['eval_score_before']:.3f} -> {summary['eval_score_after']:.3f}"
             + (f", judge {summary['eval_judge_before']:.3f} -> {summary['eval_judge_after']:.3f}" if judge else "")
             + f", final KL {summary['final_kl']:.2f} (budget {config.kl_alert:g})")

@@ -71,7 +71,8 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
                 "on its cached keys and values: the same loss from fewer tokens. Used in single-process runs "
                 "without gradient checkpointing."})
     eval_fraction: float = field(default=0.1, metadata={
-        "help": "Share of pairs held out for accuracy (split by a hash of id and seed)."})
+        "help": "Share of prompts held out, with all their pairs, for accuracy (split by a hash of the "
+                "prompt and seed)."})
     round_init: str = field(default="sft", metadata={"later_rounds": True, "help": (
         "Online rounds 2 and later: the reward model trains on every round's votes starting from the SFT model "
         "(sft: a new head, fitted by the probe) or from the previous round's reward model (previous: no probe). "

@@ -64,6 +64,7 @@ def test_a_tiny_run_end_to_end_tracks_every_stage_and_its_store_serves_the_label
         logged = " ".join(str(row) for (row,) in db.execute("select metrics from metrics"))
     assert runs >= {f"tiny-{stage}" for stage in STAGES}, runs
     assert all(f"eval/{plot}" in logged for plot in ("training_curves", "reward_vs_kl", "score_distribution"))
+    assert all(f"train/final_{key}" in logged for key in ("eval_score_after", "final_kl", "kl_budget"))  # PPO's too
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     assert all(manifest[stage]["status"] == "done" for stage in STAGES)
     assert manifest["preferences"]["metrics"]["pairs"] > 0 and (run / "labels.db").exists()
