@@ -55,7 +55,9 @@ SET_BY_THE_BENCH = {**{key: "--judges" for key in ("preferences.simulate_judge",
                     "eval.num_prompts": "--eval-prompts",
                     **{key: "the chain's" for key in ("ppo.model", "ppo.reward_model", "dpo.model", "dpo.preferences",
                                                       "dpo.reward_model", "eval.baseline", "eval.reward_model",
-                                                      "eval.policies")}}
+                                                      "eval.policies")},
+                    "ppo.algorithm": "--methods", **{key: "--root" for key in ("run.name", "run.output_root")}}
+SET_WHEN_VERIFIABLE = ("eval.policies", "ppo.algorithm", "run.name", "run.output_root")  # (it trains from the config)
 
 
 def parse_args(argv=None):
@@ -86,7 +88,7 @@ def parse_args(argv=None):
                      "with bench/online_rounds.py")
     for item in args.set:  # given to some runs only (the chain's or the comparisons'), the policies were measured apart
         key = item.split("=", 1)[0].strip()
-        if key in SET_BY_THE_BENCH:
+        if key in SET_BY_THE_BENCH and (not args.verifiable or key in SET_WHEN_VERIFIABLE):
             parser.error(f"--set {key}: the benchmark sets it itself, alike for every run ({SET_BY_THE_BENCH[key]})")
     if not args.verifiable:
         checked_judges(parser, args.judges)

@@ -125,7 +125,7 @@ def check_prompts_for_people(config: EvalStageConfig, run: RunConfig, prompts: l
     comparisons under them), nor can they be wider than its columns."""
     check_prompt_widths([p["id"] for p in prompts], [p.get("category") or "eval" for p in prompts], config.prompts)
     if config.human_batch:  # (empty: eval-KEY, named after the models and answers)
-        check_batch_name(config.human_batch, "eval.human_batch", rounds=run.rounds)
+        check_batch_name(config.human_batch, "eval.human_batch", rounds=max(run.rounds, run.round))
     try:
         store = Store(run_store_url(run.output_root, run.name, config.db or None), create=False)
     except NoStoreYet:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from pipeline.cli import STAGE_OF_A_RUN, die_with_parent
 from pipeline.stages import SECTIONS, STAGES
+from reward.train import SPLIT_SETTINGS, refuse_another_split
 from rlhf.config import ROUND_SECTION, hashed_settings, load_config, password_hidden, read_yaml
 from rlhf.errors import ConfigError, UserError
 from rlhf.runs import (INPUTS_VERSION, SHARED_STAGES, RunDir, code_version, hash_config, input_hashes,
@@ -164,6 +165,9 @@ def check_later_rounds(settings: dict, rounds: int) -> None:
         for name in ("reward", "dpo"):
             if name in stages:
                 refuse_fixed_preferences(name, stages[name].preferences, round)
+        if "reward" in stages:
+            earlier = settings[round - 1]["reward"]
+            refuse_another_split(stages["reward"], {name: getattr(earlier, name) for name in SPLIT_SETTINGS}, round)
         policy = stages["preferences"].round_policy if "preferences" in stages else None
         if policy and policy not in stages:  # it found no policy, or an older run's left in the folder
             raise ConfigError(f"preferences.round_policy is {policy}, but this run has no {policy} stage: round "

@@ -286,7 +286,8 @@ def new_batch(round: int) -> str:
     round 1 would sample, label and train again)."""
     if round == 1:
         return "label a new batch with --preferences.batch NAME"
-    return f"label a new batch for round {round} alone: a `round-{round}:` section with preferences: {{batch: NAME}}"
+    return (f"label a new batch for round {round} alone: in the config file (the command line sets every round), a "
+            f"`round-{round}:` section with preferences: {{batch: NAME}}")
 
 
 def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> None:

@@ -18,13 +18,14 @@ from rlhf.datasets import first_rows, load_rows
 from rlhf.errors import MissingInputError, UserError
 from rlhf.generation import generate_responses
 from rlhf.reward_model import load_reward_model, reward_tokenizer, score_heads
-from rlhf.stage import published_model
+from rlhf.stage import check_language_model, published_model
 from rlhf.store import Store, check_batch_name, check_prompt_widths, shown_url
 from preference_ui.config import PreferencesStageConfig
 
 
 def model_spec(config: PreferencesStageConfig, run: RunConfig) -> str:
     if config.model:
+        check_language_model(config.model, "preferences.model")
         return config.model
     sft = run.directory().stage_path("sft")
     if not (sft / "config.json").exists():

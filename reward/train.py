@@ -81,15 +81,21 @@ SPLIT_SETTINGS = ("seed", "eval_fraction", "ties", "selection")
 def check_same_split(config: RewardStageConfig, run: RunConfig) -> None:
     """With round_init previous, a later round's model continues the previous round's, trained on the earlier
     rounds' pairs as that round split them: split otherwise, its held-out pairs would hold some it trained on."""
-    if run.round == 1 or config.round_init != "previous":
+    if run.round > 1:
+        earlier = run.directory().in_round(run.round - 1).stage_entry(STAGE) or {}
+        refuse_another_split(config, earlier.get("config", {}), run.round)
+
+
+def refuse_another_split(config: RewardStageConfig, earlier: dict, round: int) -> None:
+    """`earlier`: the previous round's reward settings (those it recorded)."""
+    if config.round_init != "previous":
         return
-    earlier = (run.directory().in_round(run.round - 1).stage_entry(STAGE) or {}).get("config", {})
     for name in SPLIT_SETTINGS:
         if name in earlier and earlier[name] != getattr(config, name):
-            raise ConfigError(f"reward.{name} is {getattr(config, name)!r} in round {run.round} and was "
-                              f"{earlier[name]!r} in round {run.round - 1}: with reward.round_init previous the model "
-                              f"continues round {run.round - 1}'s, and another split would hold out pairs it trained "
-                              f"on; set it as round {run.round - 1} did")
+            raise ConfigError(f"reward.{name} is {getattr(config, name)!r} in round {round} and was "
+                              f"{earlier[name]!r} in round {round - 1}: with reward.round_init previous the model "
+                              f"continues round {round - 1}'s, and another split would hold out pairs it trained "
+                              f"on; set it as round {round - 1} did")
 
 
 def files(config: RewardStageConfig, run: RunConfig) -> list[dict]:

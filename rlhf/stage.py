@@ -140,20 +140,29 @@ def published_reward_model(run_dir: RunDir, folder: str | None, setting: str) ->
     """`folder` when given, else the run's reward model: a sequence classifier (a language model given here would
     score with a new, random head)."""
     folder = published_model(run_dir, "reward", "reward model", folder, setting)
-    architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
-    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+    architectures = model_architectures(folder)
+    if not sequence_classifier(architectures):
         raise ModelError(f"{folder}: not a reward model (its config.json names {', '.join(architectures) or 'no'} "
                          f"architecture, not a sequence classifier: its score head would be random); set "
                          f"{setting.split(' ')[0]} to a reward stage's folder, runs/<name>/reward")
     return folder
 
 
+def model_architectures(folder: str) -> list[str]:
+    """The architectures a model folder's config.json names (none for a hub id or a folder without one)."""
+    config = Path(folder) / "config.json"
+    return (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
+
+
+def sequence_classifier(architectures: list[str]) -> bool:
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
 def check_language_model(folder: str, setting: str) -> None:
     """A reward model's folder given where a language model is wanted loads with a new, random LM head (a
     warning only) and writes noise."""
-    config = Path(folder) / "config.json"
-    architectures = (json.loads(config.read_text()).get("architectures") or []) if config.exists() else []
-    if any(name.endswith("ForSequenceClassification") for name in architectures):
+    architectures = model_architectures(folder)
+    if sequence_classifier(architectures):
         raise ModelError(f"{setting}: {folder} is a reward model ({', '.join(architectures)}), not a language model: "
                          "its answers would come from a new, random head")
 
@@ -167,9 +176,9 @@ def refuse_fixed_preferences(stage: str, preferences: str, round: int) -> None:
     """An online round's reward model and DPO learn from the run's own votes, not a fixed source."""
     if preferences and round > 1:
         raise ConfigError(f"{stage}.preferences is set, but online round {round} trains on "
-                          f"{ROUND_PAIRS[stage].format(round=round)}: leave it empty in later rounds (a "
-                          f"`round-{round}:` section with {stage}: {{preferences: ''}} keeps "
-                          "round 1's)")
+                          f"{ROUND_PAIRS[stage].format(round=round)}: for round 1 alone, set it in the config "
+                          f"file's {stage} section (the command line sets every round) and give each later round a "
+                          f"`round-R:` section with {stage}: {{preferences: ''}}")
 
 
 def refuse_fixed_reward_model(stage: str, reward_model: str, round: int) -> None:

@@ -22,7 +22,8 @@ from rlhf.datasets import cut_long_texts, load_rows, split_train_eval
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import generate_responses
 from rlhf.runs import atomic_write_json
-from rlhf.stage import NoCheckpointAtTheEnd, Outcome, Stage, checkpoint_step, run_stage, started_everywhere
+from rlhf.stage import (NoCheckpointAtTheEnd, Outcome, Stage, check_language_model, checkpoint_step, run_stage,
+                        started_everywhere)
 from sft.config import SFTStageConfig
 
 STAGE = "sft"
@@ -33,7 +34,9 @@ def main(config: SFTStageConfig, run: RunConfig) -> dict:
 
 
 def inputs(config: SFTStageConfig, run: RunConfig) -> dict:
-    return {"model": models.resolve(config.model), "train_data": config.train_data}
+    model = models.resolve(config.model)
+    check_language_model(model, "sft.model")
+    return {"model": model, "train_data": config.train_data}
 
 
 def check(config: SFTStageConfig, run: RunConfig, found: dict) -> tuple:

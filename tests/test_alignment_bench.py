@@ -83,12 +83,14 @@ def test_a_mistyped_judge_is_refused_before_any_chain_starts(tmp_path, capsys):
 def test_frontier_settings_and_online_rounds_are_checked_before_any_chain_starts(capsys):
     """A frontier value that names no run, or one given twice, used to fail after every chain had run."""
     assert parse_args(["--kl-coefs", "0.02, 0.05"]).kl_coefs == ["0.02", "0.05"]
+    assert parse_args(["--verifiable", "--set", "ppo.model=tiny"]).set == ["ppo.model=tiny"]  # its own runs' model
     for argv, message in ((["--kl-coefs", "0.02,strong"], "--kl-coefs: 'strong' is not a number"),
                           (["--betas", "0.1,0.1"], "--betas: a value is given twice"),
                           (["--set", "run.rounds=3"], "--set run.rounds: the summary reads round 1's"),
                           # the chain took it, the critic-free methods' comparison did not: measured apart
                           (["--set", "eval.num_prompts=50"], "--set eval.num_prompts: the benchmark sets it itself"),
-                          (["--set", "eval.judge=builtin:length"], "(--judges)")):
+                          (["--set", "eval.judge=builtin:length"], "(--judges)"),
+                          (["--verifiable", "--set", "run.name=x"], "--set run.name: the benchmark sets it itself")):
         with pytest.raises(SystemExit) as refused:
             parse_args(argv)
         assert refused.value.code == 2 and message in capsys.readouterr().err, argv

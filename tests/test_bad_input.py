@@ -151,6 +151,8 @@ def test_bad_files_stop_dpo_eval_and_labelling_with_exit_2_before_anything_is_wr
         (["eval", f"--eval.baseline={model}", f"--eval.policies=rm={tiny_reward_path}", "--eval.reward_model=none"],
          f"eval.policies: 'rm': {tiny_reward_path} is a reward model (LlamaForSequenceClassification)"),
         (["dpo", f"--dpo.model={tiny_reward_path}"], f"dpo.model: {tiny_reward_path} is a reward model"),
+        (["sft", f"--sft.model={tiny_reward_path}"], f"sft.model: {tiny_reward_path} is a reward model"),
+        (["preferences", f"--preferences.model={tiny_reward_path}"], f"preferences.model: {tiny_reward_path} is a"),
         (["ppo", f"--ppo.model={model}", f"--ppo.reward_model={other_reward}"],
          f"{other_reward}: its tokenizer is not the policy's ({model}), and PPO's critic"),
         # a judge that is no function, or that returns too few scores or NaN, stops before any answer is generated

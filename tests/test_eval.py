@@ -135,7 +135,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
     stale = tmp_path / "runs" / "ev" / ".eval.partial" / "final"  # an eval attempt killed before it published
     stale.mkdir(parents=True)
     (stale / "rounds.png").write_bytes(b"a plot of online rounds, which this run has not")
-    prompts = tmp_path / "eight.jsonl"  # fewer than num_prompts asks for: the report says 8, not "the first 500"
+    prompts = tmp_path / "eight.jsonl"  # all of them (num_prompts 0): the report says 8, not "the first 8"
     prompts.write_text("".join((REPO / "data" / "eval_prompts.jsonl").read_text().splitlines(keepends=True)[:8]))
     moved = []  # the models put on the stage's device (config.hardware.device; a GPU where there is one)
     module_to = torch.nn.Module.to
@@ -143,7 +143,7 @@ def test_eval_report_of_a_tiny_run_matches_its_metrics(tmp_path, tiny_model_path
         moved.append((type(module).__name__, str(args[0]) if args else None)), module_to(module, *args, **kwargs))[1])
     assert cli(["eval", *common, f"--eval.baseline={tiny_model_path}", f"--eval.reward_model={reward_dir}",
                 f"--eval.policies=ppo,same={tiny_model_path}", f"--eval.prompts={prompts}",
-                "--eval.num_prompts=500", "--eval.judge=tests.test_eval:words"]) == 0  # a user's judge, by its file
+                "--eval.num_prompts=0", "--eval.judge=tests.test_eval:words"]) == 0  # a user's judge, by its file
     monkeypatch.undo()
     assert [model for model, device in moved if device == "cpu"] == ["LlamaForCausalLM"] * 3 + [
         "LlamaForSequenceClassification"]

@@ -278,6 +278,11 @@ def test_rlhf_run_refuses_rounds_without_the_stages_a_round_needs(tmp_path):
              r"dpo.preferences is set, but online round 2 trains on the round's own pairs \(round-2/preferences\)")):
         with pytest.raises(UserError, match=message):
             main(str(path), [f"--run.output_root={tmp_path}", "--run.rounds=2", *words])
+    other_split = tmp_path / "other-split.yaml"  # round 2 continues round 1's reward model on another split
+    other_split.write_text(yaml.safe_dump({**document, "reward": {**document["reward"], "round_init": "previous"},
+                                           "round-2": {"reward": {"seed": 7}}}))
+    with pytest.raises(UserError, match="reward.seed is 7 in round 2 and was"):
+        main(str(other_split), [f"--run.output_root={tmp_path}", "--run.rounds=2"])
     in_the_file = tmp_path / "round-in-file.yaml"
     in_the_file.write_text(yaml.safe_dump({**document, "run": {**document["run"], "round": 2}}))
     with pytest.raises(UserError, match="run.round: rlhf run sets the round for each round itself"):
@@ -286,7 +291,9 @@ def test_rlhf_run_refuses_rounds_without_the_stages_a_round_needs(tmp_path):
 
 
 def test_a_ppo_policy_published_without_its_critic_is_named_with_the_command_that_remakes_it(tmp_path):
-    from ppo.trainer import critic_free_before, earlier_critic
+    from ppo.config import PPOStageConfig
+    from ppo.trainer import critic_free_before, earlier_critic, inputs
+    from rlhf.config import RunConfig
     from rlhf.errors import MissingInputError
     from rlhf.runs import RunDir
 
@@ -301,6 +308,13 @@ def test_a_ppo_policy_published_without_its_critic_is_named_with_the_command_tha
     assert not critic_free_before(round_3)
     RunDir(tmp_path, "r", 2).record("ppo", config={"algorithm": "rloo"})
     assert critic_free_before(round_3)
+    (tmp_path / "r" / "sft").mkdir()
+    (tmp_path / "r" / "sft" / "config.json").write_text("{}")
+    (tmp_path / "r" / "round-3" / "reward").mkdir(parents=True)
+    (tmp_path / "r" / "round-3" / "reward" / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    found = inputs(PPOStageConfig(), RunConfig(name="r", output_root=str(tmp_path), round=3, rounds=3))
+    assert "critic" not in found and found["reward_model"] == str(tmp_path / "r" / "round-3" / "reward")
 
 
 def test_a_reward_model_continued_from_the_previous_round_keeps_that_rounds_split(tmp_path):

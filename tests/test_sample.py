@@ -17,7 +17,8 @@ def config_for(tmp_path, *overrides):
                                for i in range(3)))
     sections = load_config(REPO / "configs/tiny.yaml", [
         f"--run.output_root={tmp_path / 'runs'}", f"--preferences.prompts={prompts}", "--preferences.max_new_tokens=6",
-        f"--preferences.db=sqlite:///{tmp_path / 'labels.db'}", "--preferences.batch_size=2", *overrides],
+        f"--preferences.db=sqlite:///{tmp_path / 'labels.db'}", "--preferences.batch_size=2",
+        "--preferences.num_prompts=0", *overrides],
         {"run": RunConfig, "preferences": PreferencesStageConfig})
     return sections["preferences"], sections["run"]
 
@@ -114,7 +115,7 @@ def test_select_uncertain_queues_the_pairs_the_reward_ensemble_disagrees_on(tmp_
     assert cli(["label", "--db", db, "sample", "--config", "configs/tiny.yaml", "--select", "uncertain",
                 "--reward-model", str(reward_dir), "--select-count", "5", f"--preferences.model={tiny_model_path}",
                 f"--preferences.prompts={prompts}", "--preferences.responses_per_prompt=3",
-                "--preferences.max_new_tokens=6",
+                "--preferences.max_new_tokens=6", "--preferences.num_prompts=0",
                 f"--run.output_root={tmp_path / 'runs'}"]) == 0
     store = Store(db)
     queued = {(c["a"], c["b"]) for c in store.comparisons("tiny")}
@@ -235,9 +236,12 @@ def test_a_rerun_reuses_its_batch_only_when_drawn_from_the_same_model_prompts_an
     from rlhf.errors import UserError
     from rlhf.store import Store
 
-    with pytest.raises(UserError, match=r"label a new batch for round 2 alone: a `round-2:` section with preferences: "
-                                        r"\{batch: NAME\}"):
-        check_same_draw(Store(f"sqlite:///{tmp_path / 'people' / 'labels.db'}"), "people", {"drawn_from": "x"}, None, 2)
+    store = Store(f"sqlite:///{tmp_path / 'tiny' / 'labels.db'}")  # the same draw, voted by other labellers
+    with pytest.raises(UserError, match=r"voted on by simulated or AI labellers with other settings.*label a new batch "
+                                        r"for round 2 alone: in the config file .* a `round-2:` section with "
+                                        r"preferences: \{batch: NAME\}"):
+        check_same_draw(store, "tiny", {"drawn_from": store.batch_sampling("tiny")["drawn_from"], "labelled_by": "x"},
+                        None, 2)
 
 
 def test_a_gold_file_other_than_the_one_the_stores_gold_items_came_from_is_refused_before_any_sampling(tmp_path,
