@@ -185,8 +185,7 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
     staged.mkdir()
     atomic_write_json(staged / "results.json", {"prompts": len(prompts), "policies": results})
     atomic_write_text(staged / "answers.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged},
-                 {"baseline": found[BASELINE], "reward_model": found.get("reward_model")})
+    write_report(staged, results, run_dir, config, {"rewards": rewards, "kls": kls, "judged": judged}, found[BASELINE])
     metrics = {f"{name}/{key}": value for name, result in results.items() for key, value in result.items()
                if isinstance(value, (int, float))}
     if config.human:
@@ -203,10 +202,11 @@ def evaluate(config: EvalStageConfig, run: RunConfig, found: dict, checked: tupl
 def report_of_the_run(run_dir: RunDir) -> None:
     """The run's report.md from this eval's, unless a later round's eval is published: the run's report stays the
     newest round's (an earlier round's eval run again replaced it)."""
-    rounds = [found.parent.parent.name.removeprefix("round-") for found in run_dir.path.glob("round-*/eval/report.md")]
-    later = [int(round) for round in rounds if round.isdigit() and int(round) > run_dir.round]
-    if later:
-        print(f"[{STAGE}] {run_dir.path / 'report.md'} stays round {max(later)}'s, the newest", flush=True)
+    newest = run_dir.round
+    while (run_dir.in_round(newest + 1).stage_path(STAGE) / "report.md").exists():
+        newest += 1
+    if newest > run_dir.round:
+        print(f"[{STAGE}] {run_dir.path / 'report.md'} stays round {newest}'s, the newest", flush=True)
         return
     run_report(run_dir)
 

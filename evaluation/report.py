@@ -16,16 +16,16 @@ TRAINING_CURVES = {"ppo": ("objective/scores", "objective/kl"), "dpo": ("loss", 
 
 
 def write_report(folder: Path, results: dict, run_dir: RunDir, config: EvalStageConfig, per_prompt: dict,
-                 models: dict) -> str:
+                 baseline: str) -> str:
     """Writes report.md and its plots into `folder`; returns the report's text (links relative to `folder`).
-    `models`: the baseline's and the reward model's folders as the stage found them (`baseline`, `reward_model`)."""
+    `baseline`: the baseline's folder as the stage found it."""
     histories = {stage: load_history(run_dir.stage_path(stage)) for stage in TRAINING_CURVES}
     histories = {stage: history for stage, history in histories.items() if history}
     plots = []
     if histories:
         plots.append(("Training curves", training_curves(folder / "training_curves.png", histories)))
     kind = "rewards" if per_prompt["rewards"] else "judged" if per_prompt["judged"] else None
-    against = compared_against(config, run_dir, models["baseline"])
+    against = compared_against(config, run_dir, baseline)
     if kind:
         label = "reward (normalised)" if kind == "rewards" else f"judge ({config.judge})"
         plots.append((f"{label.capitalize()} against KL to {against}",
