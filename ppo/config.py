@@ -57,6 +57,13 @@ class PPOStageConfig:
         "help": "Sampling temperature (top_k 0, top_p 1); log-probs are recomputed at the same temperature."})
     missing_eos_penalty: float | None = field(default=1.0, metadata={
         "help": "Subtracted from the score of a response that never emits the stop token (None: no penalty)."})
+    distinct_floor: float | None = field(default=None, metadata={
+        "help": "An answer with fewer than this share of its 4-grams distinct (distinct_4grams, as the eval reports "
+                "it) loses distinct_penalty x (floor - share) / floor from its score: against answers that repeat "
+                "what a weak reward model overrates (None: no penalty)."})
+    distinct_penalty: float = field(default=1.0, metadata={
+        "help": "The most distinct_floor takes off a score, on the reward model's normalised scale (a "
+                "reward_function's own scale)."})
     normalize_reward: bool = field(default=True, metadata={
         "help": "Scores as (score - mean) / std with the reward model's scale on SFT samples (its stage.json)."})
 
@@ -138,6 +145,11 @@ class PPOStageConfig:
         if self.whiten_rewards and self.algorithm != "ppo":
             raise ValueError(f"whiten_rewards whitens PPO's per-token rewards before GAE; {self.algorithm} has no GAE "
                              "and would ignore it")
+        if self.distinct_floor is not None and not 0 < self.distinct_floor <= 1:
+            raise ValueError(f"distinct_floor is a share of distinct 4-grams, above 0 and at most 1 (None: no "
+                             f"penalty), got {self.distinct_floor}")
+        if self.distinct_penalty < 0:
+            raise ValueError(f"distinct_penalty must be 0 or more, got {self.distinct_penalty}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be 0 (before and after only) or more, got {self.eval_every}")
         if min(self.save_steps, self.sample_every) < 0:

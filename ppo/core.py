@@ -97,6 +97,14 @@ def penalised_scores(scores: torch.Tensor, ended: torch.Tensor, missing_eos_pena
     return scores - missing_eos_penalty * (~ended).to(scores.dtype)
 
 
+def repetition_penalties(distinct_shares: torch.Tensor, floor: float | None, penalty: float) -> torch.Tensor:
+    """What each answer loses for repeating itself: nothing while at least `floor` of its 4-grams are distinct, then
+    in proportion to the shortfall, `penalty` at a share of 0 (floor None: nothing)."""
+    if floor is None:
+        return torch.zeros_like(distinct_shares)
+    return penalty * (floor - distinct_shares).clamp_min(0) / floor
+
+
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards: -kl_coef * kl on every response token, plus the sequence's score on its last real token.
     So rewards.sum(-1) == score - kl_coef * (kl * mask).sum(-1)."""

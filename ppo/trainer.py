@@ -42,7 +42,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from evaluation.metrics import distinct_ngram_share
 from ppo.config import PPOStageConfig
-from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores, this_process
+from ppo.core import AdaptiveKLController, FixedKLController, penalised_scores, repetition_penalties, this_process
 from ppo.health import health_alerts, overoptimisation_alert
 from ppo.rollout import generate
 from ppo.sharding import (every_process_loads, fsdp_version, full_parameters, full_state_dict, is_sharded,
@@ -436,11 +436,13 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     with accelerator.autocast(), whole_policy(policy, accelerator) as model:
         rollout = generate(model, tokenizer, local_prompts, config.response_length, config.temperature, seeds)
     generate_seconds = time.perf_counter() - clock
-    # 3. scores at the stop token, normalised, minus the missing-EOS penalty
+    # 3. scores at the stop token, normalised, minus the missing-EOS and repetition penalties
     clock = time.perf_counter()
     responses = [r.strip() for r in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
     raw_scores = scorer(local_prompts, responses, local_references).to(accelerator.device)
-    scores = penalised_scores(raw_scores, rollout.ended.to(accelerator.device), config.missing_eos_penalty)
+    distinct = distinct_shares(rollout).to(accelerator.device)
+    repetition = repetition_penalties(distinct, config.distinct_floor, config.distinct_penalty)
+    scores = penalised_scores(raw_scores, rollout.ended.to(accelerator.device), config.missing_eos_penalty) - repetition
     # 4-7. (in half precision, old log-probs from a full forward), reference log-probs, values, rewards with the
     # KL penalty, advantages
     with accelerator.autocast():
@@ -453,7 +455,7 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     # 8. PPO epochs
     stats = ppo_epochs(policy, critic, optimizer, experience, config, state.generator, accelerator)
     update_seconds = time.perf_counter() - clock
-    metrics = update_metrics(accelerator, experience, scores, raw_scores, stats, state, config)
+    metrics = update_metrics(accelerator, experience, scores, raw_scores, distinct, repetition, stats, state, config)
     metrics.update({"timing/generate": generate_seconds, "timing/update": update_seconds,
                     "eps": config.batch_size / (generate_seconds + update_seconds)})  # episodes a second, as TRL
     kl = experience.kl.sum(-1)
@@ -462,17 +464,22 @@ def one_update(accelerator, state: LoopState, policy, reference, critic, optimiz
     return metrics, samples
 
 
-def update_metrics(accelerator, experience, scores, raw_scores, stats: list[dict], state: LoopState,
-                   config: PPOStageConfig) -> dict:
+def distinct_shares(rollout) -> torch.Tensor:
+    """Each answer's share of distinct 4-grams, over its own tokens."""
+    return torch.tensor([distinct_ngram_share(row[:int(n)].tolist())
+                         for row, n in zip(rollout.response_ids, rollout.response_mask.sum(-1))])
+
+
+def update_metrics(accelerator, experience, scores, raw_scores, distinct, repetition, stats: list[dict],
+                   state: LoopState, config: PPOStageConfig) -> dict:
     """TRL's former PPO metric names: episode metrics over the whole batch (gathered from every process), update
     statistics averaged over minibatches and processes."""
     mask = experience.rollout.response_mask
-    distinct = torch.tensor([distinct_ngram_share(row[:int(n)].tolist()) for row, n in
-                             zip(experience.rollout.response_ids, mask.sum(-1))], device=scores.device)
     per_episode = accelerator.gather(torch.stack([
         scores.float(), raw_scores.float(), experience.kl.sum(-1), mask.sum(-1).float(),
-        experience.rollout.ended.float().to(scores.device), masked_row_mean(experience.advantages, mask), distinct], 1))
-    score, raw, kl, length, ended, advantage, distinct = per_episode.T
+        experience.rollout.ended.float().to(scores.device), masked_row_mean(experience.advantages, mask), distinct,
+        repetition], 1))
+    score, raw, kl, length, ended, advantage, distinct, repetition = per_episode.T
     keys = list(stats[0])
     averaged = accelerator.reduce(torch.tensor([sum(s[k] for s in stats) / len(stats) for k in keys],
                                                device=accelerator.device), "mean")
@@ -484,6 +491,7 @@ def update_metrics(accelerator, experience, scores, raw_scores, stats: list[dict
             "val/num_eos_tokens": int(ended.sum().item()), "val/response_length": length.mean().item(),
             "val/min_response_length": length.min().item(), "val/advantage_avg": advantage.mean().item(),
             "val/distinct_4grams": distinct.mean().item(),  # falls as the answers repeat themselves
+            "objective/distinct_penalty": repetition.mean().item(),  # taken off the scores below distinct_floor
             **dict(zip(keys, averaged.tolist())), "kl_coef": kl_coef, "episodes_per_update": config.batch_size,
             "episode": state.update * config.batch_size}
 

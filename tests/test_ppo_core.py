@@ -8,7 +8,7 @@ import torch
 
 from ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_estimate,
                       logprobs_from_logits, masked_mean, masked_var, masked_whiten, penalised_scores, policy_loss,
-                      response_mask, token_rewards, value_loss)
+                      repetition_penalties, response_mask, token_rewards, value_loss)
 
 
 def test_identical_policy_and_reference_give_zero_kl_ratio_one_and_nothing_clipped():
@@ -87,6 +87,12 @@ def test_reward_assembly_puts_the_score_once_at_the_last_token_and_penalises_mis
     assert [row.nonzero().item() for row in without_kl] == [2, 0, 3]
 
 
+def test_the_repetition_penalty_grows_with_the_shortfall_below_the_floor():
+    shares = torch.tensor([1.0, 0.6, 0.45, 0.15])
+    assert repetition_penalties(shares, floor=0.6, penalty=2.0).tolist() == pytest.approx([0, 0, 0.5, 1.5])
+    assert repetition_penalties(shares, floor=None, penalty=2.0).tolist() == [0, 0, 0, 0]
+
+
 def test_policy_and_value_losses_by_hand():
     logp, old = torch.tensor([[math.log(1.5), math.log(0.5)]]), torch.zeros(1, 2)
     advantages, mask = torch.tensor([[1.0, -2.0]]), torch.ones(1, 2)
@@ -147,6 +153,11 @@ def test_ppo_config_refuses_inconsistent_settings():
         PPOStageConfig(logging_steps=0)
     with pytest.raises(ValueError, match="whiten_rewards whitens PPO's per-token rewards before GAE; grpo"):
         PPOStageConfig(algorithm="grpo", whiten_rewards=True)
+    for floor in (0.0, 1.5):
+        with pytest.raises(ValueError, match=f"distinct_floor is a share of distinct 4-grams.*got {floor}"):
+            PPOStageConfig(distinct_floor=floor)
+    with pytest.raises(ValueError, match="distinct_penalty must be 0 or more"):
+        PPOStageConfig(distinct_floor=0.6, distinct_penalty=-1.0)
     with pytest.raises(ValueError, match="algorithm must be one of ppo, grpo, rloo, reinforce_pp"):
         PPOStageConfig(algorithm="a2c")
     with pytest.raises(ValueError, match="num_generations must be at least 2"):

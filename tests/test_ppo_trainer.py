@@ -25,7 +25,7 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
             "--ppo.reward_function", "tests.test_ppo_trainer:vowel_share", "--ppo.total_episodes", "320",
             "--ppo.batch_size", "16", "--ppo.num_mini_batches", "2", "--ppo.response_length", "12",
             "--ppo.learning_rate", "1e-2", "--ppo.kl_coef", "0", "--ppo.missing_eos_penalty", "None",
-            "--ppo.eval_every", "8",
+            "--ppo.eval_every", "8", "--ppo.distinct_floor", "1", "--ppo.distinct_penalty", "0.01",
             "--run.output_root", str(tmp_path / "runs"), "--run.name", "ppo", "--run.tracking", "none"]
     assert cli(args) == 0
     run = tmp_path / "runs" / "ppo"
@@ -43,6 +43,12 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
     assert all({"eval/score", "eval/judge", "eval/judge_sem"} <= set(point) for point in evals)
     history = json.loads((run / "ppo" / "history.json").read_text())  # each update's metrics, as dashboards get them
     assert len(history) == 20 and all(0 < update["val/distinct_4grams"] <= 1 for update in history)
+    # at a floor of 1 every repeated 4-gram costs: 0.01 x the share of 4-grams repeated, taken off the scores
+    for update in history:
+        assert update["objective/distinct_penalty"] == pytest.approx(0.01 * (1 - update["val/distinct_4grams"]), abs=1e-7)
+        assert update["objective/scores"] == pytest.approx(update["objective/raw_scores"]
+                                                           - update["objective/distinct_penalty"], abs=1e-6)
+    assert max(update["objective/distinct_penalty"] for update in history) > 0
     # 12 tokens are too few for the tiny model's stop token: the alert prints once, its repeats are counted
     printed = capsys.readouterr().out
     assert printed.count("emit the stop token") == 1, printed[-3000:]
