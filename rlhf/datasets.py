@@ -42,6 +42,13 @@ def load_rows(source, kind: str) -> list[dict]:
     return deduplicate(rows)
 
 
+def line_of(source, row_id: str, kind: str) -> int | None:
+    """The line (or row number) where the row `row_id` of a loaded `kind` file starts, for an error found after
+    loading."""
+    to_canonical = ROW_KINDS[kind]
+    return next((line for line, raw in read_records(source) if to_canonical(raw)["id"] == row_id), None)
+
+
 def first_rows(rows: list[dict], count: int, source, setting: str) -> list[dict]:
     """The first `count` rows (all when 0). More than the file holds is an error naming the setting (the stage
     went on with fewer, its report counting what was there)."""

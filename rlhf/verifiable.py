@@ -8,6 +8,7 @@ import inspect
 import math
 import re
 
+from rlhf.datasets import line_of
 from rlhf.errors import DataError, UserError
 
 # a number as people write it: a sign (ASCII or the Unicode minus), digits with optional thousands commas, an
@@ -111,11 +112,12 @@ def check_references(rows: list[dict], source, spec: str) -> list[str] | None:
         return None
     for row in rows:
         if row.get("answer") is None:
-            raise DataError(source, None, "answer", f"row '{row['id']}' has no reference answer, and {spec} checks "
-                            "each answer against its prompt's")
+            raise DataError(source, line_of(source, row["id"], "prompt"), "answer",
+                            f"no reference answer, and {spec} checks each answer against its prompt's")
         if judge is final_number and final_number_of(row["answer"]) is None:  # every answer would score 0
-            raise DataError(source, None, "answer", f"row '{row['id']}': the reference answer '{row['answer'][:40]}' "
-                            f"holds no number, and {spec} compares the final numbers")
+            raise DataError(source, line_of(source, row["id"], "prompt"), "answer",
+                            f"the reference answer '{row['answer'][:40]}' holds no number, and {spec} compares the "
+                            "final numbers")
     return [row["answer"] for row in rows]
 
 

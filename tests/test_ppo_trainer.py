@@ -45,7 +45,8 @@ def test_ppo_raises_a_programmatic_reward_and_publishes_the_policy(tmp_path, tin
     assert len(history) == 20 and all(0 < update["val/distinct_4grams"] <= 1 for update in history)
     # at a floor of 1 every repeated 4-gram costs: 0.01 x the share of 4-grams repeated, taken off the scores
     for update in history:
-        assert update["objective/distinct_penalty"] == pytest.approx(0.01 * (1 - update["val/distinct_4grams"]), abs=1e-7)
+        repeated = 1 - update["val/distinct_4grams"]
+        assert update["objective/distinct_penalty"] == pytest.approx(0.01 * repeated, abs=1e-7)
         assert update["objective/scores"] == pytest.approx(update["objective/raw_scores"]
                                                            - update["objective/distinct_penalty"], abs=1e-6)
     assert max(update["objective/distinct_penalty"] for update in history) > 0
