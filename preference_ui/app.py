@@ -28,7 +28,7 @@ from rlhf.schema import PREFERENCE_CHOICES
 from rlhf.store import (MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, LabellerDisabled, Store, StoreError, User,
                         shown_url)
 from preference_ui.config import PreferencesStageConfig
-from preference_ui.queue import Item, ItemGone, LabelQueue, unswap
+from preference_ui.queue import BatchClosed, Item, ItemGone, LabelQueue, unswap
 from preference_ui.render import conversation_html, shown_html
 from preference_ui.signin import ClientAddress, SameOrigin, SignInGuard
 
@@ -208,8 +208,8 @@ class LabellingApp:
                     return self.show(user, f"Saved your vote on item {state['label']} (once).", state)
                 return self.show(user, f"Not counted: you have already voted on item {state['label']}. Here is your "
                                        "next item.", state)
-            except ItemGone:
-                return self.no_longer_yours(user, state, "vote on")
+            except ItemGone as gone:
+                return self.no_longer_yours(user, state, "vote on", gone)
             except LabellerDisabled:  # disabled between this request's account check and its vote
                 raise gr.Error(NOT_SIGNED_IN) from None
             except StoreError as refused:  # a request the UI cannot make: a strength outside the vocabulary
@@ -240,8 +240,8 @@ class LabellingApp:
         except DuplicateVote:  # (a second Enter: the first one's ranking stands)
             return self.show(user, f"Your ranking of item {state['label']} was saved already; the first one stands. "
                                    "Here is your next item.", state)
-        except ItemGone:
-            return self.no_longer_yours(user, state, "rank")
+        except ItemGone as gone:
+            return self.no_longer_yours(user, state, "rank", gone)
         except LabellerDisabled:
             raise gr.Error(NOT_SIGNED_IN) from None
         except StoreError as refused:
@@ -259,11 +259,12 @@ class LabellingApp:
                 return self.show(user, f"Not skipped: item {state['label']} is no longer yours.", state)
         return self.back_again(self.show(user, "Skipped; someone else will take that item.", state), state)
 
-    def no_longer_yours(self, user: User, state: dict, what: str) -> tuple:
+    def no_longer_yours(self, user: User, state: dict, what: str, gone: ItemGone) -> tuple:
         """The next item, after an answer (`what`: "vote on", "rank") on an item the labeller no longer holds."""
+        why = ("its batch's votes have been exported, so it takes no more answers" if isinstance(gone, BatchClosed)
+               else "skipped, or timed out and taken by another labeller")
         return self.back_again(self.show(user, f"Not counted: item {state['label']} is no longer yours to {what} "
-                                               "(skipped, or timed out and taken by another labeller). Here is your "
-                                               "next item.", state), state)
+                                               f"({why}). Here is your next item.", state), state)
 
     @staticmethod
     def back_again(shown: tuple, state: dict | None) -> tuple:
@@ -418,7 +419,7 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
             refresh = gr.Button("Refresh statistics")
             summary = gr.Markdown()
             batches = gr.Dataframe(headers=["batch", "comparisons", "voted", "votes and rankings", "alpha",
-                                            "pairwise"],
+                                            "pairwise", "exported"],
                                    label="Progress per batch", interactive=False)
             labellers = gr.Dataframe(headers=["labeller", "votes and rankings", "s each", "gold votes",
                                               "gold accuracy", "gold passed"],

@@ -10,7 +10,9 @@
    do in the app (overlap, gold items, skips); or the stage waits, showing progress, until every comparison has
    `preferences.min_votes` votes from people in the app;
 4. export the batch's votes to `runs/<name>/preferences` (TRL's preference format), which the reward and DPO
-   stages read.
+   stages read, and close the batch: the app serves none of its items and takes no more answers on them (the
+   overlap places left over would come before a later round's items, their votes never exported). A stage that
+   collects the batch again reopens it first.
 
 Each step picks up where a killed one stopped: sampled comparisons are stored in one transaction, simulated votes
 are drawn per labeller and comparison and the queue hands out only what is left, and votes stay in the store. Without
@@ -207,6 +209,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         sample.main(dataclasses.replace(config, db=url), run, prompts, keys=keys)
     if config.gold:
         import_gold(store, config.gold, rows=gold, fix=GOLD_FIX)
+    store.reopen_batch(batch)  # exported by an earlier attempt: collected again (min_votes raised, say)
     if config.ai_judge:
         counts = ai_label(store, config.ai_judge, config.ai_constitution, batch, config.ai_tie_margin,
                           config.overlap, config.gold_rate, config.seed)
@@ -221,6 +224,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     partial = run.directory().partial_path(STAGE)
     start_partial(STAGE, partial, resume=False, record=record)
     manifest = export(store, partial / "final", batch, config.min_votes)
+    store.close_batch(batch)  # its leftover overlap slots would be served before later rounds' items, never exported
     agreement = stats(store, batch)
     metrics = {"pairs": manifest["rows"], "ties": manifest["ties"], "both_bad": manifest["both_bad"],
                "votes": agreement["votes"], "krippendorff_alpha": agreement["krippendorff_alpha"],

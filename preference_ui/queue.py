@@ -21,9 +21,9 @@ from sqlalchemy import and_, bindparam, exists, func, insert, null, or_, select,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from rlhf.store import (Assignment, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking, Response, Store,
-                        StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote, check_written,
-                        utcnow, vote_strength)
+from rlhf.store import (Assignment, ClosedBatch, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking,
+                        Response, Store, StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote,
+                        check_written, utcnow, vote_strength)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
@@ -63,6 +63,10 @@ class ItemGone(StoreError):
     """The item shown is no longer this labeller's to vote on (skipped, timed out, or never assigned)."""
 
 
+class BatchClosed(ItemGone):
+    """The item's batch has been exported (closed): an answer now would never be exported."""
+
+
 def unswap(shown_choice: str, swapped: bool) -> str:
     """The choice in the comparison's own a/b terms: "a" means the response shown on the left."""
     if swapped and shown_choice in ("a", "b"):
@@ -80,17 +84,19 @@ class Statements:
         user_id = bindparam("labeller")  # `:start`: see LabelQueue.starts
         # this queue's comparisons: its batch (every batch if none) and, always, the gold items
         in_scope = true() if batch is None else or_(Comparison.batch == batch, Comparison.kind == "gold")
+        # and not of a batch already exported: its leftover overlap slots went first (the oldest first, below)
+        servable = and_(in_scope, ~exists().where(ClosedBatch.batch == Comparison.batch))
         seen = exists().where(Assignment.comparison_id == Comparison.id, Assignment.user_id == user_id)
         taken = (select(func.count()).where(Assignment.comparison_id == Comparison.id, Assignment.slot.is_not(None))
                  .correlate(Comparison).scalar_subquery())
-        open_for_me = and_(Comparison.id >= bindparam("start"), Comparison.kind != "gold", in_scope, ~seen,
+        open_for_me = and_(Comparison.id >= bindparam("start"), Comparison.kind != "gold", servable, ~seen,
                            taken < overlap)
         gold_for_me = and_(Comparison.kind == "gold", ~seen)
         held = (Assignment.comparison_id, Assignment.swapped, Assignment.status)
         this_one = and_(Assignment.user_id == user_id, Assignment.comparison_id == bindparam("item"))
 
         self.open_assignment = (select(*held).join(Comparison, Comparison.id == Assignment.comparison_id)
-                                .where(Assignment.user_id == user_id, Assignment.status == "open", in_scope)
+                                .where(Assignment.user_id == user_id, Assignment.status == "open", servable)
                                 .order_by(Assignment.id).limit(1))
         self.assignment_status = select(Assignment.status).where(this_one)
         # open -> voted / skipped only while still open: of two tabs answering at once, one changes no row
@@ -98,8 +104,11 @@ class Statements:
         # a vote or ranking closes it only while the labeller's account is enabled: an account disabled while a
         # simulated or AI labeller runs stops it at its next answer (the app also checks on every request)
         enabled = exists().where(User.id == user_id, User.disabled.is_(False))
-        self.close_voted = (update(Assignment).where(still_open, enabled).values(status="voted")
+        closed = (select(ClosedBatch.closed_at).join(Comparison, Comparison.batch == ClosedBatch.batch)
+                  .where(Comparison.id == bindparam("item")))
+        self.close_voted = (update(Assignment).where(still_open, enabled, ~closed.exists()).values(status="voted")
                             .returning(Assignment.swapped))
+        self.closed_at = closed
         self.is_disabled = select(User.disabled).where(User.id == user_id)
         self.close_skipped = (update(Assignment).where(still_open).values(status="skipped", slot=None)
                               .returning(Assignment.swapped))
@@ -121,7 +130,7 @@ class Statements:
                                                    Assignment.slot.is_not(None))
         # the labeller's own skipped or timed-out training items that still have a free slot, the oldest first
         set_aside = and_(Assignment.user_id == user_id, Assignment.status.in_(("skipped", "expired")),
-                         Comparison.kind != "gold", in_scope, taken < overlap)
+                         Comparison.kind != "gold", servable, taken < overlap)
         # (by when each was last handed out, which reopening sets: a skipped item taken back and skipped again
         # goes behind the others, where by assignment id it came straight back after every skip)
         self.set_aside = (select(Assignment.comparison_id).join(Comparison, Comparison.id == Assignment.comparison_id)
@@ -365,6 +374,9 @@ class LabelQueue:
     def refusal(self, user: User, comparison_id: int) -> StoreError:
         if self.rows(self.sql.is_disabled, labeller=user.id)[0][0]:
             return self.store.disabled(user.name)
+        if closed := self.rows(self.sql.closed_at, item=comparison_id):
+            return BatchClosed(f"comparison {comparison_id}'s batch was exported at {closed[0][0]:%Y-%m-%d %H:%M} "
+                               "UTC and takes no more answers")
         state = self.rows(self.sql.assignment_status, labeller=user.id, item=comparison_id)
         if not state:
             return ItemGone(f"comparison {comparison_id} is not assigned to {user.name}")

@@ -9,7 +9,7 @@ others is the share of their votes that match the majority of the other votes on
 tie), over the items someone else voted on too: for an AI labeller (`rlhf label ai`), its agreement with people.
 """
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import permutations
 
 from rlhf.rankings import ranking_agreement
@@ -55,6 +55,7 @@ class Labels:
     names: dict  # user id -> name
     rankings: list = ()
     gold_passed: list = ()  # a user id per gold item that user skipped or let time out
+    closed: dict = field(default_factory=dict)  # batch -> when its votes were exported (closed)
 
 
 def load_labels(store: Store) -> Labels:
@@ -62,7 +63,7 @@ def load_labels(store: Store) -> Labels:
     and a comparison or user never goes away, so every vote read finds its comparison and labeller."""
     votes, rankings, gold_passed = store.votes(), store.rankings(), store.gold_passed()
     return Labels({c["id"]: c for c in store.comparisons()}, votes, {user.id: user.name for user in store.users()},
-                  rankings, gold_passed)
+                  rankings, gold_passed, store.closed_batches())
 
 
 def stats(store: Store, batch: str | None = None) -> dict:
@@ -163,12 +164,15 @@ def labeller_stats(votes: list, gold_correct: list[bool], with_others: float | N
 
 def batch_rows(labels: Labels) -> list[list]:
     """One row per batch for the admin tab: [batch, comparisons, voted, votes and rankings, alpha, pairwise
-    agreement] (a ranking counts one, as in the labellers' rows)."""
+    agreement, exported] (a ranking counts one, as in the labellers' rows; exported: when a stage exported the
+    batch and closed it, empty while the app serves it)."""
     rows = []
     for batch in sorted({c["batch"] for c in labels.comparisons.values()}):
         report = summarise(labels, batch)
+        exported = labels.closed.get(batch)
         rows.append([batch, report["comparisons"], report["voted"], report["votes"] + report["rankings"],
-                     rounded(report["krippendorff_alpha"]), rounded(report["pairwise_agreement"])])
+                     rounded(report["krippendorff_alpha"]), rounded(report["pairwise_agreement"]),
+                     f"{exported:%Y-%m-%d %H:%M} UTC" if exported else ""])
     return rows
 
 

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, func, inspect, select, text, update)
+                        UniqueConstraint, create_engine, delete, event, func, inspect, select, text, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -38,7 +38,7 @@ from rlhf.errors import ConfigError, DataError, UserError
 from rlhf.rankings import MAX_K, check_ranks
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES, VOTE_STRENGTHS
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DEFAULT_URL = "sqlite:///runs/labels.db"
 ROLES = ("labeller", "admin")
 KINDS = ("train", "gold", "eval")
@@ -204,6 +204,14 @@ class WrittenAnswer(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ClosedBatch(Base):
+    """A batch whose votes a stage has exported: the queue serves none of its items and takes no more answers on
+    them (they would never be exported). A stage that collects the batch again reopens it."""
+    __tablename__ = "closed_batches"
+    batch: Mapped[str] = mapped_column(String(BATCH_WIDTH), primary_key=True)
+    closed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -421,6 +429,7 @@ class Store:
         self.upgrade_from_version_1()
         self.upgrade_from_version_2()
         self.upgrade_from_version_3()
+        self.upgrade_from_version_4()
         Base.metadata.create_all(self.engine)
         with self.transaction() as session:
             version = session.get(Meta, "schema_version")
@@ -511,6 +520,12 @@ class Store:
         with self.upgrading("3") as connection:
             if connection is not None:
                 connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="4"))
+
+    def upgrade_from_version_4(self) -> None:
+        """Version 5 closes exported batches: one new table (made by `create_all`)."""
+        with self.upgrading("4") as connection:
+            if connection is not None:
+                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="5"))
 
     # users
     def add_user(self, name: str, role: str, password: str) -> User:
@@ -741,6 +756,23 @@ class Store:
     def batches(self) -> list[str]:
         with self.sessions() as session:
             return sorted(session.scalars(select(Comparison.batch).distinct()))
+
+    def close_batch(self, batch: str) -> None:
+        """No more items of the batch served, no more answers on them taken (its votes are exported)."""
+        try:
+            with self.transaction() as session:
+                if session.get(ClosedBatch, batch) is None:
+                    session.add(ClosedBatch(batch=batch))
+        except IntegrityError:
+            pass  # closed by another process at the same moment
+
+    def reopen_batch(self, batch: str) -> None:
+        with self.transaction() as session:
+            session.execute(delete(ClosedBatch).where(ClosedBatch.batch == batch))
+
+    def closed_batches(self) -> dict[str, datetime]:
+        with self.sessions() as session:
+            return dict(session.execute(select(ClosedBatch.batch, ClosedBatch.closed_at)).all())
 
     def check_batch(self, batch: str | None) -> None:
         """A batch named on the command line must be in the store (a mistyped one would read as empty)."""

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select, update
 
 from preference_ui.gold import import_gold
-from preference_ui.queue import ItemGone, LabelQueue, unswap
+from preference_ui.queue import BatchClosed, ItemGone, LabelQueue, unswap
 from rlhf.errors import DataError, UserError
 from rlhf.store import Assignment, DuplicateVote, LabellerDisabled, Store, StoreError, utcnow
 from tests.conftest import database_numbers
@@ -68,6 +68,34 @@ def test_a_reload_shows_the_same_item_and_a_second_tab_cannot_vote_again(store_u
     assert [(v.comparison_id, v.strength, v.note, v.seconds) for v in store.votes()] == \
         [(first.comparison_id, "slight", "close call", 3.5)]
     assert queue.next_item(ann).comparison_id != first.comparison_id
+
+
+def test_an_exported_batch_serves_no_items_and_takes_no_answers_until_it_is_reopened(store_url):
+    """Round 1's overlap places left over after its export came before round 2's items (the oldest first), and
+    the votes there were never exported."""
+    store = Store(store_url)
+    round_1, round_2 = add_comparisons(store, 2, batch="round-1"), add_comparisons(store, 1, batch="round-2")
+    ann, bob = labellers(store, 2)
+    queue = LabelQueue(store, overlap=2, gold_rate=0.0, seed=0)
+    held = queue.next_item(ann)
+    assert held.comparison_id in {c.id for c in round_1}
+    store.close_batch("round-1")
+    store.close_batch("round-1")  # (closed twice: closed)
+    assert list(store.closed_batches()) == ["round-1"]
+    with pytest.raises(BatchClosed, match=rf"comparison {held.comparison_id}'s batch was exported at .* UTC and "
+                                          "takes no more answers"):
+        queue.vote(ann, held.comparison_id, "a")
+    assert store.votes() == []
+    for user in (ann, bob):  # the open item is no longer shown, the closed batch's places no longer handed out
+        item = queue.next_item(user)
+        assert item.comparison_id == round_2[0].id
+        queue.vote(user, item.comparison_id, "b")
+    assert queue.next_item(ann) is None and queue.next_item(bob) is None
+    store.reopen_batch("round-1")  # a stage collecting it again (min_votes raised), in another process: the
+    queue = LabelQueue(store, overlap=2, gold_rate=0.0, seed=0)  # app's queue finds it within a minute (starts)
+    assert store.closed_batches() == {} and queue.next_item(ann) == held
+    queue.vote(ann, held.comparison_id, "a")
+    assert queue.next_item(bob).comparison_id in {c.id for c in round_1}
 
 
 def test_an_account_disabled_while_it_holds_an_item_votes_and_ranks_no_more(store_url):

@@ -74,6 +74,7 @@ def test_round_2_labels_the_round_1_policy_where_its_reward_model_is_least_sure_
     assert len(second) == BUDGET
     assert {c["a_model"] for c in second} | {c["b_model"] for c in second} == {str(run / "ppo")}
     assert not {json.dumps(c["prompt"]) for c in first} & {json.dumps(c["prompt"]) for c in second}
+    assert set(store.closed_batches()) == {"whole", batch}  # each round's batch closed once exported
 
     # ... and they are the candidate pairs the round-1 reward model was least sure about (smallest |gap|)
     with store.session() as session:

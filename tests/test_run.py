@@ -84,6 +84,9 @@ def test_a_tiny_run_end_to_end_tracks_every_stage_and_its_store_serves_the_label
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_for_port(server, port)
+        ann = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase")
+        assert ann.call("next_item")[1] == "### Nothing left to label"  # the batch is exported: closed
+        store.reopen_batch("tiny")  # as a rerun with more votes wanted does
         _, title, *_ = BrowserLikeClient(f"http://127.0.0.1:{port}", "ann", "ann-passphrase").call("next_item")
     finally:
         stop_server(server)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from preference_ui.stats import (batch_rows, format_stats, human_win_rates, krippendorff_alpha, load_labels,
@@ -119,7 +121,9 @@ def test_stats_cover_rankings_with_kendalls_tau(tmp_path):
     assert "rankings: 3; agreement: Kendall's tau-b 0.667 over 1 items ranked twice or more" in format_stats(report)
     assert "rankings" not in format_stats(stats(store, "none"))
     # the admin tab's batch row counts a ranking as one, as the labellers' rows do: 1 vote and 3 rankings
-    assert batch_rows(load_labels(store)) == [["b1", 3, 3, 4, None, None]]
+    assert batch_rows(load_labels(store)) == [["b1", 3, 3, 4, None, None, ""]]
+    store.close_batch("b1")  # exported by a stage: the row says when
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", batch_rows(load_labels(store))[0][-1])
 
 
 def test_stats_command(tmp_path, capsys):

@@ -140,7 +140,7 @@ def test_a_version_2_store_is_upgraded_clearing_the_strengths_of_ties(store_url,
     upgraded.cast_vote(comparison_in(upgraded).id, users[0], "b")  # new votes number on after the kept ones
     assert [v.id for v in upgraded.votes()] == [1, 2, 3, 4]
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "4"
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "5"
     engine.dispose()
 
 
@@ -161,7 +161,7 @@ def test_a_store_from_another_schema_version_is_refused(store_url):
     store = Store(store_url)
     with store.session() as session, session.begin():
         session.execute(update(Meta).where(Meta.key == "schema_version").values(value="99"))
-    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 4"):
+    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 5"):
         Store(store_url)
 
 
@@ -179,7 +179,7 @@ def test_a_version_1_store_is_upgraded_in_place(store_url):
     assert {"slot", "swapped", "status"} <= columns
     with engine.connect() as connection:
         version = connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar()
-        assert version == "4"  # and on to version 4
+        assert version == "5"  # and on to version 5
     engine.dispose()
 
 
@@ -250,7 +250,24 @@ def test_a_version_3_store_gains_ranking_items_keeping_its_votes(store_url):
     item, _ = ranking_item_in(upgraded, answers=2)
     assert upgraded.cast_ranking(item.id, ann, [2, 1]).ranks == [2, 1]
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "4"
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "5"
+    engine.dispose()
+
+
+def test_a_version_4_store_gains_closed_batches_keeping_its_votes(store_url):
+    store = Store(store_url)
+    ann = store.add_user("ann", "labeller", "password1")
+    store.cast_vote(comparison_in(store).id, ann, "b", "slight")
+    engine = create_engine(store_url)
+    with engine.begin() as connection:  # as version 4 left it
+        connection.execute(text("DROP TABLE closed_batches"))
+        connection.execute(text("UPDATE meta SET value = '4' WHERE key = 'schema_version'"))
+    upgraded = Store(store_url)
+    assert [(v.choice, v.strength) for v in upgraded.votes()] == [("b", "slight")]
+    upgraded.close_batch("b1")
+    assert list(upgraded.closed_batches()) == ["b1"]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "5"
     engine.dispose()
 
 
