@@ -231,7 +231,7 @@ def run_label(args, rest) -> int:
     if store.created:
         print(f"created the label store {shown_url(store.url)}")
     if args.label_command in ("simulate", "ai", "stats", "export"):
-        store.check_batch(args.batch)
+        store.check_batch(args.batch, to_label=args.label_command in ("simulate", "ai"))
     if args.label_command == "gold":
         from preference_ui.gold import import_gold
 
@@ -350,7 +350,7 @@ def run_label_with_config(args, rest) -> int:
 
     check_host(args.host, auth=not args.no_auth)
     store = Store(config.db or None, create=False)
-    store.check_batch(args.batch)  # a mistyped batch would hand out only gold items, using them up
+    store.check_batch(args.batch, to_label=True)  # a mistyped batch would hand out only gold items, using them up
     serve(store, config, args.host, args.port, auth=not args.no_auth,
           local_user=args.user, batch=args.batch, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
           export_root=Path(run.output_root) / "exports")

@@ -774,12 +774,18 @@ class Store:
         with self.sessions() as session:
             return dict(session.execute(select(ClosedBatch.batch, ClosedBatch.closed_at)).all())
 
-    def check_batch(self, batch: str | None) -> None:
-        """A batch named on the command line must be in the store (a mistyped one would read as empty)."""
+    def check_batch(self, batch: str | None, to_label: bool = False) -> None:
+        """A batch named on the command line must be in the store (a mistyped one would read as empty); one to
+        label (`to_label`) must not be closed (none of its items would be served)."""
         batches = self.batches()
         if batch is not None and batch not in batches:
             raise StoreError(f"no batch '{batch}' in {shown_url(self.url)}; its batches: "
                              f"{', '.join(batches) or 'none yet'}")
+        closed = self.closed_batches().get(batch) if to_label else None
+        if closed is not None:
+            raise StoreError(f"batch '{batch}' was exported at {closed:%Y-%m-%d %H:%M} UTC and is closed: none of its "
+                             "items is served (its preferences stage reopens it when it runs again, with "
+                             "preferences.min_votes raised say)")
 
     def batch_sampling(self, batch: str) -> dict:
         """The sampling record of the batch's first answer: the keys the batch was made under (`drawn_from`,

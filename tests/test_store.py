@@ -313,6 +313,13 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     assert f"{tmp_path / 'no.pem'}: no such file" in capsys.readouterr().err
     assert cli(["label", "--db", db, "serve", "--batch", "typo"]) == 2  # would hand out gold items only
     assert "no batch 'typo' in" in capsys.readouterr().err
+    store = Store(db)
+    comparison_in(store, batch="done")
+    store.close_batch("done")  # exported by its preferences stage: nothing of it would be served or voted
+    for command in (["serve"], ["simulate", "--judge", "builtin:length"]):
+        assert cli(["label", "--db", db, *command, "--batch", "done"]) == 2
+        assert "batch 'done' was exported at " in capsys.readouterr().err
+    assert cli(["label", "--db", db, "stats", "--batch", "done"]) == 0  # read, not labelled
 
 
 def test_every_label_command_given_a_run_config_uses_that_runs_own_store(tmp_path, monkeypatch, capsys,
