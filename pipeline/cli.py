@@ -113,7 +113,8 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
                                         "...)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--batch", help="hand out only this batch (gold items are always mixed in; default: all)")
+    serve.add_argument("--batch", help="hand out only this batch (gold items are always mixed in; default: every "
+                                       "batch not yet exported)")
     serve.add_argument("--no-auth", action="store_true",
                        help="no sign-in, everyone acts as --user; only allowed on 127.0.0.1")
     serve.add_argument("--user", help="with --no-auth: the existing user everyone acts as")
@@ -126,7 +127,7 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     simulate.add_argument("--judge", required=True,
                           help="builtin:length|keywords|readability|sentiment or module:function")
     simulate.add_argument("--labellers", type=int, default=3, help="how many simulated labellers (sim/<judge>/<i>)")
-    simulate.add_argument("--batch", help="only this batch of comparisons (default: all)")
+    simulate.add_argument("--batch", help="only this batch of comparisons (default: every batch not yet exported)")
     simulate.add_argument("--temperature", type=float, default=1.0,
                           help="Bradley-Terry temperature in judge-score units; 0 always picks the better one")
     simulate.add_argument("--tie-margin", type=float, default=0.0, help="score gaps below this are ties")
@@ -142,7 +143,7 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
                     help="bundled model name or model folder (default: smollm2-135m-instruct); votes as ai/<name> "
                          "(a folder: its name and its content hash's first 8 hex digits)")
     ai.add_argument("--constitution", default="data/constitution.md", help="the principles it judges by")
-    ai.add_argument("--batch", help="only this batch of comparisons (default: all)")
+    ai.add_argument("--batch", help="only this batch of comparisons (default: every batch not yet exported)")
     ai.add_argument("--tie-margin", type=float, default=0.05,
                     help="P(a better) within this of one half is a tie (both orders averaged)")
     ai.add_argument("--gold-rate", type=float, default=0.0, help="share of items drawn from gold comparisons")

@@ -62,8 +62,9 @@ class PPOStageConfig:
                 "it) loses distinct_penalty x (floor - share) / floor from its score: against answers that repeat "
                 "what a weak reward model overrates (None: no penalty)."})
     distinct_penalty: float = field(default=1.0, metadata={
-        "help": "The most distinct_floor takes off a score, on the reward model's normalised scale (a "
-                "reward_function's own scale)."})
+        "help": "The most distinct_floor takes off a score, on the scores' scale (the reward model's normalised one "
+                "by default, a reward_function's own). Part of the score, as missing_eos_penalty: grpo's group "
+                "normalisation scales it with the rest."})
     normalize_reward: bool = field(default=True, metadata={
         "help": "Scores as (score - mean) / std with the reward model's scale on SFT samples (its stage.json)."})
 

@@ -541,8 +541,8 @@ def print_alert_counts(history: list[dict], config: PPOStageConfig) -> None:
 @torch.no_grad()
 def evaluate(accelerator, policy, tokenizer, checked: CheckedInputs, scorer, config: PPOStageConfig) -> dict:
     """Greedy answers to the eval prompts (on the main process, its result shared with every process), scored
-    like training (without missing_eos_penalty, a training signal) and by the judge (with the judge's standard
-    error over the prompts)."""
+    like training (without missing_eos_penalty and distinct_floor, training signals) and by the judge (with the
+    judge's standard error over the prompts)."""
     result = {}
     eval_prompts, judge, references = checked.eval_prompts, checked.judge, checked.eval_references
     with whole_policy(policy, accelerator) as model:  # sharded, every process gathers; the main process answers

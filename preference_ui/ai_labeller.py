@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from preference_ui.queue import LabelQueue, unswap
+from preference_ui.queue import BatchClosed, LabelQueue, unswap
 from rlhf import models
 from rlhf.errors import MissingInputError
 from rlhf.hardware import detect_device
@@ -121,13 +121,22 @@ def ai_label(store: Store, model_spec: str, constitution_path: str = DEFAULT_CON
     queue = LabelQueue(store, overlap, gold_rate, batch, seed=seed, expires_others=False)
     counts = {choice: 0 for choice in VOTE_CHOICES}
     while (item := queue.next_item(user)) is not None:
-        if item.answers:
-            queue.rank(user, item.comparison_id, ai_ranking(model, tokenizer, constitution,
-                                                            question_of(item.prompt), item.answers, tie_margin))
-            counts["ranked"] = counts.get("ranked", 0) + 1
+        try:
+            ai_answer(queue, user, item, model, tokenizer, constitution, tie_margin, counts)
+        except BatchClosed:  # exported by another process meanwhile: its items are no longer served
             continue
-        preference = prefer_a(model, tokenizer, constitution, question_of(item.prompt), item.left, item.right)
-        choice, strength = ai_vote(preference, tie_margin)
-        queue.vote(user, item.comparison_id, choice, strength)
-        counts[unswap(choice, item.swapped)] += 1
     return counts
+
+
+def ai_answer(queue: LabelQueue, user, item, model, tokenizer, constitution: str, tie_margin: float,
+              counts: dict) -> None:
+    """Ranks or votes on the item as the AI labeller reads it, counting the choice stored."""
+    if item.answers:
+        queue.rank(user, item.comparison_id, ai_ranking(model, tokenizer, constitution,
+                                                        question_of(item.prompt), item.answers, tie_margin))
+        counts["ranked"] = counts.get("ranked", 0) + 1
+        return
+    preference = prefer_a(model, tokenizer, constitution, question_of(item.prompt), item.left, item.right)
+    choice, strength = ai_vote(preference, tie_margin)
+    queue.vote(user, item.comparison_id, choice, strength)
+    counts[unswap(choice, item.swapped)] += 1

@@ -142,8 +142,8 @@ class LabellingApp:
         counted = self.queue.progress(user)  # its remaining count may be seconds old: none once the queue says so
         progress = progress_html(user, counted if item else {**counted, "remaining": 0})
         if item is None:
-            done = ("Your queue is empty for now: every item has its votes or is held by another labeller (an item "
-                    "held too long comes back: reload the page later). Thank you!")
+            done = ("Your queue is empty for now: every item has its votes, is held by another labeller or is in a "
+                    "batch already exported (an item held too long comes back: reload the page later). Thank you!")
             return (None, "### Nothing left to label", "", "", "", progress, f"{message} {done}".strip(),
                     DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS,
                     *self.panels(None, before), "")

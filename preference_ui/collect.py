@@ -209,7 +209,8 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         sample.main(dataclasses.replace(config, db=url), run, prompts, keys=keys)
     if config.gold:
         import_gold(store, config.gold, rows=gold, fix=GOLD_FIX)
-    store.reopen_batch(batch)  # exported by an earlier attempt: collected again (min_votes raised, say)
+    if config.ai_judge or config.simulate_judge or not has_votes(store, batch, config.min_votes):
+        store.reopen_batch(batch)  # exported by an earlier attempt and collected again (min_votes raised, say)
     if config.ai_judge:
         counts = ai_label(store, config.ai_judge, config.ai_constitution, batch, config.ai_tie_margin,
                           config.overlap, config.gold_rate, config.seed)
@@ -223,8 +224,10 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         wait_for_votes(store, batch, config)
     partial = run.directory().partial_path(STAGE)
     start_partial(STAGE, partial, resume=False, record=record)
+    # closed first, so that no vote lands between the export and the close (its leftover overlap places would be
+    # served before later rounds' items, and their votes never exported)
+    store.close_batch(batch)
     manifest = export(store, partial / "final", batch, config.min_votes)
-    store.close_batch(batch)  # its leftover overlap slots would be served before later rounds' items, never exported
     agreement = stats(store, batch)
     metrics = {"pairs": manifest["rows"], "ties": manifest["ties"], "both_bad": manifest["both_bad"],
                "votes": agreement["votes"], "krippendorff_alpha": agreement["krippendorff_alpha"],
@@ -292,6 +295,11 @@ def new_batch(round: int) -> str:
         return "label a new batch with --preferences.batch NAME"
     return (f"label a new batch for round {round} alone: in the config file (the command line sets every round), a "
             f"`round-{round}:` section with preferences: {{batch: NAME}}")
+
+
+def has_votes(store: Store, batch: str, min_votes: int) -> bool:
+    """Whether every comparison of the batch has `min_votes` votes."""
+    return all(count >= min_votes for count in store.vote_counts(batch).values())
 
 
 def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import aliased
 
 from rlhf.store import (Assignment, ClosedBatch, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking,
                         Response, Store, StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote,
-                        check_written, utcnow, vote_strength)
+                        check_written, shown_utc, utcnow, vote_strength)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
@@ -138,7 +138,8 @@ class Statements:
         self.reopen = (update(Assignment).where(this_one, Assignment.status.in_(("skipped", "expired")))
                        .values(status="open", slot=bindparam("free_slot"), created_at=bindparam("now"))
                        .returning(Assignment.swapped))
-        self.reopen_expired = (update(Assignment).where(this_one, Assignment.status == "expired", enabled)
+        self.reopen_expired = (update(Assignment).where(this_one, Assignment.status == "expired", enabled,
+                                                        ~closed.exists())
                                .values(status="open", slot=bindparam("free_slot"), created_at=bindparam("now"))
                                .returning(Assignment.swapped))
         self.kind = select(Comparison.kind).where(Comparison.id == bindparam("item"))
@@ -146,8 +147,10 @@ class Statements:
         self.item = (select(Comparison.kind, Prompt.messages, a.text, b.text)
                      .join(Prompt, Prompt.id == Comparison.prompt_id).join(a, a.id == Comparison.response_a_id)
                      .join(b, b.id == Comparison.response_b_id).where(Comparison.id == bindparam("item")))
-        mine = (select(*(func.count().filter(Assignment.status == state).label(state)
-                         for state in ("voted", "skipped", "open")))
+        # (votes and skips on every batch in scope; open items only where still served)
+        mine = (select(func.count().filter(Assignment.status == "voted").label("voted"),
+                       func.count().filter(Assignment.status == "skipped").label("skipped"),
+                       func.count().filter(and_(Assignment.status == "open", servable)).label("open"))
                 .join(Comparison, Comparison.id == Assignment.comparison_id)
                 .where(Assignment.user_id == user_id, in_scope).subquery())
         self.my_progress = select(
@@ -374,14 +377,14 @@ class LabelQueue:
     def refusal(self, user: User, comparison_id: int) -> StoreError:
         if self.rows(self.sql.is_disabled, labeller=user.id)[0][0]:
             return self.store.disabled(user.name)
-        if closed := self.rows(self.sql.closed_at, item=comparison_id):
-            return BatchClosed(f"comparison {comparison_id}'s batch was exported at {closed[0][0]:%Y-%m-%d %H:%M} "
-                               "UTC and takes no more answers")
         state = self.rows(self.sql.assignment_status, labeller=user.id, item=comparison_id)
+        if state and state[0].status == "voted":
+            return DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}")
+        if closed := self.rows(self.sql.closed_at, item=comparison_id):
+            return BatchClosed(f"comparison {comparison_id}'s batch was exported at {shown_utc(closed[0][0])} and "
+                               "takes no more answers")
         if not state:
             return ItemGone(f"comparison {comparison_id} is not assigned to {user.name}")
-        if state[0].status == "voted":
-            return DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}")
         return ItemGone(f"comparison {comparison_id} was {state[0].status} and is no longer {user.name}'s")
 
     # progress

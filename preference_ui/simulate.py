@@ -20,7 +20,7 @@ from rlhf.errors import UserError
 from rlhf.judges import load_judge
 from rlhf.rankings import ranks_in_order
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES
-from preference_ui.queue import Item, LabelQueue, unswap
+from preference_ui.queue import BatchClosed, Item, LabelQueue, unswap
 from rlhf.store import LabellerDisabled, Store, User
 from rlhf.verifiable import judge_scores, probe_judge, wants_references
 
@@ -123,6 +123,8 @@ def simulate(store: Store, judge_spec: str, labellers: int, model: LabellerModel
             try:
                 choice = answer(queue, user, item, judge, model, rng)
                 counts[choice] = counts.get(choice, 0) + 1
+            except BatchClosed:  # exported by another process meanwhile: its items are no longer served
+                continue
             except LabellerDisabled as err:  # an admin disabled it while it ran: the others go on
                 queue.skip(user, item.comparison_id)
                 waiting.remove((i, user))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from itertools import permutations
 
 from rlhf.rankings import ranking_agreement
-from rlhf.store import Store
+from rlhf.store import Store, shown_utc
 
 
 def krippendorff_alpha(units: list[list[str]]) -> float | None:
@@ -172,7 +172,7 @@ def batch_rows(labels: Labels) -> list[list]:
         exported = labels.closed.get(batch)
         rows.append([batch, report["comparisons"], report["voted"], report["votes"] + report["rankings"],
                      rounded(report["krippendorff_alpha"]), rounded(report["pairwise_agreement"]),
-                     f"{exported:%Y-%m-%d %H:%M} UTC" if exported else ""])
+                     shown_utc(exported) if exported else ""])
     return rows
 
 

@@ -57,6 +57,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def shown_utc(moment: datetime) -> str:
+    """A stored time as people read it, in UTC (SQLite gives it back without a zone, PostgreSQL in its session's)."""
+    return f"{moment if moment.tzinfo is None else moment.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
 PROMPT_ID_WIDTH, CATEGORY_WIDTH, USER_NAME_WIDTH, BATCH_WIDTH = 128, 64, 128, 128  # characters
 ROUND_BATCH_SUFFIX = len("-round-99-0123abcd")  # what a later round adds to its batch's name (preference_ui/collect)
 
@@ -517,15 +522,18 @@ class Store:
     def upgrade_from_version_3(self) -> None:
         """Version 4 adds ranking items and written answers: three new tables (made by `create_all`), nothing in
         the old ones changes."""
-        with self.upgrading("3") as connection:
-            if connection is not None:
-                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="4"))
+        self.new_tables_only("3", "4")
 
     def upgrade_from_version_4(self) -> None:
-        """Version 5 closes exported batches: one new table (made by `create_all`)."""
-        with self.upgrading("4") as connection:
+        """Version 5 closes exported batches: one new table (made by `create_all`). Batches exported before stay
+        open (the store never said which were)."""
+        self.new_tables_only("4", "5")
+
+    def new_tables_only(self, version: str, next_version: str) -> None:
+        """An upgrade that only adds tables: the version number moves on."""
+        with self.upgrading(version) as connection:
             if connection is not None:
-                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="5"))
+                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value=next_version))
 
     # users
     def add_user(self, name: str, role: str, password: str) -> User:
@@ -783,7 +791,7 @@ class Store:
                              f"{', '.join(batches) or 'none yet'}")
         closed = self.closed_batches().get(batch) if to_label else None
         if closed is not None:
-            raise StoreError(f"batch '{batch}' was exported at {closed:%Y-%m-%d %H:%M} UTC and is closed: none of its "
+            raise StoreError(f"batch '{batch}' was exported at {shown_utc(closed)} and is closed: none of its "
                              "items is served (its preferences stage reopens it when it runs again, with "
                              "preferences.min_votes raised say)")
 

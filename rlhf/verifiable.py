@@ -113,11 +113,12 @@ def check_references(rows: list[dict], source, spec: str) -> list[str] | None:
     for row in rows:
         if row.get("answer") is None:
             raise DataError(source, line_of(source, row["id"], "prompt"), "answer",
-                            f"no reference answer, and {spec} checks each answer against its prompt's")
+                            f"row '{row['id']}' has no reference answer, and {spec} checks each answer against its "
+                            "prompt's")
         if judge is final_number and final_number_of(row["answer"]) is None:  # every answer would score 0
             raise DataError(source, line_of(source, row["id"], "prompt"), "answer",
-                            f"the reference answer '{row['answer'][:40]}' holds no number, and {spec} compares the "
-                            "final numbers")
+                            f"row '{row['id']}': the reference answer '{row['answer'][:40]}' holds no number, and "
+                            f"{spec} compares the final numbers")
     return [row["answer"] for row in rows]
 
 

@@ -75,27 +75,37 @@ def test_an_exported_batch_serves_no_items_and_takes_no_answers_until_it_is_reop
     the votes there were never exported."""
     store = Store(store_url)
     round_1, round_2 = add_comparisons(store, 2, batch="round-1"), add_comparisons(store, 1, batch="round-2")
-    ann, bob = labellers(store, 2)
+    ann, bob, cy = labellers(store, 3)
     queue = LabelQueue(store, overlap=2, gold_rate=0.0, seed=0)
-    held = queue.next_item(ann)
-    assert held.comparison_id in {c.id for c in round_1}
+    held, voted = queue.next_item(ann), queue.next_item(bob)
+    assert {held.comparison_id, voted.comparison_id} <= {c.id for c in round_1}
+    queue.vote(bob, voted.comparison_id, "a")
     store.close_batch("round-1")
     store.close_batch("round-1")  # (closed twice: closed)
     assert list(store.closed_batches()) == ["round-1"]
     with pytest.raises(BatchClosed, match=rf"comparison {held.comparison_id}'s batch was exported at .* UTC and "
                                           "takes no more answers"):
         queue.vote(ann, held.comparison_id, "a")
-    assert store.votes() == []
-    for user in (ann, bob):  # the open item is no longer shown, the closed batch's places no longer handed out
+    with pytest.raises(DuplicateVote):  # bob's second tab: his first vote counted, before the close
+        queue.vote(bob, voted.comparison_id, "b")
+    with store.transaction() as session:  # ann's item timed out: an answer on it is not taken back either
+        session.execute(update(Assignment).where(Assignment.user_id == ann.id).values(status="expired", slot=None))
+    with pytest.raises(BatchClosed):
+        queue.vote(ann, held.comparison_id, "a")
+    assert [a.status for a in assignments(store) if a.user_id == ann.id] == ["expired"]
+    assert len(store.votes()) == 1
+    for user in (ann, bob, cy):  # round 2's item for the first two, then nothing: round 1's places are not served
         item = queue.next_item(user)
+        if user is cy:
+            assert item is None
+            continue
         assert item.comparison_id == round_2[0].id
         queue.vote(user, item.comparison_id, "b")
-    assert queue.next_item(ann) is None and queue.next_item(bob) is None
+    assert queue.next_item(ann) is None and queue.progress(cy)["remaining"] == 0
     store.reopen_batch("round-1")  # a stage collecting it again (min_votes raised), in another process: the
     queue = LabelQueue(store, overlap=2, gold_rate=0.0, seed=0)  # app's queue finds it within a minute (starts)
-    assert store.closed_batches() == {} and queue.next_item(ann) == held
-    queue.vote(ann, held.comparison_id, "a")
-    assert queue.next_item(bob).comparison_id in {c.id for c in round_1}
+    assert store.closed_batches() == {}
+    assert queue.next_item(cy).comparison_id in {c.id for c in round_1}
 
 
 def test_an_account_disabled_while_it_holds_an_item_votes_and_ranks_no_more(store_url):

@@ -155,7 +155,7 @@ def test_ppo_trains_on_a_verifiable_reward_and_eval_reports_accuracy(tmp_path, t
 def test_prompts_without_reference_answers_stop_a_verifiable_run_before_anything_is_written(tmp_path,
                                                                                           tiny_model_path, capsys):
     assert cli(verifiable_ppo(tmp_path, tiny_model_path, "bad", "--ppo.prompts=data/rl_prompts.jsonl")) == 2
-    assert ("data/rl_prompts.jsonl:1: answer: no reference answer, and builtin:final_number checks"
+    assert ("data/rl_prompts.jsonl:1: answer: row 'rl-0001' has no reference answer, and builtin:final_number checks"
             in capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
     assert cli(["preferences", "--config", "configs/tiny.yaml", f"--preferences.model={tiny_model_path}",
@@ -168,7 +168,7 @@ def test_prompts_without_reference_answers_stop_a_verifiable_run_before_anything
     wordy.write_text('{"id": "q1", "prompt": "2+2?", "answer": 4}\n\n{"id": "q2", "prompt": "Capital?", '
                      '"answer": "Paris"}\n')  # the row named by its line in the file, past the blank one
     assert cli(verifiable_ppo(tmp_path, tiny_model_path, "bad", f"--ppo.prompts={wordy}")) == 2
-    assert (f"{wordy}:3: answer: the reference answer 'Paris' holds no number, and builtin:final_number "
+    assert (f"{wordy}:3: answer: row 'q2': the reference answer 'Paris' holds no number, and builtin:final_number "
             "compares the final numbers" in capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
 
