@@ -93,7 +93,9 @@ def test_a_grouped_prefill_fills_the_cache_and_logits_as_one_padded_batch(tiny_m
             filled[cost] = decoding.prefill(model, cache, ids, mask, positions), cache
     (one_logits, one_cache), (grouped_logits, grouped_cache) = filled.values()
     assert len(length_groups(mask.sum(-1).tolist(), 0)) == len(set(mask.sum(-1).tolist())) == 3
-    torch.testing.assert_close(grouped_logits, one_logits)
+    # fp32 sums over other batch shapes run in another order: rounding of ~1e-5 (seen on an AMD EPYC), not 1e-3
+    close = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grouped_logits, one_logits, **close)
     real = mask.bool()
     for one, grouped in zip(one_cache.layers, grouped_cache.layers):
         for name in ("keys", "values"):
@@ -101,7 +103,7 @@ def test_a_grouped_prefill_fills_the_cache_and_logits_as_one_padded_batch(tiny_m
             assert mine.shape == theirs.shape
             # the prompts' own slots agree; padding slots are masked out (zeros in the grouped cache)
             torch.testing.assert_close(mine[:, :, :ids.shape[1]].transpose(1, 2)[real],
-                                       theirs[:, :, :ids.shape[1]].transpose(1, 2)[real])
+                                       theirs[:, :, :ids.shape[1]].transpose(1, 2)[real], **close)
             assert (mine[:, :, :ids.shape[1]].transpose(1, 2)[~real] == 0).all()
         assert int(grouped.cumulative_length) == int(one.cumulative_length) == ids.shape[1]
 
