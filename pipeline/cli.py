@@ -85,7 +85,7 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     models_parser.set_defaults(handler=run_models)
 
     label = commands.add_parser("label", help="preference collection: sample, serve, users, gold, simulate, ai, "
-                                               "stats, export")
+                                               "stats, export, close, reopen")
     label.add_argument("--db", help="database URL (default: with --config the run's store, runs/NAME/labels.db; "
                                     "without, $RLHF_DB_URL or sqlite:///runs/labels.db)")
     label_commands = label.add_subparsers(dest="label_command", required=True)
@@ -156,11 +156,18 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
                                                  "demonstrations to this JSONL file")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
+    close = label_commands.add_parser("close", help="stop serving a batch and taking answers on its items (as the "
+                                                    "preferences stage does once it has exported the batch)")
+    close.add_argument("batch")
+    reopen = label_commands.add_parser("reopen", help="serve a closed batch again (its new votes reach a run when "
+                                                      "its preferences stage collects again)")
+    reopen.add_argument("batch")
     for command in (add, users_commands.choices["list"], disable, enable, sample, serve, gold, simulate, ai, stats,
-                    export):
+                    export, close, reopen):
         # --db is accepted after the subcommand too (`rlhf label serve --db URL`); SUPPRESS keeps an earlier one.
         command.add_argument("--db", default=argparse.SUPPRESS, help="database URL (as `rlhf label --db`)")
-    for command in (add, users_commands.choices["list"], disable, enable, gold, simulate, ai, stats, export):
+    for command in (add, users_commands.choices["list"], disable, enable, gold, simulate, ai, stats, export, close,
+                    reopen):
         command.add_argument("--config", help="YAML run config: its run's label store (runs/NAME/labels.db, or its "
                                               "labels.db)")
     label.set_defaults(handler=run_label)
@@ -231,7 +238,7 @@ def run_label(args, rest) -> int:
     store = Store(label_store_url(args), create=args.label_command == "gold" or adds_user)
     if store.created:
         print(f"created the label store {shown_url(store.url)}")
-    if args.label_command in ("simulate", "ai", "stats", "export"):
+    if args.label_command in ("simulate", "ai", "stats", "export", "close", "reopen"):
         store.check_batch(args.batch, to_label=args.label_command in ("simulate", "ai"))
     if args.label_command == "gold":
         from preference_ui.gold import import_gold
@@ -273,6 +280,8 @@ def run_label(args, rest) -> int:
         if args.demonstrations:
             write_demonstrations(written, args.demonstrations)
             print(f"{args.demonstrations}: {len(written)} demonstrations written by labellers")
+    elif args.label_command in ("close", "reopen"):
+        print(close_or_reopen(store, args.batch, args.label_command == "close"))
     elif args.users_command == "add":
         store.add_user(args.name, args.role, password)
         print(f"added {args.role} {args.name}")
@@ -283,6 +292,23 @@ def run_label(args, rest) -> int:
         for user in store.users():
             print(f"{user.name:24} {user.role:9} {'disabled' if user.disabled else 'active'}")
     return 0
+
+
+def close_or_reopen(store, batch: str, close: bool) -> str:
+    """Closes or reopens `batch` (the same as it was: said, nothing written); returns what was done."""
+    from rlhf.store import shown_utc
+
+    closed = store.closed_batches().get(batch)
+    if close and closed is not None:
+        return f"batch '{batch}' was already closed (at {shown_utc(closed)})"
+    if not close and closed is None:
+        return f"batch '{batch}' is open already"
+    if close:
+        store.close_batch(batch)
+        return f"closed batch '{batch}': none of its items is served and no answer on them is taken"
+    store.reopen_batch(batch)
+    return (f"reopened batch '{batch}' (closed at {shown_utc(closed)}): its items are served again; a run reads the "
+            "new votes when its preferences stage runs again (with preferences.min_votes raised, say)")
 
 
 def simulated_labellers(args):

@@ -8,7 +8,8 @@
 3. votes: an AI labeller (`preferences.ai_judge`), when set, first takes one of each comparison's places; then
    simulated labellers (`preferences.simulate_judge`) take items from the labelling queue and vote, as people
    do in the app (overlap, gold items, skips); or the stage waits, showing progress, until every comparison has
-   `preferences.min_votes` votes from people in the app;
+   `preferences.min_votes` votes from people in the app (or an admin closes the batch, `rlhf label close`: the
+   comparisons that have them are exported);
 4. export the batch's votes to `runs/<name>/preferences` (TRL's preference format), which the reward and DPO
    stages read, and close the batch: the app serves none of its items and takes no more answers on them (the
    overlap places left over would come before a later round's items, their votes never exported). A stage that
@@ -303,12 +304,21 @@ def has_votes(store: Store, batch: str, min_votes: int) -> bool:
 
 
 def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> None:
-    """Until every comparison of the batch has min_votes votes; interrupted, a rerun waits for what is left."""
+    """Until every comparison of the batch has min_votes votes, or an admin closes the batch (`rlhf label close`:
+    the comparisons that have them are exported); interrupted, a rerun waits for what is left."""
     shown = None
     while True:
         counts = store.vote_counts(batch)
         done = sum(count >= config.min_votes for count in counts.values())
         if done == len(counts):
+            return
+        if batch in store.closed_batches():
+            if not done:
+                raise UserError(f"batch '{batch}' was closed by hand before any comparison had {config.min_votes} "
+                                f"vote(s): nothing to export; `rlhf label --db {shown_url(store.url)} reopen {batch}` "
+                                "and run the stage again")
+            print(f"[{STAGE}] batch '{batch}' was closed by hand: exporting the {done}/{len(counts)} comparisons "
+                  f"with {config.min_votes} vote(s)", flush=True)
             return
         if done != shown:
             print(f"[{STAGE}] waiting for labellers: {done}/{len(counts)} comparisons have {config.min_votes} "

@@ -793,7 +793,7 @@ class Store:
         if closed is not None:
             raise StoreError(f"batch '{batch}' was exported at {shown_utc(closed)} and is closed: none of its "
                              "items is served (its preferences stage reopens it when it runs again, with "
-                             "preferences.min_votes raised say)")
+                             f"preferences.min_votes raised say; or `rlhf label reopen {batch}`)")
 
     def batch_sampling(self, batch: str) -> dict:
         """The sampling record of the batch's first answer: the keys the batch was made under (`drawn_from`,

@@ -274,6 +274,23 @@ def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_compar
     entry = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["preferences"]
     assert entry["status"] == "done" and entry["metrics"]["pairs"] == 4 and entry["metrics"]["votes"] == 4
 
+    # two votes each asked for: the batch is reopened and waited on until an admin closes it by hand, then the
+    # comparisons that have two are exported
+    third = subprocess.Popen(command + ["--preferences.min_votes=2"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    seen = []
+    while not any("waiting for labellers: 0/4" in line for line in seen):
+        seen.append(third.stdout.readline())
+        assert seen[-1] or third.poll() is None, "".join(seen)[-3000:]
+    assert "tiny" not in store.closed_batches()
+    store.cast_vote(comparisons[0]["id"], people[1], "a")
+    store.close_batch("tiny")
+    output = third.communicate(timeout=300)[0]
+    assert third.returncode == 0, output[-3000:]
+    assert "batch 'tiny' was closed by hand: exporting the 1/4 comparisons with 2 vote(s)" in output
+    entry = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["preferences"]
+    assert entry["status"] == "done" and entry["metrics"]["pairs"] == 1
+
 
 def test_the_accelerate_launcher_starts_training_stages_under_accelerate_launch(tmp_path):
     """A one-process CPU accelerate config (several CPU processes would need mpirun): the SFT stage goes through

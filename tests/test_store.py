@@ -320,6 +320,22 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
         assert cli(["label", "--db", db, *command, "--batch", "done"]) == 2
         assert "batch 'done' was exported at " in capsys.readouterr().err
     assert cli(["label", "--db", db, "stats", "--batch", "done"]) == 0  # read, not labelled
+    capsys.readouterr()
+    assert cli(["label", "--db", db, "reopen", "done"]) == 0
+    assert "reopened batch 'done' (closed at " in capsys.readouterr().out
+    assert cli(["label", "--db", db, "simulate", "--judge", "builtin:length", "--labellers", "1", "--batch",
+                "done"]) == 0
+    assert len(store.votes()) == 1
+    assert cli(["label", "--db", db, "reopen", "done"]) == 0
+    assert "is open already" in capsys.readouterr().out
+    assert cli(["label", "--db", db, "close", "done"]) == 0
+    assert "closed batch 'done'" in capsys.readouterr().out
+    assert list(store.closed_batches()) == ["done"]
+    assert cli(["label", "--db", db, "close", "done"]) == 0
+    assert "was already closed (at " in capsys.readouterr().out
+    assert cli(["label", "--db", db, "close", "typo"]) == 2
+    assert "no batch 'typo' in" in capsys.readouterr().err
+    assert list(store.closed_batches()) == ["done"]
 
 
 def test_every_label_command_given_a_run_config_uses_that_runs_own_store(tmp_path, monkeypatch, capsys,
