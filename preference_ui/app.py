@@ -30,7 +30,7 @@ from rlhf.store import (MAX_NOTE_CHARS, MAX_WRITTEN_CHARS, DuplicateVote, Labell
 from preference_ui.config import PreferencesStageConfig
 from preference_ui.queue import BatchClosed, Item, ItemGone, LabelQueue, unswap
 from preference_ui.render import conversation_html, shown_html
-from preference_ui.signin import ClientAddress, SameOrigin, SignInGuard
+from preference_ui.signin import ClientAddress, SameOrigin, SessionExpiry, SignInGuard
 
 DEFAULT_STRENGTH = "clear"  # shown anew with every item
 BUTTONS = (("a", "A is better  [1]", "vote-a"), ("b", "B is better  [2]", "vote-b"), ("tie", "Tie  [3]", "vote-tie"),
@@ -520,4 +520,5 @@ def serve(store: Store, config: PreferencesStageConfig, host: str = "127.0.0.1",
                auth_message="Sign in with the account your admin made for you.", ssl_keyfile=ssl_keyfile,
                ssl_certfile=ssl_certfile, quiet=True, footer_links=[],
                max_threads=config.concurrency,
-               app_kwargs={"middleware": [Middleware(SameOrigin), Middleware(ClientAddress)]})
+               app_kwargs={"middleware": [Middleware(SameOrigin), Middleware(ClientAddress),
+                                          Middleware(SessionExpiry, seconds=3600 * config.session_hours)]})

@@ -52,6 +52,9 @@ class PreferencesStageConfig:
     sign_in_lockout: int = field(default=10, metadata={
         "help": "Failed sign-ins that lock an account name or client address for sign_in_lockout_minutes."})
     sign_in_lockout_minutes: float = field(default=15.0, metadata={"help": "How long a lockout lasts."})
+    session_hours: float = field(default=12.0, metadata={"hashed": False,  # the app's alone: no stage output
+        "help": "A signed-in session ends this many hours after its sign-in (a working day by default): the "
+                "labeller signs in again."})
     sign_in_workers: int = field(default=1, metadata={
         "help": "Password checks (scrypt) run at once, in threads of their own beside the labelling events."})
 
@@ -133,9 +136,9 @@ class PreferencesStageConfig:
         if self.assignment_timeout <= 0 or self.concurrency < 1:
             raise ValueError("assignment_timeout must be above 0 and concurrency at least 1")
         if (self.sign_in_free_failures < 0 or self.sign_in_delay < 0 or self.sign_in_lockout < 1
-                or self.sign_in_lockout_minutes <= 0 or self.sign_in_workers < 1):
+                or self.sign_in_lockout_minutes <= 0 or self.sign_in_workers < 1 or self.session_hours <= 0):
             raise ValueError("sign_in_free_failures and sign_in_delay must be at least 0, sign_in_lockout and "
-                             "sign_in_workers at least 1, sign_in_lockout_minutes above 0")
+                             "sign_in_workers at least 1, sign_in_lockout_minutes and session_hours above 0")
 
     @property
     def process_index(self) -> int:

@@ -94,6 +94,35 @@ def own_origin(origin: str, headers: Headers) -> bool:
     return place(page.netloc) in [place(host) for host in hosts if host]
 
 
+class SessionExpiry:
+    """ASGI middleware that ends every signed-in session `seconds` after its sign-in. Gradio keeps a session token
+    for as long as the server runs (a browser left signed in on a shared machine stayed signed in for weeks); here
+    each token is timed from the request that made it (the sign-in) and dropped from Gradio's tokens once its time
+    is up: the labeller's next click is refused as not signed in, and a reload asks for the password again."""
+
+    def __init__(self, app, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.app, self.seconds, self.clock = app, seconds, clock
+        self.began: dict[str, float] = {}
+
+    async def __call__(self, scope, receive, send):
+        tokens = getattr(scope.get("app"), "tokens", None) if scope["type"] in ("http", "websocket") else None
+        if tokens is None:
+            return await self.app(scope, receive, send)
+        self.sweep(tokens)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.sweep(tokens)  # a sign-in's new token is timed from its own request
+
+    def sweep(self, tokens: dict) -> None:
+        now = self.clock()
+        for token in list(tokens):
+            if now - self.began.setdefault(token, now) > self.seconds:
+                tokens.pop(token, None)
+        for token in [token for token in self.began if token not in tokens]:  # expired, or signed out
+            del self.began[token]
+
+
 @dataclass
 class Attempts:
     """Failed sign-ins of one account name or one client address."""

@@ -187,6 +187,22 @@ def test_over_http_an_unknown_name_costs_what_a_wrong_password_does(served):
     assert 0.6 <= unknown_ms / known_ms <= 1.6, (known_ms, unknown_ms)
 
 
+def test_a_session_ends_session_hours_after_its_sign_in(served):
+    url, _ = served("--preferences.session_hours", str(3 / 3600))  # three seconds
+    answer = sign_in(url, "load00", PASSWORD)
+    assert answer.status_code == 200
+    with httpx.Client(base_url=url, cookies=answer.cookies, timeout=60) as client:
+        assert client.get("/gradio_api/login_check").status_code == 200
+        assert client.get("/config").json().get("username") == "load00"
+        time.sleep(3.5)
+        assert client.get("/gradio_api/login_check").status_code == 401
+        refused = client.get("/config")  # what a reload asks first: the page shows the sign-in form
+        assert refused.status_code == 401 and refused.json()["detail"]["error"] == "Not authenticated"
+    again = sign_in(url, "load00", PASSWORD)
+    with httpx.Client(base_url=url, cookies=again.cookies, timeout=60) as client:
+        assert client.get("/gradio_api/login_check").status_code == 200
+
+
 def test_a_flood_of_made_up_names_does_not_reset_an_accounts_failures(monkeypatch):
     """Past MAX_RECORDS the guard drops counts, but only those already forgiven: an account at 9 failures of 10
     stays there however many names an attacker makes up meanwhile."""
