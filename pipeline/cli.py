@@ -46,7 +46,7 @@ def fields_help(section: str, cls) -> str:
                          if base.__module__.split(".")[0] not in ("trl", "transformers")))
     own = [f for f in dataclasses.fields(cls) if f.name in ours]
     return "\n".join(f"  --{section}.{f.name} (default: {f.default!r})\n      {f.metadata.get('help', '')}"
-                     + (" Evaluation only: not in the config hash." if f.metadata.get("hashed") is False else "")
+                     + (" Not in the config hash." if f.metadata.get("hashed") is False else "")
                      + (" Not in round 1's config hash." if f.metadata.get("later_rounds") else "")
                      for f in own)
 
@@ -298,6 +298,8 @@ def close_or_reopen(store, batch: str, close: bool) -> str:
     """Closes or reopens `batch` (the same as it was: said, nothing written); returns what was done."""
     from rlhf.store import shown_utc
 
+    if any(comparison["kind"] == "gold" for comparison in store.comparisons(batch)):
+        raise UserError(f"batch '{batch}' holds gold items, which are mixed into every batch: it is never closed")
     closed = store.closed_batches().get(batch)
     if close and closed is not None:
         return f"batch '{batch}' was already closed (at {shown_utc(closed)})"
@@ -308,7 +310,7 @@ def close_or_reopen(store, batch: str, close: bool) -> str:
         return f"closed batch '{batch}': none of its items is served and no answer on them is taken"
     store.reopen_batch(batch)
     return (f"reopened batch '{batch}' (closed at {shown_utc(closed)}): its items are served again; a run reads the "
-            "new votes when its preferences stage runs again (with preferences.min_votes raised, say)")
+            "new votes when `rlhf preferences --config ...` runs again (`rlhf run` counts the stage up to date)")
 
 
 def simulated_labellers(args):

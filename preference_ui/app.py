@@ -143,7 +143,7 @@ class LabellingApp:
         progress = progress_html(user, counted if item else {**counted, "remaining": 0})
         if item is None:
             done = ("Your queue is empty for now: every item has its votes, is held by another labeller or is in a "
-                    "batch already exported (an item held too long comes back: reload the page later). Thank you!")
+                    "batch already closed (an item held too long comes back: reload the page later). Thank you!")
             return (None, "### Nothing left to label", "", "", "", progress, f"{message} {done}".strip(),
                     DEFAULT_STRENGTH, *[gr.Button(interactive=False)] * ANSWER_BUTTONS,
                     *self.panels(None, before), "")
@@ -261,7 +261,7 @@ class LabellingApp:
 
     def no_longer_yours(self, user: User, state: dict, what: str, gone: ItemGone) -> tuple:
         """The next item, after an answer (`what`: "vote on", "rank") on an item the labeller no longer holds."""
-        why = ("its batch's votes have been exported, so it takes no more answers" if isinstance(gone, BatchClosed)
+        why = ("its batch has been closed, so it takes no more answers" if isinstance(gone, BatchClosed)
                else "skipped, or timed out and taken by another labeller")
         return self.back_again(self.show(user, f"Not counted: item {state['label']} is no longer yours to {what} "
                                                f"({why}). Here is your next item.", state), state)
@@ -419,7 +419,7 @@ def build_app(store: Store, config: PreferencesStageConfig, batch: str | None = 
             refresh = gr.Button("Refresh statistics")
             summary = gr.Markdown()
             batches = gr.Dataframe(headers=["batch", "comparisons", "voted", "votes and rankings", "alpha",
-                                            "pairwise", "exported"],
+                                            "pairwise", "closed"],
                                    label="Progress per batch", interactive=False)
             labellers = gr.Dataframe(headers=["labeller", "votes and rankings", "s each", "gold votes",
                                               "gold accuracy", "gold passed"],

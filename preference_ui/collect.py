@@ -37,7 +37,7 @@ from rlhf.label_export import export
 from rlhf.runs import hash_config, read_stage_record
 from rlhf.stage import Inputs, Outcome, Stage, earlier_round_model, round_seed, run_stage, start_partial
 from rlhf.store import (NoStoreYet, Store, check_batch_name, check_database_url, check_prompt_widths, run_store_url,
-                        shown_url)
+                        shown_url, shown_utc)
 
 STAGE = "preferences"
 
@@ -211,7 +211,11 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
     if config.gold:
         import_gold(store, config.gold, rows=gold, fix=GOLD_FIX)
     if config.ai_judge or config.simulate_judge or not has_votes(store, batch, config.min_votes):
-        store.reopen_batch(batch)  # exported by an earlier attempt and collected again (min_votes raised, say)
+        closed = store.closed_batches().get(batch)
+        if closed is not None:  # exported by an earlier attempt and collected again (min_votes raised, say)
+            print(f"[{STAGE}] batch '{batch}' was closed at {shown_utc(closed)} (exported, or by hand): reopening it "
+                  "to collect its votes", flush=True)
+            store.reopen_batch(batch)
     if config.ai_judge:
         counts = ai_label(store, config.ai_judge, config.ai_constitution, batch, config.ai_tie_margin,
                           config.overlap, config.gold_rate, config.seed)
@@ -308,15 +312,15 @@ def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> 
     the comparisons that have them are exported); interrupted, a rerun waits for what is left."""
     shown = None
     while True:
+        closed = batch in store.closed_batches()  # read first: once closed, the counts below are final
         counts = store.vote_counts(batch)
         done = sum(count >= config.min_votes for count in counts.values())
         if done == len(counts):
             return
-        if batch in store.closed_batches():
+        if closed:
             if not done:
                 raise UserError(f"batch '{batch}' was closed by hand before any comparison had {config.min_votes} "
-                                f"vote(s): nothing to export; `rlhf label --db {shown_url(store.url)} reopen {batch}` "
-                                "and run the stage again")
+                                "vote(s): nothing to export (run the stage again to reopen it and wait)")
             print(f"[{STAGE}] batch '{batch}' was closed by hand: exporting the {done}/{len(counts)} comparisons "
                   f"with {config.min_votes} vote(s)", flush=True)
             return

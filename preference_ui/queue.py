@@ -64,7 +64,7 @@ class ItemGone(StoreError):
 
 
 class BatchClosed(ItemGone):
-    """The item's batch has been exported (closed): an answer now would never be exported."""
+    """The item's batch has been closed (exported, or by hand): an answer now would never be exported."""
 
 
 def unswap(shown_choice: str, swapped: bool) -> str:
@@ -381,7 +381,7 @@ class LabelQueue:
         if state and state[0].status == "voted":
             return DuplicateVote(f"{user.name} has already voted on comparison {comparison_id}")
         if closed := self.rows(self.sql.closed_at, item=comparison_id):
-            return BatchClosed(f"comparison {comparison_id}'s batch was exported at {shown_utc(closed[0][0])} and "
+            return BatchClosed(f"comparison {comparison_id}'s batch was closed at {shown_utc(closed[0][0])} and "
                                "takes no more answers")
         if not state:
             return ItemGone(f"comparison {comparison_id} is not assigned to {user.name}")

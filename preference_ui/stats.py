@@ -55,7 +55,7 @@ class Labels:
     names: dict  # user id -> name
     rankings: list = ()
     gold_passed: list = ()  # a user id per gold item that user skipped or let time out
-    closed: dict = field(default_factory=dict)  # batch -> when its votes were exported (closed)
+    closed: dict = field(default_factory=dict)  # batch -> when it was closed (its votes exported, or by hand)
 
 
 def load_labels(store: Store) -> Labels:
@@ -164,15 +164,15 @@ def labeller_stats(votes: list, gold_correct: list[bool], with_others: float | N
 
 def batch_rows(labels: Labels) -> list[list]:
     """One row per batch for the admin tab: [batch, comparisons, voted, votes and rankings, alpha, pairwise
-    agreement, exported] (a ranking counts one, as in the labellers' rows; exported: when a stage exported the
-    batch and closed it, empty while the app serves it)."""
+    agreement, closed] (a ranking counts one, as in the labellers' rows; closed: when a stage exported the batch
+    and closed it, or an admin closed it, empty while the app serves it)."""
     rows = []
     for batch in sorted({c["batch"] for c in labels.comparisons.values()}):
         report = summarise(labels, batch)
-        exported = labels.closed.get(batch)
+        closed = labels.closed.get(batch)
         rows.append([batch, report["comparisons"], report["voted"], report["votes"] + report["rankings"],
                      rounded(report["krippendorff_alpha"]), rounded(report["pairwise_agreement"]),
-                     shown_utc(exported) if exported else ""])
+                     shown_utc(closed) if closed else ""])
     return rows
 
 

@@ -212,8 +212,9 @@ class WrittenAnswer(Base):
 
 
 class ClosedBatch(Base):
-    """A batch whose votes a stage has exported: the queue serves none of its items and takes no more answers on
-    them (they would never be exported). A stage that collects the batch again reopens it."""
+    """A batch whose votes a stage has exported, or that an admin closed (`rlhf label close`): the queue serves none
+    of its items and takes no more answers on them (they would never be exported). A stage that collects the batch
+    again reopens it, as does `rlhf label reopen`."""
     __tablename__ = "closed_batches"
     batch: Mapped[str] = mapped_column(String(BATCH_WIDTH), primary_key=True)
     closed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -766,7 +767,7 @@ class Store:
             return sorted(session.scalars(select(Comparison.batch).distinct()))
 
     def close_batch(self, batch: str) -> None:
-        """No more items of the batch served, no more answers on them taken (its votes are exported)."""
+        """No more items of the batch served, no more answers on them taken (its votes exported, or closed by hand)."""
         try:
             with self.transaction() as session:
                 if session.get(ClosedBatch, batch) is None:
@@ -791,7 +792,7 @@ class Store:
                              f"{', '.join(batches) or 'none yet'}")
         closed = self.closed_batches().get(batch) if to_label else None
         if closed is not None:
-            raise StoreError(f"batch '{batch}' was exported at {shown_utc(closed)} and is closed: none of its "
+            raise StoreError(f"batch '{batch}' was closed at {shown_utc(closed)} (exported, or by hand): none of its "
                              "items is served (its preferences stage reopens it when it runs again, with "
                              f"preferences.min_votes raised say; or `rlhf label reopen {batch}`)")
 

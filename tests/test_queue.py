@@ -83,7 +83,7 @@ def test_an_exported_batch_serves_no_items_and_takes_no_answers_until_it_is_reop
     store.close_batch("round-1")
     store.close_batch("round-1")  # (closed twice: closed)
     assert list(store.closed_batches()) == ["round-1"]
-    with pytest.raises(BatchClosed, match=rf"comparison {held.comparison_id}'s batch was exported at .* UTC and "
+    with pytest.raises(BatchClosed, match=rf"comparison {held.comparison_id}'s batch was closed at .* UTC and "
                                           "takes no more answers"):
         queue.vote(ann, held.comparison_id, "a")
     with pytest.raises(DuplicateVote):  # bob's second tab: his first vote counted, before the close

@@ -16,6 +16,7 @@ import yaml
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
+from pipeline.cli import main as cli
 from preference_ui.loadtest import BrowserLikeClient, free_port, item_label, stop_server, wait_for_port
 from rlhf.store import Store
 from tests.conftest import REPO
@@ -283,8 +284,9 @@ def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_compar
         seen.append(third.stdout.readline())
         assert seen[-1] or third.poll() is None, "".join(seen)[-3000:]
     assert "tiny" not in store.closed_batches()
+    assert any("batch 'tiny' was closed at " in line and "reopening it" in line for line in seen)
     store.cast_vote(comparisons[0]["id"], people[1], "a")
-    store.close_batch("tiny")
+    assert cli(["label", "--db", db, "close", "tiny"]) == 0
     output = third.communicate(timeout=300)[0]
     assert third.returncode == 0, output[-3000:]
     assert "batch 'tiny' was closed by hand: exporting the 1/4 comparisons with 2 vote(s)" in output

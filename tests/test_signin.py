@@ -188,13 +188,13 @@ def test_over_http_an_unknown_name_costs_what_a_wrong_password_does(served):
 
 
 def test_a_session_ends_session_hours_after_its_sign_in(served):
-    url, _ = served("--preferences.session_hours", str(3 / 3600))  # three seconds
+    url, _ = served("--preferences.session_hours", str(8 / 3600))  # eight seconds
     answer = sign_in(url, "load00", PASSWORD)
     assert answer.status_code == 200
     with httpx.Client(base_url=url, cookies=answer.cookies, timeout=60) as client:
         assert client.get("/gradio_api/login_check").status_code == 200
         assert client.get("/config").json().get("username") == "load00"
-        time.sleep(3.5)
+        time.sleep(8.5)
         assert client.get("/gradio_api/login_check").status_code == 401
         refused = client.get("/config")  # what a reload asks first: the page shows the sign-in form
         assert refused.status_code == 401 and refused.json()["detail"]["error"] == "Not authenticated"

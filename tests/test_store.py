@@ -5,6 +5,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
+from rlhf.errors import UserError
 from rlhf.store import DuplicateVote, Meta, Store, StoreError, Vote, check_new_user, password_matches
 from tests.conftest import database_numbers
 
@@ -318,7 +319,7 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     store.close_batch("done")  # exported by its preferences stage: nothing of it would be served or voted
     for command in (["serve"], ["simulate", "--judge", "builtin:length"]):
         assert cli(["label", "--db", db, *command, "--batch", "done"]) == 2
-        assert "batch 'done' was exported at " in capsys.readouterr().err
+        assert "batch 'done' was closed at " in capsys.readouterr().err
     assert cli(["label", "--db", db, "stats", "--batch", "done"]) == 0  # read, not labelled
     capsys.readouterr()
     assert cli(["label", "--db", db, "reopen", "done"]) == 0
@@ -335,7 +336,21 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     assert "was already closed (at " in capsys.readouterr().out
     assert cli(["label", "--db", db, "close", "typo"]) == 2
     assert "no batch 'typo' in" in capsys.readouterr().err
+    comparison_in(store, kind="gold", expected="a", batch="gold")
+    assert cli(["label", "--db", db, "close", "gold"]) == 2  # mixed into every batch
+    assert "holds gold items" in capsys.readouterr().err
     assert list(store.closed_batches()) == ["done"]
+
+
+def test_a_human_wait_on_a_batch_closed_by_hand_before_any_comparison_has_its_votes_stops(store_url):
+    from preference_ui.collect import wait_for_votes
+    from preference_ui.config import PreferencesStageConfig
+
+    store = Store(store_url)
+    comparison_in(store, batch="early")
+    store.close_batch("early")
+    with pytest.raises(UserError, match="batch 'early' was closed by hand before any comparison had 1 vote"):
+        wait_for_votes(store, "early", PreferencesStageConfig(poll_seconds=0.1))
 
 
 def test_every_label_command_given_a_run_config_uses_that_runs_own_store(tmp_path, monkeypatch, capsys,
