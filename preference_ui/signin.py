@@ -36,6 +36,7 @@ MAX_WAIT = 30.0  # seconds an attempt may be held before it starts; beyond that 
 # A refused attempt is answered when the name or address would take one again, but after 1 to 10 seconds: a
 # refused guesser cannot spin (an open request costs Gradio's server some CPU too, measured: ~5 ms a second).
 REFUSAL_PAUSE = (1.0, 10.0)
+SESSION_COOKIE = b"access-token"  # Gradio's session cookies: access-token-<id> and access-token-unsecure-<id>
 MAX_RECORDS = 10_000  # idle counts are dropped beyond this many (unknown names could grow it without end)
 
 client_address = contextvars.ContextVar("client_address", default="unknown")
@@ -96,31 +97,39 @@ def own_origin(origin: str, headers: Headers) -> bool:
 
 class SessionExpiry:
     """ASGI middleware that ends every signed-in session `seconds` after its sign-in. Gradio keeps a session token
-    for as long as the server runs (a browser left signed in on a shared machine stayed signed in for weeks); here
-    each token is timed from the request that made it (the sign-in) and dropped from Gradio's tokens once its time
-    is up: the labeller's next click is refused as not signed in, and a reload asks for the password again."""
+    for as long as the server runs (a browser left signed in on a shared machine stayed signed in for weeks). Each
+    token is timed from the sign-in answer that sets its cookie; a request whose token cookie is past its time, or
+    was never issued by this server, reaches Gradio without it: the labeller's next click is refused as not
+    signed in, and a reload asks for the password again. Gradio's own token table is left alone (its sign-out
+    walks it from another thread)."""
 
     def __init__(self, app, seconds: float, clock: Callable[[], float] = time.monotonic):
         self.app, self.seconds, self.clock = app, seconds, clock
-        self.began: dict[str, float] = {}
+        self.issued: dict[str, float] = {}
 
     async def __call__(self, scope, receive, send):
-        tokens = getattr(scope.get("app"), "tokens", None) if scope["type"] in ("http", "websocket") else None
-        if tokens is None:
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        self.sweep(tokens)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.sweep(tokens)  # a sign-in's new token is timed from its own request
-
-    def sweep(self, tokens: dict) -> None:
         now = self.clock()
-        for token in list(tokens):
-            if now - self.began.setdefault(token, now) > self.seconds:
-                tokens.pop(token, None)
-        for token in [token for token in self.began if token not in tokens]:  # expired, or signed out
-            del self.began[token]
+        for token in [token for token, issued in self.issued.items() if now - issued > self.seconds]:
+            del self.issued[token]
+        scope = {**scope, "headers": [(name, self.live_cookies(value) if name == b"cookie" else value)
+                                      for name, value in scope["headers"]]}
+
+        async def timed_send(message):
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers", []):
+                    cookie = value.split(b";")[0]
+                    if name == b"set-cookie" and cookie.startswith(SESSION_COOKIE) and not cookie.endswith(b"="):
+                        self.issued.setdefault(cookie.split(b"=", 1)[1].decode("latin-1"), self.clock())
+            await send(message)
+        await self.app(scope, receive, timed_send)
+
+    def live_cookies(self, header: bytes) -> bytes:
+        """The Cookie header without session cookies whose token is not live."""
+        kept = [pair for pair in header.split(b";") if not pair.strip().startswith(SESSION_COOKIE)
+                or pair.strip().split(b"=", 1)[-1].decode("latin-1") in self.issued]
+        return b";".join(kept)
 
 
 @dataclass
