@@ -80,9 +80,10 @@ class RewardStageConfig(TrainingStageDefaults, trl.RewardConfig):
         "(docs/benchmarks.md, \"Online rounds\").")})
     # evaluation only: outside the config hash, so changing them retrains nothing (`rlhf reward eval` redoes it)
     gold: str = field(default="data/gold_comparisons.jsonl", metadata={
-        "hashed": False, "help": "Comparisons with a known answer for the evaluation's gold accuracy (empty: none)."})
+        "hashed": False, "help": "Comparisons with a known answer for the evaluation's gold accuracy (empty: none). "
+                                 "Evaluation only."})
     calibration_bins: int = field(default=10, metadata={
-        "hashed": False, "help": "Bins of the reliability plot and the ECE."})
+        "hashed": False, "help": "Bins of the reliability plot and the ECE. Evaluation only."})
 
     # TRL fields whose defaults we change.
     max_length: int | None = field(default=512, metadata={"help": "Longest tokenized prompt + response."})
