@@ -159,8 +159,8 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     close = label_commands.add_parser("close", help="stop serving a batch and taking answers on its items (as the "
                                                     "preferences stage does once it has exported the batch)")
     close.add_argument("batch")
-    reopen = label_commands.add_parser("reopen", help="serve a closed batch again (its new votes reach a run when "
-                                                      "its preferences stage collects again)")
+    reopen = label_commands.add_parser("reopen", help="serve a closed batch again (a run reads its new votes when "
+                                                      "`rlhf preferences` runs again)")
     reopen.add_argument("batch")
     for command in (add, users_commands.choices["list"], disable, enable, sample, serve, gold, simulate, ai, stats,
                     export, close, reopen):

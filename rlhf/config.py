@@ -383,8 +383,9 @@ def password_hidden(value):
 def hashed_settings(config, round: int = 1) -> dict:
     """The settings a stage's config hash covers: those that change its outputs. Left out: `resume` (how the stage
     gets to its result, not the result), fields marked `metadata={"hashed": False}` (what only the stage's own
-    evaluation reads, which `rlhf reward eval` redoes in its own folder; what only the labelling app reads), and in round 1 the fields marked
-    `metadata={"later_rounds": True}` (read by online rounds 2 and later only: changing them leaves round 1 done)."""
+    evaluation reads, which `rlhf reward eval` redoes in its own folder; what only the labelling app reads), and in
+    round 1 the fields marked `metadata={"later_rounds": True}` (read by online rounds 2 and later only: changing
+    them leaves round 1 done)."""
     skipped = {"resume"} | {f.name for f in dataclasses.fields(config) if f.metadata.get("hashed") is False
                             or (round == 1 and f.metadata.get("later_rounds"))}
     return {key: value for key, value in as_plain_dict(config).items() if key not in skipped}
