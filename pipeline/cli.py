@@ -158,10 +158,10 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
     close = label_commands.add_parser("close", help="stop serving a batch and taking answers on its items (as the "
                                                     "preferences stage does once it has exported the batch)")
-    close.add_argument("batch")
+    close.add_argument("batch", help="the batch's name (`rlhf label stats` lists them)")
     reopen = label_commands.add_parser("reopen", help="serve a closed batch again (a run reads its new votes when "
                                                       "`rlhf preferences` runs again)")
-    reopen.add_argument("batch")
+    reopen.add_argument("batch", help="the batch's name (`rlhf label stats` lists them)")
     for command in (add, users_commands.choices["list"], disable, enable, sample, serve, gold, simulate, ai, stats,
                     export, close, reopen):
         # --db is accepted after the subcommand too (`rlhf label serve --db URL`); SUPPRESS keeps an earlier one.
