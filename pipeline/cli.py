@@ -298,7 +298,7 @@ def close_or_reopen(store, batch: str, close: bool) -> str:
     """Closes or reopens `batch` (the same as it was: said, nothing written); returns what was done."""
     from rlhf.store import shown_utc
 
-    if any(comparison["kind"] == "gold" for comparison in store.comparisons(batch)):
+    if "gold" in store.batch_kinds(batch):
         raise UserError(f"batch '{batch}' holds gold items, which are mixed into every batch: it is never closed")
     closed = store.closed_batches().get(batch)
     if close and closed is not None:

@@ -766,6 +766,11 @@ class Store:
         with self.sessions() as session:
             return sorted(session.scalars(select(Comparison.batch).distinct()))
 
+    def batch_kinds(self, batch: str) -> set[str]:
+        """The kinds (train, gold, eval) of the batch's comparisons."""
+        with self.sessions() as session:
+            return set(session.scalars(select(Comparison.kind).where(Comparison.batch == batch).distinct()))
+
     def close_batch(self, batch: str) -> None:
         """No more items of the batch served, no more answers on them taken (its votes exported, or closed by hand)."""
         try:
