@@ -156,8 +156,9 @@ def build_parser(stages=()) -> argparse.ArgumentParser:
                                                  "demonstrations to this JSONL file")
     export.add_argument("--batch", help="only this batch of comparisons (default: all)")
     export.add_argument("--min-votes", type=int, default=1, help="leave out comparisons with fewer votes")
-    close = label_commands.add_parser("close", help="stop serving a batch and taking answers on its items (as the "
-                                                    "preferences stage does once it has exported the batch)")
+    close = label_commands.add_parser("close", help="stop serving a batch and taking answers on its items, until "
+                                                    "`reopen` (a preferences stage on it exports the comparisons that "
+                                                    "have their votes)")
     close.add_argument("batch", help="the batch's name (`rlhf label stats` lists them)")
     reopen = label_commands.add_parser("reopen", help="serve a closed batch again (a run reads its new votes when "
                                                       "`rlhf preferences` runs again)")
@@ -306,8 +307,9 @@ def close_or_reopen(store, batch: str, close: bool) -> str:
     if not close and closed is None:
         return f"batch '{batch}' is open already"
     if close:
-        store.close_batch(batch)
-        return f"closed batch '{batch}': none of its items is served and no answer on them is taken"
+        store.close_batch(batch, by_hand=True)
+        return (f"closed batch '{batch}': none of its items is served and no answer on them is taken (a preferences "
+                "stage on it exports the comparisons that have their votes, until `rlhf label reopen`)")
     store.reopen_batch(batch)
     return (f"reopened batch '{batch}' (closed at {shown_utc(closed)}): its items are served again; a run reads the "
             "new votes when `rlhf preferences --config ...` runs again (`rlhf run` counts the stage up to date)")

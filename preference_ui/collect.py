@@ -210,17 +210,22 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         sample.main(dataclasses.replace(config, db=url), run, prompts, keys=keys)
     if config.gold:
         import_gold(store, config.gold, rows=gold, fix=GOLD_FIX)
-    if config.ai_judge or config.simulate_judge or not has_votes(store, batch, config.min_votes):
+    by_hand = batch in store.closed_by_hand()
+    if by_hand:  # an admin's decision: no more votes on it, whoever the labellers
+        print(f"[{STAGE}] batch '{batch}' was closed by hand at {shown_utc(store.closed_batches()[batch])}: exporting "
+              f"the comparisons that have {config.min_votes} vote(s) (`rlhf label reopen {batch}` to collect more)",
+              flush=True)
+    elif config.ai_judge or config.simulate_judge or not has_votes(store, batch, config.min_votes):
         closed = store.closed_batches().get(batch)
         if closed is not None:  # exported by an earlier attempt and collected again (min_votes raised, say)
-            print(f"[{STAGE}] batch '{batch}' was closed at {shown_utc(closed)} (exported, or by hand): reopening it "
-                  "to collect its votes", flush=True)
+            print(f"[{STAGE}] batch '{batch}' was exported and closed at {shown_utc(closed)}: reopening it to collect "
+                  "its votes", flush=True)
             store.reopen_batch(batch)
-    if config.ai_judge:
+    if config.ai_judge and not by_hand:
         counts = ai_label(store, config.ai_judge, config.ai_constitution, batch, config.ai_tie_margin,
                           config.overlap, config.gold_rate, config.seed)
         print(f"[{STAGE}] AI labeller votes ({config.ai_judge}): {counts}")
-    if config.simulate_judge:
+    if config.simulate_judge and not by_hand:
         model = LabellerModel(config.simulate_temperature, 0.0, None, config.simulate_noise, config.simulate_skip)
         counts = simulate(store, config.simulate_judge, config.simulate_labellers, model, batch, config.seed,
                           config.overlap, config.gold_rate)
@@ -320,7 +325,7 @@ def wait_for_votes(store: Store, batch: str, config: PreferencesStageConfig) -> 
         if closed:
             if not done:
                 raise UserError(f"batch '{batch}' was closed by hand before any comparison had {config.min_votes} "
-                                "vote(s): nothing to export (run the stage again to reopen it and wait)")
+                                f"vote(s): nothing to export (`rlhf label reopen {batch}`, then run the stage again)")
             print(f"[{STAGE}] batch '{batch}' was closed by hand: exporting the {done}/{len(counts)} comparisons "
                   f"with {config.min_votes} vote(s)", flush=True)
             return

@@ -56,6 +56,7 @@ class Labels:
     rankings: list = ()
     gold_passed: list = ()  # a user id per gold item that user skipped or let time out
     closed: dict = field(default_factory=dict)  # batch -> when it was closed (its votes exported, or by hand)
+    closed_by_hand: set = field(default_factory=set)
 
 
 def load_labels(store: Store) -> Labels:
@@ -63,7 +64,7 @@ def load_labels(store: Store) -> Labels:
     and a comparison or user never goes away, so every vote read finds its comparison and labeller."""
     votes, rankings, gold_passed = store.votes(), store.rankings(), store.gold_passed()
     return Labels({c["id"]: c for c in store.comparisons()}, votes, {user.id: user.name for user in store.users()},
-                  rankings, gold_passed, store.closed_batches())
+                  rankings, gold_passed, store.closed_batches(), store.closed_by_hand())
 
 
 def stats(store: Store, batch: str | None = None) -> dict:
@@ -165,15 +166,21 @@ def labeller_stats(votes: list, gold_correct: list[bool], with_others: float | N
 def batch_rows(labels: Labels) -> list[list]:
     """One row per batch for the admin tab: [batch, comparisons, voted, votes and rankings, alpha, pairwise
     agreement, closed] (a ranking counts one, as in the labellers' rows; closed: when a stage exported the batch
-    and closed it, or an admin closed it, empty while the app serves it)."""
+    and closed it, or an admin closed it ("by hand" after the time), empty while the app serves it)."""
     rows = []
     for batch in sorted({c["batch"] for c in labels.comparisons.values()}):
         report = summarise(labels, batch)
-        closed = labels.closed.get(batch)
         rows.append([batch, report["comparisons"], report["voted"], report["votes"] + report["rankings"],
                      rounded(report["krippendorff_alpha"]), rounded(report["pairwise_agreement"]),
-                     shown_utc(closed) if closed else ""])
+                     closed_when(labels, batch)])
     return rows
+
+
+def closed_when(labels: Labels, batch: str) -> str:
+    closed = labels.closed.get(batch)
+    if closed is None:
+        return ""
+    return f"{shown_utc(closed)} (by hand)" if batch in labels.closed_by_hand else shown_utc(closed)
 
 
 def labeller_rows(report: dict) -> list[list]:

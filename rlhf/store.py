@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text,
-                        UniqueConstraint, create_engine, delete, event, func, inspect, select, text, update)
+                        UniqueConstraint, create_engine, delete, event, false, func, inspect, select, text,
+                        update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -38,7 +39,7 @@ from rlhf.errors import ConfigError, DataError, UserError
 from rlhf.rankings import MAX_K, check_ranks
 from rlhf.schema import PREFERENCE_CHOICES, VOTE_CHOICES, VOTE_STRENGTHS
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_URL = "sqlite:///runs/labels.db"
 ROLES = ("labeller", "admin")
 KINDS = ("train", "gold", "eval")
@@ -213,11 +214,12 @@ class WrittenAnswer(Base):
 
 class ClosedBatch(Base):
     """A batch whose votes a stage has exported, or that an admin closed (`rlhf label close`): the queue serves none
-    of its items and takes no more answers on them (they would never be exported). A stage that collects the batch
-    again reopens it, as does `rlhf label reopen`."""
+    of its items and takes no more answers on them (they would never be exported). A stage that collects an exported
+    batch again reopens it; one closed by hand stays closed until `rlhf label reopen`."""
     __tablename__ = "closed_batches"
     batch: Mapped[str] = mapped_column(String(BATCH_WIDTH), primary_key=True)
     closed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    by_hand: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -436,6 +438,7 @@ class Store:
         self.upgrade_from_version_2()
         self.upgrade_from_version_3()
         self.upgrade_from_version_4()
+        self.upgrade_from_version_5()
         Base.metadata.create_all(self.engine)
         with self.transaction() as session:
             version = session.get(Meta, "schema_version")
@@ -529,6 +532,19 @@ class Store:
         """Version 5 closes exported batches: one new table (made by `create_all`). Batches exported before stay
         open (the store never said which were)."""
         self.new_tables_only("4", "5")
+
+    def upgrade_from_version_5(self) -> None:
+        """Version 6 says which batches an admin closed by hand (a stage keeps those closed): a column added, the
+        batches closed before it read as exported (a rerun with votes missing reopens them, as version 5 did). A store
+        upgraded from an older version has no such table yet: `create_all` makes it with the column."""
+        with self.upgrading("5") as connection:
+            if connection is not None:
+                tables = inspect(connection)
+                if tables.has_table("closed_batches") and "by_hand" not in {
+                        column["name"] for column in tables.get_columns("closed_batches")}:
+                    connection.execute(text("ALTER TABLE closed_batches ADD COLUMN by_hand BOOLEAN NOT NULL "
+                                            "DEFAULT FALSE"))
+                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="6"))
 
     def new_tables_only(self, version: str, next_version: str) -> None:
         """An upgrade that only adds tables: the version number moves on."""
@@ -771,12 +787,13 @@ class Store:
         with self.sessions() as session:
             return set(session.scalars(select(Comparison.kind).where(Comparison.batch == batch).distinct()))
 
-    def close_batch(self, batch: str) -> None:
-        """No more items of the batch served, no more answers on them taken (its votes exported, or closed by hand)."""
+    def close_batch(self, batch: str, by_hand: bool = False) -> None:
+        """No more items of the batch served, no more answers on them taken (its votes exported, or closed by hand).
+        A batch already closed stays as it was closed."""
         try:
             with self.transaction() as session:
                 if session.get(ClosedBatch, batch) is None:
-                    session.add(ClosedBatch(batch=batch))
+                    session.add(ClosedBatch(batch=batch, by_hand=by_hand))
         except IntegrityError:
             pass  # closed by another process at the same moment
 
@@ -788,6 +805,11 @@ class Store:
         with self.sessions() as session:
             return dict(session.execute(select(ClosedBatch.batch, ClosedBatch.closed_at)).all())
 
+    def closed_by_hand(self) -> set[str]:
+        """The batches an admin closed (`rlhf label close`), not a stage's export."""
+        with self.sessions() as session:
+            return set(session.scalars(select(ClosedBatch.batch).where(ClosedBatch.by_hand)))
+
     def check_batch(self, batch: str | None, to_label: bool = False) -> None:
         """A batch named on the command line must be in the store (a mistyped one would read as empty); one to
         label (`to_label`) must not be closed (none of its items would be served)."""
@@ -796,10 +818,13 @@ class Store:
             raise StoreError(f"no batch '{batch}' in {shown_url(self.url)}; its batches: "
                              f"{', '.join(batches) or 'none yet'}")
         closed = self.closed_batches().get(batch) if to_label else None
+        if closed is not None and batch in self.closed_by_hand():
+            raise StoreError(f"batch '{batch}' was closed by hand at {shown_utc(closed)}: none of its items is served "
+                             f"(`rlhf label reopen {batch}` serves them again)")
         if closed is not None:
-            raise StoreError(f"batch '{batch}' was closed at {shown_utc(closed)} (exported, or by hand): none of its "
-                             "items is served (its preferences stage reopens it when it runs again, with "
-                             f"preferences.min_votes raised say; or `rlhf label reopen {batch}`)")
+            raise StoreError(f"batch '{batch}' was exported and closed at {shown_utc(closed)}: none of its items is "
+                             "served (its preferences stage reopens it when it runs again, with preferences.min_votes "
+                             f"raised say; or `rlhf label reopen {batch}`)")
 
     def batch_sampling(self, batch: str) -> dict:
         """The sampling record of the batch's first answer: the keys the batch was made under (`drawn_from`,

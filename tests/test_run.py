@@ -284,7 +284,7 @@ def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_compar
         seen.append(third.stdout.readline())
         assert seen[-1] or third.poll() is None, "".join(seen)[-3000:]
     assert "tiny" not in store.closed_batches()
-    assert any("batch 'tiny' was closed at " in line and "reopening it" in line for line in seen)
+    assert any("batch 'tiny' was exported and closed at " in line and "reopening it" in line for line in seen)
     store.cast_vote(comparisons[0]["id"], people[1], "a")
     assert cli(["label", "--db", db, "close", "tiny"]) == 0
     output = third.communicate(timeout=300)[0]
@@ -292,6 +292,16 @@ def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_compar
     assert "batch 'tiny' was closed by hand: exporting the 1/4 comparisons with 2 vote(s)" in output
     entry = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["preferences"]
     assert entry["status"] == "done" and entry["metrics"]["pairs"] == 1
+
+    # a hand close holds until an admin reopens the batch: a stage asking for three votes a comparison exports
+    # those that have them (none: exit 2), and the finished stage stays as it was
+    fourth = subprocess.run(command + ["--preferences.min_votes=3"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert fourth.returncode == 2, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert "batch 'tiny' was closed by hand at " in fourth.stdout
+    assert "before any comparison had 3 vote(s)" in fourth.stderr and "tiny" in store.closed_by_hand()
+    after = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["preferences"]
+    assert after.pop("attempt")["status"] == "failed" and after == entry  # the failed attempt kept apart
 
 
 def test_the_accelerate_launcher_starts_training_stages_under_accelerate_launch(tmp_path):

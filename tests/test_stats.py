@@ -124,6 +124,9 @@ def test_stats_cover_rankings_with_kendalls_tau(tmp_path):
     assert batch_rows(load_labels(store)) == [["b1", 3, 3, 4, None, None, ""]]
     store.close_batch("b1")  # exported by a stage: the row says when
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", batch_rows(load_labels(store))[0][-1])
+    store.reopen_batch("b1")
+    store.close_batch("b1", by_hand=True)
+    assert batch_rows(load_labels(store))[0][-1].endswith(" UTC (by hand)")
 
 
 def test_stats_command(tmp_path, capsys):

@@ -141,7 +141,7 @@ def test_a_version_2_store_is_upgraded_clearing_the_strengths_of_ties(store_url,
     upgraded.cast_vote(comparison_in(upgraded).id, users[0], "b")  # new votes number on after the kept ones
     assert [v.id for v in upgraded.votes()] == [1, 2, 3, 4]
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "5"
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "6"
     engine.dispose()
 
 
@@ -162,7 +162,7 @@ def test_a_store_from_another_schema_version_is_refused(store_url):
     store = Store(store_url)
     with store.session() as session, session.begin():
         session.execute(update(Meta).where(Meta.key == "schema_version").values(value="99"))
-    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 5"):
+    with pytest.raises(StoreError, match="label store schema version 99, this code reads version 6"):
         Store(store_url)
 
 
@@ -180,7 +180,7 @@ def test_a_version_1_store_is_upgraded_in_place(store_url):
     assert {"slot", "swapped", "status"} <= columns
     with engine.connect() as connection:
         version = connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar()
-        assert version == "5"  # and on to version 5
+        assert version == "6"  # and on to version 6
     engine.dispose()
 
 
@@ -251,7 +251,7 @@ def test_a_version_3_store_gains_ranking_items_keeping_its_votes(store_url):
     item, _ = ranking_item_in(upgraded, answers=2)
     assert upgraded.cast_ranking(item.id, ann, [2, 1]).ranks == [2, 1]
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "5"
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "6"
     engine.dispose()
 
 
@@ -265,10 +265,27 @@ def test_a_version_4_store_gains_closed_batches_keeping_its_votes(store_url):
         connection.execute(text("UPDATE meta SET value = '4' WHERE key = 'schema_version'"))
     upgraded = Store(store_url)
     assert [(v.choice, v.strength) for v in upgraded.votes()] == [("b", "slight")]
-    upgraded.close_batch("b1")
-    assert list(upgraded.closed_batches()) == ["b1"]
+    upgraded.close_batch("b1", by_hand=True)
+    assert list(upgraded.closed_batches()) == ["b1"] and upgraded.closed_by_hand() == {"b1"}
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "5"
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "6"
+    engine.dispose()
+
+
+def test_a_version_5_store_keeps_its_closed_batches_as_exported(store_url):
+    store = Store(store_url)
+    comparison_in(store, batch="exported")
+    engine = create_engine(store_url)
+    with engine.begin() as connection:  # as version 5 left it: a batch closed, nothing said of how
+        connection.execute(text("ALTER TABLE closed_batches DROP COLUMN by_hand"))
+        connection.execute(text("INSERT INTO closed_batches (batch, closed_at) VALUES ('exported', '2026-12-01')"))
+        connection.execute(text("UPDATE meta SET value = '5' WHERE key = 'schema_version'"))
+    upgraded = Store(store_url)
+    assert list(upgraded.closed_batches()) == ["exported"] and upgraded.closed_by_hand() == set()
+    upgraded.close_batch("later", by_hand=True)
+    assert upgraded.closed_by_hand() == {"later"}
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "6"
     engine.dispose()
 
 
@@ -319,7 +336,7 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     store.close_batch("done")  # exported by its preferences stage: nothing of it would be served or voted
     for command in (["serve"], ["simulate", "--judge", "builtin:length"]):
         assert cli(["label", "--db", db, *command, "--batch", "done"]) == 2
-        assert "batch 'done' was closed at " in capsys.readouterr().err
+        assert "batch 'done' was exported and closed at " in capsys.readouterr().err
     assert cli(["label", "--db", db, "stats", "--batch", "done"]) == 0  # read, not labelled
     capsys.readouterr()
     assert cli(["label", "--db", db, "reopen", "done"]) == 0
@@ -331,7 +348,9 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     assert "is open already" in capsys.readouterr().out
     assert cli(["label", "--db", db, "close", "done"]) == 0
     assert "closed batch 'done'" in capsys.readouterr().out
-    assert list(store.closed_batches()) == ["done"]
+    assert list(store.closed_batches()) == ["done"] and store.closed_by_hand() == {"done"}
+    assert cli(["label", "--db", db, "serve", "--batch", "done"]) == 2
+    assert "batch 'done' was closed by hand at " in capsys.readouterr().err
     assert cli(["label", "--db", db, "close", "done"]) == 0
     assert "was already closed (at " in capsys.readouterr().out
     assert cli(["label", "--db", db, "close", "typo"]) == 2
@@ -348,8 +367,9 @@ def test_a_human_wait_on_a_batch_closed_by_hand_before_any_comparison_has_its_vo
 
     store = Store(store_url)
     comparison_in(store, batch="early")
-    store.close_batch("early")
-    with pytest.raises(UserError, match="batch 'early' was closed by hand before any comparison had 1 vote"):
+    store.close_batch("early", by_hand=True)
+    with pytest.raises(UserError, match="batch 'early' was closed by hand before any comparison had 1 vote.*"
+                                        "`rlhf label reopen early`, then run the stage again"):
         wait_for_votes(store, "early", PreferencesStageConfig(poll_seconds=0.1))
 
 
