@@ -23,7 +23,7 @@ from sqlalchemy.orm import aliased
 
 from rlhf.store import (Assignment, ClosedBatch, Comparison, ComparisonAnswer, DuplicateVote, Prompt, Ranking,
                         Response, Store, StoreError, User, Vote, WrittenAnswer, check_note, check_ranking, check_vote,
-                        check_written, shown_utc, utcnow, vote_strength)
+                        check_written, hold_close_lock, shown_utc, utcnow, vote_strength)
 
 CANDIDATES = 32  # draw among this many of the oldest open comparisons, so concurrent labellers rarely collide
 ATTEMPTS = 64  # tries to take a slot while other labellers keep winning the race for it
@@ -342,6 +342,7 @@ class LabelQueue:
         for retry in (False, True):
             try:
                 with self.store.writing() as connection:
+                    hold_close_lock(connection)  # a batch closing now waits for this answer
                     swapped = self.close(connection, self.sql.close_voted, user, comparison_id)
                     if swapped is not None:
                         store_answer(connection, swapped)

@@ -222,6 +222,20 @@ class ClosedBatch(Base):
     by_hand: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
+# Closing a batch against the answers under way. On PostgreSQL (READ COMMITTED) an answer's statement begun before a
+# close committed could itself commit after the close, and after the export read: each answer's transaction takes
+# this lock shared before its statements, a close takes it exclusively, so a close waits for the answers under way
+# and an answer after it sees the batch closed. (SQLite transactions are serial already.)
+CLOSE_LOCK = 0x726C6866
+
+
+def hold_close_lock(connection, exclusive: bool = False) -> None:
+    """Takes the close lock until the end of `connection`'s transaction (on PostgreSQL; a no-op elsewhere)."""
+    if connection.dialect.name == "postgresql":
+        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        connection.execute(text(f"SELECT {function}(:key)"), {"key": CLOSE_LOCK})
+
+
 def hash_password(password: str, salt: bytes | None = None) -> str:
     salt = salt or os.urandom(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT)
@@ -792,6 +806,7 @@ class Store:
         A batch already closed stays as it was closed."""
         try:
             with self.transaction() as session:
+                hold_close_lock(session.connection(), exclusive=True)
                 if session.get(ClosedBatch, batch) is None:
                     session.add(ClosedBatch(batch=batch, by_hand=by_hand))
         except IntegrityError:

@@ -108,6 +108,39 @@ def test_an_exported_batch_serves_no_items_and_takes_no_answers_until_it_is_reop
     assert queue.next_item(cy).comparison_id in {c.id for c in round_1}
 
 
+def test_a_batch_closing_while_a_vote_is_under_way_waits_for_it(store_url):
+    """The stage exports right after the close: a vote whose check found the batch open must be committed by then
+    (on PostgreSQL's READ COMMITTED it could commit after the close; the close lock makes the close wait)."""
+    store = Store(store_url)
+    [comparison] = add_comparisons(store, 1)
+    [ann] = labellers(store, 1)
+    queue = LabelQueue(store, overlap=1, gold_rate=0.0, seed=0)
+    item = queue.next_item(ann)
+    checked, release = threading.Event(), threading.Event()
+
+    def slow_vote(connection, swapped):  # the batch was open when checked; the vote commits once released
+        connection.execute(queue.sql.new_vote, dict(comparison_id=item.comparison_id, user_id=ann.id, choice="a",
+                                                     strength="clear", note=None, seconds=None, swapped=swapped,
+                                                     created_at=utcnow()))
+        checked.set()
+        assert release.wait(30)
+
+    voting = threading.Thread(target=queue.answer, args=(ann, item.comparison_id, slow_vote, "voted on"))
+    voting.start()
+    closing = threading.Thread(target=store.close_batch, args=("b1",))
+    try:
+        assert checked.wait(30)
+        closing.start()
+        closing.join(1.0)
+        assert closing.is_alive()  # waiting for the vote under way
+    finally:
+        release.set()
+        voting.join(30)
+    closing.join(30)
+    assert not closing.is_alive() and list(store.closed_batches()) == ["b1"]
+    assert [vote.comparison_id for vote in store.votes()] == [comparison.id]  # what an export now reads
+
+
 def test_an_account_disabled_while_it_holds_an_item_votes_and_ranks_no_more(store_url):
     """As an admin disabling a simulated or AI labeller mid-run from another process: its next answer is refused
     and nothing is stored; enabled again, the same open item takes its vote."""
