@@ -302,8 +302,12 @@ def close_or_reopen(store, batch: str, close: bool) -> str:
     if "gold" in store.batch_kinds(batch):
         raise UserError(f"batch '{batch}' holds gold items, which are mixed into every batch: it is never closed")
     closed = store.closed_batches().get(batch)
+    if close and closed is not None and batch in store.closed_by_hand():
+        return f"batch '{batch}' was already closed by hand (at {shown_utc(closed)})"
     if close and closed is not None:
-        return f"batch '{batch}' was already closed (at {shown_utc(closed)})"
+        store.close_batch(batch, by_hand=True)
+        return (f"batch '{batch}' was closed by its export at {shown_utc(closed)}: now closed by hand, so that a "
+                "preferences stage run again keeps it closed (until `rlhf label reopen`)")
     if not close and closed is None:
         return f"batch '{batch}' is open already"
     if close:

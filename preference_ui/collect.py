@@ -212,9 +212,8 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         import_gold(store, config.gold, rows=gold, fix=GOLD_FIX)
     by_hand = batch in store.closed_by_hand()
     if by_hand:  # an admin's decision: no more votes on it, whoever the labellers
-        print(f"[{STAGE}] batch '{batch}' was closed by hand at {shown_utc(store.closed_batches()[batch])}: exporting "
-              f"the comparisons that have {config.min_votes} vote(s) (`rlhf label reopen {batch}` to collect more)",
-              flush=True)
+        print(f"[{STAGE}] batch '{batch}' was closed by hand: exporting the comparisons that have {config.min_votes} "
+              f"vote(s) (`rlhf label reopen {batch}` to collect more)", flush=True)
     elif config.ai_judge or config.simulate_judge or not has_votes(store, batch, config.min_votes):
         closed = store.closed_batches().get(batch)
         if closed is not None:  # exported by an earlier attempt and collected again (min_votes raised, say)
@@ -230,7 +229,7 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         counts = simulate(store, config.simulate_judge, config.simulate_labellers, model, batch, config.seed,
                           config.overlap, config.gold_rate)
         print(f"[{STAGE}] simulated votes ({config.simulate_judge}): {counts}")
-    else:
+    if not config.simulate_judge or batch in store.closed_by_hand():  # (closed by hand while they voted, too)
         wait_for_votes(store, batch, config)
     partial = run.directory().partial_path(STAGE)
     start_partial(STAGE, partial, resume=False, record=record)

@@ -554,9 +554,12 @@ class Store:
         with self.upgrading("5") as connection:
             if connection is not None:
                 tables = inspect(connection)
+                # (IF NOT EXISTS on PostgreSQL: a second process upgrading at the same moment read version 5 before
+                # the first committed, and its ALTER waits for the first's, then finds the column there)
                 if tables.has_table("closed_batches") and "by_hand" not in {
                         column["name"] for column in tables.get_columns("closed_batches")}:
-                    connection.execute(text("ALTER TABLE closed_batches ADD COLUMN by_hand BOOLEAN NOT NULL "
+                    if_new = "IF NOT EXISTS " if connection.dialect.name == "postgresql" else ""
+                    connection.execute(text(f"ALTER TABLE closed_batches ADD COLUMN {if_new}by_hand BOOLEAN NOT NULL "
                                             "DEFAULT FALSE"))
                 connection.execute(update(Meta).where(Meta.key == "schema_version").values(value="6"))
 
@@ -803,12 +806,15 @@ class Store:
 
     def close_batch(self, batch: str, by_hand: bool = False) -> None:
         """No more items of the batch served, no more answers on them taken (its votes exported, or closed by hand).
-        A batch already closed stays as it was closed."""
+        A batch its export closed, closed by hand, is kept closed from then on; a close by hand stays one."""
         try:
             with self.transaction() as session:
                 hold_close_lock(session.connection(), exclusive=True)
-                if session.get(ClosedBatch, batch) is None:
+                closed = session.get(ClosedBatch, batch)
+                if closed is None:
                     session.add(ClosedBatch(batch=batch, by_hand=by_hand))
+                elif by_hand:
+                    closed.by_hand = True
         except IntegrityError:
             pass  # closed by another process at the same moment
 

@@ -110,7 +110,8 @@ def test_an_exported_batch_serves_no_items_and_takes_no_answers_until_it_is_reop
 
 def test_a_batch_closing_while_a_vote_is_under_way_waits_for_it(store_url):
     """The stage exports right after the close: a vote whose check found the batch open must be committed by then
-    (on PostgreSQL's READ COMMITTED it could commit after the close; the close lock makes the close wait)."""
+    (on PostgreSQL's READ COMMITTED it could commit after the close; the close lock makes the close wait. On
+    SQLite the process's write lock serialises the two already: the PostgreSQL case is the one the lock is for)."""
     store = Store(store_url)
     [comparison] = add_comparisons(store, 1)
     [ann] = labellers(store, 1)

@@ -293,13 +293,17 @@ def test_the_human_label_wait_resumes_where_it_was_and_exports_once_every_compar
     entry = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["preferences"]
     assert entry["status"] == "done" and entry["metrics"]["pairs"] == 1
 
-    # a hand close holds until an admin reopens the batch: a stage asking for three votes a comparison exports
-    # those that have them (none: exit 2), and the finished stage stays as it was
-    fourth = subprocess.run(command + ["--preferences.min_votes=3"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    # a hand close holds until an admin reopens the batch: a stage asking for three votes a comparison, from
+    # simulated labellers now, casts none and exports the comparisons that have them (none: exit 2), and the
+    # finished stage stays as it was
+    votes = len(store.votes())
+    fourth = subprocess.run(command + ["--preferences.min_votes=3", "--preferences.simulate_judge=builtin:length",
+                                      "--preferences.simulate_labellers=3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert fourth.returncode == 2, fourth.stdout[-3000:] + fourth.stderr[-3000:]
-    assert "batch 'tiny' was closed by hand at " in fourth.stdout
+    assert "batch 'tiny' was closed by hand: exporting the comparisons that have 3 vote(s)" in fourth.stdout
     assert "before any comparison had 3 vote(s)" in fourth.stderr and "tiny" in store.closed_by_hand()
+    assert len(store.votes()) == votes
     after = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["preferences"]
     assert after.pop("attempt")["status"] == "failed" and after == entry  # the failed attempt kept apart
 

@@ -339,6 +339,9 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
         assert "batch 'done' was exported and closed at " in capsys.readouterr().err
     assert cli(["label", "--db", db, "stats", "--batch", "done"]) == 0  # read, not labelled
     capsys.readouterr()
+    assert store.closed_by_hand() == set()
+    assert cli(["label", "--db", db, "close", "done"]) == 0  # kept closed from now on, whatever a stage wants
+    assert "was closed by its export at " in capsys.readouterr().out and store.closed_by_hand() == {"done"}
     assert cli(["label", "--db", db, "reopen", "done"]) == 0
     assert "reopened batch 'done' (closed at " in capsys.readouterr().out
     assert cli(["label", "--db", db, "simulate", "--judge", "builtin:length", "--labellers", "1", "--batch",
@@ -352,7 +355,7 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     assert cli(["label", "--db", db, "serve", "--batch", "done"]) == 2
     assert "batch 'done' was closed by hand at " in capsys.readouterr().err
     assert cli(["label", "--db", db, "close", "done"]) == 0
-    assert "was already closed (at " in capsys.readouterr().out
+    assert "was already closed by hand (at " in capsys.readouterr().out
     assert cli(["label", "--db", db, "close", "typo"]) == 2
     assert "no batch 'typo' in" in capsys.readouterr().err
     comparison_in(store, kind="gold", expected="a", batch="gold")
