@@ -806,7 +806,7 @@ class Store:
 
     def close_batch(self, batch: str, by_hand: bool = False) -> None:
         """No more items of the batch served, no more answers on them taken (its votes exported, or closed by hand).
-        A batch its export closed, closed by hand, is kept closed from then on; a close by hand stays one."""
+        Closing by hand a batch its export closed marks it closed by hand; an export never unmarks one."""
         try:
             with self.transaction() as session:
                 hold_close_lock(session.connection(), exclusive=True)
