@@ -301,13 +301,13 @@ def close_or_reopen(store, batch: str, close: bool) -> str:
 
     if "gold" in store.batch_kinds(batch):
         raise UserError(f"batch '{batch}' holds gold items, which are mixed into every batch: it is never closed")
-    closed = store.closed_batches().get(batch)
-    if close and closed is not None and batch in store.closed_by_hand():
-        return f"batch '{batch}' was already closed by hand (at {shown_utc(closed)})"
+    closed = store.closing(batch)
+    if close and closed is not None and closed.by_hand:
+        return f"batch '{batch}' was already closed by hand (at {shown_utc(closed.closed_at)})"
     if close and closed is not None:
         store.close_batch(batch, by_hand=True)
-        return (f"batch '{batch}' was closed by its export at {shown_utc(closed)}: now closed by hand, so that a "
-                "preferences stage run again keeps it closed (until `rlhf label reopen`)")
+        return (f"batch '{batch}' was closed by its export at {shown_utc(closed.closed_at)}: now closed by hand, so "
+                "that a preferences stage run again keeps it closed (until `rlhf label reopen`)")
     if not close and closed is None:
         return f"batch '{batch}' is open already"
     if close:
@@ -315,8 +315,9 @@ def close_or_reopen(store, batch: str, close: bool) -> str:
         return (f"closed batch '{batch}': none of its items is served and no answer on them is taken (a preferences "
                 "stage on it exports the comparisons that have their votes, until `rlhf label reopen`)")
     store.reopen_batch(batch)
-    return (f"reopened batch '{batch}' (closed at {shown_utc(closed)}): its items are served again; a run reads the "
-            "new votes when `rlhf preferences --config ...` runs again (`rlhf run` counts the stage up to date)")
+    return (f"reopened batch '{batch}' (closed at {shown_utc(closed.closed_at)}): its items are served again; a run "
+            "reads the new votes when `rlhf preferences --config ...` runs again (`rlhf run` counts the stage up to "
+            "date)")
 
 
 def simulated_labellers(args):

@@ -210,16 +210,17 @@ def collect(config: PreferencesStageConfig, run: RunConfig, found: dict, checked
         sample.main(dataclasses.replace(config, db=url), run, prompts, keys=keys)
     if config.gold:
         import_gold(store, config.gold, rows=gold, fix=GOLD_FIX)
-    by_hand = batch in store.closed_by_hand()
+    closed = store.closing(batch)
+    by_hand = closed is not None and closed.by_hand
     if by_hand:  # an admin's decision: no more votes on it, whoever the labellers
         print(f"[{STAGE}] batch '{batch}' was closed by hand: exporting the comparisons that have {config.min_votes} "
               f"vote(s) (`rlhf label reopen {batch}` to collect more)", flush=True)
-    elif config.ai_judge or config.simulate_judge or not has_votes(store, batch, config.min_votes):
-        closed = store.closed_batches().get(batch)
-        if closed is not None:  # exported by an earlier attempt and collected again (min_votes raised, say)
-            print(f"[{STAGE}] batch '{batch}' was exported and closed at {shown_utc(closed)}: reopening it to collect "
-                  "its votes", flush=True)
-            store.reopen_batch(batch)
+    elif closed is not None and (config.ai_judge or config.simulate_judge
+                                 or not has_votes(store, batch, config.min_votes)):
+        # exported by an earlier attempt and collected again (min_votes raised, say)
+        print(f"[{STAGE}] batch '{batch}' was exported and closed at {shown_utc(closed.closed_at)}: reopening it to "
+              "collect its votes", flush=True)
+        store.reopen_batch(batch)
     if config.ai_judge and not by_hand:
         counts = ai_label(store, config.ai_judge, config.ai_constitution, batch, config.ai_tie_margin,
                           config.overlap, config.gold_rate, config.seed)

@@ -826,6 +826,11 @@ class Store:
         with self.sessions() as session:
             return dict(session.execute(select(ClosedBatch.batch, ClosedBatch.closed_at)).all())
 
+    def closing(self, batch: str) -> ClosedBatch | None:
+        """How the batch was closed (when, and whether by hand), or None while it is open."""
+        with self.sessions() as session:
+            return session.get(ClosedBatch, batch)
+
     def closed_by_hand(self) -> set[str]:
         """The batches an admin closed (`rlhf label close`), not a stage's export."""
         with self.sessions() as session:
@@ -838,14 +843,14 @@ class Store:
         if batch is not None and batch not in batches:
             raise StoreError(f"no batch '{batch}' in {shown_url(self.url)}; its batches: "
                              f"{', '.join(batches) or 'none yet'}")
-        closed = self.closed_batches().get(batch) if to_label else None
-        if closed is not None and batch in self.closed_by_hand():
-            raise StoreError(f"batch '{batch}' was closed by hand at {shown_utc(closed)}: none of its items is served "
-                             f"(`rlhf label reopen {batch}` serves them again)")
+        closed = self.closing(batch) if to_label else None
+        if closed is not None and closed.by_hand:
+            raise StoreError(f"batch '{batch}' was closed by hand at {shown_utc(closed.closed_at)}: none of its items "
+                             f"is served (`rlhf label reopen {batch}` serves them again)")
         if closed is not None:
-            raise StoreError(f"batch '{batch}' was exported and closed at {shown_utc(closed)}: none of its items is "
-                             "served (its preferences stage reopens it when it runs again, with preferences.min_votes "
-                             f"raised say; or `rlhf label reopen {batch}`)")
+            raise StoreError(f"batch '{batch}' was exported and closed at {shown_utc(closed.closed_at)}: none of its "
+                             "items is served (its preferences stage reopens it when it runs again, with "
+                             f"preferences.min_votes raised say; or `rlhf label reopen {batch}`)")
 
     def batch_sampling(self, batch: str) -> dict:
         """The sampling record of the batch's first answer: the keys the batch was made under (`drawn_from`,
